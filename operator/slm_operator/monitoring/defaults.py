@@ -1,0 +1,39 @@
+"""Defaults of `spec.monitoring.alerts` — the one place they are written.
+
+The CRD's schema defaults (manifests/crds/) must equal these; a unit test checks it. The first three
+and the disk alert carry the seed's thresholds (shared/seed: HighErrorRate 5 % for 5m, SlowResponseTime
+p95 > 2 s for 5m, HighGPUUtilization > 90 % for 15m, LowDiskSpace < 10 % on /data for 5m).
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+ALERT_DEFAULTS: dict[str, Any] = {
+    "errorRate": {"threshold": 0.05, "for": "5m", "severity": "critical"},
+    "latencyP95": {"thresholdSeconds": 2.0, "for": "5m", "severity": "warning"},
+    "gpuUtilization": {"thresholdPercent": 90, "for": "15m", "severity": "warning"},
+    "gpuMemory": {"thresholdPercent": 95, "for": "10m", "severity": "warning"},
+    "diskSpace": {"minFreePercent": 10, "mountpoint": "/data", "for": "5m", "severity": "warning"},
+    "timeToFirstToken": {"thresholdSeconds": 1.0, "for": "5m", "severity": "warning"},
+    "queueSaturation": {"thresholdPercent": 90, "for": "5m", "severity": "warning"},
+    "perplexityDrift": {"zScore": 3.0, "for": "15m", "severity": "warning"},
+    "outputLengthDrift": {"zScore": 3.0, "for": "15m", "severity": "warning"},
+    "slo": {"availabilityPercent": 99.9, "window": "30d"},
+    "disabled": [],
+    "runbookBaseURL": "",
+}
+
+SEVERITIES = ("critical", "warning", "info")
+
+
+def merged_alerts(alerts: dict[str, Any] | None) -> dict[str, Any]:
+    """`spec.monitoring.alerts` with every missing field taken from ALERT_DEFAULTS (deep, per key)."""
+    result = copy.deepcopy(ALERT_DEFAULTS)
+    for key, value in (alerts or {}).items():
+        if isinstance(value, dict) and isinstance(result.get(key), dict):
+            result[key].update(value)
+        else:
+            result[key] = copy.deepcopy(value)
+    return result

@@ -1,0 +1,183 @@
+#!/usr/bin/env bash
+# Builds every binary the tests and the demo need from the Go module proxy, into a cache
+# outside the checkout keyed by tool name and version, then links them into <repo>/.bin.
+#
+#   scripts/deps/build-tools.sh            # build what is missing, link into .bin
+#   SLM_CACHE_DIR=/somewhere scripts/...   # another cache (default $XDG_CACHE_HOME/slm-monitoring)
+#
+# A tool is rebuilt only when its pinned version in versions.env changes. `go install pkg@v`
+# refuses modules whose go.mod has replace/exclude directives (Kubernetes, etcd, Prometheus),
+# so each tool is built from a small wrapper module of our own that requires it.
+set -euo pipefail
+
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+repo="$(cd "$here/../.." && pwd)"
+# shellcheck source=versions.env
+source "$here/versions.env"
+
+cache="${SLM_CACHE_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/slm-monitoring}"
+tools="$cache/tools"
+links="${SLM_BIN_DIR:-$repo/.bin}"
+mkdir -p "$tools" "$cache/src" "$cache/logs" "$links"
+
+say() { printf '[deps] %s\n' "$*"; }
+die() { printf '[deps] ERROR: %s\n' "$*" >&2; exit 1; }
+
+command -v go >/dev/null || die "Go is not installed. Install Go >= 1.25 (https://go.dev/dl) and re-run 'make deps'."
+go_minor="$(go env GOVERSION | sed -E 's/^go1\.([0-9]+).*/\1/')"
+[ "${go_minor:-0}" -ge 25 ] || die "Go $(go env GOVERSION) is too old: Kubernetes ${KUBERNETES_VERSION} needs Go >= 1.25."
+
+export CGO_ENABLED=0 GOFLAGS="-mod=mod -buildvcs=false" GOTOOLCHAIN=local
+build_date="$(date -u +%Y-%m-%dT%H:%M:%SZ)"
+
+# run_logged NAME VERSION FUNCTION: runs FUNCTION with its output in a log, printing a heartbeat,
+# and on failure the log's tail and what to do.
+run_logged() {
+  local name="$1" version="$2" fn="$3" log="$cache/logs/$1-$2.log" start pid rc=0
+  start=$(date +%s)
+  say "building $name $version (log: $log)"
+  ( "$fn" ) >"$log" 2>&1 &
+  pid=$!
+  while kill -0 "$pid" 2>/dev/null; do
+    for _ in $(seq 1 30); do kill -0 "$pid" 2>/dev/null || break; sleep 1; done
+    kill -0 "$pid" 2>/dev/null && say "  … $name still building ($(( $(date +%s) - start ))s)"
+  done
+  wait "$pid" || rc=$?
+  if [ "$rc" -ne 0 ]; then
+    tail -n 40 "$log" >&2
+    die "building $name $version failed (exit $rc). Full log: $log. Check that the Go module proxy is reachable (GOPROXY=$(go env GOPROXY)) and that there is free disk space; then re-run 'make deps'."
+  fi
+  say "built $name $version in $(( $(date +%s) - start ))s"
+}
+
+# wrapper DIR MODULE VERSION [REPLACES...]: a go.mod that requires MODULE@VERSION.
+wrapper() {
+  local dir="$1" module="$2" version="$3"; shift 3
+  rm -rf "$dir"; mkdir -p "$dir"
+  {
+    echo "module slm-monitoring.local/deps"
+    echo "go 1.25"
+    echo "require $module $version"
+    for r in "$@"; do echo "replace $r"; done
+  } >"$dir/go.mod"
+}
+
+# tool NAME VERSION FUNCTION: build into $tools/NAME-VERSION unless already complete.
+tool() {
+  local name="$1" version="$2" fn="$3"
+  export DEST="$tools/$name-$version" SRC="$cache/src/$name-$version" VERSION="$version"
+  if [ -f "$DEST/.complete" ]; then
+    say "$name $version: cached"
+    return
+  fi
+  rm -rf "$DEST"; mkdir -p "$DEST"
+  run_logged "$name" "$version" "$fn"
+  touch "$DEST/.complete"
+}
+
+build_etcd() {
+  wrapper "$SRC" go.etcd.io/etcd/server/v3 "$VERSION"
+  cd "$SRC"
+  go build -trimpath -o "$DEST/etcd" go.etcd.io/etcd/server/v3
+}
+
+build_kubernetes() {
+  # Every staging module k8s.io/<name> is replaced by its v0.<minor>.<patch> release, generated
+  # from the release's own go.mod so the list never drifts from upstream.
+  local modfile staging_version minor replaces=()
+  modfile="$(cd /tmp && go mod download -json "k8s.io/kubernetes@$VERSION" | sed -n 's/.*"GoMod": "\(.*\)".*/\1/p')"
+  [ -f "$modfile" ] || { echo "cannot download k8s.io/kubernetes@$VERSION"; return 1; }
+  staging_version="v0.${VERSION#v1.}"
+  while read -r mod; do replaces+=("$mod => $mod $staging_version"); done < <(
+    awk '$2 == "=>" && $3 ~ /^\.\/staging\// {print $1}' "$modfile")
+  [ "${#replaces[@]}" -gt 10 ] || { echo "found no staging replaces in $modfile"; return 1; }
+  wrapper "$SRC" k8s.io/kubernetes "$VERSION" "${replaces[@]}"
+  cd "$SRC"
+  minor="${VERSION#v1.}"; minor="${minor%%.*}"
+  local ld="" pkg
+  for pkg in k8s.io/component-base/version k8s.io/client-go/pkg/version; do
+    ld+=" -X $pkg.gitVersion=$VERSION -X $pkg.gitMajor=1 -X $pkg.gitMinor=$minor"
+    ld+=" -X $pkg.gitTreeState=clean -X $pkg.buildDate=$build_date -X $pkg.gitCommit=0000000000000000000000000000000000000000"
+  done
+  go build -trimpath -ldflags "-s -w $ld" -o "$DEST/" \
+    k8s.io/kubernetes/cmd/kube-apiserver \
+    k8s.io/kubernetes/cmd/kube-controller-manager \
+    k8s.io/kubernetes/cmd/kube-scheduler \
+    k8s.io/kubernetes/cmd/kubectl
+}
+
+build_kwok() {
+  wrapper "$SRC" sigs.k8s.io/kwok "$VERSION"
+  cd "$SRC"
+  go build -trimpath -ldflags "-s -w -X sigs.k8s.io/kwok/pkg/consts.Version=$VERSION" -o "$DEST/kwok" sigs.k8s.io/kwok/cmd/kwok
+}
+
+build_helm() {
+  wrapper "$SRC" helm.sh/helm/v3 "$VERSION"
+  cd "$SRC"
+  go build -trimpath -ldflags "-s -w -X helm.sh/helm/v3/internal/version.version=$VERSION -X helm.sh/helm/v3/internal/version.gitTreeState=clean" \
+    -o "$DEST/helm" helm.sh/helm/v3/cmd/helm
+}
+
+# Prometheus' and Alertmanager's version strings (3.x for prometheus v0.3MM.P).
+prom_ldflags() {
+  local v="$1"
+  echo "-s -w -X github.com/prometheus/common/version.Version=$v -X github.com/prometheus/common/version.Revision=module -X github.com/prometheus/common/version.Branch=release -X github.com/prometheus/common/version.BuildUser=slm-monitoring -X github.com/prometheus/common/version.BuildDate=$build_date"
+}
+
+build_prometheus() {
+  local semver
+  semver="$(echo "$VERSION" | sed -E 's/^v0\.3([0-9][0-9])\.([0-9]+)$/3.\1.\2/; s/^3\.0([0-9])/3.\1/')"
+  wrapper "$SRC" github.com/prometheus/prometheus "$VERSION"
+  cd "$SRC"
+  go build -trimpath -ldflags "$(prom_ldflags "$semver")" -o "$DEST/" \
+    github.com/prometheus/prometheus/cmd/prometheus github.com/prometheus/prometheus/cmd/promtool
+}
+
+build_alertmanager() {
+  wrapper "$SRC" github.com/prometheus/alertmanager "$VERSION"
+  cd "$SRC"
+  go build -trimpath -ldflags "$(prom_ldflags "${VERSION#v}")" -o "$DEST/" \
+    github.com/prometheus/alertmanager/cmd/alertmanager github.com/prometheus/alertmanager/cmd/amtool
+}
+
+build_kubeconform() {
+  wrapper "$SRC" github.com/yannh/kubeconform "$VERSION"
+  cd "$SRC"
+  go build -trimpath -ldflags "-s -w" -o "$DEST/kubeconform" github.com/yannh/kubeconform/cmd/kubeconform
+}
+
+fetch_prometheus_operator_crds() {
+  # The CRDs exactly as the pinned release ships them (never written by hand).
+  local dir
+  dir="$(cd /tmp && go mod download -json "github.com/prometheus-operator/prometheus-operator@$VERSION" | sed -n 's/.*"Dir": "\(.*\)".*/\1/p')"
+  [ -d "$dir/example/prometheus-operator-crd" ] || { echo "no example/prometheus-operator-crd in $dir"; return 1; }
+  mkdir -p "$DEST/crds"
+  cp "$dir"/example/prometheus-operator-crd/*.yaml "$DEST/crds/"
+  chmod -R u+w "$DEST/crds"
+}
+
+only="${1:-all}"
+want() { [ "$only" = all ] || [[ ",$only," == *",$1,"* ]]; }
+
+want etcd && tool etcd "$ETCD_VERSION" build_etcd
+want kwok && tool kwok "$KWOK_VERSION" build_kwok
+want helm && tool helm "$HELM_VERSION" build_helm
+want prometheus-operator-crds && tool prometheus-operator-crds "$PROMETHEUS_OPERATOR_VERSION" fetch_prometheus_operator_crds
+want alertmanager && tool alertmanager "$ALERTMANAGER_VERSION" build_alertmanager
+want prometheus && tool prometheus "$PROMETHEUS_VERSION" build_prometheus
+want kubeconform && tool kubeconform "$KUBECONFORM_VERSION" build_kubeconform
+want kubernetes && tool kubernetes "$KUBERNETES_VERSION" build_kubernetes
+
+# Link the pinned versions into the checkout (.bin is git-ignored); other checkouts keep theirs.
+link() { [ -e "$tools/$1/$2" ] && ln -sfn "$tools/$1/$2" "$links/$2"; }
+for b in kube-apiserver kube-controller-manager kube-scheduler kubectl; do link "kubernetes-$KUBERNETES_VERSION" "$b" || true; done
+link "etcd-$ETCD_VERSION" etcd || true
+link "kwok-$KWOK_VERSION" kwok || true
+link "helm-$HELM_VERSION" helm || true
+for b in prometheus promtool; do link "prometheus-$PROMETHEUS_VERSION" "$b" || true; done
+for b in alertmanager amtool; do link "alertmanager-$ALERTMANAGER_VERSION" "$b" || true; done
+link "kubeconform-$KUBECONFORM_VERSION" kubeconform || true
+[ -d "$tools/prometheus-operator-crds-$PROMETHEUS_OPERATOR_VERSION/crds" ] &&
+  ln -sfn "$tools/prometheus-operator-crds-$PROMETHEUS_OPERATOR_VERSION/crds" "$links/prometheus-operator-crds"
+say "tools ready in $links ($(du -sh "$tools" 2>/dev/null | cut -f1) in $tools)"
