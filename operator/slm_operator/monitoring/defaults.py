@@ -18,9 +18,23 @@ ALERT_DEFAULTS: dict[str, Any] = {
     "diskSpace": {"minFreePercent": 10, "mountpoint": "/data", "for": "5m", "severity": "warning"},
     "timeToFirstToken": {"thresholdSeconds": 1.0, "for": "5m", "severity": "warning"},
     "queueSaturation": {"thresholdPercent": 90, "for": "5m", "severity": "warning"},
-    "perplexityDrift": {"zScore": 3.0, "for": "15m", "severity": "warning"},
-    "outputLengthDrift": {"zScore": 3.0, "for": "15m", "severity": "warning"},
-    "slo": {"availabilityPercent": 99.9, "window": "30d"},
+    # Drift: z-score of the mean over `window` against its own history over `baselineWindow`.
+    "perplexityDrift": {
+        "zScore": 3.0, "for": "15m", "severity": "warning", "window": "15m", "baselineWindow": "1d",
+    },
+    "outputLengthDrift": {
+        "zScore": 3.0, "for": "15m", "severity": "warning", "window": "15m", "baselineWindow": "1d",
+    },
+    # Alerts the seed does not name; every `for` and severity is still the SRE's to edit.
+    "gpuXidErrors": {"for": "1m", "severity": "critical"},
+    "gpuMetricsAbsent": {"for": "10m", "severity": "warning"},
+    "targetDown": {"for": "5m", "severity": "critical"},
+    "podCrashLooping": {"for": "15m", "severity": "warning"},
+    "podNotReady": {"for": "15m", "severity": "warning"},
+    # Multi-window multi-burn-rate alerts (SRE workbook ch. 5); the burn windows scale with `window`.
+    "slo": {
+        "availabilityPercent": 99.9, "window": "30d", "pageSeverity": "critical", "ticketSeverity": "warning",
+    },
     "disabled": [],
     "runbookBaseURL": "",
 }
