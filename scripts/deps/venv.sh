@@ -55,18 +55,19 @@ if [ ! -x "$venv/bin/python" ] || ! grep -qs "$deps" "$(site_of "$venv")/_slm_de
   rm -rf "$venv"
   "$uv" venv -q --python "$PYTHON" "$venv"
   echo "import site; site.addsitedir('$(site_of "$deps")')" >"$(site_of "$venv")/_slm_deps.pth"
-  # The deps' console scripts (pytest, ruff, mypy, kopf…) are reached through .venv/bin too.
-  for tool in "$deps"/bin/*; do
-    name="$(basename "$tool")"
-    case "$name" in python*|activate*|pip*|deactivate) continue ;; esac
-    [ -e "$venv/bin/$name" ] && continue
-    if head -c 64 "$tool" | grep -q '^#!.*python'; then
-      printf '#!/bin/sh\nexec "%s/bin/python" "%s" "$@"\n' "$venv" "$tool" >"$venv/bin/$name"
-      chmod +x "$venv/bin/$name"
-    else
-      ln -s "$tool" "$venv/bin/$name"   # native binaries (ruff)
-    fi
-  done
 fi
+# The deps' console scripts (pytest, ruff, mypy, kopf…) are reached through .venv/bin too.
+for tool in "$deps"/bin/*; do
+  name="$(basename "$tool")"
+  case "$name" in python*|activate*|pip*|deactivate|slm-*) continue ;; esac
+  if head -n 1 "$tool" | grep -q '^#!.*python'; then
+    target="$venv/bin/$name"
+    [ -L "$target" ] && rm -f "$target"
+    printf '#!/bin/sh\nexec "%s/bin/python" "%s" "$@"\n' "$venv" "$tool" >"$target.tmp" && mv "$target.tmp" "$target"
+    chmod +x "$target"
+  else
+    ln -sfn "$tool" "$venv/bin/$name"   # native binaries (ruff)
+  fi
+done
 VIRTUAL_ENV="$venv" "$uv" pip install -q --no-deps -e "$repo" || die "installing the project (editable) failed."
 say "python environment ready: $venv (packages from $deps)"

@@ -1,0 +1,53 @@
+# slm-monitoring — every target does its own set-up (`deps`), so each works on a fresh machine.
+SHELL := /bin/bash
+.SHELLFLAGS := -euo pipefail -c
+.DEFAULT_GOAL := help
+
+VENV := .venv
+PY := $(VENV)/bin/python
+PYTEST := $(PY) -m pytest
+export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
+# Python prints as it goes (progress of long steps shows up in CI logs).
+export PYTHONUNBUFFERED := 1
+
+.PHONY: help deps venv tools demo test unit e2e lint bench kind-up kind-down clean
+
+help: ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | expand -t 14
+
+deps: venv tools ## Python environment + pinned binaries (cached in ~/.cache/slm-monitoring, keyed by version)
+
+venv:
+	@scripts/deps/venv.sh
+
+tools:
+	@scripts/deps/build-tools.sh
+
+demo: deps ## the whole product on this machine (local control plane, operator, server, Prometheus, Alertmanager)
+	@$(PY) -m slm_operator.devenv demo $(DEMO_ARGS)
+
+test: deps ## set-up, lint, then every test (unit, data plane, e2e on the local control plane)
+	@$(VENV)/bin/ruff check .
+	@$(PYTEST) $(PYTEST_ARGS)
+
+unit: deps ## tests that need no control plane
+	@$(PYTEST) -m "not e2e" $(PYTEST_ARGS)
+
+e2e: deps ## e2e tests (local control plane, or KUBECONFIG=... make e2e E2E_EXISTING=1 for kind)
+	@$(PYTEST) -m e2e $(if $(E2E_EXISTING),--existing-kubeconfig=$(KUBECONFIG)) $(PYTEST_ARGS)
+
+lint: deps ## ruff + mypy
+	@$(VENV)/bin/ruff check .
+	@$(VENV)/bin/mypy
+
+bench: deps ## benchmarks, printed as ratios against a baseline run side by side
+	@for b in bench/bench_*.py; do echo "== $$b"; $(PY) $$b; done
+
+kind-up: ## a kind cluster for running the e2e tests on a laptop with Docker (cannot run in CI here)
+	@scripts/kind-up.sh
+
+kind-down: ## delete the kind cluster
+	@kind delete cluster --name slm-monitoring
+
+clean: ## remove checkout-local build outputs (the shared cache stays; rm -rf ~/.cache/slm-monitoring for all)
+	rm -rf .venv .bin .pytest_cache .ruff_cache .mypy_cache

@@ -1,0 +1,61 @@
+"""`python -m slm_operator.devenv up|demo`: the local control plane for a developer to look at.
+
+`up` starts the control plane with fake GPU nodes, installs the Prometheus Operator CRDs, prints what is
+there and how to reach it, then stops (or, with --keep-running, waits for Ctrl-C).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import signal
+import sys
+import tempfile
+import threading
+from pathlib import Path
+
+from .cluster import ClusterStartError, LocalCluster
+from .tools import ToolMissing
+
+
+def step(message: str) -> None:
+    print(f"==> {message}", flush=True)
+
+
+def up(keep_running: bool) -> int:
+    workdir = Path(tempfile.mkdtemp(prefix="slm-demo-"))
+    step(f"starting the local control plane (data in {workdir})")
+    try:
+        with LocalCluster.start(workdir, keep=keep_running) as cluster:
+            step(f"control plane ready in {cluster.boot_seconds:.1f}s at {cluster.server}")
+            step("installing the Prometheus Operator CRDs")
+            crds = cluster.install_prometheus_operator_crds()
+            print(cluster.kubectl("get", "nodes", "-L", "nvidia.com/gpu.product",
+                                  "-o", "custom-columns=NODE:.metadata.name,GPUS:.status.allocatable.nvidia\\.com/gpu,"
+                                  "PRODUCT:.metadata.labels.nvidia\\.com/gpu\\.product").stdout)
+            print(f"{len(crds)} Prometheus Operator CRDs established.")
+            print(f"kubeconfig: {cluster.kubeconfig}")
+            if keep_running:
+                step("running; press Ctrl-C to stop")
+                stop = threading.Event()
+                signal.signal(signal.SIGTERM, lambda *_: stop.set())
+                with contextlib.suppress(KeyboardInterrupt):
+                    stop.wait()
+            step("stopping")
+    except (ClusterStartError, ToolMissing) as exc:
+        print(f"FAILED: {exc}", file=sys.stderr)
+        return 1
+    step("done: no process left behind")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m slm_operator.devenv")
+    parser.add_argument("command", choices=["up", "demo"])
+    parser.add_argument("--keep-running", action="store_true", help="keep everything up until Ctrl-C")
+    args = parser.parse_args(argv)
+    return up(args.keep_running)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,465 @@
+"""A real Kubernetes control plane on loopback, from the pinned binaries (no Docker needed).
+
+etcd + kube-apiserver (TLS with generated certificates, RBAC, PodSecurity admission) +
+kube-controller-manager (garbage collector, deployment/replicaset/endpointslice controllers,
+service-account tokens) + kube-scheduler + KWOK, which fakes GPU nodes (`nvidia.com/gpu` capacity and
+the labels NVIDIA's GPU operator sets) so pods schedule and turn Running.
+
+    with LocalCluster.start(workdir) as cluster:
+        cluster.kubectl("get", "nodes")
+
+`ExistingCluster` wraps a cluster someone else made (kind via `make kind-up`): KWOK runs locally
+against it to add the same fake GPU nodes, so the same tests run there.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import socket
+import ssl
+import subprocess
+import tempfile
+import time
+import urllib.request
+import uuid
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from . import tools
+
+SERVICE_CIDR = "10.96.0.0/16"
+KWOK_NODE_ANNOTATION = "kwok.x-k8s.io/node"
+
+# Fake nodes: two GPU nodes (labels as NVIDIA's GPU operator / GPU feature discovery sets them) and one
+# CPU-only node, so "no node can satisfy the GPU request" is testable too.
+FAKE_NODES: tuple[dict[str, Any], ...] = (
+    {"name": "gpu-node-0", "gpus": 4, "product": "NVIDIA-H100-80GB-HBM3"},
+    {"name": "gpu-node-1", "gpus": 4, "product": "NVIDIA-L4"},
+    {"name": "cpu-node-0", "gpus": 0, "product": None},
+)
+
+
+class ClusterStartError(RuntimeError):
+    """A component did not start: the message names it and carries its log's tail."""
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_for(
+    what: str, check: Callable[[], bool], *, timeout: float, interval: float = 0.2,
+    on_timeout: Callable[[], str] | None = None,
+) -> None:
+    """Poll `check` until it returns True or the deadline passes (then raise with a useful message)."""
+    deadline = time.monotonic() + timeout
+    last_error: Exception | None = None
+    while time.monotonic() < deadline:
+        try:
+            if check():
+                return
+        except ClusterStartError:
+            raise  # a component died: waiting longer cannot help
+        except Exception as exc:  # the thing may not be up yet
+            last_error = exc
+        time.sleep(interval)
+    detail = on_timeout() if on_timeout else ""
+    raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what}"
+                       + (f" (last error: {last_error})" if last_error else "") + (f"\n{detail}" if detail else ""))
+
+
+def tail(path: Path, lines: int = 40) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"
+
+
+@dataclass
+class Component:
+    name: str
+    process: subprocess.Popen[bytes]
+    log: Path
+
+    def alive(self) -> bool:
+        return self.process.poll() is None
+
+    def failure(self) -> str:
+        return f"{self.name} exited with code {self.process.returncode}; last lines of {self.log}:\n{tail(self.log)}"
+
+    def stop(self, grace: float = 10.0) -> None:
+        if self.process.poll() is not None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.process.pid, signal.SIGTERM)
+        try:
+            self.process.wait(grace)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait(5)
+
+
+def spawn(name: str, argv: Sequence[str], logdir: Path, env: dict[str, str] | None = None) -> Component:
+    """Start a component in its own process group (so stop() also ends anything it forked)."""
+    log = logdir / f"{name}.log"
+    with log.open("ab") as out:
+        process = subprocess.Popen(
+            list(argv), stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            start_new_session=True, env={**os.environ, **(env or {})},
+        )
+    return Component(name, process, log)
+
+
+class Pki:
+    """Certificates made with the openssl CLI: a CA, the API server's serving cert, client certs."""
+
+    def __init__(self, directory: Path) -> None:
+        self.dir = directory
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.ca_key, self.ca_crt = self.dir / "ca.key", self.dir / "ca.crt"
+        self._openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", self.ca_key,
+                      "-out", self.ca_crt, "-days", "2", "-subj", "/CN=slm-monitoring-test-ca")
+        self.sa_key, self.sa_pub = self.dir / "sa.key", self.dir / "sa.pub"
+        self._openssl("genrsa", "-out", self.sa_key, "2048")
+        self._openssl("rsa", "-in", self.sa_key, "-pubout", "-out", self.sa_pub)
+
+    @staticmethod
+    def _openssl(*args: object) -> None:
+        result = subprocess.run(["openssl", *map(str, args)], capture_output=True, text=True, check=False)
+        if result.returncode != 0:
+            raise ClusterStartError(f"openssl {args[0]} failed: {result.stderr.strip()}")
+
+    def issue(
+        self, name: str, subject: str, *, server_names: Sequence[str] = (), ips: Sequence[str] = ()
+    ) -> tuple[Path, Path]:
+        """A key and certificate signed by the CA, for a client (subject CN/O) or a server (SANs)."""
+        key, csr, crt, ext = (self.dir / f"{name}.{s}" for s in ("key", "csr", "crt", "ext"))
+        self._openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", key, "-out", csr, "-subj", subject)
+        usage = "serverAuth" if server_names or ips else "clientAuth"
+        lines = ["basicConstraints=CA:FALSE", "keyUsage=digitalSignature,keyEncipherment", f"extendedKeyUsage={usage}"]
+        sans = [f"DNS:{n}" for n in server_names] + [f"IP:{i}" for i in ips]
+        if sans:
+            lines.append("subjectAltName=" + ",".join(sans))
+        ext.write_text("\n".join(lines) + "\n")
+        self._openssl("x509", "-req", "-in", csr, "-CA", self.ca_crt, "-CAkey", self.ca_key, "-CAcreateserial",
+                      "-out", crt, "-days", "2", "-extfile", ext)
+        return key, crt
+
+
+def write_kubeconfig(path: Path, *, server: str, ca: Path, user: str, cert: Path | None = None,
+                     key: Path | None = None, token: str | None = None, namespace: str = "default") -> Path:
+    creds: dict[str, Any] = {"token": token} if token else {"client-certificate": str(cert), "client-key": str(key)}
+    config = {
+        "apiVersion": "v1", "kind": "Config", "current-context": "slm",
+        "clusters": [{"name": "slm", "cluster": {"server": server, "certificate-authority": str(ca)}}],
+        "users": [{"name": user, "user": creds}],
+        "contexts": [{"name": "slm", "context": {"cluster": "slm", "user": user, "namespace": namespace}}],
+    }
+    path.write_text(yaml.safe_dump(config))
+    path.chmod(0o600)
+    return path
+
+
+@dataclass
+class ClusterBase:
+    """What tests use, whoever made the cluster."""
+
+    kubeconfig: Path
+    workdir: Path
+    components: list[Component] = field(default_factory=list)
+    boot_seconds: float = 0.0
+
+    # --- kubectl and clients -------------------------------------------------------------------
+    def kubectl(self, *args: str, check: bool = True, input: str | None = None,
+                kubeconfig: Path | None = None, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+        argv = [tools.tool("kubectl"), f"--kubeconfig={kubeconfig or self.kubeconfig}", *args]
+        result = subprocess.run(argv, input=input, capture_output=True, text=True, timeout=timeout, check=False)
+        if check and result.returncode != 0:
+            raise subprocess.CalledProcessError(result.returncode, argv, result.stdout, result.stderr)
+        return result
+
+    def kubectl_json(self, *args: str) -> Any:
+        return json.loads(self.kubectl(*args, "-o", "json").stdout)
+
+    def api_client(self, kubeconfig: Path | None = None) -> Any:
+        from kubernetes import config as kconfig  # imported lazily: the harness is also used without it
+
+        return kconfig.new_client_from_config(config_file=str(kubeconfig or self.kubeconfig))
+
+    @property
+    def server(self) -> str:
+        return str(yaml.safe_load(self.kubeconfig.read_text())["clusters"][0]["cluster"]["server"])
+
+    # --- namespaces and identities --------------------------------------------------------------
+    def new_namespace(self, prefix: str = "test", *, restricted: bool = True) -> str:
+        """A fresh namespace; `restricted` labels it for the restricted Pod Security Standard (enforced)."""
+        name = f"{prefix}-{uuid.uuid4().hex[:6]}"
+        labels = {}
+        if restricted:
+            labels = {f"pod-security.kubernetes.io/{mode}": "restricted" for mode in ("enforce", "warn", "audit")}
+        manifest = {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name, "labels": labels}}
+        self.kubectl("apply", "-f", "-", input=json.dumps(manifest))
+        return name
+
+    def kubeconfig_for_service_account(self, namespace: str, name: str, *, hours: int = 2) -> Path:
+        """A kubeconfig that authenticates as a ServiceAccount (token from the TokenRequest API)."""
+        token = self.kubectl("create", "token", name, "-n", namespace, f"--duration={hours}h").stdout.strip()
+        cluster = yaml.safe_load(self.kubeconfig.read_text())["clusters"][0]["cluster"]
+        path = self.workdir / f"kubeconfig-sa-{namespace}-{name}"
+        config = {
+            "apiVersion": "v1", "kind": "Config", "current-context": "sa",
+            "clusters": [{"name": "c", "cluster": cluster}],
+            "users": [{"name": f"{namespace}:{name}", "user": {"token": token}}],
+            "contexts": [{"name": "sa", "context": {"cluster": "c", "user": f"{namespace}:{name}",
+                                                    "namespace": namespace}}],
+        }
+        path.write_text(yaml.safe_dump(config))
+        path.chmod(0o600)
+        return path
+
+    # --- Prometheus Operator CRDs ---------------------------------------------------------------
+    def install_prometheus_operator_crds(self, timeout: float = 60) -> list[str]:
+        """Apply the pinned release's CRDs (server-side: some are too big for client-side apply)."""
+        files = sorted(tools.crd_dir_prometheus_operator().glob("*.yaml"))
+        args = ["apply", "--server-side", "--force-conflicts"]
+        for f in files:
+            args += ["-f", str(f)]
+        self.kubectl(*args)
+        names = [yaml.safe_load(f.read_text())["metadata"]["name"] for f in files]
+        self.kubectl("wait", "--for=condition=Established", f"--timeout={int(timeout)}s",
+                     *[f"crd/{n}" for n in names])
+        return names
+
+    def uninstall_prometheus_operator_crds(self, timeout: float = 60) -> None:
+        names = [yaml.safe_load(f.read_text())["metadata"]["name"]
+                 for f in sorted(tools.crd_dir_prometheus_operator().glob("*.yaml"))]
+        self.kubectl("delete", "--ignore-not-found", "--wait=true", f"--timeout={int(timeout)}s",
+                     *[f"crd/{n}" for n in names])
+
+    # --- fake GPU nodes -------------------------------------------------------------------------
+    def create_fake_nodes(self, nodes: Sequence[dict[str, Any]] = FAKE_NODES) -> None:
+        for spec in nodes:
+            self.kubectl("apply", "-f", "-", input=json.dumps(fake_node_manifest(**spec)))
+
+    def wait_nodes_ready(self, names: Sequence[str], timeout: float = 60) -> None:
+        def ready() -> bool:
+            items = self.kubectl_json("get", "nodes")["items"]
+            ready_names = {
+                n["metadata"]["name"] for n in items
+                if any(c["type"] == "Ready" and c["status"] == "True" for c in n["status"].get("conditions", []))
+            }
+            return set(names) <= ready_names
+
+        wait_for(f"fake nodes {list(names)} to be Ready (KWOK)", ready, timeout=timeout, interval=0.5,
+                 on_timeout=self._component_logs)
+
+    def _component_logs(self) -> str:
+        return "\n".join(f"--- {c.name} ({'running' if c.alive() else 'exited'}): {c.log}\n{tail(c.log, 15)}"
+                         for c in self.components)
+
+    def stop(self) -> None:
+        for component in reversed(self.components):
+            component.stop()
+        self.components.clear()
+
+
+def fake_node_manifest(name: str, gpus: int, product: str | None) -> dict[str, Any]:
+    labels = {
+        "kubernetes.io/hostname": name, "kubernetes.io/os": "linux", "kubernetes.io/arch": "amd64",
+        "type": "kwok", "node.kubernetes.io/instance-type": "fake-gpu" if gpus else "fake-cpu",
+    }
+    capacity: dict[str, str] = {"cpu": "32", "memory": "256Gi", "pods": "110", "ephemeral-storage": "500Gi"}
+    if gpus:
+        labels.update({"nvidia.com/gpu.present": "true", "nvidia.com/gpu.count": str(gpus),
+                       "nvidia.com/gpu.product": product or "NVIDIA-GPU"})
+        capacity["nvidia.com/gpu"] = str(gpus)
+    return {
+        "apiVersion": "v1", "kind": "Node",
+        "metadata": {"name": name, "labels": labels, "annotations": {KWOK_NODE_ANNOTATION: "fake",
+                                                                     "node.alpha.kubernetes.io/ttl": "0"}},
+        "spec": {},
+        "status": {"capacity": capacity, "allocatable": capacity,
+                   "nodeInfo": {"kubeletVersion": "fake", "architecture": "amd64", "operatingSystem": "linux"}},
+    }
+
+
+def start_kwok(cluster: ClusterBase, logdir: Path) -> Component:
+    """KWOK managing only the nodes we annotate (never a real cluster's own nodes)."""
+    kwok = spawn("kwok", [
+        tools.tool("kwok"), f"--kubeconfig={cluster.kubeconfig}",
+        f"--manage-nodes-with-annotation-selector={KWOK_NODE_ANNOTATION}=fake",
+        "--cidr=10.244.0.0/16", "--node-ip=10.244.255.254",
+        f"--server-address=127.0.0.1:{free_port()}",
+    ], logdir)
+    cluster.components.append(kwok)
+    return kwok
+
+
+class LocalCluster(ClusterBase):
+    """The control plane from the pinned binaries, all on 127.0.0.1, data in `workdir`."""
+
+    @classmethod
+    @contextlib.contextmanager
+    def start(cls, workdir: Path | None = None, *, timeout: float = 90, keep: bool = False) -> Iterator[LocalCluster]:
+        owned = workdir is None
+        workdir = Path(tempfile.mkdtemp(prefix="slm-cluster-")) if workdir is None else workdir
+        cluster = cls(kubeconfig=workdir / "kubeconfig", workdir=workdir)
+        try:
+            cluster._boot(timeout)
+            yield cluster
+        finally:
+            cluster.stop()
+            if owned and not keep:
+                shutil.rmtree(workdir, ignore_errors=True)
+
+    def _boot(self, timeout: float) -> None:
+        started = time.monotonic()
+        logs = self.workdir / "logs"
+        logs.mkdir(parents=True, exist_ok=True)
+        pki = Pki(self.workdir / "pki")
+        # --- etcd ---
+        etcd_port, peer_port = free_port(), free_port()
+        etcd_url = f"http://127.0.0.1:{etcd_port}"
+        self.components.append(spawn("etcd", [
+            tools.tool("etcd"), f"--data-dir={self.workdir / 'etcd'}", "--name=slm",
+            f"--listen-client-urls={etcd_url}", f"--advertise-client-urls={etcd_url}",
+            f"--listen-peer-urls=http://127.0.0.1:{peer_port}",
+            f"--initial-advertise-peer-urls=http://127.0.0.1:{peer_port}",
+            f"--initial-cluster=slm=http://127.0.0.1:{peer_port}",
+            "--unsafe-no-fsync",  # test data only: fsync dominates on shared CI disks
+            "--quota-backend-bytes=2147483648", "--log-level=warn",
+        ], logs))
+        self._wait_healthy(self.components[-1], lambda: _http_ok(f"{etcd_url}/health"), timeout)
+
+        # --- kube-apiserver ---
+        api_port = free_port()
+        server = f"https://127.0.0.1:{api_port}"
+        serving_key, serving_crt = pki.issue(
+            "apiserver", "/CN=kube-apiserver",
+            server_names=["localhost", "kubernetes", "kubernetes.default", "kubernetes.default.svc",
+                          "kubernetes.default.svc.cluster.local"],
+            ips=["127.0.0.1", "10.96.0.1"])
+        admin_key, admin_crt = pki.issue("admin", "/O=system:masters/CN=slm-admin")
+        write_kubeconfig(self.kubeconfig, server=server, ca=pki.ca_crt, user="admin", cert=admin_crt, key=admin_key)
+        self.components.append(spawn("kube-apiserver", [
+            tools.tool("kube-apiserver"), f"--etcd-servers={etcd_url}",
+            "--bind-address=127.0.0.1", "--advertise-address=127.0.0.1", f"--secure-port={api_port}",
+            f"--cert-dir={self.workdir / 'apiserver-certs'}",
+            f"--tls-cert-file={serving_crt}", f"--tls-private-key-file={serving_key}",
+            f"--client-ca-file={pki.ca_crt}",
+            "--service-account-issuer=https://kubernetes.default.svc.cluster.local",
+            f"--service-account-key-file={pki.sa_pub}", f"--service-account-signing-key-file={pki.sa_key}",
+            f"--service-cluster-ip-range={SERVICE_CIDR}",
+            "--authorization-mode=Node,RBAC", "--allow-privileged=true",
+            "--enable-admission-plugins=NodeRestriction",  # plus the default set, PodSecurity included
+            "--profiling=false", "--v=1",
+        ], logs))
+        self._wait_healthy(self.components[-1], lambda: self._api_ok("/readyz"), timeout)
+
+        # --- controllers and scheduler, each with its own identity (RBAC bootstrap roles) ---
+        cm_key, cm_crt = pki.issue("controller-manager", "/CN=system:kube-controller-manager")
+        cm_config = write_kubeconfig(self.workdir / "kubeconfig-controller-manager", server=server, ca=pki.ca_crt,
+                                     user="cm", cert=cm_crt, key=cm_key)
+        cm_port = free_port()
+        self.components.append(spawn("kube-controller-manager", [
+            tools.tool("kube-controller-manager"), f"--kubeconfig={cm_config}",
+            f"--authentication-kubeconfig={cm_config}", f"--authorization-kubeconfig={cm_config}",
+            "--bind-address=127.0.0.1", f"--secure-port={cm_port}", f"--cert-dir={self.workdir / 'cm-certs'}",
+            "--leader-elect=false", "--use-service-account-credentials=true",
+            f"--service-account-private-key-file={pki.sa_key}", f"--root-ca-file={pki.ca_crt}",
+            f"--service-cluster-ip-range={SERVICE_CIDR}",
+            # Faster convergence for tests; production-like otherwise.
+            "--concurrent-deployment-syncs=10", "--concurrent-replicaset-syncs=10", "--concurrent-gc-syncs=30",
+            "--v=1",
+        ], logs))
+        sched_key, sched_crt = pki.issue("scheduler", "/CN=system:kube-scheduler")
+        sched_config = write_kubeconfig(self.workdir / "kubeconfig-scheduler", server=server, ca=pki.ca_crt,
+                                        user="sched", cert=sched_crt, key=sched_key)
+        sched_port = free_port()
+        self.components.append(spawn("kube-scheduler", [
+            tools.tool("kube-scheduler"), f"--kubeconfig={sched_config}",
+            f"--authentication-kubeconfig={sched_config}", f"--authorization-kubeconfig={sched_config}",
+            "--bind-address=127.0.0.1", f"--secure-port={sched_port}", f"--cert-dir={self.workdir / 'sched-certs'}",
+            "--leader-elect=false", "--v=1",
+        ], logs))
+        self._wait_healthy(self.components[-2], lambda: _https_ok(f"https://127.0.0.1:{cm_port}/healthz"), timeout)
+        self._wait_healthy(self.components[-1], lambda: _https_ok(f"https://127.0.0.1:{sched_port}/healthz"), timeout)
+
+        # --- KWOK and the fake GPU nodes ---
+        start_kwok(self, logs)
+        self.create_fake_nodes()
+        self.wait_nodes_ready([n["name"] for n in FAKE_NODES], timeout=timeout)
+        # The default ServiceAccount appears when the service-account controller has run.
+        wait_for("the default ServiceAccount", lambda: self.kubectl(
+            "get", "serviceaccount", "default", "-n", "default", check=False).returncode == 0,
+            timeout=timeout, on_timeout=self._component_logs)
+        self.boot_seconds = time.monotonic() - started
+
+    def _wait_healthy(self, component: Component, check: Callable[[], bool], timeout: float) -> None:
+        def healthy() -> bool:
+            if not component.alive():
+                raise ClusterStartError(component.failure())
+            return check()
+
+        try:
+            wait_for(f"{component.name} to become healthy", healthy, timeout=timeout)
+        except ClusterStartError:
+            self.stop()
+            raise
+        except TimeoutError as exc:
+            self.stop()
+            raise ClusterStartError(
+                f"{component.name} did not become healthy within {timeout:.0f}s (port clash? another instance?). "
+                f"Last lines of {component.log}:\n{tail(component.log)}") from exc
+
+    def _api_ok(self, path: str) -> bool:
+        config = yaml.safe_load(self.kubeconfig.read_text())
+        user = config["users"][0]["user"]
+        context = ssl.create_default_context(cafile=config["clusters"][0]["cluster"]["certificate-authority"])
+        context.load_cert_chain(user["client-certificate"], user["client-key"])
+        with urllib.request.urlopen(self.server + path, context=context, timeout=5) as response:  # noqa: S310
+            return bool(response.status == 200)
+
+
+class ExistingCluster(ClusterBase):
+    """A cluster made elsewhere (kind, via `make kind-up`), named explicitly — never the ambient KUBECONFIG."""
+
+    @classmethod
+    @contextlib.contextmanager
+    def attach(cls, kubeconfig: Path, *, timeout: float = 90) -> Iterator[ExistingCluster]:
+        workdir = Path(tempfile.mkdtemp(prefix="slm-existing-"))
+        cluster = cls(kubeconfig=kubeconfig, workdir=workdir)
+        try:
+            cluster.kubectl("version")  # fails clearly if unreachable
+            start_kwok(cluster, workdir)
+            cluster.create_fake_nodes()
+            cluster.wait_nodes_ready([n["name"] for n in FAKE_NODES], timeout=timeout)
+            yield cluster
+        finally:
+            names = [n["name"] for n in FAKE_NODES]
+            cluster.kubectl("delete", "node", "--ignore-not-found", *names, check=False)
+            cluster.stop()
+            shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _http_ok(url: str) -> bool:
+    with urllib.request.urlopen(url, timeout=2) as response:  # noqa: S310 - loopback URL we built
+        return bool(response.status == 200)
+
+
+def _https_ok(url: str) -> bool:
+    # Self-signed serving certs of the controller-manager/scheduler: only liveness is checked here.
+    context = ssl._create_unverified_context()  # noqa: S323
+    with urllib.request.urlopen(url, context=context, timeout=2) as response:  # noqa: S310
+        return bool(response.status == 200)

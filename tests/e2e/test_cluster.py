@@ -1,0 +1,115 @@
+"""The local control plane is the real thing: scheduling on GPU nodes, garbage collection, Pod Security
+admission, CRD validation and the pinned tool versions. If these fail, no e2e result means anything."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+
+import pytest
+
+from slm_operator.devenv import tools
+from slm_operator.devenv.cluster import ClusterBase, wait_for
+
+pytestmark = pytest.mark.e2e
+
+
+def gpu_deployment(name: str, gpus: int = 1) -> dict:
+    restricted = {
+        "runAsNonRoot": True, "runAsUser": 1000, "allowPrivilegeEscalation": False,
+        "capabilities": {"drop": ["ALL"]}, "seccompProfile": {"type": "RuntimeDefault"},
+    }
+    return {
+        "apiVersion": "apps/v1", "kind": "Deployment",
+        "metadata": {"name": name},
+        "spec": {
+            "replicas": 1,
+            "selector": {"matchLabels": {"app": name}},
+            "template": {
+                "metadata": {"labels": {"app": name}},
+                "spec": {"containers": [{
+                    "name": "main", "image": "example.invalid/none:1", "securityContext": restricted,
+                    "resources": {"limits": {"nvidia.com/gpu": str(gpus)}},
+                }]},
+            },
+        },
+    }
+
+
+def pods(cluster: ClusterBase, namespace: str, selector: str) -> list[dict]:
+    return cluster.kubectl_json("get", "pods", "-n", namespace, "-l", selector)["items"]
+
+
+def test_gpu_pod_is_scheduled_on_a_fake_gpu_node_and_runs(cluster: ClusterBase, namespace: str) -> None:
+    cluster.kubectl("apply", "-n", namespace, "-f", "-", input=json.dumps(gpu_deployment("gpu-user")))
+
+    def running() -> bool:
+        items = pods(cluster, namespace, "app=gpu-user")
+        return len(items) == 1 and items[0]["status"].get("phase") == "Running"
+
+    wait_for("the GPU pod to be Running", running, timeout=60)
+    pod = pods(cluster, namespace, "app=gpu-user")[0]
+    node = cluster.kubectl_json("get", "node", pod["spec"]["nodeName"])
+    assert node["metadata"]["labels"]["nvidia.com/gpu.present"] == "true"
+    assert int(node["status"]["allocatable"]["nvidia.com/gpu"]) >= 1
+
+
+def test_gpu_request_no_node_can_satisfy_stays_pending(cluster: ClusterBase, namespace: str) -> None:
+    cluster.kubectl("apply", "-n", namespace, "-f", "-", input=json.dumps(gpu_deployment("too-big", gpus=64)))
+
+    def unschedulable() -> bool:
+        items = pods(cluster, namespace, "app=too-big")
+        conditions = items[0]["status"].get("conditions", []) if items else []
+        return any(c["type"] == "PodScheduled" and c.get("reason") == "Unschedulable" for c in conditions)
+
+    wait_for("the scheduler to report the pod Unschedulable", unschedulable, timeout=60)
+
+
+def test_deleting_the_owner_garbage_collects_its_pods(cluster: ClusterBase, namespace: str) -> None:
+    cluster.kubectl("apply", "-n", namespace, "-f", "-", input=json.dumps(gpu_deployment("collected")))
+    wait_for("the pod to exist", lambda: len(pods(cluster, namespace, "app=collected")) == 1, timeout=60)
+
+    cluster.kubectl("delete", "deployment", "collected", "-n", namespace, "--wait=false")
+
+    wait_for("the ReplicaSet and pod to be garbage-collected", lambda: (
+        not cluster.kubectl_json("get", "replicasets", "-n", namespace, "-l", "app=collected")["items"]
+        and not pods(cluster, namespace, "app=collected")), timeout=90)
+
+
+def test_privileged_pod_is_refused_in_a_restricted_namespace(cluster: ClusterBase, namespace: str) -> None:
+    pod = {
+        "apiVersion": "v1", "kind": "Pod", "metadata": {"name": "privileged"},
+        "spec": {"containers": [{"name": "c", "image": "example.invalid/none:1",
+                                 "securityContext": {"privileged": True}}]},
+    }
+    result = cluster.kubectl("apply", "-n", namespace, "-f", "-", input=json.dumps(pod), check=False)
+
+    assert result.returncode != 0
+    assert 'violates PodSecurity "restricted' in result.stderr
+    assert "privileged" in result.stderr
+
+
+def test_prometheus_operator_crds_install_and_validate(cluster: ClusterBase, namespace: str) -> None:
+    names = cluster.install_prometheus_operator_crds()
+    assert {"servicemonitors.monitoring.coreos.com", "prometheusrules.monitoring.coreos.com",
+            "alertmanagerconfigs.monitoring.coreos.com", "podmonitors.monitoring.coreos.com",
+            "prometheuses.monitoring.coreos.com", "alertmanagers.monitoring.coreos.com"} <= set(names)
+
+    bad = {
+        "apiVersion": "monitoring.coreos.com/v1", "kind": "ServiceMonitor", "metadata": {"name": "bad"},
+        "spec": {"selector": {}, "endpoints": [{"port": "http", "scheme": "gopher"}]},
+    }
+    result = cluster.kubectl("apply", "-n", namespace, "-f", "-", input=json.dumps(bad), check=False)
+
+    assert result.returncode != 0
+    assert "spec.endpoints[0].scheme" in result.stderr
+
+
+def test_tools_report_the_pinned_versions(cluster: ClusterBase) -> None:
+    pinned = tools.versions()
+    server = json.loads(cluster.kubectl("version", "-o", "json").stdout)
+    assert server["clientVersion"]["gitVersion"] == pinned["KUBERNETES_VERSION"]
+    assert server["serverVersion"]["gitVersion"] == pinned["KUBERNETES_VERSION"]
+    helm = subprocess.run([tools.tool("helm"), "version", "--template={{.Version}}"],
+                          capture_output=True, text=True, check=True)
+    assert helm.stdout.strip() == pinned["HELM_VERSION"]
