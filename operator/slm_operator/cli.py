@@ -1,0 +1,57 @@
+"""`slm-operator`: run the kopf operator with the project's defaults (JSON logs, health and metrics ports)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import kopf
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="slm-operator", description=__doc__)
+    scope = parser.add_mutually_exclusive_group()
+    scope.add_argument("--namespace", "-n", action="append", default=[], help="watch this namespace (repeatable)")
+    scope.add_argument("--all-namespaces", "-A", action="store_true", help="watch every namespace (default)")
+    parser.add_argument("--health-port", type=int, default=None, help="liveness /healthz port (default 8080)")
+    parser.add_argument("--metrics-port", type=int, default=None, help="own /metrics port (default 9090)")
+    parser.add_argument("--log-format", choices=("json", "plain", "full"), default=None,
+                        help="log format (default $SLM_OPERATOR_LOG_FORMAT or json)")
+    parser.add_argument("--verbose", "-v", action="store_true", help="debug logs")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    # The handlers read their settings from the environment (slm_operator.config); flags override it.
+    if args.metrics_port is not None:
+        os.environ["SLM_OPERATOR_METRICS_PORT"] = str(args.metrics_port)
+    if args.health_port is not None:
+        os.environ["SLM_OPERATOR_HEALTH_PORT"] = str(args.health_port)
+    if args.log_format is not None:
+        os.environ["SLM_OPERATOR_LOG_FORMAT"] = args.log_format
+
+    from slm_operator import main as handlers  # registers the kopf handlers
+    from slm_operator.config import OperatorConfig
+
+    cfg = OperatorConfig.from_env()
+    handlers.NAMESPACES = tuple(args.namespace)
+    log_format = {"json": kopf.LogFormat.JSON, "plain": kopf.LogFormat.PLAIN, "full": kopf.LogFormat.FULL}[
+        cfg.log_format if cfg.log_format in ("json", "plain", "full") else "json"
+    ]
+    kopf.configure(verbose=args.verbose, log_format=log_format)
+    try:
+        kopf.run(
+            clusterwide=not args.namespace,
+            namespaces=args.namespace,
+            standalone=True,
+            liveness_endpoint=f"http://0.0.0.0:{cfg.health_port}/healthz",
+        )
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,61 @@
+"""Operator settings, read once from the environment (and the CLI flags that set the same variables)."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+DEFAULT_SERVER_IMAGE = "ghcr.io/slm-monitoring/slm-server:0.1.0"
+
+
+def _float(name: str, default: float) -> float:
+    raw = os.environ.get(name, "")
+    return float(raw) if raw else default
+
+
+def _int(name: str, default: int) -> int:
+    raw = os.environ.get(name, "")
+    return int(raw) if raw else default
+
+
+@dataclasses.dataclass(frozen=True)
+class OperatorConfig:
+    """Every knob of the operator, with its environment variable.
+
+    server_image: SLM_OPERATOR_SERVER_IMAGE — image of the serving pods when spec.image is empty.
+    log_format: SLM_OPERATOR_LOG_FORMAT — json (default), plain or full.
+    resync_seconds: SLM_OPERATOR_RESYNC_SECONDS — period of the full resync of every SLMDeployment
+        (drift repair, Prometheus Operator CRD detection, status refresh).
+    discovery_ttl_seconds: SLM_OPERATOR_DISCOVERY_TTL_SECONDS — how long API discovery, node capacity and
+        Prometheus selectors are cached between reconciles.
+    workers: SLM_OPERATOR_WORKERS — threads that run reconciles (the kubernetes client is synchronous).
+    metrics_port: SLM_OPERATOR_METRICS_PORT — the operator's own /metrics (prometheus-client).
+    health_port: SLM_OPERATOR_HEALTH_PORT — kopf's liveness endpoint /healthz.
+    watch_server_timeout / watch_client_timeout: SLM_OPERATOR_WATCH_{SERVER,CLIENT}_TIMEOUT — see main.startup.
+    field_manager: the server-side-apply field manager, also `app.kubernetes.io/managed-by`.
+    """
+
+    server_image: str = DEFAULT_SERVER_IMAGE
+    log_format: str = "json"
+    resync_seconds: float = 30.0
+    discovery_ttl_seconds: float = 10.0
+    workers: int = 8
+    metrics_port: int = 9090
+    health_port: int = 8080
+    watch_server_timeout: int = 300
+    watch_client_timeout: int = 330
+    field_manager: str = "slm-operator"
+
+    @classmethod
+    def from_env(cls) -> OperatorConfig:
+        return cls(
+            server_image=os.environ.get("SLM_OPERATOR_SERVER_IMAGE") or DEFAULT_SERVER_IMAGE,
+            log_format=os.environ.get("SLM_OPERATOR_LOG_FORMAT") or "json",
+            resync_seconds=_float("SLM_OPERATOR_RESYNC_SECONDS", 30.0),
+            discovery_ttl_seconds=_float("SLM_OPERATOR_DISCOVERY_TTL_SECONDS", 10.0),
+            workers=_int("SLM_OPERATOR_WORKERS", 8),
+            metrics_port=_int("SLM_OPERATOR_METRICS_PORT", 9090),
+            health_port=_int("SLM_OPERATOR_HEALTH_PORT", 8080),
+            watch_server_timeout=_int("SLM_OPERATOR_WATCH_SERVER_TIMEOUT", 300),
+            watch_client_timeout=_int("SLM_OPERATOR_WATCH_CLIENT_TIMEOUT", 330),
+        )

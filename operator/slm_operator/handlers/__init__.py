@@ -1,0 +1,1 @@
+"""Thin kopf handlers: each decorator in slm_operator.main delegates to one function here."""

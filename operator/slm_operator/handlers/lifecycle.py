@@ -1,0 +1,164 @@
+"""Operator start-up (kopf tuning, shared state, metrics server), the periodic resync, and shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from typing import Any
+
+import kopf
+from kubernetes.client.exceptions import ApiException
+
+from slm_operator import GROUP, PLURAL, VERSION, metrics
+from slm_operator.config import OperatorConfig
+from slm_operator.handlers import reconcile as rc
+from slm_operator.handlers.state import State
+from slm_operator.kube import Kube, load_config
+from slm_operator.spec import MANAGED_BY
+
+log = logging.getLogger(__name__)
+
+# Children are watched with a server-side label selector: the operator never streams the cluster's
+# other Deployments, Services or ConfigMaps.
+CHILD_RESOURCES: tuple[tuple[str, str], ...] = (
+    ("apps/v1", "deployments"),
+    ("v1", "services"),
+    ("v1", "configmaps"),
+    ("policy/v1", "poddisruptionbudgets"),
+    ("monitoring.coreos.com/v1", "servicemonitors"),
+    ("monitoring.coreos.com/v1", "prometheusrules"),
+    ("monitoring.coreos.com/v1alpha1", "alertmanagerconfigs"),
+)
+CHILD_SELECTOR = f"app.kubernetes.io/managed-by={MANAGED_BY}"
+_metrics_started = False
+
+
+def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, namespaces: tuple[str, ...] = ()) -> None:
+    """All kopf tuning in one place, then the shared state."""
+    cfg = OperatorConfig.from_env()
+
+    # Watch streams: kopf's default is to wait forever on a silent stream, and connections dropped by a
+    # load balancer or an API server restart are then never noticed (nolar/kopf#232, #585, #847).
+    # The server closes each watch after server_timeout; the client gives up slightly later.
+    settings.watching.server_timeout = cfg.watch_server_timeout
+    settings.watching.client_timeout = cfg.watch_client_timeout
+    settings.watching.connect_timeout = 10
+    for api_version, plural in CHILD_RESOURCES:
+        settings.watching.label_selectors[api_version, plural] = CHILD_SELECTOR
+    # Only errors become kopf's own Events; the operator posts its own Events for what it changed
+    # (a kopf "Handler succeeded" Event per resync would be a write per resync).
+    settings.posting.level = logging.WARNING
+    # Progress and diff-base in annotations under our own prefix: the CRD's structural schema would
+    # prune kopf's default status.kopf field, making kopf re-run handlers forever (nolar/kopf#321).
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=GROUP)
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
+        prefix=GROUP, key="last-handled-configuration"
+    )
+    # One operator instance per cluster (the chart runs one replica, Recreate strategy): peering needs
+    # its own CRDs and write access that the chart does not grant.
+    settings.peering.standalone = True
+    # Reconciles are synchronous (the official client): size the thread pool for them.
+    settings.execution.max_workers = cfg.workers
+    # Retry temporary API errors quickly at first, then back off.
+    settings.networking.error_backoffs = [1, 2, 5, 10]
+    settings.networking.request_timeout = 60
+
+    kube = Kube(load_config(), field_manager=cfg.field_manager)
+    memo.state = State(cfg, kube, namespaces=namespaces)
+    global _metrics_started
+    if not _metrics_started:  # kopf may restart startup handlers on failure; the port stays bound
+        metrics.serve(cfg.metrics_port)
+        _metrics_started = True
+    log.info("slm-operator configured: resync every %ss, metrics on :%s", cfg.resync_seconds, cfg.metrics_port)
+
+
+def _list_parents(state: State) -> list[dict[str, Any]]:
+    namespaces: tuple[str | None, ...] = state.namespaces or (None,)
+    items: list[dict[str, Any]] = []
+    for namespace in namespaces:
+        items.extend(state.kube.list("SLMDeployment", namespace))
+    return items
+
+
+def resync_once(state: State) -> int:
+    """Reconcile every SLMDeployment once (drift repair, CRD detection, status); returns how many."""
+    parents = _list_parents(state)
+    state.parents = {(p["metadata"]["namespace"], p["metadata"]["name"]) for p in parents}
+    count = 0
+    for body in parents:
+        if body["metadata"].get("deletionTimestamp"):
+            continue
+        try:
+            rc.reconcile(state, body, trigger="resync")
+            count += 1
+        except ApiException as exc:
+            log.warning("resync of %s/%s failed: %s %s", body["metadata"]["namespace"], body["metadata"]["name"],
+                        exc.status, exc.reason)
+        except Exception:
+            log.exception("resync of %s/%s failed", body["metadata"]["namespace"], body["metadata"]["name"])
+    rc.update_managed_gauge(state)
+    return count
+
+
+async def resync_forever(state: State, stop: asyncio.Event) -> None:
+    """Every resync_seconds, reconcile all SLMDeployments in a worker thread.
+
+    One cluster-wide loop instead of a kopf timer per resource: kopf timers put a finalizer on every
+    SLMDeployment, and deletion would then wait for the operator.
+    """
+    loop = asyncio.get_running_loop()
+    while not stop.is_set():
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(stop.wait(), timeout=state.cfg.resync_seconds)
+        if stop.is_set():
+            break
+        try:
+            await loop.run_in_executor(None, resync_once, state)
+        except Exception:
+            log.exception("resync loop iteration failed")
+
+
+def child_event(state: State, event_type: str | None, body: dict[str, Any]) -> None:
+    """Keep the child cache current; reconcile the parent when a child is gone, drifted, or reports status."""
+    key = (body.get("kind", ""), body["metadata"]["namespace"], body["metadata"]["name"])
+    if event_type == "DELETED":
+        state.children.forget(key)
+    else:
+        state.children.put(body)
+    owner = rc.parent_of(body)
+    if owner is None:
+        return
+    with state.desired_guard:
+        desired = state.desired.get(key)
+    if event_type != "DELETED" and key[0] != "Deployment" and desired is not None and rc_is_subset(desired, body):
+        return  # our own write echoing back, or an unrelated change: nothing to repair
+    parent = state.kube.get("SLMDeployment", owner[0], owner[1])
+    if parent is None or parent["metadata"].get("deletionTimestamp"):
+        return  # the parent is going away; the garbage collector removes the rest
+    rc.reconcile(state, parent, trigger="child")
+
+
+def rc_is_subset(desired: dict[str, Any], live: dict[str, Any]) -> bool:
+    from slm_operator.kube import is_subset
+
+    return is_subset(desired, live)
+
+
+async def cleanup(memo: kopf.Memo) -> None:
+    stop: asyncio.Event | None = getattr(memo, "resync_stop", None)
+    task: asyncio.Task[None] | None = getattr(memo, "resync_task", None)
+    if stop is not None:
+        stop.set()
+    if task is not None:
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await asyncio.wait_for(task, timeout=5)
+
+
+def start_resync(memo: kopf.Memo) -> None:
+    memo.resync_stop = asyncio.Event()
+    memo.resync_task = asyncio.get_running_loop().create_task(resync_forever(memo.state, memo.resync_stop))
+
+
+__all__ = ["CHILD_RESOURCES", "GROUP", "PLURAL", "VERSION", "child_event", "cleanup", "configure", "resync_once",
+           "start_resync"]

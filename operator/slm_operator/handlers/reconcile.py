@@ -1,0 +1,253 @@
+"""Reconcile one SLMDeployment: render its children, apply what differs, prune, write status.
+
+Synchronous; called from kopf's thread pool by the create/update/resume handlers, the child-event
+handlers and the periodic resync. One lock per SLMDeployment serialises concurrent triggers.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Mapping
+from typing import Any
+
+from kubernetes.client.exceptions import ApiException
+
+from slm_operator import metrics, render, selection
+from slm_operator.handlers.state import State
+from slm_operator.kube import MONITORING_KINDS, RESOURCES, with_applied_hash
+from slm_operator.spec import PARENT_LABEL, Parent, child_names, get
+from slm_operator.status import MONITORING_READY, READY, Observation, Problem, build_status, same_status
+
+log = logging.getLogger(__name__)
+
+OPTIONAL_KINDS = ("ServiceMonitor", "PrometheusRule", "ConfigMap", "AlertmanagerConfig")
+CRD_NAMES = {
+    "ServiceMonitor": "servicemonitors.monitoring.coreos.com",
+    "PrometheusRule": "prometheusrules.monitoring.coreos.com",
+    "AlertmanagerConfig": "alertmanagerconfigs.monitoring.coreos.com",
+}
+
+
+def _monitor_labels(state: State, spec: Mapping[str, Any]) -> tuple[render.MonitorLabels, list[str]]:
+    selectors = state.prometheus_selectors.get()
+    sm_wanted = get(spec, "monitoring.prometheus.serviceMonitorLabels", {}) or {}
+    rule_wanted = get(spec, "monitoring.prometheus.ruleLabels", {}) or {}
+    if selectors is None:
+        return render.MonitorLabels(dict(sm_wanted), dict(rule_wanted)), []
+    sm_labels, sm_problem = selection.resolve(sm_wanted, selectors.service_monitor, selectors.prometheuses,
+                                              "serviceMonitorSelector")
+    rule_labels, rule_problem = selection.resolve(rule_wanted, selectors.rule, selectors.prometheuses, "ruleSelector")
+    return render.MonitorLabels(sm_labels, rule_labels), [p for p in (sm_problem, rule_problem) if p]
+
+
+def _gpu_problem(state: State, spec: Mapping[str, Any]) -> Problem | None:
+    gpus = int(get(spec, "resources.gpus", 1))
+    if gpus <= 0:
+        return None
+    nodes = state.gpu_nodes.get()
+    if nodes is None:
+        return None
+    selector = get(spec, "nodeSelector", {}) or {}
+    best = max((n for labels, n in nodes if all(labels.get(k) == v for k, v in selector.items())), default=0)
+    if best >= gpus:
+        return None
+    return Problem(
+        "InsufficientGPU",
+        f"spec.resources.gpus={gpus} but no schedulable node{' matching spec.nodeSelector' if selector else ''} "
+        f"has more than {best} allocatable nvidia.com/gpu",
+    )
+
+
+def _missing_secrets(state: State, namespace: str, spec: Mapping[str, Any]) -> list[str]:
+    missing = []
+    for field, name, key in render.secret_refs(spec):
+        secret = state.kube.get("Secret", namespace, name)
+        if secret is None:
+            missing.append(f"{field}: secret {name!r} not found")
+        elif key not in (secret.get("data") or {}) and key not in (secret.get("stringData") or {}):
+            missing.append(f"{field}: key {key!r} not in secret {name!r}")
+    return missing
+
+
+def _render(state: State, parent: Parent, spec: Mapping[str, Any], labels: render.MonitorLabels,
+            ) -> tuple[list[dict[str, Any]], list[str]]:
+    """Children to apply, and rendering problems of the monitoring content (serving never waits on them)."""
+    children = [
+        render.render_deployment(parent, spec, server_image=state.cfg.server_image),
+        render.render_service(parent),
+        render.render_pod_disruption_budget(parent),
+    ]
+    problems: list[str] = []
+    if not get(spec, "monitoring.enabled", True):
+        return children, problems
+    renderers: list[tuple[str, Any]] = [
+        ("ServiceMonitor", lambda: render.render_service_monitor(parent, spec, labels)),
+        ("PrometheusRule", lambda: render.render_prometheus_rule(parent, spec, labels)),
+    ]
+    if get(spec, "monitoring.dashboards.enabled", True):
+        renderers.append(("ConfigMap", lambda: render.render_dashboard_config_map(parent, spec)))
+    renderers.append(("AlertmanagerConfig", lambda: render.render_alertmanager_config(parent, spec, labels)))
+    for kind, fn in renderers:
+        try:
+            obj = fn()
+        except Exception as exc:  # a bug in content rendering must not stop serving
+            log.exception("rendering %s for %s/%s failed", kind, parent.namespace, parent.name)
+            problems.append(f"{kind} could not be rendered: {type(exc).__name__}: {exc}")
+            continue
+        if obj is not None:
+            children.append(obj)
+    return children, problems
+
+
+def reconcile(state: State, body: Mapping[str, Any], *, trigger: str) -> dict[str, Any]:
+    """Bring one SLMDeployment's children and status in line with its spec; returns the status."""
+    meta = body["metadata"]
+    namespace, name = meta["namespace"], meta["name"]
+    started = time.monotonic()
+    try:
+        with state.lock(namespace, name):
+            result = _reconcile(state, body, trigger=trigger)
+    except Exception as exc:
+        metrics.RECONCILES.labels(trigger=trigger, result="error").inc()
+        metrics.RECONCILE_ERRORS.labels(error=type(exc).__name__).inc()
+        raise
+    finally:
+        metrics.RECONCILE_DURATION.labels(trigger=trigger).observe(time.monotonic() - started)
+    metrics.RECONCILES.labels(trigger=trigger, result="ok").inc()
+    return result
+
+
+def _reconcile(state: State, body: Mapping[str, Any], *, trigger: str) -> dict[str, Any]:
+    meta = body["metadata"]
+    namespace, name = meta["namespace"], meta["name"]
+    spec: Mapping[str, Any] = body.get("spec") or {}
+    parent = Parent(name=name, namespace=namespace, uid=meta["uid"])
+    generation = int(meta.get("generation", 1))
+    state.parents.add((namespace, name))
+    kube = state.kube
+
+    monitoring_enabled = bool(get(spec, "monitoring.enabled", True))
+    served = state.served_kinds.get() if monitoring_enabled else frozenset()
+    monitoring_problems: list[tuple[str, str]] = []  # (reason, message)
+    labels = render.MonitorLabels()
+    if monitoring_enabled:
+        labels, selector_problems = _monitor_labels(state, spec)
+        monitoring_problems += [("PrometheusSelectorMismatch", p) for p in selector_problems]
+    children, render_problems = _render(state, parent, spec, labels)
+    monitoring_problems += [("RenderError", p) for p in render_problems]
+
+    missing_crds = sorted(CRD_NAMES[k] for k in MONITORING_KINDS if k not in served) if monitoring_enabled else []
+    if missing_crds:
+        monitoring_problems.insert(0, (
+            "PrometheusOperatorCRDsMissing",
+            f"Prometheus Operator CRDs not installed: {', '.join(missing_crds)}; serving runs, the monitors are "
+            "created as soon as the CRDs appear",
+        ))
+    missing_secrets = _missing_secrets(state, namespace, spec) if monitoring_enabled else []
+    if missing_secrets:
+        monitoring_problems.append(("SecretNotFound", "; ".join(missing_secrets)))
+
+    applied: list[dict[str, str]] = []
+    changes: list[str] = []
+    desired_keys: set[tuple[str, str]] = set()
+    for child in children:
+        kind = child["kind"]
+        if kind in MONITORING_KINDS and kind not in served:
+            continue
+        if kind == "AlertmanagerConfig" and missing_secrets:
+            continue  # the Prometheus Operator would reject it; MonitoringReady says why
+        child_name = child["metadata"]["name"]
+        key = (kind, namespace, child_name)
+        desired_keys.add((kind, child_name))
+        outcome = kube.apply(child, live=state.children.get(key))
+        with state.desired_guard:
+            state.desired[key] = with_applied_hash(child)
+        applied.append({"apiVersion": child["apiVersion"], "kind": kind, "name": child_name})
+        if outcome != "unchanged":
+            changes.append(f"{outcome} {kind} {child_name}")
+
+    # Prune optional children the spec no longer asks for (monitoring or dashboards switched off,
+    # notifications removed). Only objects this SLMDeployment owns are deleted.
+    names = child_names(name)
+    for kind in OPTIONAL_KINDS:
+        if (kind, names[kind]) in desired_keys or (kind in MONITORING_KINDS and kind not in served):
+            continue
+        key = (kind, namespace, names[kind])
+        live = state.children.get(key)
+        if live is None:
+            continue
+        owners = get(live, "metadata.ownerReferences", []) or []
+        if any(o.get("uid") == parent.uid for o in owners) and kube.delete(
+            kind, namespace, names[kind], uid=get(live, "metadata.uid")
+        ):
+            changes.append(f"deleted {kind} {names[kind]}")
+        state.children.forget(key)
+
+    deployment = state.children.get(("Deployment", namespace, name))
+    if deployment is None:
+        deployment = kube.get("Deployment", namespace, name)
+
+    monitoring: Problem | None = None
+    if monitoring_problems:
+        monitoring = Problem(monitoring_problems[0][0], "; ".join(m for _, m in monitoring_problems))
+    observation = Observation(
+        generation=generation,
+        desired_replicas=int(get(spec, "replicas", 1)),
+        deployment=deployment,
+        selector=",".join(f"{k}={v}" for k, v in sorted(parent.selector_labels().items())),
+        endpoint=parent.endpoint,
+        children=applied,
+        monitoring=monitoring,
+        monitoring_message=("monitoring disabled in spec" if not monitoring_enabled
+                            else "ServiceMonitor, PrometheusRule and dashboard applied"),
+        serving=_gpu_problem(state, spec),
+    )
+    previous = body.get("status") or {}
+    status = build_status(previous, observation)
+    if not same_status(previous, status):
+        try:
+            kube.patch_status(namespace, name, status)
+        except ApiException as exc:
+            if exc.status != 404:  # deleted meanwhile: nothing left to report on
+                raise
+        _post_transition_events(state, body, previous, status)
+    for change in changes:
+        state.kube.post_event(body, reason="Applied", message=change)
+    if changes:
+        log.info("reconciled %s/%s (%s): %s", namespace, name, trigger, ", ".join(changes))
+    return status
+
+
+def _post_transition_events(state: State, body: Mapping[str, Any], previous: Mapping[str, Any],
+                            status: Mapping[str, Any]) -> None:
+    """One Event per condition whose status flipped (never one per resync)."""
+    before = {c["type"]: c for c in previous.get("conditions", []) or []}
+    for cond in status["conditions"]:
+        old = before.get(cond["type"])
+        if old is not None and old.get("status") == cond["status"] and old.get("reason") == cond["reason"]:
+            continue
+        bad = (cond["type"] in (READY, MONITORING_READY) and cond["status"] == "False" and cond["reason"] not in (
+            "DeploymentMissing", "ReplicasNotReady")) or (cond["type"] == "Degraded" and cond["status"] == "True")
+        if old is None and not bad:
+            continue  # the first status of a new object: the Applied events already tell the story
+        message = f"{cond['type']}={cond['status']}: {cond['message']}"
+        state.kube.post_event(body, reason=cond["reason"], message=message, warning=bad)
+
+
+def parent_of(child: Mapping[str, Any]) -> tuple[str, str] | None:
+    labels = get(child, "metadata.labels", {}) or {}
+    parent = labels.get(PARENT_LABEL)
+    if not parent:
+        return None
+    return get(child, "metadata.namespace"), parent
+
+
+def update_managed_gauge(state: State) -> None:
+    counts = state.children.count_by_kind()
+    for kind in ("Deployment", "Service", "PodDisruptionBudget", *OPTIONAL_KINDS):
+        metrics.MANAGED_RESOURCES.labels(kind=kind).set(counts.get(kind, 0))
+    metrics.MANAGED_RESOURCES.labels(kind="SLMDeployment").set(len(state.parents))
+
+
+__all__ = ["RESOURCES", "parent_of", "reconcile", "update_managed_gauge"]

@@ -1,0 +1,118 @@
+"""What the operator keeps in memory between handler calls (lives in kopf's `memo`)."""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import threading
+from collections.abc import Mapping
+from typing import Any
+
+from slm_operator.config import OperatorConfig
+from slm_operator.kube import MONITORING_KINDS, Kube, TTLCache
+from slm_operator.spec import get
+
+ChildKey = tuple[str, str, str]  # kind, namespace, name
+
+
+@dataclasses.dataclass(frozen=True)
+class PrometheusSelectors:
+    """What the Prometheus resources select ServiceMonitors and PrometheusRules by."""
+
+    prometheuses: tuple[str, ...]  # namespace/name of each Prometheus resource
+    service_monitor: tuple[Mapping[str, Any] | None, ...]  # spec.serviceMonitorSelector of each
+    rule: tuple[Mapping[str, Any] | None, ...]  # spec.ruleSelector of each
+
+
+class ChildCache:
+    """The last seen version of every child, fed by the label-filtered child watches.
+
+    Lets a resync compare desired with live without reading from the API server; an object not in
+    the cache is read (the watch of its kind may not run yet, e.g. right after its CRD appeared).
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._objects: dict[ChildKey, dict[str, Any]] = {}
+
+    @staticmethod
+    def key(obj: Mapping[str, Any]) -> ChildKey:
+        return obj["kind"], obj["metadata"]["namespace"], obj["metadata"]["name"]
+
+    def put(self, obj: Mapping[str, Any]) -> None:
+        with self._lock:
+            self._objects[self.key(obj)] = dict(obj)
+
+    def forget(self, key: ChildKey) -> None:
+        with self._lock:
+            self._objects.pop(key, None)
+
+    def get(self, key: ChildKey) -> dict[str, Any] | None:
+        with self._lock:
+            return self._objects.get(key)
+
+    def count_by_kind(self) -> dict[str, int]:
+        with self._lock:
+            return dict(collections.Counter(kind for kind, _, _ in self._objects))
+
+
+class State:
+    """Shared by all handlers: the API client, caches, and one lock per SLMDeployment."""
+
+    def __init__(self, cfg: OperatorConfig, kube: Kube, namespaces: tuple[str, ...] = ()) -> None:
+        self.cfg = cfg
+        self.kube = kube
+        self.namespaces = namespaces  # empty: all namespaces
+        self.children = ChildCache()
+        self.served_kinds = TTLCache(cfg.discovery_ttl_seconds, lambda: frozenset(kube.served_kinds(MONITORING_KINDS)))
+        self.gpu_nodes = TTLCache(cfg.discovery_ttl_seconds, self._gpu_nodes)
+        self.prometheus_selectors = TTLCache(cfg.discovery_ttl_seconds, self._prometheus_selectors)
+        self._locks: dict[tuple[str, str], threading.Lock] = collections.defaultdict(threading.Lock)
+        self._locks_guard = threading.Lock()
+        # What each child looked like after the operator last made it match (for child-event drift checks).
+        self.desired: dict[ChildKey, dict[str, Any]] = {}
+        self.desired_guard = threading.Lock()
+        self.parents: set[tuple[str, str]] = set()
+
+    def lock(self, namespace: str, name: str) -> threading.Lock:
+        with self._locks_guard:
+            return self._locks[(namespace, name)]
+
+    def _gpu_nodes(self) -> list[tuple[dict[str, str], int]] | None:
+        """(labels, allocatable nvidia.com/gpu) per schedulable node; None when nodes cannot be listed."""
+        from kubernetes.client.exceptions import ApiException
+
+        try:
+            nodes = self.kube.list("Node")
+        except ApiException as exc:
+            if exc.status == 403:  # RBAC without nodes: skip the check rather than fail
+                return None
+            raise
+        result = []
+        for node in nodes:
+            if get(node, "spec.unschedulable", False):
+                continue
+            allocatable = get(node, "status.allocatable", {}) or {}
+            try:
+                gpus = int(str(allocatable.get("nvidia.com/gpu", "0")))
+            except ValueError:
+                gpus = 0
+            result.append((dict(get(node, "metadata.labels", {}) or {}), gpus))
+        return result
+
+    def _prometheus_selectors(self) -> PrometheusSelectors | None:
+        """The Prometheus resources' selectors; None when the Prometheus CRD is absent or not readable."""
+        from kubernetes.client.exceptions import ApiException
+
+        try:
+            items = self.kube.list("Prometheus")
+        except ApiException as exc:
+            if exc.status == 403:
+                return None
+            raise
+        items.sort(key=lambda p: (p["metadata"]["namespace"], p["metadata"]["name"]))
+        return PrometheusSelectors(
+            prometheuses=tuple(f"{p['metadata']['namespace']}/{p['metadata']['name']}" for p in items),
+            service_monitor=tuple(get(p, "spec.serviceMonitorSelector") for p in items),
+            rule=tuple(get(p, "spec.ruleSelector") for p in items),
+        )
