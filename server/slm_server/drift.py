@@ -1,0 +1,541 @@
+"""Online detection of drift in model behaviour, per model and signal, inside the server.
+
+Six signals come from every request (`slm_server.signals.RequestSignals`):
+
+| signal          | kind         | detector                                                        |
+| --------------- | ------------ | --------------------------------------------------------------- |
+| `perplexity`    | distribution | two-sample Kolmogorov-Smirnov (scipy) + PSI + shift floor       |
+| `output_length` | distribution | same                                                            |
+| `finish_length` | rate         | Bernoulli log-likelihood-ratio CUSUM, with a return-to-normal CUSUM |
+| `empty_output`  | rate         | same                                                            |
+| `repetition`    | rate         | same                                                            |
+| `error`         | rate         | same                                                            |
+
+Every detector compares a **reference** (learned from the first requests after a warm-up, or pinned
+from a JSON file) with what the model does **now**:
+
+* Distribution signals keep a sliding window of the last `window_requests` values. Every
+  `check_every_requests` requests (or `check_interval_seconds`, whichever comes first) the window is
+  tested against the reference with `scipy.stats.ks_2samp`. An alarm needs all of: both samples at
+  least `min_samples`; KS p-value below `ks_pvalue`; population stability index at least `psi_min`
+  (practical size, not only statistical significance); and some quantile (p10…p90) moved by more than a
+  floor of `max(floor_ratio·|reference median|, floor_abs)` — the variance floor that keeps constant or
+  near-constant traffic from alarming on differences nobody cares about.
+* Rate signals run a one-sided Bernoulli CUSUM (Page 1954) per request: O(1), no window to sort. The
+  in-control rate p0 is an upper confidence bound of the reference rate, floored at `rate_floor` (so a
+  reference with zero errors does not make one error an anomaly); the out-of-control rate it is tuned
+  for is p1 = p0 + `rate_shift_sigmas`·sqrt(p0(1-p0)). It alarms when the CUSUM passes
+  `cusum_threshold` (log-likelihood units; larger = fewer false alarms, slower detection).
+
+Hysteresis: a distribution signal enters the drift state after `enter_checks` consecutive alarming
+checks and leaves it after `clear_checks` consecutive checks with a score below `clear_score`. A rate
+signal leaves it when a mirrored CUSUM has collected `cusum_threshold` of evidence that the rate is
+back at p0. So the state does not flap on a borderline window.
+
+Exported per model and signal: `slm_drift_score` (the test statistic over its alarm threshold: 1.0 is
+the alarm level for every signal) and `slm_drift_detected` (0/1). Every state change is logged once as
+a structured event (`drift_detected` / `drift_cleared`) carrying the evidence: statistic, p-value,
+PSI, window sizes, reference and current summaries.
+
+Cost: `observe` appends to bounded deques and updates two CUSUMs (O(1)); the KS tests run at most
+every `check_every_requests` requests, on `window_requests` + reference values (O(n log n), well
+under a millisecond for the defaults). One lock per monitor makes it safe to call from any thread.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+from scipy import stats
+
+logger = logging.getLogger("slm_server.drift")
+
+DISTRIBUTION_SIGNALS = ("perplexity", "output_length")
+RATE_SIGNALS = ("finish_length", "empty_output", "repetition", "error")
+SIGNALS = DISTRIBUTION_SIGNALS + RATE_SIGNALS
+REFERENCE_FORMAT_VERSION = 1
+# The quantiles compared against the shift floor.
+_FLOOR_QUANTILES = (0.1, 0.25, 0.5, 0.75, 0.9)
+# Score gauges are capped: past a few times the alarm level the exact value carries no information,
+# and a capped CUSUM recovers in bounded time.
+SCORE_CAP = 10.0
+
+
+class DriftSettings(BaseSettings):
+    """Knobs of the in-server drift detectors (env `SLM_DRIFT_*`). Defaults are the benchmarked ones."""
+
+    model_config = SettingsConfigDict(env_prefix="SLM_DRIFT_", extra="ignore")
+
+    enabled: bool = True
+    reference_file: Path | None = Field(
+        default=None, description="Pinned reference (JSON, see DriftMonitor.export_reference); else learned."
+    )
+    warmup_requests: int = Field(default=20, ge=0, description="Requests ignored before learning the reference.")
+    reference_requests: int = Field(default=1000, ge=10, description="Requests that make the learned reference.")
+    window_requests: int = Field(default=300, ge=10, description="Sliding window of distribution signals.")
+    min_samples: int = Field(default=100, ge=5, description="No test before both samples hold this many.")
+    check_every_requests: int = Field(default=25, ge=1)
+    check_interval_seconds: float = Field(default=15.0, gt=0)
+    ks_pvalue: float = Field(default=1e-6, gt=0, lt=1, description="KS p-value under which a window alarms.")
+    psi_min: float = Field(default=0.1, ge=0, description="Population stability index an alarm needs.")
+    psi_bins: int = Field(default=10, ge=2)
+    floor_ratio: float = Field(default=0.05, ge=0, description="Shift floor, share of the reference median.")
+    floor_abs: float = Field(default=1.0, ge=0, description="Shift floor, absolute (tokens, perplexity units).")
+    enter_checks: int = Field(default=2, ge=1)
+    clear_checks: int = Field(default=4, ge=1)
+    clear_score: float = Field(default=0.5, gt=0, le=1)
+    rate_floor: float = Field(default=0.01, gt=0, lt=0.5, description="Lowest in-control rate p0.")
+    rate_shift_sigmas: float = Field(default=1.5, gt=0, description="Tuned-for shift, in sd of p0.")
+    rate_confidence_z: float = Field(default=2.0, ge=0, description="p0 = reference rate + z·standard error.")
+    cusum_threshold: float = Field(default=14.0, gt=0, description="CUSUM alarm level (log-likelihood).")
+
+
+class SignalsLike(Protocol):
+    """What the detectors read from one request (the server's `RequestSignals`)."""
+
+    model: str
+    perplexity: float | None
+    output_tokens: int
+    finish_reason: str
+    empty: bool
+    repetitive: bool
+    error: bool
+
+
+@dataclass
+class Evidence:
+    """What a check found; logged on a state change."""
+
+    signal: str
+    detector: str
+    score: float
+    alarm: bool
+    details: dict[str, Any] = field(default_factory=dict)
+
+
+def _summary(values: np.ndarray) -> dict[str, float]:
+    if values.size == 0:
+        return {"n": 0}
+    q10, q50, q90 = np.quantile(values, [0.1, 0.5, 0.9])
+    return {
+        "n": int(values.size),
+        "mean": round(float(values.mean()), 4),
+        "std": round(float(values.std()), 4),
+        "p10": round(float(q10), 4),
+        "p50": round(float(q50), 4),
+        "p90": round(float(q90), 4),
+    }
+
+
+def _ks_critical(alpha: float, n: int, m: int) -> float:
+    """Asymptotic two-sample KS critical value: D above it means p < alpha (Smirnov)."""
+    return math.sqrt(-math.log(alpha / 2) / 2) * math.sqrt((n + m) / (n * m))
+
+
+class DistributionDetector:
+    """KS + PSI + shift floor on one continuous signal; a reference sample against a sliding window."""
+
+    kind = "distribution"
+
+    def __init__(self, signal: str, settings: DriftSettings) -> None:
+        self.signal = signal
+        self.settings = settings
+        self.window: deque[float] = deque(maxlen=settings.window_requests)
+        self._learning: list[float] = []
+        self._skipped = 0
+        self.reference: np.ndarray | None = None
+        self._edges: np.ndarray | None = None
+        self._ref_share: np.ndarray | None = None
+        self._floor = 0.0
+        self._ref_quantiles: np.ndarray | None = None
+        self.detected = False
+        self.score = 0.0
+        self._streak = 0  # consecutive alarming (or, in the drift state, quiet) checks
+
+    def set_reference(self, values: Iterable[float]) -> None:
+        ref = np.sort(np.asarray(list(values), dtype=float))
+        ref = ref[np.isfinite(ref)]
+        self.reference = ref
+        self._learning = []
+        if ref.size == 0:
+            return
+        s = self.settings
+        # PSI bins: reference quantiles, deduplicated (a constant reference makes a single bin).
+        inner = np.unique(np.quantile(ref, np.linspace(0, 1, s.psi_bins + 1)[1:-1]))
+        self._edges = inner
+        counts = np.bincount(np.searchsorted(inner, ref, side="right"), minlength=inner.size + 1)
+        self._ref_share = self._smoothed_share(counts)
+        self._ref_quantiles = np.quantile(ref, _FLOOR_QUANTILES)
+        self._floor = max(s.floor_ratio * abs(float(np.median(ref))), s.floor_abs)
+
+    @staticmethod
+    def _smoothed_share(counts: np.ndarray) -> np.ndarray:
+        # +0.5 per bin (Jeffreys) keeps log(0) out of PSI for a bin a sample happens to miss.
+        return (counts + 0.5) / (counts.sum() + 0.5 * counts.size)
+
+    def add(self, value: float) -> None:
+        if not math.isfinite(value):
+            return
+        if self.reference is None:
+            if self._skipped < self.settings.warmup_requests:
+                self._skipped += 1
+                return
+            self._learning.append(value)
+            if len(self._learning) >= self.settings.reference_requests:
+                self.set_reference(self._learning)
+            return
+        self.window.append(value)
+
+    def check(self) -> Evidence:
+        s = self.settings
+        ref = self.reference
+        current = np.fromiter(self.window, dtype=float, count=len(self.window))
+        details: dict[str, Any] = {
+            "reference": _summary(ref) if ref is not None else {"n": len(self._learning), "learning": True},
+            "current": _summary(current),
+            "window_requests": s.window_requests,
+        }
+        if ref is None or ref.size < s.min_samples or current.size < s.min_samples:
+            details["guard"] = "min_samples"
+            return self._settle(Evidence(self.signal, "ks+psi", 0.0, False, details))
+        assert self._edges is not None and self._ref_share is not None and self._ref_quantiles is not None
+        ks = stats.ks_2samp(ref, current, method="asymp")
+        statistic, pvalue = float(ks.statistic), float(ks.pvalue)
+        counts = np.bincount(np.searchsorted(self._edges, current, side="right"), minlength=self._edges.size + 1)
+        cur_share = self._smoothed_share(counts)
+        psi = float(np.sum((cur_share - self._ref_share) * np.log(cur_share / self._ref_share)))
+        shift = float(np.max(np.abs(np.quantile(current, _FLOOR_QUANTILES) - self._ref_quantiles)))
+        d_crit = _ks_critical(s.ks_pvalue, ref.size, current.size)
+        # Each gate over its own threshold; the score is the weakest, so score >= 1 <=> every gate passes.
+        ratios = {
+            "ks": statistic / d_crit,
+            "psi": psi / s.psi_min if s.psi_min > 0 else SCORE_CAP,
+            "floor": shift / self._floor if self._floor > 0 else SCORE_CAP,
+        }
+        score = min(SCORE_CAP, *ratios.values())
+        alarm = pvalue < s.ks_pvalue and psi >= s.psi_min and shift > self._floor
+        details.update(
+            ks_statistic=round(statistic, 5),
+            p_value=pvalue,
+            ks_critical=round(d_crit, 5),
+            psi=round(psi, 5),
+            quantile_shift=round(shift, 4),
+            shift_floor=round(self._floor, 4),
+            thresholds={"ks_pvalue": s.ks_pvalue, "psi_min": s.psi_min},
+        )
+        return self._settle(Evidence(self.signal, "ks+psi", round(score, 4), alarm, details))
+
+    def _settle(self, ev: Evidence) -> Evidence:
+        s = self.settings
+        self.score = ev.score
+        if not self.detected:
+            self._streak = self._streak + 1 if ev.alarm else 0
+            if self._streak >= s.enter_checks:
+                self.detected, self._streak = True, 0
+        else:
+            self._streak = self._streak + 1 if ev.score < s.clear_score else 0
+            if self._streak >= s.clear_checks:
+                self.detected, self._streak = False, 0
+        return ev
+
+    def reference_values(self) -> list[float] | None:
+        return None if self.reference is None else [float(v) for v in self.reference]
+
+
+class RateDetector:
+    """Bernoulli CUSUM on the share of requests with some property (truncated, empty, repetitive, failed)."""
+
+    kind = "rate"
+
+    def __init__(self, signal: str, settings: DriftSettings) -> None:
+        self.signal = signal
+        self.settings = settings
+        self._skipped = 0
+        self._learn_n = 0
+        self._learn_hits = 0
+        self.reference_rate: float | None = None
+        self.reference_n = 0
+        self.p0 = 0.0
+        self.p1 = 0.0
+        self._llr_hit = 0.0  # log(p1/p0): added by an event
+        self._llr_miss = 0.0  # log((1-p1)/(1-p0)): added by a non-event
+        self.cusum_up = 0.0  # evidence for p1 (the alarm)
+        self.cusum_down = 0.0  # evidence for p0 (the all-clear, only counted in the drift state)
+        self._crossed = False
+        self.window: deque[bool] = deque(maxlen=settings.window_requests)
+        self.detected = False
+        self.score = 0.0
+
+    def set_reference(self, rate: float, n: int) -> None:
+        s = self.settings
+        self.reference_rate, self.reference_n = float(rate), int(n)
+        # An upper confidence bound: a reference that happened to be quiet must not make normal noisy.
+        upper = rate + s.rate_confidence_z * math.sqrt(max(rate * (1 - rate), 1e-12) / max(n, 1))
+        self.p0 = min(max(upper, s.rate_floor), 0.5)
+        self.p1 = min(self.p0 + s.rate_shift_sigmas * math.sqrt(self.p0 * (1 - self.p0)), 0.999)
+        self._llr_hit = math.log(self.p1 / self.p0)
+        self._llr_miss = math.log((1 - self.p1) / (1 - self.p0))
+        self.cusum_up = self.cusum_down = 0.0
+
+    def add(self, hit: bool) -> None:
+        s = self.settings
+        if self.reference_rate is None:
+            if self._skipped < s.warmup_requests:
+                self._skipped += 1
+                return
+            self._learn_n += 1
+            self._learn_hits += int(hit)
+            if self._learn_n >= s.reference_requests:
+                self.set_reference(self._learn_hits / self._learn_n, self._learn_n)
+            return
+        self.window.append(hit)
+        step = self._llr_hit if hit else self._llr_miss
+        cap = SCORE_CAP * s.cusum_threshold
+        self.cusum_up = min(cap, max(0.0, self.cusum_up + step))
+        if self.cusum_up >= s.cusum_threshold:
+            self._crossed = True
+        if self.detected:
+            self.cusum_down = min(cap, max(0.0, self.cusum_down - step))
+
+    def check(self) -> Evidence:
+        s = self.settings
+        hits = sum(self.window)
+        details: dict[str, Any] = {
+            "reference": {"rate": self.reference_rate, "n": self.reference_n}
+            if self.reference_rate is not None
+            else {"n": self._learn_n, "learning": True},
+            "current": {"rate": round(hits / len(self.window), 5) if self.window else None, "n": len(self.window)},
+            "window_requests": s.window_requests,
+        }
+        if self.reference_rate is None:
+            details["guard"] = "min_samples"
+            self.score = 0.0
+            return Evidence(self.signal, "cusum", 0.0, False, details)
+        score = round(min(SCORE_CAP, self.cusum_up / s.cusum_threshold), 4)
+        alarm = self._crossed
+        details.update(
+            p0=round(self.p0, 5),
+            p1=round(self.p1, 5),
+            cusum=round(self.cusum_up, 4),
+            cusum_clear=round(self.cusum_down, 4),
+            thresholds={"cusum": s.cusum_threshold},
+        )
+        self.score = score
+        if not self.detected and alarm:
+            self.detected, self.cusum_down = True, 0.0
+        elif self.detected and self.cusum_down >= s.cusum_threshold:
+            self.detected, self.cusum_up, self._crossed = False, 0.0, False
+            self.score = 0.0
+        if not self.detected:
+            self._crossed = False
+        return Evidence(self.signal, "cusum", score, alarm, details)
+
+
+Detector = DistributionDetector | RateDetector
+
+
+class _Gauge(Protocol):
+    def labels(self, *args: str, **kwargs: str) -> Any: ...
+
+
+class ModelDrift:
+    """The six detectors of one model."""
+
+    def __init__(self, model: str, settings: DriftSettings) -> None:
+        self.model = model
+        self.distributions = {name: DistributionDetector(name, settings) for name in DISTRIBUTION_SIGNALS}
+        self.rates = {name: RateDetector(name, settings) for name in RATE_SIGNALS}
+        self.detectors: dict[str, Detector] = {**self.distributions, **self.rates}
+        self.since_check = 0
+        self.last_check = 0.0
+
+
+class DriftMonitor:
+    """Per-model drift detection fed one `RequestSignals` per finished request (`observe`).
+
+    `score_gauge` / `detected_gauge`: the server's `slm_drift_score{model,signal}` and
+    `slm_drift_detected{model,signal}` (or None). `clock` is injectable so the benchmark replays
+    traffic in simulated time.
+    """
+
+    def __init__(
+        self,
+        settings: DriftSettings | None = None,
+        *,
+        score_gauge: _Gauge | None = None,
+        detected_gauge: _Gauge | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        log: logging.Logger = logger,
+    ) -> None:
+        self.settings = settings or DriftSettings()
+        self._score_gauge = score_gauge
+        self._detected_gauge = detected_gauge
+        self._clock = clock
+        self._log = log
+        self._lock = threading.Lock()
+        self._models: dict[str, ModelDrift] = {}
+        self._children: dict[tuple[str, str], tuple[Any, Any]] = {}
+        self._pinned: dict[str, Any] | None = None
+        if self.settings.reference_file is not None:
+            self._pinned = load_reference(self.settings.reference_file)
+
+    # -- feeding -------------------------------------------------------------------------------
+    def observe(self, signals: SignalsLike) -> None:
+        """Record one finished request; runs the tests when a check is due. Never raises."""
+        try:
+            self._observe(signals)
+        except Exception:  # drift detection must never fail a request
+            self._log.exception("drift detection failed on a request")
+
+    def _observe(self, signals: SignalsLike) -> None:
+        model = signals.model
+        with self._lock:
+            md = self._models.get(model)
+            if md is None:
+                md = self._new_model(model)
+            dist, rates = md.distributions, md.rates
+            failed = bool(signals.error) or signals.finish_reason in ("error", "timeout")
+            rates["error"].add(failed)
+            if not failed and signals.finish_reason != "cancelled":
+                # The other signals describe outputs: a failed or cancelled request has none.
+                if signals.perplexity is not None:
+                    dist["perplexity"].add(float(signals.perplexity))
+                dist["output_length"].add(float(signals.output_tokens))
+                rates["finish_length"].add(signals.finish_reason == "length")
+                rates["empty_output"].add(bool(signals.empty))
+                rates["repetition"].add(bool(signals.repetitive))
+            md.since_check += 1
+            now = self._clock()
+            if (
+                md.since_check >= self.settings.check_every_requests
+                or now - md.last_check >= self.settings.check_interval_seconds
+            ):
+                self._check(md, now)
+
+    def check_now(self) -> dict[str, dict[str, Evidence]]:
+        """Run every test now (for tests and the benchmark's end of run); returns the evidence."""
+        with self._lock:
+            now = self._clock()
+            return {model: self._check(md, now) for model, md in self._models.items()}
+
+    def _new_model(self, model: str) -> ModelDrift:
+        md = ModelDrift(model, self.settings)
+        md.last_check = self._clock()
+        if self._pinned is not None:
+            apply_reference(md, self._pinned)
+        self._models[model] = md
+        for name in SIGNALS:
+            self._publish(model, name, 0.0, False)
+        return md
+
+    def _check(self, md: ModelDrift, now: float) -> dict[str, Evidence]:
+        md.since_check = 0
+        md.last_check = now
+        found = {}
+        for name, detector in md.detectors.items():
+            before = detector.detected
+            evidence = detector.check()
+            found[name] = evidence
+            self._publish(md.model, name, detector.score, detector.detected)
+            if detector.detected != before:
+                self._log_change(md.model, detector, evidence)
+        return found
+
+    def _publish(self, model: str, signal: str, score: float, detected: bool) -> None:
+        if self._score_gauge is None and self._detected_gauge is None:
+            return
+        children = self._children.get((model, signal))
+        if children is None:  # bound once per (model, signal), not .labels() per check
+            children = (
+                self._score_gauge.labels(model=model, signal=signal) if self._score_gauge else None,
+                self._detected_gauge.labels(model=model, signal=signal) if self._detected_gauge else None,
+            )
+            self._children[(model, signal)] = children
+        score_child, detected_child = children
+        if score_child is not None:
+            score_child.set(score)
+        if detected_child is not None:
+            detected_child.set(1.0 if detected else 0.0)
+
+    def _log_change(self, model: str, detector: Detector, ev: Evidence) -> None:
+        event = "drift_detected" if detector.detected else "drift_cleared"
+        payload = {
+            "event": event,
+            "model": model,
+            "signal": detector.signal,
+            "detector": ev.detector,
+            "score": ev.score,
+            **ev.details,
+        }
+        level = logging.WARNING if detector.detected else logging.INFO
+        # The message is the evidence as JSON, so it reads the same under any formatter; the same dict
+        # rides in `extra` for formatters that merge fields into the JSON line.
+        self._log.log(level, json.dumps(payload, default=str, sort_keys=True), extra={"event": event, "drift": payload})
+
+    # -- state ---------------------------------------------------------------------------------
+    def state(self) -> dict[str, dict[str, dict[str, Any]]]:
+        """{model: {signal: {"score", "detected", "reference_ready"}}} — for tests and debugging."""
+        with self._lock:
+            out: dict[str, dict[str, dict[str, Any]]] = {}
+            for model, md in self._models.items():
+                out[model] = {}
+                for name, d in md.detectors.items():
+                    ready = d.reference is not None if isinstance(d, DistributionDetector) else (
+                        d.reference_rate is not None
+                    )
+                    out[model][name] = {"score": d.score, "detected": d.detected, "reference_ready": ready}
+            return out
+
+    def export_reference(self, model: str) -> dict[str, Any]:
+        """The learned reference of `model`, in the format SLM_DRIFT_REFERENCE_FILE takes."""
+        with self._lock:
+            md = self._models[model]
+            signals: dict[str, Any] = {}
+            for name, d in md.detectors.items():
+                if isinstance(d, DistributionDetector):
+                    values = d.reference_values()
+                    if values is not None:
+                        signals[name] = {"values": values}
+                elif d.reference_rate is not None:
+                    signals[name] = {"rate": d.reference_rate, "n": d.reference_n}
+            return {"version": REFERENCE_FORMAT_VERSION, "model": model, "signals": signals}
+
+
+def load_reference(path: Path) -> dict[str, Any]:
+    """Read and validate a pinned reference file (the format of `DriftMonitor.export_reference`)."""
+    data = json.loads(Path(path).read_text())
+    if not isinstance(data, dict) or data.get("version") != REFERENCE_FORMAT_VERSION:
+        raise ValueError(f"{path}: not a drift reference of version {REFERENCE_FORMAT_VERSION}")
+    signals = data.get("signals")
+    if not isinstance(signals, dict):
+        raise ValueError(f"{path}: 'signals' must be an object")
+    for name, entry in signals.items():
+        if name not in SIGNALS:
+            raise ValueError(f"{path}: unknown signal {name!r} (known: {', '.join(SIGNALS)})")
+        if name in DISTRIBUTION_SIGNALS and not isinstance(entry.get("values"), list):
+            raise ValueError(f"{path}: {name} needs 'values' (a list of numbers)")
+        if name in RATE_SIGNALS and not (0 <= float(entry.get("rate", -1)) <= 1 and int(entry.get("n", 0)) > 0):
+            raise ValueError(f"{path}: {name} needs 'rate' in [0, 1] and 'n' > 0")
+    return data
+
+
+def apply_reference(md: ModelDrift, data: Mapping[str, Any]) -> None:
+    for name, entry in data["signals"].items():
+        detector = md.detectors[name]
+        if isinstance(detector, DistributionDetector):
+            detector.set_reference(float(v) for v in entry["values"])
+        else:
+            detector.set_reference(float(entry["rate"]), int(entry["n"]))
+
