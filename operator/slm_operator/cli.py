@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
             clusterwide=not args.namespace,
             namespaces=args.namespace,
             standalone=True,
-            liveness_endpoint=f"http://0.0.0.0:{cfg.health_port}/healthz",
+            liveness_endpoint=f"http://{cfg.bind_host}:{cfg.health_port}/healthz",
         )
     except KeyboardInterrupt:
         return 130

@@ -31,6 +31,7 @@ class OperatorConfig:
     workers: SLM_OPERATOR_WORKERS — threads that run reconciles (the kubernetes client is synchronous).
     metrics_port: SLM_OPERATOR_METRICS_PORT — the operator's own /metrics (prometheus-client).
     health_port: SLM_OPERATOR_HEALTH_PORT — kopf's liveness endpoint /healthz.
+    bind_host: SLM_OPERATOR_BIND_HOST — address both endpoints listen on (tests use 127.0.0.1).
     watch_server_timeout / watch_client_timeout: SLM_OPERATOR_WATCH_{SERVER,CLIENT}_TIMEOUT — see main.startup.
     field_manager: the server-side-apply field manager, also `app.kubernetes.io/managed-by`.
     """
@@ -42,6 +43,7 @@ class OperatorConfig:
     workers: int = 8
     metrics_port: int = 9090
     health_port: int = 8080
+    bind_host: str = "0.0.0.0"  # noqa: S104 - in a pod, the kubelet and Prometheus reach the pod IP
     watch_server_timeout: int = 300
     watch_client_timeout: int = 330
     field_manager: str = "slm-operator"
@@ -56,6 +58,7 @@ class OperatorConfig:
             workers=_int("SLM_OPERATOR_WORKERS", 8),
             metrics_port=_int("SLM_OPERATOR_METRICS_PORT", 9090),
             health_port=_int("SLM_OPERATOR_HEALTH_PORT", 8080),
+            bind_host=os.environ.get("SLM_OPERATOR_BIND_HOST") or "0.0.0.0",  # noqa: S104
             watch_server_timeout=_int("SLM_OPERATOR_WATCH_SERVER_TIMEOUT", 300),
             watch_client_timeout=_int("SLM_OPERATOR_WATCH_CLIENT_TIMEOUT", 330),
         )

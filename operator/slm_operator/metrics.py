@@ -48,6 +48,6 @@ def writes_total() -> float:
     )
 
 
-def serve(port: int, registry: CollectorRegistry = REGISTRY) -> None:
-    """Expose /metrics on all interfaces (the chart's Service and ServiceMonitor scrape it)."""
-    start_http_server(port, registry=registry)
+def serve(port: int, host: str = "0.0.0.0", registry: CollectorRegistry = REGISTRY) -> None:  # noqa: S104
+    """Expose /metrics (the chart's Service and ServiceMonitor scrape it)."""
+    start_http_server(port, addr=host, registry=registry)

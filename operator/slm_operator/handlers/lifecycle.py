@@ -68,7 +68,7 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, namespaces: tupl
     memo.state = State(cfg, kube, namespaces=namespaces)
     global _metrics_started
     if not _metrics_started:  # kopf may restart startup handlers on failure; the port stays bound
-        metrics.serve(cfg.metrics_port)
+        metrics.serve(cfg.metrics_port, cfg.bind_host)
         _metrics_started = True
     log.info("slm-operator configured: resync every %ss, metrics on :%s", cfg.resync_seconds, cfg.metrics_port)
 
@@ -122,21 +122,35 @@ async def resync_forever(state: State, stop: asyncio.Event) -> None:
 def child_event(state: State, event_type: str | None, body: dict[str, Any]) -> None:
     """Keep the child cache current; reconcile the parent when a child is gone, drifted, or reports status."""
     key = (body.get("kind", ""), body["metadata"]["namespace"], body["metadata"]["name"])
+    previous = state.children.get(key)
     if event_type == "DELETED":
         state.children.forget(key)
     else:
         state.children.put(body)
     owner = rc.parent_of(body)
-    if owner is None:
+    if owner is None or event_type is None:
+        # event_type None is kopf's initial listing: the resume handlers and the resync cover those.
         return
     with state.desired_guard:
         desired = state.desired.get(key)
-    if event_type != "DELETED" and key[0] != "Deployment" and desired is not None and rc_is_subset(desired, body):
-        return  # our own write echoing back, or an unrelated change: nothing to repair
+    if event_type != "DELETED" and desired is not None and rc_is_subset(desired, body) and (
+        key[0] != "Deployment" or (previous is not None and _rollout_summary(previous) == _rollout_summary(body))
+    ):
+        return  # our own write echoing back, or a change the status does not show: nothing to do
     parent = state.kube.get("SLMDeployment", owner[0], owner[1])
     if parent is None or parent["metadata"].get("deletionTimestamp"):
         return  # the parent is going away; the garbage collector removes the rest
     rc.reconcile(state, parent, trigger="child")
+
+
+def _rollout_summary(deployment: dict[str, Any]) -> tuple[Any, ...]:
+    """The parts of a Deployment the SLMDeployment status is computed from."""
+    status = deployment.get("status") or {}
+    return (
+        deployment["metadata"].get("generation"), status.get("observedGeneration"), status.get("replicas"),
+        status.get("readyReplicas"), status.get("updatedReplicas"),
+        tuple((c.get("type"), c.get("status"), c.get("reason")) for c in status.get("conditions") or []),
+    )
 
 
 def rc_is_subset(desired: dict[str, Any], live: dict[str, Any]) -> bool:
