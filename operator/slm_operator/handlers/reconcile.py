@@ -212,9 +212,9 @@ def _reconcile(state: State, body: Mapping[str, Any], *, trigger: str) -> dict[s
             if exc.status != 404:  # deleted meanwhile: nothing left to report on
                 raise
         _post_transition_events(state, body, previous, status)
-    for change in changes:
-        state.kube.post_event(body, reason="Applied", message=change)
     if changes:
+        # One Event per reconcile that changed something, none for a no-op resync.
+        state.kube.post_event(body, reason="Applied", message="; ".join(changes))
         log.info("reconciled %s/%s (%s): %s", namespace, name, trigger, ", ".join(changes))
     return status
 
