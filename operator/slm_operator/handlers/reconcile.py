@@ -128,7 +128,7 @@ def _reconcile(state: State, body: Mapping[str, Any], *, trigger: str) -> dict[s
     kube = state.kube
 
     monitoring_enabled = bool(get(spec, "monitoring.enabled", True))
-    served = state.served_kinds.get() if monitoring_enabled else frozenset()
+    served = state.served_kinds.get()  # also when disabled: pruning needs to know what can exist
     monitoring_problems: list[tuple[str, str]] = []  # (reason, message)
     labels = render.MonitorLabels()
     if monitoring_enabled:
