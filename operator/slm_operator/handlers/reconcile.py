@@ -129,6 +129,11 @@ def _reconcile(state: State, body: Mapping[str, Any], *, trigger: str) -> dict[s
 
     monitoring_enabled = bool(get(spec, "monitoring.enabled", True))
     served = state.served_kinds.get()  # also when disabled: pruning needs to know what can exist
+    for kind in MONITORING_KINDS:
+        if kind not in served:
+            # Deleting a CRD deletes its objects, and the watch may end before it reports them: a cached
+            # copy would later pass for the live object and the monitor would never be recreated.
+            state.children.forget_kind(kind)
     monitoring_problems: list[tuple[str, str]] = []  # (reason, message)
     labels = render.MonitorLabels()
     if monitoring_enabled:

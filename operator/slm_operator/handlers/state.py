@@ -51,6 +51,11 @@ class ChildCache:
         with self._lock:
             return self._objects.get(key)
 
+    def forget_kind(self, kind: str) -> None:
+        with self._lock:
+            for key in [k for k in self._objects if k[0] == kind]:
+                del self._objects[key]
+
     def count_by_kind(self) -> dict[str, int]:
         with self._lock:
             return dict(collections.Counter(kind for kind, _, _ in self._objects))
