@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import subprocess
 from collections.abc import Iterable, Sequence
@@ -101,8 +102,8 @@ def _inline_refs(node: Any, definitions: dict[str, Any], seen: tuple[str, ...] =
     schemas from bytes, so references to a sibling file cannot be followed)."""
     if isinstance(node, dict):
         ref = node.get("$ref")
-        if isinstance(ref, str) and "#/definitions/" in ref:
-            name = ref.split("#/definitions/", 1)[1]
+        if isinstance(ref, str) and "#/$defs/" in ref:
+            name = ref.split("#/$defs/", 1)[1]
             if name in seen:
                 raise ValueError(f"recursive definition {name}: cannot inline")
             return _inline_refs(copy.deepcopy(definitions[name]), definitions, (*seen, name))
@@ -129,11 +130,25 @@ def _strict(schema: Any) -> Any:
     return schema
 
 
+class _CrdLoader(yaml.CSafeLoader):
+    """PyYAML reads a bare `=` as YAML 1.1's `value` tag, which it cannot construct; the Prometheus
+    Operator CRDs list `=` among their enum values (label matchers). Keep it a string."""
+
+
+_CrdLoader.add_constructor("tag:yaml.org,2002:value", lambda loader, node: loader.construct_scalar(node))
+
+
+@functools.cache
+def _load_crds(path: Path) -> list[Any]:
+    # libyaml: the Prometheus Operator CRDs are megabytes, ~10 s for the pure-Python parser.
+    return list(yaml.load_all(path.read_text(), Loader=_CrdLoader))
+
+
 def crd_schemas(crd_files: Iterable[Path]) -> dict[str, dict[str, Any]]:
     """{filename: JSON schema} for every served version of every CRD in the files."""
     schemas: dict[str, dict[str, Any]] = {}
     for path in crd_files:
-        for crd in yaml.safe_load_all(path.read_text()):
+        for crd in _load_crds(path):
             if not crd or crd.get("kind") != "CustomResourceDefinition":
                 continue
             group, kind = crd["spec"]["group"], crd["spec"]["names"]["kind"]
@@ -153,7 +168,7 @@ def write_schemas(directory: Path, docs: Iterable[dict[str, Any]], crd_files: It
     directory.mkdir(parents=True, exist_ok=True)
     custom = crd_schemas(crd_files)
     builtin = builtin_schema_dir()
-    definitions = json.loads((builtin / "_definitions.json").read_text())["definitions"]
+    definitions = json.loads((builtin / "_definitions.json").read_text())["$defs"]
     for doc in docs:
         name = schema_filename(doc["apiVersion"], doc["kind"])
         target = directory / name
