@@ -20,10 +20,18 @@ ALERT_DEFAULTS: dict[str, Any] = {
     "queueSaturation": {"thresholdPercent": 90, "for": "5m", "severity": "warning"},
     # Drift: z-score of the mean over `window` against its own history over `baselineWindow`.
     "perplexityDrift": {
-        "zScore": 3.0, "for": "15m", "severity": "warning", "window": "15m", "baselineWindow": "1d",
+        "zScore": 3.0,
+        "for": "15m",
+        "severity": "warning",
+        "window": "15m",
+        "baselineWindow": "1d",
     },
     "outputLengthDrift": {
-        "zScore": 3.0, "for": "15m", "severity": "warning", "window": "15m", "baselineWindow": "1d",
+        "zScore": 3.0,
+        "for": "15m",
+        "severity": "warning",
+        "window": "15m",
+        "baselineWindow": "1d",
     },
     # Alerts the seed does not name; every `for` and severity is still the SRE's to edit.
     "gpuXidErrors": {"for": "1m", "severity": "critical"},
@@ -33,7 +41,10 @@ ALERT_DEFAULTS: dict[str, Any] = {
     "podNotReady": {"for": "15m", "severity": "warning"},
     # Multi-window multi-burn-rate alerts (SRE workbook ch. 5); the burn windows scale with `window`.
     "slo": {
-        "availabilityPercent": 99.9, "window": "30d", "pageSeverity": "critical", "ticketSeverity": "warning",
+        "availabilityPercent": 99.9,
+        "window": "30d",
+        "pageSeverity": "critical",
+        "ticketSeverity": "warning",
     },
     "disabled": [],
     "runbookBaseURL": "",

@@ -1,9 +1,225 @@
-"""Prometheus alerting and recording rules for one SLMDeployment (owned by the monitoring-as-code work)."""
+"""Prometheus alerting and recording rules for one SLMDeployment (owned by the monitoring-as-code work).
+
+The rules are data (`data/rules.yaml`); this module fills their `${placeholders}` from the merged
+`spec.monitoring.alerts` and returns the PrometheusRule `spec.groups`. Nothing is text-templated as a
+whole document, so Prometheus' own `{{ $labels }}` templates and PromQL braces stay untouched.
+"""
 
 from __future__ import annotations
 
+import copy
+import functools
+import math
+import re
 from collections.abc import Mapping
+from importlib import resources
 from typing import Any
+
+import yaml
+
+from slm_operator.monitoring.defaults import merged_alerts
+
+# Where `runbook_url` points when spec.monitoring.alerts.runbookBaseURL is empty: the runbooks in this
+# repository (docs/runbooks/<AlertName>.md).
+DEFAULT_RUNBOOK_BASE_URL = "https://github.com/slm-monitoring/slm-monitoring/blob/main/docs/runbooks"
+
+# Routes that are not user traffic (probes, scrapes, fault injection) and must not dilute error ratios.
+NON_TRAFFIC_ENDPOINTS = "/metrics|/healthz|/readyz|/admin/.*"
+
+# The drift history guard asks for this share of the baseline window to be covered by evaluations.
+DRIFT_MIN_HISTORY_SHARE = 0.5
+# Stddev floor of the drift z-score: a share of the baseline mean, and an absolute minimum.
+DRIFT_STDDEV_FLOOR_RATIO = 0.05
+DRIFT_STDDEV_FLOOR_ABS = 1e-3
+# The burn-rate windows in data/rules.yaml are written for this SLO window.
+SLO_REFERENCE_WINDOW_SECONDS = 30 * 86400
+# Scaled burn-rate windows never go below this: shorter windows hold too few scrapes for rate().
+MIN_BURN_WINDOW_SECONDS = 60
+
+ALERT_NAMES = (
+    "SLMHighErrorRate",
+    "SLMSlowResponseTime",
+    "SLMHighGPUUtilization",
+    "SLMLowDiskSpace",
+    "SLMHighGPUMemory",
+    "SLMGPUXidErrors",
+    "SLMGPUMetricsAbsent",
+    "SLMTargetDown",
+    "SLMPodCrashLooping",
+    "SLMPodNotReady",
+    "SLMHighTimeToFirstToken",
+    "SLMQueueSaturated",
+    "SLMErrorBudgetBurnFast",
+    "SLMErrorBudgetBurnSlow",
+    "SLMPerplexityDrift",
+    "SLMOutputLengthDrift",
+)
+
+_DURATION_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400, "y": 365 * 86400}
+_DURATION_RE = re.compile(r"(\d+)(ms|s|m|h|d|w|y)")
+_PLACEHOLDER_RE = re.compile(r"\$\{(\w+)\}")
+
+
+def parse_duration(text: str | int | float) -> float:
+    """Seconds in a Prometheus duration ("1h30m", "5m", "0s"); plain numbers are seconds."""
+    if isinstance(text, int | float):
+        return float(text)
+    text = text.strip()
+    if not text:
+        raise ValueError("empty duration")
+    pos = 0
+    total = 0.0
+    for match in _DURATION_RE.finditer(text):
+        if match.start() != pos:
+            break
+        total += int(match.group(1)) * _DURATION_UNITS[match.group(2)]
+        pos = match.end()
+    if pos != len(text):
+        raise ValueError(f"not a Prometheus duration: {text!r}")
+    return total
+
+
+def format_duration(seconds: float) -> str:
+    """The shortest Prometheus duration for `seconds` (whole seconds): 3600 -> "1h", 70 -> "1m10s"."""
+    remaining = round(seconds)
+    if remaining == 0:
+        return "0s"
+    parts = []
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60), ("s", 1)):
+        count, remaining = divmod(remaining, size)
+        if count:
+            parts.append(f"{count}{unit}")
+    return "".join(parts)
+
+
+def _number(value: float) -> str:
+    """A threshold as PromQL reads it, without float noise: 0.05 -> "0.05", 90.0 -> "90"."""
+    return format(float(value), ".12g")
+
+
+def fill(text: str, values: Mapping[str, Any]) -> str:
+    """Replace every `${key}` in `text`; an unknown key is a bug in rules.yaml, so it raises."""
+
+    def replace(match: re.Match[str]) -> str:
+        key = match.group(1)
+        if key not in values:
+            raise KeyError(f"rules.yaml uses ${{{key}}} but no value is given for it")
+        return str(values[key])
+
+    return _PLACEHOLDER_RE.sub(replace, text)
+
+
+def _fill_deep(value: Any, values: Mapping[str, Any]) -> Any:
+    if isinstance(value, str):
+        return fill(value, values)
+    if isinstance(value, dict):
+        return {key: _fill_deep(item, values) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_fill_deep(item, values) for item in value]
+    return value
+
+
+@functools.cache
+def _load_rules_data() -> dict[str, Any]:
+    text = resources.files("slm_operator.monitoring").joinpath("data/rules.yaml").read_text()
+    data: dict[str, Any] = yaml.safe_load(text)
+    return data
+
+
+def rules_data() -> dict[str, Any]:
+    """A copy of data/rules.yaml as loaded (for tests and docs)."""
+    return copy.deepcopy(_load_rules_data())
+
+
+def selectors(*, name: str, namespace: str) -> dict[str, str]:
+    """The label matchers that scope every rule and panel to SLMDeployment `namespace/name`."""
+    sel = f'namespace="{namespace}",job="{name}"'
+    return {
+        "sel": sel,
+        "req": f'{sel},endpoint!~"{NON_TRAFFIC_ENDPOINTS}"',
+        "ns": f'namespace="{namespace}"',
+        # Pods of the Deployment named <name>: <name>-<pod-template-hash>-<random>; the two trailing
+        # segments keep a deployment named "phi" from matching the pods of "phi-mini".
+        "pods": f'namespace="{namespace}",pod=~"{re.escape(name)}-[a-z0-9]+-[a-z0-9]+"',
+        "name": name,
+    }
+
+
+def runbook_url(alerts: Mapping[str, Any], alert: str) -> str:
+    base = str(alerts.get("runbookBaseURL") or DEFAULT_RUNBOOK_BASE_URL).rstrip("/")
+    return f"{base}/{alert}.md"
+
+
+def burn_rate_windows(alerts: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """The burn-rate alert definitions with windows and `for` scaled to alerts.slo.window."""
+    scale = parse_duration(alerts["slo"]["window"]) / SLO_REFERENCE_WINDOW_SECONDS
+    scaled = []
+    for entry in _load_rules_data()["burn_rates"]:
+        long_s = max(MIN_BURN_WINDOW_SECONDS, parse_duration(entry["long"]) * scale)
+        short_s = max(MIN_BURN_WINDOW_SECONDS, parse_duration(entry["short"]) * scale)
+        scaled.append(
+            {
+                **entry,
+                "long": format_duration(long_s),
+                "short": format_duration(short_s),
+                "for": format_duration(parse_duration(entry["for"]) * scale),
+            }
+        )
+    return scaled
+
+
+def drift_settings(config: Mapping[str, Any]) -> dict[str, Any]:
+    """Window, baseline, group interval and history guard of one drift alert's rules."""
+    window_s = parse_duration(config["window"])
+    baseline_s = parse_duration(config["baselineWindow"])
+    # 15 evaluations per window, at most one a minute: enough points for a stable stddev, and
+    # the interval is fixed so `count_over_time` counts a known number of them.
+    interval_s = max(1, min(60, round(window_s / 15)))
+    min_samples = max(2, math.ceil(DRIFT_MIN_HISTORY_SHARE * baseline_s / interval_s))
+    return {
+        "window": format_duration(window_s),
+        "baseline": format_duration(baseline_s),
+        "interval": format_duration(interval_s),
+        "min_samples": min_samples,
+    }
+
+
+def _alert_rule(
+    *,
+    alert: str,
+    expr: str,
+    for_: str,
+    severity: str,
+    summary: str,
+    description: str,
+    extra_labels: Mapping[str, str],
+    alerts: Mapping[str, Any],
+) -> dict[str, Any]:
+    return {
+        "alert": alert,
+        "expr": expr,
+        "for": for_,
+        "labels": {**extra_labels, "severity": severity},
+        "annotations": {
+            "summary": " ".join(summary.split()),
+            "description": " ".join(description.split()),
+            "runbook_url": runbook_url(alerts, alert),
+        },
+    }
+
+
+def _threshold_values(config: Mapping[str, Any]) -> dict[str, Any]:
+    values: dict[str, Any] = {}
+    for key, value in config.items():
+        if isinstance(value, bool):
+            continue
+        if isinstance(value, int | float):
+            values[key] = _number(value)
+        elif isinstance(value, str):
+            values[key] = value
+    if "threshold" in config:
+        values["threshold_percent"] = _number(float(config["threshold"]) * 100)
+    return values
 
 
 def render_rule_groups(*, name: str, namespace: str, alerts: Mapping[str, Any] | None) -> list[dict[str, Any]]:
@@ -12,4 +228,148 @@ def render_rule_groups(*, name: str, namespace: str, alerts: Mapping[str, Any] |
     `alerts` is `spec.monitoring.alerts` as written (may be partial or None); defaults come from
     slm_operator.monitoring.defaults. Series of this deployment carry job=<name>, namespace=<namespace>.
     """
-    raise NotImplementedError
+    merged = merged_alerts(dict(alerts) if alerts is not None else None)
+    disabled = set(merged.get("disabled") or [])
+    data = _load_rules_data()
+    base = selectors(name=name, namespace=namespace)
+
+    recording: list[dict[str, Any]] = [_fill_deep(rule, base) for rule in data["recording"]]
+
+    # Error ratios: 5m for SLMHighErrorRate and the dashboards, plus every burn-rate window.
+    burns = burn_rate_windows(merged)
+    windows = ["5m"]
+    for burn in burns:
+        for window in (burn["short"], burn["long"]):
+            if window not in windows:
+                windows.append(window)
+    windows.sort(key=parse_duration)
+    for window in windows:
+        recording.append(_fill_deep(data["error_ratio"], {**base, "window": window}))
+
+    alert_rules: list[dict[str, Any]] = []
+    for spec in data["alerts"]:
+        if spec["alert"] in disabled:
+            continue
+        config = merged[spec["config"]]
+        values = {**base, **_threshold_values(config)}
+        alert_rules.append(
+            _alert_rule(
+                alert=spec["alert"],
+                expr=fill(spec["expr"], values),
+                for_=str(config["for"]),
+                severity=str(config["severity"]),
+                summary=fill(spec["summary"], values),
+                description=fill(spec["description"], values),
+                extra_labels=_fill_deep(spec.get("labels", {}), values),
+                alerts=merged,
+            )
+        )
+
+    slo = merged["slo"]
+    budget = 1 - float(slo["availabilityPercent"]) / 100
+    template = data["burn_rate_alert"]
+    for burn in burns:
+        if burn["alert"] in disabled:
+            continue
+        values = {
+            **base,
+            "long": burn["long"],
+            "short": burn["short"],
+            "factor": _number(burn["factor"]),
+            "budget": _number(budget),
+            "slo_window": str(slo["window"]),
+            "availability": _number(slo["availabilityPercent"]),
+        }
+        alert_rules.append(
+            _alert_rule(
+                alert=burn["alert"],
+                expr=fill(template["expr"], values),
+                for_=burn["for"],
+                severity=str(slo[burn["severity"]]),
+                summary=fill(template["summary"], values),
+                description=fill(template["description"], values),
+                extra_labels=_fill_deep(template["labels"], values),
+                alerts=merged,
+            )
+        )
+
+    groups: list[dict[str, Any]] = [
+        {"name": f"slm-{name}.recording", "rules": recording},
+        {"name": f"slm-{name}.alerts", "rules": alert_rules},
+    ]
+    for drift in data["drift"]:
+        config = merged[drift["config"]]
+        settings = drift_settings(config)
+        groups.append(
+            _drift_group(
+                name=name,
+                base=base,
+                drift=drift,
+                config=config,
+                settings=settings,
+                alerts=merged,
+                enabled=drift["alert"] not in disabled,
+            )
+        )
+    return groups
+
+
+def _drift_group(
+    *,
+    name: str,
+    base: Mapping[str, str],
+    drift: Mapping[str, Any],
+    config: Mapping[str, Any],
+    settings: Mapping[str, Any],
+    alerts: Mapping[str, Any],
+    enabled: bool,
+) -> dict[str, Any]:
+    window, baseline = settings["window"], settings["baseline"]
+    what = drift["what"]
+    sel = base["sel"]
+    mean = f"slm:{what}:mean{window}"
+    avg = f"slm:{what}:mean{window}_avg{baseline}"
+    stddev = f"slm:{what}:mean{window}_stddev{baseline}"
+    zscore = f"slm:{what}:zscore{window}"
+    floor_ratio = _number(DRIFT_STDDEV_FLOOR_RATIO)
+    floor_abs = _number(DRIFT_STDDEV_FLOOR_ABS)
+    values = {
+        **base,
+        **_threshold_values(config),
+        "window": window,
+        "baseline": baseline,
+        "z": _number(config["zScore"]),
+        "min_samples": settings["min_samples"],
+        "floor_ratio": floor_ratio,
+        "floor_abs": floor_abs,
+    }
+    rules: list[dict[str, Any]] = [
+        {"record": mean, "expr": fill(drift["mean"], values)},
+        {"record": avg, "expr": f"avg_over_time({mean}{{{sel}}}[{baseline}])"},
+        {"record": stddev, "expr": f"stddev_over_time({mean}{{{sel}}}[{baseline}])"},
+        {
+            "record": zscore,
+            "expr": (
+                f"({mean}{{{sel}}} - {avg}{{{sel}}})\n"
+                f"  / clamp_min(\n"
+                f"      ({stddev}{{{sel}}} > {floor_ratio} * abs({avg}{{{sel}}}))\n"
+                f"      or {floor_ratio} * abs({avg}{{{sel}}}),\n"
+                f"      {floor_abs})\n"
+                f"and count_over_time({mean}{{{sel}}}[{baseline}]) >= {settings['min_samples']}"
+            ),
+        },
+    ]
+    if enabled:
+        rules.append(
+            _alert_rule(
+                alert=drift["alert"],
+                expr=f"abs({zscore}{{{sel}}}) > {values['z']}",
+                for_=str(config["for"]),
+                severity=str(config["severity"]),
+                summary=fill(drift["summary"], values),
+                description=fill(drift["description"], values),
+                extra_labels={},
+                alerts=alerts,
+            )
+        )
+    return {"name": f"slm-{name}.drift-{drift['signal']}", "interval": settings["interval"], "rules": rules}
