@@ -1,0 +1,296 @@
+"""The chart on a real API server: install, what its ServiceAccount may and may not do, the operator
+running under exactly that identity, `helm test`, upgrade, and an uninstall that leaves nothing behind.
+
+Runs against the `cluster` fixture (local control plane with KWOK nodes, or a kind cluster). Pods are
+faked by KWOK there, so the operator itself runs as a local process authenticated with a token of the
+chart's ServiceAccount: the RBAC it meets is the chart's, nothing more.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import yaml
+
+from slm_operator.devenv import tools
+from slm_operator.devenv.cluster import ClusterBase, free_port, wait_for
+from tests.chart.chartlib import CHART, REPO_ROOT
+
+pytestmark = pytest.mark.e2e
+
+# Kinds the chart can create, namespaced and cluster-scoped (the "nothing left behind" check).
+CHART_KINDS = (
+    "deployments.apps,daemonsets.apps,services,serviceaccounts,configmaps,jobs.batch,pods,"
+    "roles.rbac.authorization.k8s.io,rolebindings.rbac.authorization.k8s.io,"
+    "networkpolicies.networking.k8s.io,servicemonitors.monitoring.coreos.com,"
+    "prometheusrules.monitoring.coreos.com"
+)
+CLUSTER_KINDS = "clusterroles.rbac.authorization.k8s.io,clusterrolebindings.rbac.authorization.k8s.io"
+
+
+class Release:
+    def __init__(self, cluster: ClusterBase, name: str, namespace: str) -> None:
+        self.cluster, self.name, self.namespace = cluster, name, namespace
+
+    def helm(self, *args: str, check: bool = True, timeout: float = 240) -> subprocess.CompletedProcess[str]:
+        argv = [tools.tool("helm"), f"--kubeconfig={self.cluster.kubeconfig}", "--namespace", self.namespace, *args]
+        result = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, check=False)
+        if check and result.returncode != 0:
+            raise AssertionError(f"helm {' '.join(args)} failed:\n{result.stderr}{result.stdout}")
+        return result
+
+    @property
+    def operator(self) -> str:
+        return f"{self.name}-slm-monitoring-operator"
+
+    @property
+    def user(self) -> str:
+        return f"system:serviceaccount:{self.namespace}:{self.operator}"
+
+    def leftovers(self) -> list[str]:
+        selector = f"app.kubernetes.io/instance={self.name}"
+        found = self.cluster.kubectl("get", CHART_KINDS, "--all-namespaces", "-l", selector, "-o", "name").stdout
+        found += self.cluster.kubectl("get", CLUSTER_KINDS, "-l", selector, "-o", "name").stdout
+        return found.split()
+
+
+@pytest.fixture(scope="module")
+def release(cluster: ClusterBase) -> Iterator[Release]:
+    """The chart installed with its defaults in a namespace enforcing the restricted Pod Security
+    Standard, on a cluster serving the Prometheus Operator CRDs."""
+    cluster.install_prometheus_operator_crds()
+    namespace = cluster.new_namespace("slm-chart")
+    installed = Release(cluster, f"chart-{uuid.uuid4().hex[:5]}", namespace)
+    installed.helm("install", installed.name, str(CHART), "--wait", "--timeout", "180s")
+    yield installed
+    installed.helm("uninstall", installed.name, "--wait", check=False)
+    cluster.kubectl("delete", "namespace", namespace, "--wait=false", check=False)
+
+
+def subject_access_review(cluster: ClusterBase, user: str, **attributes: str) -> bool:
+    """Ask the API server's authorizer whether `user` (a ServiceAccount) may do what `attributes` say."""
+    namespace = user.split(":")[2]
+    review = {
+        "apiVersion": "authorization.k8s.io/v1",
+        "kind": "SubjectAccessReview",
+        "spec": {
+            "user": user,
+            "groups": ["system:serviceaccounts", f"system:serviceaccounts:{namespace}", "system:authenticated"],
+            "resourceAttributes": attributes,
+        },
+    }
+    answer = json.loads(cluster.kubectl("create", "-o", "json", "-f", "-", input=json.dumps(review)).stdout)
+    return bool(answer["status"].get("allowed"))
+
+
+# --- install ----------------------------------------------------------------------------------------
+
+def test_install_runs_the_operator_under_restricted_pod_security_with_its_monitoring(release: Release) -> None:
+    cluster = release.cluster
+    deployment = cluster.kubectl_json("get", "deployment", release.operator, "-n", release.namespace)
+    assert deployment["status"].get("availableReplicas") == 1
+    crd = cluster.kubectl_json("get", "crd", "slmdeployments.slm.dev")
+    assert any(c["type"] == "Established" and c["status"] == "True" for c in crd["status"]["conditions"])
+    # The Prometheus Operator API is served, so `.Capabilities` let the monitors through.
+    cluster.kubectl("get", "servicemonitor", release.operator, "-n", release.namespace)
+    cluster.kubectl("get", "prometheusrule", release.operator, "-n", release.namespace)
+    cluster.kubectl("get", "configmap", f"{release.name}-slm-monitoring-fleet-dashboard", "-n", release.namespace)
+
+
+def test_helm_test_passes(release: Release) -> None:
+    """`helm test`: the CRD check and the health check Jobs complete (KWOK completes Job pods), and are
+    deleted afterwards."""
+    release.helm("test", release.name, "--timeout", "120s")
+    assert not release.cluster.kubectl(
+        "get", "jobs", "-n", release.namespace, "-l", "app.kubernetes.io/component=test", "-o", "name"
+    ).stdout.strip()
+
+
+# --- what the ServiceAccount may do ----------------------------------------------------------------
+
+ALLOWED = [
+    {"verb": "watch", "group": "slm.dev", "resource": "slmdeployments"},
+    {"verb": "patch", "group": "slm.dev", "resource": "slmdeployments", "namespace": "team-x"},
+    {"verb": "patch", "group": "slm.dev", "resource": "slmdeployments", "subresource": "status", "namespace": "a"},
+    {"verb": "update", "group": "slm.dev", "resource": "slmdeployments", "subresource": "finalizers",
+     "namespace": "a"},
+    {"verb": "create", "group": "apps", "resource": "deployments", "namespace": "team-x"},
+    {"verb": "delete", "group": "", "resource": "services", "namespace": "team-x"},
+    {"verb": "patch", "group": "", "resource": "configmaps", "namespace": "team-x"},
+    {"verb": "create", "group": "policy", "resource": "poddisruptionbudgets", "namespace": "team-x"},
+    {"verb": "create", "group": "monitoring.coreos.com", "resource": "prometheusrules", "namespace": "team-x"},
+    {"verb": "update", "group": "monitoring.coreos.com", "resource": "alertmanagerconfigs", "namespace": "a"},
+    {"verb": "list", "group": "monitoring.coreos.com", "resource": "prometheuses"},
+    {"verb": "watch", "group": "", "resource": "pods"},
+    {"verb": "create", "group": "", "resource": "events", "namespace": "team-x"},
+    {"verb": "get", "group": "", "resource": "secrets", "namespace": "team-x", "name": "slack"},
+    {"verb": "list", "group": "", "resource": "nodes"},
+    {"verb": "watch", "group": "apiextensions.k8s.io", "resource": "customresourcedefinitions"},
+]
+
+DENIED = [
+    # Secrets: never enumerated, never written.
+    {"verb": "list", "group": "", "resource": "secrets"},
+    {"verb": "list", "group": "", "resource": "secrets", "namespace": "team-x"},
+    {"verb": "watch", "group": "", "resource": "secrets"},
+    {"verb": "create", "group": "", "resource": "secrets", "namespace": "team-x"},
+    {"verb": "update", "group": "", "resource": "secrets", "namespace": "team-x", "name": "slack"},
+    # Wildcards are not granted, even in part.
+    {"verb": "*", "group": "apps", "resource": "deployments", "namespace": "team-x"},
+    {"verb": "get", "group": "*", "resource": "*"},
+    {"verb": "delete", "group": "slm.dev", "resource": "slmdeployments", "namespace": "team-x"},
+    # Other kinds, and escalation paths.
+    {"verb": "create", "group": "", "resource": "pods", "namespace": "team-x"},
+    {"verb": "delete", "group": "", "resource": "pods", "namespace": "team-x"},
+    {"verb": "create", "group": "", "resource": "pods", "subresource": "exec", "namespace": "team-x"},
+    {"verb": "create", "group": "apps", "resource": "daemonsets", "namespace": "team-x"},
+    {"verb": "create", "group": "batch", "resource": "jobs", "namespace": "team-x"},
+    {"verb": "update", "group": "", "resource": "nodes"},
+    {"verb": "delete", "group": "", "resource": "namespaces"},
+    {"verb": "create", "group": "apiextensions.k8s.io", "resource": "customresourcedefinitions"},
+    {"verb": "create", "group": "rbac.authorization.k8s.io", "resource": "clusterrolebindings"},
+    {"verb": "escalate", "group": "rbac.authorization.k8s.io", "resource": "clusterroles"},
+    {"verb": "impersonate", "group": "", "resource": "serviceaccounts"},
+    {"verb": "create", "group": "", "resource": "serviceaccounts", "subresource": "token", "namespace": "a"},
+    {"verb": "create", "group": "monitoring.coreos.com", "resource": "prometheuses", "namespace": "team-x"},
+]
+
+
+def _describe(attributes: dict[str, str]) -> str:
+    return "-".join(v or "core" for v in attributes.values())
+
+
+@pytest.mark.parametrize("attributes", ALLOWED, ids=_describe)
+def test_operator_service_account_may(release: Release, attributes: dict[str, str]) -> None:
+    assert subject_access_review(release.cluster, release.user, **attributes)
+
+
+@pytest.mark.parametrize("attributes", DENIED, ids=_describe)
+def test_operator_service_account_may_not(release: Release, attributes: dict[str, str]) -> None:
+    assert not subject_access_review(release.cluster, release.user, **attributes)
+
+
+def test_subject_access_reviews_distinguish_identities(release: Release) -> None:
+    """The reviews above can fail: another ServiceAccount of the same namespace gets none of it."""
+    stranger = f"system:serviceaccount:{release.namespace}:default"
+    assert not subject_access_review(release.cluster, stranger, verb="watch", group="slm.dev",
+                                     resource="slmdeployments")
+
+
+# --- the operator under the chart's identity ----------------------------------------------------------
+
+@pytest.fixture
+def operator_process(release: Release, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    """`slm-operator --all-namespaces` as a process, authenticated only by a token of the chart's
+    ServiceAccount (it cannot run in a pod here: KWOK fakes pods)."""
+    kubeconfig = release.cluster.kubeconfig_for_service_account(release.namespace, release.operator)
+    log = tmp_path_factory.mktemp("operator") / "operator.log"
+    health, metrics = free_port(), free_port()
+    env = {
+        **os.environ,
+        "KUBECONFIG": str(kubeconfig),
+        "SLM_OPERATOR_BIND_HOST": "127.0.0.1",
+        "SLM_OPERATOR_RESYNC_SECONDS": "5",
+    }
+    with log.open("w") as out:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "slm_operator.cli", "--all-namespaces", f"--health-port={health}",
+             f"--metrics-port={metrics}"],
+            stdout=out, stderr=subprocess.STDOUT, env=env, cwd=REPO_ROOT,
+        )
+    try:
+        wait_for("the operator's /healthz", lambda: _http_ok(f"http://127.0.0.1:{health}/healthz"), timeout=60)
+        yield {"process": process, "log": log, "metrics": metrics}
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(timeout=10)
+
+
+def _http_ok(url: str) -> bool:
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(url, timeout=2) as response:
+            return bool(response.status == 200)
+    except OSError:
+        return False
+
+
+def test_operator_with_the_chart_rbac_reconciles_an_example_slmdeployment(
+    release: Release, operator_process: dict[str, Any],
+) -> None:
+    """The proof that the RBAC is sufficient: the operator, holding only the chart's permissions,
+    creates every child of examples/tiny-cpu.yaml and reports the resource Ready to monitor, without a
+    single Forbidden answer from the API server."""
+    cluster = release.cluster
+    namespace = cluster.new_namespace("slm-app")
+    example = yaml.safe_load((REPO_ROOT / "examples" / "tiny-cpu.yaml").read_text())
+    cluster.kubectl("apply", "-n", namespace, "-f", "-", input=json.dumps(example))
+    name = example["metadata"]["name"]
+
+    def children_exist() -> bool:
+        got = cluster.kubectl("get", "deployment,service,servicemonitor,prometheusrule,configmap", "-n", namespace,
+                              "-l", f"app.kubernetes.io/instance={name}", "-o", "name", check=False).stdout
+        kinds = {line.split("/")[0] for line in got.split()}
+        return {"deployment.apps", "service", "servicemonitor.monitoring.coreos.com",
+                "prometheusrule.monitoring.coreos.com"} <= kinds
+
+    wait_for("the SLMDeployment's children", children_exist, timeout=90)
+
+    def monitoring_ready() -> bool:
+        status = cluster.kubectl_json("get", "slmdeployment", name, "-n", namespace).get("status") or {}
+        return any(c["type"] == "MonitoringReady" and c["status"] == "True" for c in status.get("conditions", []))
+
+    wait_for("MonitoringReady=True", monitoring_ready, timeout=90)
+    assert operator_process["process"].poll() is None, operator_process["log"].read_text()[-3000:]
+    log = operator_process["log"].read_text()
+    forbidden = [line for line in log.splitlines() if "Forbidden" in line or " 403" in line]
+    assert not forbidden, "\n".join(forbidden[:20])
+
+    cluster.kubectl("delete", "slmdeployment", name, "-n", namespace, "--wait=true", "--timeout=60s")
+    cluster.kubectl("delete", "namespace", namespace, "--wait=false", check=False)
+
+
+# --- upgrade and uninstall --------------------------------------------------------------------------
+
+def test_upgrade_to_namespaced_mode_and_back(release: Release) -> None:
+    cluster = release.cluster
+    watched = cluster.new_namespace("slm-watched")
+    release.helm("upgrade", release.name, str(CHART), "--wait", "--timeout", "180s",
+                 "--set", f"operator.watchNamespaces={{{watched}}}", "--set", "operator.logFormat=plain")
+    deployment = cluster.kubectl_json("get", "deployment", release.operator, "-n", release.namespace)
+    container = deployment["spec"]["template"]["spec"]["containers"][0]
+    assert container["command"] == ["slm-operator", f"--namespace={watched}"]
+    assert {"name": "SLM_OPERATOR_LOG_FORMAT", "value": "plain"} in container["env"]
+    assert subject_access_review(cluster, release.user, verb="create", group="apps", resource="deployments",
+                                 namespace=watched)
+    assert not subject_access_review(cluster, release.user, verb="create", group="apps", resource="deployments",
+                                     namespace="elsewhere")
+
+    release.helm("upgrade", release.name, str(CHART), "--wait", "--timeout", "180s", "--reset-values")
+    assert not cluster.kubectl("get", "roles", "-n", watched, "-o", "name").stdout.strip()
+    assert subject_access_review(cluster, release.user, verb="create", group="apps", resource="deployments",
+                                 namespace="elsewhere")
+    cluster.kubectl("delete", "namespace", watched, "--wait=false", check=False)
+
+
+def test_uninstall_leaves_nothing_behind_but_the_crd(release: Release) -> None:
+    assert release.leftovers(), "the check below must be able to see the release's objects"
+    release.helm("uninstall", release.name, "--wait", "--timeout", "120s")
+
+    wait_for("every object of the release to be gone", lambda: not release.leftovers(), timeout=60)
+    # Helm never deletes CRDs (documented in the chart README).
+    release.cluster.kubectl("get", "crd", "slmdeployments.slm.dev")
+    assert not subject_access_review(release.cluster, release.user, verb="watch", group="slm.dev",
+                                     resource="slmdeployments")
