@@ -107,7 +107,8 @@ class Signal:
     above: float  # sustained: fires
     normal: float  # healthy
     below: float | None = None  # just short of the threshold: silent (None: no such level)
-    rate: bool = False  # expression is over a 5m rate window (first value one step late)
+    rate: bool = False  # expression is over a rate window (first value one step late)
+    window: int = 5  # minutes of that rate window
     hold: int = 0  # minutes the expression stays true after recovery (max_over_time windows)
     spike_immune: bool = True
     value: Callable[[float], float] = field(default=lambda level: level)
@@ -193,7 +194,7 @@ def threshold_cases(signal: Signal, groups: list[dict[str, Any]], alerts: Mappin
             )
 
     bad = onset + for_min + 2
-    clear = bad + (5 if signal.rate else 0) + signal.hold + 3
+    clear = bad + (signal.window if signal.rate else 0) + signal.hold + 3
     cases.append(
         _test(
             f"{alert}{variant} resolves once the signal recovers",
@@ -227,6 +228,7 @@ def _error_signal(alerts: Mapping[str, Any]) -> Signal:
             ),
         ],
         labels={"namespace": NAMESPACE, "job": NAME},
+        window=_minutes(str(alerts["errorRate"]["window"])),
         above=min(1.0, threshold * 1.2),
         below=threshold * 0.8,
         normal=0.0,

@@ -22,7 +22,7 @@ ISSUE_PANELS = ["Time to first token", "Inter-token latency", "Tokens per second
                 "Perplexity", "Output length", "Finish reasons", "Drift z-scores (PromQL baseline)",
                 "Drift scores (server)", "GPU temperature", "GPU power", "Pod restarts"]  # fmt: skip
 CUSTOM_ALERTS = {
-    "errorRate": {"threshold": 0.2},
+    "errorRate": {"threshold": 0.2, "window": "2m"},
     "latencyP95": {"thresholdSeconds": 0.75},
     "timeToFirstToken": {"thresholdSeconds": 0.3},
     "gpuUtilization": {"thresholdPercent": 70},

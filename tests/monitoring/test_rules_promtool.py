@@ -23,7 +23,7 @@ from .promtool_cases import NAME, NAMESPACE, build_test_files
 # Every knob moved away from its default. Windows stay whole minutes and drift windows keep a
 # one-minute evaluation interval (the generated cases simulate one-minute steps).
 NON_DEFAULT_ALERTS: dict[str, Any] = {
-    "errorRate": {"threshold": 0.2, "for": "3m", "severity": "warning"},
+    "errorRate": {"threshold": 0.2, "for": "3m", "severity": "warning", "window": "10m"},
     "latencyP95": {"thresholdSeconds": 0.5, "for": "10m", "severity": "critical"},
     "gpuUtilization": {"thresholdPercent": 75, "for": "5m", "severity": "info"},
     "gpuMemory": {"thresholdPercent": 80, "for": "2m", "severity": "critical"},

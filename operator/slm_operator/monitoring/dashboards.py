@@ -20,7 +20,14 @@ from collections.abc import Iterator, Mapping
 from typing import Any
 
 from slm_operator.monitoring.defaults import merged_alerts
-from slm_operator.monitoring.rules import burn_rate_windows, drift_settings, rules_data, selectors
+from slm_operator.monitoring.rules import (
+    burn_rate_windows,
+    drift_settings,
+    format_duration,
+    parse_duration,
+    rules_data,
+    selectors,
+)
 
 SCHEMA_VERSION = 39  # Grafana 10.4/11 dashboard JSON schema
 DATASOURCE = {"type": "prometheus", "uid": "${datasource}"}
@@ -290,6 +297,7 @@ def render_dashboard(*, name: str, namespace: str, model: str, alerts: Mapping[s
     rate = "$__rate_interval"
 
     error_t = float(merged["errorRate"]["threshold"])
+    error_window = format_duration(parse_duration(merged["errorRate"]["window"]))
     latency_t = float(merged["latencyP95"]["thresholdSeconds"])
     ttft_t = float(merged["timeToFirstToken"]["thresholdSeconds"])
     gpu_t = float(merged["gpuUtilization"]["thresholdPercent"])
@@ -332,7 +340,7 @@ def render_dashboard(*, name: str, namespace: str, model: str, alerts: Mapping[s
                         f" / sum by (endpoint) (slm:requests:rate5m{{{sel}}})",
                         "{{endpoint}}",
                     ),
-                    (f"slm:error_ratio:rate5m{{{sel}}}", "all endpoints (alert)"),
+                    (f"slm:error_ratio:rate{error_window}{{{sel}}}", f"all endpoints, {error_window} (alert)"),
                 ),
                 unit="percentunit",
                 description=f"Share of requests answered with 5xx. SLMHighErrorRate fires above {error_t:g}.",

@@ -11,7 +11,8 @@ import copy
 from typing import Any
 
 ALERT_DEFAULTS: dict[str, Any] = {
-    "errorRate": {"threshold": 0.05, "for": "5m", "severity": "critical"},
+    # `window`: the rate window of the error ratio (the seed's 5m); shorter reacts and recovers faster.
+    "errorRate": {"threshold": 0.05, "for": "5m", "severity": "critical", "window": "5m"},
     "latencyP95": {"thresholdSeconds": 2.0, "for": "5m", "severity": "warning"},
     "gpuUtilization": {"thresholdPercent": 90, "for": "15m", "severity": "warning"},
     "gpuMemory": {"thresholdPercent": 95, "for": "10m", "severity": "warning"},

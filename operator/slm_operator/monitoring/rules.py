@@ -235,9 +235,12 @@ def render_rule_groups(*, name: str, namespace: str, alerts: Mapping[str, Any] |
 
     recording: list[dict[str, Any]] = [_fill_deep(rule, base) for rule in data["recording"]]
 
-    # Error ratios: 5m for SLMHighErrorRate and the dashboards, plus every burn-rate window.
+    # Error ratios: 5m for the dashboards, SLMHighErrorRate's window, every burn-rate window.
     burns = burn_rate_windows(merged)
     windows = ["5m"]
+    error_window = format_duration(parse_duration(merged["errorRate"]["window"]))
+    if error_window not in windows:
+        windows.append(error_window)
     for burn in burns:
         for window in (burn["short"], burn["long"]):
             if window not in windows:
@@ -252,6 +255,8 @@ def render_rule_groups(*, name: str, namespace: str, alerts: Mapping[str, Any] |
             continue
         config = merged[spec["config"]]
         values = {**base, **_threshold_values(config)}
+        if "window" in config:
+            values["window"] = format_duration(parse_duration(config["window"]))
         alert_rules.append(
             _alert_rule(
                 alert=spec["alert"],
