@@ -320,30 +320,35 @@ class Traffic:
         self.st = st
         self.rng = rng
 
-    def draw(self, drift: Drift | None) -> Signals:
-        rng, st = self.rng, self.st
-        error_rate = drift.error_rate if drift is not None else BASE_ERROR_RATE
-        if rng.random() < error_rate:
-            return ERROR_SIGNALS
-        pool = st.normal
-        if drift is not None:
-            if drift.kind == "prompt_shift" and rng.random() < drift.share:
-                pool = st.shifted
-            elif drift.kind == "repetition" and rng.random() < drift.share:
-                pool = st.degenerate
-            elif drift.kind == "truncation":
-                pool = st.truncated(drift.cap)
-        return pool[int(rng.integers(len(pool)))]
-
     def stream(self, *, end_s: float, onset_s: float = math.inf, drift: Drift | None = None,
                rate: float = RATE_PER_S) -> Iterator[tuple[float, Signals]]:
-        t = 0.0
-        gaps = self.rng.exponential(1 / rate, size=int(end_s * rate * 1.2) + 100)
-        for gap in gaps:
-            t += float(gap)
+        """Poisson arrivals until end_s; from onset_s on, requests follow `drift`. Draws are vectorised."""
+        rng, st = self.rng, self.st
+        n = int(end_s * rate * 1.2) + 100
+        times = np.cumsum(rng.exponential(1 / rate, size=n))
+        u_error, u_mix = rng.random(n), rng.random(n)
+        normal_idx = rng.integers(len(st.normal), size=n)
+        other: list[Signals] = st.normal
+        if drift is not None and drift.kind == "prompt_shift":
+            other = st.shifted
+        elif drift is not None and drift.kind == "repetition":
+            other = st.degenerate
+        other_idx = rng.integers(len(other), size=n)
+        truncated = st.truncated(drift.cap) if drift is not None and drift.kind == "truncation" else st.normal
+        for i in range(n):
+            t = float(times[i])
             if t >= end_s:
                 return
-            yield t, self.draw(drift if t >= onset_s else None)
+            if t < onset_s or drift is None:
+                yield t, ERROR_SIGNALS if u_error[i] < BASE_ERROR_RATE else st.normal[normal_idx[i]]
+            elif u_error[i] < drift.error_rate:
+                yield t, ERROR_SIGNALS
+            elif drift.kind == "truncation":
+                yield t, truncated[normal_idx[i]]
+            elif u_mix[i] < drift.share:
+                yield t, other[other_idx[i]]
+            else:
+                yield t, st.normal[normal_idx[i]]
 
 
 class ServerDetector:
@@ -369,9 +374,9 @@ class _Capture(logging.Handler):
         self.owner = owner
 
     def emit(self, record: logging.LogRecord) -> None:
-        drift = getattr(record, "drift", None)
-        if drift is not None:
-            self.owner.events.append((self.owner.now, drift["event"], drift["signal"]))
+        fields = getattr(record, "fields", None) or {}
+        if "slm.drift" in fields:
+            self.owner.events.append((self.owner.now, fields["event"], fields["slm.drift.signal"]))
 
 
 @dataclass

@@ -87,7 +87,7 @@ class DriftSettings(BaseSettings):
     window_requests: int = Field(default=300, ge=10, description="Sliding window of distribution signals.")
     min_samples: int = Field(default=100, ge=5, description="No test before both samples hold this many.")
     check_every_requests: int = Field(default=25, ge=1)
-    check_interval_seconds: float = Field(default=15.0, gt=0)
+    check_interval_seconds: float = Field(default=30.0, gt=0)
     ks_pvalue: float = Field(default=1e-6, gt=0, lt=1, description="KS p-value under which a window alarms.")
     psi_min: float = Field(default=0.1, ge=0, description="Population stability index an alarm needs.")
     psi_bins: int = Field(default=10, ge=2)
@@ -125,10 +125,16 @@ class Evidence:
     details: dict[str, Any] = field(default_factory=dict)
 
 
+def _sorted_quantiles(values: np.ndarray, quantiles: tuple[float, ...]) -> np.ndarray:
+    """Quantiles of an already sorted array (numpy's default linear interpolation), without a sort."""
+    return np.interp(np.asarray(quantiles) * (values.size - 1), np.arange(values.size), values)
+
+
 def _summary(values: np.ndarray) -> dict[str, float]:
+    """Summary of a sorted sample, for the evidence."""
     if values.size == 0:
         return {"n": 0}
-    q10, q50, q90 = np.quantile(values, [0.1, 0.5, 0.9])
+    q10, q50, q90 = _sorted_quantiles(values, (0.1, 0.5, 0.9))
     return {
         "n": int(values.size),
         "mean": round(float(values.mean()), 4),
@@ -160,6 +166,7 @@ class DistributionDetector:
         self._ref_share: np.ndarray | None = None
         self._floor = 0.0
         self._ref_quantiles: np.ndarray | None = None
+        self._ref_summary: dict[str, float] = {"n": 0}
         self.detected = False
         self.score = 0.0
         self._streak = 0  # consecutive alarming (or, in the drift state, quiet) checks
@@ -177,7 +184,8 @@ class DistributionDetector:
         self._edges = inner
         counts = np.bincount(np.searchsorted(inner, ref, side="right"), minlength=inner.size + 1)
         self._ref_share = self._smoothed_share(counts)
-        self._ref_quantiles = np.quantile(ref, _FLOOR_QUANTILES)
+        self._ref_quantiles = _sorted_quantiles(ref, _FLOOR_QUANTILES)
+        self._ref_summary = _summary(ref)
         self._floor = max(s.floor_ratio * abs(float(np.median(ref))), s.floor_abs)
 
     @staticmethod
@@ -201,22 +209,27 @@ class DistributionDetector:
     def check(self) -> Evidence:
         s = self.settings
         ref = self.reference
-        current = np.fromiter(self.window, dtype=float, count=len(self.window))
-        details: dict[str, Any] = {
-            "reference": _summary(ref) if ref is not None else {"n": len(self._learning), "learning": True},
-            "current": _summary(current),
-            "window_requests": s.window_requests,
-        }
+        current = np.sort(np.fromiter(self.window, dtype=float, count=len(self.window)))
+        details: dict[str, Any] = {"window_requests": s.window_requests}
         if ref is None or ref.size < s.min_samples or current.size < s.min_samples:
-            details["guard"] = "min_samples"
+            details.update(
+                guard="min_samples",
+                reference=self._ref_summary if ref is not None else {"n": len(self._learning), "learning": True},
+                current=_summary(current),
+            )
             return self._settle(Evidence(self.signal, "ks+psi", 0.0, False, details))
         assert self._edges is not None and self._ref_share is not None and self._ref_quantiles is not None
-        ks = stats.ks_2samp(ref, current, method="asymp")
-        statistic, pvalue = float(ks.statistic), float(ks.pvalue)
+        # The KS distance itself is cheap on sorted samples; scipy's test (the judge of significance)
+        # runs only when every gate could pass, which keeps a quiet check to a few microseconds.
+        grid = np.concatenate([ref, current])
+        statistic = float(np.max(np.abs(
+            np.searchsorted(ref, grid, side="right") / ref.size
+            - np.searchsorted(current, grid, side="right") / current.size
+        )))
         counts = np.bincount(np.searchsorted(self._edges, current, side="right"), minlength=self._edges.size + 1)
         cur_share = self._smoothed_share(counts)
         psi = float(np.sum((cur_share - self._ref_share) * np.log(cur_share / self._ref_share)))
-        shift = float(np.max(np.abs(np.quantile(current, _FLOOR_QUANTILES) - self._ref_quantiles)))
+        shift = float(np.max(np.abs(_sorted_quantiles(current, _FLOOR_QUANTILES) - self._ref_quantiles)))
         d_crit = _ks_critical(s.ks_pvalue, ref.size, current.size)
         # Each gate over its own threshold; the score is the weakest, so score >= 1 <=> every gate passes.
         ratios = {
@@ -225,17 +238,30 @@ class DistributionDetector:
             "floor": shift / self._floor if self._floor > 0 else SCORE_CAP,
         }
         score = min(SCORE_CAP, *ratios.values())
-        alarm = pvalue < s.ks_pvalue and psi >= s.psi_min and shift > self._floor
-        details.update(
-            ks_statistic=round(statistic, 5),
-            p_value=pvalue,
-            ks_critical=round(d_crit, 5),
-            psi=round(psi, 5),
-            quantile_shift=round(shift, 4),
-            shift_floor=round(self._floor, 4),
-            thresholds={"ks_pvalue": s.ks_pvalue, "psi_min": s.psi_min},
-        )
-        return self._settle(Evidence(self.signal, "ks+psi", round(score, 4), alarm, details))
+        pvalue: float | None = None
+        alarm = False
+        if score >= 1:
+            ks = stats.ks_2samp(ref, current, method="asymp")
+            statistic, pvalue = float(ks.statistic), float(ks.pvalue)
+            alarm = pvalue < s.ks_pvalue
+        was_detected = self.detected
+        evidence = self._settle(Evidence(self.signal, "ks+psi", round(score, 4), alarm, details))
+        if alarm or was_detected or self.detected:
+            # Only a check that can change (or just changed) the state needs the full evidence.
+            if pvalue is None:
+                pvalue = float(stats.ks_2samp(ref, current, method="asymp").pvalue)
+            details.update(
+                reference=self._ref_summary,
+                current=_summary(current),
+                ks_statistic=round(statistic, 5),
+                p_value=pvalue,
+                ks_critical=round(d_crit, 5),
+                psi=round(psi, 5),
+                quantile_shift=round(shift, 4),
+                shift_floor=round(self._floor, 4),
+                thresholds={"ks_pvalue": s.ks_pvalue, "psi_min": s.psi_min},
+            )
+        return evidence
 
     def _settle(self, ev: Evidence) -> Evidence:
         s = self.settings
@@ -275,6 +301,7 @@ class RateDetector:
         self.cusum_down = 0.0  # evidence for p0 (the all-clear, only counted in the drift state)
         self._crossed = False
         self.window: deque[bool] = deque(maxlen=settings.window_requests)
+        self._window_hits = 0
         self.detected = False
         self.score = 0.0
 
@@ -300,7 +327,10 @@ class RateDetector:
             if self._learn_n >= s.reference_requests:
                 self.set_reference(self._learn_hits / self._learn_n, self._learn_n)
             return
+        if len(self.window) == self.window.maxlen:
+            self._window_hits -= self.window[0]
         self.window.append(hit)
+        self._window_hits += hit
         step = self._llr_hit if hit else self._llr_miss
         cap = SCORE_CAP * s.cusum_threshold
         self.cusum_up = min(cap, max(0.0, self.cusum_up + step))
@@ -311,7 +341,7 @@ class RateDetector:
 
     def check(self) -> Evidence:
         s = self.settings
-        hits = sum(self.window)
+        hits = self._window_hits
         details: dict[str, Any] = {
             "reference": {"rate": self.reference_rate, "n": self.reference_n}
             if self.reference_rate is not None
@@ -366,8 +396,9 @@ class DriftMonitor:
     """Per-model drift detection fed one `RequestSignals` per finished request (`observe`).
 
     `score_gauge` / `detected_gauge`: the server's `slm_drift_score{model,signal}` and
-    `slm_drift_detected{model,signal}` (or None). `clock` is injectable so the benchmark replays
-    traffic in simulated time.
+    `slm_drift_detected{model,signal}` (or None); or `publish(model, signal, score, detected)` to set
+    them some other way (see `for_server`). `clock` is injectable so the benchmark replays traffic in
+    simulated time.
     """
 
     def __init__(
@@ -376,12 +407,14 @@ class DriftMonitor:
         *,
         score_gauge: _Gauge | None = None,
         detected_gauge: _Gauge | None = None,
+        publish: Callable[[str, str, float, bool], None] | None = None,
         clock: Callable[[], float] = time.monotonic,
         log: logging.Logger = logger,
     ) -> None:
         self.settings = settings or DriftSettings()
         self._score_gauge = score_gauge
         self._detected_gauge = detected_gauge
+        self._publish_to = publish
         self._clock = clock
         self._log = log
         self._lock = threading.Lock()
@@ -408,7 +441,7 @@ class DriftMonitor:
             dist, rates = md.distributions, md.rates
             failed = bool(signals.error) or signals.finish_reason in ("error", "timeout")
             rates["error"].add(failed)
-            if not failed and signals.finish_reason != "cancelled":
+            if not failed and signals.finish_reason not in ("cancelled", "abort"):
                 # The other signals describe outputs: a failed or cancelled request has none.
                 if signals.perplexity is not None:
                     dist["perplexity"].add(float(signals.perplexity))
@@ -454,6 +487,8 @@ class DriftMonitor:
         return found
 
     def _publish(self, model: str, signal: str, score: float, detected: bool) -> None:
+        if self._publish_to is not None:
+            self._publish_to(model, signal, score, detected)
         if self._score_gauge is None and self._detected_gauge is None:
             return
         children = self._children.get((model, signal))
@@ -471,18 +506,20 @@ class DriftMonitor:
 
     def _log_change(self, model: str, detector: Detector, ev: Evidence) -> None:
         event = "drift_detected" if detector.detected else "drift_cleared"
-        payload = {
-            "event": event,
-            "model": model,
-            "signal": detector.signal,
-            "detector": ev.detector,
-            "score": ev.score,
-            **ev.details,
-        }
+        evidence = {"signal": detector.signal, "detector": ev.detector, "score": ev.score, **ev.details}
+        if ev.detector == "cusum":
+            what = f"CUSUM {ev.details.get('cusum')} (threshold {self.settings.cusum_threshold:g})"
+        else:
+            what = f"KS p={ev.details.get('p_value', float('nan')):.3g}, PSI {ev.details.get('psi')}"
+        verb = "detected" if detector.detected else "cleared"
         level = logging.WARNING if detector.detected else logging.INFO
-        # The message is the evidence as JSON, so it reads the same under any formatter; the same dict
-        # rides in `extra` for formatters that merge fields into the JSON line.
-        self._log.log(level, json.dumps(payload, default=str, sort_keys=True), extra={"event": event, "drift": payload})
+        # The server's JSON formatter (slm_server.logs) merges `fields` into the line.
+        self._log.log(
+            level,
+            f"drift {verb} on {detector.signal} of {model}: {what}",
+            extra={"fields": {"event": event, "gen_ai.request.model": model, "slm.drift.signal": detector.signal,
+                              "slm.drift": evidence}},
+        )
 
     # -- state ---------------------------------------------------------------------------------
     def state(self) -> dict[str, dict[str, dict[str, Any]]]:
@@ -539,3 +576,25 @@ def apply_reference(md: ModelDrift, data: Mapping[str, Any]) -> None:
         else:
             detector.set_reference(float(entry["rate"]), int(entry["n"]))
 
+
+
+def for_server(metrics: Any, settings: DriftSettings | None = None) -> DriftMonitor | None:
+    """The server's observer (slm_server.signals.SignalObserver), or None when SLM_DRIFT_ENABLED=false.
+
+    `metrics` is the server's ServerMetrics/NullMetrics: its `drift_score` / `drift_detected` hold the
+    gauges' children per signal, bound to the served model. A signal it has no child for is detected
+    and logged but not exported.
+    """
+    settings = settings or DriftSettings()
+    if not settings.enabled:
+        return None
+    scores: Mapping[str, Any] = getattr(metrics, "drift_score", {})
+    detected: Mapping[str, Any] = getattr(metrics, "drift_detected", {})
+
+    def publish(model: str, signal: str, score: float, is_detected: bool) -> None:
+        if signal in scores:
+            scores[signal].set(score)
+        if signal in detected:
+            detected[signal].set(1.0 if is_detected else 0.0)
+
+    return DriftMonitor(settings, publish=publish)

@@ -12,6 +12,7 @@ import logging
 import threading
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -33,6 +34,15 @@ class Req:
     repetitive: bool = False
     error: bool = False
     model: str = MODEL
+
+
+def drift_events(caplog: pytest.LogCaptureFixture) -> list[dict[str, Any]]:
+    """The drift state changes logged, as the JSON log line's fields (event + evidence)."""
+    return [
+        {"event": r.fields["event"], **r.fields["slm.drift"]}  # type: ignore[attr-defined]
+        for r in caplog.records
+        if r.name == "slm_server.drift" and "slm.drift" in getattr(r, "fields", {})
+    ]
 
 
 class Clock:
@@ -91,7 +101,7 @@ def test_detects_a_3_sigma_perplexity_shift_and_says_so_in_gauges_and_log(caplog
     assert h.gauge("slm_drift_detected", "perplexity") == 1.0
     assert (h.gauge("slm_drift_score", "perplexity") or 0) >= 1.0
     assert h.gauge("slm_drift_detected", "output_length") == 0.0
-    events = [json.loads(r.getMessage()) for r in caplog.records if r.name == "slm_server.drift"]
+    events = drift_events(caplog)
     assert [(e["event"], e["signal"]) for e in events] == [("drift_detected", "perplexity")]
     evidence = events[0]
     assert evidence["p_value"] < 1e-6 and evidence["psi"] >= 0.1
@@ -164,8 +174,8 @@ def test_borderline_traffic_does_not_flap(caplog: pytest.LogCaptureFixture) -> N
     for _ in range(20):  # alternate shifted and normal stretches of about one window
         h.feed(150, ppl_mean=125)
         h.feed(150)
-    changes = [r for r in caplog.records if r.name == "slm_server.drift" and "perplexity" in r.getMessage()]
-    assert len(changes) <= 6, [json.loads(r.getMessage())["event"] for r in changes]
+    changes = [e["event"] for e in drift_events(caplog) if e["signal"] == "perplexity"]
+    assert len(changes) <= 6, changes
 
 
 def test_error_rate_step_is_caught_by_the_cusum_and_clears_after_recovery(caplog: pytest.LogCaptureFixture) -> None:
@@ -178,7 +188,7 @@ def test_error_rate_step_is_caught_by_the_cusum_and_clears_after_recovery(caplog
     assert h.gauge("slm_drift_detected", "error") == 1.0
     h.feed(3000, error_rate=0.01)
     assert "error" not in h.detected_signals()
-    events = [json.loads(r.getMessage()) for r in caplog.records if '"error"' in r.getMessage()]
+    events = [e for e in drift_events(caplog) if e["signal"] == "error"]
     assert [e["event"] for e in events] == ["drift_detected", "drift_cleared"]
     assert events[0]["cusum"] >= events[0]["thresholds"]["cusum"]
     assert events[0]["current"]["rate"] > events[0]["reference"]["rate"]
