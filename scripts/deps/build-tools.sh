@@ -28,7 +28,7 @@ go_minor="$(go env GOVERSION | sed -E 's/^go1\.([0-9]+).*/\1/')"
 [ "${go_minor:-0}" -ge 25 ] || die "Go $(go env GOVERSION) is too old: Kubernetes ${KUBERNETES_VERSION} needs Go >= 1.25."
 
 export CGO_ENABLED=0 GOFLAGS="-mod=mod -buildvcs=false" GOTOOLCHAIN=local
-build_date="$(date -u +%Y-%m-%dT%H:%M:%SZ)"
+export build_date="$(date -u +%Y-%m-%dT%H:%M:%SZ)"
 
 # run_logged NAME VERSION FUNCTION: runs FUNCTION with its output in a log, printing a heartbeat,
 # and on failure the log's tail and what to do.
@@ -36,7 +36,12 @@ run_logged() {
   local name="$1" version="$2" fn="$3" log="$cache/logs/$1-$2.log" start pid rc=0
   start=$(date +%s)
   say "building $name $version (log: $log)"
-  ( "$fn" ) >"$log" 2>&1 &
+  # /usr/bin/time reports the peak RSS of the largest process the build ran (compiler or linker).
+  if [ -x /usr/bin/time ]; then
+    /usr/bin/time -f "peak-rss-kib %M" bash -c "set -euo pipefail; $(declare -f "$fn" wrapper prom_ldflags); $fn" >"$log" 2>&1 &
+  else
+    ( "$fn" ) >"$log" 2>&1 &
+  fi
   pid=$!
   while kill -0 "$pid" 2>/dev/null; do
     for _ in $(seq 1 30); do kill -0 "$pid" 2>/dev/null || break; sleep 1; done
@@ -47,7 +52,9 @@ run_logged() {
     tail -n 40 "$log" >&2
     die "building $name $version failed (exit $rc). Full log: $log. Check that the Go module proxy is reachable (GOPROXY=$(go env GOPROXY)) and that there is free disk space; then re-run 'make deps'."
   fi
-  say "built $name $version in $(( $(date +%s) - start ))s"
+  local peak
+  peak="$(sed -n 's/^peak-rss-kib \([0-9]*\)$/\1/p' "$log" | tail -1)"
+  say "built $name $version in $(( $(date +%s) - start ))s${peak:+, peak memory $(( peak / 1024 )) MiB}"
 }
 
 # wrapper DIR MODULE VERSION [REPLACES...]: a go.mod that requires MODULE@VERSION.
@@ -147,6 +154,18 @@ build_kubeconform() {
   go build -trimpath -ldflags "-s -w" -o "$DEST/kubeconform" github.com/yannh/kubeconform/cmd/kubeconform
 }
 
+fetch_kwok_stages() {
+  # KWOK fakes nothing without stages: the upstream "fast" node/pod lifecycle, from the pinned module.
+  local dir
+  dir="$(cd /tmp && go mod download -json "sigs.k8s.io/kwok@$VERSION" | sed -n 's/.*"Dir": "\(.*\)".*/\1/p')"
+  mkdir -p "$DEST"
+  for f in node/fast/node-initialize.yaml node/heartbeat/node-heartbeat.yaml \
+           pod/fast/pod-ready.yaml pod/fast/pod-complete.yaml pod/fast/pod-delete.yaml; do
+    [ -f "$dir/kustomize/stage/$f" ] || { echo "missing $f in $dir"; return 1; }
+    { echo "---"; cat "$dir/kustomize/stage/$f"; } >>"$DEST/stages.yaml"
+  done
+}
+
 fetch_prometheus_operator_crds() {
   # The CRDs exactly as the pinned release ships them (never written by hand).
   local dir
@@ -162,6 +181,7 @@ want() { [ "$only" = all ] || [[ ",$only," == *",$1,"* ]]; }
 
 want etcd && tool etcd "$ETCD_VERSION" build_etcd
 want kwok && tool kwok "$KWOK_VERSION" build_kwok
+want kwok && tool kwok-stages "$KWOK_VERSION" fetch_kwok_stages
 want helm && tool helm "$HELM_VERSION" build_helm
 want prometheus-operator-crds && tool prometheus-operator-crds "$PROMETHEUS_OPERATOR_VERSION" fetch_prometheus_operator_crds
 want alertmanager && tool alertmanager "$ALERTMANAGER_VERSION" build_alertmanager
@@ -174,6 +194,8 @@ link() { [ -e "$tools/$1/$2" ] && ln -sfn "$tools/$1/$2" "$links/$2"; }
 for b in kube-apiserver kube-controller-manager kube-scheduler kubectl; do link "kubernetes-$KUBERNETES_VERSION" "$b" || true; done
 link "etcd-$ETCD_VERSION" etcd || true
 link "kwok-$KWOK_VERSION" kwok || true
+[ -f "$tools/kwok-stages-$KWOK_VERSION/stages.yaml" ] &&
+  ln -sfn "$tools/kwok-stages-$KWOK_VERSION/stages.yaml" "$links/kwok-stages.yaml"
 link "helm-$HELM_VERSION" helm || true
 for b in prometheus promtool; do link "prometheus-$PROMETHEUS_VERSION" "$b" || true; done
 for b in alertmanager amtool; do link "alertmanager-$ALERTMANAGER_VERSION" "$b" || true; done

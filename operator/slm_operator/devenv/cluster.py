@@ -236,14 +236,13 @@ class ClusterBase:
         for f in files:
             args += ["-f", str(f)]
         self.kubectl(*args)
-        names = [yaml.safe_load(f.read_text())["metadata"]["name"] for f in files]
+        names = [_crd_name(f) for f in files]
         self.kubectl("wait", "--for=condition=Established", f"--timeout={int(timeout)}s",
                      *[f"crd/{n}" for n in names])
         return names
 
     def uninstall_prometheus_operator_crds(self, timeout: float = 60) -> None:
-        names = [yaml.safe_load(f.read_text())["metadata"]["name"]
-                 for f in sorted(tools.crd_dir_prometheus_operator().glob("*.yaml"))]
+        names = [_crd_name(f) for f in sorted(tools.crd_dir_prometheus_operator().glob("*.yaml"))]
         self.kubectl("delete", "--ignore-not-found", "--wait=true", f"--timeout={int(timeout)}s",
                      *[f"crd/{n}" for n in names])
 
@@ -254,6 +253,7 @@ class ClusterBase:
 
     def wait_nodes_ready(self, names: Sequence[str], timeout: float = 60) -> None:
         def ready() -> bool:
+            self.check_components()
             items = self.kubectl_json("get", "nodes")["items"]
             ready_names = {
                 n["metadata"]["name"] for n in items
@@ -263,6 +263,12 @@ class ClusterBase:
 
         wait_for(f"fake nodes {list(names)} to be Ready (KWOK)", ready, timeout=timeout, interval=0.5,
                  on_timeout=self._component_logs)
+
+    def check_components(self) -> None:
+        """Raise ClusterStartError naming the first component that has exited."""
+        for component in self.components:
+            if not component.alive():
+                raise ClusterStartError(component.failure())
 
     def _component_logs(self) -> str:
         return "\n".join(f"--- {c.name} ({'running' if c.alive() else 'exited'}): {c.log}\n{tail(c.log, 15)}"
@@ -297,7 +303,7 @@ def fake_node_manifest(name: str, gpus: int, product: str | None) -> dict[str, A
 def start_kwok(cluster: ClusterBase, logdir: Path) -> Component:
     """KWOK managing only the nodes we annotate (never a real cluster's own nodes)."""
     kwok = spawn("kwok", [
-        tools.tool("kwok"), f"--kubeconfig={cluster.kubeconfig}",
+        tools.tool("kwok"), f"--kubeconfig={cluster.kubeconfig}", f"--config={tools.tool('kwok-stages.yaml')}",
         f"--manage-nodes-with-annotation-selector={KWOK_NODE_ANNOTATION}=fake",
         "--cidr=10.244.0.0/16", "--node-ip=10.244.255.254",
         f"--server-address=127.0.0.1:{free_port()}",
@@ -451,6 +457,11 @@ class ExistingCluster(ClusterBase):
             cluster.kubectl("delete", "node", "--ignore-not-found", *names, check=False)
             cluster.stop()
             shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _crd_name(path: Path) -> str:
+    # BaseLoader: upstream CRDs contain a bare `=` (an enum value) that PyYAML's safe loader rejects.
+    return str(yaml.load(path.read_text(), Loader=yaml.BaseLoader)["metadata"]["name"])  # noqa: S506
 
 
 def _http_ok(url: str) -> bool:
