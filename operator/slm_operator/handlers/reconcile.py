@@ -108,6 +108,14 @@ def reconcile(state: State, body: Mapping[str, Any], *, trigger: str) -> dict[st
     try:
         with state.lock(namespace, name):
             result = _reconcile(state, body, trigger=trigger)
+    except ApiException as exc:
+        if namespace_going_away(exc):
+            # The namespace is being deleted: its SLMDeployments go with it, nothing to repair.
+            metrics.RECONCILES.labels(trigger=trigger, result="namespace_terminating").inc()
+            return {}
+        metrics.RECONCILES.labels(trigger=trigger, result="error").inc()
+        metrics.RECONCILE_ERRORS.labels(error=f"ApiException{exc.status}").inc()
+        raise
     except Exception as exc:
         metrics.RECONCILES.labels(trigger=trigger, result="error").inc()
         metrics.RECONCILE_ERRORS.labels(error=type(exc).__name__).inc()
@@ -116,6 +124,12 @@ def reconcile(state: State, body: Mapping[str, Any], *, trigger: str) -> dict[st
         metrics.RECONCILE_DURATION.labels(trigger=trigger).observe(time.monotonic() - started)
     metrics.RECONCILES.labels(trigger=trigger, result="ok").inc()
     return result
+
+
+def namespace_going_away(exc: ApiException) -> bool:
+    body = str(exc.body or "")
+    return (exc.status == 403 and "NamespaceTerminating" in body) or (
+        exc.status == 404 and '"kind":"namespaces"' in body.replace(" ", ""))
 
 
 def _reconcile(state: State, body: Mapping[str, Any], *, trigger: str) -> dict[str, Any]:
