@@ -65,7 +65,7 @@ def test_alert_defaults_equal_the_operator_defaults(schema: dict[str, Any]) -> N
 
 def test_an_empty_monitoring_section_is_fully_defaulted(schema: dict[str, Any]) -> None:
     spec = defaulted(schema["properties"]["spec"], {"model": {"name": "m"}})
-    assert spec["monitoring"]["alerts"]["errorRate"] == {"threshold": 0.05, "for": "5m", "severity": "critical"}
+    assert spec["monitoring"]["alerts"]["errorRate"] == ALERT_DEFAULTS["errorRate"]
     assert spec["monitoring"]["scrapeInterval"] == "15s"
     assert spec["replicas"] == 1 and spec["resources"]["gpus"] == 1
     assert spec["monitoring"]["dashboards"]["labels"] == {"grafana_dashboard": "1"}
