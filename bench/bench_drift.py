@@ -68,7 +68,7 @@ import numpy as np
 from slm_server.drift import DriftMonitor, DriftSettings
 from slm_server.paths import cache_dir
 
-POOL_VERSION = "1"
+POOL_VERSION = "2"
 MAX_NEW_TOKENS = 64
 RATE_PER_S = 1.0  # requests per simulated second: a small, steadily used deployment
 DEADLINE_MIN = 15.0  # the goal: detected within 15 simulated minutes
@@ -91,9 +91,13 @@ REPETITION_NGRAM = 3
 # ----------------------------------------------------------------------------------------------
 @dataclass
 class Answer:
+    """One generated answer, as the server counts it: the end-of-text token, when emitted, is an output
+    token and part of the perplexity (slm_server.engine.GenerationResult)."""
+
     tokens: list[int]
     nll: list[float]  # per output token, natural log
     eos: bool  # ended by the end-of-text token (finish_reason "stop") rather than the length cap
+    visible_from: int | None  # tokens needed before the decoded text is not blank (None: never)
 
 
 def is_repetitive(tokens: list[int]) -> bool:
@@ -160,10 +164,11 @@ def _generate(model: Any, tok: Any, prompts: list[str], *, seed: int, degenerate
         chosen = logprobs.gather(-1, new.unsqueeze(-1)).squeeze(-1)
         for row in range(new.shape[0]):
             ids = new[row].tolist()
-            end = ids.index(eos) if eos in ids else len(ids)
-            answers.append(
-                Answer(tokens=ids[:end], nll=[-float(x) for x in chosen[row, :end]], eos=end < len(ids))
-            )
+            end = ids.index(eos) + 1 if eos in ids else len(ids)
+            visible = next((k for k in range(1, end + 1) if tok.decode(ids[:k], skip_special_tokens=True).strip()),
+                           None)
+            answers.append(Answer(tokens=ids[:end], nll=[-float(x) for x in chosen[row, :end]],
+                                  eos=ids[end - 1] == eos, visible_from=visible))
     return answers
 
 
@@ -215,12 +220,12 @@ class Signals:
 
 def answer_signals(answer: Answer, *, cap: int = MAX_NEW_TOKENS) -> Signals:
     tokens, nll = answer.tokens[:cap], answer.nll[:cap]
-    truncated = len(answer.tokens) > cap or (not answer.eos and len(tokens) >= cap)
+    truncated = len(answer.tokens) > cap or not answer.eos
     return Signals(
         perplexity=math.exp(sum(nll) / len(nll)) if nll else None,
         output_tokens=len(tokens),
         finish_reason="length" if truncated else "stop",
-        empty=not tokens,
+        empty=answer.visible_from is None or answer.visible_from > cap,
         repetitive=is_repetitive(tokens),
         error=False,
     )

@@ -91,6 +91,7 @@ class DriftSettings(BaseSettings):
     ks_pvalue: float = Field(default=1e-6, gt=0, lt=1, description="KS p-value under which a window alarms.")
     psi_min: float = Field(default=0.1, ge=0, description="Population stability index an alarm needs.")
     psi_bins: int = Field(default=10, ge=2)
+    mean_z: float = Field(default=6.0, ge=0, description="z of the window mean that alarms on its own (0: off).")
     floor_ratio: float = Field(default=0.05, ge=0, description="Shift floor, share of the reference median.")
     floor_abs: float = Field(default=1.0, ge=0, description="Shift floor, absolute (tokens, perplexity units).")
     enter_checks: int = Field(default=2, ge=1)
@@ -167,6 +168,7 @@ class DistributionDetector:
         self._floor = 0.0
         self._ref_quantiles: np.ndarray | None = None
         self._ref_summary: dict[str, float] = {"n": 0}
+        self._ref_mean = self._ref_sd = 0.0
         self.detected = False
         self.score = 0.0
         self._streak = 0  # consecutive alarming (or, in the drift state, quiet) checks
@@ -186,6 +188,7 @@ class DistributionDetector:
         self._ref_share = self._smoothed_share(counts)
         self._ref_quantiles = _sorted_quantiles(ref, _FLOOR_QUANTILES)
         self._ref_summary = _summary(ref)
+        self._ref_mean, self._ref_sd = float(ref.mean()), float(ref.std())
         self._floor = max(s.floor_ratio * abs(float(np.median(ref))), s.floor_abs)
 
     @staticmethod
@@ -217,7 +220,7 @@ class DistributionDetector:
                 reference=self._ref_summary if ref is not None else {"n": len(self._learning), "learning": True},
                 current=_summary(current),
             )
-            return self._settle(Evidence(self.signal, "ks+psi", 0.0, False, details))
+            return self._settle(Evidence(self.signal, "ks+psi+mean", 0.0, False, details))
         assert self._edges is not None and self._ref_share is not None and self._ref_quantiles is not None
         # The KS distance itself is cheap on sorted samples; scipy's test (the judge of significance)
         # runs only when every gate could pass, which keeps a quiet check to a few microseconds.
@@ -237,15 +240,25 @@ class DistributionDetector:
             "psi": psi / s.psi_min if s.psi_min > 0 else SCORE_CAP,
             "floor": shift / self._floor if self._floor > 0 else SCORE_CAP,
         }
-        score = min(SCORE_CAP, *ratios.values())
+        ks_score = min(SCORE_CAP, *ratios.values())
         pvalue: float | None = None
-        alarm = False
-        if score >= 1:
+        ks_alarm = False
+        if ks_score >= 1:
             ks = stats.ks_2samp(ref, current, method="asymp")
             statistic, pvalue = float(ks.statistic), float(ks.pvalue)
-            alarm = pvalue < s.ks_pvalue
+            ks_alarm = pvalue < s.ks_pvalue
+        # A mean moved by a minority of requests (a share of the traffic gone strange) bends the CDF too
+        # little for KS; a z-test of the window mean against the reference's catches it. The reference
+        # spread is floored too, so a near-constant reference does not turn noise into a large z.
+        mean_delta = float(current.mean()) - self._ref_mean
+        std_err = max(self._ref_sd, self._floor) * math.sqrt(1 / current.size + 1 / ref.size)
+        z = mean_delta / std_err
+        mean_score = min(abs(z) / s.mean_z, abs(mean_delta) / self._floor) if s.mean_z > 0 and self._floor > 0 else 0.0
+        mean_alarm = mean_score >= 1
+        score = min(SCORE_CAP, max(ks_score, mean_score))
+        alarm = ks_alarm or mean_alarm
         was_detected = self.detected
-        evidence = self._settle(Evidence(self.signal, "ks+psi", round(score, 4), alarm, details))
+        evidence = self._settle(Evidence(self.signal, "ks+psi+mean", round(score, 4), alarm, details))
         if alarm or was_detected or self.detected:
             # Only a check that can change (or just changed) the state needs the full evidence.
             if pvalue is None:
@@ -259,7 +272,10 @@ class DistributionDetector:
                 psi=round(psi, 5),
                 quantile_shift=round(shift, 4),
                 shift_floor=round(self._floor, 4),
-                thresholds={"ks_pvalue": s.ks_pvalue, "psi_min": s.psi_min},
+                mean_delta=round(mean_delta, 4),
+                mean_z=round(z, 3),
+                tests_alarming=[name for name, hit in (("ks", ks_alarm), ("mean", mean_alarm)) if hit],
+                thresholds={"ks_pvalue": s.ks_pvalue, "psi_min": s.psi_min, "mean_z": s.mean_z},
             )
         return evidence
 

@@ -247,3 +247,19 @@ def test_concurrent_observers_lose_no_request() -> None:
     for t in threads:
         t.join()
     assert h.monitor.export_reference(MODEL)["signals"]["error"] == {"rate": 0.0, "n": 4000}
+
+
+def test_a_minority_of_strange_requests_moving_the_mean_is_caught_by_the_mean_test(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """10 % of requests at 10x perplexity: +2σ on the mean, too small a CDF change for KS at this window."""
+    h = Harness(settings(reference_requests=1000, window_requests=300), seed=5)
+    h.feed(1300)
+    caplog.set_level(logging.INFO, logger="slm_server.drift")
+    for _ in range(30):
+        h.feed(9)
+        h.feed(1, ppl_mean=400, ppl_sd=15)
+    assert "perplexity" in h.detected_signals()
+    evidence = drift_events(caplog)[0]
+    assert evidence["tests_alarming"] == ["mean"]
+    assert evidence["mean_z"] >= 6
