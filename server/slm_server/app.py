@@ -1,0 +1,161 @@
+"""`create_app` — the one place the server is wired together. There is no module-level app.
+
+app = create_app(Settings(model="/models/phi-3"))                 # production (via slm_server.cli)
+app = create_app(settings, engine=loaded_engine, registry=CollectorRegistry())   # tests
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request, Response
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, GCCollector, PlatformCollector, ProcessCollector
+from prometheus_client.exposition import generate_latest
+
+from slm_server import __version__
+from slm_server.engine import Engine, make_engine
+from slm_server.errors import install_error_handlers
+from slm_server.metrics import NullMetrics, ServerMetrics, gpu_collector
+from slm_server.middleware import MonitoringMiddleware
+from slm_server.routers import admin, completions, generate, health
+from slm_server.service import GenerationService
+from slm_server.settings import Settings
+from slm_server.signals import SignalObserver
+
+log = logging.getLogger("slm_server")
+
+
+def _event(
+    message: str, event: str, level: int = logging.INFO, exc_info: BaseException | None = None, **fields: object
+) -> None:
+    log.log(level, message, exc_info=exc_info, extra={"fields": {"event": event, **fields}})
+
+
+def create_app(
+    settings: Settings | None = None,
+    engine: Engine | None = None,
+    registry: CollectorRegistry | None = None,
+    signals: SignalObserver | None = None,
+) -> FastAPI:
+    """Build the server.
+
+    settings: defaults to the environment (`SLM_*`).
+    engine:   a ready engine to reuse (its `info` set = already loaded), else one made from settings
+              and loaded in the background after start-up, /readyz answering 503 meanwhile.
+    registry: where the metrics go; a fresh CollectorRegistry when None (never the global one).
+    signals:  the drift-detection hook (slm_server.signals); a no-op by default.
+    """
+    settings = settings or Settings()
+    engine = engine or make_engine(settings)
+    if settings.metrics_enabled:
+        registry = registry if registry is not None else CollectorRegistry()
+        metrics: ServerMetrics | NullMetrics = ServerMetrics(registry, settings.model_name)
+    else:
+        metrics = NullMetrics(settings.model_name)
+    service = GenerationService(settings, engine, metrics, signals)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        _event(
+            "server starting",
+            "startup",
+            **{
+                "slm.version": __version__,
+                "gen_ai.request.model": settings.model_name,
+                "slm.model_source": settings.model,
+                "slm.max_concurrent_requests": settings.max_concurrent_requests,
+                "slm.max_queued_requests": settings.max_queued_requests,
+                "slm.fault_injection": settings.fault_injection,
+                "slm.log_outputs": settings.log_outputs,
+            },
+        )
+        if isinstance(metrics, ServerMetrics):
+            for collector in (ProcessCollector, PlatformCollector, GCCollector):
+                collector(registry=metrics.registry)
+            if settings.gpu_metrics:
+                gpus = gpu_collector()
+                if gpus is not None:
+                    metrics.registry.register(gpus)
+        service.start()
+        loader = asyncio.create_task(_load(service, metrics))
+        app.state.loader = loader
+        try:
+            yield
+        finally:
+            _event(
+                "shutting down: draining in-flight requests",
+                "shutdown",
+                in_flight=service.admission.in_flight if service.admission else 0,
+            )
+            if not loader.done():
+                loader.cancel()
+            await service.stop()
+            engine.close()
+            _event("stopped", "shutdown")
+
+    app = FastAPI(
+        title="slm-server",
+        version=__version__,
+        description="A small-language-model inference server, instrumented for Prometheus and JSON logs.",
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.state.service = service
+    app.state.metrics = metrics
+    app.state.started = int(time.time())
+    install_error_handlers(app)
+    app.include_router(health.router)
+    app.include_router(generate.router)
+    app.include_router(completions.router)
+    if settings.fault_injection and settings.fault_admin_api:
+        app.include_router(admin.router)
+    if isinstance(metrics, ServerMetrics):
+        registry_ = metrics.registry
+
+        @app.get("/metrics", include_in_schema=False)
+        async def prometheus_metrics(request: Request) -> Response:
+            return Response(generate_latest(registry_), media_type=CONTENT_TYPE_LATEST)
+
+        app.add_middleware(MonitoringMiddleware, settings=settings, metrics=metrics)
+    return app
+
+
+async def _load(service: GenerationService, metrics: ServerMetrics | NullMetrics) -> None:
+    engine = service.engine
+    if getattr(engine, "info", None) is None:
+        started = time.perf_counter()
+        try:
+            await asyncio.to_thread(engine.load)
+        except Exception as exc:
+            service.load_error = f"{type(exc).__name__}: {exc}"
+            _event("the model failed to load", "model_load_failed", logging.ERROR, exc_info=exc)
+            return
+        load_seconds = time.perf_counter() - started
+    else:
+        load_seconds = 0.0
+    info = engine.info
+    metrics.set_model(
+        source=info.source,
+        dtype=info.dtype,
+        device=info.device,
+        max_context=info.max_context,
+        load_seconds=load_seconds,
+    )
+    service.ready = True
+    _event(
+        "model loaded",
+        "model_loaded",
+        **{
+            "gen_ai.request.model": info.name,
+            "slm.model_source": info.source,
+            "slm.device": info.device,
+            "slm.dtype": info.dtype,
+            "slm.max_context": info.max_context,
+            "slm.parameters": info.parameters,
+            "slm.load_seconds": round(load_seconds, 3),
+        },
+    )

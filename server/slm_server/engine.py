@@ -1,0 +1,345 @@
+"""The model layer: load a causal LM, turn prompts into tokens, generate with a KV cache.
+
+`TransformersEngine` runs its own sampling loop (not `model.generate`) because the loop is where
+the monitoring signals are born: each generated token's log-probability under the model (summed
+into the request's perplexity — no second forward pass), each token's timestamp (time to first
+token, inter-token latency), and text deltas for streaming. It is blocking torch work; the service
+runs it in a worker thread and can stop it between two tokens (`cancel`).
+
+`EchoEngine` is a no-op engine (it echoes the prompt's words) for benchmarking the HTTP and
+monitoring layers without a model; the tests use it only for pure HTTP/metrics plumbing.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import math
+import threading
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from slm_server.settings import Settings
+
+log = logging.getLogger("slm_server.engine")
+
+OnText = Callable[[str], None]
+
+
+@dataclass(slots=True)
+class SamplingParams:
+    max_tokens: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+    degraded: bool = False  # fault injection: sample uniformly instead of from the model
+
+
+@dataclass(slots=True)
+class GenerationResult:
+    token_ids: list[int]
+    text: str
+    finish_reason: str  # stop | length | abort
+    prompt_tokens: int
+    logprob_sum: float = 0.0  # sum of log p(token | prefix) of the generated tokens, under the model
+    token_times: list[float] = field(default_factory=list)  # perf_counter() when each token was ready
+
+    @property
+    def output_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def perplexity(self) -> float | None:
+        """exp of the mean negative log-likelihood of the generated tokens; None when none were."""
+        if not self.token_ids:
+            return None
+        return math.exp(-self.logprob_sum / len(self.token_ids))
+
+
+@dataclass(slots=True, frozen=True)
+class ModelInfo:
+    name: str
+    source: str
+    max_context: int
+    dtype: str
+    device: str
+    has_chat_template: bool
+    parameters: int
+
+
+class Engine(ABC):
+    """What the service needs from a model."""
+
+    blocking: bool = True  # run `generate` in a worker thread
+    info: ModelInfo
+
+    @abstractmethod
+    def load(self) -> None: ...
+
+    @abstractmethod
+    def encode(self, text: str) -> list[int]: ...
+
+    @abstractmethod
+    def encode_chat(self, messages: Sequence[dict[str, str]]) -> list[int]: ...
+
+    @abstractmethod
+    def generate(
+        self,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        on_text: OnText | None = None,
+        cancel: threading.Event | None = None,
+    ) -> GenerationResult: ...
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """Free the model (shutdown)."""
+
+
+def _plain_chat_prompt(messages: Sequence[dict[str, str]]) -> str:
+    """Used when the tokenizer has no chat template."""
+    lines = [f"{m['role'].capitalize()}: {m['content']}\n\n" for m in messages]
+    return "".join(lines) + "Assistant:"
+
+
+class _TextTracker:
+    """Turns a growing token list into text deltas, holding back what may still change.
+
+    Decoding the whole output each step is simple and right for byte-level BPE (a character may
+    span tokens: an incomplete one decodes to U+FFFD and is held back) and for stop strings (text
+    that could be the start of a stop string is held back until it cannot be).
+    """
+
+    __slots__ = ("_decode", "_emitted", "_hold", "_stops", "text")
+
+    def __init__(self, decode: Callable[[list[int]], str], stops: tuple[str, ...]):
+        self._decode = decode
+        self._stops = tuple(s for s in stops if s)
+        self._hold = max((len(s) for s in self._stops), default=1) - 1
+        self._emitted = 0
+        self.text = ""
+
+    def update(self, ids: list[int]) -> tuple[str, bool]:
+        """Returns (new text safe to emit, whether a stop string was reached)."""
+        text = self._decode(ids)
+        for stop in self._stops:
+            at = text.find(stop)
+            if at >= 0:
+                self.text = text[:at]
+                return self._take(len(self.text)), True
+        self.text = text
+        safe = len(text) - self._hold if self._stops else len(text)
+        while safe > self._emitted and text[safe - 1] == "\ufffd":
+            safe -= 1
+        return self._take(safe), False
+
+    def finish(self) -> str:
+        return self._take(len(self.text.rstrip("\ufffd")) if self.text.endswith("\ufffd") else len(self.text))
+
+    def _take(self, upto: int) -> str:
+        if upto <= self._emitted:
+            return ""
+        delta = self.text[self._emitted : upto]
+        self._emitted = upto
+        return delta
+
+
+class TransformersEngine(Engine):
+    """Any Hugging Face causal LM (directory or hub id); CUDA when present, else CPU."""
+
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self._lock = threading.Lock()  # HF tokenizers are not safe to share across threads
+
+    def _resolve_source(self) -> str:
+        if self.settings.model == "tiny":
+            from slm_server.tinymodel import ensure_tiny_model
+
+            return str(ensure_tiny_model(log=log.info))
+        return self.settings.model
+
+    def load(self) -> None:
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # progress bars are not JSON lines
+        source = self._resolve_source()
+        requested = self.settings.device
+        device = ("cuda" if torch.cuda.is_available() else "cpu") if requested == "auto" else requested
+        dtype_name = self.settings.dtype
+        if dtype_name == "auto":
+            if device.startswith("cuda"):
+                dtype_name = "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+            else:
+                dtype_name = "float32"
+        dtype = getattr(torch, dtype_name)
+        kwargs: dict[str, Any] = {
+            "revision": self.settings.revision,
+            "trust_remote_code": self.settings.trust_remote_code,
+        }
+        self.tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
+        self.model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **kwargs).to(device).eval()
+        self.device = torch.device(device)
+        config = self.model.config
+        max_context = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+        if not max_context:
+            tok_max = getattr(self.tokenizer, "model_max_length", None)
+            max_context = tok_max if tok_max and tok_max < 1_000_000 else 2048
+        eos = self.model.generation_config.eos_token_id
+        if eos is None:
+            eos = self.tokenizer.eos_token_id
+        self.eos_ids = frozenset([eos] if isinstance(eos, int) else (eos or []))
+        self.vocab_size = self.model.get_output_embeddings().weight.shape[0]
+        # transformers 5.x renamed the KV-cache argument and output `past_key_values` → `cache`.
+        forward_params = inspect.signature(self.model.forward).parameters
+        self._cache_arg = "cache" if "cache" in forward_params else "past_key_values"
+        self._logits_to_keep = "logits_to_keep" in forward_params
+        self.info = ModelInfo(
+            name=self.settings.model_name,
+            source=source if Path(source).exists() else f"hub:{source}",
+            max_context=int(max_context),
+            dtype=dtype_name,
+            device=str(self.device),
+            has_chat_template=bool(getattr(self.tokenizer, "chat_template", None)),
+            parameters=sum(p.numel() for p in self.model.parameters()),
+        )
+
+    def encode(self, text: str) -> list[int]:
+        with self._lock:
+            return list(self.tokenizer.encode(text, add_special_tokens=True))
+
+    def encode_chat(self, messages: Sequence[dict[str, str]]) -> list[int]:
+        with self._lock:
+            if self.info.has_chat_template:
+                prompt = self.tokenizer.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=False)
+                return list(self.tokenizer.encode(prompt, add_special_tokens=False))
+            return list(self.tokenizer.encode(_plain_chat_prompt(messages), add_special_tokens=True))
+
+    def decode(self, ids: list[int]) -> str:
+        with self._lock:
+            return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    def generate(
+        self,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        on_text: OnText | None = None,
+        cancel: threading.Event | None = None,
+    ) -> GenerationResult:
+        import torch
+
+        with torch.inference_mode():
+            return self._generate(torch, prompt_ids, params, on_text, cancel)
+
+    def _generate(self, torch, prompt_ids, params, on_text, cancel) -> GenerationResult:
+        model, device = self.model, self.device
+        # An empty prompt starts from end-of-text, as GPT-2 was trained to.
+        context = prompt_ids or [next(iter(self.eos_ids), 0)]
+        max_tokens = max(0, min(params.max_tokens, self.info.max_context - len(context)))
+        generator = torch.Generator(device=device)
+        generator.manual_seed(params.seed if params.seed is not None else torch.seed() & 0xFFFF_FFFF)
+        result = GenerationResult(token_ids=[], text="", finish_reason="length", prompt_tokens=len(prompt_ids))
+        tracker = _TextTracker(self.decode, params.stop)
+        next_input = torch.tensor([context], device=device)
+        kwargs: dict[str, Any] = {"use_cache": True, self._cache_arg: None}
+        if self._logits_to_keep:
+            kwargs["logits_to_keep"] = 1  # only the last position's logits are needed
+        for _ in range(max_tokens):
+            if cancel is not None and cancel.is_set():
+                result.finish_reason = "abort"
+                break
+            out = model(input_ids=next_input, **kwargs)
+            kwargs[self._cache_arg] = getattr(out, self._cache_arg)
+            logits = out.logits[0, -1].float()
+            logprobs = torch.log_softmax(logits, dim=-1)
+            token = self._choose(torch, logits, params, generator)
+            result.logprob_sum += float(logprobs[token])
+            result.token_times.append(time.perf_counter())
+            result.token_ids.append(token)
+            if token in self.eos_ids:
+                result.finish_reason = "stop"
+                break
+            delta, stopped = tracker.update(result.token_ids)
+            if delta and on_text is not None:
+                on_text(delta)
+            if stopped:
+                result.finish_reason = "stop"
+                break
+            next_input = torch.tensor([[token]], device=device)
+        tail = tracker.finish()
+        if tail and on_text is not None:
+            on_text(tail)
+        result.text = tracker.text.rstrip("\ufffd")
+        return result
+
+    def _choose(self, torch, logits, params: SamplingParams, generator) -> int:
+        if params.degraded:
+            return int(torch.randint(0, self.vocab_size, (1,), generator=generator, device=logits.device))
+        if params.temperature <= 1e-5:
+            return int(torch.argmax(logits))
+        probs = torch.softmax(logits / params.temperature, dim=-1)
+        if params.top_p < 1.0:
+            sorted_probs, order = torch.sort(probs, descending=True)
+            cumulative = torch.cumsum(sorted_probs, dim=-1)
+            keep = cumulative - sorted_probs < params.top_p  # always keeps the most likely token
+            sorted_probs = sorted_probs * keep
+            choice = torch.multinomial(sorted_probs / sorted_probs.sum(), 1, generator=generator)
+            return int(order[choice])
+        return int(torch.multinomial(probs, 1, generator=generator))
+
+    def close(self) -> None:
+        self.model = None
+
+
+class EchoEngine(Engine):
+    """A no-op engine: 'generates' the prompt's own words back, instantly, with perplexity 1.
+
+    For benchmarks of the HTTP + monitoring layers (no model cost hides their overhead) and for
+    plumbing tests that are about HTTP and metrics only.
+    """
+
+    blocking = False
+
+    def __init__(self, settings: Settings | None = None, *, max_context: int = 2048):
+        self._name = settings.model_name if settings else "echo"
+        self._max_context = max_context
+
+    def load(self) -> None:
+        self.info = ModelInfo(
+            name=self._name,
+            source="echo",
+            max_context=self._max_context,
+            dtype="none",
+            device="cpu",
+            has_chat_template=False,
+            parameters=0,
+        )
+
+    def encode(self, text: str) -> list[int]:
+        return list(range(len(text.split())))
+
+    def encode_chat(self, messages: Sequence[dict[str, str]]) -> list[int]:
+        return self.encode(" ".join(m["content"] for m in messages))
+
+    def generate(self, prompt_ids, params, on_text=None, cancel=None) -> GenerationResult:
+        words = [f"w{i}" for i in prompt_ids[: params.max_tokens]]
+        now = time.perf_counter()
+        text = " ".join(words)
+        if on_text is not None and text:
+            on_text(text)
+        return GenerationResult(
+            token_ids=list(prompt_ids[: params.max_tokens]),
+            text=text,
+            finish_reason="length" if len(prompt_ids) >= params.max_tokens else "stop",
+            prompt_tokens=len(prompt_ids),
+            token_times=[now] * len(words),
+        )
+
+
+def make_engine(settings: Settings) -> Engine:
+    return EchoEngine(settings) if settings.engine == "echo" else TransformersEngine(settings)

@@ -1,0 +1,136 @@
+"""Domain exceptions, mapped to HTTP responses in one place (`install_error_handlers`).
+
+Bodies follow the OpenAI error shape, `{"error": {"message", "type", "param", "code"}}`, on every
+route, so the official clients surface the message.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+log = logging.getLogger("slm_server.errors")
+
+
+class ServerError(Exception):
+    """Base of the errors a request can end in. `status`, `type` and `error_kind` are per class."""
+
+    status = 500
+    type = "server_error"
+    error_kind = "internal"  # the closed set of slm_request_errors_total{error}
+    counted = False  # True once the service has counted it (errors of a running generation)
+
+    def __init__(self, message: str, *, param: str | None = None, headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        self.headers = headers or {}
+
+
+class InvalidInput(ServerError):
+    status = 400
+    type = "invalid_request_error"
+    error_kind = "invalid_input"
+
+
+class ModelNotFound(ServerError):
+    status = 404
+    type = "not_found_error"
+    error_kind = "invalid_input"
+
+
+class BodyTooLarge(ServerError):
+    status = 413
+    type = "invalid_request_error"
+    error_kind = "invalid_input"
+
+
+class Overloaded(ServerError):
+    status = 429
+    type = "rate_limit_error"
+    error_kind = "overloaded"
+
+
+class ModelNotReady(ServerError):
+    status = 503
+    type = "service_unavailable"
+    error_kind = "not_ready"
+
+
+class RequestTimeout(ServerError):
+    status = 504
+    type = "timeout_error"
+    error_kind = "timeout"
+
+
+class ModelFailure(ServerError):
+    status = 500
+    type = "server_error"
+    error_kind = "model_error"
+
+
+def error_body(status: int, message: str, type_: str, param: str | None = None) -> dict[str, Any]:
+    return {"error": {"message": message, "type": type_, "param": param, "code": status}}
+
+
+def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
+    parts, first_field = [], None
+    for err in exc.errors():
+        loc = [str(p) for p in err.get("loc", ()) if p != "body"]
+        field = ".".join(loc) or "body"
+        first_field = first_field or field
+        parts.append(f"{field}: {err.get('msg', 'invalid')}")
+    return "; ".join(parts) or "invalid request", first_field
+
+
+def _count(request: Request, kind: str) -> None:
+    """Count a refusal of a generation request in slm_request_errors_total (before any job ran)."""
+    metrics = getattr(request.app.state, "metrics", None)
+    generation = getattr(metrics, "generation", None) or {}
+    bound = generation.get(request.scope["path"])
+    if bound is not None:
+        bound.error(kind)
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    async def on_server_error(request: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, ServerError)
+        if not exc.counted:
+            _count(request, exc.error_kind)
+        return JSONResponse(
+            error_body(exc.status, exc.message, exc.type, exc.param), status_code=exc.status, headers=exc.headers
+        )
+
+    async def on_validation_error(request: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, RequestValidationError)
+        _count(request, "invalid_input")
+        message, field = _validation_message(exc)
+        body = error_body(422, message, "invalid_request_error", field)
+        body["detail"] = [{k: v for k, v in err.items() if k in ("loc", "msg", "type")} for err in exc.errors()]
+        return JSONResponse(body, status_code=422)
+
+    async def on_http_error(request: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, StarletteHTTPException)
+        return JSONResponse(
+            error_body(exc.status_code, str(exc.detail), "invalid_request_error"),
+            status_code=exc.status_code,
+            headers=getattr(exc, "headers", None),
+        )
+
+    async def on_unexpected(request: Request, exc: Exception) -> JSONResponse:
+        # Last resort: the request fails, the process lives, the stack trace is logged once.
+        _count(request, "internal")
+        record = request.scope.get("state", {}).get("slm_record")
+        request_id = record.request_id if record is not None else None
+        log.error("unhandled error", exc_info=exc, extra={"fields": {"event": "error", "request_id": request_id}})
+        return JSONResponse(error_body(500, "internal server error", "server_error"), status_code=500)
+
+    app.add_exception_handler(ServerError, on_server_error)
+    app.add_exception_handler(RequestValidationError, on_validation_error)
+    app.add_exception_handler(StarletteHTTPException, on_http_error)
+    app.add_exception_handler(Exception, on_unexpected)

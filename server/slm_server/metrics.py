@@ -1,0 +1,381 @@
+"""Prometheus metrics of the server — the metric contract of shared/DESIGN.md.
+
+Every series is registered on a `CollectorRegistry` given to `ServerMetrics` (a fresh one per app,
+so tests inject their own; nothing touches prometheus_client's global registry). Label children
+are bound once, when the app is built (or on the first request of a new status code), never with
+`.labels()` on the request path.
+
+Metrics (labels; `model` is the served model name, one value per process):
+
+  seed's, names and labels kept exactly
+  api_requests_total{endpoint,status}              counter    every HTTP request
+  api_request_duration_seconds{endpoint}           histogram  until the last byte (streams included)
+  model_output_tokens{endpoint}                    histogram  generated tokens per request
+
+  slm_ (generation endpoints: /generate, /v1/completions, /v1/chat/completions)
+  slm_time_to_first_token_seconds{model,endpoint}  histogram  arrival → first token (queue included)
+  slm_inter_token_latency_seconds{model,endpoint}  histogram  between consecutive tokens
+  slm_queue_time_seconds{model,endpoint}           histogram  waiting for a generation slot
+  slm_request_tokens_per_second{model,endpoint}    histogram  output tokens / generation time
+  slm_request_perplexity{model,endpoint}           histogram  exp(mean NLL) of the generated tokens
+  slm_request_output_tokens{model,endpoint}        histogram  output length (drift detection)
+  slm_prompt_tokens_total{model,endpoint}          counter
+  slm_generation_tokens_total{model,endpoint}      counter
+  slm_request_finish_total{model,endpoint,finish_reason}  counter  stop|length|abort|timeout|error
+  slm_request_errors_total{model,endpoint,error}   counter    invalid_input|overloaded|timeout|
+                                                              model_error|not_ready|internal
+  slm_requests_in_flight{model}                    gauge      generations running
+  slm_requests_queued{model}                       gauge      waiting for a slot
+  slm_max_concurrent_requests{model}               gauge      the limits, for saturation ratios
+  slm_max_queued_requests{model}                   gauge
+  slm_model_info{model,source,dtype,device,max_context}  gauge = 1
+  slm_model_load_seconds{model}                    gauge
+  slm_fault_injection_enabled{model}               gauge      1 while faults may be injected
+  slm_drift_score{model,signal}                    gauge      signal: perplexity|output_length;
+  slm_drift_detected{model,signal}                 gauge      0 until a drift detector sets them
+
+  GPU, from pynvml, per GPU (labels index, uuid, name); absent on a machine without one
+  nvidia_gpu_utilization (percent), nvidia_gpu_memory_used_bytes, nvidia_gpu_memory_total_bytes,
+  nvidia_gpu_temperature_celsius, nvidia_gpu_power_watts
+
+  plus process_* and python_* from prometheus_client's own collectors.
+
+Series count: no prompt, user or request id is ever a label; `endpoint` is a closed set (the
+routes, plus `other` for any unknown path) and `status` the codes actually returned. With the
+default buckets the server exposes 757 series after one request to each route (see
+`tests/server/test_metrics.py::test_series_count_is_bounded`, which fails if this grows past 900).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from itertools import pairwise
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+log = logging.getLogger("slm_server.metrics")
+
+# `*_created` samples double the series of every counter and histogram and no rule or panel reads
+# them (Prometheus ignores them without the created-timestamps feature). Process-wide switch.
+disable_created_metrics()
+
+GENERATION_ENDPOINTS = ("/generate", "/v1/completions", "/v1/chat/completions")
+OTHER_ENDPOINTS = ("/v1/models", "/healthz", "/readyz", "/metrics", "/admin/faults")
+UNKNOWN_ENDPOINT = "other"
+FINISH_REASONS = ("stop", "length", "abort", "timeout", "error")
+ERROR_KINDS = ("invalid_input", "overloaded", "timeout", "model_error", "not_ready", "internal")
+DRIFT_SIGNALS = ("perplexity", "output_length")
+
+REQUEST_DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 2.5, 5, 10, 20, 30, 60, 120)
+TOKEN_COUNT_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
+TTFT_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1, 2.5, 5, 10, 20, 40, 80)
+ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1, 2.5)
+QUEUE_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+TOKENS_PER_SECOND_BUCKETS = (1, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000)
+PERPLEXITY_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 100000)
+
+
+class RouteMetrics:
+    """The seed's request counter and latency histogram, bound for one endpoint."""
+
+    __slots__ = ("_by_status", "_counter", "endpoint", "latency")
+
+    def __init__(self, counter: Counter, latency: Histogram, endpoint: str):
+        self.endpoint = endpoint
+        self._counter = counter
+        self.latency = latency.labels(endpoint=endpoint)
+        self._by_status: dict[int, Any] = {}
+
+    def count(self, status: int) -> None:
+        child = self._by_status.get(status)
+        if child is None:  # first response with this code: bind once
+            child = self._by_status[status] = self._counter.labels(endpoint=self.endpoint, status=str(status))
+        child.inc()
+
+    def observe(self, status: int, seconds: float) -> None:
+        self.count(status)
+        self.latency.observe(seconds)
+
+
+class GenerationMetrics:
+    """The per-generation series, bound for one endpoint."""
+
+    def __init__(self, m: ServerMetrics, endpoint: str):
+        labels = {"model": m.model, "endpoint": endpoint}
+        self.output_tokens_seed = m.model_output_tokens.labels(endpoint=endpoint)
+        self.ttft = m.ttft.labels(**labels)
+        self.itl = m.itl.labels(**labels)
+        self.queue = m.queue_time.labels(**labels)
+        self.tps = m.tokens_per_second.labels(**labels)
+        self.perplexity = m.perplexity.labels(**labels)
+        self.output_tokens = m.output_tokens.labels(**labels)
+        self.prompt_tokens_total = m.prompt_tokens.labels(**labels)
+        self.generation_tokens_total = m.generation_tokens.labels(**labels)
+        self.finish = {r: m.finish.labels(finish_reason=r, **labels) for r in FINISH_REASONS}
+        self.errors = {e: m.errors.labels(error=e, **labels) for e in ERROR_KINDS}
+
+    def observe(
+        self,
+        *,
+        queue_seconds: float | None,
+        start: float,
+        token_times: list[float],
+        prompt_tokens: int,
+        output_tokens: int,
+        perplexity: float | None,
+        finish_reason: str,
+    ) -> None:
+        if queue_seconds is not None:
+            self.queue.observe(queue_seconds)
+        self.prompt_tokens_total.inc(prompt_tokens)
+        self.generation_tokens_total.inc(output_tokens)
+        self.output_tokens_seed.observe(output_tokens)
+        self.output_tokens.observe(output_tokens)
+        self.finish[finish_reason].inc()
+        if token_times:
+            self.ttft.observe(token_times[0] - start)
+            itl = self.itl
+            for earlier, later in pairwise(token_times):
+                itl.observe(later - earlier)
+            if len(token_times) > 1:
+                elapsed = token_times[-1] - token_times[0]
+                if elapsed > 0:
+                    self.tps.observe((len(token_times) - 1) / elapsed)
+        if perplexity is not None:
+            self.perplexity.observe(perplexity)
+
+    def error(self, kind: str) -> None:
+        self.errors[kind].inc()
+
+
+class ServerMetrics:
+    """All of the server's series on one registry."""
+
+    enabled = True
+
+    def __init__(self, registry: CollectorRegistry, model: str):
+        self.registry = registry
+        self.model = model
+        r = registry
+        self.api_requests = Counter(
+            "api_requests_total", "Total count of requests by endpoint and status", ["endpoint", "status"], registry=r
+        )
+        self.api_latency = Histogram(
+            "api_request_duration_seconds",
+            "Request duration in seconds by endpoint",
+            ["endpoint"],
+            buckets=REQUEST_DURATION_BUCKETS,
+            registry=r,
+        )
+        self.model_output_tokens = Histogram(
+            "model_output_tokens",
+            "Distribution of output token counts",
+            ["endpoint"],
+            buckets=TOKEN_COUNT_BUCKETS,
+            registry=r,
+        )
+        ml = ["model", "endpoint"]
+        self.ttft = Histogram(
+            "slm_time_to_first_token_seconds",
+            "Time from request arrival to the first generated token (queue time included)",
+            ml,
+            buckets=TTFT_BUCKETS,
+            registry=r,
+        )
+        self.itl = Histogram(
+            "slm_inter_token_latency_seconds",
+            "Time between two consecutive generated tokens",
+            ml,
+            buckets=ITL_BUCKETS,
+            registry=r,
+        )
+        self.queue_time = Histogram(
+            "slm_queue_time_seconds",
+            "Time a request waited for a generation slot",
+            ml,
+            buckets=QUEUE_BUCKETS,
+            registry=r,
+        )
+        self.tokens_per_second = Histogram(
+            "slm_request_tokens_per_second",
+            "Decoding speed of a request: output tokens per second after the first",
+            ml,
+            buckets=TOKENS_PER_SECOND_BUCKETS,
+            registry=r,
+        )
+        self.perplexity = Histogram(
+            "slm_request_perplexity",
+            "Perplexity of each request's generated tokens under the model (exp of mean negative log-likelihood)",
+            ml,
+            buckets=PERPLEXITY_BUCKETS,
+            registry=r,
+        )
+        self.output_tokens = Histogram(
+            "slm_request_output_tokens", "Generated tokens per request", ml, buckets=TOKEN_COUNT_BUCKETS, registry=r
+        )
+        self.prompt_tokens = Counter("slm_prompt_tokens_total", "Prompt tokens processed", ml, registry=r)
+        self.generation_tokens = Counter("slm_generation_tokens_total", "Tokens generated", ml, registry=r)
+        self.finish = Counter(
+            "slm_request_finish_total", "Generations by finish reason", [*ml, "finish_reason"], registry=r
+        )
+        self.errors = Counter(
+            "slm_request_errors_total", "Failed generation requests by error kind", [*ml, "error"], registry=r
+        )
+        self.in_flight = Gauge("slm_requests_in_flight", "Generations running now", ["model"], registry=r).labels(
+            model=model
+        )
+        self.queued = Gauge(
+            "slm_requests_queued", "Requests waiting for a generation slot", ["model"], registry=r
+        ).labels(model=model)
+        self.max_concurrent = Gauge(
+            "slm_max_concurrent_requests", "Generations allowed at once", ["model"], registry=r
+        ).labels(model=model)
+        self.max_queued = Gauge(
+            "slm_max_queued_requests", "Requests allowed to wait; more are rejected with 429", ["model"], registry=r
+        ).labels(model=model)
+        self.model_info = Gauge(
+            "slm_model_info",
+            "The served model (value 1)",
+            ["model", "source", "dtype", "device", "max_context"],
+            registry=r,
+        )
+        self.model_load_seconds = Gauge(
+            "slm_model_load_seconds", "Time taken to load the model", ["model"], registry=r
+        ).labels(model=model)
+        self.fault_injection = Gauge(
+            "slm_fault_injection_enabled", "1 when fault injection is configured on", ["model"], registry=r
+        ).labels(model=model)
+        drift_score = Gauge(
+            "slm_drift_score",
+            "Drift score of a model-behaviour signal (set by the drift detector)",
+            ["model", "signal"],
+            registry=r,
+        )
+        drift_detected = Gauge(
+            "slm_drift_detected",
+            "1 while drift is detected on a signal (set by the drift detector)",
+            ["model", "signal"],
+            registry=r,
+        )
+        self.drift_score = {s: drift_score.labels(model=model, signal=s) for s in DRIFT_SIGNALS}
+        self.drift_detected = {s: drift_detected.labels(model=model, signal=s) for s in DRIFT_SIGNALS}
+
+        self.routes = {
+            ep: RouteMetrics(self.api_requests, self.api_latency, ep) for ep in GENERATION_ENDPOINTS + OTHER_ENDPOINTS
+        }
+        self.unknown_route = RouteMetrics(self.api_requests, self.api_latency, UNKNOWN_ENDPOINT)
+        self.generation = {ep: GenerationMetrics(self, ep) for ep in GENERATION_ENDPOINTS}
+
+    def route(self, path: str) -> RouteMetrics:
+        return self.routes.get(path) or self.unknown_route
+
+    def set_model(self, *, source: str, dtype: str, device: str, max_context: int, load_seconds: float) -> None:
+        self.model_info.labels(
+            model=self.model, source=source, dtype=dtype, device=device, max_context=str(max_context)
+        ).set(1)
+        self.model_load_seconds.set(load_seconds)
+
+    def set_load(self, in_flight: int, queued: int) -> None:
+        self.in_flight.set(in_flight)
+        self.queued.set(queued)
+
+
+class _NullChild:
+    def __getattr__(self, name: str) -> Any:
+        return _noop
+
+
+def _noop(*args: Any, **kwargs: Any) -> None:
+    return None
+
+
+class NullMetrics:
+    """Same surface, records nothing: the uninstrumented baseline (`metrics_enabled=false`)."""
+
+    enabled = False
+
+    def __init__(self, model: str):
+        self.model = model
+        null = _NullChild()
+        self.generation = {ep: null for ep in GENERATION_ENDPOINTS}
+        self.drift_score = {s: null for s in DRIFT_SIGNALS}
+        self.drift_detected = {s: null for s in DRIFT_SIGNALS}
+        self.fault_injection = null
+        self.max_concurrent = null
+        self.max_queued = null
+
+    def set_model(self, **_: Any) -> None:
+        return None
+
+    def set_load(self, in_flight: int, queued: int) -> None:
+        return None
+
+
+class GpuCollector(Collector):
+    """Reads every GPU through NVML at scrape time (no background thread, always fresh)."""
+
+    def __init__(self, nvml: Any, devices: list[tuple[str, str, str, Any]]):
+        self._nvml = nvml
+        self._devices = devices  # (index, uuid, name, handle)
+
+    def collect(self) -> Iterable[GaugeMetricFamily]:
+        nvml = self._nvml
+        labels = ["index", "uuid", "name"]
+        util = GaugeMetricFamily("nvidia_gpu_utilization", "GPU utilization in percent (NVML)", labels=labels)
+        used = GaugeMetricFamily("nvidia_gpu_memory_used_bytes", "GPU memory used in bytes (NVML)", labels=labels)
+        total = GaugeMetricFamily("nvidia_gpu_memory_total_bytes", "GPU memory in bytes (NVML)", labels=labels)
+        temp = GaugeMetricFamily(
+            "nvidia_gpu_temperature_celsius", "GPU temperature in degrees Celsius (NVML)", labels=labels
+        )
+        power = GaugeMetricFamily("nvidia_gpu_power_watts", "GPU power draw in watts (NVML)", labels=labels)
+        for index, uuid, name, handle in self._devices:
+            values = [index, uuid, name]
+            for family, read in (
+                (util, lambda h: nvml.nvmlDeviceGetUtilizationRates(h).gpu),
+                (used, lambda h: nvml.nvmlDeviceGetMemoryInfo(h).used),
+                (total, lambda h: nvml.nvmlDeviceGetMemoryInfo(h).total),
+                (temp, lambda h: nvml.nvmlDeviceGetTemperature(h, nvml.NVML_TEMPERATURE_GPU)),
+                (power, lambda h: nvml.nvmlDeviceGetPowerUsage(h) / 1000.0),
+            ):
+                try:
+                    family.add_metric(values, float(read(handle)))
+                except nvml.NVMLError:  # a reading this GPU does not support: leave the series out
+                    continue
+        yield from (util, used, total, temp, power)
+
+
+def gpu_collector() -> GpuCollector | None:
+    """A collector over the machine's NVIDIA GPUs, or None (logged once) when there are none."""
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        count = pynvml.nvmlDeviceGetCount()
+    except Exception as exc:  # no driver library, no device, no permission: a CPU machine
+        log.info(
+            "no NVIDIA GPU found: GPU metrics are off",
+            extra={"fields": {"event": "gpu_missing", "reason": f"{type(exc).__name__}: {exc}"}},
+        )
+        return None
+    if count == 0:
+        log.info(
+            "no NVIDIA GPU found: GPU metrics are off",
+            extra={"fields": {"event": "gpu_missing", "reason": "0 devices"}},
+        )
+        return None
+    devices = []
+    for i in range(count):
+        handle = pynvml.nvmlDeviceGetHandleByIndex(i)
+        uuid, name = pynvml.nvmlDeviceGetUUID(handle), pynvml.nvmlDeviceGetName(handle)
+        uuid = uuid.decode() if isinstance(uuid, bytes) else uuid
+        name = name.decode() if isinstance(name, bytes) else name
+        devices.append((str(i), uuid, name, handle))
+    log.info(
+        "NVIDIA GPUs found",
+        extra={"fields": {"event": "gpu_found", "gpu.count": count, "gpu.names": [d[2] for d in devices]}},
+    )
+    return GpuCollector(pynvml, devices)

@@ -1,0 +1,128 @@
+"""The monitoring middleware, as plain ASGI (Starlette's BaseHTTPMiddleware costs a task and a
+memory stream per request).
+
+Per HTTP request it: takes or makes a request id (`x-request-id`, echoed in the response), reads
+the W3C `traceparent`, refuses bodies over the size cap (413, from `content-length` or while
+reading), times the response until its last byte (streams included), counts it in the seed's
+`api_requests_total` / `api_request_duration_seconds` through children bound in advance, and writes
+the request's JSON log line with what the service put into its `RequestRecord`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from typing import Any
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from slm_server.errors import BodyTooLarge, error_body
+from slm_server.logs import parse_traceparent
+from slm_server.metrics import ServerMetrics
+from slm_server.service import RequestRecord
+from slm_server.settings import Settings
+
+access_log = logging.getLogger("slm_server.access")
+
+PROBE_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
+RECORD_KEY = "slm_record"  # in scope["state"], so handlers see it as request.state.slm_record
+
+
+def _new_request_id() -> str:
+    return os.urandom(12).hex()
+
+
+class MonitoringMiddleware:
+    def __init__(self, app: ASGIApp, *, settings: Settings, metrics: ServerMetrics):
+        self.app = app
+        self.metrics = metrics
+        self.max_body = settings.max_body_bytes
+        self.log_requests = settings.log_requests
+        self.log_probes = settings.log_probes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        start = time.perf_counter()
+        request_id = trace_id = span_id = None
+        length = -1
+        for name, value in scope["headers"]:
+            if name == b"x-request-id":
+                if 0 < len(value) <= 128 and value.isascii() and value.decode().isprintable():
+                    request_id = value.decode()
+            elif name == b"traceparent":
+                trace_id, span_id = parse_traceparent(value.decode("latin-1"))
+            elif name == b"content-length" and value.isdigit():
+                length = int(value)
+        if request_id is None:
+            request_id = _new_request_id()
+        record = RequestRecord(request_id, start, trace_id)
+        scope.setdefault("state", {})[RECORD_KEY] = record
+        status = 500
+        id_header = (b"x-request-id", request_id.encode())
+
+        async def send_wrapper(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                message["headers"] = [*message.get("headers", ()), id_header]
+            await send(message)
+
+        try:
+            if length > self.max_body:
+                await self._too_large(send_wrapper, length)
+            else:
+                await self.app(scope, self._limited(receive) if self.max_body else receive, send_wrapper)
+        finally:
+            elapsed = time.perf_counter() - start
+            path = scope["path"]
+            self.metrics.route(path).observe(status, elapsed)
+            if self.log_requests and (self.log_probes or path not in PROBE_PATHS):
+                self._log(scope, record, status, elapsed, span_id)
+
+    def _limited(self, receive: Receive) -> Receive:
+        seen = 0
+        limit = self.max_body
+
+        async def limited_receive() -> Message:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > limit:
+                    raise BodyTooLarge(f"request body exceeds the limit of {limit} bytes (max_body_bytes)")
+            return message
+
+        return limited_receive
+
+    async def _too_large(self, send: Send, length: int) -> None:
+        message = f"request body is {length} bytes; the limit is {self.max_body} bytes (max_body_bytes)"
+        body = json.dumps(error_body(413, message, "invalid_request_error")).encode()
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 413,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
+            }
+        )
+        await send({"type": "http.response.body", "body": body})
+
+    def _log(self, scope: Scope, record: RequestRecord, status: int, elapsed: float, span_id: str | None) -> None:
+        fields: dict[str, Any] = {
+            "event": "request",
+            "request_id": record.request_id,
+            "http.request.method": scope["method"],
+            "http.route": scope["path"] if scope["path"] in self.metrics.routes else "other",
+            "http.response.status_code": status,
+            "latency_s": round(elapsed, 6),
+        }
+        if record.trace_id:
+            fields["trace_id"] = record.trace_id
+            fields["span_id"] = span_id
+        if record.fields:
+            fields.update(record.fields)
+        level = logging.ERROR if status >= 500 else logging.INFO
+        access_log.log(level, "request", extra={"fields": fields})

@@ -1,0 +1,210 @@
+"""Request and response models of the HTTP APIs (the OpenAPI document is generated from them)."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator
+
+Temperature = Annotated[float, Field(ge=0.0, le=2.0, description="0 = greedy")]
+TopP = Annotated[float, Field(gt=0.0, le=1.0)]
+StopStrings = Annotated[
+    str | list[Annotated[str, Field(min_length=1, max_length=64)]] | None,
+    Field(description="Up to 4 strings; generation stops before the first of them."),
+]
+Seed = Annotated[int | None, Field(ge=0, le=2**63 - 1)]
+
+
+def stops(value: str | list[str] | None) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    return (value,) if isinstance(value, str) else tuple(value)
+
+
+def _check_stop(value: Any) -> Any:
+    if isinstance(value, list) and len(value) > 4:
+        raise ValueError("at most 4 stop strings")
+    if isinstance(value, str) and not 0 < len(value) <= 64:
+        raise ValueError("a stop string is 1 to 64 characters")
+    return value
+
+
+# --- POST /generate (the seed's endpoint) ------------------------------------------------------------------
+class GenerateRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    prompt: str = Field(description="Text to continue.")
+    max_tokens: int | None = Field(
+        None,
+        ge=1,
+        validation_alias=AliasChoices("max_tokens", "max_new_tokens"),
+        description="Tokens to generate at most.",
+    )
+    temperature: Temperature = 1.0
+    top_p: TopP = 1.0
+    stop: StopStrings = None
+    seed: Seed = None
+    model: str | None = None
+    return_token_ids: bool = Field(False, description="Include the generated token ids in the response.")
+
+    _stop = field_validator("stop")(classmethod(lambda cls, v: _check_stop(v)))
+
+
+class GenerateResponse(BaseModel):
+    id: str
+    model: str
+    text: str
+    finish_reason: str
+    prompt_tokens: int
+    output_tokens: int
+    perplexity: float | None = Field(description="exp(mean negative log-likelihood) of the generated tokens.")
+    time_to_first_token_seconds: float | None = None
+    token_ids: list[int] | None = None
+
+
+# --- OpenAI: shared --------------------------------------------------------------------------------------------
+class StreamOptions(BaseModel):
+    include_usage: bool = False
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class _OpenAIRequest(BaseModel):
+    # Unknown fields are ignored, as OpenAI-compatible servers do (clients send vendor extensions).
+    model_config = ConfigDict(extra="ignore")
+
+    model: str
+    temperature: Temperature = 1.0
+    top_p: TopP = 1.0
+    n: int = Field(1, ge=1, le=1, description="Only one choice is supported.")
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    stop: StopStrings = None
+    seed: Seed = None
+    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0, description="Accepted, not applied.")
+    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0, description="Accepted, not applied.")
+    user: str | None = Field(None, max_length=256, description="Never logged nor used as a label.")
+
+    _stop = field_validator("stop")(classmethod(lambda cls, v: _check_stop(v)))
+
+
+# --- POST /v1/completions ---------------------------------------------------------------------------------------
+class CompletionRequest(_OpenAIRequest):
+    prompt: str | Annotated[list[str], Field(min_length=1, max_length=1)] = Field(
+        description="A string (or a list of exactly one string)."
+    )
+    max_tokens: int | None = Field(16, ge=1)
+    echo: Literal[False] = False
+    logprobs: None = Field(None, description="Not supported.")
+    suffix: None = Field(None, description="Not supported.")
+
+    @property
+    def prompt_text(self) -> str:
+        return self.prompt if isinstance(self.prompt, str) else self.prompt[0]
+
+
+class CompletionChoice(BaseModel):
+    index: int = 0
+    text: str
+    logprobs: None = None
+    finish_reason: str | None
+
+
+class CompletionResponse(BaseModel):
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage | None = None
+
+
+# --- POST /v1/chat/completions ----------------------------------------------------------------------------------
+class TextPart(BaseModel):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[TextPart]
+
+    @property
+    def text(self) -> str:
+        return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+
+
+class ChatCompletionRequest(_OpenAIRequest):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_tokens: int | None = Field(None, ge=1, description="Deprecated by OpenAI; max_completion_tokens wins.")
+    max_completion_tokens: int | None = Field(None, ge=1)
+    logprobs: Literal[False] = False
+
+    @property
+    def token_limit(self) -> int | None:
+        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class ChatChoice(BaseModel):
+    index: int = 0
+    message: AssistantMessage
+    logprobs: None = None
+    finish_reason: str
+
+
+class ChatCompletionResponse(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage
+
+
+# --- GET /v1/models ----------------------------------------------------------------------------------------------
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "slm-monitoring"
+    max_model_len: int
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+# --- errors ------------------------------------------------------------------------------------------------------
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: int
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorDetail
+
+
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    400: {"model": ErrorResponse, "description": "Prompt longer than the context, or max_tokens over the cap"},
+    404: {"model": ErrorResponse, "description": "Unknown model"},
+    413: {"model": ErrorResponse, "description": "Request body over max_body_bytes"},
+    422: {"model": ErrorResponse, "description": "Schema error; the message names the field"},
+    429: {"model": ErrorResponse, "description": "Queue full; see Retry-After"},
+    500: {"model": ErrorResponse, "description": "The model failed"},
+    503: {"model": ErrorResponse, "description": "Model not loaded yet; see Retry-After"},
+    504: {"model": ErrorResponse, "description": "request_timeout_seconds passed"},
+}

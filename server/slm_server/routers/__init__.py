@@ -1,0 +1,1 @@
+"""Thin HTTP routers, one per API; the serving logic is in slm_server.service."""

@@ -1,0 +1,33 @@
+"""Helpers the routers share."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+from fastapi import Request
+
+from slm_server.middleware import RECORD_KEY
+from slm_server.service import GenerationService, RequestRecord
+
+# Prompts longer than this are tokenized in a thread, so one huge body cannot stall the event loop.
+_INLINE_TOKENIZE_CHARS = 16_384
+
+
+def service_of(request: Request) -> GenerationService:
+    return request.app.state.service
+
+
+def record_of(request: Request) -> RequestRecord:
+    """The middleware's record of this request; a detached one when monitoring is off."""
+    state = request.scope.get("state") or {}
+    record = state.get(RECORD_KEY)
+    if record is None:
+        record = RequestRecord("-", time.perf_counter())
+    return record
+
+
+async def encode(service: GenerationService, text: str) -> list[int]:
+    if len(text) > _INLINE_TOKENIZE_CHARS:
+        return await asyncio.to_thread(service.engine.encode, text)
+    return service.engine.encode(text)

@@ -1,0 +1,455 @@
+"""The serving logic between the routers and the engine.
+
+Admission (a bounded number of generations at once, a bounded queue, 429 beyond it), deadlines
+(queue + generation; 504 after), running blocking generation in worker threads that can be
+stopped between tokens, streaming, fault injection, and — once per generation — the metrics, the
+request's log fields and the drift signals.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import random
+import threading
+import time
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+from slm_server.engine import Engine, GenerationResult, SamplingParams
+from slm_server.errors import (
+    InvalidInput,
+    ModelFailure,
+    ModelNotFound,
+    ModelNotReady,
+    Overloaded,
+    RequestTimeout,
+    ServerError,
+)
+from slm_server.logs import OutputLogPolicy
+from slm_server.metrics import NullMetrics, ServerMetrics
+from slm_server.settings import Settings
+from slm_server.signals import NoopObserver, RequestSignals, SignalObserver, is_repetitive
+
+log = logging.getLogger("slm_server.service")
+
+
+class RequestRecord:
+    """What one HTTP request learned, for its log line. Made by the middleware, filled by the service."""
+
+    __slots__ = ("fields", "request_id", "start", "trace_id")
+
+    def __init__(self, request_id: str, start: float, trace_id: str | None = None):
+        self.request_id = request_id
+        self.start = start  # perf_counter() at arrival
+        self.trace_id = trace_id
+        self.fields: dict[str, Any] = {}
+
+
+@dataclass
+class Faults:
+    """Fault injection, mutable at run time only through the opt-in admin API."""
+
+    enabled: bool = False
+    error_rate: float = 0.0
+    latency_seconds: float = 0.0
+    degraded_rate: float = 0.0
+
+    @classmethod
+    def from_settings(cls, s: Settings) -> Faults:
+        return cls(s.fault_injection, s.fault_error_rate, s.fault_latency_seconds, s.fault_degraded_rate)
+
+
+class InjectedFault(RuntimeError):
+    """A failure made on purpose by fault injection."""
+
+
+@dataclass
+class Job:
+    endpoint: str
+    operation: str  # gen_ai.operation.name: text_completion | chat
+    prompt_ids: list[int]
+    params: SamplingParams
+    record: RequestRecord
+    stream: bool = False
+    deadline: float = 0.0
+    queue_seconds: float | None = None
+    cancel: threading.Event = field(default_factory=threading.Event)
+    timed_out: bool = False
+    finished: bool = False
+
+
+class Admission:
+    """At most `limit` generations at once; at most `queue_limit` waiting; the rest refused at once."""
+
+    def __init__(self, limit: int, queue_limit: int, on_change: Callable[[int, int], None]):
+        self.limit = limit
+        self.queue_limit = queue_limit
+        self.in_flight = 0
+        self.queued = 0
+        self._on_change = on_change
+        self._semaphore = asyncio.Semaphore(limit)
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self.recent_seconds = 1.0  # moving average of generation time, for Retry-After
+
+    async def acquire(self, wait_seconds: float) -> float:
+        """Wait for a slot; returns the time waited. Overloaded when the queue is full."""
+        start = time.perf_counter()
+        if self._semaphore.locked():
+            if self.queued >= self.queue_limit:
+                waits = math.ceil(self.recent_seconds * (self.queued + 1) / self.limit)
+                raise Overloaded(
+                    f"server overloaded: {self.in_flight} requests running and {self.queued} queued "
+                    f"(limits {self.limit} and {self.queue_limit}); retry later",
+                    headers={"Retry-After": str(max(1, waits))},
+                )
+            self.queued += 1
+            self._changed()
+            try:
+                await asyncio.wait_for(self._semaphore.acquire(), max(wait_seconds, 0.0))
+            except TimeoutError:
+                raise RequestTimeout(f"request timed out after {wait_seconds:.1f} s waiting in the queue") from None
+            finally:
+                self.queued -= 1
+                self._changed()
+        else:
+            await self._semaphore.acquire()
+        self.in_flight += 1
+        self._idle.clear()
+        self._changed()
+        return time.perf_counter() - start
+
+    def release(self, seconds: float | None = None) -> None:
+        self.in_flight -= 1
+        if seconds is not None:
+            self.recent_seconds = 0.8 * self.recent_seconds + 0.2 * seconds
+        self._semaphore.release()
+        if self.in_flight == 0:
+            self._idle.set()
+        self._changed()
+
+    async def drain(self, within_seconds: float) -> bool:
+        """Wait until nothing runs; False when `within_seconds` passed first."""
+        try:
+            await asyncio.wait_for(self._idle.wait(), within_seconds)
+            return True
+        except TimeoutError:
+            return False
+
+    def _changed(self) -> None:
+        self._on_change(self.in_flight, self.queued)
+
+
+def _counted(exc: ServerError) -> ServerError:
+    """Mark an error the job accounting (`_finish`) counts, so the HTTP error handler does not."""
+    exc.counted = True
+    return exc
+
+
+class GenerationService:
+    def __init__(
+        self,
+        settings: Settings,
+        engine: Engine,
+        metrics: ServerMetrics | NullMetrics,
+        signals: SignalObserver | None = None,
+    ):
+        self.settings = settings
+        self.engine = engine
+        self.metrics = metrics
+        self.signals = signals or NoopObserver()
+        self.faults = Faults.from_settings(settings)
+        self.output_policy = OutputLogPolicy(settings)
+        self.model_name = settings.model_name
+        self.ready = False
+        self.load_error: str | None = None
+        self.admission: Admission | None = None
+        self._executor: ThreadPoolExecutor | None = None
+        self._random = random.Random()
+        self._last_overload_log = 0.0
+
+    # --- lifecycle ------------------------------------------------------------------------------------
+    def start(self) -> None:
+        """Bind to the running loop (called from the lifespan)."""
+        self.admission = Admission(
+            self.settings.max_concurrent_requests, self.settings.max_queued_requests, self.metrics.set_load
+        )
+        self.metrics.set_load(0, 0)
+        self.metrics.max_concurrent.set(self.settings.max_concurrent_requests)
+        self.metrics.max_queued.set(self.settings.max_queued_requests)
+        self.metrics.fault_injection.set(1 if self.faults.enabled else 0)
+        if self.engine.blocking:
+            self._executor = ThreadPoolExecutor(
+                max_workers=self.settings.max_concurrent_requests, thread_name_prefix="slm-generate"
+            )
+
+    async def stop(self) -> None:
+        self.ready = False
+        if self.admission is not None:
+            drained = await self.admission.drain(self.settings.drain_timeout_seconds)
+            if not drained:
+                log.warning(
+                    "shutdown: generations still running after the drain timeout",
+                    extra={"fields": {"event": "shutdown", "in_flight": self.admission.in_flight}},
+                )
+        if self._executor is not None:
+            self._executor.shutdown(wait=False, cancel_futures=True)
+
+    # --- request checks -------------------------------------------------------------------------------
+    def check_ready(self) -> None:
+        if not self.ready:
+            raise ModelNotReady("the model is not loaded yet", headers={"Retry-After": "5"})
+
+    def check_model(self, requested: str | None) -> None:
+        if requested is not None and requested != self.model_name:
+            raise ModelNotFound(
+                f"the model `{requested}` does not exist; this server serves `{self.model_name}`", param="model"
+            )
+
+    def resolve_max_tokens(self, prompt_tokens: int, requested: int | None, param: str = "max_tokens") -> int:
+        """Checks the prompt against the context and `max_tokens` against the cap; returns max_tokens."""
+        context = self.engine.info.max_context
+        cap = self.settings.max_new_tokens
+        if prompt_tokens >= context:
+            raise InvalidInput(
+                f"the prompt is {prompt_tokens} tokens long; this model's context is {context} tokens "
+                f"(the prompt must leave room for at least one generated token)",
+                param="prompt",
+            )
+        if requested is None:
+            return min(self.settings.default_max_tokens, cap, context - prompt_tokens)
+        if requested > cap:
+            raise InvalidInput(f"{param} is {requested}; the maximum is {cap}", param=param)
+        if prompt_tokens + requested > context:
+            raise InvalidInput(
+                f"this model's context is {context} tokens; the prompt ({prompt_tokens} tokens) plus "
+                f"{param} ({requested}) is {prompt_tokens + requested}",
+                param=param,
+            )
+        return requested
+
+    def new_job(
+        self,
+        *,
+        endpoint: str,
+        operation: str,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        record: RequestRecord,
+        stream: bool = False,
+    ) -> Job:
+        job = Job(endpoint, operation, prompt_ids, params, record, stream)
+        job.deadline = record.start + self.settings.request_timeout_seconds
+        f = record.fields
+        f["gen_ai.operation.name"] = operation
+        f["gen_ai.request.model"] = self.model_name
+        f["gen_ai.request.max_tokens"] = params.max_tokens
+        f["gen_ai.request.temperature"] = params.temperature
+        f["gen_ai.request.top_p"] = params.top_p
+        f["gen_ai.usage.input_tokens"] = len(prompt_ids)
+        f["slm.stream"] = stream
+        return job
+
+    # --- running --------------------------------------------------------------------------------------
+    async def _admit(self, job: Job) -> Callable[[], None]:
+        assert self.admission is not None
+        try:
+            job.queue_seconds = await self.admission.acquire(job.deadline - time.perf_counter())
+        except ServerError as exc:
+            if isinstance(exc, Overloaded):
+                self._log_overload(exc)
+            job.timed_out = isinstance(exc, RequestTimeout)
+            self._finish(job, None, exc)
+            exc.counted = True
+            raise
+        started = time.perf_counter()
+        admission = self.admission
+        return lambda: admission.release(time.perf_counter() - started)
+
+    def _run(self, job: Job, on_text: Callable[[str], None] | None) -> GenerationResult:
+        """The generation itself (a worker thread for blocking engines), with faults applied."""
+        faults = self.faults
+        params = job.params
+        if faults.enabled:
+            if faults.latency_seconds and job.cancel.wait(faults.latency_seconds):
+                return GenerationResult([], "", "abort", len(job.prompt_ids))
+            if faults.error_rate and self._random.random() < faults.error_rate:
+                raise InjectedFault("injected fault (fault_error_rate)")
+            if faults.degraded_rate and self._random.random() < faults.degraded_rate:
+                params = SamplingParams(**{**{s: getattr(params, s) for s in params.__slots__}, "degraded": True})
+        return self.engine.generate(job.prompt_ids, params, on_text, job.cancel)
+
+    async def complete(self, job: Job) -> GenerationResult:
+        """Run a generation to its end; raises the ServerError the request ends in."""
+        release = await self._admit(job)
+        if not self.engine.blocking:
+            try:
+                result = self._run(job, None)
+            except Exception as exc:
+                self._finish(job, None, exc)
+                raise _counted(ModelFailure(f"generation failed: {exc}")) from exc
+            finally:
+                release()
+            self._finish(job, result, None)
+            return result
+        loop = asyncio.get_running_loop()
+        future = loop.run_in_executor(self._executor, self._run, job, None)
+        future.add_done_callback(lambda f: (release(), self._finish_future(job, f)))
+        try:
+            return await asyncio.wait_for(asyncio.shield(future), job.deadline - time.perf_counter())
+        except TimeoutError:
+            job.timed_out = True
+            job.cancel.set()  # the worker stops at its next token; its slot is freed then
+            raise _counted(
+                RequestTimeout(
+                    f"request timed out after {self.settings.request_timeout_seconds:g} s (request_timeout_seconds)"
+                )
+            ) from None
+        except asyncio.CancelledError:
+            job.cancel.set()  # the client went away
+            raise
+        except Exception as exc:
+            raise _counted(ModelFailure(f"generation failed: {exc}")) from exc
+
+    async def start_stream(self, job: Job) -> AsyncIterator[tuple[str, GenerationResult | None]]:
+        """Admit the job (errors raise here, before any byte is sent), then yield (text delta, None)
+        pairs and finally ("", result). Raises RequestTimeout / ModelFailure mid-stream."""
+        release = await self._admit(job)
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[Any] = asyncio.Queue()
+        done = object()
+
+        def on_text(delta: str) -> None:
+            loop.call_soon_threadsafe(queue.put_nowait, delta)
+
+        if self.engine.blocking:
+            future = loop.run_in_executor(self._executor, self._run, job, on_text)
+        else:
+            future = loop.create_future()
+            try:
+                future.set_result(self._run(job, queue.put_nowait))
+            except Exception as exc:
+                future.set_exception(exc)
+
+        def on_done(f: asyncio.Future) -> None:
+            release()
+            self._finish_future(job, f)
+            queue.put_nowait(done)
+
+        future.add_done_callback(on_done)
+        return self._stream_events(job, queue, done, future)
+
+    async def _stream_events(self, job: Job, queue: asyncio.Queue, done: object, future: asyncio.Future):
+        try:
+            while True:
+                try:
+                    item = await asyncio.wait_for(queue.get(), job.deadline - time.perf_counter())
+                except TimeoutError:
+                    job.timed_out = True
+                    job.cancel.set()
+                    raise RequestTimeout(
+                        f"request timed out after {self.settings.request_timeout_seconds:g} s (request_timeout_seconds)"
+                    ) from None
+                if item is done:
+                    break
+                yield item, None
+            exc = future.exception()
+            if exc is not None:
+                raise ModelFailure(f"generation failed: {exc}") from exc
+            yield "", future.result()
+        finally:
+            job.cancel.set()  # finished, failed, or the client went away: stop the worker
+
+    # --- accounting -----------------------------------------------------------------------------------
+    def _finish_future(self, job: Job, future: asyncio.Future) -> None:
+        if future.cancelled():
+            self._finish(job, None, asyncio.CancelledError())
+        elif future.exception() is not None:
+            self._finish(job, None, future.exception())
+        else:
+            self._finish(job, future.result(), None)
+
+    def _finish(self, job: Job, result: GenerationResult | None, error: BaseException | None) -> None:
+        """Once per job: metrics, log fields, drift signals."""
+        if job.finished:
+            return
+        job.finished = True
+        now = time.perf_counter()
+        gm = self.metrics.generation[job.endpoint]
+        f = job.record.fields
+        if isinstance(error, ServerError):
+            kind = error.error_kind
+        elif error is not None:
+            kind = "model_error"
+        else:
+            kind = None
+        if job.timed_out:
+            kind = "timeout"
+        if kind is not None:
+            gm.error(kind)
+            f["error.type"] = kind
+            if kind == "model_error" and error is not None:
+                log.error(
+                    "generation failed",
+                    exc_info=error,
+                    extra={
+                        "fields": {"event": "error", "request_id": job.record.request_id, "http.route": job.endpoint}
+                    },
+                )
+        if kind in ("overloaded", "invalid_input", "not_ready"):
+            return  # refused before generating: nothing more to record
+        if job.timed_out:
+            finish_reason = "timeout"
+        elif error is not None:
+            finish_reason = "error"
+        else:
+            assert result is not None
+            finish_reason = result.finish_reason
+        token_times = result.token_times if result else []
+        output_tokens = result.output_tokens if result else 0
+        perplexity = result.perplexity if result else None
+        gm.observe(
+            queue_seconds=job.queue_seconds,
+            start=job.record.start,
+            token_times=token_times,
+            prompt_tokens=len(job.prompt_ids),
+            output_tokens=output_tokens,
+            perplexity=perplexity,
+            finish_reason=finish_reason,
+        )
+        f["gen_ai.response.model"] = self.model_name
+        f["gen_ai.usage.output_tokens"] = output_tokens
+        f["gen_ai.response.finish_reasons"] = [finish_reason]
+        f["slm.queue_time_s"] = job.queue_seconds
+        if token_times:
+            f["gen_ai.server.time_to_first_token"] = token_times[0] - job.record.start
+            if len(token_times) > 1:
+                f["gen_ai.server.time_per_output_token"] = (token_times[-1] - token_times[0]) / (len(token_times) - 1)
+        f["slm.perplexity"] = perplexity
+        output = self.output_policy.fields(result.text if result else None)
+        if output:
+            f.update(output)
+        self.signals.observe(
+            RequestSignals(
+                model=self.model_name,
+                endpoint=job.endpoint,
+                perplexity=perplexity,
+                prompt_tokens=len(job.prompt_ids),
+                output_tokens=output_tokens,
+                finish_reason=finish_reason,
+                empty=not (result and result.text.strip()),
+                repetitive=is_repetitive(result.token_ids) if result else False,
+                error=error is not None or job.timed_out,
+                latency_seconds=now - job.record.start,
+            )
+        )
+
+    def _log_overload(self, exc: Overloaded) -> None:
+        now = time.monotonic()
+        if now - self._last_overload_log >= 1.0:  # at most one line a second under a flood
+            self._last_overload_log = now
+            log.warning(exc.message, extra={"fields": {"event": "overloaded"}})

@@ -1,0 +1,81 @@
+"""Server settings: environment variables `SLM_*` (the operator sets them from the CR), or CLI flags."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+OutputLogPolicy = Literal["none", "hash", "truncated", "full"]
+
+
+class Settings(BaseSettings):
+    """Everything the server can be told. Defaults are production-safe (faults off, outputs hashed)."""
+
+    model_config = SettingsConfigDict(env_prefix="SLM_", extra="ignore", frozen=True)
+
+    # --- model -----------------------------------------------------------------------------------
+    model: str = Field(
+        "tiny",
+        description="A Hugging Face model directory or hub id; `tiny` = the project's own tiny model "
+        "(built on first use, see slm_server.tinymodel).",
+    )
+    served_model_name: str | None = Field(None, description="Name in the API and the `model` label.")
+    revision: str | None = None
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
+    device: str = Field("auto", description="auto (CUDA when present, else CPU), cpu, cuda, cuda:N")
+    engine: Literal["transformers", "echo"] = Field(
+        "transformers", description="`echo` is a no-op engine for HTTP/metrics benchmarks."
+    )
+    trust_remote_code: bool = False
+
+    # --- serving -----------------------------------------------------------------------------------
+    host: str = "0.0.0.0"  # noqa: S104 - a server in a pod listens on all interfaces
+    port: int = Field(8000, ge=1, le=65535)
+    max_new_tokens: int = Field(512, ge=1, description="Cap on max_tokens per request.")
+    default_max_tokens: int = Field(64, ge=1, description="max_tokens of /generate when not given.")
+    max_concurrent_requests: int = Field(8, ge=1, description="Generations running at once.")
+    max_queued_requests: int = Field(32, ge=0, description="Waiting beyond that; more get 429.")
+    request_timeout_seconds: float = Field(60.0, gt=0, description="Queue + generation; then 504.")
+    max_body_bytes: int = Field(1 << 20, ge=1024, description="Larger request bodies get 413.")
+    drain_timeout_seconds: float = Field(30.0, ge=0, description="Graceful shutdown waits this long.")
+
+    # --- observability -------------------------------------------------------------------------------
+    metrics_enabled: bool = Field(True, description="Off = no middleware, no metrics (benchmarks).")
+    gpu_metrics: bool = True
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    log_requests: bool = True
+    log_probes: bool = Field(False, description="Also log /healthz, /readyz, /metrics requests.")
+    log_outputs: OutputLogPolicy = "hash"
+    log_sample_rate: float = Field(1.0, ge=0.0, le=1.0, description="Share of requests whose output is logged.")
+    log_truncate_chars: int = Field(200, ge=1)
+
+    # --- fault injection (alert tests, the demo) — off unless set here, never from a request ---------
+    fault_injection: bool = False
+    fault_error_rate: float = Field(0.0, ge=0.0, le=1.0, description="Share of requests failing with 500.")
+    fault_latency_seconds: float = Field(0.0, ge=0.0, description="Added to every generation.")
+    fault_degraded_rate: float = Field(
+        0.0, ge=0.0, le=1.0, description="Share of requests whose tokens are sampled uniformly (garbage)."
+    )
+    fault_admin_api: bool = Field(
+        False, description="Mount PUT /admin/faults to change the fault settings at run time."
+    )
+
+    @model_validator(mode="after")
+    def _faults_need_opt_in(self) -> Settings:
+        knobs = self.fault_error_rate or self.fault_latency_seconds or self.fault_degraded_rate
+        if (knobs or self.fault_admin_api) and not self.fault_injection:
+            raise ValueError("fault_* settings need fault_injection=true (SLM_FAULT_INJECTION=true)")
+        return self
+
+    @property
+    def model_name(self) -> str:
+        """The served model name: explicit, else the last part of the path or hub id."""
+        if self.served_model_name:
+            return self.served_model_name
+        if self.model == "tiny":
+            from slm_server.tinymodel import TINY_MODEL_VERSION
+
+            return f"tiny-gpt2-{TINY_MODEL_VERSION}"
+        return self.model.rstrip("/").rsplit("/", 1)[-1]
