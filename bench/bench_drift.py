@@ -165,10 +165,17 @@ def _generate(model: Any, tok: Any, prompts: list[str], *, seed: int, degenerate
         for row in range(new.shape[0]):
             ids = new[row].tolist()
             end = ids.index(eos) + 1 if eos in ids else len(ids)
-            visible = next((k for k in range(1, end + 1) if tok.decode(ids[:k], skip_special_tokens=True).strip()),
-                           None)
-            answers.append(Answer(tokens=ids[:end], nll=[-float(x) for x in chosen[row, :end]],
-                                  eos=ids[end - 1] == eos, visible_from=visible))
+            visible = next(
+                (k for k in range(1, end + 1) if tok.decode(ids[:k], skip_special_tokens=True).strip()), None
+            )
+            answers.append(
+                Answer(
+                    tokens=ids[:end],
+                    nll=[-float(x) for x in chosen[row, :end]],
+                    eos=ids[end - 1] == eos,
+                    visible_from=visible,
+                )
+            )
     return answers
 
 
@@ -192,12 +199,15 @@ def load_pools(log: Callable[[str], None]) -> dict[str, list[Answer]]:
     normal, shifted = _prompts(3000, seed=1)
     pools = {
         "normal": _generate(model, tok, normal[:2000], seed=2, degenerate=False),
-        "shifted": _generate(model, tok, shifted[2000:3000] if len(shifted) >= 3000 else shifted, seed=3,
-                             degenerate=False),
+        "shifted": _generate(
+            model, tok, shifted[2000:3000] if len(shifted) >= 3000 else shifted, seed=3, degenerate=False
+        ),
         "degenerate": _generate(model, tok, normal[2000:2400], seed=4, degenerate=True),
     }
-    log(f"[bench-drift] generated pools in {time.monotonic() - started:.0f}s: "
-        + ", ".join(f"{k}={len(v)}" for k, v in pools.items()))
+    log(
+        f"[bench-drift] generated pools in {time.monotonic() - started:.0f}s: "
+        + ", ".join(f"{k}={len(v)}" for k, v in pools.items())
+    )
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps({k: [a.__dict__ for a in v] for k, v in pools.items()}))
@@ -266,12 +276,19 @@ class PoolStats:
 
     def describe(self) -> dict[str, Any]:
         return {
-            "perplexity": {"mean": round(self.ppl_mean, 1), "sd": round(self.ppl_sd, 1),
-                           "shifted_pool_mean": round(self.shifted_ppl_mean, 1)},
+            "perplexity": {
+                "mean": round(self.ppl_mean, 1),
+                "sd": round(self.ppl_sd, 1),
+                "shifted_pool_mean": round(self.shifted_ppl_mean, 1),
+            },
             "output_length": {"mean": round(self.len_mean, 1), "sd": round(self.len_sd, 1)},
-            "rates": {"repetitive": round(self.rep_rate, 4), "degenerate_pool_repetitive":
-                      round(self.degenerate_rep_rate, 3), "empty": round(self.empty_rate, 4),
-                      "finish_length": round(self.length_share, 4), "error": BASE_ERROR_RATE},
+            "rates": {
+                "repetitive": round(self.rep_rate, 4),
+                "degenerate_pool_repetitive": round(self.degenerate_rep_rate, 3),
+                "empty": round(self.empty_rate, 4),
+                "finish_length": round(self.length_share, 4),
+                "error": BASE_ERROR_RATE,
+            },
             "pool_sizes": {k: len(v) for k, v in self.pools.items()},
         }
 
@@ -284,8 +301,9 @@ def rate_sigma(p: float) -> float:
 # ----------------------------------------------------------------------------------------------
 # 2. Scenarios replayed in simulated time
 # ----------------------------------------------------------------------------------------------
-ERROR_SIGNALS = Signals(perplexity=None, output_tokens=0, finish_reason="error", empty=True, repetitive=False,
-                        error=True)
+ERROR_SIGNALS = Signals(
+    perplexity=None, output_tokens=0, finish_reason="error", empty=True, repetitive=False, error=True
+)
 
 
 @dataclass
@@ -325,8 +343,9 @@ class Traffic:
         self.st = st
         self.rng = rng
 
-    def stream(self, *, end_s: float, onset_s: float = math.inf, drift: Drift | None = None,
-               rate: float = RATE_PER_S) -> Iterator[tuple[float, Signals]]:
+    def stream(
+        self, *, end_s: float, onset_s: float = math.inf, drift: Drift | None = None, rate: float = RATE_PER_S
+    ) -> Iterator[tuple[float, Signals]]:
         """Poisson arrivals until end_s; from onset_s on, requests follow `drift`. Draws are vectorised."""
         rng, st = self.rng, self.st
         n = int(end_s * rate * 1.2) + 100
@@ -626,8 +645,10 @@ def promql_stream(st: PoolStats, series: PromSeries, drift: Drift | None, rng: n
 def write_openmetrics(path: Path, all_series: list[PromSeries], t0: float) -> int:
     """Counters as the server exposes them, one scrape every SCRAPE_S. Returns the sample count."""
     families: dict[str, list[str]] = {
-        "slm_request_perplexity_sum": [], "slm_request_perplexity_count": [],
-        "model_output_tokens_sum": [], "model_output_tokens_count": [],
+        "slm_request_perplexity_sum": [],
+        "slm_request_perplexity_count": [],
+        "model_output_tokens_sum": [],
+        "model_output_tokens_count": [],
     }
     for s in all_series:
         scrapes = np.arange(SCRAPE_S, s.end_s + 1e-9, SCRAPE_S)
@@ -640,8 +661,10 @@ def write_openmetrics(path: Path, all_series: list[PromSeries], t0: float) -> in
             "model_output_tokens_count": np.cumsum(ok_len.astype(float)),
         }
         upto = np.searchsorted(s.times, scrapes, side="right")
-        labels = (f'container="server",endpoint="/v1/completions",instance="{s.job}:8000",job="{s.job}",'
-                  f'model="tiny",namespace="{NAMESPACE}",pod="{s.job}-5d8f7c9b4-abcde",service="{s.job}"')
+        labels = (
+            f'container="server",endpoint="/v1/completions",instance="{s.job}:8000",job="{s.job}",'
+            f'model="tiny",namespace="{NAMESPACE}",pod="{s.job}-5d8f7c9b4-abcde",service="{s.job}"'
+        )
         stamps = [f"{t0 + x:.0f}" for x in scrapes]
         for name, values in cum.items():
             at = np.where(upto > 0, values[np.maximum(upto - 1, 0)], 0.0)
@@ -675,10 +698,17 @@ class Prometheus:
         self.url = f"http://127.0.0.1:{port}"
         self.log = (self.work / "prometheus.log").open("ab")
         self.proc = subprocess.Popen(
-            [self.binary, f"--config.file={config}", f"--storage.tsdb.path={self.data}",
-             "--storage.tsdb.retention.time=100y", f"--web.listen-address=127.0.0.1:{port}",
-             "--query.max-samples=200000000", "--query.timeout=10m"],
-            stdout=self.log, stderr=subprocess.STDOUT,
+            [
+                self.binary,
+                f"--config.file={config}",
+                f"--storage.tsdb.path={self.data}",
+                "--storage.tsdb.retention.time=100y",
+                f"--web.listen-address=127.0.0.1:{port}",
+                "--query.max-samples=200000000",
+                "--query.timeout=10m",
+            ],
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
         )
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
@@ -739,8 +769,9 @@ def _firing_times(values: list[list[Any]], for_s: float) -> list[float]:
     return fired
 
 
-def promql_detector(st: PoolStats, *, reps: int, stable_weeks: float, seed: int, fors: tuple[str, ...],
-                    log: Callable[[str], None]) -> dict[str, Any]:
+def promql_detector(
+    st: PoolStats, *, reps: int, stable_weeks: float, seed: int, fors: tuple[str, ...], log: Callable[[str], None]
+) -> dict[str, Any]:
     """Recall/delay/false alarms of the rendered drift alerts, per `for` in `fors`."""
     import yaml
 
@@ -792,8 +823,11 @@ def promql_detector(st: PoolStats, *, reps: int, stable_weeks: float, seed: int,
         om = work / "series.om"
         samples = write_openmetrics(om, all_series, t0)
         (work / "data").mkdir()
-        subprocess.run([promtool, "tsdb", "create-blocks-from", "openmetrics", str(om), str(work / "data")],
-                       check=True, capture_output=True)
+        subprocess.run(
+            [promtool, "tsdb", "create-blocks-from", "openmetrics", str(om), str(work / "data")],
+            check=True,
+            capture_output=True,
+        )
         om.unlink()
         log(f"[bench-drift] promql: {samples} samples backfilled ({time.monotonic() - started:.0f}s)")
         for n, level in enumerate(levels):
@@ -802,9 +836,20 @@ def promql_detector(st: PoolStats, *, reps: int, stable_weeks: float, seed: int,
             prom.start()
             out = work / f"rules{n}"
             subprocess.run(
-                [promtool, "tsdb", "create-blocks-from", "rules", f"--start={t0:.0f}", f"--end={end:.0f}",
-                 f"--url={prom.url}", f"--output-dir={out}", f"--eval-interval={interval:.0f}s", str(rule_file)],
-                check=True, capture_output=True,
+                [
+                    promtool,
+                    "tsdb",
+                    "create-blocks-from",
+                    "rules",
+                    f"--start={t0:.0f}",
+                    f"--end={end:.0f}",
+                    f"--url={prom.url}",
+                    f"--output-dir={out}",
+                    f"--eval-interval={interval:.0f}s",
+                    str(rule_file),
+                ],
+                check=True,
+                capture_output=True,
             )
             prom.stop()
             for block in out.iterdir():
@@ -874,8 +919,11 @@ def render_tables(st: PoolStats, result: ReplayResult, promql: dict[str, Any] | 
         else:
             recall, delay = f"{o.recall():.2f}", _fmt_delay(o.median_delay())
         lines.append(f"| {o.drift} | {o.size:g}σ | {knobs[(o.drift, o.size)]} | {name} | {recall} | {delay} |")
-    lines += ["", "| detector | stable traffic (model-weeks) | false alarms | per model-week | by signal |",
-              "| --- | --- | --- | --- | --- |"]
+    lines += [
+        "",
+        "| detector | stable traffic (model-weeks) | false alarms | per model-week | by signal |",
+        "| --- | --- | --- | --- | --- |",
+    ]
     for name in ("server", "static"):
         weeks = result.stable_s / WEEK_S
         count = result.false_alarms[name]
@@ -884,8 +932,10 @@ def render_tables(st: PoolStats, result: ReplayResult, promql: dict[str, Any] | 
     if promql is not None:
         for for_text, entry in promql["for"].items():
             weeks = entry["stable_s"] / WEEK_S
-            lines.append(f"| promql for {for_text} | {weeks:.2f} | {entry['false_alarms']} | "
-                         f"{entry['false_alarms'] / weeks:.2f} | perplexity + output length alerts |")
+            lines.append(
+                f"| promql for {for_text} | {weeks:.2f} | {entry['false_alarms']} | "
+                f"{entry['false_alarms'] / weeks:.2f} | perplexity + output length alerts |"
+            )
     return "\n".join(lines)
 
 
@@ -912,8 +962,14 @@ def main(argv: list[str] | None = None) -> int:
     result = replay(st, reps=args.reps, stable_weeks=args.stable_weeks, seed=args.seed, log=log)
     promql = None
     if not args.no_promql:
-        promql = promql_detector(st, reps=args.promql_reps, stable_weeks=min(args.stable_weeks, 1.0),
-                                 seed=args.seed, fors=("15m", "5m"), log=log)
+        promql = promql_detector(
+            st,
+            reps=args.promql_reps,
+            stable_weeks=min(args.stable_weeks, 1.0),
+            seed=args.seed,
+            fors=("15m", "5m"),
+            log=log,
+        )
     print(render_tables(st, result, promql, args))
     print(f"\n({time.monotonic() - started:.0f} s wall clock)")
     if args.json:
@@ -924,8 +980,14 @@ def main(argv: list[str] | None = None) -> int:
             "stable_model_weeks": result.stable_s / WEEK_S,
         }
         if promql is not None:
-            payload["promql"] = {f: {"outcomes": [o.__dict__ for o in e["outcomes"]], "false_alarms": e["false_alarms"],
-                                     "stable_model_weeks": e["stable_s"] / WEEK_S} for f, e in promql["for"].items()}
+            payload["promql"] = {
+                f: {
+                    "outcomes": [o.__dict__ for o in e["outcomes"]],
+                    "false_alarms": e["false_alarms"],
+                    "stable_model_weeks": e["stable_s"] / WEEK_S,
+                }
+                for f, e in promql["for"].items()
+            }
         args.json.write_text(json.dumps(payload, indent=1))
     return 0
 

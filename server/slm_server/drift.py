@@ -225,10 +225,14 @@ class DistributionDetector:
         # The KS distance itself is cheap on sorted samples; scipy's test (the judge of significance)
         # runs only when every gate could pass, which keeps a quiet check to a few microseconds.
         grid = np.concatenate([ref, current])
-        statistic = float(np.max(np.abs(
-            np.searchsorted(ref, grid, side="right") / ref.size
-            - np.searchsorted(current, grid, side="right") / current.size
-        )))
+        statistic = float(
+            np.max(
+                np.abs(
+                    np.searchsorted(ref, grid, side="right") / ref.size
+                    - np.searchsorted(current, grid, side="right") / current.size
+                )
+            )
+        )
         counts = np.bincount(np.searchsorted(self._edges, current, side="right"), minlength=self._edges.size + 1)
         cur_share = self._smoothed_share(counts)
         psi = float(np.sum((cur_share - self._ref_share) * np.log(cur_share / self._ref_share)))
@@ -533,8 +537,14 @@ class DriftMonitor:
         self._log.log(
             level,
             f"drift {verb} on {detector.signal} of {model}: {what}",
-            extra={"fields": {"event": event, "gen_ai.request.model": model, "slm.drift.signal": detector.signal,
-                              "slm.drift": evidence}},
+            extra={
+                "fields": {
+                    "event": event,
+                    "gen_ai.request.model": model,
+                    "slm.drift.signal": detector.signal,
+                    "slm.drift": evidence,
+                }
+            },
         )
 
     # -- state ---------------------------------------------------------------------------------
@@ -545,8 +555,10 @@ class DriftMonitor:
             for model, md in self._models.items():
                 out[model] = {}
                 for name, d in md.detectors.items():
-                    ready = d.reference is not None if isinstance(d, DistributionDetector) else (
-                        d.reference_rate is not None
+                    ready = (
+                        d.reference is not None
+                        if isinstance(d, DistributionDetector)
+                        else (d.reference_rate is not None)
                     )
                     out[model][name] = {"score": d.score, "detected": d.detected, "reference_ready": ready}
             return out
@@ -591,7 +603,6 @@ def apply_reference(md: ModelDrift, data: Mapping[str, Any]) -> None:
             detector.set_reference(float(v) for v in entry["values"])
         else:
             detector.set_reference(float(entry["rate"]), int(entry["n"]))
-
 
 
 def for_server(metrics: Any, settings: DriftSettings | None = None) -> DriftMonitor | None:

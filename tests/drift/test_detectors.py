@@ -56,8 +56,13 @@ class Clock:
 
 
 def settings(**overrides: object) -> DriftSettings:
-    base: dict[str, object] = {"warmup_requests": 0, "reference_requests": 500, "window_requests": 200,
-                               "min_samples": 100, "check_every_requests": 20}
+    base: dict[str, object] = {
+        "warmup_requests": 0,
+        "reference_requests": 500,
+        "window_requests": 200,
+        "min_samples": 100,
+        "check_every_requests": 20,
+    }
     base.update(overrides)
     return DriftSettings.model_validate(base)
 
@@ -68,20 +73,32 @@ class Harness:
         self.score = Gauge("slm_drift_score", "score", ["model", "signal"], registry=self.registry)
         self.detected = Gauge("slm_drift_detected", "detected", ["model", "signal"], registry=self.registry)
         self.clock = Clock()
-        self.monitor = DriftMonitor(cfg or settings(), score_gauge=self.score, detected_gauge=self.detected,
-                                    clock=self.clock)
+        self.monitor = DriftMonitor(
+            cfg or settings(), score_gauge=self.score, detected_gauge=self.detected, clock=self.clock
+        )
         self.rng = np.random.default_rng(seed)
 
-    def feed(self, n: int, *, ppl_mean: float = 100.0, ppl_sd: float = 15.0, length_mean: float = 50.0,
-             length_sd: float = 10.0, error_rate: float = 0.0, length_share: float = 0.05) -> None:
+    def feed(
+        self,
+        n: int,
+        *,
+        ppl_mean: float = 100.0,
+        ppl_sd: float = 15.0,
+        length_mean: float = 50.0,
+        length_sd: float = 10.0,
+        error_rate: float = 0.0,
+        length_share: float = 0.05,
+    ) -> None:
         for _ in range(n):
             self.clock.now += 1.0
-            self.monitor.observe(Req(
-                perplexity=float(self.rng.normal(ppl_mean, ppl_sd)),
-                output_tokens=max(0, round(self.rng.normal(length_mean, length_sd))),
-                finish_reason="length" if self.rng.random() < length_share else "stop",
-                error=bool(self.rng.random() < error_rate),
-            ))
+            self.monitor.observe(
+                Req(
+                    perplexity=float(self.rng.normal(ppl_mean, ppl_sd)),
+                    output_tokens=max(0, round(self.rng.normal(length_mean, length_sd))),
+                    finish_reason="length" if self.rng.random() < length_share else "stop",
+                    error=bool(self.rng.random() < error_rate),
+                )
+            )
 
     def gauge(self, name: str, signal: str) -> float | None:
         return self.registry.get_sample_value(name, {"model": MODEL, "signal": signal})
@@ -153,8 +170,16 @@ def test_no_detection_before_the_reference_is_learned() -> None:
 
 
 def test_hysteresis_one_alarming_check_is_not_enough_and_recovery_takes_several_quiet_ones() -> None:
-    h = Harness(settings(enter_checks=2, clear_checks=3, window_requests=100, min_samples=100,
-                         check_every_requests=100, check_interval_seconds=1e9))
+    h = Harness(
+        settings(
+            enter_checks=2,
+            clear_checks=3,
+            window_requests=100,
+            min_samples=100,
+            check_every_requests=100,
+            check_interval_seconds=1e9,
+        )
+    )
     h.feed(500 + 100)
     h.feed(100, ppl_mean=200)  # one full window shifted: one alarming check
     assert h.monitor.state()[MODEL]["perplexity"]["score"] >= 1
@@ -252,7 +277,7 @@ def test_concurrent_observers_lose_no_request() -> None:
 def test_a_minority_of_strange_requests_moving_the_mean_is_caught_by_the_mean_test(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    """10 % of requests at 10x perplexity: +2σ on the mean, too small a CDF change for KS at this window."""
+    """10 % of requests at 10x perplexity: +2 sd on the mean, too small a CDF change for KS at this window."""
     h = Harness(settings(reference_requests=1000, window_requests=300), seed=5)
     h.feed(1300)
     caplog.set_level(logging.INFO, logger="slm_server.drift")
