@@ -154,6 +154,7 @@ DENIED = [
     {"verb": "create", "group": "batch", "resource": "jobs", "namespace": "team-x"},
     {"verb": "update", "group": "", "resource": "nodes"},
     {"verb": "delete", "group": "", "resource": "namespaces"},
+    {"verb": "list", "group": "", "resource": "namespaces"},
     {"verb": "create", "group": "apiextensions.k8s.io", "resource": "customresourcedefinitions"},
     {"verb": "create", "group": "rbac.authorization.k8s.io", "resource": "clusterrolebindings"},
     {"verb": "escalate", "group": "rbac.authorization.k8s.io", "resource": "clusterroles"},

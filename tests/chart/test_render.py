@@ -220,7 +220,6 @@ def test_operator_rbac_grants_exactly_the_documented_permissions(default_docs: l
         ("", "secrets", "get"),
         *{("", "nodes", v) for v in read},
         *{("apiextensions.k8s.io", "customresourcedefinitions", v) for v in read},
-        *{("", "namespaces", v) for v in ("list", "watch")},
     }
     assert granted == wanted, f"extra: {granted - wanted}, missing: {wanted - granted}"
 
