@@ -139,8 +139,10 @@ def selectors(*, name: str, namespace: str) -> dict[str, str]:
         "req": f'{sel},endpoint!~"{NON_TRAFFIC_ENDPOINTS}"',
         "ns": f'namespace="{namespace}"',
         # Pods of the Deployment named <name>: <name>-<pod-template-hash>-<random>; the two trailing
-        # segments keep a deployment named "phi" from matching the pods of "phi-mini".
-        "pods": f'namespace="{namespace}",pod=~"{re.escape(name)}-[a-z0-9]+-[a-z0-9]+"',
+        # segments keep a deployment named "phi" from matching the pods of "phi-mini". The name is a
+        # DNS-1035 label (CRD rule), so it holds no regex metacharacter; re.escape would write `\-`,
+        # which PromQL's double-quoted strings reject.
+        "pods": f'namespace="{namespace}",pod=~"{name}-[a-z0-9]+-[a-z0-9]+"',
         "name": name,
     }
 
