@@ -189,14 +189,23 @@ class Kube:
     ) -> list[dict[str, Any]]:
         query = [("labelSelector", label_selector)] if label_selector else []
         try:
-            return list(self.request("GET", RESOURCES[kind].path(namespace), query=query).get("items", []))
+            items = self.request("GET", RESOURCES[kind].path(namespace), query=query).get("items", [])
         except ApiException as exc:
             if exc.status == 404:
                 return []
             raise
+        resource = RESOURCES[kind]
+        # List items carry no kind/apiVersion; callers key objects by kind.
+        return [{"apiVersion": resource.api_version, "kind": kind, **item} for item in items]
 
     def apply(self, desired: dict[str, Any], *, live: dict[str, Any] | None = None, fetch: bool = True) -> str:
-        """Make the object match `desired`; returns "unchanged", "created" or "updated".
+        """Make the object match `desired`; returns "unchanged", "created" or "updated"."""
+        return self.apply_object(desired, live=live, fetch=fetch)[0]
+
+    def apply_object(
+        self, desired: dict[str, Any], *, live: dict[str, Any] | None = None, fetch: bool = True
+    ) -> tuple[str, dict[str, Any] | None]:
+        """Like `apply`, also returning the object as the API server now has it (None if unknown).
 
         Reads the live object (unless given), skips the write when every desired field already holds,
         else server-side applies with force: the operator owns these fields, a hand edit is reverted.
@@ -209,8 +218,8 @@ class Kube:
             live = self.get(kind, namespace, name)
         if live is not None and is_subset(desired, live):
             metrics.APPLY_SKIPPED.labels(kind=kind).inc()
-            return "unchanged"
-        self.request(
+            return "unchanged", live
+        written = self.request(
             "PATCH",
             RESOURCES[kind].path(namespace, name),
             query=[("fieldManager", self.field_manager), ("force", "true")],
@@ -219,7 +228,7 @@ class Kube:
         )
         verb = "created" if live is None else "updated"
         metrics.API_WRITES.labels(kind=kind, verb="apply").inc()
-        return verb
+        return verb, (written or None)
 
     def delete(self, kind: str, namespace: str | None, name: str, *, uid: str | None = None) -> bool:
         """Delete (background propagation); False when already gone. `uid` guards against a namesake."""

@@ -51,10 +51,13 @@ def up(keep_running: bool) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m slm_operator.devenv")
-    parser.add_argument("command", choices=["up", "demo"])
-    parser.add_argument("--keep-running", action="store_true", help="keep everything up until Ctrl-C")
-    args = parser.parse_args(argv)
-    return up(args.keep_running)
+    parser.add_argument("command", choices=["up", "demo"], help="up: only the control plane; demo: everything")
+    args, rest = parser.parse_known_args(argv)
+    if args.command == "demo":
+        from .demo import main as demo
+
+        return demo(rest)
+    return up("--keep-running" in rest)
 
 
 if __name__ == "__main__":

@@ -47,6 +47,13 @@ FAKE_NODES: tuple[dict[str, Any], ...] = (
 )
 
 
+class KubectlError(subprocess.CalledProcessError):
+    """kubectl failed; the message carries what it printed on stderr."""
+
+    def __str__(self) -> str:
+        return f"kubectl {' '.join(self.cmd[2:])} exited {self.returncode}: {str(self.stderr).strip()}"
+
+
 class ClusterStartError(RuntimeError):
     """A component did not start: the message names it and carries its log's tail."""
 
@@ -186,7 +193,7 @@ class ClusterBase:
         argv = [tools.tool("kubectl"), f"--kubeconfig={kubeconfig or self.kubeconfig}", *args]
         result = subprocess.run(argv, input=input, capture_output=True, text=True, timeout=timeout, check=False)
         if check and result.returncode != 0:
-            raise subprocess.CalledProcessError(result.returncode, argv, result.stdout, result.stderr)
+            raise KubectlError(result.returncode, argv, result.stdout, result.stderr)
         return result
 
     def kubectl_json(self, *args: str) -> Any:

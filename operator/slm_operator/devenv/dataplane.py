@@ -185,6 +185,12 @@ class SlmServer:
     def start(self, timeout: float = 180) -> SlmServer:
         self.port = self.port or free_port()
         env = {"SLM_HOST": LOOPBACK, "SLM_PORT": str(self.port), "SLM_LOG_LEVEL": "warning", **self.env}
+        if env.get("SLM_FAULTS_ADMIN") == "true":
+            # The contract's switch, plus the two a server in development reads instead.
+            env.setdefault("SLM_FAULT_INJECTION", "true")
+            env.setdefault("SLM_FAULT_ADMIN_API", "true")
+        if "SLM_MODEL_NAME" in env:
+            env.setdefault("SLM_SERVED_MODEL_NAME", env["SLM_MODEL_NAME"])
         self.proc = ManagedProcess("slm-server", [sys.executable, "-m", "slm_server"], self.workdir / "server.log",
                                    env=env).start()  # fmt: skip
         self.proc.wait_ready(lambda: http_ok(f"{self.url}/readyz"), timeout)
@@ -198,14 +204,34 @@ class SlmServer:
         with urllib.request.urlopen(f"{self.url}/metrics", timeout=10) as response:  # noqa: S310
             return str(response.read().decode())
 
-    def set_faults(self, faults: Mapping[str, Any]) -> Any:
-        """POST /admin/faults (the contract); PUT when the server only accepts that (reported by the caller)."""
+    def set_faults(
+        self, *, error_rate: float = 0.0, added_latency_seconds: float = 0.0, degraded_output: bool = False
+    ) -> str:
+        """Set the server's faults at run time; returns the form the server accepted.
+
+        The contract is `POST /admin/faults` with {"errorRate", "addedLatencySeconds",
+        "degradedOutput"}; a server that only takes `PUT` with snake_case fields (error_rate,
+        latency_seconds, degraded_rate) is driven that way so the alert tests still run, and the
+        returned form lets a contract test flag the difference.
+        """
+        contract = {
+            "errorRate": error_rate,
+            "addedLatencySeconds": added_latency_seconds,
+            "degradedOutput": degraded_output,
+        }
         try:
-            return http_json(f"{self.url}/admin/faults", method="POST", body=dict(faults))
+            http_json(f"{self.url}/admin/faults", method="POST", body=contract)
+            return "contract"
         except urllib.error.HTTPError as error:
-            if error.code != 405:
+            if error.code not in (404, 405, 422):
                 raise
-            return http_json(f"{self.url}/admin/faults", method="PUT", body=dict(faults))
+        legacy = {
+            "error_rate": error_rate,
+            "latency_seconds": added_latency_seconds,
+            "degraded_rate": 1.0 if degraded_output else 0.0,
+        }
+        http_json(f"{self.url}/admin/faults", method="PUT", body=legacy)
+        return "PUT snake_case"
 
 
 # ---- load -----------------------------------------------------------------------------------------

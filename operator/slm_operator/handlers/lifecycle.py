@@ -14,21 +14,21 @@ from slm_operator import GROUP, PLURAL, VERSION, metrics
 from slm_operator.config import OperatorConfig
 from slm_operator.handlers import reconcile as rc
 from slm_operator.handlers.state import State
-from slm_operator.kube import Kube, load_config
+from slm_operator.kube import MONITORING_KINDS, Kube, load_config
 from slm_operator.spec import MANAGED_BY
 
 log = logging.getLogger(__name__)
 
-# Children are watched with a server-side label selector: the operator never streams the cluster's
-# other Deployments, Services or ConfigMaps.
+# Built-in children are watched with a server-side label selector: the operator never streams the
+# cluster's other Deployments, Services or ConfigMaps. The Prometheus Operator kinds are NOT watched:
+# when their CRDs are deleted, kopf's open watch gets "404 page not found" and the whole operator exits
+# (kopf 1.45, APINotFoundError from watch_objs is not caught). They are listed once per resync instead,
+# so hand-made drift of a monitor is repaired within one resync period.
 CHILD_RESOURCES: tuple[tuple[str, str], ...] = (
     ("apps/v1", "deployments"),
     ("v1", "services"),
     ("v1", "configmaps"),
     ("policy/v1", "poddisruptionbudgets"),
-    ("monitoring.coreos.com/v1", "servicemonitors"),
-    ("monitoring.coreos.com/v1", "prometheusrules"),
-    ("monitoring.coreos.com/v1alpha1", "alertmanagerconfigs"),
 )
 CHILD_SELECTOR = f"app.kubernetes.io/managed-by={MANAGED_BY}"
 _metrics_started = False
@@ -81,9 +81,23 @@ def _list_parents(state: State) -> list[dict[str, Any]]:
     return items
 
 
+def _refresh_monitors(state: State) -> None:
+    """Cache the operator's ServiceMonitors, PrometheusRules and AlertmanagerConfigs (one LIST per kind)."""
+    served = state.served_kinds.get()
+    for kind in MONITORING_KINDS:
+        if kind not in served:
+            state.children.forget_kind(kind)
+            continue
+        items: list[dict[str, Any]] = []
+        for namespace in state.namespaces or (None,):
+            items.extend(state.kube.list(kind, namespace, label_selector=CHILD_SELECTOR))
+        state.children.replace_kind(kind, items, state.namespaces)
+
+
 def resync_once(state: State) -> int:
     """Reconcile every SLMDeployment once (drift repair, CRD detection, status); returns how many."""
     parents = _list_parents(state)
+    _refresh_monitors(state)
     state.parents = {(p["metadata"]["namespace"], p["metadata"]["name"]) for p in parents}
     count = 0
     for body in parents:

@@ -179,7 +179,9 @@ def _reconcile(state: State, body: Mapping[str, Any], *, trigger: str) -> dict[s
         child_name = child["metadata"]["name"]
         key = (kind, namespace, child_name)
         desired_keys.add((kind, child_name))
-        outcome = kube.apply(child, live=state.children.get(key))
+        outcome, now = kube.apply_object(child, live=state.children.get(key))
+        if kind in MONITORING_KINDS and now is not None:
+            state.children.put(now)  # not watched (see lifecycle.CHILD_RESOURCES): the resync lists them
         with state.desired_guard:
             state.desired[key] = with_applied_hash(child)
         applied.append({"apiVersion": child["apiVersion"], "kind": kind, "name": child_name})

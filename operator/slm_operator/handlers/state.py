@@ -51,6 +51,14 @@ class ChildCache:
         with self._lock:
             return self._objects.get(key)
 
+    def replace_kind(self, kind: str, objects: list[dict[str, Any]], namespaces: tuple[str, ...] = ()) -> None:
+        """Everything cached of `kind` (in `namespaces`, or all) becomes exactly `objects`."""
+        with self._lock:
+            for key in [k for k in self._objects if k[0] == kind and (not namespaces or k[1] in namespaces)]:
+                del self._objects[key]
+            for obj in objects:
+                self._objects[self.key(obj)] = dict(obj)
+
     def forget_kind(self, kind: str) -> None:
         with self._lock:
             for key in [k for k in self._objects if k[0] == kind]:

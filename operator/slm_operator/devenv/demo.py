@@ -1,0 +1,345 @@
+"""`make demo` (also `slm-demo`): the whole product working on one machine, step by step.
+
+A local control plane with fake GPU nodes → the Helm chart and CRDs → the operator (a local process
+holding only the chart's ServiceAccount token) → the SLMDeployments in examples/ → the real server
+with the tiny model as the data plane → a real Prometheus loading the rules the operator wrote into
+the API server, scraping the server with the ServiceMonitor's labels → a real Alertmanager with the
+routing generated from the AlertmanagerConfig → loopback SMTP and Slack/webhook sinks. Then load, a
+fault, the alert firing and its notifications, recovery, and a threshold edited in the resource
+reaching the rule. Serving pods are faked by KWOK (no GPU here); the one server that really runs is
+the data-plane process, given the environment the operator put in the Deployment.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import contextlib
+import json
+import signal
+import sys
+import tempfile
+import threading
+import time
+import traceback
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ..monitoring.alertmanager_yaml import alertmanager_yaml
+from . import dataplane
+from .cluster import ClusterBase, LocalCluster, wait_for
+from .operator_process import OperatorProcess
+from .tools import REPO_ROOT, tool
+
+NAMESPACE = "llm"
+SYSTEM_NAMESPACE = "slm-system"
+RELEASE = "slm-monitoring"
+DEMO = "tiny-demo"
+ALERT = "SLMHighErrorRate"
+EXAMPLES = REPO_ROOT / "examples"
+CHART = REPO_ROOT / "charts" / "slm-monitoring"
+
+
+class DemoFailed(RuntimeError):
+    def __init__(self, step: str, cause: BaseException, fix: str) -> None:
+        super().__init__(f"step '{step}' failed: {cause}")
+        self.step, self.cause, self.fix = step, cause, fix
+
+
+@dataclass
+class Progress:
+    total: int
+    number: int = 0
+    started: float = field(default_factory=time.monotonic)
+
+    @contextlib.contextmanager
+    def step(self, title: str, fix: str = "") -> Iterator[None]:
+        self.number += 1
+        print(f"[{self.number:2d}/{self.total}] {title}", flush=True)
+        began = time.monotonic()
+        try:
+            yield
+        except DemoFailed:
+            raise
+        except Exception as exc:
+            raise DemoFailed(title, exc, fix) from exc
+        print(f"        done in {time.monotonic() - began:.1f}s", flush=True)
+
+
+def say(text: str) -> None:
+    for line in text.rstrip().splitlines():
+        print(f"        {line}", flush=True)
+
+
+@dataclass
+class Summary:
+    rows: list[tuple[str, str]] = field(default_factory=list)
+
+    def add(self, what: str, value: object) -> None:
+        self.rows.append((what, str(value)))
+
+    def print(self) -> None:
+        width = max(len(what) for what, _ in self.rows)
+        line = "+" + "-" * (width + 2) + "+" + "-" * 62 + "+"
+        print(line)
+        for what, value in self.rows:
+            print(f"| {what.ljust(width)} | {value[:60].ljust(60)} |")
+        print(line, flush=True)
+
+
+class Demo:
+    def __init__(self, workdir: Path, *, keep_running: bool, stop: threading.Event) -> None:
+        self.workdir = workdir
+        self.keep_running = keep_running
+        self.stop = stop
+        self.summary = Summary()
+        self.progress = Progress(total=12)
+
+    # --- helpers ------------------------------------------------------------------------------
+    def helm(self, cluster: ClusterBase, *args: str) -> str:
+        import subprocess
+
+        argv = [tool("helm"), f"--kubeconfig={cluster.kubeconfig}", *args]
+        result = subprocess.run(argv, capture_output=True, text=True, timeout=300, check=False)
+        if result.returncode != 0:
+            raise RuntimeError(f"helm {' '.join(args)}: {result.stderr.strip() or result.stdout.strip()}")
+        return result.stdout
+
+    @staticmethod
+    def condition(cluster: ClusterBase, name: str, kind: str) -> dict[str, Any]:
+        status = cluster.kubectl_json("get", "slmdeployment", name, "-n", NAMESPACE).get("status", {})
+        return next((c for c in status.get("conditions", []) if c["type"] == kind), {})
+
+    @staticmethod
+    def secret_values(cluster: ClusterBase, names: list[str]) -> dict[str, dict[str, str]]:
+        values: dict[str, dict[str, str]] = {}
+        for name in names:
+            data = cluster.kubectl_json("get", "secret", name, "-n", NAMESPACE).get("data", {})
+            values[name] = {key: base64.b64decode(value).decode() for key, value in data.items()}
+        return values
+
+    # --- the demo -----------------------------------------------------------------------------
+    def run(self) -> None:
+        p = self.progress
+        with contextlib.ExitStack() as stack:
+            with p.step("Start a local Kubernetes control plane with fake GPU nodes (etcd, kube-apiserver, "
+                        "controller-manager, scheduler, KWOK)", fix="run `make deps`; see the component log named"):
+                cluster = stack.enter_context(LocalCluster.start(self.workdir / "cluster", keep=True))
+                say(f"API server {cluster.server}, ready in {cluster.boot_seconds:.1f}s")
+                say(cluster.kubectl("get", "nodes", "-o", "custom-columns=NODE:.metadata.name,"
+                                    "GPUS:.status.allocatable.nvidia\\.com/gpu").stdout)
+
+            with p.step("Install the Prometheus Operator CRDs (as kube-prometheus-stack would) and the Helm chart"):
+                crds = cluster.install_prometheus_operator_crds()
+                self.helm(cluster, "install", RELEASE, str(CHART), "--namespace", SYSTEM_NAMESPACE,
+                          "--create-namespace", "--wait", "--timeout", "180s")
+                say(f"{len(crds)} Prometheus Operator CRDs; chart release '{RELEASE}' in {SYSTEM_NAMESPACE}")
+                say(cluster.kubectl("get", "deploy,sa,svc", "-n", SYSTEM_NAMESPACE).stdout)
+
+            with p.step("Run the operator with only the chart's ServiceAccount token (its pod is faked by KWOK)",
+                        fix="see the operator log path printed below"):
+                account = cluster.kubectl(
+                    "get", "deployment", "-n", SYSTEM_NAMESPACE, "-l",
+                    f"app.kubernetes.io/instance={RELEASE},app.kubernetes.io/component=operator",
+                    "-o", "jsonpath={.items[0].spec.template.spec.serviceAccountName}").stdout.strip()
+                operator = OperatorProcess(cluster.kubeconfig_for_service_account(SYSTEM_NAMESPACE, account),
+                                           self.workdir / "operator", resync_seconds=5)
+                stack.callback(operator.stop)
+                operator.start()
+                say(f"system:serviceaccount:{SYSTEM_NAMESPACE}:{account}; log {operator.log_path}")
+
+            with p.step("Start the notification sinks (loopback SMTP server and Slack-compatible webhook)"):
+                smtp = dataplane.SmtpSink().start()
+                stack.callback(smtp.stop)
+                webhook = dataplane.WebhookSink().start()
+                stack.callback(webhook.stop)
+                say(f"SMTP {smtp.smarthost}, webhook {webhook.url('/')}")
+
+            with p.step(f"Apply the SLMDeployments in examples/ to namespace {NAMESPACE}",
+                        fix="`kubectl describe slmd` shows the conditions"):
+                cluster.kubectl("create", "namespace", NAMESPACE)
+                cluster.kubectl("label", "namespace", NAMESPACE, "pod-security.kubernetes.io/enforce=restricted")
+                self.create_model_volume(cluster)
+                for secret, key, value in (("slack", "url", webhook.url("/slack")),
+                                           ("hook", "url", webhook.url("/hook")), ("smtp", "password", "unused")):
+                    cluster.kubectl("create", "secret", "generic", secret, "-n", NAMESPACE,
+                                    f"--from-literal={key}={value}")
+                for path in sorted(EXAMPLES.glob("*.yaml")):
+                    resource = yaml.safe_load(path.read_text())
+                    if resource["metadata"]["name"] == DEMO:
+                        resource["spec"]["monitoring"]["notifications"]["email"]["smarthost"] = smtp.smarthost
+                    cluster.kubectl("apply", "-n", NAMESPACE, "-f", "-", input=json.dumps(resource))
+                wait_for(f"{DEMO} to be Ready", lambda: self.condition(cluster, DEMO, "Ready").get("status") == "True",
+                         timeout=120)
+                wait_for(f"{DEMO} MonitoringReady", lambda: self.condition(
+                    cluster, DEMO, "MonitoringReady").get("status") == "True", timeout=60)
+                say(cluster.kubectl("get", "slmdeployments", "-n", NAMESPACE).stdout)
+                children = cluster.kubectl_json("get", "slmdeployment", DEMO, "-n", NAMESPACE)["status"]["children"]
+                self.summary.add(f"objects owned by {DEMO}", ", ".join(
+                    c if isinstance(c, str) else f"{c['kind']}" for c in children))
+
+            with p.step("Start the data plane: the real server with the tiny model, configured as the operator's "
+                        "Deployment says", fix="see the server log in the demo's work directory"):
+                from slm_server.tinymodel import ensure_tiny_model
+
+                model_dir = ensure_tiny_model(log=say)
+                deployment = cluster.kubectl_json("get", "deployment", DEMO, "-n", NAMESPACE)
+                container = deployment["spec"]["template"]["spec"]["containers"][0]
+                env = {e["name"]: e["value"] for e in container.get("env", []) if "value" in e}
+                env = {k: v for k, v in env.items() if k.startswith("SLM_") and k not in ("SLM_HOST", "SLM_PORT")}
+                env.update({"SLM_MODEL": str(model_dir), "SLM_DISK_PATHS": str(model_dir),
+                            "SLM_FAULTS_ADMIN": "true"})
+                server = dataplane.SlmServer(self.workdir / "server", env=env)
+                (self.workdir / "server").mkdir(parents=True, exist_ok=True)
+                stack.callback(server.stop)
+                server.start()
+                pod = cluster.kubectl_json("get", "pods", "-n", NAMESPACE, "-l",
+                                           f"app.kubernetes.io/instance={DEMO}")["items"][0]["metadata"]["name"]
+                say(f"server {server.url} (stands for pod {pod}); env from the Deployment: "
+                    + ", ".join(sorted(env)))
+
+            with p.step("Start Prometheus with the rules the operator wrote and Alertmanager with the generated "
+                        "routing"):
+                rule = cluster.kubectl_json("get", "prometheusrule", DEMO, "-n", NAMESPACE)
+                prometheus = dataplane.Prometheus(
+                    self.workdir / "prometheus", rule_groups=rule["spec"]["groups"],
+                    scrape_configs=[dataplane.scrape_config(name=DEMO, namespace=NAMESPACE,
+                                                            targets=[server.address], pod=pod)])
+                (self.workdir / "prometheus").mkdir(parents=True, exist_ok=True)
+                config = cluster.kubectl_json("get", "alertmanagerconfig", DEMO, "-n", NAMESPACE)
+                refs = ["slack", "hook", "smtp"]
+                routing = alertmanager_yaml([(NAMESPACE, DEMO, config["spec"])],
+                                            secrets={NAMESPACE: self.secret_values(cluster, refs)})
+                (self.workdir / "alertmanager").mkdir(parents=True, exist_ok=True)
+                alertmanager = dataplane.Alertmanager(self.workdir / "alertmanager", routing)
+                stack.callback(alertmanager.stop)
+                alertmanager.start()
+                prometheus.alertmanagers = [alertmanager.address]
+                stack.callback(prometheus.stop)
+                prometheus.start()
+                rules = sum(len(g["rules"]) for g in rule["spec"]["groups"])
+                say(f"Prometheus {prometheus.url} ({rules} rules from PrometheusRule {NAMESPACE}/{DEMO}); "
+                    f"Alertmanager {alertmanager.url}")
+                self.summary.add("rules loaded (alerts + recording)", rules)
+
+            with p.step("Drive bounded load and wait for the target and the recording rules to have data"):
+                load = dataplane.LoadGenerator(server.url, rate=4, concurrency=2, limit=3000,
+                                               body={"prompt": "The history of the city", "max_tokens": 8})
+                stack.callback(load.stop)
+                load.start()
+                wait_for("the scrape target to be up", prometheus.targets_up, timeout=60)
+                wait_for("request rate data", lambda: bool(prometheus.query(
+                    f'sum(rate(api_requests_total{{namespace="{NAMESPACE}",job="{DEMO}"}}[30s])) > 0')),
+                    timeout=90)
+                self.summary.add("scrape targets up", "1/1")
+
+            with p.step(f"Inject a fault (50% errors) and wait for {ALERT} to fire and notify"):
+                fault_at = time.time()
+                server.set_faults(error_rate=0.5)
+                wait_for(f"{ALERT} firing in Prometheus", lambda: any(
+                    a["labels"]["alertname"] == ALERT and a["state"] == "firing"
+                    for a in prometheus.api("alerts")["alerts"]), timeout=120)
+                fired = time.time()
+                slack = webhook.wait_for(lambda r: r.path == "/slack" and ALERT in json.dumps(r.body)
+                                         and "RESOLVED" not in json.dumps(r.body), 90, "the Slack message")
+                hook = webhook.wait_for(lambda r: r.path == "/hook" and r.body.get("status") == "firing", 90,
+                                        "the webhook notification")
+                mail = smtp.wait_for(lambda m: ALERT in m.subject, 90, "the e-mail")
+                say(f"firing after {fired - fault_at:.1f}s; Slack after {slack.at - fault_at:.1f}s, "
+                    f"webhook after {hook.at - fault_at:.1f}s, e-mail '{mail.subject}'")
+                self.summary.add("fault → alert firing", f"{fired - fault_at:.1f}s")
+                self.summary.add("fault → Slack / webhook", f"{slack.at - fault_at:.1f}s / {hook.at - fault_at:.1f}s")
+
+            with p.step("Stop the fault and wait for the resolved notification"):
+                recovered_at = time.time()
+                server.set_faults(error_rate=0.0)
+                resolved = webhook.wait_for(lambda r: r.path == "/hook" and r.body.get("status") == "resolved",
+                                            180, "the resolved notification")
+                say(f"resolved notification after {resolved.at - recovered_at:.1f}s")
+                self.summary.add("recovery → resolved notification", f"{resolved.at - recovered_at:.1f}s")
+                self.summary.add("notifications received", f"{len(webhook.received.snapshot())} webhook/Slack, "
+                                 f"{len(smtp.received.snapshot())} e-mail")
+
+            with p.step("Edit the error-rate threshold in the SLMDeployment and watch the rule follow"):
+                edited_at = time.monotonic()
+                patch = {"spec": {"monitoring": {"alerts": {"errorRate": {"threshold": 0.2}}}}}
+                cluster.kubectl("patch", "slmdeployment", DEMO, "-n", NAMESPACE, "--type=merge",
+                                "-p", json.dumps(patch))
+
+                def rule_expr() -> str:
+                    groups = cluster.kubectl_json("get", "prometheusrule", DEMO, "-n", NAMESPACE)["spec"]["groups"]
+                    return next(str(r["expr"]) for g in groups for r in g["rules"] if r.get("alert") == ALERT)
+
+                wait_for("the PrometheusRule to carry the new threshold", lambda: "0.2" in rule_expr(), timeout=30)
+                took = time.monotonic() - edited_at
+                say(f"{ALERT}: {' '.join(rule_expr().split())}")
+                say(f"rule updated {took:.1f}s after the edit")
+                self.summary.add("threshold edit → PrometheusRule", f"{took:.1f}s")
+
+            with p.step("Summary"):
+                self.summary.add("Prometheus UI", prometheus.url)
+                self.summary.add("Alertmanager UI", alertmanager.url)
+                self.summary.add("kubeconfig", str(cluster.kubeconfig))
+                self.summary.print()
+                if self.keep_running:
+                    print("Everything stays up; press Ctrl-C to stop.", flush=True)
+                    self.stop.wait()
+            print("Stopping everything …", flush=True)
+
+    def create_model_volume(self, cluster: ClusterBase) -> None:
+        """A statically bound volume named `models`, as a cluster would have for model weights."""
+        volume = {
+            "apiVersion": "v1", "kind": "PersistentVolume", "metadata": {"name": "slm-demo-models"},
+            "spec": {"capacity": {"storage": "10Gi"}, "accessModes": ["ReadOnlyMany"],
+                     "persistentVolumeReclaimPolicy": "Retain", "storageClassName": "",
+                     "hostPath": {"path": "/data/models"},
+                     "claimRef": {"namespace": NAMESPACE, "name": "models"}},
+        }
+        claim = {
+            "apiVersion": "v1", "kind": "PersistentVolumeClaim", "metadata": {"name": "models"},
+            "spec": {"accessModes": ["ReadOnlyMany"], "storageClassName": "", "volumeName": "slm-demo-models",
+                     "resources": {"requests": {"storage": "10Gi"}}},
+        }
+        cluster.kubectl("apply", "-f", "-", input=json.dumps(volume))
+        cluster.kubectl("apply", "-n", NAMESPACE, "-f", "-", input=json.dumps(claim))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="slm-demo", description=__doc__.splitlines()[0])
+    parser.add_argument("--keep-running", action="store_true", help="keep everything up until Ctrl-C")
+    parser.add_argument("--workdir", type=Path, help="where logs and data go (default: a new temp dir)")
+    args = parser.parse_args(argv)
+    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="slm-demo-"))
+    workdir.mkdir(parents=True, exist_ok=True)
+    print(f"slm-monitoring demo — logs and data in {workdir}", flush=True)
+    stop = threading.Event()
+
+    def interrupted(*_: object) -> None:
+        stop.set()
+        raise KeyboardInterrupt  # unwinds every step's clean-up, as Ctrl-C does
+
+    signal.signal(signal.SIGTERM, interrupted)
+    started = time.monotonic()
+    try:
+        Demo(workdir, keep_running=args.keep_running, stop=stop).run()
+    except KeyboardInterrupt:
+        print("Interrupted; every process stopped.", file=sys.stderr)
+        return 0 if args.keep_running else 130
+    except DemoFailed as failure:
+        print(f"\nDEMO FAILED at step '{failure.step}':\n  {type(failure.cause).__name__}: {failure.cause}",
+              file=sys.stderr)
+        if failure.fix:
+            print(f"  What to do: {failure.fix}", file=sys.stderr)
+        print(f"  Logs: {workdir}", file=sys.stderr)
+        traceback.print_exception(failure.cause, file=sys.stderr)
+        return 1
+    print(f"Demo finished in {time.monotonic() - started:.0f}s; every process stopped.", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
