@@ -47,15 +47,25 @@ def create_app(
     engine:   a ready engine to reuse (its `info` set = already loaded), else one made from settings
               and loaded in the background after start-up, /readyz answering 503 meanwhile.
     registry: where the metrics go; a fresh CollectorRegistry when None (never the global one).
-    signals:  the drift-detection hook (slm_server.signals); a no-op by default.
+    signals:  the drift-detection hook (slm_server.signals); by default slm_server.drift's detector
+              (SLM_DRIFT_ENABLED, on unless set false) publishing into the slm_drift_* gauges.
     """
     settings = settings or Settings()
+    owns_engine = engine is None  # an engine given by the caller outlives the app
     engine = engine or make_engine(settings)
     if settings.metrics_enabled:
         registry = registry if registry is not None else CollectorRegistry()
         metrics: ServerMetrics | NullMetrics = ServerMetrics(registry, settings.model_name)
+        for collector in (ProcessCollector, PlatformCollector, GCCollector):
+            collector(registry=registry)
+        if settings.gpu_metrics:
+            gpus = gpu_collector()  # logs gpu_found or gpu_missing, once
+            if gpus is not None:
+                registry.register(gpus)
     else:
         metrics = NullMetrics(settings.model_name)
+    if signals is None:
+        signals = _default_observer(metrics)
     service = GenerationService(settings, engine, metrics, signals)
 
     @asynccontextmanager
@@ -73,14 +83,9 @@ def create_app(
                 "slm.log_outputs": settings.log_outputs,
             },
         )
-        if isinstance(metrics, ServerMetrics):
-            for collector in (ProcessCollector, PlatformCollector, GCCollector):
-                collector(registry=metrics.registry)
-            if settings.gpu_metrics:
-                gpus = gpu_collector()
-                if gpus is not None:
-                    metrics.registry.register(gpus)
         service.start()
+        if getattr(engine, "info", None) is not None:
+            await _load(service, metrics)  # a ready engine was given: ready at once
         loader = asyncio.create_task(_load(service, metrics))
         app.state.loader = loader
         try:
@@ -94,7 +99,8 @@ def create_app(
             if not loader.done():
                 loader.cancel()
             await service.stop()
-            engine.close()
+            if owns_engine:
+                engine.close()
             _event("stopped", "shutdown")
 
     app = FastAPI(
@@ -124,7 +130,17 @@ def create_app(
     return app
 
 
+def _default_observer(metrics: ServerMetrics | NullMetrics) -> SignalObserver | None:
+    if not metrics.enabled:
+        return None  # the uninstrumented baseline watches nothing
+    from slm_server.drift import for_server
+
+    return for_server(metrics)
+
+
 async def _load(service: GenerationService, metrics: ServerMetrics | NullMetrics) -> None:
+    if service.ready:
+        return
     engine = service.engine
     if getattr(engine, "info", None) is None:
         started = time.perf_counter()

@@ -31,8 +31,9 @@ Metrics (labels; `model` is the served model name, one value per process):
   slm_model_info{model,source,dtype,device,max_context}  gauge = 1
   slm_model_load_seconds{model}                    gauge
   slm_fault_injection_enabled{model}               gauge      1 while faults may be injected
-  slm_drift_score{model,signal}                    gauge      signal: perplexity|output_length;
-  slm_drift_detected{model,signal}                 gauge      0 until a drift detector sets them
+  slm_drift_score{model,signal}                    gauge      signal: perplexity|output_length|
+  slm_drift_detected{model,signal}                 gauge      finish_length|empty_output|repetition|
+                                                              error; set by slm_server.drift
 
   GPU, from pynvml, per GPU (labels index, uuid, name); absent on a machine without one
   nvidia_gpu_utilization (percent), nvidia_gpu_memory_used_bytes, nvidia_gpu_memory_total_bytes,
@@ -68,7 +69,8 @@ OTHER_ENDPOINTS = ("/v1/models", "/healthz", "/readyz", "/metrics", "/admin/faul
 UNKNOWN_ENDPOINT = "other"
 FINISH_REASONS = ("stop", "length", "abort", "timeout", "error")
 ERROR_KINDS = ("invalid_input", "overloaded", "timeout", "model_error", "not_ready", "internal")
-DRIFT_SIGNALS = ("perplexity", "output_length")
+# The drift detector's signals (slm_server.drift): two distributions, four rates.
+DRIFT_SIGNALS = ("perplexity", "output_length", "finish_length", "empty_output", "repetition", "error")
 
 REQUEST_DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 2.5, 5, 10, 20, 30, 60, 120)
 TOKEN_COUNT_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)

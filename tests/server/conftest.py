@@ -1,0 +1,155 @@
+"""Fixtures of the server tests.
+
+The model is the project's real tiny model (built once per machine, ~1 minute, under a file lock;
+see slm_server.tinymodel), loaded once per session. Every test that involves generation uses it;
+the no-op `EchoEngine` appears only in tests about HTTP and metrics plumbing that no model output
+can influence (readiness before load, the uninstrumented variant), and says so.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from fastapi.testclient import TestClient
+from prometheus_client import CollectorRegistry
+
+from slm_server.app import create_app
+from slm_server.engine import TransformersEngine
+from slm_server.logs import JsonFormatter
+from slm_server.settings import Settings
+from slm_server.tinymodel import ensure_tiny_model
+
+MODEL_NAME = "tiny"
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir() -> Path:
+    return ensure_tiny_model()
+
+
+@pytest.fixture(scope="session")
+def tiny_engine(tiny_model_dir: Path) -> TransformersEngine:
+    engine = TransformersEngine(Settings(model=str(tiny_model_dir), served_model_name=MODEL_NAME))
+    engine.load()
+    return engine
+
+
+def settings_for(model_dir: Path, **overrides: Any) -> Settings:
+    return Settings(model=str(model_dir), served_model_name=MODEL_NAME, **overrides)
+
+
+class Server:
+    """An app in process (TestClient, lifespan run), with its registry."""
+
+    def __init__(self, client: TestClient, registry: CollectorRegistry, settings: Settings):
+        self.client = client
+        self.registry = registry
+        self.settings = settings
+
+    def metric(self, name: str, labels: dict[str, str] | None = None) -> float | None:
+        return self.registry.get_sample_value(name, labels or {})
+
+
+@contextlib.contextmanager
+def serve(engine, settings: Settings, **kwargs: Any) -> Iterator[Server]:
+    registry = CollectorRegistry()
+    app = create_app(settings, engine=engine, registry=registry, **kwargs)
+    with TestClient(app, raise_server_exceptions=False) as client:
+        deadline = time.monotonic() + 30
+        while client.get("/readyz").status_code != 200:
+            assert time.monotonic() < deadline, "server not ready"
+            time.sleep(0.02)
+        yield Server(client, registry, settings)
+
+
+@pytest.fixture
+def server(tiny_engine: TransformersEngine, tiny_model_dir: Path) -> Iterator[Server]:
+    with serve(tiny_engine, settings_for(tiny_model_dir)) as srv:
+        yield srv
+
+
+@pytest.fixture
+def json_records(caplog: pytest.LogCaptureFixture):
+    """The log records of the test as the JSON objects the server writes."""
+    caplog.set_level(logging.INFO)
+    formatter = JsonFormatter()
+
+    def read(event: str | None = None) -> list[dict[str, Any]]:
+        docs = [json.loads(formatter.format(r)) for r in caplog.records]
+        return [d for d in docs if event is None or d.get("event") == event]
+
+    return read
+
+
+# --- a real server process -------------------------------------------------------------------------------------------
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ServerProcess:
+    def __init__(self, proc: subprocess.Popen, base_url: str, log_path: Path):
+        self.proc = proc
+        self.base_url = base_url
+        self.log_path = log_path
+
+    def lines(self) -> list[str]:
+        return self.log_path.read_text().splitlines()
+
+    def records(self) -> list[dict[str, Any]]:
+        return [json.loads(line) for line in self.lines() if line.strip()]
+
+
+@contextlib.contextmanager
+def server_process(model_dir: Path, tmp_path: Path, env: dict[str, str] | None = None) -> Iterator[ServerProcess]:
+    """`python -m slm_server` on a free loopback port; stdout+stderr into a file; stopped with SIGTERM."""
+    port = free_port()
+    log_path = tmp_path / f"server-{port}.log"
+    full_env = {
+        **os.environ,
+        "SLM_MODEL": str(model_dir),
+        "SLM_SERVED_MODEL_NAME": MODEL_NAME,
+        "SLM_HOST": "127.0.0.1",
+        "SLM_PORT": str(port),
+        **(env or {}),
+    }
+    with open(log_path, "w") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "slm_server"], env=full_env, stdout=out, stderr=subprocess.STDOUT, cwd=REPO_ROOT
+        )
+    base_url = f"http://127.0.0.1:{port}"
+    handle = ServerProcess(proc, base_url, log_path)
+    try:
+        deadline = time.monotonic() + 180  # importing torch on a busy 2-core machine is slow
+        while True:
+            assert proc.poll() is None, f"server exited early:\n{log_path.read_text()[-3000:]}"
+            assert time.monotonic() < deadline, f"server not ready:\n{log_path.read_text()[-3000:]}"
+            try:
+                if httpx.get(f"{base_url}/readyz", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            time.sleep(0.2)
+        yield handle
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()

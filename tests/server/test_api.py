@@ -1,0 +1,198 @@
+"""API behaviour with the real tiny model, in process (the lifespan runs)."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+from slm_server.engine import EchoEngine
+
+from .conftest import MODEL_NAME, serve, settings_for
+
+
+def test_generate_returns_text_token_counts_and_perplexity(server):
+    r = server.client.post("/generate", json={"prompt": "Return the number of items", "max_tokens": 12, "seed": 1})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["model"] == MODEL_NAME
+    assert body["prompt_tokens"] > 0
+    assert 1 <= body["output_tokens"] <= 12
+    assert body["finish_reason"] in ("stop", "length")
+    assert body["perplexity"] > 1.0
+    assert body["time_to_first_token_seconds"] > 0
+    assert r.headers["x-request-id"] == body["id"]
+
+
+def test_same_seed_same_text_and_greedy_is_repeatable(server):
+    def text(**kw):
+        return server.client.post("/generate", json={"prompt": "The file", "max_tokens": 10, **kw}).json()["text"]
+
+    assert text(seed=5) == text(seed=5)
+    assert text(temperature=0) == text(temperature=0)
+
+
+def test_max_new_tokens_is_accepted_as_the_seed_spelling(server):
+    body = server.client.post("/generate", json={"prompt": "A", "max_new_tokens": 3, "temperature": 0}).json()
+    assert body["output_tokens"] <= 3
+
+
+def test_stop_string_ends_the_text_before_it(server):
+    greedy = server.client.post(
+        "/generate", json={"prompt": "Return the", "max_tokens": 30, "temperature": 0, "return_token_ids": True}
+    ).json()
+    text = greedy["text"]
+    assert len(text) > 8, text
+    stop = text[len(text) // 2 : len(text) // 2 + 3]
+    stopped = server.client.post(
+        "/generate", json={"prompt": "Return the", "max_tokens": 30, "temperature": 0, "stop": [stop]}
+    ).json()
+    assert stopped["finish_reason"] == "stop"
+    assert stop not in stopped["text"]
+    assert text.startswith(stopped["text"])
+
+
+def test_a_client_request_id_is_kept(server):
+    r = server.client.post("/generate", json={"prompt": "x", "max_tokens": 1}, headers={"x-request-id": "abc-123"})
+    assert r.headers["x-request-id"] == "abc-123"
+    assert r.json()["id"] == "abc-123"
+
+
+def test_completions_follow_the_openai_shape(server):
+    r = server.client.post("/v1/completions", json={"model": MODEL_NAME, "prompt": "Return the", "max_tokens": 5})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["object"] == "text_completion" and body["id"].startswith("cmpl-")
+    assert body["choices"][0]["finish_reason"] in ("stop", "length")
+    usage = body["usage"]
+    assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
+    assert usage["completion_tokens"] <= 5
+
+
+def test_chat_uses_the_tokenizer_chat_template(server, tiny_engine):
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is a list?"}]
+    r = server.client.post("/v1/chat/completions", json={"model": MODEL_NAME, "messages": messages, "max_tokens": 4})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["object"] == "chat.completion"
+    assert body["choices"][0]["message"]["role"] == "assistant"
+    templated = tiny_engine.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    assert body["usage"]["prompt_tokens"] == len(tiny_engine.tokenizer.encode(templated, add_special_tokens=False))
+
+
+def test_chat_accepts_content_parts_and_max_completion_tokens(server):
+    messages = [{"role": "user", "content": [{"type": "text", "text": "Hello"}, {"type": "text", "text": " there"}]}]
+    r = server.client.post(
+        "/v1/chat/completions", json={"model": MODEL_NAME, "messages": messages, "max_completion_tokens": 2}
+    )
+    assert r.status_code == 200, r.text
+    assert r.json()["usage"]["completion_tokens"] <= 2
+
+
+def test_streamed_chat_arrives_as_server_sent_events(server):
+    with server.client.stream(
+        "POST",
+        "/v1/chat/completions",
+        json={
+            "model": MODEL_NAME,
+            "messages": [{"role": "user", "content": "Hi"}],
+            "max_tokens": 8,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        },
+    ) as r:
+        assert r.status_code == 200
+        assert r.headers["content-type"].startswith("text/event-stream")
+        frames = [line for line in r.iter_lines() if line.startswith("data: ")]
+    assert frames[-1] == "data: [DONE]"
+    assert '"role":"assistant"' in frames[0]
+    assert any('"finish_reason":"' in f for f in frames)
+    assert '"usage"' in frames[-2]
+
+
+def test_models_lists_the_served_model_with_its_context(server):
+    body = server.client.get("/v1/models").json()
+    assert body["object"] == "list"
+    assert body["data"][0]["id"] == MODEL_NAME
+    assert body["data"][0]["max_model_len"] == 256
+
+
+def test_openapi_document_lists_every_route(server):
+    paths = server.client.get("/openapi.json").json()["paths"]
+    for path in ("/generate", "/v1/completions", "/v1/chat/completions", "/v1/models", "/healthz", "/readyz"):
+        assert path in paths
+    assert "/admin/faults" not in paths  # fault injection cannot be reached in the default configuration
+
+
+def test_health_and_readiness(server):
+    assert server.client.get("/healthz").json() == {"status": "ok"}
+    assert server.client.get("/readyz").json() == {"status": "ready", "model": MODEL_NAME}
+
+
+class _SlowLoadingEngine(EchoEngine):
+    """Plumbing only (readiness before load): an engine whose load waits for the test's signal."""
+
+    def __init__(self):
+        super().__init__()
+        self.release = threading.Event()
+
+    def load(self) -> None:
+        self.release.wait(10)
+        super().load()
+
+
+def test_readiness_is_503_until_the_model_is_loaded(tiny_model_dir):
+    from fastapi.testclient import TestClient
+    from prometheus_client import CollectorRegistry
+
+    from slm_server.app import create_app
+
+    engine = _SlowLoadingEngine()
+    app = create_app(settings_for(tiny_model_dir), engine=engine, registry=CollectorRegistry())
+    with TestClient(app) as client:
+        r = client.get("/readyz")
+        assert r.status_code == 503 and r.headers["retry-after"]
+        assert client.get("/healthz").status_code == 200  # alive while loading
+        gen = client.post("/generate", json={"prompt": "x"})
+        assert gen.status_code == 503 and "not loaded" in gen.json()["error"]["message"]
+        engine.release.set()
+        deadline = time.monotonic() + 10
+        while client.get("/readyz").status_code != 200:
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+
+
+def test_a_model_that_fails_to_load_fails_liveness(tiny_model_dir, tmp_path, json_records):
+    from fastapi.testclient import TestClient
+    from prometheus_client import CollectorRegistry
+
+    from slm_server.app import create_app
+    from slm_server.settings import Settings
+
+    app = create_app(
+        Settings(model=str(tmp_path / "no-such-model"), served_model_name="x"), registry=CollectorRegistry()
+    )
+    with TestClient(app) as client:
+        deadline = time.monotonic() + 60
+        while client.get("/healthz").status_code == 200:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        assert client.get("/readyz").json()["status"] == "failed"
+    failed = json_records("model_load_failed")
+    assert len(failed) == 1 and failed[0]["exception.stacktrace"]
+
+
+def test_concurrent_requests_all_complete(tiny_engine, tiny_model_dir):
+    with serve(tiny_engine, settings_for(tiny_model_dir, max_concurrent_requests=2, max_queued_requests=8)) as srv:
+        results: list[int] = []
+
+        def call():
+            results.append(srv.client.post("/generate", json={"prompt": "The", "max_tokens": 5}).status_code)
+
+        threads = [threading.Thread(target=call) for _ in range(6)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert results == [200] * 6
+        assert srv.metric("slm_requests_in_flight", {"model": MODEL_NAME}) == 0
+        assert srv.metric("slm_requests_queued", {"model": MODEL_NAME}) == 0
