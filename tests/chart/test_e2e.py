@@ -8,12 +8,14 @@ chart's ServiceAccount: the RBAC it meets is the chart's, nothing more.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
 import sys
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -187,12 +189,12 @@ def test_subject_access_reviews_distinguish_identities(release: Release) -> None
 
 # --- the operator under the chart's identity ----------------------------------------------------------
 
-@pytest.fixture
-def operator_process(release: Release, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
-    """`slm-operator --all-namespaces` as a process, authenticated only by a token of the chart's
-    ServiceAccount (it cannot run in a pod here: KWOK fakes pods)."""
+@contextlib.contextmanager
+def running_operator(release: Release, workdir: Path, *scope: str) -> Iterator[dict[str, Any]]:
+    """`slm-operator <scope>` as a process, authenticated only by a token of the chart's ServiceAccount
+    (it cannot run in a pod here: KWOK fakes pods)."""
     kubeconfig = release.cluster.kubeconfig_for_service_account(release.namespace, release.operator)
-    log = tmp_path_factory.mktemp("operator") / "operator.log"
+    log = workdir / "operator.log"
     health, metrics = free_port(), free_port()
     env = {
         **os.environ,
@@ -204,8 +206,7 @@ def operator_process(release: Release, tmp_path_factory: pytest.TempPathFactory)
     }
     with log.open("w") as out:
         process = subprocess.Popen(
-            [sys.executable, "-m", "slm_operator.cli", "--all-namespaces", f"--health-port={health}",
-             f"--metrics-port={metrics}"],
+            [sys.executable, "-m", "slm_operator.cli", *scope, f"--health-port={health}", f"--metrics-port={metrics}"],
             stdout=out, stderr=subprocess.STDOUT, env=env, cwd=REPO_ROOT,
         )
     try:
@@ -218,6 +219,19 @@ def operator_process(release: Release, tmp_path_factory: pytest.TempPathFactory)
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait(timeout=10)
+
+
+@pytest.fixture
+def operator_process(release: Release, tmp_path: Path) -> Iterator[dict[str, Any]]:
+    with running_operator(release, tmp_path, "--all-namespaces") as operator:
+        yield operator
+
+
+def assert_never_forbidden(operator: dict[str, Any]) -> None:
+    assert operator["process"].poll() is None, operator["log"].read_text()[-3000:]
+    log = operator["log"].read_text()
+    forbidden = [line for line in log.splitlines() if "forbidden" in line.lower() or " 403" in line]
+    assert not forbidden, "\n".join(forbidden[:20])
 
 
 def _http_ok(url: str) -> bool:
@@ -291,10 +305,7 @@ def test_operator_with_the_chart_rbac_reconciles_the_examples(
         cluster.kubectl("get", "alertmanagerconfig", "-n", namespace, "-l", f"app.kubernetes.io/instance={other}")
         assert cluster.kubectl_json("get", "alertmanagerconfigs", "-n", namespace)["items"]
 
-        assert operator_process["process"].poll() is None, operator_process["log"].read_text()[-3000:]
-        log = operator_process["log"].read_text()
-        forbidden = [line for line in log.splitlines() if "forbidden" in line.lower() or " 403" in line]
-        assert not forbidden, "\n".join(forbidden[:20])
+        assert_never_forbidden(operator_process)
 
         for example in (name, other):
             cluster.kubectl("delete", "slmdeployment", example, "-n", namespace, "--wait=true", "--timeout=60s")
@@ -305,7 +316,12 @@ def test_operator_with_the_chart_rbac_reconciles_the_examples(
 
 # --- upgrade and uninstall --------------------------------------------------------------------------
 
-def test_upgrade_to_namespaced_mode_and_back(release: Release) -> None:
+def test_upgrade_to_namespaced_mode_runs_the_operator_on_roles_only_and_back(
+    release: Release, tmp_path: Path,
+) -> None:
+    """After `helm upgrade` to namespaced mode the operator's permissions on namespaced objects come
+    from a Role in the watched namespace only, and the operator, run with `--namespace`, still
+    reconciles there; upgrading back restores the cluster-wide mode and removes the Role."""
     cluster = release.cluster
     watched = cluster.new_namespace("slm-watched")
     release.helm("upgrade", release.name, str(CHART), "--wait", "--timeout", "180s",
@@ -318,6 +334,17 @@ def test_upgrade_to_namespaced_mode_and_back(release: Release) -> None:
                                  namespace=watched)
     assert not subject_access_review(cluster, release.user, verb="create", group="apps", resource="deployments",
                                      namespace="elsewhere")
+    assert not subject_access_review(cluster, release.user, verb="watch", group="slm.dev", resource="slmdeployments")
+
+    tiny = yaml.safe_load((REPO_ROOT / "examples" / "tiny-cpu.yaml").read_text())
+    with running_operator(release, tmp_path, f"--namespace={watched}") as operator:
+        cluster.kubectl("apply", "-n", watched, "-f", "-", input=json.dumps(tiny))
+        name = tiny["metadata"]["name"]
+        wait_for("MonitoringReady=True in the watched namespace",
+                 lambda: _has_condition(cluster, watched, name, type="MonitoringReady", status="True"), timeout=90)
+        cluster.kubectl("get", "deployment,service,servicemonitor,prometheusrule", name, "-n", watched)
+        assert_never_forbidden(operator)
+        cluster.kubectl("delete", "slmdeployment", name, "-n", watched, "--wait=true", "--timeout=60s")
 
     release.helm("upgrade", release.name, str(CHART), "--wait", "--timeout", "180s", "--reset-values")
     assert not cluster.kubectl("get", "roles", "-n", watched, "-o", "name").stdout.strip()

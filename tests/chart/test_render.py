@@ -156,7 +156,7 @@ def test_namespaced_mode_passes_one_flag_per_namespace_and_grants_roles_only_the
     cluster_rules = one(docs, "ClusterRole", "-operator")["rules"]
     cluster_resources = {res for rule in cluster_rules for res in rule["resources"]}
     # Only what is cluster-scoped (or read across namespaces) stays cluster-wide.
-    assert cluster_resources == {"nodes", "customresourcedefinitions", "prometheuses"}
+    assert cluster_resources == {"nodes", "customresourcedefinitions", "prometheuses", "namespaces"}
     # rbac.secretReferenceChecks=false in this variant.
     assert not any("secrets" in rule["resources"] for role in roles for rule in role["rules"])
 

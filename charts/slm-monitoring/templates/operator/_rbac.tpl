@@ -67,6 +67,11 @@ always in a ClusterRole.
 - apiGroups: ["monitoring.coreos.com"]
   resources: ["prometheuses"]
   verbs: ["get", "list", "watch"]
-{{- /* No `namespaces` rule: kopf watches namespaces only for glob patterns, which the operator never
-passes (the e2e test runs it in both modes without one and finds no Forbidden answer). */}}
+{{- if not (include "slm-monitoring.operator.clusterWide" .) }}
+# With --namespace, kopf lists and watches namespaces to follow the watched ones appearing and going
+# (names only). Serving all namespaces it does not: no such rule then (both proved by the e2e tests).
+- apiGroups: [""]
+  resources: ["namespaces"]
+  verbs: ["list", "watch"]
+{{- end }}
 {{- end }}
