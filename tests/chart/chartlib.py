@@ -135,7 +135,12 @@ class _CrdLoader(yaml.CSafeLoader):
     Operator CRDs list `=` among their enum values (label matchers). Keep it a string."""
 
 
-_CrdLoader.add_constructor("tag:yaml.org,2002:value", lambda loader, node: loader.construct_scalar(node))
+def _value_as_string(loader: yaml.SafeLoader, node: yaml.Node) -> str:
+    assert isinstance(node, yaml.ScalarNode)
+    return str(loader.construct_scalar(node))
+
+
+_CrdLoader.add_constructor("tag:yaml.org,2002:value", _value_as_string)
 
 
 @functools.cache

@@ -427,3 +427,25 @@ def test_notes_warn_when_the_prometheus_operator_is_missing_and_say_crds_are_not
     assert "never upgrades them" in without
     with_api = _notes(notes_chart, "--api-versions", "monitoring.coreos.com/v1/ServiceMonitor")
     assert "does not serve" not in with_api
+
+
+def test_operator_alerts_use_only_metrics_the_operator_exports(full_docs: list[dict[str, Any]]) -> None:
+    """Contract: every series the operator-health rules read is `up` or a metric registered by
+    slm_operator.metrics (fails when a metric is renamed)."""
+    import re
+
+    from prometheus_client import CollectorRegistry
+
+    from slm_operator import metrics as operator_metrics
+
+    rule = one(full_docs, "PrometheusRule", "-operator")
+    exprs = " ".join(r["expr"] for g in rule["spec"]["groups"] for r in g["rules"])
+    used = set(re.findall(r"([a-zA-Z_:][a-zA-Z0-9_:]*)\{", exprs)) - {"up"}
+    assert used, exprs
+    exported: set[str] = set()
+    for collector in (operator_metrics.RECONCILES, operator_metrics.RECONCILE_DURATION):
+        registry = CollectorRegistry()
+        registry.register(collector)
+        for family in registry.collect():
+            exported |= {family.name + suffix for suffix in ("", "_total", "_bucket", "_count", "_sum")}
+    assert used <= exported, f"not exported by the operator: {used - exported}"
