@@ -17,6 +17,8 @@ from slm_operator.spec import Parent
 from tests.operator.conftest import EXAMPLES, load_example
 
 GOLDEN = Path(__file__).parent / "golden"
+# Pinned byte for byte; every other example is still checked by the property tests below.
+GOLDEN_EXAMPLES = [p for p in EXAMPLES if p.stem in ("phi-mini", "tiny-cpu", "with-notifications")]
 UID = "00000000-0000-4000-8000-000000000001"
 IMAGE = "registry.example/slm-server:1.0"
 
@@ -40,7 +42,7 @@ def container(deployment: dict[str, Any]) -> dict[str, Any]:
 
 
 @pytest.mark.usefixtures("monitoring_renderers")
-@pytest.mark.parametrize("example", EXAMPLES, ids=lambda p: p.stem)
+@pytest.mark.parametrize("example", GOLDEN_EXAMPLES, ids=lambda p: p.stem)
 @pytest.mark.parametrize("kind", ["Deployment", "Service", "PodDisruptionBudget", "ServiceMonitor"])
 def test_kubernetes_objects_match_golden_files(example: Path, kind: str) -> None:
     rendered = yaml.safe_dump(by_kind(children_of(example))[kind], sort_keys=True)
