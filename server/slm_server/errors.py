@@ -44,12 +44,6 @@ class ModelNotFound(ServerError):
     error_kind = "invalid_input"
 
 
-class BodyTooLarge(ServerError):
-    status = 413
-    type = "invalid_request_error"
-    error_kind = "invalid_input"
-
-
 class Overloaded(ServerError):
     status = 429
     type = "rate_limit_error"
@@ -116,6 +110,8 @@ def install_error_handlers(app: FastAPI) -> None:
 
     async def on_http_error(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, StarletteHTTPException)
+        if 400 <= exc.status_code < 500:
+            _count(request, "invalid_input")
         return JSONResponse(
             error_body(exc.status_code, str(exc.detail), "invalid_request_error"),
             status_code=exc.status_code,

@@ -16,9 +16,10 @@ import os
 import time
 from typing import Any
 
+from fastapi import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from slm_server.errors import BodyTooLarge, error_body
+from slm_server.errors import error_body
 from slm_server.logs import parse_traceparent
 from slm_server.metrics import ServerMetrics
 from slm_server.service import RequestRecord
@@ -93,7 +94,9 @@ class MonitoringMiddleware:
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
                 if seen > limit:
-                    raise BodyTooLarge(f"request body exceeds the limit of {limit} bytes (max_body_bytes)")
+                    # An HTTPException, because FastAPI re-raises only those from body reading
+                    # (anything else becomes a 400 "error parsing the body").
+                    raise HTTPException(413, f"request body exceeds the limit of {limit} bytes (max_body_bytes)")
             return message
 
         return limited_receive

@@ -1,0 +1,175 @@
+"""JSON log lines: one per API request with the model fields, outputs under the policy, system events."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+
+import pytest
+
+from slm_server.logs import JsonFormatter, configure_logging, parse_traceparent
+from slm_server.settings import Settings
+
+from .conftest import MODEL_NAME, serve, settings_for
+
+TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
+TRACEPARENT = f"00-{TRACE_ID}-00f067aa0ba902b7-01"
+
+REQUEST_FIELDS = {
+    "timestamp", "level", "logger", "message", "event", "request_id", "http.request.method", "http.route",
+    "http.response.status_code", "latency_s", "trace_id", "span_id", "gen_ai.operation.name", "gen_ai.request.model",
+    "gen_ai.response.model", "gen_ai.request.max_tokens", "gen_ai.request.temperature", "gen_ai.request.top_p",
+    "gen_ai.usage.input_tokens", "gen_ai.usage.output_tokens", "gen_ai.response.finish_reasons",
+    "gen_ai.server.time_to_first_token", "gen_ai.server.time_per_output_token", "slm.perplexity", "slm.queue_time_s",
+    "slm.stream", "gen_ai.output.length", "gen_ai.output.sha256",
+}  # fmt: skip
+
+
+def _generate(client, **extra):
+    return client.post(
+        "/generate",
+        json={"prompt": "Return the number", "max_tokens": 8, "temperature": 0, **extra},
+        headers={"traceparent": TRACEPARENT},
+    )
+
+
+def test_a_request_line_has_every_field(server, json_records):
+    r = _generate(server.client)
+    body = r.json()
+    line = next(d for d in json_records("request") if d["request_id"] == body["id"])
+    assert set(line) >= REQUEST_FIELDS, REQUEST_FIELDS - set(line)
+    assert line["trace_id"] == TRACE_ID
+    assert line["http.route"] == "/generate"
+    assert line["http.response.status_code"] == 200
+    assert line["gen_ai.request.model"] == MODEL_NAME
+    assert line["gen_ai.usage.output_tokens"] == body["output_tokens"]
+    assert line["gen_ai.response.finish_reasons"] == [body["finish_reason"]]
+    assert line["slm.perplexity"] == pytest.approx(body["perplexity"])
+    assert line["gen_ai.output.sha256"] == hashlib.sha256(body["text"].encode()).hexdigest()
+    assert line["gen_ai.output.length"] == len(body["text"])
+    assert "gen_ai.output.text" not in line  # the default policy never writes the text
+
+
+def test_streamed_requests_are_logged_with_their_generation_fields(server, json_records):
+    r = server.client.post(
+        "/v1/chat/completions",
+        json={"model": MODEL_NAME, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 5, "stream": True},
+    )
+    line = next(d for d in json_records("request") if d["request_id"] == r.headers["x-request-id"])
+    assert line["slm.stream"] is True
+    assert line["gen_ai.operation.name"] == "chat"
+    assert line["gen_ai.usage.output_tokens"] >= 1
+    assert "gen_ai.server.time_to_first_token" in line
+
+
+def test_probes_are_not_logged_by_default_and_failures_are_errors(server, json_records):
+    server.client.get("/healthz")
+    server.client.post("/generate", json={})
+    lines = json_records("request")
+    assert all(d["http.route"] != "/healthz" for d in lines)
+    invalid = [d for d in lines if d["http.response.status_code"] == 422]
+    assert len(invalid) == 1 and invalid[0]["level"] == "info"
+
+
+@pytest.mark.parametrize(
+    ("policy", "expected", "absent"),
+    [
+        ("none", set(), {"gen_ai.output.length", "gen_ai.output.sha256", "gen_ai.output.text"}),
+        ("hash", {"gen_ai.output.length", "gen_ai.output.sha256"}, {"gen_ai.output.text"}),
+        ("truncated", {"gen_ai.output.text", "gen_ai.output.truncated"}, {"gen_ai.output.sha256"}),
+        ("full", {"gen_ai.output.text"}, {"gen_ai.output.sha256", "gen_ai.output.truncated"}),
+    ],
+)
+def test_output_log_policy(tiny_engine, tiny_model_dir, json_records, policy, expected, absent):
+    settings = settings_for(tiny_model_dir, log_outputs=policy, log_truncate_chars=5)
+    with serve(tiny_engine, settings) as srv:
+        body = _generate(srv.client, max_tokens=20).json()
+    line = next(d for d in json_records("request") if d["request_id"] == body["id"])
+    assert expected <= set(line)
+    assert not absent & set(line)
+    if policy == "truncated":
+        assert line["gen_ai.output.text"] == body["text"][:5]
+    if policy == "full":
+        assert line["gen_ai.output.text"] == body["text"]
+
+
+def test_output_sample_rate_zero_logs_no_output(tiny_engine, tiny_model_dir, json_records):
+    with serve(tiny_engine, settings_for(tiny_model_dir, log_outputs="full", log_sample_rate=0.0)) as srv:
+        body = _generate(srv.client).json()
+    line = next(d for d in json_records("request") if d["request_id"] == body["id"])
+    assert "gen_ai.output.text" not in line
+    assert "gen_ai.usage.output_tokens" in line  # the request itself is always logged
+
+
+def test_system_events_start_model_loaded_and_shutdown(tiny_engine, tiny_model_dir, json_records):
+    with serve(tiny_engine, settings_for(tiny_model_dir)):
+        pass
+    assert len(json_records("startup")) == 1
+    loaded = json_records("model_loaded")
+    assert len(loaded) == 1
+    assert loaded[0]["slm.load_seconds"] >= 0 and loaded[0]["slm.device"] == "cpu"
+    assert len(json_records("shutdown")) == 2  # draining, then stopped
+
+
+def test_overload_is_logged_once_per_burst(tiny_engine, tiny_model_dir, json_records):
+    import threading
+
+    settings = settings_for(
+        tiny_model_dir,
+        max_concurrent_requests=1,
+        max_queued_requests=0,
+        fault_injection=True,
+        fault_latency_seconds=1.0,
+    )
+    with serve(tiny_engine, settings) as srv:
+        threads = [
+            threading.Thread(target=lambda: srv.client.post("/generate", json={"prompt": "x", "max_tokens": 1}))
+            for _ in range(4)
+        ]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    overloaded = json_records("overloaded")
+    assert len(overloaded) == 1
+    assert "overloaded" in overloaded[0]["message"]
+
+
+def test_formatter_writes_one_json_object_per_line_with_the_stack_trace():
+    stream = io.StringIO()
+    handler = configure_logging(Settings(), stream=stream)
+    try:
+        try:
+            raise RuntimeError("boom")
+        except RuntimeError:
+            logging.getLogger("slm_server.test").exception("failed", extra={"fields": {"event": "error"}})
+        logging.getLogger("uvicorn.error").info("Uvicorn running")
+    finally:
+        logging.getLogger().removeHandler(handler)
+    lines = stream.getvalue().splitlines()
+    first, second = (json.loads(line) for line in lines)
+    assert first["event"] == "error" and first["exception.type"] == "RuntimeError"
+    assert "raise RuntimeError" in first["exception.stacktrace"]
+    assert second["logger"] == "uvicorn.error" and second["message"] == "Uvicorn running"
+    assert first["timestamp"].endswith("Z")
+
+
+@pytest.mark.parametrize(
+    ("header", "expected"),
+    [
+        (TRACEPARENT, (TRACE_ID, "00f067aa0ba902b7")),
+        ("00-00000000000000000000000000000000-00f067aa0ba902b7-01", (None, None)),
+        ("garbage", (None, None)),
+        ("00-xyz-00f067aa0ba902b7-01", (None, None)),
+    ],
+)
+def test_traceparent_parsing(header, expected):
+    assert parse_traceparent(header) == expected
+
+
+def test_json_formatter_is_used_for_records_without_fields():
+    record = logging.LogRecord("x", logging.WARNING, __file__, 1, "plain %s", ("message",), None)
+    doc = json.loads(JsonFormatter().format(record))
+    assert doc["message"] == "plain message" and doc["level"] == "warning"
