@@ -23,7 +23,7 @@ import yaml
 
 from slm_operator.devenv import tools
 from slm_operator.devenv.cluster import ClusterBase, free_port, wait_for
-from tests.chart.chartlib import CHART, REPO_ROOT
+from tests.chart.chartlib import CHART, CI_VALUES, REPO_ROOT, render
 
 pytestmark = pytest.mark.e2e
 
@@ -113,6 +113,27 @@ def test_helm_test_passes(release: Release) -> None:
     assert not release.cluster.kubectl(
         "get", "jobs", "-n", release.namespace, "-l", "app.kubernetes.io/component=test", "-o", "name"
     ).stdout.strip()
+
+
+@pytest.mark.parametrize("values", CI_VALUES, ids=lambda p: p.name)
+def test_every_ci_variant_passes_a_server_side_dry_run(release: Release, values: Path) -> None:
+    """The API server (schemas, CRDs, admission) accepts every object of every ci/ variant. Namespaces
+    the variants name are pointed at the release's own, which exists."""
+    rendered = render(values=[values], release=f"dry-{values.name.split('-')[0]}", namespace=release.namespace,
+                      set_values=[f"operator.watchNamespaces={{{release.namespace}}}"]
+                      if "namespaced" in values.name else [f"dashboards.namespace={release.namespace}"])
+    result = release.cluster.kubectl("apply", "--dry-run=server", "-n", release.namespace, "-f", "-",
+                                     input=rendered, check=False)
+    assert result.returncode == 0, result.stderr
+    assert "created (server dry run)" in result.stdout
+
+
+def test_the_documented_crd_upgrade_command_works(release: Release) -> None:
+    """README: Helm never upgrades CRDs; `helm show crds … | kubectl apply --server-side` does."""
+    crds = release.helm("show", "crds", str(CHART)).stdout
+    assert "slmdeployments.slm.dev" in crds
+    result = release.cluster.kubectl("apply", "--server-side", "--force-conflicts", "-f", "-", input=crds)
+    assert "slmdeployments.slm.dev serverside-applied" in result.stdout
 
 
 # --- what the ServiceAccount may do ----------------------------------------------------------------
