@@ -116,9 +116,10 @@ def render_alertmanager_config_spec(
             # deployment's (or another application's) alerts in the same namespace out.
             "matchers": [_matcher("job", name), _matcher("alertname", "SLM.+", "=~")],
             "groupBy": list(GROUP_BY),
-            "groupWait": GROUP_WAIT,
-            "groupInterval": GROUP_INTERVAL,
-            "repeatInterval": REPEAT_INTERVAL,
+            # Timing from the resource (the CRD defaults to these constants); a test or demo shortens it.
+            "groupWait": str(notifications.get("groupWait") or GROUP_WAIT),
+            "groupInterval": str(notifications.get("groupInterval") or GROUP_INTERVAL),
+            "repeatInterval": str(notifications.get("repeatInterval") or REPEAT_INTERVAL),
             "routes": routes,
         },
         "receivers": receivers,
