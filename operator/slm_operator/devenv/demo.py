@@ -228,12 +228,13 @@ class Demo:
 
             with p.step("Drive bounded load and wait for the target and the recording rules to have data"):
                 load = dataplane.LoadGenerator(server.url, rate=4, concurrency=2, limit=3000,
-                                               body={"prompt": "The history of the city", "max_tokens": 8})
+                                               body={"model": server.env.get("SLM_MODEL_NAME", "tiny-gpt2"),
+                                                     "prompt": "The history of the city", "max_tokens": 8})
                 stack.callback(load.stop)
                 load.start()
                 wait_for("the scrape target to be up", prometheus.targets_up, timeout=60)
-                wait_for("request rate data", lambda: bool(prometheus.query(
-                    f'sum(rate(api_requests_total{{namespace="{NAMESPACE}",job="{DEMO}"}}[30s])) > 0')),
+                wait_for("successful requests in Prometheus", lambda: bool(prometheus.query(
+                    f'sum(rate(api_requests_total{{namespace="{NAMESPACE}",job="{DEMO}",status="200"}}[30s])) > 0')),
                     timeout=90)
                 self.summary.add("scrape targets up", "1/1")
 
