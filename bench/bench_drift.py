@@ -55,6 +55,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
 import urllib.parse
 import urllib.request
 from collections import deque
@@ -668,7 +669,7 @@ def write_openmetrics(path: Path, all_series: list[PromSeries], t0: float) -> in
         stamps = [f"{t0 + x:.0f}" for x in scrapes]
         for name, values in cum.items():
             at = np.where(upto > 0, values[np.maximum(upto - 1, 0)], 0.0)
-            families[name].extend(f"{name}{{{labels}}} {v:.6g} {ts}" for v, ts in zip(at, stamps, strict=True))
+            families[name].extend(f"{name}{{{labels}}} {v:.10g} {ts}" for v, ts in zip(at, stamps, strict=True))
     lines = 0
     with path.open("w") as out:
         for name, samples in families.items():
@@ -733,14 +734,27 @@ class Prometheus:
             self.proc = None
             self.log.close()
 
-    def query_range(self, expr: str, start: float, end: float, step: float) -> list[dict[str, Any]]:
-        params = urllib.parse.urlencode({"query": expr, "start": start, "end": end, "step": step})
-        with urllib.request.urlopen(f"{self.url}/api/v1/query_range?{params}", timeout=600) as resp:  # noqa: S310
-            body = json.load(resp)
-        if body.get("status") != "success":
-            raise RuntimeError(f"query failed: {body}")
-        result: list[dict[str, Any]] = body["data"]["result"]
-        return result
+    def query_range(self, expr: str, start: float, end: float, step: float) -> list[list[Any]]:
+        """The [timestamp, value] pairs of the expression's (single) series, in chunks under the API's
+        11,000-points-per-series limit."""
+        values: list[list[Any]] = []
+        chunk = 10_000 * step
+        at = start
+        while at <= end:
+            stop = min(end, at + chunk - step)
+            params = urllib.parse.urlencode({"query": expr, "start": at, "end": stop, "step": step})
+            try:
+                with urllib.request.urlopen(f"{self.url}/api/v1/query_range?{params}", timeout=600) as resp:  # noqa: S310
+                    body = json.load(resp)
+            except urllib.error.HTTPError as exc:
+                raise RuntimeError(f"query failed: {exc.read().decode(errors='replace')}") from exc
+            result = body["data"]["result"]
+            if len(result) > 1:
+                raise RuntimeError(f"expected one series from {expr!r}, got {len(result)}")
+            if result:
+                values.extend(result[0]["values"])
+            at = stop + step
+        return values
 
 
 def _firing_times(values: list[list[Any]], for_s: float) -> list[float]:
@@ -824,7 +838,16 @@ def promql_detector(
         samples = write_openmetrics(om, all_series, t0)
         (work / "data").mkdir()
         subprocess.run(
-            [promtool, "tsdb", "create-blocks-from", "openmetrics", str(om), str(work / "data")],
+            # One block for the whole range (the default 2h blocks make hundreds, slowly); a hidden flag.
+            [
+                promtool,
+                "tsdb",
+                "create-blocks-from",
+                "openmetrics",
+                "--max-block-duration=2400h",
+                str(om),
+                str(work / "data"),
+            ],
             check=True,
             capture_output=True,
         )
@@ -846,6 +869,7 @@ def promql_detector(
                     f"--url={prom.url}",
                     f"--output-dir={out}",
                     f"--eval-interval={interval:.0f}s",
+                    "--max-block-duration=2400h",  # hidden flag: one block per rule, not one per 2h
                     str(rule_file),
                 ],
                 check=True,
@@ -862,8 +886,7 @@ def promql_detector(
         for s in all_series:
             for alert_name in PROMQL_ALERT.values():
                 expr = alert_exprs[(s.job, alert_name)]
-                found = prom.query_range(expr, t0 + interval, end, interval)
-                per_series_values[(s.job, alert_name)] = found[0]["values"] if found else []
+                per_series_values[(s.job, alert_name)] = prom.query_range(expr, t0 + interval, end, interval)
         for for_text in fors:
             for_s = parse_duration(for_text)
             outcomes = {(kind, size): Outcome(f"promql for {for_text}", kind, size) for kind, size in drifts}
