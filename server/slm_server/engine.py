@@ -168,6 +168,8 @@ class TransformersEngine(Engine):
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()  # progress bars are not JSON lines
+        hf_logging.disable_default_handler()  # transformers' messages go through our JSON handler
+        hf_logging.enable_propagation()
         source = self._resolve_source()
         requested = self.settings.device
         device = ("cuda" if torch.cuda.is_available() else "cpu") if requested == "auto" else requested

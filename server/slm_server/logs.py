@@ -64,6 +64,7 @@ def configure_logging(settings: Settings, stream: TextIO | None = None) -> loggi
     # Requests are logged by the server's own middleware, with the model fields; uvicorn's access
     # lines would only repeat them without.
     logging.getLogger("uvicorn.access").disabled = True
+    logging.captureWarnings(True)  # Python warnings become JSON lines too (logger py.warnings)
     for noisy in ("httpx", "httpx2", "httpcore", "urllib3", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     return handler

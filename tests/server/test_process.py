@@ -1,0 +1,113 @@
+"""The server as a real process (uvicorn on a free loopback port), driven by the official `openai` client."""
+
+from __future__ import annotations
+
+import signal
+import threading
+import time
+
+import httpx
+import openai
+import pytest
+
+from .conftest import MODEL_NAME, server_process
+
+pytestmark = pytest.mark.dataplane
+
+
+@pytest.fixture(scope="module")
+def live(tiny_model_dir, tmp_path_factory):
+    with server_process(tiny_model_dir, tmp_path_factory.mktemp("live")) as proc:
+        yield proc
+
+
+@pytest.fixture
+def client(live):
+    return openai.OpenAI(base_url=f"{live.base_url}/v1", api_key="unused", max_retries=0, timeout=60)
+
+
+def test_openai_client_streams_a_completion(client):
+    stream = client.completions.create(
+        model=MODEL_NAME,
+        prompt="Return the number of",
+        max_tokens=12,
+        stream=True,
+        stream_options={"include_usage": True},
+        seed=4,
+    )
+    chunks = list(stream)
+    text = "".join(c.choices[0].text for c in chunks if c.choices)
+    finishes = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert finishes and finishes[-1] in ("stop", "length")
+    usage = chunks[-1].usage
+    assert usage is not None and 1 <= usage.completion_tokens <= 12
+    # The same request without streaming gives the same text (same seed).
+    whole = client.completions.create(model=MODEL_NAME, prompt="Return the number of", max_tokens=12, seed=4)
+    assert whole.choices[0].text == text
+
+
+def test_openai_client_streams_a_chat(client):
+    stream = client.chat.completions.create(
+        model=MODEL_NAME, messages=[{"role": "user", "content": "What does open() return?"}], max_tokens=10, stream=True
+    )
+    chunks = list(stream)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    content = "".join(c.choices[0].delta.content or "" for c in chunks)
+    assert chunks[-1].choices[0].finish_reason in ("stop", "length")
+    assert isinstance(content, str)
+
+
+def test_openai_client_non_streaming_and_models(client):
+    chat = client.chat.completions.create(model=MODEL_NAME, messages=[{"role": "user", "content": "Hi"}], max_tokens=3)
+    assert chat.choices[0].message.role == "assistant"
+    assert chat.usage.completion_tokens <= 3
+    assert [m.id for m in client.models.list()] == [MODEL_NAME]
+
+
+def test_openai_client_surfaces_errors(client):
+    with pytest.raises(openai.NotFoundError, match="does not exist"):
+        client.completions.create(model="nope", prompt="x")
+    with pytest.raises(openai.BadRequestError, match="maximum is 512"):
+        client.completions.create(model=MODEL_NAME, prompt="x", max_tokens=100_000)
+    with pytest.raises(openai.UnprocessableEntityError, match="temperature"):
+        client.completions.create(model=MODEL_NAME, prompt="x", temperature=9)
+
+
+def test_every_output_line_is_json_uvicorn_included(live, client):
+    client.completions.create(model=MODEL_NAME, prompt="x", max_tokens=2)
+    httpx.get(f"{live.base_url}/metrics")
+    records = live.records()  # fails on any line that is not JSON
+    loggers = {r["logger"] for r in records}
+    assert "uvicorn.error" in loggers  # "Uvicorn running on ...", routed into the JSON handler
+    events = {r.get("event") for r in records}
+    assert {"startup", "gpu_missing", "model_loaded", "request"} <= events
+
+
+def test_metrics_scrape_over_http(live, client):
+    client.completions.create(model=MODEL_NAME, prompt="x", max_tokens=2)
+    r = httpx.get(f"{live.base_url}/metrics")
+    assert r.status_code == 200
+    assert r.headers["content-type"].startswith("text/plain")
+    assert 'api_requests_total{endpoint="/v1/completions",status="200"}' in r.text
+
+
+def test_sigterm_drains_in_flight_requests_then_exits(tiny_model_dir, tmp_path):
+    env = {"SLM_FAULT_INJECTION": "true", "SLM_FAULT_LATENCY_SECONDS": "2"}
+    with server_process(tiny_model_dir, tmp_path, env=env) as proc:
+        result: dict = {}
+
+        def slow_request():
+            r = httpx.post(f"{proc.base_url}/generate", json={"prompt": "x", "max_tokens": 3}, timeout=30)
+            result["status"] = r.status_code
+
+        worker = threading.Thread(target=slow_request)
+        worker.start()
+        time.sleep(0.7)  # the request is in flight (2 s of injected latency)
+        proc.proc.send_signal(signal.SIGTERM)
+        worker.join(timeout=30)
+        # uvicorn re-raises the signal once it has shut down gracefully (143 to Kubernetes, as usual).
+        assert proc.proc.wait(timeout=30) in (0, -signal.SIGTERM)
+        assert result.get("status") == 200
+        events = [r.get("event") for r in proc.records()]
+        assert events.count("shutdown") == 2
+        assert events.index("request") < len(events) - 1
