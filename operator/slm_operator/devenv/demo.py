@@ -19,6 +19,7 @@ import json
 import signal
 import sys
 import tempfile
+import textwrap
 import threading
 import time
 import traceback
@@ -82,12 +83,15 @@ class Summary:
     def add(self, what: str, value: object) -> None:
         self.rows.append((what, str(value)))
 
-    def print(self) -> None:
+    def print(self, value_width: int = 64) -> None:
         width = max(len(what) for what, _ in self.rows)
-        line = "+" + "-" * (width + 2) + "+" + "-" * 62 + "+"
+        line = "+" + "-" * (width + 2) + "+" + "-" * (value_width + 2) + "+"
         print(line)
         for what, value in self.rows:
-            print(f"| {what.ljust(width)} | {value[:60].ljust(60)} |")
+            chunks = textwrap.wrap(value, value_width) or [""]
+            for index, chunk in enumerate(chunks):
+                label = what if index == 0 else ""
+                print(f"| {label.ljust(width)} | {chunk.ljust(value_width)} |")
         print(line, flush=True)
 
 
@@ -180,7 +184,7 @@ class Demo:
                 say(cluster.kubectl("get", "slmdeployments", "-n", NAMESPACE).stdout)
                 children = cluster.kubectl_json("get", "slmdeployment", DEMO, "-n", NAMESPACE)["status"]["children"]
                 self.summary.add(f"objects owned by {DEMO}", ", ".join(
-                    c if isinstance(c, str) else f"{c['kind']}" for c in children))
+                    c if isinstance(c, str) else f"{c['kind']}/{c['name']}" for c in children))
 
             with p.step("Start the data plane: the real server with the tiny model, configured as the operator's "
                         "Deployment says", fix="see the server log in the demo's work directory"):
@@ -280,6 +284,14 @@ class Demo:
                 say(f"{ALERT}: {' '.join(rule_expr().split())}")
                 say(f"rule updated {took:.1f}s after the edit")
                 self.summary.add("threshold edit → PrometheusRule", f"{took:.1f}s")
+                # What the Prometheus Operator's config reloader does in a cluster: load the new rules.
+                prometheus.rule_groups = cluster.kubectl_json(
+                    "get", "prometheusrule", DEMO, "-n", NAMESPACE)["spec"]["groups"]
+                prometheus.reload()
+                wait_for("Prometheus to evaluate the new threshold", lambda: any(
+                    r.get("name") == ALERT and "> 0.2" in r.get("query", "") for r in prometheus.rule_health()),
+                    timeout=30)
+                say("Prometheus reloaded: it now evaluates the new threshold")
 
             with p.step("Summary"):
                 self.summary.add("Prometheus UI", prometheus.url)

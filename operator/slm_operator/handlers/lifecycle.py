@@ -145,16 +145,18 @@ def child_event(state: State, event_type: str | None, body: dict[str, Any]) -> N
     if owner is None or event_type is None:
         # event_type None is kopf's initial listing: the resume handlers and the resync cover those.
         return
-    with state.desired_guard:
-        desired = state.desired.get(key)
-    if event_type != "DELETED" and desired is not None and rc_is_subset(desired, body) and (
-        key[0] != "Deployment" or (previous is not None and _rollout_summary(previous) == _rollout_summary(body))
-    ):
+    desired = rc.desired_child(state, key)
+    matches = event_type != "DELETED" and desired is not None and rc_is_subset(desired, body)
+    if matches and (key[0] != "Deployment" or (
+            previous is not None and _rollout_summary(previous) == _rollout_summary(body))):
         return  # our own write echoing back, or a change the status does not show: nothing to do
     parent = state.kube.get("SLMDeployment", owner[0], owner[1])
     if parent is None or parent["metadata"].get("deletionTimestamp"):
         return  # the parent is going away; the garbage collector removes the rest
-    rc.reconcile(state, parent, trigger="child")
+    if matches:
+        rc.refresh_status(state, parent, body)  # only the rollout moved: no render, no apply
+    else:
+        rc.reconcile(state, parent, trigger="child")
 
 
 def _rollout_summary(deployment: dict[str, Any]) -> tuple[Any, ...]:

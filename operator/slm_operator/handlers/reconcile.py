@@ -6,6 +6,8 @@ handlers and the periodic resync. One lock per SLMDeployment serialises concurre
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import time
 from collections.abc import Mapping
@@ -100,6 +102,40 @@ def _render(state: State, parent: Parent, spec: Mapping[str, Any], labels: rende
     return children, problems
 
 
+def _render_memoized(state: State, parent: Parent, spec: Mapping[str, Any], labels: render.MonitorLabels,
+                     ) -> tuple[list[dict[str, Any]], list[str]]:
+    """`_render`, reusing the last result while the inputs are the same.
+
+    Rendering the rules and the dashboard takes tens of milliseconds; most reconciles (resyncs, child
+    events) have unchanged inputs. The result is kept as JSON text (compact, and every caller gets
+    its own copy to mutate).
+    """
+    key = hashlib.sha256(json.dumps(
+        [parent.uid, spec, dict(labels.service_monitor), dict(labels.rule), state.cfg.server_image],
+        sort_keys=True, default=str).encode()).hexdigest()
+    memo_key = (parent.namespace, parent.name)
+    cached = state.rendered.get(memo_key)
+    if cached is not None and cached[0] == key:
+        children, problems = json.loads(cached[1])
+        return children, problems
+    children, problems = _render(state, parent, spec, labels)
+    state.rendered[memo_key] = (key, json.dumps([children, problems]))
+    return children, problems
+
+
+def desired_child(state: State, key: tuple[str, str, str]) -> dict[str, Any] | None:
+    """What the operator last rendered for child `key` (kind, namespace, name), with its applied hash."""
+    kind, namespace, name = key
+    parent = next((p for p in (name, name.removesuffix("-dashboard")) if (namespace, p) in state.rendered), None)
+    if parent is None:
+        return None
+    children, _ = json.loads(state.rendered[(namespace, parent)][1])
+    for child in children:
+        if child["kind"] == kind and child["metadata"]["name"] == name:
+            return with_applied_hash(child)
+    return None
+
+
 def reconcile(state: State, body: Mapping[str, Any], *, trigger: str) -> dict[str, Any]:
     """Bring one SLMDeployment's children and status in line with its spec; returns the status."""
     meta = body["metadata"]
@@ -132,6 +168,50 @@ def namespace_going_away(exc: ApiException) -> bool:
         exc.status == 404 and '"kind":"namespaces"' in body.replace(" ", ""))
 
 
+def refresh_status(state: State, body: Mapping[str, Any], deployment: Mapping[str, Any]) -> None:
+    """Status from a changed child Deployment, without rendering or applying anything.
+
+    The conditions the Deployment does not drive (MonitoringReady) and the children list are kept
+    as the last full reconcile wrote them.
+    """
+    meta = body["metadata"]
+    namespace, name = meta["namespace"], meta["name"]
+    previous = body.get("status") or {}
+    if not previous.get("conditions"):
+        reconcile(state, body, trigger="child")  # never reconciled yet: do the full thing
+        return
+    started = time.monotonic()
+    with state.lock(namespace, name):
+        spec: Mapping[str, Any] = body.get("spec") or {}
+        parent = Parent(name=name, namespace=namespace, uid=meta["uid"])
+        monitoring_before: dict[str, Any] = next(
+            (c for c in previous["conditions"] if c["type"] == MONITORING_READY), {})
+        problem = None
+        if monitoring_before.get("status") == "False":
+            problem = Problem(monitoring_before.get("reason", ""), monitoring_before.get("message", ""))
+        observation = Observation(
+            generation=int(meta.get("generation", 1)),
+            desired_replicas=int(get(spec, "replicas", 1)),
+            deployment=deployment,
+            selector=",".join(f"{k}={v}" for k, v in sorted(parent.selector_labels().items())),
+            endpoint=parent.endpoint,
+            children=list(previous.get("children") or []),
+            monitoring=problem,
+            monitoring_message=monitoring_before.get("message", ""),
+            serving=_gpu_problem(state, spec),
+        )
+        status = build_status(previous, observation)
+        if not same_status(previous, status):
+            try:
+                state.kube.patch_status(namespace, name, status)
+            except ApiException as exc:
+                if exc.status != 404 and not namespace_going_away(exc):
+                    raise
+            _post_transition_events(state, body, previous, status)
+    metrics.RECONCILES.labels(trigger="status", result="ok").inc()
+    metrics.RECONCILE_DURATION.labels(trigger="status").observe(time.monotonic() - started)
+
+
 def _reconcile(state: State, body: Mapping[str, Any], *, trigger: str) -> dict[str, Any]:
     meta = body["metadata"]
     namespace, name = meta["namespace"], meta["name"]
@@ -153,7 +233,7 @@ def _reconcile(state: State, body: Mapping[str, Any], *, trigger: str) -> dict[s
     if monitoring_enabled:
         labels, selector_problems = _monitor_labels(state, spec)
         monitoring_problems += [("PrometheusSelectorMismatch", p) for p in selector_problems]
-    children, render_problems = _render(state, parent, spec, labels)
+    children, render_problems = _render_memoized(state, parent, spec, labels)
     monitoring_problems += [("RenderError", p) for p in render_problems]
 
     missing_crds = sorted(CRD_NAMES[k] for k in MONITORING_KINDS if k not in served) if monitoring_enabled else []
@@ -179,11 +259,14 @@ def _reconcile(state: State, body: Mapping[str, Any], *, trigger: str) -> dict[s
         child_name = child["metadata"]["name"]
         key = (kind, namespace, child_name)
         desired_keys.add((kind, child_name))
-        outcome, now = kube.apply_object(child, live=state.children.get(key))
+        live = state.children.get(key)
+        # Built-in children are watched: a cache miss on create/update means "does not exist yet", so
+        # apply straight away (server-side apply creates or updates). Resyncs and resumes read first,
+        # so a not-yet-filled cache never turns into writes.
+        fetch = trigger in ("resync", "resume", "child") or kind in MONITORING_KINDS
+        outcome, now = kube.apply_object(child, live=live, fetch=fetch)
         if kind in MONITORING_KINDS and now is not None:
             state.children.put(now)  # not watched (see lifecycle.CHILD_RESOURCES): the resync lists them
-        with state.desired_guard:
-            state.desired[key] = with_applied_hash(child)
         applied.append({"apiVersion": child["apiVersion"], "kind": kind, "name": child_name})
         if outcome != "unchanged":
             changes.append(f"{outcome} {kind} {child_name}")
@@ -271,4 +354,4 @@ def update_managed_gauge(state: State) -> None:
     metrics.MANAGED_RESOURCES.labels(kind="SLMDeployment").set(len(state.parents))
 
 
-__all__ = ["RESOURCES", "parent_of", "reconcile", "update_managed_gauge"]
+__all__ = ["RESOURCES", "desired_child", "parent_of", "reconcile", "refresh_status", "update_managed_gauge"]

@@ -24,6 +24,15 @@ class PrometheusSelectors:
     rule: tuple[Mapping[str, Any] | None, ...]  # spec.ruleSelector of each
 
 
+def _without_managed_fields(obj: Mapping[str, Any]) -> dict[str, Any]:
+    """managedFields mirror every field path and can outweigh the object; the operator never reads them."""
+    slim = dict(obj)
+    meta = slim.get("metadata")
+    if isinstance(meta, Mapping) and "managedFields" in meta:
+        slim["metadata"] = {k: v for k, v in meta.items() if k != "managedFields"}
+    return slim
+
+
 class ChildCache:
     """The last seen version of every child, fed by the label-filtered child watches.
 
@@ -40,8 +49,9 @@ class ChildCache:
         return obj["kind"], obj["metadata"]["namespace"], obj["metadata"]["name"]
 
     def put(self, obj: Mapping[str, Any]) -> None:
+        slim = _without_managed_fields(obj)
         with self._lock:
-            self._objects[self.key(obj)] = dict(obj)
+            self._objects[self.key(obj)] = slim
 
     def forget(self, key: ChildKey) -> None:
         with self._lock:
@@ -57,7 +67,7 @@ class ChildCache:
             for key in [k for k in self._objects if k[0] == kind and (not namespaces or k[1] in namespaces)]:
                 del self._objects[key]
             for obj in objects:
-                self._objects[self.key(obj)] = dict(obj)
+                self._objects[self.key(obj)] = _without_managed_fields(obj)
 
     def forget_kind(self, kind: str) -> None:
         with self._lock:
@@ -82,9 +92,8 @@ class State:
         self.prometheus_selectors = TTLCache(cfg.discovery_ttl_seconds, self._prometheus_selectors)
         self._locks: dict[tuple[str, str], threading.Lock] = collections.defaultdict(threading.Lock)
         self._locks_guard = threading.Lock()
-        # What each child looked like after the operator last made it match (for child-event drift checks).
-        self.desired: dict[ChildKey, dict[str, Any]] = {}
-        self.desired_guard = threading.Lock()
+        # Per SLMDeployment (namespace, name): (hash of the render inputs, rendered children as JSON).
+        self.rendered: dict[tuple[str, str], tuple[str, str]] = {}
         self.parents: set[tuple[str, str]] = set()
 
     def lock(self, namespace: str, name: str) -> threading.Lock:
