@@ -20,7 +20,6 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from slm_operator.devenv import dataplane as dp
 from slm_operator.devenv.tools import ToolMissing, tool
-from slm_operator.monitoring.alertmanager_yaml import alertmanager_yaml
 from slm_operator.monitoring.dashboards import iter_queries, render_dashboard, render_fleet_dashboard
 from slm_operator.monitoring.metric_names import (
     HISTOGRAM_SUFFIXES,
@@ -28,8 +27,6 @@ from slm_operator.monitoring.metric_names import (
     metric_names,
     server_metric_names,
 )
-from slm_operator.monitoring.notifications import render_alertmanager_config_spec
-from slm_operator.monitoring.rules import render_rule_groups
 
 from .test_metric_contract import used_metric_names
 
@@ -76,58 +73,24 @@ def plane(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     from slm_server.tinymodel import ensure_tiny_model
 
     workdir = tmp_path_factory.mktemp("dataplane")
-    smtp, hooks = dp.SmtpSink(), dp.WebhookSink()
-    server = dp.SlmServer(
-        workdir / "server",
-        env={
-            "SLM_MODEL": str(ensure_tiny_model()),
-            "SLM_MODEL_NAME": MODEL,
-            "SLM_FAULTS_ADMIN": "true",
-            "SLM_MAX_NEW_TOKENS": "16",
-        },
-    )
-    notifications = {
-        "slack": {"channel": "#slm-alerts", "apiURLSecretRef": {"name": "slack", "key": "url"},
-                  "severities": ["critical", "warning"]},
-        "email": {"to": ["sre@example.com"], "from": "slm@example.com", "smarthost": smtp.smarthost,
-                  "requireTLS": False, "severities": ["critical"]},
-        "webhook": {"urlSecretRef": {"name": "hook", "key": "url"}},
-    }  # fmt: skip
-    spec = render_alertmanager_config_spec(name=NAME, namespace=NAMESPACE, notifications=notifications)
-    assert spec is not None
-    # Test timing only: production keeps Alertmanager's 30s/5m; the floor below uses these values.
-    spec["route"].update({"groupWait": f"{GROUP_WAIT_S:g}s", "groupInterval": "1s", "repeatInterval": "1h"})
-    secrets = {NAMESPACE: {"slack": {"url": hooks.url("/slack")}, "hook": {"url": hooks.url("/hook")}}}
-    manager = dp.Alertmanager(workdir / "alertmanager", alertmanager_yaml([(NAMESPACE, f"slm-{NAME}", spec)],
-                                                                           secrets=secrets))  # fmt: skip
-    groups = render_rule_groups(name=NAME, namespace=NAMESPACE, alerts=LIVE_ALERTS)
-    prometheus = dp.Prometheus(workdir / "prometheus", rule_groups=groups, interval=f"{INTERVAL_S:g}s")
-    load = dp.LoadGenerator("", rate=3, concurrency=2)
-    with dp.running(smtp, hooks, server, manager, prometheus, load):
-        smtp.start()
-        hooks.start()
-        manager.start()
-        server.start()
-        prometheus.alertmanagers = [manager.address]
-        prometheus.scrape_configs = [
-            dp.scrape_config(name=NAME, namespace=NAMESPACE, targets=[server.address], pod=POD,
-                             interval=f"{INTERVAL_S:g}s")
-        ]  # fmt: skip
-        prometheus.start()
-        load.url = server.url
-        load.body = {"model": MODEL, "prompt": "The quick brown fox", "max_tokens": 8}
-        load.start()
-        dp.wait_until(prometheus.targets_up, timeout=30, what="server target up")
+    monitoring = dp.MonitoringPlane(
+        workdir, name=NAME, namespace=NAMESPACE, model_name=MODEL, pod=POD, alerts=LIVE_ALERTS,
+        interval_s=INTERVAL_S, group_wait_s=GROUP_WAIT_S,
+    )  # fmt: skip
+    monitoring.start(str(ensure_tiny_model()))
+    try:
         yield {
-            "server": server,
-            "prometheus": prometheus,
-            "manager": manager,
-            "smtp": smtp,
-            "hooks": hooks,
-            "load": load,
-            "groups": groups,
+            "server": monitoring.server,
+            "prometheus": monitoring.prometheus,
+            "manager": monitoring.alertmanager,
+            "smtp": monitoring.smtp,
+            "hooks": monitoring.hooks,
+            "load": monitoring.load,
+            "groups": monitoring.rule_groups,
             "workdir": workdir,
         }
+    finally:
+        monitoring.stop()
 
 
 @pytest.fixture(scope="module")

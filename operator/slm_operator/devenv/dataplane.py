@@ -606,3 +606,111 @@ def running(*things: Any) -> Iterator[None]:
         for thing in reversed(things):
             with contextlib.suppress(Exception):
                 thing.stop()
+
+
+# ---- the whole plane ------------------------------------------------------------------------------
+
+
+@dataclass
+class MonitoringPlane:
+    """Server + Prometheus (rules as the operator renders them) + Alertmanager + sinks, wired up.
+
+    Alertmanager routing is the rendered AlertmanagerConfig converted the way the Prometheus Operator
+    does; Slack and webhook receivers point at `hooks` (/slack, /hook), e-mail at `smtp`. Timing knobs
+    (`interval`, `group_wait`) are for tests and demos; production keeps Alertmanager's defaults.
+    """
+
+    workdir: Path
+    name: str = "phi"
+    namespace: str = "llm"
+    model_name: str = "tiny"
+    pod: str = "phi-6d9f8b7c5-x2k4q"
+    alerts: Mapping[str, Any] | None = None
+    interval_s: float = 1.0
+    group_wait_s: float = 1.0
+    server_env: Mapping[str, str] = field(default_factory=dict)
+    load_rate: float = 3.0
+    smtp: SmtpSink | None = None
+    hooks: WebhookSink | None = None
+    server: SlmServer | None = None
+    alertmanager: Alertmanager | None = None
+    prometheus: Prometheus | None = None
+    load: LoadGenerator | None = None
+    rule_groups: list[dict[str, Any]] = field(default_factory=list)
+    _started: list[Any] = field(default_factory=list)
+
+    def notifications(self, smtp: SmtpSink) -> dict[str, Any]:
+        return {
+            "slack": {"channel": "#slm-alerts", "apiURLSecretRef": {"name": "slack", "key": "url"},
+                      "severities": ["critical", "warning"]},
+            "email": {"to": ["sre@example.com"], "from": "slm@example.com", "smarthost": smtp.smarthost,
+                      "requireTLS": False, "severities": ["critical"]},
+            "webhook": {"urlSecretRef": {"name": "hook", "key": "url"}},
+        }  # fmt: skip
+
+    def start(self, model_dir: str) -> MonitoringPlane:
+        from slm_operator.monitoring.alertmanager_yaml import alertmanager_yaml
+        from slm_operator.monitoring.notifications import render_alertmanager_config_spec
+        from slm_operator.monitoring.rules import render_rule_groups
+
+        try:
+            self.smtp = self._start(SmtpSink())
+            self.hooks = self._start(WebhookSink())
+            spec = render_alertmanager_config_spec(
+                name=self.name, namespace=self.namespace, notifications=self.notifications(self.smtp)
+            )
+            assert spec is not None
+            spec["route"].update(
+                {"groupWait": f"{self.group_wait_s:g}s", "groupInterval": "1s", "repeatInterval": "1h"}
+            )
+            secrets = {
+                self.namespace: {"slack": {"url": self.hooks.url("/slack")}, "hook": {"url": self.hooks.url("/hook")}}
+            }
+            config = alertmanager_yaml([(self.namespace, f"slm-{self.name}", spec)], secrets=secrets)
+            self.alertmanager = self._start(Alertmanager(self.workdir / "alertmanager", config))
+            env = {"SLM_MODEL": model_dir, "SLM_MODEL_NAME": self.model_name, "SLM_FAULTS_ADMIN": "true",
+                   "SLM_MAX_NEW_TOKENS": "16", **self.server_env}  # fmt: skip
+            self.server = self._start(SlmServer(self.workdir / "server", env=env))
+            self.rule_groups = render_rule_groups(name=self.name, namespace=self.namespace, alerts=self.alerts)
+            interval = f"{self.interval_s:g}s"
+            self.prometheus = self._start(
+                Prometheus(
+                    self.workdir / "prometheus",
+                    scrape_configs=[
+                        scrape_config(
+                            name=self.name,
+                            namespace=self.namespace,
+                            targets=[self.server.address],
+                            pod=self.pod,
+                            interval=interval,
+                        )
+                    ],
+                    rule_groups=self.rule_groups,
+                    alertmanagers=[self.alertmanager.address],
+                    interval=interval,
+                )
+            )
+            self.load = self._start(
+                LoadGenerator(
+                    self.server.url,
+                    rate=self.load_rate,
+                    concurrency=2,
+                    body={"model": self.model_name, "prompt": "The quick brown fox", "max_tokens": 8},
+                )
+            )
+            wait_until(self.prometheus.targets_up, timeout=30, what="server target up")
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _start(self, thing: T) -> T:
+        thing.start()  # type: ignore[attr-defined]
+        self._started.append(thing)
+        return thing
+
+    def stop(self) -> None:
+        for thing in reversed(self._started):
+            with contextlib.suppress(Exception):
+                thing.stop()
+        self._started.clear()
