@@ -107,8 +107,9 @@ def test_install_runs_the_operator_under_restricted_pod_security_with_its_monito
 
 
 def test_helm_test_passes(release: Release) -> None:
-    """`helm test`: the CRD check and the health check Jobs complete (KWOK completes Job pods), and are
-    deleted afterwards."""
+    """`helm test`: the hook Jobs are admitted under the restricted Pod Security Standard, their RBAC
+    binds, they complete and are deleted afterwards. (KWOK completes Job pods without running them, so
+    here this does not prove /healthz answers; on kind it does.)"""
     release.helm("test", release.name, "--timeout", "120s")
     assert not release.cluster.kubectl(
         "get", "jobs", "-n", release.namespace, "-l", "app.kubernetes.io/component=test", "-o", "name"
@@ -134,6 +135,34 @@ def test_the_documented_crd_upgrade_command_works(release: Release) -> None:
     assert "slmdeployments.slm.dev" in crds
     result = release.cluster.kubectl("apply", "--server-side", "--force-conflicts", "-f", "-", input=crds)
     assert "slmdeployments.slm.dev serverside-applied" in result.stdout
+
+
+def test_dcgm_exporter_runs_on_every_gpu_node_and_only_there(cluster: ClusterBase) -> None:
+    """The DaemonSet lands on the (fake) GPU nodes, not on CPU nodes. It needs a namespace that admits
+    privileged pods (root, SYS_ADMIN, hostPath), so not a restricted one."""
+    cluster.install_prometheus_operator_crds()
+    namespace = cluster.new_namespace("slm-gpu", restricted=False)
+    gpu = Release(cluster, f"gpu-{uuid.uuid4().hex[:5]}", namespace)
+    try:
+        gpu.helm("install", gpu.name, str(CHART), "--wait", "--timeout", "180s",
+                 "--set", "dcgmExporter.enabled=true", "--set", "tests.enabled=false")
+        name = f"{gpu.name}-slm-monitoring-dcgm-exporter"
+        gpu_nodes = {n["metadata"]["name"] for n in cluster.kubectl_json(
+            "get", "nodes", "-l", "nvidia.com/gpu.present=true")["items"]}
+        assert gpu_nodes, "the cluster has no GPU nodes to place the exporter on"
+
+        def on_every_gpu_node() -> bool:
+            pods = cluster.kubectl_json("get", "pods", "-n", namespace, "-l",
+                                        "app.kubernetes.io/component=dcgm-exporter")["items"]
+            return {p["spec"].get("nodeName") for p in pods} == gpu_nodes
+
+        wait_for("an exporter pod on each GPU node", on_every_gpu_node, timeout=60)
+        daemonset = cluster.kubectl_json("get", "daemonset", name, "-n", namespace)
+        assert daemonset["status"]["desiredNumberScheduled"] == len(gpu_nodes)
+        cluster.kubectl("get", "servicemonitor", name, "-n", namespace)
+    finally:
+        gpu.helm("uninstall", gpu.name, "--wait", check=False)
+        cluster.kubectl("delete", "namespace", namespace, "--wait=false", check=False)
 
 
 # --- what the ServiceAccount may do ----------------------------------------------------------------
