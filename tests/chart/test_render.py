@@ -354,6 +354,68 @@ def test_operator_down_alert_fires_after_its_for_duration_and_not_before(
     assert result.returncode == 0, result.stdout + result.stderr
 
 
+def test_reconcile_error_and_latency_alerts_fire_on_the_operator_metrics(
+    full_docs: list[dict[str, Any]], tmp_path: Path,
+) -> None:
+    """`promtool test rules` with series shaped like slm_operator.metrics: 20 % of reconciles failing
+    fires SLMOperatorReconcileErrors once its `for` (15m) has passed, not a minute before; reconciles all slower than
+    10 s fire SLMOperatorSlowReconciles; healthy series fire nothing."""
+    rule = one(full_docs, "PrometheusRule", "-operator")
+    job = one(full_docs, "Service", "-operator")["metadata"]["name"]
+    (tmp_path / "rules.yaml").write_text(yaml.safe_dump({"groups": rule["spec"]["groups"]}))
+    target = f'job="{job}", namespace="slm-system", instance="10.0.0.1:9090"'
+
+    def reconciles(result: str, per_minute: int) -> dict[str, str]:
+        return {"series": f'slm_operator_reconciles_total{{{target}, trigger="resync", result="{result}"}}',
+                "values": f"0+{per_minute}x40"}
+
+    def buckets(slow: bool) -> list[dict[str, str]]:
+        # 60 reconciles a minute, all in the (10, 30] bucket when slow, all under 0.1 s otherwise.
+        edges = {"0.1": 0 if slow else 60, "10.0": 0 if slow else 60, "30.0": 60, "+Inf": 60}
+        return [{"series": f'slm_operator_reconcile_duration_seconds_bucket{{{target}, trigger="resync", le="{le}"}}',
+                 "values": f"0+{rate}x40"} for le, rate in edges.items()]
+
+    up = {"series": f"up{{{target}}}", "values": "1x40"}
+    exp_labels = {"job": job, "namespace": "slm-system"}
+    annotations = {r["alert"]: r["annotations"] for g in rule["spec"]["groups"] for r in g["rules"]}
+
+    def expected(alert: str, description: str) -> dict[str, Any]:
+        """The alert as a user receives it: labels, and the description with its values filled in."""
+        return {"exp_labels": {**exp_labels, "severity": "warning"},
+                "exp_annotations": {**annotations[alert], "description": description}}
+
+    test = {
+        "rule_files": ["rules.yaml"],
+        "evaluation_interval": "1m",
+        "tests": [
+            {"interval": "1m", "input_series": [up, reconciles("ok", 48), reconciles("error", 12), *buckets(True)],
+             "alert_rule_test": [
+                 # Errors are visible from 1m on; `for: 15m` holds the alert back until 16m.
+                 {"eval_time": "15m", "alertname": "SLMOperatorReconcileErrors", "exp_alerts": []},
+                 {"eval_time": "30m", "alertname": "SLMOperatorReconcileErrors", "exp_alerts": [expected(
+                     "SLMOperatorReconcileErrors",
+                     "20% of the reconciles of the SLM operator in slm-system ended in an error over the last "
+                     "10 minutes (threshold 0.1). Its logs and the SLMDeployments' Events say why.")]},
+                 {"eval_time": "30m", "alertname": "SLMOperatorSlowReconciles", "exp_alerts": [expected(
+                     "SLMOperatorSlowReconciles",
+                     "The 95th percentile of the SLM operator's reconcile duration in slm-system is 29s "
+                     "(threshold 10s): threshold edits reach the PrometheusRules late. Check the API server's "
+                     "latency and the operator's CPU.")]},
+                 {"eval_time": "30m", "alertname": "SLMOperatorDown", "exp_alerts": []},
+             ]},
+            {"interval": "1m", "input_series": [up, reconciles("ok", 60), reconciles("error", 0), *buckets(False)],
+             "alert_rule_test": [
+                 {"eval_time": "30m", "alertname": name, "exp_alerts": []}
+                 for name in ("SLMOperatorReconcileErrors", "SLMOperatorSlowReconciles", "SLMOperatorDown")
+             ]},
+        ],
+    }
+    (tmp_path / "test.yaml").write_text(yaml.safe_dump(test))
+    result = subprocess.run([tools.tool("promtool"), "test", "rules", "test.yaml"], cwd=tmp_path,
+                            capture_output=True, text=True, timeout=60, check=False)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
 # --- the DCGM exporter ------------------------------------------------------------------------------------
 
 def test_dcgm_exporter_is_off_by_default(default_docs: list[dict[str, Any]]) -> None:
