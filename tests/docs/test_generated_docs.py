@@ -9,8 +9,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def test_slmdeployment_reference_matches_the_crd() -> None:
-    result = subprocess.run([sys.executable, "scripts/gen_crd_reference.py", "--check"], cwd=ROOT,
+def test_reference_pages_match_their_sources() -> None:
+    result = subprocess.run([sys.executable, "scripts/gen_docs.py", "--check"], cwd=ROOT,
                             capture_output=True, text=True, check=False)
     assert result.returncode == 0, result.stderr
 
