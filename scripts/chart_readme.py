@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
 """Writes charts/slm-monitoring/README.md from README.md.tmpl, the `# --` comments of values.yaml and
-the accepted checkov findings (tests/chart/checkov_skips.yaml).
+the accepted checkov findings (tests/chart/checkov_skips.yaml), and copies those comments into the
+`description`s of values.schema.json (whose types, enums and patterns are edited by hand).
 
 Every value must be documented: a key whose value is a scalar, a list or an empty map needs a `# --`
 comment (a documented non-empty map is described as a whole, e.g. `resources`). The comment may
@@ -141,6 +142,17 @@ def render() -> tuple[str, list[str]]:
     return header + readme, undocumented(values, docs)
 
 
+def schema_with_descriptions(docs: dict[str, str]) -> str:
+    """values.schema.json with every documented value's description taken from values.yaml."""
+    schema = json.loads((CHART / "values.schema.json").read_text())
+    for path, description in docs.items():
+        node = schema
+        for part in path.split("."):
+            node = node["properties"][part]
+        node["description"] = description
+    return json.dumps(schema, indent=2, ensure_ascii=False) + "\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--check", action="store_true", help="fail when README.md is out of step")
@@ -150,20 +162,26 @@ def main(argv: list[str] | None = None) -> int:
     if missing:
         print("values without a `# --` description in values.yaml:", *missing, sep="\n  ", file=sys.stderr)
         return 1
-    readme = CHART / "README.md"
-    if args.check:
-        current = readme.read_text() if readme.exists() else ""
-        if current == wanted:
-            print("charts/slm-monitoring/README.md is in step")
-            return 0
-        sys.stderr.writelines(
-            list(difflib.unified_diff(current.splitlines(True), wanted.splitlines(True), "README.md", "generated"))[:60]
-        )
-        print(f"charts/slm-monitoring/README.md is out of step: run {GENERATOR}", file=sys.stderr)
-        return 1
-    readme.write_text(wanted)
-    print("wrote charts/slm-monitoring/README.md")
-    return 0
+    outputs = {
+        CHART / "README.md": wanted,
+        CHART / "values.schema.json": schema_with_descriptions(parse_docs((CHART / "values.yaml").read_text())),
+    }
+    stale = 0
+    for path, content in outputs.items():
+        current = path.read_text() if path.exists() else ""
+        if current == content:
+            continue
+        if args.check:
+            diff = difflib.unified_diff(current.splitlines(True), content.splitlines(True), path.name, "generated")
+            sys.stderr.writelines(list(diff)[:60])
+            print(f"charts/slm-monitoring/{path.name} is out of step: run {GENERATOR}", file=sys.stderr)
+            stale += 1
+        else:
+            path.write_text(content)
+            print(f"wrote charts/slm-monitoring/{path.name}")
+    if args.check and not stale:
+        print("charts/slm-monitoring/README.md and values.schema.json descriptions are in step")
+    return 1 if stale else 0
 
 
 if __name__ == "__main__":
