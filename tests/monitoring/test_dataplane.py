@@ -38,8 +38,8 @@ GROUP_WAIT_S = 1.0
 # Short windows and `for: 0s` so a fault alerts within seconds and resolves within ~20 s.
 LIVE_ALERTS: dict[str, Any] = {
     "errorRate": {"threshold": 0.1, "for": "0s", "window": "15s"},
-    "perplexityDrift": {"window": "30s", "baselineWindow": "2m", "for": "0s"},
-    "outputLengthDrift": {"window": "30s", "baselineWindow": "2m", "for": "0s"},
+    "perplexityDrift": {"window": "30s", "baselineWindow": "1m", "for": "0s"},
+    "outputLengthDrift": {"window": "30s", "baselineWindow": "1m", "for": "0s"},
 }
 # Series Prometheus cannot have here: no GPU (pynvml) and no DCGM exporter or kube-state-metrics.
 UNAVAILABLE = server_metric_names(with_gpu=True) - server_metric_names()
@@ -150,7 +150,7 @@ def test_every_recording_rule_returns_data(plane: dict[str, Any], missing_from_s
     unhealthy = [rule for rule in prometheus.rule_health() if rule["health"] == "err"]
     assert not unhealthy, unhealthy
     records = _records(plane["groups"])
-    # The drift z-scores need their history guard filled: 30 evaluations of a 2s-interval group.
+    # The drift z-scores need their history guard filled: 15 evaluations of a 2s-interval group.
     checked = {record: record for record, expr in records.items() if not _skippable(expr, records, missing_from_server)}
     skipped = sorted(set(records) - set(checked))
     assert len(checked) >= len(records) - 6, skipped  # only the GPU (and contract-missing) series may be absent
