@@ -250,23 +250,30 @@ def _reconcile(state: State, body: Mapping[str, Any], *, trigger: str) -> dict[s
     applied: list[dict[str, str]] = []
     changes: list[str] = []
     desired_keys: set[tuple[str, str]] = set()
-    for child in children:
-        kind = child["kind"]
-        if kind in MONITORING_KINDS and kind not in served:
-            continue
-        if kind == "AlertmanagerConfig" and missing_secrets:
-            continue  # the Prometheus Operator would reject it; MonitoringReady says why
-        child_name = child["metadata"]["name"]
+    to_apply = [
+        c for c in children
+        if not (c["kind"] in MONITORING_KINDS and c["kind"] not in served)
+        # The Prometheus Operator would reject an AlertmanagerConfig whose secret is missing.
+        and not (c["kind"] == "AlertmanagerConfig" and missing_secrets)
+    ]
+
+    def apply_one(child: dict[str, Any]) -> str:
+        kind, child_name = child["kind"], child["metadata"]["name"]
         key = (kind, namespace, child_name)
-        desired_keys.add((kind, child_name))
-        live = state.children.get(key)
         # Built-in children are watched: a cache miss on create/update means "does not exist yet", so
         # apply straight away (server-side apply creates or updates). Resyncs and resumes read first,
         # so a not-yet-filled cache never turns into writes.
         fetch = trigger in ("resync", "resume", "child") or kind in MONITORING_KINDS
-        outcome, now = kube.apply_object(child, live=live, fetch=fetch)
+        outcome, now = kube.apply_object(child, live=state.children.get(key), fetch=fetch)
         if kind in MONITORING_KINDS and now is not None:
             state.children.put(now)  # not watched (see lifecycle.CHILD_RESOURCES): the resync lists them
+        return outcome
+
+    # The children do not depend on each other: apply them concurrently (latency of one, not six).
+    outcomes = list(state.apply_pool.map(apply_one, to_apply))
+    for child, outcome in zip(to_apply, outcomes, strict=True):
+        kind, child_name = child["kind"], child["metadata"]["name"]
+        desired_keys.add((kind, child_name))
         applied.append({"apiVersion": child["apiVersion"], "kind": kind, "name": child_name})
         if outcome != "unchanged":
             changes.append(f"{outcome} {kind} {child_name}")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import dataclasses
 import threading
 from collections.abc import Mapping
@@ -95,6 +96,8 @@ class State:
         # Per SLMDeployment (namespace, name): (hash of the render inputs, rendered children as JSON).
         self.rendered: dict[tuple[str, str], tuple[str, str]] = {}
         self.parents: set[tuple[str, str]] = set()
+        # Applies of one reconcile run concurrently; shared by all reconciles, so bounded overall.
+        self.apply_pool = concurrent.futures.ThreadPoolExecutor(max_workers=16, thread_name_prefix="apply")
 
     def lock(self, namespace: str, name: str) -> threading.Lock:
         with self._locks_guard:

@@ -67,6 +67,8 @@ def parse_duration(text: str | int | float) -> float:
     text = text.strip()
     if not text:
         raise ValueError("empty duration")
+    if text == "0":  # Prometheus' one unit-less duration (the CRD accepts it too)
+        return 0.0
     pos = 0
     total = 0.0
     for match in _DURATION_RE.finditer(text):
