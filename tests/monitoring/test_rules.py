@@ -156,7 +156,7 @@ def test_every_defaults_key_is_used_by_the_rules() -> None:
 
 
 def test_durations_round_trip() -> None:
-    for text, seconds in (("5m", 300), ("1h30m", 5400), ("3d", 259200), ("0s", 0), ("70s", 70)):
+    for text, seconds in (("5m", 300), ("1h30m", 5400), ("3d", 259200), ("0s", 0), ("0", 0), ("70s", 70)):
         assert rules.parse_duration(text) == seconds
         assert rules.parse_duration(rules.format_duration(seconds)) == seconds
     with pytest.raises(ValueError):
