@@ -121,3 +121,15 @@ def test_generated_cases_catch_rules_that_drifted_from_the_resource(tmp_path: Pa
     result = subprocess.run([_promtool(), "test", "rules", str(path)], capture_output=True, text=True, timeout=120)
     assert result.returncode != 0
     assert "SLMHighErrorRate fires 5m after crossing its threshold" in result.stdout + result.stderr
+
+
+def test_prometheus_2_accepts_the_rules_too(rendered: dict[str, Any]) -> None:
+    """Prometheus 2.x (`.bin/promtool2`, a 2.55 build) parses every group: no 3.x-only syntax slipped in."""
+    try:
+        promtool2 = tool("promtool2")
+    except ToolMissing as missing:
+        pytest.skip(f"{missing} (optional: promtool of Prometheus 2.55, module v0.55.1)")
+    result = subprocess.run(
+        [promtool2, "check", "rules", *rendered["paths"].values()], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
