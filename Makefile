@@ -10,7 +10,7 @@ export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 # Python prints as it goes (progress of long steps shows up in CI logs).
 export PYTHONUNBUFFERED := 1
 
-.PHONY: help deps venv tools demo test unit e2e lint bench kind-up kind-down clean
+.PHONY: help deps venv tools generate demo test unit e2e lint bench kind-up kind-down clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | expand -t 14
@@ -19,9 +19,16 @@ deps: venv tools ## Python environment + pinned binaries (cached in ~/.cache/slm
 
 venv:
 	@scripts/deps/venv.sh
+	@scripts/deps/checkov.sh >/dev/null
 
 tools:
 	@scripts/deps/build-tools.sh
+
+generate: venv ## rewrite every generated file (chart CRD copy, chart dashboard and README, docs/reference)
+	@scripts/sync-crds.sh
+	@$(PY) scripts/chart_dashboards.py
+	@$(PY) scripts/chart_readme.py
+	@$(PY) scripts/gen_docs.py
 
 demo: deps ## the whole product on this machine (local control plane, operator, server, Prometheus, Alertmanager)
 	@$(PY) -m slm_operator.devenv demo $(DEMO_ARGS)

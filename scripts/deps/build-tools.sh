@@ -120,9 +120,12 @@ build_kwok() {
 }
 
 build_helm() {
-  wrapper "$SRC" helm.sh/helm/v3 "$VERSION"
+  wrapper "$SRC" helm.sh/helm/v3 "$HELM_VERSION"
   cd "$SRC"
-  go build -trimpath -ldflags "-s -w -X helm.sh/helm/v3/internal/version.version=$VERSION -X helm.sh/helm/v3/internal/version.gitTreeState=clean" \
+  # Helm's built-in default cluster version (used by `helm template` and client dry runs) is set
+  # to the pinned Kubernetes, as Helm's own Makefile does; else charts with kubeVersion >=1.29 fail.
+  local k8s_minor="${KUBERNETES_VERSION#v1.}"; k8s_minor="${k8s_minor%%.*}"
+  go build -trimpath -ldflags "-s -w -X helm.sh/helm/v3/internal/version.version=$HELM_VERSION -X helm.sh/helm/v3/internal/version.gitTreeState=clean -X helm.sh/helm/v3/pkg/chartutil.k8sVersionMajor=1 -X helm.sh/helm/v3/pkg/chartutil.k8sVersionMinor=$k8s_minor" \
     -o "$DEST/helm" helm.sh/helm/v3/cmd/helm
 }
 
@@ -182,7 +185,9 @@ want() { [ "$only" = all ] || [[ ",$only," == *",$1,"* ]]; }
 want etcd && tool etcd "$ETCD_VERSION" build_etcd
 want kwok && tool kwok "$KWOK_VERSION" build_kwok
 want kwok && tool kwok-stages "$KWOK_VERSION" fetch_kwok_stages
-want helm && tool helm "$HELM_VERSION" build_helm
+# Helm's key names the Kubernetes version too: it is compiled in as Helm's default cluster version.
+export KUBERNETES_VERSION HELM_VERSION
+want helm && tool helm "$HELM_VERSION-k8s$KUBERNETES_VERSION" build_helm
 want prometheus-operator-crds && tool prometheus-operator-crds "$PROMETHEUS_OPERATOR_VERSION" fetch_prometheus_operator_crds
 want alertmanager && tool alertmanager "$ALERTMANAGER_VERSION" build_alertmanager
 want prometheus && tool prometheus "$PROMETHEUS_VERSION" build_prometheus
@@ -196,7 +201,7 @@ link "etcd-$ETCD_VERSION" etcd || true
 link "kwok-$KWOK_VERSION" kwok || true
 [ -f "$tools/kwok-stages-$KWOK_VERSION/stages.yaml" ] &&
   ln -sfn "$tools/kwok-stages-$KWOK_VERSION/stages.yaml" "$links/kwok-stages.yaml"
-link "helm-$HELM_VERSION" helm || true
+link "helm-$HELM_VERSION-k8s$KUBERNETES_VERSION" helm || true
 for b in prometheus promtool; do link "prometheus-$PROMETHEUS_VERSION" "$b" || true; done
 for b in alertmanager amtool; do link "alertmanager-$ALERTMANAGER_VERSION" "$b" || true; done
 link "kubeconform-$KUBECONFORM_VERSION" kubeconform || true
