@@ -288,7 +288,8 @@ class TransformersEngine(Engine):
         if params.top_p < 1.0:
             sorted_probs, order = torch.sort(probs, descending=True)
             cumulative = torch.cumsum(sorted_probs, dim=-1)
-            keep = cumulative - sorted_probs < params.top_p  # always keeps the most likely token
+            keep = cumulative - sorted_probs < params.top_p
+            keep[0] = True  # the most likely token always stays (a top_p below float32's range keeps none)
             sorted_probs = sorted_probs * keep
             choice = torch.multinomial(sorted_probs / sorted_probs.sum(), 1, generator=generator)
             return int(order[choice])

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field
 
 Temperature = Annotated[float, Field(ge=0.0, le=2.0, description="0 = greedy")]
 TopP = Annotated[float, Field(gt=0.0, le=1.0)]
+_Stop = Annotated[str, Field(min_length=1, max_length=64)]
+# Constraints live in the schema (not in validators), so the OpenAPI document tells the whole truth.
 StopStrings = Annotated[
-    str | list[Annotated[str, Field(min_length=1, max_length=64)]] | None,
+    _Stop | Annotated[list[_Stop], Field(max_length=4)] | None,
     Field(description="Up to 4 strings; generation stops before the first of them."),
 ]
 Seed = Annotated[int | None, Field(ge=0, le=2**63 - 1)]
@@ -19,14 +21,6 @@ def stops(value: str | list[str] | None) -> tuple[str, ...]:
     if value is None:
         return ()
     return (value,) if isinstance(value, str) else tuple(value)
-
-
-def _check_stop(value: Any) -> Any:
-    if isinstance(value, list) and len(value) > 4:
-        raise ValueError("at most 4 stop strings")
-    if isinstance(value, str) and not 0 < len(value) <= 64:
-        raise ValueError("a stop string is 1 to 64 characters")
-    return value
 
 
 # --- POST /generate (the seed's endpoint) ------------------------------------------------------------------
@@ -46,8 +40,6 @@ class GenerateRequest(BaseModel):
     seed: Seed = None
     model: str | None = None
     return_token_ids: bool = Field(False, description="Include the generated token ids in the response.")
-
-    _stop = field_validator("stop")(classmethod(lambda cls, v: _check_stop(v)))
 
 
 class GenerateResponse(BaseModel):
@@ -88,8 +80,6 @@ class _OpenAIRequest(BaseModel):
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0, description="Accepted, not applied.")
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0, description="Accepted, not applied.")
     user: str | None = Field(None, max_length=256, description="Never logged nor used as a label.")
-
-    _stop = field_validator("stop")(classmethod(lambda cls, v: _check_stop(v)))
 
 
 # --- POST /v1/completions ---------------------------------------------------------------------------------------

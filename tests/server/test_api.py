@@ -196,3 +196,10 @@ def test_concurrent_requests_all_complete(tiny_engine, tiny_model_dir):
         assert results == [200] * 6
         assert srv.metric("slm_requests_in_flight", {"model": MODEL_NAME}) == 0
         assert srv.metric("slm_requests_queued", {"model": MODEL_NAME}) == 0
+
+
+def test_a_vanishing_top_p_keeps_the_most_likely_token(server):
+    """Found by the fuzzer: top_p=5e-324 is 0 in float32, which once left no token to sample (500)."""
+    greedy = server.client.post("/generate", json={"prompt": "asgi", "max_tokens": 5, "temperature": 0}).json()
+    tiny = server.client.post("/generate", json={"prompt": "asgi", "max_tokens": 5, "top_p": 5e-324}).json()
+    assert tiny["text"] == greedy["text"]
