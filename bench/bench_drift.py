@@ -134,14 +134,16 @@ def _prompts(count: int, seed: int) -> tuple[list[str], list[str]]:
     return normal, shifted
 
 
-def _generate(model: Any, tok: Any, prompts: list[str], *, seed: int, degenerate: bool) -> list[Answer]:
+def _generate(
+    model: Any, tok: Any, prompts: list[str], *, seed: int, degenerate: bool, log: Callable[[str], None]
+) -> list[Answer]:
     import torch
 
     torch.manual_seed(seed)
     eos = tok.eos_token_id
     tok.padding_side = "left"
     answers: list[Answer] = []
-    batch = 64
+    batch = 100
     for start in range(0, len(prompts), batch):
         enc = tok(prompts[start : start + batch], return_tensors="pt", padding=True)
         kwargs: dict[str, Any] = (
@@ -177,42 +179,47 @@ def _generate(model: Any, tok: Any, prompts: list[str], *, seed: int, degenerate
                     visible_from=visible,
                 )
             )
+        log(f"[bench-drift]   {len(answers)}/{len(prompts)} answers")
     return answers
 
 
+POOL_SIZES = {"normal": 1200, "shifted": 600, "degenerate": 200}
+
+
 def load_pools(log: Callable[[str], None]) -> dict[str, list[Answer]]:
-    """The three pools, from the cache or generated with the tiny model (about a minute)."""
+    """The three pools, each from the cache or generated with the tiny model (minutes on a busy CPU)."""
     from slm_server.tinymodel import TINY_MODEL_VERSION, ensure_tiny_model
 
     key = hashlib.sha256(f"{POOL_VERSION}-{TINY_MODEL_VERSION}-{MAX_NEW_TOKENS}".encode()).hexdigest()[:12]
-    path = cache_dir() / "bench-drift" / f"pools-{key}.json"
-    if path.exists():
-        data = json.loads(path.read_text())
-        return {name: [Answer(**a) for a in answers] for name, answers in data.items()}
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    model_dir = ensure_tiny_model(log=log)
-    started = time.monotonic()
-    torch.set_num_threads(2)
-    tok = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
-    normal, shifted = _prompts(3000, seed=1)
-    pools = {
-        "normal": _generate(model, tok, normal[:2000], seed=2, degenerate=False),
-        "shifted": _generate(
-            model, tok, shifted[2000:3000] if len(shifted) >= 3000 else shifted, seed=3, degenerate=False
-        ),
-        "degenerate": _generate(model, tok, normal[2000:2400], seed=4, degenerate=True),
+    folder = cache_dir() / "bench-drift" / f"pools-{key}"
+    pools: dict[str, list[Answer]] = {}
+    model = tok = None
+    normal, shifted = _prompts(sum(POOL_SIZES.values()), seed=1)
+    prompts = {
+        "normal": normal[: POOL_SIZES["normal"]],
+        "shifted": shifted[POOL_SIZES["normal"] : POOL_SIZES["normal"] + POOL_SIZES["shifted"]],
+        "degenerate": normal[POOL_SIZES["normal"] + POOL_SIZES["shifted"] :],
     }
-    log(
-        f"[bench-drift] generated pools in {time.monotonic() - started:.0f}s: "
-        + ", ".join(f"{k}={len(v)}" for k, v in pools.items())
-    )
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps({k: [a.__dict__ for a in v] for k, v in pools.items()}))
-    tmp.rename(path)
+    for seed, (name, texts) in enumerate(prompts.items(), start=2):
+        path = folder / f"{name}.json"
+        if path.exists():
+            pools[name] = [Answer(**a) for a in json.loads(path.read_text())]
+            continue
+        if model is None:
+            import torch
+            from transformers import AutoModelForCausalLM, AutoTokenizer
+
+            model_dir = ensure_tiny_model(log=log)
+            torch.set_num_threads(1)  # the machine is shared; one thread does not spin against others
+            tok = AutoTokenizer.from_pretrained(model_dir)
+            model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+        started = time.monotonic()
+        pools[name] = _generate(model, tok, texts, seed=seed, degenerate=name == "degenerate", log=log)
+        log(f"[bench-drift] generated the {name} pool ({len(texts)} answers) in {time.monotonic() - started:.0f}s")
+        folder.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps([a.__dict__ for a in pools[name]]))
+        tmp.rename(path)
     return pools
 
 

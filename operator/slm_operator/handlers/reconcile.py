@@ -178,8 +178,7 @@ def refresh_status(state: State, body: Mapping[str, Any], deployment: Mapping[st
     namespace, name = meta["namespace"], meta["name"]
     previous = body.get("status") or {}
     if not previous.get("conditions"):
-        reconcile(state, body, trigger="child")  # never reconciled yet: do the full thing
-        return
+        return  # its first reconcile is still running and writes the whole status
     started = time.monotonic()
     with state.lock(namespace, name):
         spec: Mapping[str, Any] = body.get("spec") or {}
