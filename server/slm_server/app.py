@@ -19,7 +19,7 @@ from prometheus_client.exposition import generate_latest
 from slm_server import __version__
 from slm_server.engine import Engine, make_engine
 from slm_server.errors import install_error_handlers
-from slm_server.metrics import NullMetrics, ServerMetrics, gpu_collector
+from slm_server.metrics import FilesystemCollector, NullMetrics, ServerMetrics, gpu_collector
 from slm_server.middleware import MonitoringMiddleware
 from slm_server.routers import admin, completions, generate, health
 from slm_server.service import GenerationService
@@ -58,6 +58,8 @@ def create_app(
         metrics: ServerMetrics | NullMetrics = ServerMetrics(registry, settings.model_name)
         for collector in (ProcessCollector, PlatformCollector, GCCollector):
             collector(registry=registry)
+        if settings.disk_path_list:
+            registry.register(FilesystemCollector(settings.disk_path_list))
         if settings.gpu_metrics:
             gpus = gpu_collector()  # logs gpu_found or gpu_missing, once
             if gpus is not None:

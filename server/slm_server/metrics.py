@@ -22,12 +22,14 @@ Metrics (labels; `model` is the served model name, one value per process):
   slm_prompt_tokens_total{model,endpoint}          counter
   slm_generation_tokens_total{model,endpoint}      counter
   slm_request_finish_total{model,endpoint,finish_reason}  counter  stop|length|abort|timeout|error
+  slm_empty_outputs_total{model,endpoint}          counter    generations with no visible text
+  slm_repetitive_outputs_total{model,endpoint}     counter    generations stuck in a loop (signals.is_repetitive)
   slm_request_errors_total{model,endpoint,error}   counter    invalid_input|overloaded|timeout|
                                                               model_error|not_ready|internal
   slm_requests_in_flight{model}                    gauge      generations running
   slm_requests_queued{model}                       gauge      waiting for a slot
   slm_max_concurrent_requests{model}               gauge      the limits, for saturation ratios
-  slm_max_queued_requests{model}                   gauge
+  slm_max_queue{model}                             gauge
   slm_model_info{model,source,dtype,device,max_context}  gauge = 1
   slm_model_load_seconds{model}                    gauge
   slm_fault_injection_enabled{model}               gauge      1 while faults may be injected
@@ -38,6 +40,9 @@ Metrics (labels; `model` is the served model name, one value per process):
   GPU, from pynvml, per GPU (labels index, uuid, name); absent on a machine without one
   nvidia_gpu_utilization (percent), nvidia_gpu_memory_used_bytes, nvidia_gpu_memory_total_bytes,
   nvidia_gpu_temperature_celsius, nvidia_gpu_power_watts
+
+  slm_filesystem_avail_bytes{mountpoint}           gauge      per path of SLM_DISK_PATHS (the model
+  slm_filesystem_size_bytes{mountpoint}            gauge      volume), read at scrape time
 
   plus process_* and python_* from prometheus_client's own collectors.
 
@@ -50,6 +55,7 @@ default buckets the server exposes about 610 series after a request to every rou
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Iterable
 from itertools import pairwise
 from typing import Any
@@ -118,6 +124,8 @@ class GenerationMetrics:
         self.prompt_tokens_total = m.prompt_tokens.labels(**labels)
         self.generation_tokens_total = m.generation_tokens.labels(**labels)
         self.finish = {r: m.finish.labels(finish_reason=r, **labels) for r in FINISH_REASONS}
+        self.empty = m.empty_outputs.labels(**labels)
+        self.repetitive = m.repetitive_outputs.labels(**labels)
         self.errors = {e: m.errors.labels(error=e, **labels) for e in ERROR_KINDS}
 
     def observe(
@@ -130,6 +138,8 @@ class GenerationMetrics:
         output_tokens: int,
         perplexity: float | None,
         finish_reason: str,
+        empty: bool = False,
+        repetitive: bool = False,
     ) -> None:
         if queue_seconds is not None:
             self.queue.observe(queue_seconds)
@@ -138,6 +148,10 @@ class GenerationMetrics:
         self.output_tokens_seed.observe(output_tokens)
         self.output_tokens.observe(output_tokens)
         self.finish[finish_reason].inc()
+        if empty:
+            self.empty.inc()
+        if repetitive:
+            self.repetitive.inc()
         if token_times:
             self.ttft.observe(token_times[0] - start)
             itl = self.itl
@@ -224,6 +238,15 @@ class ServerMetrics:
         self.finish = Counter(
             "slm_request_finish_total", "Generations by finish reason", [*ml, "finish_reason"], registry=r
         )
+        self.empty_outputs = Counter(
+            "slm_empty_outputs_total", "Generations that produced no visible text", ml, registry=r
+        )
+        self.repetitive_outputs = Counter(
+            "slm_repetitive_outputs_total",
+            "Generations whose output repeats itself (a model stuck in a loop)",
+            ml,
+            registry=r,
+        )
         self.errors = Counter(
             "slm_request_errors_total", "Failed generation requests by error kind", [*ml, "error"], registry=r
         )
@@ -237,7 +260,7 @@ class ServerMetrics:
             "slm_max_concurrent_requests", "Generations allowed at once", ["model"], registry=r
         ).labels(model=model)
         self.max_queued = Gauge(
-            "slm_max_queued_requests", "Requests allowed to wait; more are rejected with 429", ["model"], registry=r
+            "slm_max_queue", "Requests allowed to wait for a slot; more are rejected with 429", ["model"], registry=r
         ).labels(model=model)
         self.model_info = Gauge(
             "slm_model_info",
@@ -348,6 +371,36 @@ class GpuCollector(Collector):
                 except nvml.NVMLError:  # a reading this GPU does not support: leave the series out
                     continue
         yield from (util, used, total, temp, power)
+
+
+class FilesystemCollector(Collector):
+    """Free and total bytes of the filesystems holding the given paths (statvfs at scrape time).
+
+    For the disk-space alert where no node exporter sees the pod's volume; a path that cannot be
+    read is left out of the scrape (and logged once), never an error.
+    """
+
+    def __init__(self, paths: list[str]):
+        self._paths = paths
+        self._warned: set[str] = set()
+
+    def collect(self) -> Iterable[GaugeMetricFamily]:
+        avail = GaugeMetricFamily(
+            "slm_filesystem_avail_bytes", "Bytes available to the server on the filesystem", labels=["mountpoint"]
+        )
+        size = GaugeMetricFamily("slm_filesystem_size_bytes", "Size of the filesystem in bytes", labels=["mountpoint"])
+        for path in self._paths:
+            try:
+                st = os.statvfs(path)
+            except OSError as exc:
+                if path not in self._warned:
+                    self._warned.add(path)
+                    log.warning(f"cannot read the filesystem of {path}: {exc}", extra={"fields": {"event": "error"}})
+                continue
+            avail.add_metric([path], float(st.f_bavail * st.f_frsize))
+            size.add_metric([path], float(st.f_blocks * st.f_frsize))
+        yield avail
+        yield size
 
 
 def gpu_collector() -> GpuCollector | None:

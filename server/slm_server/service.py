@@ -412,6 +412,8 @@ class GenerationService:
         token_times = result.token_times if result else []
         output_tokens = result.output_tokens if result else 0
         perplexity = result.perplexity if result else None
+        empty = not (result and result.text.strip())
+        repetitive = is_repetitive(result.token_ids) if result else False
         gm.observe(
             queue_seconds=job.queue_seconds,
             start=job.record.start,
@@ -420,6 +422,8 @@ class GenerationService:
             output_tokens=output_tokens,
             perplexity=perplexity,
             finish_reason=finish_reason,
+            empty=empty and error is None and not job.timed_out,
+            repetitive=repetitive,
         )
         f["gen_ai.response.model"] = self.model_name
         f["gen_ai.usage.output_tokens"] = output_tokens
@@ -441,8 +445,8 @@ class GenerationService:
                 prompt_tokens=len(job.prompt_ids),
                 output_tokens=output_tokens,
                 finish_reason=finish_reason,
-                empty=not (result and result.text.strip()),
-                repetitive=is_repetitive(result.token_ids) if result else False,
+                empty=empty,
+                repetitive=repetitive,
                 error=error is not None or job.timed_out,
                 latency_seconds=now - job.record.start,
             )

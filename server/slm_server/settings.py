@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import Field, model_validator
+from pydantic import AliasChoices, Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 OutputLogPolicy = Literal["none", "hash", "truncated", "full"]
@@ -21,8 +21,12 @@ class Settings(BaseSettings):
         description="A Hugging Face model directory or hub id; `tiny` = the project's own tiny model "
         "(built on first use, see slm_server.tinymodel).",
     )
-    served_model_name: str | None = Field(None, description="Name in the API and the `model` label.")
-    revision: str | None = None
+    served_model_name: str | None = Field(
+        None,
+        description="Name in the API and the `model` label.",
+        validation_alias=AliasChoices("served_model_name", "SLM_SERVED_MODEL_NAME", "SLM_MODEL_NAME"),
+    )
+    revision: str | None = Field(None, validation_alias=AliasChoices("revision", "SLM_REVISION", "SLM_MODEL_REVISION"))
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
     device: str = Field("auto", description="auto (CUDA when present, else CPU), cpu, cuda, cuda:N")
     engine: Literal["transformers", "echo"] = Field(
@@ -36,7 +40,12 @@ class Settings(BaseSettings):
     max_new_tokens: int = Field(512, ge=1, description="Cap on max_tokens per request.")
     default_max_tokens: int = Field(64, ge=1, description="max_tokens of /generate when not given.")
     max_concurrent_requests: int = Field(8, ge=1, description="Generations running at once.")
-    max_queued_requests: int = Field(32, ge=0, description="Waiting beyond that; more get 429.")
+    max_queued_requests: int = Field(
+        32,
+        ge=0,
+        description="Waiting beyond that; more get 429.",
+        validation_alias=AliasChoices("max_queued_requests", "SLM_MAX_QUEUED_REQUESTS", "SLM_MAX_QUEUE"),
+    )
     request_timeout_seconds: float = Field(60.0, gt=0, description="Queue + generation; then 504.")
     max_body_bytes: int = Field(1 << 20, ge=1024, description="Larger request bodies get 413.")
     drain_timeout_seconds: float = Field(30.0, ge=0, description="Graceful shutdown waits this long.")
@@ -44,6 +53,9 @@ class Settings(BaseSettings):
     # --- observability -------------------------------------------------------------------------------
     metrics_enabled: bool = Field(True, description="Off = no middleware, no metrics (benchmarks).")
     gpu_metrics: bool = True
+    disk_paths: str = Field(
+        "", description="Comma-separated paths whose filesystem free/size bytes are exported (/data in a pod)."
+    )
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_requests: bool = True
     log_probes: bool = Field(False, description="Also log /healthz, /readyz, /metrics requests.")
@@ -59,8 +71,22 @@ class Settings(BaseSettings):
         0.0, ge=0.0, le=1.0, description="Share of requests whose tokens are sampled uniformly (garbage)."
     )
     fault_admin_api: bool = Field(
-        False, description="Mount PUT /admin/faults to change the fault settings at run time."
+        False,
+        description="Mount /admin/faults to change the faults at run time (implies fault_injection).",
+        validation_alias=AliasChoices("fault_admin_api", "SLM_FAULT_ADMIN_API", "SLM_FAULTS_ADMIN"),
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _admin_api_is_an_opt_in(cls, data: Any) -> Any:
+        # SLM_FAULTS_ADMIN=true (the operator's spec.server.faultsAdmin) is itself the explicit opt-in.
+        if isinstance(data, dict):
+            admin = next(
+                (data[k] for k in ("fault_admin_api", "SLM_FAULT_ADMIN_API", "SLM_FAULTS_ADMIN") if k in data), None
+            )
+            if str(admin).lower() in ("1", "true", "yes", "on") and "fault_injection" not in data:
+                data = {**data, "fault_injection": True}
+        return data
 
     @model_validator(mode="after")
     def _faults_need_opt_in(self) -> Settings:
@@ -68,6 +94,10 @@ class Settings(BaseSettings):
         if (knobs or self.fault_admin_api) and not self.fault_injection:
             raise ValueError("fault_* settings need fault_injection=true (SLM_FAULT_INJECTION=true)")
         return self
+
+    @property
+    def disk_path_list(self) -> list[str]:
+        return [p.strip() for p in self.disk_paths.split(",") if p.strip()]
 
     @property
     def model_name(self) -> str:

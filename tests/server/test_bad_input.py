@@ -176,9 +176,9 @@ def test_a_request_that_waits_too_long_in_the_queue_is_504(tiny_engine, tiny_mod
         tiny_model_dir,
         max_concurrent_requests=1,
         max_queued_requests=4,
-        request_timeout_seconds=0.6,
+        request_timeout_seconds=3.0,  # the first fits (2 s + one token); the next would end at 4 s or later
         fault_injection=True,
-        fault_latency_seconds=0.5,
+        fault_latency_seconds=2.0,
     )
     with serve(tiny_engine, settings) as srv:
         statuses: list[int] = []
@@ -200,15 +200,23 @@ def test_fault_injection_cannot_be_switched_on_without_opting_in(server):
     with pytest.raises(ValueError, match="fault_injection"):
         Settings(fault_error_rate=0.5)
     with pytest.raises(ValueError, match="fault_injection"):
-        Settings(fault_admin_api=True)
+        Settings(fault_admin_api=True, fault_injection=False)
     assert server.client.put("/admin/faults", json={"error_rate": 1.0}).status_code == 404
     assert server.client.post("/generate", json={"prompt": "x", "max_tokens": 1, "fault": 1}).status_code == 422
 
 
-def test_the_opt_in_admin_api_changes_faults_at_run_time(tiny_engine, tiny_model_dir):
-    settings = settings_for(tiny_model_dir, fault_injection=True, fault_admin_api=True)
+def test_the_opt_in_admin_api_changes_faults_at_run_time(tiny_engine, tiny_model_dir, monkeypatch):
+    monkeypatch.setenv("SLM_FAULTS_ADMIN", "true")  # the operator's switch (spec.server.faultsAdmin)
+    settings = Settings(model=str(tiny_model_dir), served_model_name=MODEL_NAME)
+    assert settings.fault_injection and settings.fault_admin_api
     with serve(tiny_engine, settings) as srv:
         assert srv.client.put("/admin/faults", json={"degraded_rate": 1.0}).status_code == 200
         body = srv.client.post("/generate", json={"prompt": "Return the", "max_tokens": 20, "temperature": 0}).json()
         assert body["perplexity"] > 300  # uniformly sampled tokens are garbage to the model
         assert srv.metric("slm_fault_injection_enabled", {"model": MODEL_NAME}) == 1
+
+        r = srv.client.post("/admin/faults", json={"errorRate": 1.0, "addedLatencySeconds": 0.1})
+        assert r.json() == {"error_rate": 1.0, "latency_seconds": 0.1, "degraded_rate": 0.0}
+        assert srv.client.post("/generate", json={"prompt": "x", "max_tokens": 1}).status_code == 500
+        srv.client.post("/admin/faults", json={})
+        assert srv.client.post("/generate", json={"prompt": "x", "max_tokens": 1}).status_code == 200

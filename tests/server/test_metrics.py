@@ -30,7 +30,11 @@ CONTRACT = [
     ("slm_requests_in_flight", {"model": MODEL_NAME}),
     ("slm_requests_queued", {"model": MODEL_NAME}),
     ("slm_max_concurrent_requests", {"model": MODEL_NAME}),
-    ("slm_max_queued_requests", {"model": MODEL_NAME}),
+    ("slm_max_queue", {"model": MODEL_NAME}),
+    ("slm_empty_outputs_total", GEN),
+    ("slm_repetitive_outputs_total", GEN),
+    ("slm_filesystem_avail_bytes", {"mountpoint": "/"}),
+    ("slm_filesystem_size_bytes", {"mountpoint": "/"}),
     ("slm_model_info", {"model": MODEL_NAME, "device": "cpu", "dtype": "float32", "max_context": "256"}),
     ("slm_model_load_seconds", {"model": MODEL_NAME}),
     ("slm_fault_injection_enabled", {"model": MODEL_NAME}),
@@ -70,9 +74,10 @@ def _exercise(client) -> list[str]:
 
 
 @pytest.fixture
-def exercised(server):
-    ids = _exercise(server.client)
-    return server, server.client.get("/metrics").text, ids
+def exercised(tiny_engine, tiny_model_dir):
+    with serve(tiny_engine, settings_for(tiny_model_dir, disk_paths="/")) as server:
+        ids = _exercise(server.client)
+        yield server, server.client.get("/metrics").text, ids
 
 
 def test_every_contract_metric_is_present_after_real_requests(exercised):
