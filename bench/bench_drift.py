@@ -8,10 +8,11 @@
 What it does
 1. **Pools of real per-request signals.** The project's tiny model (`slm_server.tinymodel`) generates
    answers (sampling, temperature 1, up to MAX_NEW_TOKENS) for three kinds of traffic:
-   in-distribution prompts (openings of prose paragraphs like its training corpus), shifted prompts
-   (the same openings with their characters scrambled: a new client sending text the model does not
-   know), and degenerate decoding (greedy with a repetition *reward*: the loops a broken sampler or a
-   bad quantisation produces). Each answer keeps its tokens and per-token negative log-likelihoods, so
+   in-distribution prompts (openings of prose paragraphs like its training corpus), shifted traffic
+   (the same openings with their characters scrambled, sampled at temperature 1.3: a new client
+   sending text the model does not know, with its own sampling settings), and degenerate decoding
+   (greedy with a repetition *reward*: the loops a broken sampler or a bad quantisation produces).
+   Each answer keeps its tokens and per-token negative log-likelihoods, so
    perplexity, output length, finish reason, emptiness and repetition can be recomputed for any
    truncation. Generated once per tiny-model version, cached under `cache_dir()/bench-drift/`.
 2. **Replay in simulated time.** Requests arrive as a Poisson stream (RATE_PER_S). Their signals are
@@ -69,7 +70,7 @@ import numpy as np
 from slm_server.drift import DriftMonitor, DriftSettings
 from slm_server.paths import cache_dir
 
-POOL_VERSION = "2"
+POOL_VERSION = "3"
 MAX_NEW_TOKENS = 64
 RATE_PER_S = 1.0  # requests per simulated second: a small, steadily used deployment
 DEADLINE_MIN = 15.0  # the goal: detected within 15 simulated minutes
@@ -135,7 +136,14 @@ def _prompts(count: int, seed: int) -> tuple[list[str], list[str]]:
 
 
 def _generate(
-    model: Any, tok: Any, prompts: list[str], *, seed: int, degenerate: bool, log: Callable[[str], None]
+    model: Any,
+    tok: Any,
+    prompts: list[str],
+    *,
+    seed: int,
+    degenerate: bool,
+    log: Callable[[str], None],
+    temperature: float = 1.0,
 ) -> list[Answer]:
     import torch
 
@@ -149,7 +157,7 @@ def _generate(
         kwargs: dict[str, Any] = (
             {"do_sample": False, "repetition_penalty": 0.4}
             if degenerate
-            else {"do_sample": True, "temperature": 1.0, "top_k": 0, "top_p": 1.0}
+            else {"do_sample": True, "temperature": temperature, "top_k": 0, "top_p": 1.0}
         )
         with torch.no_grad():
             out = model.generate(
@@ -184,6 +192,10 @@ def _generate(
 
 
 POOL_SIZES = {"normal": 1200, "shifted": 600, "degenerate": 200}
+# The shifted client also samples hotter. Scrambled prompts alone move the tiny model's output perplexity
+# by only ~0.7 sd (its own samples stay about as likely whatever the prompt); with temperature 1.3 the
+# shifted pool sits ~5 sd above the reference, so every benchmarked size is a share of it.
+SHIFTED_TEMPERATURE = 1.3
 
 
 def load_pools(log: Callable[[str], None]) -> dict[str, list[Answer]]:
@@ -214,7 +226,15 @@ def load_pools(log: Callable[[str], None]) -> dict[str, list[Answer]]:
             tok = AutoTokenizer.from_pretrained(model_dir)
             model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
         started = time.monotonic()
-        pools[name] = _generate(model, tok, texts, seed=seed, degenerate=name == "degenerate", log=log)
+        pools[name] = _generate(
+            model,
+            tok,
+            texts,
+            seed=seed,
+            degenerate=name == "degenerate",
+            log=log,
+            temperature=SHIFTED_TEMPERATURE if name == "shifted" else 1.0,
+        )
         log(f"[bench-drift] generated the {name} pool ({len(texts)} answers) in {time.monotonic() - started:.0f}s")
         folder.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")
