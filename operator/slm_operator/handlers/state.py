@@ -5,6 +5,7 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import dataclasses
+import json
 import threading
 from collections.abc import Mapping
 from typing import Any
@@ -34,25 +35,31 @@ def _without_managed_fields(obj: Mapping[str, Any]) -> dict[str, Any]:
     return slim
 
 
+def _compact(obj: Mapping[str, Any]) -> str:
+    return json.dumps(_without_managed_fields(obj), separators=(",", ":"))
+
+
 class ChildCache:
     """The last seen version of every child, fed by the label-filtered child watches.
 
     Lets a resync compare desired with live without reading from the API server; an object not in
     the cache is read (the watch of its kind may not run yet, e.g. right after its CRD appeared).
+    Objects are kept as compact JSON text: a parsed PrometheusRule or dashboard weighs several times
+    its text, and 200 SLMDeployments own 1,200 of them (the operator's RSS goal is 256 MiB).
     """
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._objects: dict[ChildKey, dict[str, Any]] = {}
+        self._objects: dict[ChildKey, str] = {}
 
     @staticmethod
     def key(obj: Mapping[str, Any]) -> ChildKey:
         return obj["kind"], obj["metadata"]["namespace"], obj["metadata"]["name"]
 
     def put(self, obj: Mapping[str, Any]) -> None:
-        slim = _without_managed_fields(obj)
+        text = _compact(obj)
         with self._lock:
-            self._objects[self.key(obj)] = slim
+            self._objects[self.key(obj)] = text
 
     def forget(self, key: ChildKey) -> None:
         with self._lock:
@@ -60,7 +67,8 @@ class ChildCache:
 
     def get(self, key: ChildKey) -> dict[str, Any] | None:
         with self._lock:
-            return self._objects.get(key)
+            text = self._objects.get(key)
+        return None if text is None else dict(json.loads(text))
 
     def replace_kind(self, kind: str, objects: list[dict[str, Any]], namespaces: tuple[str, ...] = ()) -> None:
         """Everything cached of `kind` (in `namespaces`, or all) becomes exactly `objects`."""
@@ -68,7 +76,7 @@ class ChildCache:
             for key in [k for k in self._objects if k[0] == kind and (not namespaces or k[1] in namespaces)]:
                 del self._objects[key]
             for obj in objects:
-                self._objects[self.key(obj)] = _without_managed_fields(obj)
+                self._objects[self.key(obj)] = _compact(obj)
 
     def forget_kind(self, kind: str) -> None:
         with self._lock:
