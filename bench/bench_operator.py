@@ -70,7 +70,7 @@ def cluster_for(kubeconfig: str | None) -> Iterator[ClusterBase]:
 def run(args: argparse.Namespace) -> dict[str, Any]:
     results: dict[str, Any] = {}
     with cluster_for(args.kubeconfig) as cluster, tempfile.TemporaryDirectory() as tmp:
-        install_crd(cluster.kubectl)
+        install_crd(cluster)
         cluster.install_prometheus_operator_crds()
         # Enough fake GPUs for `count` single-GPU deployments plus the latency samples.
         nodes: list[dict[str, Any]] = [{"name": f"bench-gpu-{i}", "gpus": 8, "product": "NVIDIA-L4"}

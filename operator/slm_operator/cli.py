@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ctypes
 import os
 import sys
@@ -33,10 +34,8 @@ def limit_malloc_arenas(arenas: int = 2) -> None:
     each holding freed JSON buffers in its own arena, RSS grows far past the live heap. Same effect as
     MALLOC_ARENA_MAX=2, without relying on the environment. No-op on other C libraries.
     """
-    try:
+    with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL("libc.so.6").mallopt(M_ARENA_MAX, arenas)
-    except (OSError, AttributeError):
-        pass
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -26,7 +26,7 @@ CHILD_KINDS = "deployments,services,poddisruptionbudgets,configmaps,servicemonit
 @pytest.fixture(scope="module")
 def operator_process(cluster: ClusterBase, tmp_path_factory: pytest.TempPathFactory) -> Iterator[OperatorProcess]:
     """The operator (python -m slm_operator) watching all namespaces, resync every 3 s."""
-    install_crd(cluster.kubectl)
+    install_crd(cluster)
     cluster.install_prometheus_operator_crds()
     process = OperatorProcess(cluster.kubeconfig, tmp_path_factory.mktemp("operator"), resync_seconds=3)
     process.start()
