@@ -174,10 +174,11 @@ def grafana_to_promql(expr: str) -> str:
     return expr.replace("$__rate_interval", "1m").replace('"$model"', '".*"').replace('"$namespace"', '".*"')
 
 
-def test_every_panel_query_is_valid_promql(tmp_path: Path) -> None:
-    """promtool parses every panel query (wrapped as recording rules, Grafana variables substituted)."""
+@pytest.mark.parametrize("binary", ["promtool", "promtool2"], ids=["prometheus-3", "prometheus-2"])
+def test_every_panel_query_is_valid_promql(tmp_path: Path, binary: str) -> None:
+    """promtool (3.x, and 2.x when built) parses every panel query (as recording rules, variables substituted)."""
     try:
-        promtool = tool("promtool")
+        promtool = tool(binary)
     except ToolMissing as missing:
         pytest.skip(str(missing))
     dashboards = [render_dashboard(name="phi", namespace="llm", model="m", alerts=None), render_fleet_dashboard()]
