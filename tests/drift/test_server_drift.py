@@ -67,7 +67,8 @@ def client(tiny_model: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[TestCl
         "ENTER_CHECKS": "1",
     }.items():
         monkeypatch.setenv(f"SLM_DRIFT_{key}", value)
-    app = create_app(Settings(model=str(tiny_model), gpu_metrics=False), registry=CollectorRegistry())
+    settings = Settings.model_validate({"model": str(tiny_model), "gpu_metrics": False})
+    app = create_app(settings, registry=CollectorRegistry())
     with TestClient(app) as test_client:
         deadline = time.monotonic() + 60
         while test_client.get("/readyz").status_code != 200:
