@@ -103,11 +103,8 @@ def test_drift_gauges_move_when_the_prompt_distribution_shifts(
             break
     assert detected_after is not None, "perplexity drift not detected after 40 scrambled prompts"
     assert (_gauge(client, "slm_drift_score", "perplexity") or 0) >= 1.0
-    events = [
-        r.fields
-        for r in caplog.records
-        if getattr(r, "fields", {}).get("event") == "drift_detected"  # type: ignore[attr-defined]
-    ]
+    fields = [getattr(r, "fields", None) or {} for r in caplog.records]  # the JSON log line's fields
+    events = [f for f in fields if f.get("event") == "drift_detected"]
     assert any(e["slm.drift.signal"] == "perplexity" for e in events)
     evidence = next(e["slm.drift"] for e in events if e["slm.drift.signal"] == "perplexity")
     assert evidence["current"]["mean"] > evidence["reference"]["mean"]
