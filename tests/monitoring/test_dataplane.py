@@ -38,8 +38,9 @@ GROUP_WAIT_S = 1.0
 # Short windows and `for: 0s` so a fault alerts within seconds and resolves within ~20 s.
 LIVE_ALERTS: dict[str, Any] = {
     "errorRate": {"threshold": 0.1, "for": "0s", "window": "15s"},
-    "perplexityDrift": {"window": "30s", "baselineWindow": "1m", "for": "0s"},
-    "outputLengthDrift": {"window": "30s", "baselineWindow": "1m", "for": "0s"},
+    # A 10s mean against 2m of history: a step change peaks near z = 7 before the baseline absorbs it.
+    "perplexityDrift": {"window": "10s", "baselineWindow": "2m", "for": "0s", "zScore": 3},
+    "outputLengthDrift": {"window": "10s", "baselineWindow": "2m", "for": "0s"},
 }
 # Series Prometheus cannot have here: no GPU (pynvml) and no DCGM exporter or kube-state-metrics.
 UNAVAILABLE = server_metric_names(with_gpu=True) - server_metric_names()
@@ -150,7 +151,7 @@ def test_every_recording_rule_returns_data(plane: dict[str, Any], missing_from_s
     unhealthy = [rule for rule in prometheus.rule_health() if rule["health"] == "err"]
     assert not unhealthy, unhealthy
     records = _records(plane["groups"])
-    # The drift z-scores need their history guard filled: 15 evaluations of a 2s-interval group.
+    # The drift z-scores need their history guard filled: 60 evaluations of a 1s-interval group.
     checked = {record: record for record, expr in records.items() if not _skippable(expr, records, missing_from_server)}
     skipped = sorted(set(records) - set(checked))
     assert len(checked) >= len(records) - 6, skipped  # only the GPU (and contract-missing) series may be absent
@@ -247,3 +248,24 @@ def test_fault_is_notified_by_email_slack_and_webhook_then_resolved(plane: dict[
     (plane["workdir"] / "latency.json").write_text(json.dumps(report))
     # Rate windows need two scrapes of the new 5xx series, so allow a few intervals over the floor.
     assert first <= floor + 10, report
+
+
+def test_garbage_outputs_fire_the_perplexity_drift_alert(plane: dict[str, Any]) -> None:
+    """Degraded output (tokens sampled uniformly) moves perplexity far from its baseline: the PromQL z-score alerts."""
+    server: dp.SlmServer = plane["server"]
+    prometheus: dp.Prometheus = plane["prometheus"]
+    zscore = f'abs(slm:request_perplexity:zscore10s{{job="{NAME}"}})'
+    # A settled baseline first (history guard met, no drift now).
+    dp.wait_until(lambda: prometheus.query(f"{zscore} < 2"), timeout=120, interval=0.5, what="settled z-score")
+    before = prometheus.query(f'slm:request_perplexity:mean10s{{job="{NAME}"}}')
+    server.set_faults(degraded_output=True)
+    try:
+        fired = dp.wait_until(
+            lambda: prometheus.query(f'ALERTS{{alertname="SLMPerplexityDrift",alertstate="firing",job="{NAME}"}}'),
+            timeout=60, interval=0.5, what="SLMPerplexityDrift firing",
+        )  # fmt: skip
+        after = prometheus.query(f'slm:request_perplexity:mean10s{{job="{NAME}"}}')
+    finally:
+        server.set_faults()
+    assert fired[0]["metric"]["model"] == MODEL
+    assert float(after[0]["value"][1]) > float(before[0]["value"][1])
