@@ -29,8 +29,8 @@ What it does
    * `server`: slm_server.drift.DriftMonitor with its defaults (KS+PSI, CUSUM), on a simulated clock.
    * `static`: fixed thresholds an SRE would write without drift detection, evaluated every minute
      over 5 minutes with `for: 5m`: mean perplexity > 1.5x normal, mean output length < 0.5x normal,
-     error / empty / repetitive share > 5 % (the seed's error-rate threshold), length-finish share >
-     normal + 20 points.
+     error / empty / repetitive / length-finish share > 5 % (the seed's error-rate threshold) or
+     twice its normal share, whichever is higher.
    * `promql`: the SLMPerplexityDrift / SLMOutputLengthDrift rules exactly as
      `slm_operator.monitoring.rules.render_rule_groups` renders them, over the same streams turned
      into scraped counters (15 s scrapes), backfilled into a real Prometheus TSDB with
@@ -75,7 +75,7 @@ MAX_NEW_TOKENS = 64
 RATE_PER_S = 1.0  # requests per simulated second: a small, steadily used deployment
 DEADLINE_MIN = 15.0  # the goal: detected within 15 simulated minutes
 WEEK_S = 7 * 86400
-SIZES = (1.0, 2.0, 3.0, 5.0)
+SIZES = (0.5, 1.0, 2.0, 3.0, 5.0)
 DRIFT_TYPES = ("prompt_shift", "truncation", "repetition", "errors")
 TARGET_SIGNAL = {
     "prompt_shift": "perplexity",
@@ -455,10 +455,11 @@ class StaticThresholds:
         self.limits = {
             "perplexity": ("gt", 1.5 * st.ppl_mean),
             "output_length": ("lt", 0.5 * st.len_mean),
-            "finish_length": ("gt", st.length_share + 0.2),
-            "empty_output": ("gt", 0.05),
-            "repetition": ("gt", 0.05),
-            "error": ("gt", 0.05),
+            # 5 % (the seed's error-rate threshold), or twice the normal share where that is higher.
+            "finish_length": ("gt", max(0.05, 2 * st.length_share)),
+            "empty_output": ("gt", max(0.05, 2 * st.empty_rate)),
+            "repetition": ("gt", max(0.05, 2 * st.rep_rate)),
+            "error": ("gt", max(0.05, 2 * BASE_ERROR_RATE)),
         }
         self.minutes: deque[_Minute] = deque(maxlen=self.WINDOW_MIN)
         self.current = _Minute()
