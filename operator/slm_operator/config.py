@@ -40,7 +40,7 @@ class OperatorConfig:
     log_format: str = "json"
     resync_seconds: float = 30.0
     discovery_ttl_seconds: float = 10.0
-    workers: int = 8
+    workers: int = 16
     metrics_port: int = 9090
     health_port: int = 8080
     bind_host: str = "0.0.0.0"  # noqa: S104 - in a pod, the kubelet and Prometheus reach the pod IP
@@ -55,7 +55,7 @@ class OperatorConfig:
             log_format=os.environ.get("SLM_OPERATOR_LOG_FORMAT") or "json",
             resync_seconds=_float("SLM_OPERATOR_RESYNC_SECONDS", 30.0),
             discovery_ttl_seconds=_float("SLM_OPERATOR_DISCOVERY_TTL_SECONDS", 10.0),
-            workers=_int("SLM_OPERATOR_WORKERS", 8),
+            workers=_int("SLM_OPERATOR_WORKERS", 16),
             metrics_port=_int("SLM_OPERATOR_METRICS_PORT", 9090),
             health_port=_int("SLM_OPERATOR_HEALTH_PORT", 8080),
             bind_host=os.environ.get("SLM_OPERATOR_BIND_HOST") or "0.0.0.0",  # noqa: S104

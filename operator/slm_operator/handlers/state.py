@@ -105,7 +105,7 @@ class State:
         self.rendered: dict[tuple[str, str], tuple[str, str]] = {}
         self.parents: set[tuple[str, str]] = set()
         # Applies of one reconcile run concurrently; shared by all reconciles, so bounded overall.
-        self.apply_pool = concurrent.futures.ThreadPoolExecutor(max_workers=16, thread_name_prefix="apply")
+        self.apply_pool = concurrent.futures.ThreadPoolExecutor(max_workers=32, thread_name_prefix="apply")
 
     def lock(self, namespace: str, name: str) -> threading.Lock:
         with self._locks_guard:
