@@ -3,7 +3,8 @@
 Every series is registered on a `CollectorRegistry` given to `ServerMetrics` (a fresh one per app,
 so tests inject their own; nothing touches prometheus_client's global registry). Label children
 are bound once, when the app is built (or on the first request of a new status code), never with
-`.labels()` on the request path.
+`.labels()` on the request path. The request-path metrics are slm_server.fastmetrics' lock-free
+families (updated on the event loop only), exposed through prometheus_client like any other.
 
 Metrics (labels; `model` is the served model name, one value per process):
 
@@ -60,9 +61,11 @@ from collections.abc import Iterable
 from itertools import pairwise
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
+from prometheus_client import CollectorRegistry, disable_created_metrics
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
+
+from slm_server.fastmetrics import Counter, Gauge, Histogram
 
 log = logging.getLogger("slm_server.metrics")
 
@@ -154,9 +157,7 @@ class GenerationMetrics:
             self.repetitive.inc()
         if token_times:
             self.ttft.observe(token_times[0] - start)
-            itl = self.itl
-            for earlier, later in pairwise(token_times):
-                itl.observe(later - earlier)
+            self.itl.observe_many(later - earlier for earlier, later in pairwise(token_times))
             if len(token_times) > 1:
                 elapsed = token_times[-1] - token_times[0]
                 if elapsed > 0:
