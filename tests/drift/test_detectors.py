@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from prometheus_client import CollectorRegistry, Gauge
 
-from slm_server.drift import SIGNALS, DriftMonitor, DriftSettings, load_reference
+from slm_server.drift import SIGNALS, DriftMonitor, DriftSettings, for_server, load_reference
 
 MODEL = "tiny"
 
@@ -288,3 +288,24 @@ def test_a_minority_of_strange_requests_moving_the_mean_is_caught_by_the_mean_te
     evidence = drift_events(caplog)[0]
     assert evidence["tests_alarming"] == ["mean"]
     assert evidence["mean_z"] >= 6
+
+
+def test_the_server_adapter_is_off_when_disabled_and_writes_the_servers_gauge_children() -> None:
+    """for_server publishes through the server's per-signal children (ServerMetrics.drift_score/detected)."""
+    registry = CollectorRegistry()
+    score = Gauge("slm_drift_score", "score", ["model", "signal"], registry=registry)
+    detected = Gauge("slm_drift_detected", "detected", ["model", "signal"], registry=registry)
+
+    class Metrics:
+        drift_score = {s: score.labels(model=MODEL, signal=s) for s in SIGNALS}
+        drift_detected = {s: detected.labels(model=MODEL, signal=s) for s in SIGNALS}
+
+    assert for_server(Metrics(), DriftSettings(enabled=False)) is None
+    monitor = for_server(Metrics(), settings(reference_requests=100, check_every_requests=10))
+    assert monitor is not None
+    for _ in range(100):
+        monitor.observe(Req())
+    for _ in range(60):
+        monitor.observe(Req(error=True, finish_reason="error", perplexity=None, output_tokens=0))
+    assert registry.get_sample_value("slm_drift_detected", {"model": MODEL, "signal": "error"}) == 1.0
+    assert registry.get_sample_value("slm_drift_detected", {"model": MODEL, "signal": "perplexity"}) == 0.0
