@@ -372,10 +372,11 @@ class Traffic:
         self.rng = rng
 
     def stream(
-        self, *, end_s: float, onset_s: float = math.inf, drift: Drift | None = None, rate: float = RATE_PER_S
+        self, *, end_s: float, onset_s: float = math.inf, drift: Drift | None = None, rate: float | None = None
     ) -> Iterator[tuple[float, Signals]]:
         """Poisson arrivals until end_s; from onset_s on, requests follow `drift`. Draws are vectorised."""
         rng, st = self.rng, self.st
+        rate = rate or RATE_PER_S
         n = int(end_s * rate * 1.2) + 100
         times = np.cumsum(rng.exponential(1 / rate, size=n))
         u_error, u_mix = rng.random(n), rng.random(n)
@@ -558,6 +559,7 @@ def false_alarms(events: list[tuple[float, str, str]], until_s: float) -> int:
 # 3. The replay of the in-process detectors (server, static)
 # ----------------------------------------------------------------------------------------------
 ONSET_S = 60 * 60.0  # drift starts an hour in: the reference is learned by then (1,020 requests)
+LEARN_REQUESTS = 1020  # DriftSettings' warm-up + reference
 DRIFT_RUN_S = 30 * 60.0  # drift lasts 30 minutes; later than that counts as missed
 LEARNED_BY_S = 20 * 60.0  # stable exposure for false alarms is counted from here
 
@@ -583,6 +585,9 @@ def replay(st: PoolStats, *, reps: int, stable_weeks: float, seed: int, log: Cal
     names = ("server", "static")
     result = ReplayResult([], [], 0.0, dict.fromkeys(names, 0), {n: {} for n in names})
     started = time.monotonic()
+    # At lower traffic the reference takes longer to learn: the drift starts 40 minutes after it is.
+    learned_by = max(LEARNED_BY_S, 1.2 * LEARN_REQUESTS / RATE_PER_S)
+    onset = max(ONSET_S, LEARN_REQUESTS / RATE_PER_S + 40 * 60)
     for k, kind in enumerate(DRIFT_TYPES):
         for j, size in enumerate(SIZES):
             drift = Drift.make(kind, size, st)
@@ -594,13 +599,13 @@ def replay(st: PoolStats, *, reps: int, stable_weeks: float, seed: int, log: Cal
             for rep in range(reps):
                 traffic = Traffic(st, np.random.default_rng([seed, k, j, rep]))
                 detectors: list[ServerDetector | StaticThresholds] = [ServerDetector(), StaticThresholds(st)]
-                for t, s in traffic.stream(end_s=ONSET_S + DRIFT_RUN_S, onset_s=ONSET_S, drift=drift):
+                for t, s in traffic.stream(end_s=onset + DRIFT_RUN_S, onset_s=onset, drift=drift):
                     for det in detectors:
                         det.observe(t, s)
                 for det in detectors:
-                    outcomes[det.name].delays_min.append(first_detection(det.events, TARGET_SIGNAL[kind], ONSET_S))
-                    _count_false_alarms(result, det, ONSET_S)
-                result.stable_s += ONSET_S - LEARNED_BY_S
+                    outcomes[det.name].delays_min.append(first_detection(det.events, TARGET_SIGNAL[kind], onset))
+                    _count_false_alarms(result, det, onset)
+                result.stable_s += onset - learned_by
         log(f"[bench-drift] {kind}: done ({time.monotonic() - started:.0f}s)")
     # Long stable traffic: the false-alarm rate needs model-weeks, not hours.
     total = stable_weeks * WEEK_S
@@ -614,7 +619,7 @@ def replay(st: PoolStats, *, reps: int, stable_weeks: float, seed: int, log: Cal
                 det.observe(t, s)
         for det in detectors:
             _count_false_alarms(result, det, span)
-        result.stable_s += span - LEARNED_BY_S
+        result.stable_s += span - learned_by
         total -= span
         chunk += 1
         log(f"[bench-drift] stable model-week {chunk}: done ({time.monotonic() - started:.0f}s)")
@@ -991,18 +996,21 @@ def render_tables(st: PoolStats, result: ReplayResult, promql: dict[str, Any] | 
 
 
 def main(argv: list[str] | None = None) -> int:
+    global RATE_PER_S  # the traffic model reads it: one run, one rate
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="5 runs per cell, 1 stable model-day")
     parser.add_argument("--reps", type=int, default=None, help="runs per drift type and size (default 20)")
     parser.add_argument("--stable-weeks", type=float, default=None, help="extra stable model-weeks (default 2)")
     parser.add_argument("--promql-reps", type=int, default=None, help="runs per cell on the PromQL side (5)")
     parser.add_argument("--no-promql", action="store_true", help="skip the Prometheus side")
+    parser.add_argument("--rate", type=float, default=RATE_PER_S, help="requests per simulated second (1)")
     parser.add_argument("--seed", type=int, default=20261126)
     parser.add_argument("--json", type=Path, help="also write the figures here")
     args = parser.parse_args(argv)
     args.reps = args.reps or (5 if args.quick else 20)
     args.stable_weeks = args.stable_weeks if args.stable_weeks is not None else (1 / 7 if args.quick else 2.0)
     args.promql_reps = args.promql_reps or (3 if args.quick else 5)
+    RATE_PER_S = args.rate
 
     def log(message: str) -> None:
         print(message, file=sys.stderr, flush=True)
