@@ -1,0 +1,213 @@
+#!/usr/bin/env bash
+# GPU check of the server (issue 4), for a machine with an NVIDIA GPU and no network:
+#   1. builds the project's tiny model (CPU, ~1 min, cached) — nothing is downloaded;
+#   2. runs the server on CUDA and checks it generates there (slm_model_info{device="cuda..."});
+#   3. compares the server's pynvml series with `nvidia-smi` for every GPU;
+#   4. measures generation tokens/s with monitoring on (the default server: metrics, JSON request
+#      logs, drift detection) and off (SLM_METRICS_ENABLED=false), same load, same model.
+#
+#   scripts/gpu-check.sh                       # uses .venv/bin/python, or $PYTHON
+#   GPU_CHECK_ALLOW_CPU=1 scripts/gpu-check.sh # rehearse the flow on a machine without a GPU
+#
+# Exit status 0 when every check passed. Output is plain text meant to be pasted into a note.
+set -euo pipefail
+
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+repo="$(cd "$here/.." && pwd)"
+cd "$repo"
+PYTHON="${PYTHON:-$repo/.venv/bin/python}"
+[ -x "$PYTHON" ] || PYTHON="$(command -v python3)"
+export PYTHONPATH="$repo/server${PYTHONPATH:+:$PYTHONPATH}"
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PYTHONUNBUFFERED=1
+
+echo "== machine"
+"$PYTHON" - <<'EOF'
+import platform, sys
+import torch
+print(f"python {sys.version.split()[0]}  torch {torch.__version__}  cuda available: {torch.cuda.is_available()}")
+for i in range(torch.cuda.device_count()):
+    print(f"  cuda:{i} {torch.cuda.get_device_name(i)}")
+EOF
+if command -v nvidia-smi >/dev/null; then
+  nvidia-smi --query-gpu=index,name,driver_version,memory.total --format=csv,noheader
+elif [ -z "${GPU_CHECK_ALLOW_CPU:-}" ]; then
+  echo "nvidia-smi not found: not a GPU machine (set GPU_CHECK_ALLOW_CPU=1 to rehearse on CPU)" >&2
+  exit 2
+fi
+
+exec "$PYTHON" - "$@" <<'EOF'
+"""The checks themselves (run by scripts/gpu-check.sh)."""
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+
+from prometheus_client.parser import text_string_to_metric_families
+
+from slm_server.tinymodel import ensure_tiny_model
+
+ALLOW_CPU = bool(os.environ.get("GPU_CHECK_ALLOW_CPU"))
+HAVE_SMI = shutil.which("nvidia-smi") is not None
+failures: list[str] = []
+
+
+def check(ok: bool, what: str) -> None:
+    print(f"  [{'ok' if ok else 'FAIL'}] {what}")
+    if not ok:
+        failures.append(what)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def http(method: str, url: str, body: dict | None = None, timeout: float = 120) -> tuple[int, bytes]:
+    data = json.dumps(body).encode() if body is not None else None
+    req = urllib.request.Request(url, data=data, method=method, headers={"content-type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:  # noqa: S310 - loopback only
+            return r.status, r.read()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read()
+
+
+@contextlib.contextmanager
+def server(model_dir, log_dir, **env):
+    port = free_port()
+    log_path = os.path.join(log_dir, f"server-{port}.log")
+    full_env = {**os.environ, "SLM_MODEL": str(model_dir), "SLM_SERVED_MODEL_NAME": "tiny", "SLM_HOST": "127.0.0.1",
+                "SLM_PORT": str(port), "SLM_DEVICE": "cpu" if ALLOW_CPU and not HAVE_SMI else "cuda",
+                "SLM_MAX_CONCURRENT_REQUESTS": "8", **env}
+    with open(log_path, "w") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "slm_server"], env=full_env, stdout=out, stderr=subprocess.STDOUT)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 300
+        while True:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise SystemExit(f"server did not become ready; its log:\n{open(log_path).read()[-4000:]}")
+            try:
+                if http("GET", f"{base}/readyz", timeout=2)[0] == 200:
+                    break
+            except OSError:
+                pass
+            time.sleep(0.5)
+        yield base
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def samples(base: str) -> list:
+    text = http("GET", f"{base}/metrics")[1].decode()
+    return [s for fam in text_string_to_metric_families(text) for s in fam.samples]
+
+
+def smi() -> dict[str, dict[str, float]]:
+    fields = "index,uuid,memory.total,memory.used,utilization.gpu,temperature.gpu,power.draw"
+    out = subprocess.run(["nvidia-smi", f"--query-gpu={fields}", "--format=csv,noheader,nounits"],
+                         capture_output=True, text=True, check=True).stdout
+    rows = {}
+    for line in out.strip().splitlines():
+        index, uuid, total, used, util, temp, power = (v.strip() for v in line.split(","))
+        num = lambda v: float(v) if v not in ("[N/A]", "N/A", "[Not Supported]") else None  # noqa: E731
+        rows[index] = {"uuid": uuid, "total": num(total) * 2**20, "used": num(used) * 2**20, "util": num(util),
+                       "temp": num(temp), "power": num(power)}
+    return rows
+
+
+def load(base: str, requests: int, concurrency: int, max_tokens: int) -> tuple[float, int]:
+    """Tokens/s of `requests` greedy generations of `max_tokens`, `concurrency` at a time."""
+    tokens = 0
+    lock = threading.Lock()
+    queue = list(range(requests))
+
+    def worker():
+        nonlocal tokens
+        while True:
+            with lock:
+                if not queue:
+                    return
+                i = queue.pop()
+            status, body = http("POST", f"{base}/generate",
+                                {"prompt": f"Return the number {i} of items in the list", "max_tokens": max_tokens,
+                                 "temperature": 0})
+            assert status == 200, body[:300]
+            with lock:
+                tokens += json.loads(body)["output_tokens"]
+
+    start = time.perf_counter()
+    threads = [threading.Thread(target=worker) for _ in range(concurrency)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return tokens / (time.perf_counter() - start), tokens
+
+
+model_dir = ensure_tiny_model(log=lambda m: print(f"  {m}"))
+print(f"== tiny model: {model_dir}")
+log_dir = tempfile.mkdtemp(prefix="gpu-check-")
+
+print("== server on CUDA, pynvml vs nvidia-smi")
+with server(model_dir, log_dir) as base:
+    status, body = http("POST", f"{base}/generate", {"prompt": "Return the", "max_tokens": 32, "temperature": 0})
+    check(status == 200, f"POST /generate on the GPU server: {status}")
+    got = samples(base)
+    info = [s for s in got if s.name == "slm_model_info"]
+    device = info[0].labels["device"] if info else "?"
+    print(f"  slm_model_info: {info[0].labels if info else 'missing'}")
+    check(device.startswith("cuda") or (ALLOW_CPU and not HAVE_SMI), f"model on CUDA (device={device})")
+    gpu = {}
+    for s in got:
+        if s.name.startswith("nvidia_gpu_"):
+            gpu.setdefault(s.labels["index"], {})[s.name] = s.value
+    if HAVE_SMI:
+        reference = smi()
+        check(set(gpu) == set(reference), f"one pynvml series set per GPU: {sorted(gpu)} vs nvidia-smi {sorted(reference)}")
+        print(f"  {'gpu':<4} {'reading':<14} {'pynvml (server)':>18} {'nvidia-smi':>16}")
+        for index, ref in sorted(reference.items()):
+            mine = gpu.get(index, {})
+            rows = [
+                ("memory total", mine.get("nvidia_gpu_memory_total_bytes"), ref["total"], 2**20 + 1),
+                ("memory used", mine.get("nvidia_gpu_memory_used_bytes"), ref["used"], max(0.05 * ref["used"], 256 * 2**20)),
+                ("utilization %", mine.get("nvidia_gpu_utilization"), ref["util"], 100),  # instantaneous: shown, loosely checked
+                ("temperature C", mine.get("nvidia_gpu_temperature_celsius"), ref["temp"], 5),
+                ("power W", mine.get("nvidia_gpu_power_watts"), ref["power"], max(0.25 * (ref["power"] or 0), 30)),
+            ]
+            for name, a, b, tolerance in rows:
+                print(f"  {index:<4} {name:<14} {a if a is not None else '-':>18} {b if b is not None else '-':>16}")
+                if b is not None:
+                    check(a is not None and abs(a - b) <= tolerance, f"gpu {index} {name} within {tolerance:g}")
+    else:
+        check(not gpu, "no GPU: no nvidia_gpu_* series")
+
+print("== tokens/s, monitoring on vs off (same load: 64 greedy requests x 128 tokens, 8 at a time)")
+results = {}
+for label, env in (("monitoring on", {}), ("monitoring off", {"SLM_METRICS_ENABLED": "false"})):
+    with server(model_dir, log_dir, **env) as base:
+        load(base, 8, 8, 16)  # warm-up (CUDA kernels, allocator)
+        rates = [load(base, 64, 8, 128)[0] for _ in range(3)]
+        results[label] = sorted(rates)[1]
+        print(f"  {label:<15} {results[label]:8.1f} tokens/s  (median of 3 runs: {', '.join(f'{r:.1f}' for r in rates)})")
+ratio = results["monitoring on"] / results["monitoring off"]
+print(f"  on / off = {ratio:.3f}")
+check(ratio >= 0.90, "monitoring keeps >= 90% of the tokens/s")
+
+print(f"== {'all checks passed' if not failures else f'{len(failures)} check(s) failed'} (server logs in {log_dir})")
+sys.exit(1 if failures else 0)
+EOF
