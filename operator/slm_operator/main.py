@@ -6,9 +6,8 @@ from typing import Any
 
 import kopf
 
-from slm_operator import GROUP, PLURAL, VERSION
+from slm_operator import GROUP, PLURAL, VERSION, metrics
 from slm_operator.handlers import lifecycle
-from slm_operator.handlers import reconcile as rc
 from slm_operator.handlers.lifecycle import CHILD_RESOURCES, CHILD_SELECTOR
 
 CHILD_LABELS = {CHILD_SELECTOR.split("=")[0]: CHILD_SELECTOR.split("=")[1]}
@@ -31,9 +30,7 @@ async def cleanup(memo: kopf.Memo, **_: Any) -> None:
 @kopf.on.probe(id="reconciles")
 def probe_reconciles(**_: Any) -> float:
     """Liveness detail: reconciles done so far (kopf serves /healthz)."""
-    from slm_operator.metrics import RECONCILES
-
-    return sum(s.value for m in RECONCILES.collect() for s in m.samples if s.name.endswith("_total"))
+    return metrics.reconciles_total()
 
 
 @kopf.on.resume(GROUP, VERSION, PLURAL)
@@ -41,18 +38,14 @@ def probe_reconciles(**_: Any) -> float:
 @kopf.on.update(GROUP, VERSION, PLURAL)
 def reconcile_slmdeployment(body: kopf.Body, reason: str, memo: kopf.Memo, **_: Any) -> None:
     """Render and apply the children of an SLMDeployment, then write its status."""
-    try:
-        rc.reconcile(memo.state, dict(body), trigger=str(reason))
-    except rc.ApiException as exc:
-        if exc.status in (409, 429, 500, 503, 504) or exc.status is None:
-            raise kopf.TemporaryError(f"API server answered {exc.status}: {exc.reason}", delay=2) from exc
-        raise
+    lifecycle.on_slmdeployment_change(memo.state, dict(body), str(reason))
 
 
-def _child_event(type: str | None, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+def child_changed(type: str | None, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+    """A child was added, changed or deleted: repair it or refresh the parent's status."""
     lifecycle.child_event(memo.state, type, dict(body))
 
 
 for _api_version, _plural in CHILD_RESOURCES:
     # One event handler per child kind, watched with the managed-by label selector (set in startup).
-    kopf.on.event(_api_version, _plural, labels=CHILD_LABELS, id=f"child-{_plural}")(_child_event)
+    kopf.on.event(_api_version, _plural, labels=CHILD_LABELS, id=f"child-{_plural}")(child_changed)

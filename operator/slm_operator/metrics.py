@@ -48,6 +48,10 @@ def writes_total() -> float:
     )
 
 
+def reconciles_total() -> float:
+    return sum(s.value for m in RECONCILES.collect() for s in m.samples if s.name.endswith("_total"))
+
+
 def serve(port: int, host: str = "0.0.0.0", registry: CollectorRegistry = REGISTRY) -> None:  # noqa: S104
     """Expose /metrics (the chart's Service and ServiceMonitor scrape it)."""
     start_http_server(port, addr=host, registry=registry)

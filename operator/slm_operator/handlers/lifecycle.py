@@ -38,9 +38,10 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, namespaces: tupl
     """All kopf tuning in one place, then the shared state."""
     cfg = OperatorConfig.from_env()
 
-    # Watch streams: kopf's default is to wait forever on a silent stream, and connections dropped by a
-    # load balancer or an API server restart are then never noticed (nolar/kopf#232, #585, #847).
-    # The server closes each watch after server_timeout; the client gives up slightly later.
+    # Watch streams: with kopf's defaults (no timeouts) a watch connection silently dropped by a load
+    # balancer or an API server restart can hang forever and the operator stops seeing changes (kopf's
+    # docs, configuration / "API timeouts", recommend setting both). The server ends each watch after
+    # server_timeout; the client gives up slightly later.
     settings.watching.server_timeout = cfg.watch_server_timeout
     settings.watching.client_timeout = cfg.watch_client_timeout
     settings.watching.connect_timeout = 10
@@ -49,8 +50,9 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, namespaces: tupl
     # Only errors become kopf's own Events; the operator posts its own Events for what it changed
     # (a kopf "Handler succeeded" Event per resync would be a write per resync).
     settings.posting.level = logging.WARNING
-    # Progress and diff-base in annotations under our own prefix: the CRD's structural schema would
-    # prune kopf's default status.kopf field, making kopf re-run handlers forever (nolar/kopf#321).
+    # Progress and diff-base in annotations under our own prefix: kopf's default also writes status.kopf,
+    # which the CRD's structural schema prunes (no preserve-unknown-fields), so kopf would never see its
+    # own progress and re-run handlers.
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=GROUP)
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
         prefix=GROUP, key="last-handled-configuration"
@@ -131,6 +133,16 @@ async def resync_forever(state: State, stop: asyncio.Event) -> None:
             await loop.run_in_executor(None, resync_once, state)
         except Exception:
             log.exception("resync loop iteration failed")
+
+
+def on_slmdeployment_change(state: State, body: dict[str, Any], reason: str) -> None:
+    """create/update/resume: a full reconcile; API trouble becomes a kopf retry, not a crash loop."""
+    try:
+        rc.reconcile(state, body, trigger=reason)
+    except ApiException as exc:
+        if exc.status in (409, 429, 500, 502, 503, 504) or exc.status is None:
+            raise kopf.TemporaryError(f"API server answered {exc.status}: {exc.reason}", delay=2) from exc
+        raise
 
 
 def child_event(state: State, event_type: str | None, body: dict[str, Any]) -> None:
