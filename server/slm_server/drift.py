@@ -4,7 +4,7 @@ Six signals come from every request (`slm_server.signals.RequestSignals`):
 
 | signal          | kind         | detector                                                        |
 | --------------- | ------------ | --------------------------------------------------------------- |
-| `perplexity`    | distribution | two-sample Kolmogorov-Smirnov (scipy) + PSI + shift floor       |
+| `perplexity`    | distribution | KS (scipy) + PSI + shift floor, or a z-test of the window mean  |
 | `output_length` | distribution | same                                                            |
 | `finish_length` | rate         | Bernoulli log-likelihood-ratio CUSUM, with a return-to-normal CUSUM |
 | `empty_output`  | rate         | same                                                            |
@@ -16,11 +16,14 @@ from a JSON file) with what the model does **now**:
 
 * Distribution signals keep a sliding window of the last `window_requests` values. Every
   `check_every_requests` requests (or `check_interval_seconds`, whichever comes first) the window is
-  tested against the reference with `scipy.stats.ks_2samp`. An alarm needs all of: both samples at
-  least `min_samples`; KS p-value below `ks_pvalue`; population stability index at least `psi_min`
-  (practical size, not only statistical significance); and some quantile (p10…p90) moved by more than a
-  floor of `max(floor_ratio·|reference median|, floor_abs)` — the variance floor that keeps constant or
-  near-constant traffic from alarming on differences nobody cares about.
+  tested against the reference. Both samples must hold at least `min_samples`. The *shape* test
+  alarms when `scipy.stats.ks_2samp` gives a p-value below `ks_pvalue`, the population stability
+  index is at least `psi_min` (practical size, not only statistical significance), and some quantile
+  (p10…p90) moved by more than a floor of `max(floor_ratio·|reference median|, floor_abs)`. The
+  *mean* test alarms when the window mean is `mean_z` standard errors from the reference mean and
+  moved by more than that floor: it catches a minority of requests going strange, which bends the
+  CDF too little for KS. The floor (also the least reference spread the z-test assumes) is the
+  variance floor that keeps constant or near-constant traffic from alarming.
 * Rate signals run a one-sided Bernoulli CUSUM (Page 1954) per request: O(1), no window to sort. The
   in-control rate p0 is an upper confidence bound of the reference rate, floored at `rate_floor` (so a
   reference with zero errors does not make one error an anomaly); the out-of-control rate it is tuned
@@ -32,10 +35,11 @@ checks and leaves it after `clear_checks` consecutive checks with a score below 
 signal leaves it when a mirrored CUSUM has collected `cusum_threshold` of evidence that the rate is
 back at p0. So the state does not flap on a borderline window.
 
-Exported per model and signal: `slm_drift_score` (the test statistic over its alarm threshold: 1.0 is
-the alarm level for every signal) and `slm_drift_detected` (0/1). Every state change is logged once as
-a structured event (`drift_detected` / `drift_cleared`) carrying the evidence: statistic, p-value,
-PSI, window sizes, reference and current summaries.
+Exported per model and signal: `slm_drift_score` (each test's statistics over their alarm thresholds,
+the weakest gate of the strongest test: 1.0 is the alarm level for every signal) and
+`slm_drift_detected` (0/1). Every state change is logged once as a structured event
+(`drift_detected` / `drift_cleared`) carrying the evidence: statistics, p-value, PSI, mean z, window
+sizes, reference and current summaries.
 
 Cost: `observe` appends to bounded deques and updates two CUSUMs (O(1)); the KS tests run at most
 every `check_every_requests` requests, on `window_requests` + reference values (O(n log n), well
