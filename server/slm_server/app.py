@@ -11,6 +11,7 @@ import logging
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any, cast
 
 from fastapi import FastAPI, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, GCCollector, PlatformCollector, ProcessCollector
@@ -30,9 +31,13 @@ log = logging.getLogger("slm_server")
 
 
 def _event(
-    message: str, event: str, level: int = logging.INFO, exc_info: BaseException | None = None, **fields: object
+    message: str,
+    event: str,
+    fields: dict[str, Any] | None = None,
+    level: int = logging.INFO,
+    exc_info: BaseException | None = None,
 ) -> None:
-    log.log(level, message, exc_info=exc_info, extra={"fields": {"event": event, **fields}})
+    log.log(level, message, exc_info=exc_info, extra={"fields": {"event": event, **(fields or {})}})
 
 
 def create_app(
@@ -50,7 +55,7 @@ def create_app(
     signals:  the drift-detection hook (slm_server.signals); by default slm_server.drift's detector
               (SLM_DRIFT_ENABLED, on unless set false) publishing into the slm_drift_* gauges.
     """
-    settings = settings or Settings()
+    settings = settings or Settings()  # type: ignore[call-arg]  # (fields come from the environment)
     owns_engine = engine is None  # an engine given by the caller outlives the app
     engine = engine or make_engine(settings)
     if settings.metrics_enabled:
@@ -75,7 +80,7 @@ def create_app(
         _event(
             "server starting",
             "startup",
-            **{
+            {
                 "slm.version": __version__,
                 "gen_ai.request.model": settings.model_name,
                 "slm.model_source": settings.model,
@@ -96,7 +101,7 @@ def create_app(
             _event(
                 "shutting down: draining in-flight requests",
                 "shutdown",
-                in_flight=service.admission.in_flight if service.admission else 0,
+                {"in_flight": service.admission.in_flight if service.admission else 0},
             )
             if not loader.done():
                 loader.cancel()
@@ -137,7 +142,7 @@ def _default_observer(metrics: ServerMetrics | NullMetrics) -> SignalObserver | 
         return None  # the uninstrumented baseline watches nothing
     from slm_server.drift import for_server
 
-    return for_server(metrics)
+    return cast(SignalObserver | None, for_server(metrics))
 
 
 async def _load(service: GenerationService, metrics: ServerMetrics | NullMetrics) -> None:
@@ -150,7 +155,7 @@ async def _load(service: GenerationService, metrics: ServerMetrics | NullMetrics
             await asyncio.to_thread(engine.load)
         except Exception as exc:
             service.load_error = f"{type(exc).__name__}: {exc}"
-            _event("the model failed to load", "model_load_failed", logging.ERROR, exc_info=exc)
+            _event("the model failed to load", "model_load_failed", level=logging.ERROR, exc_info=exc)
             return
         load_seconds = time.perf_counter() - started
     else:
@@ -167,7 +172,7 @@ async def _load(service: GenerationService, metrics: ServerMetrics | NullMetrics
     _event(
         "model loaded",
         "model_loaded",
-        **{
+        {
             "gen_ai.request.model": info.name,
             "slm.model_source": info.source,
             "slm.device": info.device,

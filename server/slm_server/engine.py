@@ -185,7 +185,8 @@ class TransformersEngine(Engine):
             "trust_remote_code": self.settings.trust_remote_code,
         }
         self.tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
-        self.model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **kwargs).to(device).eval()
+        model: Any = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **kwargs)
+        self.model = model.to(device).eval()
         self.device = torch.device(device)
         config = self.model.config
         max_context = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
@@ -224,7 +225,7 @@ class TransformersEngine(Engine):
 
     def decode(self, ids: list[int]) -> str:
         with self._lock:
-            return self.tokenizer.decode(ids, skip_special_tokens=True)
+            return str(self.tokenizer.decode(ids, skip_special_tokens=True))
 
     def generate(
         self,

@@ -64,7 +64,7 @@ def configure_logging(settings: Settings, stream: TextIO | None = None) -> loggi
     """Route the root logger, and so uvicorn's, into one JSON handler. Idempotent."""
     # None of these reach the JSON lines; skipping them is the logging HOWTO's "Optimization"
     # advice (the caller lookup alone walks the whole ASGI call stack on every request line).
-    logging._srcfile = None  # type: ignore[attr-defined]
+    logging._srcfile = None
     logging.logThreads = False
     logging.logProcesses = False
     logging.logMultiprocessing = False

@@ -298,7 +298,12 @@ class GenerationService:
             return result
         loop = asyncio.get_running_loop()
         future = loop.run_in_executor(self._executor, self._run, job, None)
-        future.add_done_callback(lambda f: (release(), self._finish_future(job, f)))
+
+        def on_done(f: asyncio.Future) -> None:
+            release()
+            self._finish_future(job, f)
+
+        future.add_done_callback(on_done)
         try:
             return await asyncio.wait_for(asyncio.shield(future), job.deadline - time.perf_counter())
         except TimeoutError:

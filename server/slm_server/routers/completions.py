@@ -29,7 +29,7 @@ from slm_server.service import GenerationService, Job
 
 router = APIRouter(tags=["openai"])
 
-_STREAM_DOC = {
+_STREAM_DOC: dict[int | str, dict[str, Any]] = {
     200: {"content": {"text/event-stream": {}}, "description": "JSON, or server-sent events when stream=true"}
 }
 
