@@ -328,3 +328,15 @@ def test_sigkill_while_50_resources_are_created_converges_without_duplicates_or_
     assert {name for name, _ in per_parent} == set(alive)
     pods = cluster.kubectl_json("get", "pods", "-n", namespace, "-l", "app.kubernetes.io/name=slm-server")["items"]
     assert len([p for p in pods if not p["metadata"].get("deletionTimestamp")]) == len(alive)
+
+
+def test_an_unmanaged_object_with_a_child_name_is_not_taken_over(
+        cluster: ClusterBase, operator_process: OperatorProcess, namespace: str) -> None:
+    cluster.kubectl("create", "service", "clusterip", "taken", "-n", namespace, "--tcp=80:8080")
+    cluster.kubectl("apply", "-n", namespace, "-f", "-", input=minimal("taken"))
+    obj = wait_condition(cluster, namespace, "taken", "Ready", "False", "NameConflict")
+    assert f"Service {namespace}/taken" in condition(obj, "Ready")["message"]
+    service = cluster.kubectl_json("get", "service", "taken", "-n", namespace)
+    assert "ownerReferences" not in service["metadata"]
+    assert [p["port"] for p in service["spec"]["ports"]] == [80]
+    assert cluster.kubectl("get", "deployment", "taken", "-n", namespace, check=False).returncode == 0

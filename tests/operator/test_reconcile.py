@@ -190,3 +190,16 @@ def test_child_events_repair_deletion_and_ignore_their_own_echo(api: InMemoryApi
     api.objects[("prometheusrules", "ns", "m")] = edited
     lifecycle.child_event(state, "MODIFIED", edited)
     assert api.objects[("prometheusrules", "ns", "m")]["spec"]["groups"] != []
+
+
+@pytest.mark.usefixtures("monitoring_renderers")
+def test_someone_elses_object_of_the_same_name_is_left_alone_and_reported(api: InMemoryApi) -> None:
+    theirs = {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "m", "namespace": "ns"},
+              "spec": {"ports": [{"port": 80}]}}
+    api.add(copy.deepcopy(theirs))
+    state = state_for(api)
+    run(api, state, slmd())
+    assert api.objects[("services", "ns", "m")] == theirs
+    assert "apply services/m" not in api.writes
+    assert conditions(api)["Ready"] == ("False", "NameConflict")
+    assert api.objects[("slmdeployments", "ns", "m")]["status"]["phase"] == "Failed"

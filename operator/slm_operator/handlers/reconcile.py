@@ -23,6 +23,7 @@ from slm_operator.status import MONITORING_READY, READY, Observation, Problem, b
 
 log = logging.getLogger(__name__)
 
+SERVING_KINDS = ("Deployment", "Service", "PodDisruptionBudget")
 OPTIONAL_KINDS = ("ServiceMonitor", "PrometheusRule", "ConfigMap", "AlertmanagerConfig")
 CRD_NAMES = {
     "ServiceMonitor": "servicemonitors.monitoring.coreos.com",
@@ -41,6 +42,19 @@ def _monitor_labels(state: State, spec: Mapping[str, Any]) -> tuple[render.Monit
                                               "serviceMonitorSelector")
     rule_labels, rule_problem = selection.resolve(rule_wanted, selectors.rule, selectors.prometheuses, "ruleSelector")
     return render.MonitorLabels(sm_labels, rule_labels), [p for p in (sm_problem, rule_problem) if p]
+
+
+def _foreign(live: Mapping[str, Any], uid: str) -> bool:
+    """An object of a child's name that neither this operator manages nor this SLMDeployment owns."""
+    labels = get(live, "metadata.labels", {}) or {}
+    owners = get(live, "metadata.ownerReferences", []) or []
+    return labels.get("app.kubernetes.io/managed-by") != "slm-operator" and not any(
+        o.get("uid") == uid for o in owners)
+
+
+def _conflict_message(namespace: str, conflicts: list[tuple[str, str]]) -> str:
+    names = ", ".join(f"{kind} {namespace}/{name}" for kind, name in conflicts)
+    return f"{names} already exists and is not managed by slm-operator; rename or delete it (left untouched)"
 
 
 def _gpu_problem(state: State, spec: Mapping[str, Any]) -> Problem | None:
@@ -259,20 +273,29 @@ def _reconcile(state: State, body: Mapping[str, Any], *, trigger: str) -> dict[s
     def apply_one(child: dict[str, Any]) -> str:
         kind, child_name = child["kind"], child["metadata"]["name"]
         key = (kind, namespace, child_name)
-        # Built-in children are watched: a cache miss on create/update means "does not exist yet", so
-        # apply straight away (server-side apply creates or updates). Resyncs and resumes read first,
-        # so a not-yet-filled cache never turns into writes.
-        fetch = trigger in ("resync", "resume", "child") or kind in MONITORING_KINDS
-        outcome, now = kube.apply_object(child, live=state.children.get(key), fetch=fetch)
+        live = state.children.get(key)
+        # Built-in children are watched (label-filtered): on an update a cache miss means "does not exist
+        # yet", so apply straight away. Everything else reads first: a resync must not turn a cold cache
+        # into writes, and a create must not take over someone else's object of the same name (it would
+        # not carry our label, so the watch never shows it).
+        if live is None and (trigger != "update" or kind in MONITORING_KINDS):
+            live = kube.get(kind, namespace, child_name)
+        if live is not None and _foreign(live, parent.uid):
+            return "conflict"
+        outcome, now = kube.apply_object(child, live=live, fetch=False)
         if kind in MONITORING_KINDS and now is not None:
             state.children.put(now)  # not watched (see lifecycle.CHILD_RESOURCES): the resync lists them
         return outcome
 
     # The children do not depend on each other: apply them concurrently (latency of one, not six).
     outcomes = list(state.apply_pool.map(apply_one, to_apply))
+    conflicts: list[tuple[str, str]] = []
     for child, outcome in zip(to_apply, outcomes, strict=True):
         kind, child_name = child["kind"], child["metadata"]["name"]
         desired_keys.add((kind, child_name))
+        if outcome == "conflict":
+            conflicts.append((kind, child_name))
+            continue
         applied.append({"apiVersion": child["apiVersion"], "kind": kind, "name": child_name})
         if outcome != "unchanged":
             changes.append(f"{outcome} {kind} {child_name}")
@@ -299,6 +322,9 @@ def _reconcile(state: State, body: Mapping[str, Any], *, trigger: str) -> dict[s
         deployment = kube.get("Deployment", namespace, name)
 
     monitoring: Problem | None = None
+    serving_conflicts = [c for c in conflicts if c[0] in SERVING_KINDS]
+    monitoring_problems += [("NameConflict", _conflict_message(namespace, [c])) for c in conflicts
+                            if c[0] not in SERVING_KINDS]
     if monitoring_problems:
         monitoring = Problem(monitoring_problems[0][0], "; ".join(m for _, m in monitoring_problems))
     observation = Observation(
@@ -311,7 +337,8 @@ def _reconcile(state: State, body: Mapping[str, Any], *, trigger: str) -> dict[s
         monitoring=monitoring,
         monitoring_message=("monitoring disabled in spec" if not monitoring_enabled
                             else "ServiceMonitor, PrometheusRule and dashboard applied"),
-        serving=_gpu_problem(state, spec),
+        serving=(Problem("NameConflict", _conflict_message(namespace, serving_conflicts)) if serving_conflicts
+                 else _gpu_problem(state, spec)),
     )
     previous = body.get("status") or {}
     status = build_status(previous, observation)
