@@ -144,6 +144,12 @@ build_prometheus() {
     github.com/prometheus/prometheus/cmd/prometheus github.com/prometheus/prometheus/cmd/promtool
 }
 
+build_promtool2() {
+  wrapper "$SRC" github.com/prometheus/prometheus "$VERSION"
+  cd "$SRC"
+  go build -trimpath -ldflags "$(prom_ldflags "2.${VERSION#v0.}")" -o "$DEST/promtool2" github.com/prometheus/prometheus/cmd/promtool
+}
+
 build_alertmanager() {
   wrapper "$SRC" github.com/prometheus/alertmanager "$VERSION"
   cd "$SRC"
@@ -191,6 +197,7 @@ want helm && tool helm "$HELM_VERSION-k8s$KUBERNETES_VERSION" build_helm
 want prometheus-operator-crds && tool prometheus-operator-crds "$PROMETHEUS_OPERATOR_VERSION" fetch_prometheus_operator_crds
 want alertmanager && tool alertmanager "$ALERTMANAGER_VERSION" build_alertmanager
 want prometheus && tool prometheus "$PROMETHEUS_VERSION" build_prometheus
+want promtool2 && tool promtool2 "$PROMETHEUS2_VERSION" build_promtool2
 want kubeconform && tool kubeconform "$KUBECONFORM_VERSION" build_kubeconform
 want kubernetes && tool kubernetes "$KUBERNETES_VERSION" build_kubernetes
 
@@ -204,6 +211,7 @@ link "kwok-$KWOK_VERSION" kwok || true
 link "helm-$HELM_VERSION-k8s$KUBERNETES_VERSION" helm || true
 for b in prometheus promtool; do link "prometheus-$PROMETHEUS_VERSION" "$b" || true; done
 for b in alertmanager amtool; do link "alertmanager-$ALERTMANAGER_VERSION" "$b" || true; done
+link "promtool2-$PROMETHEUS2_VERSION" promtool2 || true
 link "kubeconform-$KUBECONFORM_VERSION" kubeconform || true
 [ -d "$tools/prometheus-operator-crds-$PROMETHEUS_OPERATOR_VERSION/crds" ] &&
   ln -sfn "$tools/prometheus-operator-crds-$PROMETHEUS_OPERATOR_VERSION/crds" "$links/prometheus-operator-crds"
