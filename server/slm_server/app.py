@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -63,8 +64,7 @@ def create_app(
         metrics: ServerMetrics | NullMetrics = ServerMetrics(registry, settings.model_name)
         for collector in (ProcessCollector, PlatformCollector, GCCollector):
             collector(registry=registry)
-        if settings.disk_path_list:
-            registry.register(FilesystemCollector(settings.disk_path_list))
+        registry.register(FilesystemCollector(lambda: settings.disk_path_list or _model_dir(engine)))
         if settings.gpu_metrics:
             gpus = gpu_collector()  # logs gpu_found or gpu_missing, once
             if gpus is not None:
@@ -135,6 +135,13 @@ def create_app(
 
         app.add_middleware(MonitoringMiddleware, settings=settings, metrics=metrics)
     return app
+
+
+def _model_dir(engine: Engine) -> list[str]:
+    """The filesystem to watch when SLM_DISK_PATHS is not set: the loaded model's own directory."""
+    info = getattr(engine, "info", None)
+    source = getattr(info, "source", "")
+    return [source] if source and os.path.isdir(source) else []
 
 
 def _default_observer(metrics: ServerMetrics | NullMetrics) -> SignalObserver | None:

@@ -42,8 +42,8 @@ Metrics (labels; `model` is the served model name, one value per process):
   nvidia_gpu_utilization (percent), nvidia_gpu_memory_used_bytes, nvidia_gpu_memory_total_bytes,
   nvidia_gpu_temperature_celsius, nvidia_gpu_power_watts
 
-  slm_filesystem_avail_bytes{mountpoint}           gauge      per path of SLM_DISK_PATHS (the model
-  slm_filesystem_size_bytes{mountpoint}            gauge      volume), read at scrape time
+  slm_filesystem_avail_bytes{mountpoint}           gauge      per path of SLM_DISK_PATHS (default: the
+  slm_filesystem_size_bytes{mountpoint}            gauge      model's directory), read at scrape time
 
   plus process_* and python_* from prometheus_client's own collectors.
 
@@ -57,7 +57,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from itertools import pairwise
 from typing import Any
 
@@ -381,8 +381,8 @@ class FilesystemCollector(Collector):
     read is left out of the scrape (and logged once), never an error.
     """
 
-    def __init__(self, paths: list[str]):
-        self._paths = paths
+    def __init__(self, paths: Callable[[], list[str]]):
+        self._paths = paths  # asked at every scrape (the model's directory is known once it loaded)
         self._warned: set[str] = set()
 
     def collect(self) -> Iterable[GaugeMetricFamily]:
@@ -390,7 +390,7 @@ class FilesystemCollector(Collector):
             "slm_filesystem_avail_bytes", "Bytes available to the server on the filesystem", labels=["mountpoint"]
         )
         size = GaugeMetricFamily("slm_filesystem_size_bytes", "Size of the filesystem in bytes", labels=["mountpoint"])
-        for path in self._paths:
+        for path in self._paths():
             try:
                 st = os.statvfs(path)
             except OSError as exc:

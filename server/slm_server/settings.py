@@ -54,7 +54,9 @@ class Settings(BaseSettings):
     metrics_enabled: bool = Field(True, description="Off = no middleware, no metrics (benchmarks).")
     gpu_metrics: bool = True
     disk_paths: str = Field(
-        "", description="Comma-separated paths whose filesystem free/size bytes are exported (/data in a pod)."
+        "",
+        description="Comma-separated paths whose filesystem free/size bytes are exported (/data in a pod); "
+        "empty = the loaded model's directory.",
     )
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_requests: bool = True

@@ -200,3 +200,11 @@ def test_uninstrumented_variant_has_no_metrics_and_no_middleware(tiny_model_dir)
         assert r.status_code == 200
         assert "x-request-id" not in r.headers
         assert srv.client.get("/metrics").status_code == 404
+
+
+def test_filesystem_gauges_default_to_the_model_directory(server, tiny_model_dir):
+    labels = {"mountpoint": str(tiny_model_dir)}
+    size = server.metric("slm_filesystem_size_bytes", labels)
+    avail = server.metric("slm_filesystem_avail_bytes", labels)
+    assert size and size > 0
+    assert avail is not None and 0 <= avail <= size
