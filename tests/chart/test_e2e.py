@@ -403,8 +403,6 @@ def test_upgrade_to_namespaced_mode_runs_the_operator_on_roles_only_and_back(
     cluster.kubectl("delete", "namespace", watched, "--wait=false", check=False)
 
 
-@pytest.mark.xfail(reason="the operator treats a 403 on a Secret get as an error instead of skipping the "
-                          "check, as it does for nodes and Prometheus resources (reported for issue 3)")
 def test_without_secret_reference_checks_the_operator_still_routes_notifications(
     release: Release, tmp_path: Path,
 ) -> None:

@@ -236,17 +236,31 @@ class ClusterBase:
         return path
 
     # --- Prometheus Operator CRDs ---------------------------------------------------------------
-    def install_prometheus_operator_crds(self, timeout: float = 60) -> list[str]:
-        """Apply the pinned release's CRDs (server-side: some are too big for client-side apply)."""
-        files = sorted(tools.crd_dir_prometheus_operator().glob("*.yaml"))
+    def apply_crds(self, files: Sequence[Path], timeout: float = 60) -> list[str]:
+        """Apply CRDs (server-side: some are too big for client-side apply), wait until each is served.
+
+        Polls the Established condition rather than `kubectl wait`, which fails outright ("status.conditions
+        accessor error") when it reads a CRD before the API server has written any condition.
+        """
         args = ["apply", "--server-side", "--force-conflicts"]
         for f in files:
             args += ["-f", str(f)]
         self.kubectl(*args)
         names = [_crd_name(f) for f in files]
-        self.kubectl("wait", "--for=condition=Established", f"--timeout={int(timeout)}s",
-                     *[f"crd/{n}" for n in names])
+
+        def established() -> bool:
+            items = self.kubectl_json("get", "crd", *names)
+            items = items.get("items", [items])
+            return len(items) == len(names) and all(
+                any(c["type"] == "Established" and c["status"] == "True" for c in
+                    (crd.get("status", {}).get("conditions") or [])) for crd in items)
+
+        wait_for(f"CRDs {names} to be established", established, timeout=timeout)
         return names
+
+    def install_prometheus_operator_crds(self, timeout: float = 60) -> list[str]:
+        """The pinned Prometheus Operator release's CRDs, as kube-prometheus-stack installs them."""
+        return self.apply_crds(sorted(tools.crd_dir_prometheus_operator().glob("*.yaml")), timeout)
 
     def uninstall_prometheus_operator_crds(self, timeout: float = 60) -> None:
         names = [_crd_name(f) for f in sorted(tools.crd_dir_prometheus_operator().glob("*.yaml"))]

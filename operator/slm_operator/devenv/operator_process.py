@@ -11,10 +11,9 @@ import signal
 import subprocess
 import sys
 import urllib.request
-from collections.abc import Callable
 from pathlib import Path
 
-from .cluster import free_port, wait_for
+from .cluster import ClusterBase, free_port, wait_for
 from .tools import REPO_ROOT as REPO
 
 CRD = REPO / "manifests" / "crds" / "slm.dev_slmdeployments.yaml"
@@ -130,10 +129,9 @@ class OperatorProcess:
             return ""
 
 
-def install_crd(kubectl: Callable[..., subprocess.CompletedProcess[str]]) -> None:
-    """Apply the SLMDeployment CRD (with ClusterBase.kubectl) and wait until it is served."""
-    kubectl("apply", "--server-side", "--force-conflicts", "-f", str(CRD))
-    kubectl("wait", "--for=condition=Established", "--timeout=60s", "crd/slmdeployments.slm.dev")
+def install_crd(cluster: ClusterBase) -> None:
+    """Apply the SLMDeployment CRD and wait until it is established and served."""
+    cluster.apply_crds([CRD])
     # Established can precede discovery by a moment; a successful `kubectl get` proves it is served.
-    wait_for("slmdeployments to be served", lambda: kubectl("get", "slmd", "-A", check=False).returncode == 0,
-             timeout=30)
+    wait_for("slmdeployments to be served",
+             lambda: cluster.kubectl("get", "slmd", "-A", check=False).returncode == 0, timeout=30)
