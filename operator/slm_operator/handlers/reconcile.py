@@ -189,6 +189,14 @@ def namespace_going_away(exc: ApiException) -> bool:
         exc.status == 404 and '"kind":"namespaces"' in body.replace(" ", ""))
 
 
+def _kept_conflict(previous_status: Mapping[str, Any]) -> Problem | None:
+    conditions = previous_status.get("conditions") or []
+    ready: Mapping[str, Any] = next((c for c in conditions if c.get("type") == "Ready"), {})
+    if ready.get("reason") == "NameConflict":
+        return Problem("NameConflict", str(ready.get("message", "")))
+    return None
+
+
 def refresh_status(state: State, body: Mapping[str, Any], deployment: Mapping[str, Any]) -> None:
     """Status from a changed child Deployment, without rendering or applying anything.
 
@@ -218,7 +226,9 @@ def refresh_status(state: State, body: Mapping[str, Any], deployment: Mapping[st
             children=list(previous.get("children") or []),
             monitoring=problem,
             monitoring_message=monitoring_before.get("message", ""),
-            serving=_gpu_problem(state, spec),
+            # A name conflict is found only by a full reconcile (it applies children); keep it until
+            # the next one rather than let a Deployment event paper over it.
+            serving=_kept_conflict(previous) or _gpu_problem(state, spec),
         )
         status = build_status(previous, observation)
         if not same_status(previous, status):
