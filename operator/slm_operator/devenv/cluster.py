@@ -15,6 +15,7 @@ against it to add the same fake GPU nodes, so the same tests run there.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import shutil
@@ -395,33 +396,17 @@ class LocalCluster(ClusterBase):
         self._wait_healthy(self.components[-1], lambda: self._api_ok("/readyz"), timeout)
 
         # --- controllers and scheduler, each with its own identity (RBAC bootstrap roles) ---
-        cm_key, cm_crt = pki.issue("controller-manager", "/CN=system:kube-controller-manager")
-        cm_config = write_kubeconfig(self.workdir / "kubeconfig-controller-manager", server=server, ca=pki.ca_crt,
-                                     user="cm", cert=cm_crt, key=cm_key)
-        cm_port = free_port()
-        self.components.append(spawn("kube-controller-manager", [
-            tools.tool("kube-controller-manager"), f"--kubeconfig={cm_config}",
-            f"--authentication-kubeconfig={cm_config}", f"--authorization-kubeconfig={cm_config}",
-            "--bind-address=127.0.0.1", f"--secure-port={cm_port}", f"--cert-dir={self.workdir / 'cm-certs'}",
-            "--leader-elect=false", "--use-service-account-credentials=true",
+        cm = self._start_controller(pki, server, logs, "kube-controller-manager", [
+            "--use-service-account-credentials=true",
             f"--service-account-private-key-file={pki.sa_key}", f"--root-ca-file={pki.ca_crt}",
             f"--service-cluster-ip-range={SERVICE_CIDR}",
             # Faster convergence for tests; production-like otherwise.
             "--concurrent-deployment-syncs=10", "--concurrent-replicaset-syncs=10", "--concurrent-gc-syncs=30",
-            "--v=1",
-        ], logs))
-        sched_key, sched_crt = pki.issue("scheduler", "/CN=system:kube-scheduler")
-        sched_config = write_kubeconfig(self.workdir / "kubeconfig-scheduler", server=server, ca=pki.ca_crt,
-                                        user="sched", cert=sched_crt, key=sched_key)
-        sched_port = free_port()
-        self.components.append(spawn("kube-scheduler", [
-            tools.tool("kube-scheduler"), f"--kubeconfig={sched_config}",
-            f"--authentication-kubeconfig={sched_config}", f"--authorization-kubeconfig={sched_config}",
-            "--bind-address=127.0.0.1", f"--secure-port={sched_port}", f"--cert-dir={self.workdir / 'sched-certs'}",
-            "--leader-elect=false", "--v=1",
-        ], logs))
-        self._wait_healthy(self.components[-2], lambda: _https_ok(f"https://127.0.0.1:{cm_port}/healthz"), timeout)
-        self._wait_healthy(self.components[-1], lambda: _https_ok(f"https://127.0.0.1:{sched_port}/healthz"), timeout)
+        ])
+        scheduler = self._start_controller(pki, server, logs, "kube-scheduler", [])
+        for component, port in (cm, scheduler):
+            healthz = f"https://127.0.0.1:{port}/healthz"
+            self._wait_healthy(component, functools.partial(_https_ok, healthz), timeout)
 
         # --- KWOK and the fake GPU nodes ---
         start_kwok(self, logs)
@@ -432,6 +417,22 @@ class LocalCluster(ClusterBase):
             "get", "serviceaccount", "default", "-n", "default", check=False).returncode == 0,
             timeout=timeout, on_timeout=self._component_logs)
         self.boot_seconds = time.monotonic() - started
+
+    def _start_controller(self, pki: Pki, server: str, logs: Path, name: str,
+                          extra: list[str]) -> tuple[Component, int]:
+        """kube-controller-manager or kube-scheduler, authenticated as system:<name> (bootstrap RBAC)."""
+        key, crt = pki.issue(name, f"/CN=system:{name}")
+        config = write_kubeconfig(self.workdir / f"kubeconfig-{name}", server=server, ca=pki.ca_crt,
+                                  user=name, cert=crt, key=key)
+        port = free_port()
+        component = spawn(name, [
+            tools.tool(name), f"--kubeconfig={config}",
+            f"--authentication-kubeconfig={config}", f"--authorization-kubeconfig={config}",
+            "--bind-address=127.0.0.1", f"--secure-port={port}", f"--cert-dir={self.workdir / (name + '-certs')}",
+            "--leader-elect=false", "--v=1", *extra,
+        ], logs)
+        self.components.append(component)
+        return component, port
 
     def _wait_healthy(self, component: Component, check: Callable[[], bool], timeout: float) -> None:
         def healthy() -> bool:

@@ -22,7 +22,6 @@ import email.policy
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -39,6 +38,7 @@ from typing import Any, TypeVar
 
 import yaml
 
+from slm_operator.devenv.cluster import free_port
 from slm_operator.devenv.tools import tool
 
 T = TypeVar("T")
@@ -47,13 +47,6 @@ LOOPBACK = "127.0.0.1"
 
 class NotReady(TimeoutError):
     """A process or condition did not come up before its deadline."""
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((LOOPBACK, 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def wait_until(
