@@ -113,3 +113,24 @@ def test_tools_report_the_pinned_versions(cluster: ClusterBase) -> None:
     helm = subprocess.run([tools.tool("helm"), "version", "--template={{.Version}}"],
                           capture_output=True, text=True, check=True)
     assert helm.stdout.strip() == pinned["HELM_VERSION"]
+
+
+def test_a_test_user_is_subject_to_rbac(cluster: ClusterBase, namespace: str) -> None:
+    kubeconfig = cluster.kubeconfig_for_user("alice")
+    denied = cluster.kubectl("get", "pods", "-n", namespace, kubeconfig=kubeconfig, check=False)
+    assert denied.returncode != 0
+    assert "forbidden" in denied.stderr.lower()
+
+    binding = {
+        "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
+        "metadata": {"name": "alice-view", "namespace": namespace},
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "view"},
+        "subjects": [cluster.rbac_subject_for_user("alice")],
+    }
+    cluster.kubectl("apply", "-f", "-", input=json.dumps(binding))
+
+    wait_for("alice to be allowed to list pods", lambda: cluster.kubectl(
+        "get", "pods", "-n", namespace, kubeconfig=kubeconfig, check=False).returncode == 0, timeout=30)
+    may_delete = cluster.kubectl("auth", "can-i", "delete", "pods", "-n", namespace, kubeconfig=kubeconfig,
+                                 check=False)
+    assert may_delete.stdout.strip() == "no"

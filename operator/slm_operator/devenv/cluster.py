@@ -220,6 +220,18 @@ class ClusterBase:
         self.kubectl("apply", "-f", "-", input=json.dumps(manifest))
         return name
 
+    def kubeconfig_for_user(self, user: str, groups: Sequence[str] = ()) -> Path:
+        """A kubeconfig for a test user (subject to RBAC like anyone else).
+
+        On the local control plane: a client certificate signed by the cluster's CA. On a cluster made
+        elsewhere there is no CA key here, so the user is a ServiceAccount of that name instead.
+        """
+        raise NotImplementedError
+
+    def rbac_subject_for_user(self, user: str) -> dict[str, str]:
+        """The RBAC subject that kubeconfig_for_user(user) authenticates as."""
+        return {"kind": "User", "name": user, "apiGroup": "rbac.authorization.k8s.io"}
+
     def kubeconfig_for_service_account(self, namespace: str, name: str, *, hours: int = 2) -> Path:
         """A kubeconfig that authenticates as a ServiceAccount (token from the TokenRequest API)."""
         token = self.kubectl("create", "token", name, "-n", namespace, f"--duration={hours}h").stdout.strip()
@@ -337,6 +349,8 @@ def start_kwok(cluster: ClusterBase, logdir: Path) -> Component:
 class LocalCluster(ClusterBase):
     """The control plane from the pinned binaries, all on 127.0.0.1, data in `workdir`."""
 
+    pki: Pki
+
     @classmethod
     @contextlib.contextmanager
     def start(cls, workdir: Path | None = None, *, timeout: float = 90, keep: bool = False) -> Iterator[LocalCluster]:
@@ -355,7 +369,7 @@ class LocalCluster(ClusterBase):
         started = time.monotonic()
         logs = self.workdir / "logs"
         logs.mkdir(parents=True, exist_ok=True)
-        pki = Pki(self.workdir / "pki")
+        pki = self.pki = Pki(self.workdir / "pki")
         # --- etcd ---
         etcd_port, peer_port = free_port(), free_port()
         etcd_url = f"http://127.0.0.1:{etcd_port}"
@@ -418,6 +432,12 @@ class LocalCluster(ClusterBase):
             timeout=timeout, on_timeout=self._component_logs)
         self.boot_seconds = time.monotonic() - started
 
+    def kubeconfig_for_user(self, user: str, groups: Sequence[str] = ()) -> Path:
+        subject = "".join(f"/O={group}" for group in groups) + f"/CN={user}"
+        key, crt = self.pki.issue(f"user-{user}", subject)
+        return write_kubeconfig(self.workdir / f"kubeconfig-user-{user}", server=self.server, ca=self.pki.ca_crt,
+                                user=user, cert=crt, key=key)
+
     def _start_controller(self, pki: Pki, server: str, logs: Path, name: str,
                           extra: list[str]) -> tuple[Component, int]:
         """kube-controller-manager or kube-scheduler, authenticated as system:<name> (bootstrap RBAC)."""
@@ -462,6 +482,15 @@ class LocalCluster(ClusterBase):
 
 class ExistingCluster(ClusterBase):
     """A cluster made elsewhere (kind, via `make kind-up`), named explicitly — never the ambient KUBECONFIG."""
+
+    def kubeconfig_for_user(self, user: str, groups: Sequence[str] = ()) -> Path:
+        if groups:
+            raise ValueError("groups need the cluster's CA key; on an existing cluster bind roles to the user")
+        self.kubectl("create", "serviceaccount", user, "-n", "default", check=False)
+        return self.kubeconfig_for_service_account("default", user)
+
+    def rbac_subject_for_user(self, user: str) -> dict[str, str]:
+        return {"kind": "ServiceAccount", "name": user, "namespace": "default"}
 
     @classmethod
     @contextlib.contextmanager
