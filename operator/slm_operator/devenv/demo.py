@@ -198,7 +198,6 @@ class Demo:
                 env.update({"SLM_MODEL": str(model_dir), "SLM_DISK_PATHS": str(model_dir),
                             "SLM_FAULTS_ADMIN": "true"})
                 server = dataplane.SlmServer(self.workdir / "server", env=env)
-                (self.workdir / "server").mkdir(parents=True, exist_ok=True)
                 stack.callback(server.stop)
                 server.start()
                 pod = cluster.kubectl_json("get", "pods", "-n", NAMESPACE, "-l",
@@ -213,12 +212,10 @@ class Demo:
                     self.workdir / "prometheus", rule_groups=rule["spec"]["groups"],
                     scrape_configs=[dataplane.scrape_config(name=DEMO, namespace=NAMESPACE,
                                                             targets=[server.address], pod=pod)])
-                (self.workdir / "prometheus").mkdir(parents=True, exist_ok=True)
                 config = cluster.kubectl_json("get", "alertmanagerconfig", DEMO, "-n", NAMESPACE)
                 refs = ["slack", "hook", "smtp"]
                 routing = alertmanager_yaml([(NAMESPACE, DEMO, config["spec"])],
                                             secrets={NAMESPACE: self.secret_values(cluster, refs)})
-                (self.workdir / "alertmanager").mkdir(parents=True, exist_ok=True)
                 alertmanager = dataplane.Alertmanager(self.workdir / "alertmanager", routing)
                 stack.callback(alertmanager.stop)
                 alertmanager.start()
