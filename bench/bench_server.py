@@ -3,7 +3,7 @@
     .venv/bin/python bench/bench_server.py [--requests 200] [--rounds 40] [--json OUT]
 
 Variants of the same app, all on the no-op `EchoEngine` (so no model time hides the overhead),
-measured in one run, in one process:
+measured in one run (one worker process per variant, see below):
 
   uninstrumented      create_app(metrics_enabled=False): no middleware, no metrics, no request logs
   instrumented        monitoring middleware, every slm_* metric, one JSON log line per request
@@ -13,9 +13,13 @@ measured in one run, in one process:
   instrumentator      the uninstrumented app + prometheus-fastapi-instrumentator's defaults
 
 Each request is POST /generate driven straight through the ASGI interface (no sockets, no HTTP
-client: their cost would dilute the difference being measured). The variants run in interleaved
-blocks and each block is timed in CPU time of the thread (time.thread_time), so other processes on
-a shared machine do not count. Reported: requests/s per variant (from the median CPU time per
+client: their cost would dilute the difference being measured). Each variant lives in its own
+worker process (several apps in one interpreter slow each other down through the interpreter's
+shared caches: on this project's 2-core VM the same app measured 30 µs/request slower when it
+was the fourth app built than when it was the second). The parent interleaves the variants'
+blocks, one worker at a time, so a slower or busier machine affects all variants alike; each block
+is timed in CPU time of its worker process (time.process_time: every thread, the log flusher's
+included, and no other process). Reported: requests/s per variant (from the median CPU time per
 request), the ratios to the uninstrumented app (goal: instrumented >= 0.90 and above the
 instrumentator), the monitoring cost per request in µs (goal <= 25 µs), and the /metrics render time
 and size at the server's default series count (goal <= 20 ms).
@@ -27,10 +31,12 @@ import argparse
 import asyncio
 import json
 import logging
+import multiprocessing
 import os
 import statistics
 import sys
 import time
+from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
@@ -60,29 +66,31 @@ def _engine(settings: Settings) -> EchoEngine:
     return engine
 
 
-def build_variants() -> dict[str, tuple[Any, CollectorRegistry | None]]:
-    variants: dict[str, tuple[Any, CollectorRegistry | None]] = {}
-    s = _settings(metrics_enabled=False)
-    variants["uninstrumented"] = (create_app(s, engine=_engine(s)), None)
-    s = _settings()
-    registry = CollectorRegistry()
-    # Metrics + logs: the drift detector (issue 7) is measured apart, as its own variant.
-    variants["instrumented"] = (create_app(s, engine=_engine(s), registry=registry, signals=NoopObserver()), registry)
-    s_quiet = _settings(log_requests=False)
-    variants["metrics-only"] = (
-        create_app(s_quiet, engine=_engine(s_quiet), registry=CollectorRegistry(), signals=NoopObserver()),
-        None,
-    )
-    drift_registry = CollectorRegistry()
-    variants["instrumented+drift"] = (create_app(s, engine=_engine(s), registry=drift_registry), drift_registry)
-    from prometheus_fastapi_instrumentator import Instrumentator
+VARIANTS = ("uninstrumented", "instrumented", "metrics-only", "instrumented+drift", "instrumentator")
 
-    s = _settings(metrics_enabled=False)
-    app = create_app(s, engine=_engine(s))
-    inst_registry = CollectorRegistry()
-    Instrumentator(registry=inst_registry).instrument(app).expose(app)
-    variants["instrumentator"] = (app, inst_registry)
-    return variants
+
+def build_variant(name: str) -> tuple[Any, CollectorRegistry | None]:
+    """The app of one variant, and its registry when /metrics is measured on it."""
+    if name == "uninstrumented":
+        s = _settings(metrics_enabled=False)
+        return create_app(s, engine=_engine(s)), None
+    if name == "instrumented":  # metrics + logs; the drift detector (issue 7) is its own variant
+        s, registry = _settings(), CollectorRegistry()
+        return create_app(s, engine=_engine(s), registry=registry, signals=NoopObserver()), registry
+    if name == "metrics-only":
+        s = _settings(log_requests=False)
+        return create_app(s, engine=_engine(s), registry=CollectorRegistry(), signals=NoopObserver()), None
+    if name == "instrumented+drift":
+        s, registry = _settings(), CollectorRegistry()
+        return create_app(s, engine=_engine(s), registry=registry), registry
+    if name == "instrumentator":
+        from prometheus_fastapi_instrumentator import Instrumentator
+
+        s, registry = _settings(metrics_enabled=False), CollectorRegistry()
+        app = create_app(s, engine=_engine(s))
+        Instrumentator(registry=registry).instrument(app).expose(app)
+        return app, registry
+    raise ValueError(name)
 
 
 def _scope(path: str, method: str = "POST") -> dict[str, Any]:
@@ -120,36 +128,90 @@ async def call(app: Any, path: str = "/generate", method: str = "POST") -> tuple
     return status, b"".join(chunks)
 
 
-async def run(requests: int, rounds: int) -> dict[str, Any]:
-    """Per variant, `rounds` blocks of `requests` requests, interleaved; each block's cost is the
-    CPU time of this thread (time.thread_time), so other processes on a shared machine do not count."""
-    variants = build_variants()
-    per_request_us: dict[str, list[float]] = {name: [] for name in variants}
-    async with _lifespans([app for app, _ in variants.values()]):
-        for name, (app, _) in variants.items():  # warm-up and sanity
-            for _ in range(300):
-                status, body = await call(app)
-            assert status == 200, (name, status, body[:200])
-        for _ in range(rounds):
-            for name, (app, _) in variants.items():
-                start = time.thread_time()
-                for _ in range(requests):
+def worker(name: str, conn: Connection) -> None:
+    """One variant in its own process: answers `("block", n)` with the CPU µs per request of n
+    requests, `("metrics",)` with the /metrics figures, and stops on `("stop",)`."""
+    # The request logs really are encoded and written (to /dev/null), as the server writes them:
+    # batched by the flusher thread every log_flush_interval_seconds, whose CPU time is counted.
+    with open(os.devnull, "wb") as sink:
+        handler = configure_logging(_settings(), stream=sink)
+        try:
+            asyncio.run(_serve_commands(name, conn))
+        finally:
+            logging.getLogger().removeHandler(handler)
+            handler.close()
+
+
+async def _serve_commands(name: str, conn: Connection) -> None:
+    app, registry = build_variant(name)
+    async with _lifespans([app]):
+        for _ in range(300):  # warm-up and sanity
+            status, body = await call(app)
+        if status != 200:
+            conn.send(("error", f"{name}: {status} {body[:200]!r}"))
+            return
+        conn.send(("ready", name))
+        while True:
+            command = conn.recv()
+            if command[0] == "block":
+                start = time.process_time()
+                for _ in range(command[1]):
                     await call(app)
-                per_request_us[name].append((time.thread_time() - start) / requests * 1e6)
-        registry = variants["instrumented"][1]
-        assert registry is not None
-        render_ms = []
-        for _ in range(50):
-            start = time.perf_counter()
-            text = generate_latest(registry)
-            render_ms.append((time.perf_counter() - start) * 1000)
-        series = sum(1 for line in text.decode().splitlines() if line and not line.startswith("#"))
-        route_ms = []
-        for _ in range(20):
-            start = time.perf_counter()
-            route_status, route_body = await call(variants["instrumented"][0], "/metrics", "GET")
-            route_ms.append((time.perf_counter() - start) * 1000)
-        assert route_status == 200
+                conn.send((time.process_time() - start) / command[1] * 1e6)
+            elif command[0] == "metrics":
+                conn.send(await _metrics_figures(app, registry))
+            else:
+                return
+
+
+async def _metrics_figures(app: Any, registry: CollectorRegistry | None) -> dict[str, Any]:
+    assert registry is not None
+    render_ms = []
+    for _ in range(50):
+        start = time.perf_counter()
+        text = generate_latest(registry)
+        render_ms.append((time.perf_counter() - start) * 1000)
+    series = sum(1 for line in text.decode().splitlines() if line and not line.startswith("#"))
+    route_ms = []
+    for _ in range(20):
+        start = time.perf_counter()
+        route_status, route_body = await call(app, "/metrics", "GET")
+        route_ms.append((time.perf_counter() - start) * 1000)
+    assert route_status == 200
+    return {
+        "metrics_render_ms": statistics.median(render_ms),
+        "metrics_route_ms": statistics.median(route_ms),
+        "metrics_bytes": len(route_body),
+        "metrics_series": series,
+    }
+
+
+def run(requests: int, rounds: int) -> dict[str, Any]:
+    """Per variant, `rounds` blocks of `requests` requests, interleaved across the worker processes."""
+    ctx = multiprocessing.get_context("spawn")
+    workers: dict[str, tuple[Any, Connection]] = {}
+    try:
+        for name in VARIANTS:
+            parent, child = ctx.Pipe()
+            process = ctx.Process(target=worker, args=(name, child), name=f"bench-{name}", daemon=True)
+            process.start()
+            workers[name] = (process, parent)
+        for _, conn in workers.values():
+            reply = conn.recv()
+            if reply[0] != "ready":
+                raise SystemExit(reply[1])
+        per_request_us: dict[str, list[float]] = {name: [] for name in VARIANTS}
+        for _ in range(rounds):
+            for name, (_, conn) in workers.items():
+                conn.send(("block", requests))
+                per_request_us[name].append(conn.recv())
+        workers["instrumented"][1].send(("metrics",))
+        figures = workers["instrumented"][1].recv()
+    finally:
+        for process, conn in workers.values():
+            if process.is_alive():
+                conn.send(("stop",))
+            process.join(timeout=30)
     us = {name: statistics.median(values) for name, values in per_request_us.items()}
     base = us["uninstrumented"]
     return {
@@ -164,10 +226,7 @@ async def run(requests: int, rounds: int) -> dict[str, Any]:
         "metrics_only_us_per_request": us["metrics-only"] - base,
         "ratio_metrics_only": base / us["metrics-only"],
         "drift_us_per_request": us["instrumented+drift"] - us["instrumented"],
-        "metrics_render_ms": statistics.median(render_ms),
-        "metrics_route_ms": statistics.median(route_ms),
-        "metrics_bytes": len(route_body),
-        "metrics_series": series,
+        **figures,
     }
 
 
@@ -193,12 +252,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, help="also write the figures here")
     args = parser.parse_args(argv)
 
-    # The request logs really are formatted and written, to /dev/null.
-    with open(os.devnull, "w") as sink:
-        configure_logging(_settings(), stream=sink)
-        logging.getLogger().setLevel(logging.INFO)
-        result = asyncio.run(run(args.requests, args.rounds))
-        logging.getLogger().handlers.clear()
+    result = run(args.requests, args.rounds)
 
     r = result
     ok = {

@@ -21,6 +21,7 @@ from prometheus_client.exposition import generate_latest
 from slm_server import __version__
 from slm_server.engine import Engine, make_engine
 from slm_server.errors import install_error_handlers
+from slm_server.logs import flush_lines
 from slm_server.metrics import FilesystemCollector, NullMetrics, ServerMetrics, gpu_collector
 from slm_server.middleware import MonitoringMiddleware
 from slm_server.routers import admin, completions, generate, health
@@ -109,6 +110,7 @@ def create_app(
             if owns_engine:
                 engine.close()
             _event("stopped", "shutdown")
+            flush_lines()
 
     app = FastAPI(
         title="slm-server",

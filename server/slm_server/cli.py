@@ -40,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     import uvicorn
 
     from slm_server.app import create_app
-    from slm_server.logs import configure_logging
+    from slm_server.logs import configure_logging, flush_before_signals
 
     try:
         settings = Settings(**parse_args(argv))  # type: ignore[arg-type]
@@ -48,6 +48,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"slm-server: invalid settings: {exc}", file=sys.stderr)
         return 2
     configure_logging(settings)
+    flush_before_signals()
     app = create_app(settings)
     uvicorn.run(
         app,

@@ -5,7 +5,8 @@ Per HTTP request it: takes or makes a request id (`x-request-id`, echoed in the 
 the W3C `traceparent`, refuses bodies over the size cap (413, from `content-length` or while
 reading), times the response until its last byte (streams included), counts it in the seed's
 `api_requests_total` / `api_request_duration_seconds` through children bound in advance, and writes
-the request's JSON log line with what the service put into its `RequestRecord`.
+the request's JSON log line (slm_server.logs.request_line) with what the service put into its
+`RequestRecord`.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import random
 import time
 from typing import Any
 
@@ -20,19 +22,23 @@ from fastapi import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from slm_server.errors import error_body
-from slm_server.logs import parse_traceparent
+from slm_server.logs import access_log, parse_traceparent, request_lines
 from slm_server.metrics import ServerMetrics
 from slm_server.service import RequestRecord
 from slm_server.settings import Settings
-
-access_log = logging.getLogger("slm_server.access")
 
 PROBE_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
 RECORD_KEY = "slm_record"  # in scope["state"], so handlers see it as request.state.slm_record
 
 
+# Request ids need to be unique, not secret: 96 random bits from a PRNG seeded by the OS (a
+# getrandom() call per request costs more than the rest of the id), reseeded in forked children.
+_ids = random.Random(os.urandom(32))
+os.register_at_fork(after_in_child=lambda: _ids.seed(os.urandom(32)))
+
+
 def _new_request_id() -> str:
-    return os.urandom(12).hex()
+    return f"{_ids.getrandbits(96):024x}"
 
 
 class MonitoringMiddleware:
@@ -69,14 +75,20 @@ class MonitoringMiddleware:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
-                message["headers"] = [*message.get("headers", ()), id_header]
+                headers = message.get("headers")
+                if type(headers) is list:  # Starlette's responses: their own list, appended in place
+                    headers.append(id_header)
+                else:
+                    message["headers"] = [*(headers or ()), id_header]
             await send(message)
 
         try:
             if length > self.max_body:
                 await self._too_large(send_wrapper, length)
             else:
-                await self.app(scope, self._limited(receive) if self.max_body else receive, send_wrapper)
+                # With a content-length the server's HTTP parser delivers exactly that many bytes,
+                # checked above; only a chunked body is counted as it arrives.
+                await self.app(scope, self._limited(receive) if length < 0 else receive, send_wrapper)
         finally:
             elapsed = time.perf_counter() - start
             path = scope["path"]
@@ -114,18 +126,31 @@ class MonitoringMiddleware:
         await send({"type": "http.response.body", "body": body})
 
     def _log(self, scope: Scope, record: RequestRecord, status: int, elapsed: float, span_id: str | None) -> None:
-        fields: dict[str, Any] = {
+        error = status >= 500
+        lines = request_lines()
+        if lines is not None and not (error or lines.info):
+            return
+        path = scope["path"]
+        doc: dict[str, Any] = {
+            "timestamp": time.time(),
+            "level": "error" if error else "info",
+            "logger": "slm_server.access",
+            "message": "request",
             "event": "request",
             "request_id": record.request_id,
             "http.request.method": scope["method"],
-            "http.route": scope["path"] if scope["path"] in self.metrics.routes else "other",
+            "http.route": path if path in self.metrics.routes else "other",
             "http.response.status_code": status,
             "latency_s": round(elapsed, 6),
         }
         if record.trace_id:
-            fields["trace_id"] = record.trace_id
-            fields["span_id"] = span_id
+            doc["trace_id"] = record.trace_id
+            doc["span_id"] = span_id
         if record.fields:
-            fields.update(record.fields)
-        level = logging.ERROR if status >= 500 else logging.INFO
-        access_log.log(level, "request", extra={"fields": fields})
+            doc.update(record.fields)
+        if lines is not None:
+            lines.write(doc, urgent=error)
+        else:  # no configure_logging: the embedding program's logging
+            for key in ("timestamp", "level", "logger", "message"):
+                del doc[key]
+            access_log.log(logging.ERROR if error else logging.INFO, "request", extra={"fields": doc})

@@ -64,6 +64,12 @@ class Settings(BaseSettings):
     log_outputs: OutputLogPolicy = "hash"
     log_sample_rate: float = Field(1.0, ge=0.0, le=1.0, description="Share of requests whose output is logged.")
     log_truncate_chars: int = Field(200, ge=1)
+    log_flush_interval_seconds: float = Field(
+        0.1,
+        ge=0.0,
+        le=10.0,
+        description="Log lines are written in batches this often (warnings and errors at once); 0 = every line.",
+    )
 
     # --- fault injection (alert tests, the demo) — off unless set here, never from a request ---------
     fault_injection: bool = False

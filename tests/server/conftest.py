@@ -9,6 +9,7 @@ can influence (readiness before load, the uninstrumented variant), and says so.
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import logging
 import os
@@ -27,7 +28,7 @@ from prometheus_client import CollectorRegistry
 
 from slm_server.app import create_app
 from slm_server.engine import TransformersEngine
-from slm_server.logs import JsonFormatter
+from slm_server.logs import configure_logging
 from slm_server.settings import Settings
 from slm_server.tinymodel import ensure_tiny_model
 
@@ -82,16 +83,22 @@ def server(tiny_engine: TransformersEngine, tiny_model_dir: Path) -> Iterator[Se
 
 
 @pytest.fixture
-def json_records(caplog: pytest.LogCaptureFixture):
-    """The log records of the test as the JSON objects the server writes."""
-    caplog.set_level(logging.INFO)
-    formatter = JsonFormatter()
+def json_records() -> Iterator[Any]:
+    """The JSON lines the server writes during the test, read back as objects.
+
+    The process's logging is set up as `slm-server` sets it up (slm_server.logs.configure_logging),
+    into a buffer instead of stdout, so request lines take the same path as in production."""
+    stream = io.BytesIO()
+    handler = configure_logging(Settings(log_flush_interval_seconds=0.05), stream=stream)
 
     def read(event: str | None = None) -> list[dict[str, Any]]:
-        docs = [json.loads(formatter.format(r)) for r in caplog.records]
+        handler.flush()
+        docs = [json.loads(line) for line in stream.getvalue().splitlines() if line.strip()]
         return [d for d in docs if event is None or d.get("event") == event]
 
-    return read
+    yield read
+    logging.getLogger().removeHandler(handler)
+    handler.close()
 
 
 # --- a real server process -------------------------------------------------------------------------------------------

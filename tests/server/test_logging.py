@@ -6,10 +6,12 @@ import hashlib
 import io
 import json
 import logging
+import time
+from pathlib import Path
 
 import pytest
 
-from slm_server.logs import JsonFormatter, configure_logging, parse_traceparent
+from slm_server.logs import JsonFormatter, JsonLines, configure_logging, parse_traceparent
 from slm_server.settings import Settings
 
 from .conftest import MODEL_NAME, serve, settings_for
@@ -148,6 +150,7 @@ def test_formatter_writes_one_json_object_per_line_with_the_stack_trace():
         logging.getLogger("uvicorn.error").info("Uvicorn running")
     finally:
         logging.getLogger().removeHandler(handler)
+        handler.close()  # writes what is still buffered
     lines = stream.getvalue().splitlines()
     first, second = (json.loads(line) for line in lines)
     assert first["event"] == "error" and first["exception.type"] == "RuntimeError"
@@ -173,3 +176,76 @@ def test_json_formatter_is_used_for_records_without_fields():
     record = logging.LogRecord("x", logging.WARNING, __file__, 1, "plain %s", ("message",), None)
     doc = json.loads(JsonFormatter().format(record))
     assert doc["message"] == "plain message" and doc["level"] == "warning"
+
+
+# --- the writer: batched, ordered, never blocking the request path on output -------------------------------------
+def _wait_for(predicate, seconds: float = 5.0):
+    deadline = time.monotonic() + seconds
+    while not (result := predicate()):
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.01)
+    return result
+
+
+def _docs(stream: io.BytesIO) -> list[dict]:
+    return [json.loads(line) for line in stream.getvalue().splitlines()]
+
+
+def test_buffered_lines_are_written_by_the_flusher_within_the_interval():
+    stream = io.BytesIO()
+    lines = JsonLines(stream, flush_interval=0.05)
+    try:
+        lines.write({"timestamp": time.time(), "level": "info", "logger": "t", "message": "one"})
+        assert stream.getvalue() == b""  # queued, not written by the caller
+        docs = _wait_for(lambda: _docs(stream))
+        assert docs[0]["message"] == "one" and docs[0]["timestamp"].endswith("Z")
+    finally:
+        lines.close()
+
+
+def test_an_urgent_line_is_written_at_once_after_the_lines_queued_before_it():
+    stream = io.BytesIO()
+    lines = JsonLines(stream, flush_interval=60)  # the flusher would not run during the test
+    try:
+        for i in range(3):
+            lines.write({"timestamp": time.time(), "level": "info", "logger": "t", "message": f"info {i}"})
+        lines.write({"timestamp": time.time(), "level": "error", "logger": "t", "message": "boom"}, urgent=True)
+        assert [d["message"] for d in _docs(stream)] == ["info 0", "info 1", "info 2", "boom"]
+    finally:
+        lines.close()
+
+
+def test_close_writes_what_is_left_and_bad_values_lose_nothing_else():
+    stream = io.BytesIO()
+    lines = JsonLines(stream, flush_interval=60)
+    lines.write({"timestamp": time.time(), "message": "nan", "slm.perplexity": float("nan")})
+    lines.write({"timestamp": time.time(), "message": "huge", "n": 1 << 70})  # beyond JSON's 64-bit integers
+    lines.write({"timestamp": time.time(), "message": "path", "p": Path("/models/x")})
+    lines.close()
+    docs = _docs(stream)
+    assert docs[0]["slm.perplexity"] is None  # valid JSON, where json.dumps would write NaN
+    assert docs[1]["level"] == "error" and "unloggable" in docs[1]["message"]
+    assert docs[2]["p"] == "/models/x"
+
+
+def test_request_lines_and_logging_lines_share_one_ordered_stream(server, json_records):
+    logging.getLogger("slm_server.test").info("before", extra={"fields": {"event": "marker"}})
+    body = _generate(server.client).json()
+    logging.getLogger("slm_server.test").info("after", extra={"fields": {"event": "marker"}})
+    docs = json_records()
+    order = [d.get("message") for d in docs if d.get("event") == "marker" or d.get("request_id") == body["id"]]
+    assert order == ["before", "request", "after"]
+
+
+def test_a_server_error_request_line_is_written_without_waiting_for_the_flusher(tiny_engine, tiny_model_dir):
+    stream = io.BytesIO()
+    handler = configure_logging(Settings(log_flush_interval_seconds=10), stream=stream)
+    try:
+        with serve(tiny_engine, settings_for(tiny_model_dir, fault_injection=True, fault_error_rate=1.0)) as srv:
+            r = srv.client.post("/generate", json={"prompt": "x", "max_tokens": 2})
+            assert r.status_code == 500
+            lines = [d for d in _docs(stream) if d.get("event") == "request"]
+            assert lines and lines[-1]["request_id"] == r.headers["x-request-id"] and lines[-1]["level"] == "error"
+    finally:
+        logging.getLogger().removeHandler(handler)
+        handler.close()

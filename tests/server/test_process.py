@@ -73,10 +73,19 @@ def test_openai_client_surfaces_errors(client):
         client.completions.create(model=MODEL_NAME, prompt="x", temperature=9)
 
 
+def _wait_for(predicate, seconds: float = 10.0):
+    deadline = time.monotonic() + seconds
+    while not (result := predicate()):
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.02)
+    return result
+
+
 def test_every_output_line_is_json_uvicorn_included(live, client):
     client.completions.create(model=MODEL_NAME, prompt="x", max_tokens=2)
     httpx.get(f"{live.base_url}/metrics")
-    records = live.records()  # fails on any line that is not JSON
+    # Request lines are written in batches (log_flush_interval_seconds, 0.1 s by default).
+    records = _wait_for(lambda: any(r.get("event") == "request" for r in live.records()) and live.records())
     loggers = {r["logger"] for r in records}
     assert "uvicorn.error" in loggers  # "Uvicorn running on ...", routed into the JSON handler
     events = {r.get("event") for r in records}
@@ -102,7 +111,8 @@ def test_sigterm_drains_in_flight_requests_then_exits(tiny_model_dir, tmp_path):
 
         worker = threading.Thread(target=slow_request)
         worker.start()
-        time.sleep(0.7)  # the request is in flight (2 s of injected latency)
+        in_flight = 'slm_requests_in_flight{model="tiny"} 1.0'
+        _wait_for(lambda: in_flight in httpx.get(f"{proc.base_url}/metrics").text)  # 2 s of injected latency
         proc.proc.send_signal(signal.SIGTERM)
         worker.join(timeout=30)
         # uvicorn re-raises the signal once it has shut down gracefully (143 to Kubernetes, as usual).
