@@ -33,6 +33,7 @@ import json
 import logging
 import multiprocessing
 import os
+import random
 import statistics
 import sys
 import time
@@ -48,7 +49,7 @@ from prometheus_client.exposition import generate_latest  # noqa: E402
 
 from slm_server.app import create_app  # noqa: E402
 from slm_server.engine import EchoEngine  # noqa: E402
-from slm_server.logs import configure_logging  # noqa: E402
+from slm_server.logs import configure_logging, flush_lines  # noqa: E402
 from slm_server.settings import Settings  # noqa: E402
 from slm_server.signals import NoopObserver  # noqa: E402
 
@@ -157,6 +158,7 @@ async def _serve_commands(name: str, conn: Connection) -> None:
                 start = time.process_time()
                 for _ in range(command[1]):
                     await call(app)
+                flush_lines()  # the block's log lines are encoded and written inside its time
                 conn.send((time.process_time() - start) / command[1] * 1e6)
             elif command[0] == "metrics":
                 conn.send(await _metrics_figures(app, registry))
@@ -201,8 +203,12 @@ def run(requests: int, rounds: int) -> dict[str, Any]:
             if reply[0] != "ready":
                 raise SystemExit(reply[1])
         per_request_us: dict[str, list[float]] = {name: [] for name in VARIANTS}
+        order = list(VARIANTS)
+        shuffle = random.Random(4)
         for _ in range(rounds):
-            for name, (_, conn) in workers.items():
+            shuffle.shuffle(order)  # no variant always runs first (or right after another) in a round
+            for name in order:
+                conn = workers[name][1]
                 conn.send(("block", requests))
                 per_request_us[name].append(conn.recv())
         workers["instrumented"][1].send(("metrics",))
@@ -213,19 +219,28 @@ def run(requests: int, rounds: int) -> dict[str, Any]:
                 conn.send(("stop",))
             process.join(timeout=30)
     us = {name: statistics.median(values) for name, values in per_request_us.items()}
-    base = us["uninstrumented"]
+
+    # Ratios and costs are paired by round (blocks run back to back), then the median is taken:
+    # a machine that slows down for a while moves both sides of a pair alike.
+    def ratio(name: str, base: str = "uninstrumented") -> float:
+        return statistics.median(b / v for b, v in zip(per_request_us[base], per_request_us[name], strict=True))
+
+    def cost(name: str, base: str = "uninstrumented") -> float:
+        return statistics.median(v - b for b, v in zip(per_request_us[base], per_request_us[name], strict=True))
+
     return {
         "requests_per_block": requests,
         "rounds": rounds,
         "us_per_request": {name: round(value, 1) for name, value in us.items()},
         "rps": {name: round(1e6 / value, 1) for name, value in us.items()},
-        "ratio_instrumented": base / us["instrumented"],
-        "ratio_instrumentator": base / us["instrumentator"],
-        "ratio_instrumented_drift": base / us["instrumented+drift"],
-        "cost_us_per_request": us["instrumented"] - base,
-        "metrics_only_us_per_request": us["metrics-only"] - base,
-        "ratio_metrics_only": base / us["metrics-only"],
-        "drift_us_per_request": us["instrumented+drift"] - us["instrumented"],
+        "ratio_instrumented": ratio("instrumented"),
+        "ratio_instrumentator": ratio("instrumentator"),
+        "ratio_instrumented_drift": ratio("instrumented+drift"),
+        "cost_us_per_request": cost("instrumented"),
+        "metrics_only_us_per_request": cost("metrics-only"),
+        "ratio_metrics_only": ratio("metrics-only"),
+        "drift_us_per_request": cost("instrumented+drift", "instrumented"),
+        "per_request_us_by_round": per_request_us,
         **figures,
     }
 

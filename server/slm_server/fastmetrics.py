@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 from bisect import bisect_left
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
@@ -38,10 +38,18 @@ class CounterChild:
 
 
 class GaugeChild:
-    __slots__ = ("value",)
+    __slots__ = ("function", "value")
 
     def __init__(self) -> None:
         self.value = 0.0
+        self.function: Callable[[], float] | None = None
+
+    def set_function(self, function: Callable[[], float]) -> None:
+        """Read the value from `function` at collection time (a state the server keeps anyway)."""
+        self.function = function
+
+    def read(self) -> float:
+        return float(self.function()) if self.function is not None else self.value
 
     def set(self, value: float) -> None:
         self.value = float(value)
@@ -130,6 +138,9 @@ class Gauge(_Family):
 
     def _family(self) -> Metric:
         return GaugeMetricFamily(self.name, self.documentation, labels=self.labelnames)
+
+    def _add(self, family, key: list[str], child) -> None:
+        family.add_metric(key, child.read())
 
 
 class Histogram(_Family):

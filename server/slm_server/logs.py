@@ -97,18 +97,48 @@ class JsonFormatter(logging.Formatter):
         return _encode(doc)[:-1].decode()
 
 
+# What the middleware queues per request; `request_doc` makes the line of it, off the request path:
+# (time.time(), status, latency seconds, method, route, request id, trace id, span id, the fields
+# the service recorded).
+RequestLine = tuple[float, int, float, str, str, str, "str | None", "str | None", dict[str, Any]]
+
+
+def request_doc(line: RequestLine) -> dict[str, Any]:
+    """The JSON object of one request's access line, `timestamp` still the epoch float."""
+    created, status, elapsed, method, route, request_id, trace_id, span_id, fields = line
+    doc: dict[str, Any] = {
+        "timestamp": created,
+        "level": "error" if status >= 500 else "info",
+        "logger": "slm_server.access",
+        "message": "request",
+        "event": "request",
+        "request_id": request_id,
+        "http.request.method": method,
+        "http.route": route,
+        "http.response.status_code": status,
+        "latency_s": round(elapsed, 6),
+    }
+    if trace_id:
+        doc["trace_id"] = trace_id
+        doc["span_id"] = span_id
+    if fields:
+        doc.update(fields)
+    return doc
+
+
 class JsonLines:
     """The process's writer of JSON lines.
 
-    `write(doc)` only queues the line's dict (its `timestamp` an epoch float); the flusher thread
-    encodes and writes what is queued every `flush_interval` seconds, in one write. An urgent line
-    (warnings, errors, 5xx requests) is written at once by the caller, with everything before it;
-    so are all lines when `flush_interval` is 0. `flush()` and exit write the rest. Encoding a
-    batch in a tight loop costs a fraction of encoding each line between two requests' work, and
-    the request path pays only a deque append. Writers never lock (deque append and popleft are
-    atomic); the lock only keeps two flushes from interleaving.
+    `write(item)` only queues the line: a log record's dict (its `timestamp` an epoch float), or a
+    request's `RequestLine` tuple. The flusher thread turns what is queued into JSON and writes it
+    every `flush_interval` seconds, in one write. An urgent line (warnings, errors, 5xx requests)
+    is written at once by the caller, with everything before it; so are all lines when
+    `flush_interval` is 0. `flush()` and exit write the rest. Building and encoding a batch in a
+    tight loop costs a fraction of doing it for each line between two requests' work, and the
+    request path pays only a tuple and a deque append. Writers never lock (deque append and
+    popleft are atomic); the lock only keeps two flushes from interleaving.
 
-    A queued dict belongs to the writer: callers hand over a dict they no longer change.
+    What is queued belongs to the writer: callers hand over objects they no longer change.
     """
 
     def __init__(self, stream: IO[Any], *, flush_interval: float = 0.1, level: int = logging.INFO):
@@ -116,7 +146,7 @@ class JsonLines:
         self._stream = stream
         self._binary = not isinstance(stream, io.TextIOBase)
         self._interval = flush_interval
-        self._pending: deque[dict[str, Any]] = deque()
+        self._pending: deque[dict[str, Any] | RequestLine] = deque()
         self._lock = threading.RLock()  # re-entrant: a signal handler may flush during a flush
         self._timestamp = _Timestamps()
         self._closed = threading.Event()
@@ -125,8 +155,8 @@ class JsonLines:
             self._thread = threading.Thread(target=self._flush_loop, name="slm-log-flush", daemon=True)
             self._thread.start()
 
-    def write(self, doc: dict[str, Any], urgent: bool = False) -> None:
-        self._pending.append(doc)
+    def write(self, item: dict[str, Any] | RequestLine, urgent: bool = False) -> None:
+        self._pending.append(item)
         if urgent or self._thread is None or len(self._pending) >= 4096:
             self.flush()
 
@@ -138,7 +168,8 @@ class JsonLines:
             timestamp = self._timestamp
             lines = []
             for _ in range(len(pending)):
-                doc = pending.popleft()
+                item = pending.popleft()
+                doc = item if type(item) is dict else request_doc(item)  # type: ignore[arg-type]
                 doc["timestamp"] = timestamp(doc["timestamp"])
                 try:
                     lines.append(_encode(doc))

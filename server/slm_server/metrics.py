@@ -305,9 +305,11 @@ class ServerMetrics:
         ).set(1)
         self.model_load_seconds.set(load_seconds)
 
-    def set_load(self, in_flight: int, queued: int) -> None:
-        self.in_flight.set(in_flight)
-        self.queued.set(queued)
+    def watch_load(self, in_flight: Callable[[], int], queued: Callable[[], int]) -> None:
+        """The in-flight and queued gauges read the admission's counts when scraped (no update
+        on the request path, and never stale)."""
+        self.in_flight.set_function(in_flight)
+        self.queued.set_function(queued)
 
 
 class _NullChild:
@@ -337,7 +339,7 @@ class NullMetrics:
     def set_model(self, **_: Any) -> None:
         return None
 
-    def set_load(self, in_flight: int, queued: int) -> None:
+    def watch_load(self, in_flight: Callable[[], int], queued: Callable[[], int]) -> None:
         return None
 
 

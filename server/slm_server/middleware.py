@@ -16,13 +16,12 @@ import logging
 import os
 import random
 import time
-from typing import Any
 
 from fastapi import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from slm_server.errors import error_body
-from slm_server.logs import access_log, parse_traceparent, request_lines
+from slm_server.logs import access_log, parse_traceparent, request_doc, request_lines
 from slm_server.metrics import ServerMetrics
 from slm_server.service import RequestRecord
 from slm_server.settings import Settings
@@ -131,26 +130,21 @@ class MonitoringMiddleware:
         if lines is not None and not (error or lines.info):
             return
         path = scope["path"]
-        doc: dict[str, Any] = {
-            "timestamp": time.time(),
-            "level": "error" if error else "info",
-            "logger": "slm_server.access",
-            "message": "request",
-            "event": "request",
-            "request_id": record.request_id,
-            "http.request.method": scope["method"],
-            "http.route": path if path in self.metrics.routes else "other",
-            "http.response.status_code": status,
-            "latency_s": round(elapsed, 6),
-        }
-        if record.trace_id:
-            doc["trace_id"] = record.trace_id
-            doc["span_id"] = span_id
-        if record.fields:
-            doc.update(record.fields)
+        line = (
+            time.time(),
+            status,
+            elapsed,
+            scope["method"],
+            path if path in self.metrics.routes else "other",
+            record.request_id,
+            record.trace_id,
+            span_id,
+            record.fields,  # the record ends with this request: the line may keep its fields
+        )
         if lines is not None:
-            lines.write(doc, urgent=error)
+            lines.write(line, urgent=error)  # made into JSON and written off the request path
         else:  # no configure_logging: the embedding program's logging
+            fields = request_doc(line)
             for key in ("timestamp", "level", "logger", "message"):
-                del doc[key]
-            access_log.log(logging.ERROR if error else logging.INFO, "request", extra={"fields": doc})
+                del fields[key]
+            access_log.log(logging.ERROR if error else logging.INFO, "request", extra={"fields": fields})

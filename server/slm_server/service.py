@@ -85,12 +85,11 @@ class Job:
 class Admission:
     """At most `limit` generations at once; at most `queue_limit` waiting; the rest refused at once."""
 
-    def __init__(self, limit: int, queue_limit: int, on_change: Callable[[int, int], None]):
+    def __init__(self, limit: int, queue_limit: int):
         self.limit = limit
         self.queue_limit = queue_limit
-        self.in_flight = 0
+        self.in_flight = 0  # read by the slm_requests_in_flight / _queued gauges when scraped
         self.queued = 0
-        self._on_change = on_change
         self._semaphore = asyncio.Semaphore(limit)
         self._idle = asyncio.Event()
         self._idle.set()
@@ -108,19 +107,16 @@ class Admission:
                     headers={"Retry-After": str(max(1, waits))},
                 )
             self.queued += 1
-            self._changed()
             try:
                 await asyncio.wait_for(self._semaphore.acquire(), max(wait_seconds, 0.0))
             except TimeoutError:
                 raise RequestTimeout(f"request timed out after {wait_seconds:.1f} s waiting in the queue") from None
             finally:
                 self.queued -= 1
-                self._changed()
         else:
             await self._semaphore.acquire()
         self.in_flight += 1
         self._idle.clear()
-        self._changed()
         return time.perf_counter() - start
 
     def release(self, seconds: float | None = None) -> None:
@@ -130,7 +126,6 @@ class Admission:
         self._semaphore.release()
         if self.in_flight == 0:
             self._idle.set()
-        self._changed()
 
     async def drain(self, within_seconds: float) -> bool:
         """Wait until nothing runs; False when `within_seconds` passed first."""
@@ -139,9 +134,6 @@ class Admission:
             return True
         except TimeoutError:
             return False
-
-    def _changed(self) -> None:
-        self._on_change(self.in_flight, self.queued)
 
 
 def _counted(exc: ServerError) -> ServerError:
@@ -164,6 +156,9 @@ class GenerationService:
         self.signals = signals or NoopObserver()
         self.faults = Faults.from_settings(settings)
         self.output_policy = OutputLogPolicy(settings)
+        # The request log line exists only with the monitoring middleware and request logs on;
+        # otherwise its fields (and the output hash) are not computed at all.
+        self.log_fields = settings.metrics_enabled and settings.log_requests
         self.model_name = settings.model_name
         self.ready = False
         self.load_error: str | None = None
@@ -175,10 +170,8 @@ class GenerationService:
     # --- lifecycle ------------------------------------------------------------------------------------
     def start(self) -> None:
         """Bind to the running loop (called from the lifespan)."""
-        self.admission = Admission(
-            self.settings.max_concurrent_requests, self.settings.max_queued_requests, self.metrics.set_load
-        )
-        self.metrics.set_load(0, 0)
+        admission = self.admission = Admission(self.settings.max_concurrent_requests, self.settings.max_queued_requests)
+        self.metrics.watch_load(lambda: admission.in_flight, lambda: admission.queued)
         self.metrics.max_concurrent.set(self.settings.max_concurrent_requests)
         self.metrics.max_queued.set(self.settings.max_queued_requests)
         self.metrics.fault_injection.set(1 if self.faults.enabled else 0)
@@ -244,14 +237,15 @@ class GenerationService:
     ) -> Job:
         job = Job(endpoint, operation, prompt_ids, params, record, stream)
         job.deadline = record.start + self.settings.request_timeout_seconds
-        f = record.fields
-        f["gen_ai.operation.name"] = operation
-        f["gen_ai.request.model"] = self.model_name
-        f["gen_ai.request.max_tokens"] = params.max_tokens
-        f["gen_ai.request.temperature"] = params.temperature
-        f["gen_ai.request.top_p"] = params.top_p
-        f["gen_ai.usage.input_tokens"] = len(prompt_ids)
-        f["slm.stream"] = stream
+        if self.log_fields:
+            f = record.fields
+            f["gen_ai.operation.name"] = operation
+            f["gen_ai.request.model"] = self.model_name
+            f["gen_ai.request.max_tokens"] = params.max_tokens
+            f["gen_ai.request.temperature"] = params.temperature
+            f["gen_ai.request.top_p"] = params.top_p
+            f["gen_ai.usage.input_tokens"] = len(prompt_ids)
+            f["slm.stream"] = stream
         return job
 
     # --- running --------------------------------------------------------------------------------------
@@ -430,18 +424,20 @@ class GenerationService:
             empty=empty and error is None and not job.timed_out,
             repetitive=repetitive,
         )
-        f["gen_ai.response.model"] = self.model_name
-        f["gen_ai.usage.output_tokens"] = output_tokens
-        f["gen_ai.response.finish_reasons"] = [finish_reason]
-        f["slm.queue_time_s"] = job.queue_seconds
-        if token_times:
-            f["gen_ai.server.time_to_first_token"] = token_times[0] - job.record.start
-            if len(token_times) > 1:
-                f["gen_ai.server.time_per_output_token"] = (token_times[-1] - token_times[0]) / (len(token_times) - 1)
-        f["slm.perplexity"] = perplexity
-        output = self.output_policy.fields(result.text if result else None)
-        if output:
-            f.update(output)
+        if self.log_fields:
+            f["gen_ai.response.model"] = self.model_name
+            f["gen_ai.usage.output_tokens"] = output_tokens
+            f["gen_ai.response.finish_reasons"] = [finish_reason]
+            f["slm.queue_time_s"] = job.queue_seconds
+            if token_times:
+                f["gen_ai.server.time_to_first_token"] = token_times[0] - job.record.start
+                if len(token_times) > 1:
+                    elapsed = token_times[-1] - token_times[0]
+                    f["gen_ai.server.time_per_output_token"] = elapsed / (len(token_times) - 1)
+            f["slm.perplexity"] = perplexity
+            output = self.output_policy.fields(result.text if result else None)
+            if output:
+                f.update(output)
         self.signals.observe(
             RequestSignals(
                 model=self.model_name,
