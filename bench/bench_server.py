@@ -260,14 +260,114 @@ class _lifespans:
             await ctx.__aexit__(None, None, None)
 
 
+# --- the same variants over HTTP: uvicorn processes on loopback, the server's own CPU per request -------------------
+HTTP_VARIANTS = ("uninstrumented", "instrumented", "instrumentator")
+
+
+def serve(name: str, port: int) -> None:
+    """`--serve NAME --port P`: one variant under uvicorn on 127.0.0.1, logging as `slm-server` does
+    (JSON lines, here into /dev/null)."""
+    import uvicorn
+
+    with open(os.devnull, "wb") as sink:
+        configure_logging(_settings(), stream=sink)
+        app, _ = build_variant(name)
+        uvicorn.run(app, host="127.0.0.1", port=port, log_config=None, access_log=False, server_header=False)
+
+
+def _cpu_seconds(pid: int) -> float:
+    """utime + stime of a process and all its threads, from /proc (clock ticks)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def run_http(requests: int, rounds: int) -> dict[str, Any]:
+    """Each variant in its own uvicorn process; blocks of `requests` keep-alive POST /generate from
+    this process, interleaved. A variant's CPU is read from /proc at the start of each of its
+    blocks, so the time between two blocks (the log flusher's batch included) is counted too."""
+    import http.client
+    import socket
+    import subprocess
+
+    servers: dict[str, tuple[subprocess.Popen, int]] = {}
+    try:
+        for name in HTTP_VARIANTS:
+            with socket.socket() as probe:
+                probe.bind(("127.0.0.1", 0))
+                port = probe.getsockname()[1]
+            process = subprocess.Popen(  # this very script, with fixed arguments
+                [sys.executable, __file__, "--serve", name, "--port", str(port)],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+            servers[name] = (process, port)
+        connections = {}
+        for name, (process, port) in servers.items():
+            deadline = time.monotonic() + 120
+            while True:
+                try:
+                    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+                    conn.request("GET", "/readyz")
+                    if conn.getresponse().read() and conn.sock is not None:
+                        break
+                except OSError:
+                    if process.poll() is not None or time.monotonic() > deadline:
+                        raise SystemExit(f"the {name} server did not start") from None
+                    time.sleep(0.1)
+            connections[name] = conn
+
+        def block(name: str, count: int) -> None:
+            conn = connections[name]
+            for _ in range(count):
+                conn.request("POST", "/generate", BODY, {"content-type": "application/json"})
+                response = conn.getresponse()
+                response.read()
+                if response.status != 200:
+                    raise SystemExit(f"{name}: HTTP {response.status}")
+
+        for name in HTTP_VARIANTS:  # warm-up
+            block(name, 300)
+        cpu = {name: 0.0 for name in HTTP_VARIANTS}
+        last = {name: _cpu_seconds(servers[name][0].pid) for name in HTTP_VARIANTS}
+        order = list(HTTP_VARIANTS)
+        shuffle = random.Random(4)
+        for _ in range(rounds):
+            shuffle.shuffle(order)
+            for name in order:
+                block(name, requests)
+        time.sleep(0.3)  # the flushers' last batch (0.1 s interval) lands in the totals
+        for name in HTTP_VARIANTS:
+            cpu[name] = _cpu_seconds(servers[name][0].pid) - last[name]
+    finally:
+        for process, _ in servers.values():
+            process.terminate()
+        for process, _ in servers.values():
+            process.wait(timeout=30)
+    us = {name: seconds / (requests * rounds) * 1e6 for name, seconds in cpu.items()}
+    return {
+        "us_per_request": {name: round(value, 1) for name, value in us.items()},
+        "ratio_instrumented": us["uninstrumented"] / us["instrumented"],
+        "ratio_instrumentator": us["uninstrumented"] / us["instrumentator"],
+        "cost_us_per_request": us["instrumented"] - us["uninstrumented"],
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--requests", type=int, default=200, help="requests per block")
     parser.add_argument("--rounds", type=int, default=40, help="blocks per variant (interleaved)")
     parser.add_argument("--json", type=Path, help="also write the figures here")
+    parser.add_argument("--http-rounds", type=int, default=10, help="blocks per variant over HTTP (0: skip)")
+    parser.add_argument("--serve", choices=VARIANTS, help=argparse.SUPPRESS)
+    parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.serve:
+        serve(args.serve, args.port)
+        return 0
 
     result = run(args.requests, args.rounds)
+    if args.http_rounds:
+        result["http"] = run_http(args.requests, args.http_rounds)
 
     r = result
     ok = {
@@ -293,6 +393,15 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  /metrics render                  {r['metrics_render_ms']:.2f} ms for {r['metrics_series']} series, "
           f"{r['metrics_bytes']} bytes (goal <= {GOALS['metrics_ms']:.0f} ms) {'ok' if ok['metrics'] else 'MISSED'}; "
           f"through the route {r['metrics_route_ms']:.2f} ms")  # fmt: skip
+    if "http" in result:
+        h = result["http"]
+        print(f"over HTTP — uvicorn on 127.0.0.1, one process per variant, {args.http_rounds} interleaved blocks of "
+              f"{args.requests} keep-alive requests, the server's CPU per request (/proc)")  # fmt: skip
+        for name, value in h["us_per_request"].items():
+            print(f"  {name:<19} {1e6 / value:>8.0f} req/s  ({value:.1f} µs/request)")
+        print(f"  instrumented / uninstrumented    {h['ratio_instrumented']:.3f}   "
+              f"(instrumentator {h['ratio_instrumentator']:.3f}); "
+              f"metrics + logging {h['cost_us_per_request']:.1f} µs/request")  # fmt: skip
     if args.json:
         args.json.write_text(json.dumps(result, indent=2) + "\n")
     return 0

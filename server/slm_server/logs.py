@@ -290,6 +290,9 @@ def configure_logging(settings: Settings, stream: IO[Any] | None = None) -> Json
     return handler
 
 
+_SHA256 = hashlib.sha256()
+
+
 class OutputLogPolicy:
     """What of a model output goes into the request's log line: none | hash | truncated | full."""
 
@@ -306,7 +309,9 @@ class OutputLogPolicy:
             return None
         out: dict[str, Any] = {"gen_ai.output.length": len(text)}
         if self.mode == "hash":
-            out["gen_ai.output.sha256"] = hashlib.sha256(text.encode()).hexdigest()
+            digest = _SHA256.copy()  # copying a hash object skips OpenSSL 3's per-call algorithm fetch
+            digest.update(text.encode())
+            out["gen_ai.output.sha256"] = digest.hexdigest()
         elif self.mode == "truncated":
             out["gen_ai.output.text"] = text[: self.limit]
             out["gen_ai.output.truncated"] = len(text) > self.limit

@@ -11,10 +11,10 @@ the request's JSON log line (slm_server.logs.request_line) with what the service
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import os
-import random
 import time
 
 from fastapi import HTTPException
@@ -30,14 +30,23 @@ PROBE_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
 RECORD_KEY = "slm_record"  # in scope["state"], so handlers see it as request.state.slm_record
 
 
-# Request ids need to be unique, not secret: 96 random bits from a PRNG seeded by the OS (a
-# getrandom() call per request costs more than the rest of the id), reseeded in forked children.
-_ids = random.Random(os.urandom(32))
-os.register_at_fork(after_in_child=lambda: _ids.seed(os.urandom(32)))
+# Request ids need to be unique, not secret: 64 random bits per process (new ones in a forked
+# child) and a counter, 24 hex digits in all. A getrandom() call per request would cost more than
+# the rest of the middleware.
+_ids = itertools.count()
+_prefix = os.urandom(8).hex()
+
+
+def _new_prefix() -> None:
+    global _prefix
+    _prefix = os.urandom(8).hex()
+
+
+os.register_at_fork(after_in_child=_new_prefix)
 
 
 def _new_request_id() -> str:
-    return f"{_ids.getrandbits(96):024x}"
+    return f"{_prefix}{next(_ids) & 0xFFFFFFFF:08x}"
 
 
 class MonitoringMiddleware:
