@@ -5,6 +5,8 @@
 - metrics.md:       what the real server exposes on /metrics after real requests (tiny model, in process)
 - alerts.md:        the alerts as the operator renders them with the CRD's defaults
 - dashboards.md:    the panels of the per-deployment dashboard as rendered
+- server.md:        the server's settings (slm_server.settings) and its request log line, read
+                    from a real request (tiny model, in process)
 
     python scripts/gen_docs.py          # write the pages
     python scripts/gen_docs.py --check  # exit 1 if a page is not what its source gives (a test runs this)
@@ -156,6 +158,93 @@ def metrics_reference() -> str:
     return "\n".join(lines)
 
 
+def _server_request_line() -> dict[str, Any]:
+    """The JSON request line the server writes for a real /generate call with a traceparent."""
+    import io
+    import logging
+
+    from fastapi.testclient import TestClient
+    from prometheus_client import CollectorRegistry
+
+    from slm_server.app import create_app
+    from slm_server.logs import configure_logging
+    from slm_server.settings import Settings
+    from slm_server.tinymodel import ensure_tiny_model
+
+    stream = io.BytesIO()
+    handler = configure_logging(Settings(log_flush_interval_seconds=0), stream=stream)
+    try:
+        settings = Settings(model=str(ensure_tiny_model(log=lambda *_: None)), served_model_name="tiny")
+        with TestClient(create_app(settings, registry=CollectorRegistry())) as client:
+            deadline = time.monotonic() + 120
+            while client.get("/readyz").status_code != 200:
+                if time.monotonic() > deadline:
+                    raise RuntimeError("the server did not become ready")
+                time.sleep(0.05)
+            traceparent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+            client.post("/generate", json={"prompt": "The city", "max_tokens": 4}, headers={"traceparent": traceparent})
+    finally:
+        logging.getLogger().removeHandler(handler)
+        handler.close()
+    lines = [json.loads(line) for line in stream.getvalue().splitlines()]
+    return next(line for line in lines if line.get("event") == "request" and line["http.route"] == "/generate")
+
+
+def server_reference() -> str:
+    from pydantic_core import PydanticUndefined
+
+    from slm_server.logs import REQUEST_LINE_FIELDS
+    from slm_server.settings import Settings
+
+    lines = [
+        GENERATED.format(source="slm_server.settings and a real request line (tiny model, in process)"),
+        "# Server reference",
+        "",
+        "The inference server (`server/slm_server`, `slm-server` or `python -m slm_server`) is configured by "
+        "environment variables; the operator sets them from the SLMDeployment. `slm-server --help` lists the "
+        "flags that override the most used ones.",
+        "",
+        "## Settings",
+        "",
+        "| environment variable | type | default | meaning |",
+        "| --- | --- | --- | --- |",
+    ]
+    for name, field in Settings.model_fields.items():
+        if not field.description:
+            raise RuntimeError(f"slm_server.settings.Settings.{name} has no description")
+        alias = field.validation_alias
+        names = [n for n in getattr(alias, "choices", []) if isinstance(n, str) and n.startswith("SLM_")]
+        env = " or ".join(f"`{n}`" for n in names) or f"`SLM_{name.upper()}`"
+        kind = str(field.annotation).replace("typing.", "").replace("<class '", "").replace("'>", "")
+        if field.default in (None, PydanticUndefined):
+            default = ""
+        else:
+            default = f"`{field.default}`" if field.default != "" else '`""`'
+
+        lines.append(f"| {env} | {_cell(kind)} | {default} | {_cell(field.description)} |")
+    line = _server_request_line()
+    undocumented = sorted(set(line) - set(REQUEST_LINE_FIELDS))
+    if undocumented:
+        raise RuntimeError(f"request line fields missing from slm_server.logs.REQUEST_LINE_FIELDS: {undocumented}")
+    lines += [
+        "",
+        "## The request log line",
+        "",
+        "One JSON line per API request on stdout (probes only with `SLM_LOG_PROBES`), with the other JSON lines "
+        "of the process (start-up, model loaded, GPU found or missing, overload, shutdown, errors with their stack "
+        "trace, uvicorn's own). Field names follow the OpenTelemetry semantic conventions (HTTP, GenAI) where one "
+        "exists, `slm.` otherwise. Prompts are never logged; outputs follow `SLM_LOG_OUTPUTS`. Lines are written "
+        "in batches every `SLM_LOG_FLUSH_INTERVAL_SECONDS`; warnings, errors and 5xx requests at once.",
+        "",
+        "| field | in the line of a /generate call | meaning |",
+        "| --- | --- | --- |",
+    ]
+    for field, meaning in REQUEST_LINE_FIELDS.items():
+        lines.append(f"| `{field}` | {'yes' if field in line else ''} | {_cell(meaning)} |")
+    lines.append("")
+    return "\n".join(lines)
+
+
 def alerts_reference() -> str:
     from slm_operator.monitoring.rules import render_rule_groups
 
@@ -221,6 +310,7 @@ PAGES: dict[str, Callable[[], str]] = {
     "metrics.md": metrics_reference,
     "alerts.md": alerts_reference,
     "dashboards.md": dashboards_reference,
+    "server.md": server_reference,
 }
 
 

@@ -10,14 +10,15 @@ semantic conventions where one exists (`http.route`, `http.response.status_code`
 Events (the `event` field): request, startup, model_loaded, model_load_failed, gpu_found,
 gpu_missing, overloaded, shutdown, error.
 
-Why the request line bypasses `logging`: a LogRecord, the handler's lock and a flush per line cost
-about 30 µs per request on a 2-core machine, more than all the metrics together (issue 4's budget is
-25 µs for both). The request line is a dict encoded by orjson (~0.5 µs) into `JsonLines`, which
-writes the buffered lines every `log_flush_interval_seconds` (0.1 s by default) from a small
-thread, at once for warnings and errors, and at exit. Other events still go through `logging`,
-so uvicorn's and the libraries' lines land in the same stream, in order with the request lines.
-Without `configure_logging` (the server embedded in another program, or under pytest), request
-lines go to the `slm_server.access` logger instead, like every other line.
+Why the request line bypasses `logging`: a LogRecord, the handler's lock, stdlib json and a
+write + flush per line cost about 30 µs per request on the project's 2-core VM, more than all the
+metrics together (`bench/bench_server.py`). The middleware queues one tuple per request in
+`JsonLines`; a flusher thread turns the queue into JSON (orjson) and writes it in one call every
+`log_flush_interval_seconds` (0.1 s by default); warnings, errors and 5xx requests are written at
+once, and what is left at shutdown, at exit or on SIGTERM. Other events still go through
+`logging`, so uvicorn's and the libraries' lines land in the same stream, in order with the
+request lines. Without `configure_logging` (the server embedded in another program, or under
+pytest), request lines go to the `slm_server.access` logger instead, like every other line.
 """
 
 from __future__ import annotations
@@ -96,6 +97,43 @@ class JsonFormatter(logging.Formatter):
         doc["timestamp"] = self._timestamp(record.created)
         return _encode(doc)[:-1].decode()
 
+
+# Every field a request line can carry (docs/reference/server.md is generated from this and from a
+# real line; a field a real line has and this lacks fails the generation).
+REQUEST_LINE_FIELDS: dict[str, str] = {
+    "timestamp": "RFC 3339 UTC time the response ended, milliseconds",
+    "level": "`info`, or `error` for a 5xx response",
+    "logger": "`slm_server.access`",
+    "message": "`request`",
+    "event": "`request`",
+    "request_id": "the `x-request-id` header when the client sent a printable one (≤128 characters), else a "
+    "new id; echoed in the response's `x-request-id`",
+    "http.request.method": "HTTP method",
+    "http.route": "the route (`other` for an unknown path; never the raw path)",
+    "http.response.status_code": "HTTP status",
+    "latency_s": "arrival to the last byte of the response, streams included",
+    "trace_id": "W3C trace id from a valid `traceparent` header (absent without one)",
+    "span_id": "the caller's span id from `traceparent`",
+    "gen_ai.operation.name": "`text_completion` (/generate, /v1/completions) or `chat`",
+    "gen_ai.request.model": "the served model name",
+    "gen_ai.response.model": "the model that answered",
+    "gen_ai.request.max_tokens": "max_tokens after defaults and checks",
+    "gen_ai.request.temperature": "sampling temperature",
+    "gen_ai.request.top_p": "nucleus sampling mass",
+    "gen_ai.usage.input_tokens": "prompt tokens",
+    "gen_ai.usage.output_tokens": "generated tokens",
+    "gen_ai.response.finish_reasons": "`[stop|length|abort|timeout|error]`",
+    "gen_ai.server.time_to_first_token": "seconds from arrival to the first token (queue included)",
+    "gen_ai.server.time_per_output_token": "mean seconds between tokens after the first",
+    "slm.perplexity": "perplexity of the generated tokens under the model (null without tokens)",
+    "slm.queue_time_s": "seconds waited for a generation slot",
+    "slm.stream": "whether the response was streamed",
+    "error.type": "why a generation failed: invalid_input, overloaded, timeout, model_error, not_ready, internal",
+    "gen_ai.output.length": "output length in characters (log_outputs hash, truncated, full)",
+    "gen_ai.output.sha256": "sha256 of the output text (log_outputs=hash, the default)",
+    "gen_ai.output.text": "the output text, cut at log_truncate_chars with log_outputs=truncated",
+    "gen_ai.output.truncated": "whether the text was cut (log_outputs=truncated)",
+}
 
 # What the middleware queues per request; `request_doc` makes the line of it, off the request path:
 # (time.time(), status, latency seconds, method, route, request id, trace id, span id, the fields

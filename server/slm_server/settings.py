@@ -26,17 +26,23 @@ class Settings(BaseSettings):
         description="Name in the API and the `model` label.",
         validation_alias=AliasChoices("served_model_name", "SLM_SERVED_MODEL_NAME", "SLM_MODEL_NAME"),
     )
-    revision: str | None = Field(None, validation_alias=AliasChoices("revision", "SLM_REVISION", "SLM_MODEL_REVISION"))
-    dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
+    revision: str | None = Field(
+        None,
+        description="Hub revision (branch, tag or commit) of a hub id.",
+        validation_alias=AliasChoices("revision", "SLM_REVISION", "SLM_MODEL_REVISION"),
+    )
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
+        "auto", description="auto = bfloat16 on a GPU that supports it, else float16; float32 on a CPU."
+    )
     device: str = Field("auto", description="auto (CUDA when present, else CPU), cpu, cuda, cuda:N")
     engine: Literal["transformers", "echo"] = Field(
         "transformers", description="`echo` is a no-op engine for HTTP/metrics benchmarks."
     )
-    trust_remote_code: bool = False
+    trust_remote_code: bool = Field(False, description="Run the model repository's own Python code (off: safe).")
 
     # --- serving -----------------------------------------------------------------------------------
-    host: str = "0.0.0.0"  # noqa: S104 - a server in a pod listens on all interfaces
-    port: int = Field(8000, ge=1, le=65535)
+    host: str = Field("0.0.0.0", description="Listen address (all interfaces in a pod).")  # noqa: S104
+    port: int = Field(8000, ge=1, le=65535, description="Listen port: the API, the probes and /metrics.")
     max_new_tokens: int = Field(512, ge=1, description="Cap on max_tokens per request.")
     default_max_tokens: int = Field(64, ge=1, description="max_tokens of /generate when not given.")
     max_concurrent_requests: int = Field(8, ge=1, description="Generations running at once.")
@@ -52,18 +58,22 @@ class Settings(BaseSettings):
 
     # --- observability -------------------------------------------------------------------------------
     metrics_enabled: bool = Field(True, description="Off = no middleware, no metrics (benchmarks).")
-    gpu_metrics: bool = True
+    gpu_metrics: bool = Field(True, description="Export nvidia_gpu_* series from pynvml when a GPU is present.")
     disk_paths: str = Field(
         "",
         description="Comma-separated paths whose filesystem free/size bytes are exported (/data in a pod); "
         "empty = the loaded model's directory.",
     )
-    log_level: Literal["debug", "info", "warning", "error"] = "info"
-    log_requests: bool = True
+    log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Lowest level written.")
+    log_requests: bool = Field(True, description="One JSON line per API request (the access line).")
     log_probes: bool = Field(False, description="Also log /healthz, /readyz, /metrics requests.")
-    log_outputs: OutputLogPolicy = "hash"
+    log_outputs: OutputLogPolicy = Field(
+        "hash",
+        description="What of each output goes into its request line: none, hash (sha256 + length), "
+        "truncated (the first log_truncate_chars characters), full. Prompts are never logged.",
+    )
     log_sample_rate: float = Field(1.0, ge=0.0, le=1.0, description="Share of requests whose output is logged.")
-    log_truncate_chars: int = Field(200, ge=1)
+    log_truncate_chars: int = Field(200, ge=1, description="Characters kept by log_outputs=truncated.")
     log_flush_interval_seconds: float = Field(
         0.1,
         ge=0.0,
@@ -72,7 +82,7 @@ class Settings(BaseSettings):
     )
 
     # --- fault injection (alert tests, the demo) — off unless set here, never from a request ---------
-    fault_injection: bool = False
+    fault_injection: bool = Field(False, description="Allow the fault_* settings (alert tests, the demo).")
     fault_error_rate: float = Field(0.0, ge=0.0, le=1.0, description="Share of requests failing with 500.")
     fault_latency_seconds: float = Field(0.0, ge=0.0, description="Added to every generation.")
     fault_degraded_rate: float = Field(
