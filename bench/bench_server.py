@@ -1,28 +1,33 @@
 """Server monitoring overhead benchmark (issue 4's figures).
 
-    .venv/bin/python bench/bench_server.py [--requests 200] [--rounds 40] [--json OUT]
+    .venv/bin/python bench/bench_server.py [--requests 200] [--rounds 40] [--http-rounds 10] [--json OUT]
 
 Variants of the same app, all on the no-op `EchoEngine` (so no model time hides the overhead),
 measured in one run (one worker process per variant, see below):
 
-  uninstrumented      create_app(metrics_enabled=False): no middleware, no metrics, no request logs
+  uninstrumented      create_app(metrics_enabled=False): no middleware, no metrics, no request
+                      logs, and no log fields or output hash computed for them either
   instrumented        monitoring middleware, every slm_* metric, one JSON log line per request
-                      (written to /dev/null: formatting and the write are paid), output hashing
+                      (encoded and written to /dev/null inside the measured time), output hashing
   metrics-only        instrumented without the request log line (how the cost splits)
   instrumented+drift  instrumented + the drift detector of slm_server.drift (the server's default)
   instrumentator      the uninstrumented app + prometheus-fastapi-instrumentator's defaults
 
-Each request is POST /generate driven straight through the ASGI interface (no sockets, no HTTP
-client: their cost would dilute the difference being measured). Each variant lives in its own
-worker process (several apps in one interpreter slow each other down through the interpreter's
-shared caches: on this project's 2-core VM the same app measured 30 µs/request slower when it
-was the fourth app built than when it was the second). The parent interleaves the variants'
-blocks, one worker at a time, so a slower or busier machine affects all variants alike; each block
-is timed in CPU time of its worker process (time.process_time: every thread, the log flusher's
-included, and no other process). Reported: requests/s per variant (from the median CPU time per
-request), the ratios to the uninstrumented app (goal: instrumented >= 0.90 and above the
-instrumentator), the monitoring cost per request in µs (goal <= 25 µs), and the /metrics render time
-and size at the server's default series count (goal <= 20 ms).
+In process: each request is POST /generate driven straight through the ASGI interface (no
+sockets, no HTTP client: their cost would dilute the difference being measured). Each variant
+lives in its own worker process (several apps in one interpreter slow each other down through the
+interpreter's shared caches: on this project's 2-core VM the same app measured 30 µs/request
+slower when it was the fourth app built than when it was the second). The parent runs the
+variants' blocks one worker at a time, in a shuffled order each round; each block is timed in CPU
+time of its worker process (time.process_time: every thread, the log flusher's included, and no
+other process) and ends with the block's log lines flushed. Ratios and costs are the medians of
+per-round pairs. Reported: requests/s per variant, the ratios to the uninstrumented app (goal:
+instrumented >= 0.90 and above the instrumentator), the monitoring cost per request in µs (goal
+<= 25 µs), and the /metrics render time and size at the default series count (goal <= 20 ms).
+
+Over HTTP: the uninstrumented, instrumented and instrumentator apps under uvicorn (uvloop and
+httptools, as `slm-server` runs), each in its own process on 127.0.0.1, driven by keep-alive
+requests from this process; the servers' own CPU time per request is read from /proc.
 """
 
 from __future__ import annotations
