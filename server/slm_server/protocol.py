@@ -40,6 +40,11 @@ class GenerateRequest(BaseModel):
     seed: Seed = None
     model: str | None = None
     return_token_ids: bool = Field(False, description="Include the generated token ids in the response.")
+    stream: bool = Field(
+        False,
+        description='Server-sent events: `{"text": delta}` per piece of text, then one event with the '
+        "whole response (as without streaming, `text` included), then `[DONE]`.",
+    )
 
 
 class GenerateResponse(BaseModel):

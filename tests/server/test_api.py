@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 
@@ -107,6 +108,40 @@ def test_streamed_chat_arrives_as_server_sent_events(server):
     assert '"role":"assistant"' in frames[0]
     assert any('"finish_reason":"' in f for f in frames)
     assert '"usage"' in frames[-2]
+
+
+def _generate_stream(client, **body):
+    with client.stream("POST", "/generate", json={"stream": True, **body}) as r:
+        assert r.status_code == 200, r.read()
+        assert r.headers["content-type"].startswith("text/event-stream")
+        frames = [line.removeprefix("data: ") for line in r.iter_lines() if line.startswith("data: ")]
+    assert frames[-1] == "[DONE]"
+    return [json.loads(f) for f in frames[:-1]], r.headers["x-request-id"]
+
+
+def test_generate_streams_text_then_the_whole_response(server):
+    body = {"prompt": "Return the number of", "max_tokens": 10, "seed": 7}
+    events, request_id = _generate_stream(server.client, **body)
+    *deltas, last = events
+    assert deltas and all(set(d) == {"text"} for d in deltas)
+    assert "".join(d["text"] for d in deltas) == last["text"]
+    assert last["id"] == request_id and last["model"] == MODEL_NAME
+    assert last["finish_reason"] in ("stop", "length") and 1 <= last["output_tokens"] <= 10
+    assert last["perplexity"] > 1 and last["time_to_first_token_seconds"] > 0
+    # The same request without streaming gives the same text (same seed).
+    assert server.client.post("/generate", json=body).json()["text"] == last["text"]
+    assert server.metric("api_requests_total", {"endpoint": "/generate", "status": "200"}) == 2
+
+
+def test_a_streamed_generate_is_logged_as_streamed(server, json_records):
+    _, request_id = _generate_stream(server.client, prompt="Return", max_tokens=3)
+    line = next(d for d in json_records("request") if d["request_id"] == request_id)
+    assert line["slm.stream"] is True and line["gen_ai.usage.output_tokens"] >= 1
+
+
+def test_a_streamed_generate_refused_before_the_first_byte_is_a_plain_error(server):
+    r = server.client.post("/generate", json={"prompt": "x", "max_tokens": 100_000, "stream": True})
+    assert r.status_code == 400 and "maximum is 512" in r.json()["error"]["message"]
 
 
 def test_models_lists_the_served_model_with_its_context(server):
