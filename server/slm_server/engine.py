@@ -38,6 +38,7 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
     seed: int | None = None
     degraded: bool = False  # fault injection: sample uniformly instead of from the model
+    logprobs: int | None = None  # None: none; k >= 0: each token's log-probability and the k most likely
 
 
 @dataclass(slots=True)
@@ -48,6 +49,12 @@ class GenerationResult:
     prompt_tokens: int
     logprob_sum: float = 0.0  # sum of log p(token | prefix) of the generated tokens, under the model
     token_times: list[float] = field(default_factory=list)  # perf_counter() when each token was ready
+    # With SamplingParams.logprobs: log p of each generated token, and the k most likely (id, log p).
+    token_logprobs: list[float] | None = None
+    top_logprobs: list[list[tuple[int, float]]] | None = None
+    # With Job.score_prompt: the same for the prompt's tokens (the first has no context: None).
+    prompt_logprobs: list[float | None] | None = None
+    prompt_top_logprobs: list[list[tuple[int, float]]] | None = None
 
     @property
     def output_tokens(self) -> int:
@@ -95,6 +102,15 @@ class Engine(ABC):
         on_text: OnText | None = None,
         cancel: threading.Event | None = None,
     ) -> GenerationResult: ...
+
+    def token_text(self, token_id: int) -> str:
+        """The text of one token, for log-probability listings."""
+        raise NotImplementedError
+
+    def score(self, ids: list[int], top: int) -> tuple[list[float | None], list[list[tuple[int, float]]]]:
+        """Teacher-forced log p of each token of `ids` given the ones before (None for the first),
+        and the `top` most likely tokens at each position (echo + logprobs)."""
+        raise NotImplementedError
 
     def close(self) -> None:  # noqa: B027 - optional hook
         """Free the model (shutdown)."""
@@ -247,6 +263,9 @@ class TransformersEngine(Engine):
         generator = torch.Generator(device=device)
         generator.manual_seed(params.seed if params.seed is not None else torch.seed() & 0xFFFF_FFFF)
         result = GenerationResult(token_ids=[], text="", finish_reason="length", prompt_tokens=len(prompt_ids))
+        top = params.logprobs
+        if top is not None:
+            result.token_logprobs, result.top_logprobs = [], []
         tracker = _TextTracker(self.decode, params.stop)
         next_input = torch.tensor([context], device=device)
         kwargs: dict[str, Any] = {"use_cache": True, self._cache_arg: None}
@@ -261,7 +280,11 @@ class TransformersEngine(Engine):
             logits = out.logits[0, -1].float()
             logprobs = torch.log_softmax(logits, dim=-1)
             token = self._choose(torch, logits, params, generator)
-            result.logprob_sum += float(logprobs[token])
+            token_logprob = float(logprobs[token])
+            result.logprob_sum += token_logprob
+            if top is not None:
+                result.token_logprobs.append(token_logprob)  # type: ignore[union-attr]
+                result.top_logprobs.append(_top(torch, logprobs, top))  # type: ignore[union-attr]
             result.token_times.append(time.perf_counter())
             result.token_ids.append(token)
             if token in self.eos_ids:
@@ -279,6 +302,22 @@ class TransformersEngine(Engine):
             on_text(tail)
         result.text = tracker.text.rstrip("\ufffd")
         return result
+
+    def token_text(self, token_id: int) -> str:
+        return self.decode([token_id])
+
+    def score(self, ids: list[int], top: int) -> tuple[list[float | None], list[list[tuple[int, float]]]]:
+        import torch
+
+        if not ids:
+            return [], []
+        with torch.inference_mode():
+            logits = self.model(input_ids=torch.tensor([ids], device=self.device)).logits[0].float()
+            logprobs = torch.log_softmax(logits[:-1], dim=-1)  # position i predicts token i + 1
+            chosen = logprobs.gather(1, torch.tensor(ids[1:], device=self.device).unsqueeze(1)).squeeze(1)
+            values: list[float | None] = [None, *chosen.tolist()]
+            tops: list[list[tuple[int, float]]] = [[]] + [_top(torch, row, top) for row in logprobs]
+        return values, tops
 
     def _choose(self, torch, logits, params: SamplingParams, generator) -> int:
         if params.degraded:
@@ -336,13 +375,31 @@ class EchoEngine(Engine):
         text = " ".join(words)
         if on_text is not None and text:
             on_text(text)
-        return GenerationResult(
-            token_ids=list(prompt_ids[: params.max_tokens]),
+        ids = list(prompt_ids[: params.max_tokens])
+        result = GenerationResult(
+            token_ids=ids,
             text=text,
             finish_reason="length" if len(prompt_ids) >= params.max_tokens else "stop",
             prompt_tokens=len(prompt_ids),
             token_times=[now] * len(words),
         )
+        if params.logprobs is not None:  # certain of every word: log p = 0
+            result.token_logprobs = [0.0] * len(ids)
+            result.top_logprobs = [[(i, 0.0)][: params.logprobs] for i in ids]
+        return result
+
+    def token_text(self, token_id: int) -> str:
+        return f" w{token_id}"
+
+    def score(self, ids: list[int], top: int) -> tuple[list[float | None], list[list[tuple[int, float]]]]:
+        return [None] + [0.0] * (len(ids) - 1), [[]] + [[(i, 0.0)][:top] for i in ids[1:]]
+
+
+def _top(torch, logprobs, k: int) -> list[tuple[int, float]]:
+    if k <= 0:
+        return []
+    values, indices = torch.topk(logprobs, k)
+    return list(zip(indices.tolist(), values.tolist(), strict=True))
 
 
 def make_engine(settings: Settings) -> Engine:

@@ -93,8 +93,10 @@ class CompletionRequest(_OpenAIRequest):
         description="A string (or a list of exactly one string)."
     )
     max_tokens: int | None = Field(16, ge=1)
-    echo: Literal[False] = False
-    logprobs: None = Field(None, description="Not supported.")
+    echo: bool = Field(False, description="Return the prompt before the completion (with logprobs, the prompt's too).")
+    logprobs: int | None = Field(
+        None, ge=0, le=5, description="Log-probability of each token and of the N most likely at each position."
+    )
     suffix: None = Field(None, description="Not supported.")
 
     @property
@@ -102,10 +104,17 @@ class CompletionRequest(_OpenAIRequest):
         return self.prompt if isinstance(self.prompt, str) else self.prompt[0]
 
 
+class CompletionLogprobs(BaseModel):
+    tokens: list[str]
+    token_logprobs: list[float | None] = Field(description="None for a prompt's first token (no context).")
+    top_logprobs: list[dict[str, float] | None] | None
+    text_offset: list[int]
+
+
 class CompletionChoice(BaseModel):
     index: int = 0
     text: str
-    logprobs: None = None
+    logprobs: CompletionLogprobs | None = None
     finish_reason: str | None
 
 
@@ -139,7 +148,10 @@ class ChatCompletionRequest(_OpenAIRequest):
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: int | None = Field(None, ge=1, description="Deprecated by OpenAI; max_completion_tokens wins.")
     max_completion_tokens: int | None = Field(None, ge=1)
-    logprobs: Literal[False] = False
+    logprobs: bool = Field(False, description="Log-probability of each generated token.")
+    top_logprobs: int | None = Field(
+        None, ge=0, le=20, description="With logprobs: the N most likely tokens at each position."
+    )
 
     @property
     def token_limit(self) -> int | None:
@@ -151,10 +163,24 @@ class AssistantMessage(BaseModel):
     content: str
 
 
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int]
+
+
+class TokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob]
+
+
+class ChatLogprobs(BaseModel):
+    content: list[TokenLogprob]
+
+
 class ChatChoice(BaseModel):
     index: int = 0
     message: AssistantMessage
-    logprobs: None = None
+    logprobs: ChatLogprobs | None = None
     finish_reason: str
 
 

@@ -75,6 +75,7 @@ class Job:
     params: SamplingParams
     record: RequestRecord
     stream: bool = False
+    score_prompt: int | None = None  # echo + logprobs: the prompt's log-probabilities, with this many alternatives
     deadline: float = 0.0
     queue_seconds: float | None = None
     cancel: threading.Event = field(default_factory=threading.Event)
@@ -234,8 +235,9 @@ class GenerationService:
         params: SamplingParams,
         record: RequestRecord,
         stream: bool = False,
+        score_prompt: int | None = None,
     ) -> Job:
-        job = Job(endpoint, operation, prompt_ids, params, record, stream)
+        job = Job(endpoint, operation, prompt_ids, params, record, stream, score_prompt)
         job.deadline = record.start + self.settings.request_timeout_seconds
         if self.log_fields:
             f = record.fields
@@ -275,7 +277,10 @@ class GenerationService:
                 raise InjectedFault("injected fault (fault_error_rate)")
             if faults.degraded_rate and self._random.random() < faults.degraded_rate:
                 params = SamplingParams(**{**{s: getattr(params, s) for s in params.__slots__}, "degraded": True})
-        return self.engine.generate(job.prompt_ids, params, on_text, job.cancel)
+        result = self.engine.generate(job.prompt_ids, params, on_text, job.cancel)
+        if job.score_prompt is not None:
+            result.prompt_logprobs, result.prompt_top_logprobs = self.engine.score(job.prompt_ids, job.score_prompt)
+        return result
 
     async def complete(self, job: Job) -> GenerationResult:
         """Run a generation to its end; raises the ServerError the request ends in."""

@@ -54,3 +54,73 @@ def test_garbage_output_has_a_much_higher_perplexity_than_the_model_own(tiny_eng
     assert garbage.perplexity == pytest.approx(
         teacher_forced_perplexity(tiny_engine, prompt, garbage.token_ids), rel=1e-3
     )
+
+
+# --- log-probabilities in the OpenAI routes: the same numbers the perplexity comes from -------------------------------
+def test_completion_logprobs_are_the_ones_the_perplexity_is_made_of(server, tiny_engine):
+    prompt = "Return the number of"
+    body = server.client.post(
+        "/v1/completions",
+        json={"model": MODEL_NAME, "prompt": prompt, "max_tokens": 8, "seed": 5, "logprobs": 3},
+    ).json()
+    logprobs = body["choices"][0]["logprobs"]
+    n = body["usage"]["completion_tokens"]
+    assert len(logprobs["tokens"]) == len(logprobs["token_logprobs"]) == len(logprobs["top_logprobs"]) == n
+    assert "".join(logprobs["tokens"]) == body["choices"][0]["text"]
+    for value, top in zip(logprobs["token_logprobs"], logprobs["top_logprobs"], strict=True):
+        assert value <= 0 and 1 <= len(top) <= 3
+        assert value <= max(top.values()) + 1e-5  # no token is likelier than the likeliest
+    # /generate with the same seed samples the same tokens and reports their perplexity.
+    same = server.client.post("/generate", json={"prompt": prompt, "max_tokens": 8, "seed": 5}).json()
+    mean = sum(logprobs["token_logprobs"]) / n
+    assert math.exp(-mean) == pytest.approx(same["perplexity"], rel=1e-4)
+
+
+def test_echo_with_logprobs_scores_the_prompt_as_a_teacher_forced_pass(server, tiny_engine):
+    prompt = "The value of the attribute is returned"
+    body = server.client.post(
+        "/v1/completions",
+        json={"model": MODEL_NAME, "prompt": prompt, "max_tokens": 1, "echo": True, "logprobs": 1, "temperature": 0},
+    ).json()
+    choice = body["choices"][0]
+    assert choice["text"].startswith(prompt)
+    prompt_ids = tiny_engine.encode(prompt)
+    values = choice["logprobs"]["token_logprobs"]
+    assert len(values) == len(prompt_ids) + 1 and values[0] is None
+    ids = torch.tensor([prompt_ids])
+    with torch.no_grad():
+        loss = tiny_engine.model(input_ids=ids, labels=ids).loss.item()  # mean NLL of tokens 2..n
+    assert -sum(values[1 : len(prompt_ids)]) / (len(prompt_ids) - 1) == pytest.approx(loss, rel=1e-3)
+
+
+def test_chat_logprobs_carry_the_top_alternatives_in_openai_shape(server):
+    body = server.client.post(
+        "/v1/chat/completions",
+        json={
+            "model": MODEL_NAME,
+            "messages": [{"role": "user", "content": "Hi"}],
+            "max_tokens": 5,
+            "logprobs": True,
+            "top_logprobs": 2,
+        },
+    ).json()
+    content = body["choices"][0]["logprobs"]["content"]
+    assert len(content) == body["usage"]["completion_tokens"]
+    for entry in content:
+        assert entry["logprob"] <= 0 and entry["bytes"] == list(entry["token"].encode())
+        assert len(entry["top_logprobs"]) == 2
+        assert entry["top_logprobs"][0]["logprob"] >= entry["top_logprobs"][1]["logprob"]
+
+
+@pytest.mark.parametrize(
+    ("route", "extra", "field"),
+    [
+        ("/v1/completions", {"prompt": "x", "logprobs": 1, "stream": True}, "logprobs"),
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "top_logprobs": 2}, "top_logprobs"),
+        ("/v1/completions", {"prompt": "x", "logprobs": 6}, "logprobs"),
+    ],
+)
+def test_unsupported_logprob_requests_are_refused_naming_the_field(server, route, extra, field):
+    r = server.client.post(route, json={"model": MODEL_NAME, **extra})
+    assert r.status_code in (400, 422)
+    assert field in r.text

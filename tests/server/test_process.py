@@ -64,6 +64,19 @@ def test_openai_client_non_streaming_and_models(client):
     assert [m.id for m in client.models.list()] == [MODEL_NAME]
 
 
+def test_openai_client_reads_logprobs_and_echo(client):
+    completion = client.completions.create(model=MODEL_NAME, prompt="Return the", max_tokens=3, logprobs=2, echo=True)
+    choice = completion.choices[0]
+    assert choice.text.startswith("Return the")
+    assert choice.logprobs.token_logprobs[0] is None  # the prompt's first token has no context
+    assert len(choice.logprobs.tokens) == completion.usage.prompt_tokens + completion.usage.completion_tokens
+    chat = client.chat.completions.create(
+        model=MODEL_NAME, messages=[{"role": "user", "content": "Hi"}], max_tokens=3, logprobs=True, top_logprobs=2
+    )
+    tokens = chat.choices[0].logprobs.content
+    assert len(tokens) == chat.usage.completion_tokens and all(len(t.top_logprobs) == 2 for t in tokens)
+
+
 def test_openai_client_surfaces_errors(client):
     with pytest.raises(openai.NotFoundError, match="does not exist"):
         client.completions.create(model="nope", prompt="x")
