@@ -27,7 +27,7 @@ GEN = {"model": MODEL_NAME}
         ("/v1/completions", {"prompt": "x"}, "model"),
         ("/v1/completions", {**GEN, "prompt": "x", "n": 2}, "n"),
         ("/v1/completions", {**GEN, "prompt": ["a", "b"]}, "prompt"),
-        ("/v1/completions", {**GEN, "prompt": "x", "echo": True}, "echo"),
+        ("/v1/completions", {**GEN, "prompt": "x", "suffix": "y"}, "suffix"),
         ("/v1/chat/completions", {**GEN, "messages": []}, "messages"),
         ("/v1/chat/completions", {**GEN, "messages": [{"role": "robot", "content": "x"}]}, "messages.0.role"),
         ("/v1/chat/completions", {**GEN, "messages": [{"role": "user"}]}, "messages.0.content"),
