@@ -15,8 +15,9 @@ Every detector compares a **reference** (learned from the first requests after a
 from a JSON file) with what the model does **now**:
 
 * Distribution signals keep a sliding window of the last `window_requests` values. Every
-  `check_every_requests` requests (or `check_interval_seconds`, whichever comes first) the window is
-  tested against the reference. Both samples must hold at least `min_samples`. The *shape* test
+  `check_every_requests` requests (or `check_interval_seconds`, whichever comes first), but never
+  twice within `min_check_interval_seconds`, the window is tested against the reference. Both
+  samples must hold at least `min_samples`. The *shape* test
   alarms when `scipy.stats.ks_2samp` gives a p-value below `ks_pvalue`, the population stability
   index is at least `psi_min` (practical size, not only statistical significance), and some quantile
   (p10…p90) moved by more than a floor of `max(floor_ratio·|reference median|, floor_abs)`. The
@@ -42,8 +43,10 @@ the weakest gate of the strongest test: 1.0 is the alarm level for every signal)
 sizes, reference and current summaries.
 
 Cost: `observe` appends to bounded deques and updates two CUSUMs (O(1)); the KS tests run at most
-every `check_every_requests` requests, on `window_requests` + reference values (O(n log n), well
-under a millisecond for the defaults). One lock per monitor makes it safe to call from any thread.
+every `check_every_requests` requests and at most once per `min_check_interval_seconds`, on
+`window_requests` + reference values (O(n log n), about a millisecond for the defaults): under a
+heavy load the tests cost a bounded share of a core instead of a fixed cost per request. One lock
+per monitor makes it safe to call from any thread.
 """
 
 from __future__ import annotations
@@ -90,8 +93,11 @@ class DriftSettings(BaseSettings):
     reference_requests: int = Field(default=1000, ge=10, description="Requests that make the learned reference.")
     window_requests: int = Field(default=300, ge=10, description="Sliding window of distribution signals.")
     min_samples: int = Field(default=100, ge=5, description="No test before both samples hold this many.")
-    check_every_requests: int = Field(default=25, ge=1)
-    check_interval_seconds: float = Field(default=30.0, gt=0)
+    check_every_requests: int = Field(default=25, ge=1, description="Test the windows every this many requests…")
+    check_interval_seconds: float = Field(default=30.0, gt=0, description="…or after this long, whichever first…")
+    min_check_interval_seconds: float = Field(
+        default=1.0, ge=0, description="…but not twice within this long (bounds the tests' CPU under load)."
+    )
     ks_pvalue: float = Field(default=1e-6, gt=0, lt=1, description="KS p-value under which a window alarms.")
     psi_min: float = Field(default=0.1, ge=0, description="Population stability index an alarm needs.")
     psi_bins: int = Field(default=10, ge=2)
@@ -475,10 +481,11 @@ class DriftMonitor:
                 rates["repetition"].add(bool(signals.repetitive))
             md.since_check += 1
             now = self._clock()
+            since = now - md.last_check
             if (
                 md.since_check >= self.settings.check_every_requests
-                or now - md.last_check >= self.settings.check_interval_seconds
-            ):
+                and since >= self.settings.min_check_interval_seconds
+            ) or since >= self.settings.check_interval_seconds:
                 self._check(md, now)
 
     def check_now(self) -> dict[str, dict[str, Evidence]]:

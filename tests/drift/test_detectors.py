@@ -7,6 +7,7 @@ Gauges are real prometheus_client gauges in a fresh registry; the log event is r
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import threading
@@ -301,7 +302,8 @@ def test_the_server_adapter_is_off_when_disabled_and_writes_the_servers_gauge_ch
         drift_detected = {s: detected.labels(model=MODEL, signal=s) for s in SIGNALS}
 
     assert for_server(Metrics(), DriftSettings(enabled=False)) is None
-    monitor = for_server(Metrics(), settings(reference_requests=100, check_every_requests=10))
+    cfg = settings(reference_requests=100, check_every_requests=10, min_check_interval_seconds=0)  # fast loop
+    monitor = for_server(Metrics(), cfg)
     assert monitor is not None
     for _ in range(100):
         monitor.observe(Req())
@@ -309,3 +311,25 @@ def test_the_server_adapter_is_off_when_disabled_and_writes_the_servers_gauge_ch
         monitor.observe(Req(error=True, finish_reason="error", perplexity=None, output_tokens=0))
     assert registry.get_sample_value("slm_drift_detected", {"model": MODEL, "signal": "error"}) == 1.0
     assert registry.get_sample_value("slm_drift_detected", {"model": MODEL, "signal": "perplexity"}) == 0.0
+
+
+@pytest.mark.parametrize(("min_interval", "at_most"), [(1.0, 11), (0.0, 50)])
+def test_under_heavy_load_the_tests_run_at_most_once_per_min_check_interval(
+    monkeypatch: pytest.MonkeyPatch, min_interval: float, at_most: int
+) -> None:
+    """1,000 requests in 10 simulated seconds (100/s): every 20 requests would be 50 checks."""
+    checks: list[float] = []
+    original = DriftMonitor._check
+
+    def counting(self: DriftMonitor, md: Any, now: float) -> Any:
+        checks.append(now)
+        return original(self, md, now)
+
+    monkeypatch.setattr(DriftMonitor, "_check", counting)
+    clock = Clock()
+    monitor = DriftMonitor(settings(check_every_requests=20, min_check_interval_seconds=min_interval), clock=clock)
+    for _ in range(1000):
+        clock.now += 0.01
+        monitor.observe(Req())
+    assert at_most - 2 <= len(checks) <= at_most
+    assert all(b - a >= min_interval - 1e-9 for a, b in itertools.pairwise(checks))

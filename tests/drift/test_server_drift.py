@@ -62,6 +62,7 @@ def client(tiny_model: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[TestCl
         "WINDOW_REQUESTS": str(WINDOW),
         "MIN_SAMPLES": str(WINDOW),
         "CHECK_EVERY_REQUESTS": "2",
+        "MIN_CHECK_INTERVAL_SECONDS": "0",  # the test sends many requests a second
         "KS_PVALUE": "1e-3",
         "MEAN_Z": "4",
         "ENTER_CHECKS": "1",
