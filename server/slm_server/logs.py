@@ -136,14 +136,14 @@ REQUEST_LINE_FIELDS: dict[str, str] = {
 }
 
 # What the middleware queues per request; `request_doc` makes the line of it, off the request path:
-# (time.time(), status, latency seconds, method, route, request id, trace id, span id, the fields
-# the service recorded).
-RequestLine = tuple[float, int, float, str, str, str, "str | None", "str | None", dict[str, Any]]
+# (time.time(), status, latency seconds, method, route, request id, trace id, span id, the
+# request's record: anything with a `log_fields() -> dict`, the service's RequestRecord).
+RequestLine = tuple[float, int, float, str, str, str, "str | None", "str | None", Any]
 
 
 def request_doc(line: RequestLine) -> dict[str, Any]:
     """The JSON object of one request's access line, `timestamp` still the epoch float."""
-    created, status, elapsed, method, route, request_id, trace_id, span_id, fields = line
+    created, status, elapsed, method, route, request_id, trace_id, span_id, record = line
     doc: dict[str, Any] = {
         "timestamp": created,
         "level": "error" if status >= 500 else "info",
@@ -159,8 +159,7 @@ def request_doc(line: RequestLine) -> dict[str, Any]:
     if trace_id:
         doc["trace_id"] = trace_id
         doc["span_id"] = span_id
-    if fields:
-        doc.update(fields)
+    doc.update(record.log_fields())
     return doc
 
 

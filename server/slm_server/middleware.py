@@ -148,7 +148,7 @@ class MonitoringMiddleware:
             record.request_id,
             record.trace_id,
             span_id,
-            record.fields,  # the record ends with this request: the line may keep its fields
+            record,  # the record ends with this request: the line keeps it and reads it when written
         )
         if lines is not None:
             lines.write(line, urgent=error)  # made into JSON and written off the request path

@@ -38,15 +38,58 @@ log = logging.getLogger("slm_server.service")
 
 
 class RequestRecord:
-    """What one HTTP request learned, for its log line. Made by the middleware, filled by the service."""
+    """What one HTTP request learned, for its log line. Made by the middleware, filled by the service.
 
-    __slots__ = ("fields", "request_id", "start", "trace_id")
+    The service only keeps references here (the job, how it ended); `log_fields()` turns them into the
+    line's fields later, off the request path (slm_server.logs.JsonLines' flusher).
+    """
+
+    __slots__ = ("error_type", "finish", "job", "model", "request_id", "start", "trace_id")
 
     def __init__(self, request_id: str, start: float, trace_id: str | None = None):
         self.request_id = request_id
         self.start = start  # perf_counter() at arrival
         self.trace_id = trace_id
-        self.fields: dict[str, Any] = {}
+        self.job: Job | None = None
+        self.model = ""
+        self.error_type: str | None = None
+        # (finish reason, result or None, output log policy) once a generation ran or failed
+        self.finish: tuple[str, GenerationResult | None, OutputLogPolicy] | None = None
+
+    def log_fields(self) -> dict[str, Any]:
+        job = self.job
+        if job is None:
+            return {}
+        params = job.params
+        fields: dict[str, Any] = {
+            "gen_ai.operation.name": job.operation,
+            "gen_ai.request.model": self.model,
+            "gen_ai.request.max_tokens": params.max_tokens,
+            "gen_ai.request.temperature": params.temperature,
+            "gen_ai.request.top_p": params.top_p,
+            "gen_ai.usage.input_tokens": len(job.prompt_ids),
+            "slm.stream": job.stream,
+        }
+        if self.error_type is not None:
+            fields["error.type"] = self.error_type
+        if self.finish is None:
+            return fields
+        finish_reason, result, policy = self.finish
+        fields["gen_ai.response.model"] = self.model
+        fields["gen_ai.usage.output_tokens"] = result.output_tokens if result else 0
+        fields["gen_ai.response.finish_reasons"] = [finish_reason]
+        fields["slm.queue_time_s"] = job.queue_seconds
+        token_times = result.token_times if result else None
+        if token_times:
+            fields["gen_ai.server.time_to_first_token"] = token_times[0] - self.start
+            if len(token_times) > 1:
+                elapsed = token_times[-1] - token_times[0]
+                fields["gen_ai.server.time_per_output_token"] = elapsed / (len(token_times) - 1)
+        fields["slm.perplexity"] = result.perplexity if result else None
+        output = policy.fields(result.text if result else None)
+        if output:
+            fields.update(output)
+        return fields
 
 
 @dataclass
@@ -157,9 +200,6 @@ class GenerationService:
         self.signals = signals or NoopObserver()
         self.faults = Faults.from_settings(settings)
         self.output_policy = OutputLogPolicy(settings)
-        # The request log line exists only with the monitoring middleware and request logs on;
-        # otherwise its fields (and the output hash) are not computed at all.
-        self.log_fields = settings.metrics_enabled and settings.log_requests
         self.model_name = settings.model_name
         self.ready = False
         self.load_error: str | None = None
@@ -239,15 +279,8 @@ class GenerationService:
     ) -> Job:
         job = Job(endpoint, operation, prompt_ids, params, record, stream, score_prompt)
         job.deadline = record.start + self.settings.request_timeout_seconds
-        if self.log_fields:
-            f = record.fields
-            f["gen_ai.operation.name"] = operation
-            f["gen_ai.request.model"] = self.model_name
-            f["gen_ai.request.max_tokens"] = params.max_tokens
-            f["gen_ai.request.temperature"] = params.temperature
-            f["gen_ai.request.top_p"] = params.top_p
-            f["gen_ai.usage.input_tokens"] = len(prompt_ids)
-            f["slm.stream"] = stream
+        record.job = job
+        record.model = self.model_name
         return job
 
     # --- running --------------------------------------------------------------------------------------
@@ -384,7 +417,7 @@ class GenerationService:
         job.finished = True
         now = time.perf_counter()
         gm = self.metrics.generation[job.endpoint]
-        f = job.record.fields
+        record = job.record
         if isinstance(error, ServerError):
             kind = error.error_kind
         elif error is not None:
@@ -395,7 +428,7 @@ class GenerationService:
             kind = "timeout"
         if kind is not None:
             gm.error(kind)
-            f["error.type"] = kind
+            record.error_type = kind
             if kind == "model_error" and error is not None:
                 log.error(
                     "generation failed",
@@ -429,20 +462,7 @@ class GenerationService:
             empty=empty and error is None and not job.timed_out,
             repetitive=repetitive,
         )
-        if self.log_fields:
-            f["gen_ai.response.model"] = self.model_name
-            f["gen_ai.usage.output_tokens"] = output_tokens
-            f["gen_ai.response.finish_reasons"] = [finish_reason]
-            f["slm.queue_time_s"] = job.queue_seconds
-            if token_times:
-                f["gen_ai.server.time_to_first_token"] = token_times[0] - job.record.start
-                if len(token_times) > 1:
-                    elapsed = token_times[-1] - token_times[0]
-                    f["gen_ai.server.time_per_output_token"] = elapsed / (len(token_times) - 1)
-            f["slm.perplexity"] = perplexity
-            output = self.output_policy.fields(result.text if result else None)
-            if output:
-                f.update(output)
+        record.finish = (finish_reason, result, self.output_policy)
         self.signals.observe(
             RequestSignals(
                 model=self.model_name,
