@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import time
@@ -100,13 +101,12 @@ def crd_reference() -> str:
     return "\n".join(lines)
 
 
-def metrics_reference() -> str:
-    """Run the server in process with the tiny model, make real requests, document its /metrics."""
+@contextlib.contextmanager
+def _tiny_server() -> Iterator[Any]:
+    """The real server in process (TestClient) with the tiny model, once it is ready."""
     from fastapi.testclient import TestClient
     from prometheus_client import CollectorRegistry
-    from prometheus_client.parser import text_string_to_metric_families
 
-    from slm_operator.monitoring.metric_names import _catalogue
     from slm_server.app import create_app
     from slm_server.settings import Settings
     from slm_server.tinymodel import ensure_tiny_model
@@ -118,6 +118,16 @@ def metrics_reference() -> str:
             if time.monotonic() > deadline:
                 raise RuntimeError("the server did not become ready")
             time.sleep(0.05)
+        yield client
+
+
+def metrics_reference() -> str:
+    """Run the server in process with the tiny model, make real requests, document its /metrics."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from slm_operator.monitoring.metric_names import _catalogue
+
+    with _tiny_server() as client:
         client.post("/generate", json={"prompt": "The city", "max_new_tokens": 4})
         client.post("/v1/completions", json={"model": "tiny", "prompt": "The city", "max_tokens": 4})
         client.post("/v1/chat/completions", json={"model": "tiny", "max_tokens": 4, "stream": True,
@@ -163,24 +173,13 @@ def _server_request_line() -> dict[str, Any]:
     import io
     import logging
 
-    from fastapi.testclient import TestClient
-    from prometheus_client import CollectorRegistry
-
-    from slm_server.app import create_app
     from slm_server.logs import configure_logging
     from slm_server.settings import Settings
-    from slm_server.tinymodel import ensure_tiny_model
 
     stream = io.BytesIO()
     handler = configure_logging(Settings(log_flush_interval_seconds=0), stream=stream)
     try:
-        settings = Settings(model=str(ensure_tiny_model(log=lambda *_: None)), served_model_name="tiny")
-        with TestClient(create_app(settings, registry=CollectorRegistry())) as client:
-            deadline = time.monotonic() + 120
-            while client.get("/readyz").status_code != 200:
-                if time.monotonic() > deadline:
-                    raise RuntimeError("the server did not become ready")
-                time.sleep(0.05)
+        with _tiny_server() as client:
             traceparent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
             client.post("/generate", json={"prompt": "The city", "max_tokens": 4}, headers={"traceparent": traceparent})
     finally:

@@ -82,6 +82,15 @@ def server(tiny_engine: TransformersEngine, tiny_model_dir: Path) -> Iterator[Se
         yield srv
 
 
+def wait_for(predicate: Any, seconds: float = 10.0) -> Any:
+    """Poll `predicate` until it returns something truthy (returned), failing after `seconds`."""
+    deadline = time.monotonic() + seconds
+    while not (result := predicate()):
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.01)
+    return result
+
+
 @pytest.fixture
 def json_records() -> Iterator[Any]:
     """The JSON lines the server writes during the test, read back as objects.

@@ -14,7 +14,7 @@ import pytest
 from slm_server.logs import JsonFormatter, JsonLines, configure_logging, parse_traceparent
 from slm_server.settings import Settings
 
-from .conftest import MODEL_NAME, serve, settings_for
+from .conftest import MODEL_NAME, serve, settings_for, wait_for
 
 TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
 TRACEPARENT = f"00-{TRACE_ID}-00f067aa0ba902b7-01"
@@ -179,14 +179,6 @@ def test_json_formatter_is_used_for_records_without_fields():
 
 
 # --- the writer: batched, ordered, never blocking the request path on output -------------------------------------
-def _wait_for(predicate, seconds: float = 5.0):
-    deadline = time.monotonic() + seconds
-    while not (result := predicate()):
-        assert time.monotonic() < deadline, "condition not met in time"
-        time.sleep(0.01)
-    return result
-
-
 def _docs(stream: io.BytesIO) -> list[dict]:
     return [json.loads(line) for line in stream.getvalue().splitlines()]
 
@@ -197,7 +189,7 @@ def test_buffered_lines_are_written_by_the_flusher_within_the_interval():
     try:
         lines.write({"timestamp": time.time(), "level": "info", "logger": "t", "message": "one"})
         assert stream.getvalue() == b""  # queued, not written by the caller
-        docs = _wait_for(lambda: _docs(stream))
+        docs = wait_for(lambda: _docs(stream))
         assert docs[0]["message"] == "one" and docs[0]["timestamp"].endswith("Z")
     finally:
         lines.close()

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import signal
 import threading
-import time
 
 import httpx
 import openai
 import pytest
 
-from .conftest import MODEL_NAME, server_process
+from .conftest import MODEL_NAME, server_process, wait_for
 
 pytestmark = pytest.mark.dataplane
 
@@ -86,19 +85,11 @@ def test_openai_client_surfaces_errors(client):
         client.completions.create(model=MODEL_NAME, prompt="x", temperature=9)
 
 
-def _wait_for(predicate, seconds: float = 10.0):
-    deadline = time.monotonic() + seconds
-    while not (result := predicate()):
-        assert time.monotonic() < deadline, "condition not met in time"
-        time.sleep(0.02)
-    return result
-
-
 def test_every_output_line_is_json_uvicorn_included(live, client):
     client.completions.create(model=MODEL_NAME, prompt="x", max_tokens=2)
     httpx.get(f"{live.base_url}/metrics")
     # Request lines are written in batches (log_flush_interval_seconds, 0.1 s by default).
-    records = _wait_for(lambda: any(r.get("event") == "request" for r in live.records()) and live.records())
+    records = wait_for(lambda: any(r.get("event") == "request" for r in live.records()) and live.records())
     loggers = {r["logger"] for r in records}
     assert "uvicorn.error" in loggers  # "Uvicorn running on ...", routed into the JSON handler
     events = {r.get("event") for r in records}
@@ -125,7 +116,7 @@ def test_sigterm_drains_in_flight_requests_then_exits(tiny_model_dir, tmp_path):
         worker = threading.Thread(target=slow_request)
         worker.start()
         in_flight = 'slm_requests_in_flight{model="tiny"} 1.0'
-        _wait_for(lambda: in_flight in httpx.get(f"{proc.base_url}/metrics").text)  # 2 s of injected latency
+        wait_for(lambda: in_flight in httpx.get(f"{proc.base_url}/metrics").text)  # 2 s of injected latency
         proc.proc.send_signal(signal.SIGTERM)
         worker.join(timeout=30)
         # uvicorn re-raises the signal once it has shut down gracefully (143 to Kubernetes, as usual).
