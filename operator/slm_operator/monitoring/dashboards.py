@@ -94,6 +94,10 @@ def _timeseries(
         "color": {"mode": "palette-classic"},
         "thresholds": thresholds or _thresholds(("green", None)),
     }
+    if unit in ("percent", "percentunit"):  # a share's axis starts at 0; a percentage also ends at 100
+        minimum = 0 if minimum is None else minimum
+        if unit == "percent" and maximum is None:
+            maximum = 100
     if minimum is not None:
         defaults["min"] = minimum
     if maximum is not None:
@@ -477,8 +481,6 @@ def render_dashboard(*, name: str, namespace: str, model: str, alerts: Mapping[s
                 unit="percent",
                 description=f"Queued requests over the queue limit. SLMQueueSaturated fires above {queue_t:g}%.",
                 thresholds=_above(queue_t),
-                minimum=0,
-                maximum=100,
             ),
             8,
         ),
@@ -584,8 +586,6 @@ def render_dashboard(*, name: str, namespace: str, model: str, alerts: Mapping[s
                 unit="percent",
                 description=f"DCGM_FI_DEV_GPU_UTIL, else pynvml. SLMHighGPUUtilization fires above {gpu_t:g}%.",
                 thresholds=_above(gpu_t),
-                minimum=0,
-                maximum=100,
             ),
             6,
         ),
@@ -596,8 +596,6 @@ def render_dashboard(*, name: str, namespace: str, model: str, alerts: Mapping[s
                 unit="percent",
                 description=f"Framebuffer in use (DCGM, else pynvml). SLMHighGPUMemory fires above {gpu_mem_t:g}%.",
                 thresholds=_above(gpu_mem_t),
-                minimum=0,
-                maximum=100,
             ),
             6,
         ),
@@ -651,8 +649,6 @@ def render_dashboard(*, name: str, namespace: str, model: str, alerts: Mapping[s
                     f"{float(disk['minFreePercent']):g}% on {disk['mountpoint']}."
                 ),
                 thresholds=_thresholds(("red", None), ("green", float(disk["minFreePercent"]))),
-                minimum=0,
-                maximum=100,
             ),
             6,
         ),
@@ -740,7 +736,6 @@ def render_fleet_dashboard() -> dict[str, Any]:
                             _targets((f"slm:error_ratio:rate5m{{{scope}}}", "{{namespace}}/{{job}}")),
                             unit="percentunit",
                             description="Share of 5xx answers per deployment (5m).",
-                            minimum=0,
                         ),
                         8,
                     ),
@@ -772,8 +767,6 @@ def render_fleet_dashboard() -> dict[str, Any]:
                             _targets((f"slm:queue_utilization:percent{{{scope}}}", "{{namespace}}/{{job}}")),
                             unit="percent",
                             description="Queued requests as a share of each deployment's queue limit.",
-                            minimum=0,
-                            maximum=100,
                         ),
                         8,
                     ),
@@ -788,8 +781,6 @@ def render_fleet_dashboard() -> dict[str, Any]:
                             ),
                             unit="percent",
                             description="Mean GPU utilisation per deployment (DCGM first, pynvml second).",
-                            minimum=0,
-                            maximum=100,
                         ),
                         8,
                     ),
