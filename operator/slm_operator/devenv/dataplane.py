@@ -158,14 +158,10 @@ class ManagedProcess:
 # ---- the SLM server -------------------------------------------------------------------------------
 
 
-@dataclass
-class SlmServer:
-    """The real inference server as a process (`python -m slm_server`)."""
+class _OnLoopback:
+    """A server of the data plane listening on 127.0.0.1:`port`."""
 
-    workdir: Path
-    env: Mapping[str, str] = field(default_factory=dict)
-    port: int = 0
-    proc: ManagedProcess | None = None
+    port: int
 
     @property
     def url(self) -> str:
@@ -174,6 +170,16 @@ class SlmServer:
     @property
     def address(self) -> str:
         return f"{LOOPBACK}:{self.port}"
+
+
+@dataclass
+class SlmServer(_OnLoopback):
+    """The real inference server as a process (`python -m slm_server`)."""
+
+    workdir: Path
+    env: Mapping[str, str] = field(default_factory=dict)
+    port: int = 0
+    proc: ManagedProcess | None = None
 
     def start(self, timeout: float = 180) -> SlmServer:
         self.port = self.port or free_port()
@@ -316,7 +322,7 @@ def scrape_config(*, name: str, namespace: str, targets: list[str], pod: str, in
 
 
 @dataclass
-class Prometheus:
+class Prometheus(_OnLoopback):
     workdir: Path
     scrape_configs: list[dict[str, Any]] = field(default_factory=list)
     rule_groups: list[dict[str, Any]] = field(default_factory=list)
@@ -325,10 +331,6 @@ class Prometheus:
     extra_args: list[str] = field(default_factory=list)
     port: int = 0
     proc: ManagedProcess | None = None
-
-    @property
-    def url(self) -> str:
-        return f"http://{LOOPBACK}:{self.port}"
 
     def write_config(self) -> Path:
         rule_dir = self.workdir / "rules"
@@ -406,19 +408,11 @@ class Prometheus:
 
 
 @dataclass
-class Alertmanager:
+class Alertmanager(_OnLoopback):
     workdir: Path
     config_yaml: str
     port: int = 0
     proc: ManagedProcess | None = None
-
-    @property
-    def url(self) -> str:
-        return f"http://{LOOPBACK}:{self.port}"
-
-    @property
-    def address(self) -> str:
-        return f"{LOOPBACK}:{self.port}"
 
     def start(self, timeout: float = 60) -> Alertmanager:
         self.port = self.port or free_port()
