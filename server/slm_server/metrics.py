@@ -65,7 +65,7 @@ from prometheus_client import CollectorRegistry, disable_created_metrics
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from slm_server.fastmetrics import Counter, Gauge, Histogram
+from slm_server.fastmetrics import Counter, Gauge, GaugeChild, Histogram
 
 log = logging.getLogger("slm_server.metrics")
 
@@ -251,30 +251,25 @@ class ServerMetrics:
         self.errors = Counter(
             "slm_request_errors_total", "Failed generation requests by error kind", [*ml, "error"], registry=r
         )
-        self.in_flight = Gauge("slm_requests_in_flight", "Generations running now", ["model"], registry=r).labels(
-            model=model
+
+        def model_gauge(name: str, documentation: str) -> GaugeChild:
+            """A gauge with the one `model` label, bound to the served model."""
+            return Gauge(name, documentation, ["model"], registry=r).labels(model=model)
+
+        self.in_flight = model_gauge("slm_requests_in_flight", "Generations running now")
+        self.queued = model_gauge("slm_requests_queued", "Requests waiting for a generation slot")
+        self.max_concurrent = model_gauge("slm_max_concurrent_requests", "Generations allowed at once")
+        self.max_queued = model_gauge(
+            "slm_max_queue", "Requests allowed to wait for a slot; more are rejected with 429"
         )
-        self.queued = Gauge(
-            "slm_requests_queued", "Requests waiting for a generation slot", ["model"], registry=r
-        ).labels(model=model)
-        self.max_concurrent = Gauge(
-            "slm_max_concurrent_requests", "Generations allowed at once", ["model"], registry=r
-        ).labels(model=model)
-        self.max_queued = Gauge(
-            "slm_max_queue", "Requests allowed to wait for a slot; more are rejected with 429", ["model"], registry=r
-        ).labels(model=model)
         self.model_info = Gauge(
             "slm_model_info",
             "The served model (value 1)",
             ["model", "source", "dtype", "device", "max_context"],
             registry=r,
         )
-        self.model_load_seconds = Gauge(
-            "slm_model_load_seconds", "Time taken to load the model", ["model"], registry=r
-        ).labels(model=model)
-        self.fault_injection = Gauge(
-            "slm_fault_injection_enabled", "1 when fault injection is configured on", ["model"], registry=r
-        ).labels(model=model)
+        self.model_load_seconds = model_gauge("slm_model_load_seconds", "Time taken to load the model")
+        self.fault_injection = model_gauge("slm_fault_injection_enabled", "1 when fault injection is configured on")
         drift_score = Gauge(
             "slm_drift_score",
             "Drift score of a model-behaviour signal (set by the drift detector)",
