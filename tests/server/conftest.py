@@ -52,6 +52,13 @@ def settings_for(model_dir: Path, **overrides: Any) -> Settings:
     return Settings(model=str(model_dir), served_model_name=MODEL_NAME, **overrides)
 
 
+def one_slot_settings(model_dir: Path) -> Settings:
+    """One generation at a time, no queue, each taking at least 1 s: the second request at once is refused."""
+    return settings_for(
+        model_dir, max_concurrent_requests=1, max_queued_requests=0, fault_injection=True, fault_latency_seconds=1.0
+    )
+
+
 class Server:
     """An app in process (TestClient, lifespan run), with its registry."""
 

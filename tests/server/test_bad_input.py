@@ -8,7 +8,7 @@ import pytest
 
 from slm_server.settings import Settings
 
-from .conftest import MODEL_NAME, serve, settings_for
+from .conftest import MODEL_NAME, one_slot_settings, serve, settings_for
 
 GEN = {"model": MODEL_NAME}
 
@@ -141,13 +141,7 @@ def test_a_model_failure_is_500_counted_and_logged_with_the_request_id(tiny_engi
 
 
 def test_beyond_the_queue_requests_get_429_with_retry_after(tiny_engine, tiny_model_dir):
-    settings = settings_for(
-        tiny_model_dir,
-        max_concurrent_requests=1,
-        max_queued_requests=0,
-        fault_injection=True,
-        fault_latency_seconds=1.0,
-    )
+    settings = one_slot_settings(tiny_model_dir)
     with serve(tiny_engine, settings) as srv:
         statuses: list[int] = []
         headers: list[dict] = []

@@ -14,7 +14,7 @@ import pytest
 from slm_server.logs import JsonFormatter, JsonLines, configure_logging, parse_traceparent
 from slm_server.settings import Settings
 
-from .conftest import MODEL_NAME, serve, settings_for, wait_for
+from .conftest import MODEL_NAME, one_slot_settings, serve, settings_for, wait_for
 
 TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
 TRACEPARENT = f"00-{TRACE_ID}-00f067aa0ba902b7-01"
@@ -118,13 +118,7 @@ def test_system_events_start_model_loaded_and_shutdown(tiny_engine, tiny_model_d
 def test_overload_is_logged_once_per_burst(tiny_engine, tiny_model_dir, json_records):
     import threading
 
-    settings = settings_for(
-        tiny_model_dir,
-        max_concurrent_requests=1,
-        max_queued_requests=0,
-        fault_injection=True,
-        fault_latency_seconds=1.0,
-    )
+    settings = one_slot_settings(tiny_model_dir)
     with serve(tiny_engine, settings) as srv:
         threads = [
             threading.Thread(target=lambda: srv.client.post("/generate", json={"prompt": "x", "max_tokens": 1}))
