@@ -6,12 +6,10 @@ nor a documented exporter provides would leave that panel or alert silently empt
 
 from __future__ import annotations
 
-import functools
 import re
 from collections.abc import Iterable
-from importlib import resources
 
-import yaml
+from slm_operator.monitoring import load_data
 
 _STRING_RE = re.compile(r'"(?:[^"\\]|\\.)*"|\'(?:[^\'\\]|\\.)*\'')
 _MATCHERS_RE = re.compile(r"\{[^{}]*\}")
@@ -38,11 +36,8 @@ def metric_names(expr: str) -> set[str]:
     return names
 
 
-@functools.cache
 def _catalogue() -> dict[str, object]:
-    text = resources.files("slm_operator.monitoring").joinpath("data/metrics.yaml").read_text()
-    data: dict[str, object] = yaml.safe_load(text)
-    return data
+    return load_data("metrics.yaml")
 
 
 def server_metric_names(*, with_gpu: bool = False) -> set[str]:

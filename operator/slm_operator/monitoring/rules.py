@@ -8,15 +8,12 @@ whole document, so Prometheus' own `{{ $labels }}` templates and PromQL braces s
 from __future__ import annotations
 
 import copy
-import functools
 import math
 import re
 from collections.abc import Mapping
-from importlib import resources
 from typing import Any
 
-import yaml
-
+from slm_operator.monitoring import load_data
 from slm_operator.monitoring.defaults import merged_alerts
 
 # Where `runbook_url` points when spec.monitoring.alerts.runbookBaseURL is empty: the runbooks in this
@@ -121,11 +118,8 @@ def _fill_deep(value: Any, values: Mapping[str, Any]) -> Any:
     return value
 
 
-@functools.cache
 def _load_rules_data() -> dict[str, Any]:
-    text = resources.files("slm_operator.monitoring").joinpath("data/rules.yaml").read_text()
-    data: dict[str, Any] = yaml.safe_load(text)
-    return data
+    return load_data("rules.yaml")
 
 
 def rules_data() -> dict[str, Any]:
