@@ -1,6 +1,7 @@
 """Server monitoring overhead benchmark (issue 4's figures).
 
-    .venv/bin/python bench/bench_server.py [--requests 200] [--rounds 40] [--http-rounds 10] [--json OUT]
+    .venv/bin/python bench/bench_server.py [--requests 200] [--rounds 40] [--processes 4] [--http-rounds 10]
+                                           [--json OUT]
 
 Variants of the same app, all on the no-op `EchoEngine` (so no model time hides the overhead),
 measured in one run (one worker process per variant, see below):
@@ -17,11 +18,14 @@ In process: each request is POST /generate driven straight through the ASGI inte
 sockets, no HTTP client: their cost would dilute the difference being measured). Each variant
 lives in its own worker process (several apps in one interpreter slow each other down through the
 interpreter's shared caches: on this project's 2-core VM the same app measured 30 µs/request
-slower when it was the fourth app built than when it was the second). The parent runs the
-variants' blocks one worker at a time, in a shuffled order each round; each block is timed in CPU
-time of its worker process (time.process_time: every thread, the log flusher's included, and no
-other process) and ends with the block's log lines flushed. Ratios and costs are the medians of
-per-round pairs. Reported: requests/s per variant, the ratios to the uninstrumented app (goal:
+slower when it was the fourth app built than when it was the second). Processes are not equal
+either: two workers of the same variant differ by up to 20 µs/request for the life of the process
+(where the allocator and the hash seed happened to put things), so each variant runs in
+`--processes` workers (4 by default) and a round's figure for a variant is the mean of its
+workers' blocks. The parent runs the blocks one worker at a time, in a shuffled order each round;
+each block is timed in CPU time of its worker process (time.process_time: every thread, the log
+flusher's included, and no other process) and ends with the block's log lines flushed and its
+queued metric observations applied. Ratios and costs are the medians of per-round pairs. Reported: requests/s per variant, the ratios to the uninstrumented app (goal:
 instrumented >= 0.90 and above the instrumentator), the monitoring cost per request in µs (goal
 <= 25 µs), and the /metrics render time and size at the default series count (goal <= 20 ms).
 
@@ -150,6 +154,7 @@ def worker(name: str, conn: Connection) -> None:
 
 async def _serve_commands(name: str, conn: Connection) -> None:
     app, registry = build_variant(name)
+    observations = getattr(app.state.metrics, "observations", None)  # slm_server.fastmetrics.Observations
     async with _lifespans([app]):
         for _ in range(300):  # warm-up and sanity
             status, body = await call(app)
@@ -163,7 +168,9 @@ async def _serve_commands(name: str, conn: Connection) -> None:
                 start = time.process_time()
                 for _ in range(command[1]):
                     await call(app)
-                flush_lines()  # the block's log lines are encoded and written inside its time
+                flush_lines()  # the block's log lines are encoded and written inside its time,
+                if observations is not None:  # and its queued metric updates applied
+                    observations.apply()
                 conn.send((time.process_time() - start) / command[1] * 1e6)
             elif command[0] == "metrics":
                 conn.send(await _metrics_figures(app, registry))
@@ -193,31 +200,36 @@ async def _metrics_figures(app: Any, registry: CollectorRegistry | None) -> dict
     }
 
 
-def run(requests: int, rounds: int) -> dict[str, Any]:
-    """Per variant, `rounds` blocks of `requests` requests, interleaved across the worker processes."""
+def run(requests: int, rounds: int, processes: int = 4) -> dict[str, Any]:
+    """Per variant, `rounds` blocks of `requests` requests on each of its `processes` workers,
+    interleaved across all the workers."""
     ctx = multiprocessing.get_context("spawn")
-    workers: dict[str, tuple[Any, Connection]] = {}
+    workers: dict[tuple[str, int], tuple[Any, Connection]] = {}
     try:
         for name in VARIANTS:
-            parent, child = ctx.Pipe()
-            process = ctx.Process(target=worker, args=(name, child), name=f"bench-{name}", daemon=True)
-            process.start()
-            workers[name] = (process, parent)
+            for index in range(processes):
+                parent, child = ctx.Pipe()
+                process = ctx.Process(target=worker, args=(name, child), name=f"bench-{name}-{index}", daemon=True)
+                process.start()
+                workers[name, index] = (process, parent)
         for _, conn in workers.values():
             reply = conn.recv()
             if reply[0] != "ready":
                 raise SystemExit(reply[1])
         per_request_us: dict[str, list[float]] = {name: [] for name in VARIANTS}
-        order = list(VARIANTS)
+        order = list(workers)
         shuffle = random.Random(4)
         for _ in range(rounds):
-            shuffle.shuffle(order)  # no variant always runs first (or right after another) in a round
-            for name in order:
-                conn = workers[name][1]
+            shuffle.shuffle(order)  # no worker always runs first (or right after another) in a round
+            block_us: dict[str, list[float]] = {name: [] for name in VARIANTS}
+            for key in order:
+                conn = workers[key][1]
                 conn.send(("block", requests))
-                per_request_us[name].append(conn.recv())
-        workers["instrumented"][1].send(("metrics",))
-        figures = workers["instrumented"][1].recv()
+                block_us[key[0]].append(conn.recv())
+            for name, values in block_us.items():
+                per_request_us[name].append(statistics.fmean(values))
+        workers["instrumented", 0][1].send(("metrics",))
+        figures = workers["instrumented", 0][1].recv()
     finally:
         for process, conn in workers.values():
             if process.is_alive():
@@ -236,6 +248,7 @@ def run(requests: int, rounds: int) -> dict[str, Any]:
     return {
         "requests_per_block": requests,
         "rounds": rounds,
+        "processes_per_variant": processes,
         "us_per_request": {name: round(value, 1) for name, value in us.items()},
         "rps": {name: round(1e6 / value, 1) for name, value in us.items()},
         "ratio_instrumented": ratio("instrumented"),
@@ -360,7 +373,8 @@ def run_http(requests: int, rounds: int) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--requests", type=int, default=200, help="requests per block")
-    parser.add_argument("--rounds", type=int, default=40, help="blocks per variant (interleaved)")
+    parser.add_argument("--rounds", type=int, default=40, help="blocks per worker (interleaved)")
+    parser.add_argument("--processes", type=int, default=4, help="worker processes per variant")
     parser.add_argument("--json", type=Path, help="also write the figures here")
     parser.add_argument("--http-rounds", type=int, default=10, help="blocks per variant over HTTP (0: skip)")
     parser.add_argument("--serve", choices=VARIANTS, help=argparse.SUPPRESS)
@@ -370,7 +384,7 @@ def main(argv: list[str] | None = None) -> int:
         serve(args.serve, args.port)
         return 0
 
-    result = run(args.requests, args.rounds)
+    result = run(args.requests, args.rounds, args.processes)
     if args.http_rounds:
         result["http"] = run_http(args.requests, args.http_rounds)
 
@@ -381,7 +395,8 @@ def main(argv: list[str] | None = None) -> int:
         "metrics": r["metrics_render_ms"] <= GOALS["metrics_ms"],
     }
     print(f"server monitoring overhead — POST /generate on the no-op engine, in-process ASGI, "
-          f"{r['rounds']} interleaved blocks of {r['requests_per_block']} requests per variant, "
+          f"{r['processes_per_variant']} processes per variant, {r['rounds']} interleaved blocks of "
+          f"{r['requests_per_block']} requests per process, "
           "CPU time per request")  # fmt: skip
     for name, value in r["rps"].items():
         print(f"  {name:<19} {value:>8.0f} req/s  ({r['us_per_request'][name]:.1f} µs/request)")

@@ -4,7 +4,9 @@ Every series is registered on a `CollectorRegistry` given to `ServerMetrics` (a 
 so tests inject their own; nothing touches prometheus_client's global registry). Label children
 are bound once, when the app is built (or on the first request of a new status code), never with
 `.labels()` on the request path. The request-path metrics are slm_server.fastmetrics' lock-free
-families (updated on the event loop only), exposed through prometheus_client like any other.
+families, exposed through prometheus_client like any other; the request path only queues its
+observations (`ServerMetrics.observations`), applied in batches and before every collection, so a
+scrape always sees every request that ended before it.
 
 Metrics (labels; `model` is the served model name, one value per process):
 
@@ -58,14 +60,13 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable, Iterable
-from itertools import pairwise
 from typing import Any
 
 from prometheus_client import CollectorRegistry, disable_created_metrics
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from slm_server.fastmetrics import Counter, Gauge, GaugeChild, Histogram
+from slm_server.fastmetrics import Counter, Gauge, GaugeChild, Histogram, Observations
 
 log = logging.getLogger("slm_server.metrics")
 
@@ -93,22 +94,24 @@ PERPLEXITY_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 1000
 class RouteMetrics:
     """The seed's request counter and latency histogram, bound for one endpoint."""
 
-    __slots__ = ("_by_status", "_counter", "endpoint", "latency")
+    __slots__ = ("_by_status", "_counter", "_observations", "endpoint", "latency")
 
-    def __init__(self, counter: Counter, latency: Histogram, endpoint: str):
+    def __init__(self, counter: Counter, latency: Histogram, endpoint: str, observations: Observations):
         self.endpoint = endpoint
         self._counter = counter
+        self._observations = observations
         self.latency = latency.labels(endpoint=endpoint)
         self._by_status: dict[int, Any] = {}
 
-    def count(self, status: int) -> None:
+    def observe(self, status: int, seconds: float) -> None:
+        """Count one response (queued: applied in a batch, or before the next collection)."""
+        self._observations.add(self._apply, status, seconds)
+
+    def _apply(self, status: int, seconds: float) -> None:
         child = self._by_status.get(status)
         if child is None:  # first response with this code: bind once
             child = self._by_status[status] = self._counter.labels(endpoint=self.endpoint, status=str(status))
         child.inc()
-
-    def observe(self, status: int, seconds: float) -> None:
-        self.count(status)
         self.latency.observe(seconds)
 
 
@@ -117,6 +120,7 @@ class GenerationMetrics:
 
     def __init__(self, m: ServerMetrics, endpoint: str):
         labels = {"model": m.model, "endpoint": endpoint}
+        self._observations = m.observations
         self.output_tokens_seed = m.model_output_tokens.labels(endpoint=endpoint)
         self.ttft = m.ttft.labels(**labels)
         self.itl = m.itl.labels(**labels)
@@ -144,6 +148,33 @@ class GenerationMetrics:
         empty: bool = False,
         repetitive: bool = False,
     ) -> None:
+        """Record one generation (queued: applied in a batch, or before the next collection).
+        `token_times` is kept, not copied: it must not change afterwards."""
+        self._observations.add(
+            self._apply,
+            queue_seconds,
+            start,
+            token_times,
+            prompt_tokens,
+            output_tokens,
+            perplexity,
+            finish_reason,
+            empty,
+            repetitive,
+        )
+
+    def _apply(
+        self,
+        queue_seconds: float | None,
+        start: float,
+        token_times: list[float],
+        prompt_tokens: int,
+        output_tokens: int,
+        perplexity: float | None,
+        finish_reason: str,
+        empty: bool,
+        repetitive: bool,
+    ) -> None:
         if queue_seconds is not None:
             self.queue.observe(queue_seconds)
         self.prompt_tokens_total.inc(prompt_tokens)
@@ -157,7 +188,7 @@ class GenerationMetrics:
             self.repetitive.inc()
         if token_times:
             self.ttft.observe(token_times[0] - start)
-            self.itl.observe_many(later - earlier for earlier, later in pairwise(token_times))
+            self.itl.observe_gaps(token_times)
             if len(token_times) > 1:
                 elapsed = token_times[-1] - token_times[0]
                 if elapsed > 0:
@@ -177,23 +208,25 @@ class ServerMetrics:
     def __init__(self, registry: CollectorRegistry, model: str):
         self.registry = registry
         self.model = model
-        r = registry
+        # The request path's updates, applied in batches and before every collection (fastmetrics).
+        self.observations = o = Observations()
+        on: dict[str, Any] = {"registry": registry, "observations": o}  # every family, as keywords
         self.api_requests = Counter(
-            "api_requests_total", "Total count of requests by endpoint and status", ["endpoint", "status"], registry=r
+            "api_requests_total", "Total count of requests by endpoint and status", ["endpoint", "status"], **on
         )
         self.api_latency = Histogram(
             "api_request_duration_seconds",
             "Request duration in seconds by endpoint",
             ["endpoint"],
             buckets=REQUEST_DURATION_BUCKETS,
-            registry=r,
+            **on,
         )
         self.model_output_tokens = Histogram(
             "model_output_tokens",
             "Distribution of output token counts",
             ["endpoint"],
             buckets=TOKEN_COUNT_BUCKETS,
-            registry=r,
+            **on,
         )
         ml = ["model", "endpoint"]
         self.ttft = Histogram(
@@ -201,60 +234,56 @@ class ServerMetrics:
             "Time from request arrival to the first generated token (queue time included)",
             ml,
             buckets=TTFT_BUCKETS,
-            registry=r,
+            **on,
         )
         self.itl = Histogram(
             "slm_inter_token_latency_seconds",
             "Time between two consecutive generated tokens",
             ml,
             buckets=ITL_BUCKETS,
-            registry=r,
+            **on,
         )
         self.queue_time = Histogram(
             "slm_queue_time_seconds",
             "Time a request waited for a generation slot",
             ml,
             buckets=QUEUE_BUCKETS,
-            registry=r,
+            **on,
         )
         self.tokens_per_second = Histogram(
             "slm_request_tokens_per_second",
             "Decoding speed of a request: output tokens per second after the first",
             ml,
             buckets=TOKENS_PER_SECOND_BUCKETS,
-            registry=r,
+            **on,
         )
         self.perplexity = Histogram(
             "slm_request_perplexity",
             "Perplexity of each request's generated tokens under the model (exp of mean negative log-likelihood)",
             ml,
             buckets=PERPLEXITY_BUCKETS,
-            registry=r,
+            **on,
         )
         self.output_tokens = Histogram(
-            "slm_request_output_tokens", "Generated tokens per request", ml, buckets=TOKEN_COUNT_BUCKETS, registry=r
+            "slm_request_output_tokens", "Generated tokens per request", ml, buckets=TOKEN_COUNT_BUCKETS, **on
         )
-        self.prompt_tokens = Counter("slm_prompt_tokens_total", "Prompt tokens processed", ml, registry=r)
-        self.generation_tokens = Counter("slm_generation_tokens_total", "Tokens generated", ml, registry=r)
-        self.finish = Counter(
-            "slm_request_finish_total", "Generations by finish reason", [*ml, "finish_reason"], registry=r
-        )
-        self.empty_outputs = Counter(
-            "slm_empty_outputs_total", "Generations that produced no visible text", ml, registry=r
-        )
+        self.prompt_tokens = Counter("slm_prompt_tokens_total", "Prompt tokens processed", ml, **on)
+        self.generation_tokens = Counter("slm_generation_tokens_total", "Tokens generated", ml, **on)
+        self.finish = Counter("slm_request_finish_total", "Generations by finish reason", [*ml, "finish_reason"], **on)
+        self.empty_outputs = Counter("slm_empty_outputs_total", "Generations that produced no visible text", ml, **on)
         self.repetitive_outputs = Counter(
             "slm_repetitive_outputs_total",
             "Generations whose output repeats itself (a model stuck in a loop)",
             ml,
-            registry=r,
+            **on,
         )
         self.errors = Counter(
-            "slm_request_errors_total", "Failed generation requests by error kind", [*ml, "error"], registry=r
+            "slm_request_errors_total", "Failed generation requests by error kind", [*ml, "error"], **on
         )
 
         def model_gauge(name: str, documentation: str) -> GaugeChild:
             """A gauge with the one `model` label, bound to the served model."""
-            return Gauge(name, documentation, ["model"], registry=r).labels(model=model)
+            return Gauge(name, documentation, ["model"], **on).labels(model=model)
 
         self.in_flight = model_gauge("slm_requests_in_flight", "Generations running now")
         self.queued = model_gauge("slm_requests_queued", "Requests waiting for a generation slot")
@@ -266,7 +295,7 @@ class ServerMetrics:
             "slm_model_info",
             "The served model (value 1)",
             ["model", "source", "dtype", "device", "max_context"],
-            registry=r,
+            **on,
         )
         self.model_load_seconds = model_gauge("slm_model_load_seconds", "Time taken to load the model")
         self.fault_injection = model_gauge("slm_fault_injection_enabled", "1 when fault injection is configured on")
@@ -274,21 +303,22 @@ class ServerMetrics:
             "slm_drift_score",
             "Drift score of a model-behaviour signal (set by the drift detector)",
             ["model", "signal"],
-            registry=r,
+            **on,
         )
         drift_detected = Gauge(
             "slm_drift_detected",
             "1 while drift is detected on a signal (set by the drift detector)",
             ["model", "signal"],
-            registry=r,
+            **on,
         )
         self.drift_score = {s: drift_score.labels(model=model, signal=s) for s in DRIFT_SIGNALS}
         self.drift_detected = {s: drift_detected.labels(model=model, signal=s) for s in DRIFT_SIGNALS}
 
         self.routes = {
-            ep: RouteMetrics(self.api_requests, self.api_latency, ep) for ep in GENERATION_ENDPOINTS + OTHER_ENDPOINTS
+            ep: RouteMetrics(self.api_requests, self.api_latency, ep, o)
+            for ep in GENERATION_ENDPOINTS + OTHER_ENDPOINTS
         }
-        self.unknown_route = RouteMetrics(self.api_requests, self.api_latency, UNKNOWN_ENDPOINT)
+        self.unknown_route = RouteMetrics(self.api_requests, self.api_latency, UNKNOWN_ENDPOINT, o)
         self.generation = {ep: GenerationMetrics(self, ep) for ep in GENERATION_ENDPOINTS}
 
     def route(self, path: str) -> RouteMetrics:
