@@ -25,13 +25,14 @@ either: two workers of the same variant differ by up to 20 µs/request for the l
 workers' blocks. The parent runs the blocks one worker at a time, in a shuffled order each round;
 each block is timed in CPU time of its worker process (time.process_time: every thread, the log
 flusher's included, and no other process) and ends with the block's log lines flushed and its
-queued metric observations applied. Ratios and costs are the medians of per-round pairs. Reported: requests/s per variant, the ratios to the uninstrumented app (goal:
-instrumented >= 0.90 and above the instrumentator), the monitoring cost per request in µs (goal
-<= 25 µs), and the /metrics render time and size at the default series count (goal <= 20 ms).
+queued metric observations applied. Ratios and costs are the medians of per-round pairs.
+Reported: requests/s per variant, the ratios to the uninstrumented app (goal: instrumented >= 0.90
+and above the instrumentator), the monitoring cost per request in µs (goal <= 25 µs), and the
+/metrics render time and size at the default series count (goal <= 20 ms).
 
 Over HTTP: the uninstrumented, instrumented and instrumentator apps under uvicorn (uvloop and
-httptools, as `slm-server` runs), each in its own process on 127.0.0.1, driven by keep-alive
-requests from this process; the servers' own CPU time per request is read from /proc.
+httptools, as `slm-server` runs), each in `--processes` server processes on 127.0.0.1, driven by
+keep-alive requests from this process; the servers' own CPU time per request is read from /proc.
 """
 
 from __future__ import annotations
@@ -299,28 +300,30 @@ def _cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def run_http(requests: int, rounds: int) -> dict[str, Any]:
-    """Each variant in its own uvicorn process; blocks of `requests` keep-alive POST /generate from
-    this process, interleaved. A variant's CPU is read from /proc at the start of each of its
-    blocks, so the time between two blocks (the log flusher's batch included) is counted too."""
+def run_http(requests: int, rounds: int, processes: int = 4) -> dict[str, Any]:
+    """Each variant in `processes` uvicorn processes; blocks of `requests` keep-alive POST
+    /generate from this process, interleaved across all the servers. A server's CPU is read from
+    /proc before the first block and after the last, so the time between blocks (the log
+    flusher's batches included) is counted too."""
     import http.client
     import socket
     import subprocess
 
-    servers: dict[str, tuple[subprocess.Popen, int]] = {}
+    servers: dict[tuple[str, int], tuple[subprocess.Popen, int]] = {}
     try:
         for name in HTTP_VARIANTS:
-            with socket.socket() as probe:
-                probe.bind(("127.0.0.1", 0))
-                port = probe.getsockname()[1]
-            process = subprocess.Popen(  # this very script, with fixed arguments
-                [sys.executable, __file__, "--serve", name, "--port", str(port)],
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL,
-            )
-            servers[name] = (process, port)
+            for index in range(processes):
+                with socket.socket() as probe:
+                    probe.bind(("127.0.0.1", 0))
+                    port = probe.getsockname()[1]
+                process = subprocess.Popen(  # this very script, with fixed arguments
+                    [sys.executable, __file__, "--serve", name, "--port", str(port)],
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL,
+                )
+                servers[name, index] = (process, port)
         connections = {}
-        for name, (process, port) in servers.items():
+        for key, (process, port) in servers.items():
             deadline = time.monotonic() + 120
             while True:
                 try:
@@ -330,38 +333,39 @@ def run_http(requests: int, rounds: int) -> dict[str, Any]:
                         break
                 except OSError:
                     if process.poll() is not None or time.monotonic() > deadline:
-                        raise SystemExit(f"the {name} server did not start") from None
+                        raise SystemExit(f"the {key[0]} server did not start") from None
                     time.sleep(0.1)
-            connections[name] = conn
+            connections[key] = conn
 
-        def block(name: str, count: int) -> None:
-            conn = connections[name]
+        def block(key: tuple[str, int], count: int) -> None:
+            conn = connections[key]
             for _ in range(count):
                 conn.request("POST", "/generate", BODY, {"content-type": "application/json"})
                 response = conn.getresponse()
                 response.read()
                 if response.status != 200:
-                    raise SystemExit(f"{name}: HTTP {response.status}")
+                    raise SystemExit(f"{key[0]}: HTTP {response.status}")
 
-        for name in HTTP_VARIANTS:  # warm-up
-            block(name, 300)
-        cpu = {name: 0.0 for name in HTTP_VARIANTS}
-        last = {name: _cpu_seconds(servers[name][0].pid) for name in HTTP_VARIANTS}
-        order = list(HTTP_VARIANTS)
+        for key in servers:  # warm-up
+            block(key, 300)
+        time.sleep(0.3)  # the warm-up's last log batch (0.1 s interval) lands before the start
+        first = {key: _cpu_seconds(process.pid) for key, (process, _) in servers.items()}
+        order = list(servers)
         shuffle = random.Random(4)
         for _ in range(rounds):
             shuffle.shuffle(order)
-            for name in order:
-                block(name, requests)
-        time.sleep(0.3)  # the flushers' last batch (0.1 s interval) lands in the totals
-        for name in HTTP_VARIANTS:
-            cpu[name] = _cpu_seconds(servers[name][0].pid) - last[name]
+            for key in order:
+                block(key, requests)
+        time.sleep(0.3)  # the flushers' last batch lands in the totals
+        cpu = {name: 0.0 for name in HTTP_VARIANTS}
+        for key, (process, _) in servers.items():
+            cpu[key[0]] += _cpu_seconds(process.pid) - first[key]
     finally:
         for process, _ in servers.values():
             process.terminate()
         for process, _ in servers.values():
             process.wait(timeout=30)
-    us = {name: seconds / (requests * rounds) * 1e6 for name, seconds in cpu.items()}
+    us = {name: seconds / (requests * rounds * processes) * 1e6 for name, seconds in cpu.items()}
     return {
         "us_per_request": {name: round(value, 1) for name, value in us.items()},
         "ratio_instrumented": us["uninstrumented"] / us["instrumented"],
@@ -386,7 +390,7 @@ def main(argv: list[str] | None = None) -> int:
 
     result = run(args.requests, args.rounds, args.processes)
     if args.http_rounds:
-        result["http"] = run_http(args.requests, args.http_rounds)
+        result["http"] = run_http(args.requests, args.http_rounds, args.processes)
 
     r = result
     ok = {
@@ -415,8 +419,9 @@ def main(argv: list[str] | None = None) -> int:
           f"through the route {r['metrics_route_ms']:.2f} ms")  # fmt: skip
     if "http" in result:
         h = result["http"]
-        print(f"over HTTP — uvicorn on 127.0.0.1, one process per variant, {args.http_rounds} interleaved blocks of "
-              f"{args.requests} keep-alive requests, the server's CPU per request (/proc)")  # fmt: skip
+        print(f"over HTTP — uvicorn on 127.0.0.1, {args.processes} processes per variant, {args.http_rounds} "
+              f"interleaved blocks of {args.requests} keep-alive requests per process, the servers' CPU per "
+              "request (/proc)")  # fmt: skip
         for name, value in h["us_per_request"].items():
             print(f"  {name:<19} {1e6 / value:>8.0f} req/s  ({value:.1f} µs/request)")
         print(f"  instrumented / uninstrumented    {h['ratio_instrumented']:.3f}   "

@@ -11,9 +11,9 @@ request at a time, between the request's other work, and under 4 µs when the sa
 made back to back for a few hundred requests (`bench/bench_server.py`, on the project's 2-core
 VM: the request path's code and data no longer evict each other from the CPU's caches). So the
 request path only appends `(apply, args)` to a deque, and the observations are applied when
-`batch_size` of them are waiting, and always before a family is collected: a scrape, or any
-`registry.get_sample_value`, sees every observation made before it. Nothing is ever stale to a
-reader.
+`batch_size` of them are waiting at the end of a request (after its response has gone), and always
+before a family is collected: a scrape, or any `registry.get_sample_value`, sees every observation
+made before it. Nothing is ever stale to a reader.
 
 The contract that makes the lock-free children safe: children are updated only by
 `Observations.apply`, which holds a lock (whichever thread calls it: the event loop when the
@@ -52,6 +52,12 @@ class Observations:
 
     def add(self, apply: Callable[..., None], *args: object) -> None:
         """Queue `apply(*args)`. What `args` refers to must not change afterwards."""
+        self._queue.append((apply, args))
+
+    def add_final(self, apply: Callable[..., None], *args: object) -> None:
+        """Queue a request's last update (its response has gone), then apply the queue if it holds
+        `batch_size` updates or more: the batch's cost never delays a response, and the queue's
+        memory stays bounded without scrapes."""
         queue = self._queue
         queue.append((apply, args))
         if len(queue) >= self.batch_size:

@@ -104,8 +104,9 @@ class RouteMetrics:
         self._by_status: dict[int, Any] = {}
 
     def observe(self, status: int, seconds: float) -> None:
-        """Count one response (queued: applied in a batch, or before the next collection)."""
-        self._observations.add(self._apply, status, seconds)
+        """Count one response once it has gone (queued: applied in a batch, or before the next
+        collection)."""
+        self._observations.add_final(self._apply, status, seconds)
 
     def _apply(self, status: int, seconds: float) -> None:
         child = self._by_status.get(status)

@@ -38,14 +38,19 @@ def test_every_queued_observation_is_in_the_next_scrape():
 
 
 def test_the_queue_never_holds_more_than_a_batch_without_a_scrape():
-    registry, observations, counter, _ = _families(batch_size=64)
-    requests = counter.labels(endpoint="/a")
+    """Each request queues some updates and one final one (the middleware's, after the response)."""
+    registry, observations, counter, histogram = _families(batch_size=64)
+    requests, latency = counter.labels(endpoint="/a"), histogram.labels(endpoint="/a")
     longest = 0
     for _ in range(10_000):
+        observations.add(latency.observe, 0.5)
         observations.add(requests.inc)
         longest = max(longest, len(observations))
-    assert longest < 64
-    assert registry.get_sample_value("t_requests_total", {"endpoint": "/a"}) == 10_000
+        observations.add_final(requests.inc)
+        longest = max(longest, len(observations))
+    assert longest < 64 + 3
+    assert registry.get_sample_value("t_requests_total", {"endpoint": "/a"}) == 20_000
+    assert registry.get_sample_value("t_latency_seconds_count", {"endpoint": "/a"}) == 10_000
 
 
 def test_a_failing_update_is_logged_and_loses_no_other(caplog):
@@ -82,7 +87,7 @@ def test_scrapes_on_another_thread_lose_no_update():
     try:
         for i in range(15_000):
             observations.add(requests.inc)
-            observations.add(latency.observe, i % 2)
+            observations.add_final(latency.observe, i % 2)
     finally:
         done.set()
         scraper.join(timeout=10)
