@@ -208,3 +208,20 @@ def test_filesystem_gauges_default_to_the_model_directory(server, tiny_model_dir
     avail = server.metric("slm_filesystem_avail_bytes", labels)
     assert size and size > 0
     assert avail is not None and 0 <= avail <= size
+
+
+def test_a_scrape_counts_every_request_that_ended_before_it(tiny_model_dir):
+    """The request path queues its metric updates (slm_server.fastmetrics.Observations); 300
+    requests queue more than one batch, and /metrics must still show each of them, no fewer.
+    The no-op engine: this is about bookkeeping, not the model."""
+    with serve(EchoEngine(), settings_for(tiny_model_dir)) as srv:
+        for _ in range(300):
+            assert srv.client.post("/generate", json={"prompt": "a b c", "max_tokens": 3}).status_code == 200
+        samples = {
+            (s.name, tuple(sorted(s.labels.items()))): s.value for s in _samples(srv.client.get("/metrics").text)
+        }
+    gen = tuple(sorted({"endpoint": "/generate", "model": MODEL_NAME}.items()))
+    assert samples["api_requests_total", (("endpoint", "/generate"), ("status", "200"))] == 300
+    assert samples["api_request_duration_seconds_count", (("endpoint", "/generate"),)] == 300
+    assert samples["slm_generation_tokens_total", gen] == 900
+    assert samples["slm_inter_token_latency_seconds_count", gen] == 600
