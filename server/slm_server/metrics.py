@@ -60,6 +60,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from typing import Any
 
 from prometheus_client import CollectorRegistry, disable_created_metrics
@@ -116,6 +117,21 @@ class RouteMetrics:
         self.latency.observe(seconds)
 
 
+@dataclass(slots=True)
+class Generation:
+    """What one generation gives its metrics. Kept until applied: nothing in it may change."""
+
+    queue_seconds: float | None
+    start: float  # perf_counter() at the request's arrival
+    token_times: list[float]  # perf_counter() when each token was ready
+    prompt_tokens: int
+    output_tokens: int
+    perplexity: float | None
+    finish_reason: str
+    empty: bool = False
+    repetitive: bool = False
+
+
 class GenerationMetrics:
     """The per-generation series, bound for one endpoint."""
 
@@ -136,66 +152,32 @@ class GenerationMetrics:
         self.repetitive = m.repetitive_outputs.labels(**labels)
         self.errors = {e: m.errors.labels(error=e, **labels) for e in ERROR_KINDS}
 
-    def observe(
-        self,
-        *,
-        queue_seconds: float | None,
-        start: float,
-        token_times: list[float],
-        prompt_tokens: int,
-        output_tokens: int,
-        perplexity: float | None,
-        finish_reason: str,
-        empty: bool = False,
-        repetitive: bool = False,
-    ) -> None:
-        """Record one generation (queued: applied in a batch, or before the next collection).
-        `token_times` is kept, not copied: it must not change afterwards."""
-        self._observations.add(
-            self._apply,
-            queue_seconds,
-            start,
-            token_times,
-            prompt_tokens,
-            output_tokens,
-            perplexity,
-            finish_reason,
-            empty,
-            repetitive,
-        )
+    def observe(self, generation: Generation) -> None:
+        """Record one generation (queued: applied in a batch, or before the next collection)."""
+        self._observations.add(self._apply, generation)
 
-    def _apply(
-        self,
-        queue_seconds: float | None,
-        start: float,
-        token_times: list[float],
-        prompt_tokens: int,
-        output_tokens: int,
-        perplexity: float | None,
-        finish_reason: str,
-        empty: bool,
-        repetitive: bool,
-    ) -> None:
-        if queue_seconds is not None:
-            self.queue.observe(queue_seconds)
-        self.prompt_tokens_total.inc(prompt_tokens)
-        self.generation_tokens_total.inc(output_tokens)
-        self.output_tokens_seed.observe(output_tokens)
-        self.output_tokens.observe(output_tokens)
-        self.finish[finish_reason].inc()
-        if empty:
+    def _apply(self, g: Generation) -> None:
+        if g.queue_seconds is not None:
+            self.queue.observe(g.queue_seconds)
+        self.prompt_tokens_total.inc(g.prompt_tokens)
+        self.generation_tokens_total.inc(g.output_tokens)
+        self.output_tokens_seed.observe(g.output_tokens)
+        self.output_tokens.observe(g.output_tokens)
+        self.finish[g.finish_reason].inc()
+        if g.empty:
             self.empty.inc()
-        if repetitive:
+        if g.repetitive:
             self.repetitive.inc()
+        token_times = g.token_times
         if token_times:
-            self.ttft.observe(token_times[0] - start)
+            self.ttft.observe(token_times[0] - g.start)
             self.itl.observe_gaps(token_times)
             if len(token_times) > 1:
                 elapsed = token_times[-1] - token_times[0]
                 if elapsed > 0:
                     self.tps.observe((len(token_times) - 1) / elapsed)
-        if perplexity is not None:
-            self.perplexity.observe(perplexity)
+        if g.perplexity is not None:
+            self.perplexity.observe(g.perplexity)
 
     def error(self, kind: str) -> None:
         self.errors[kind].inc()

@@ -30,7 +30,7 @@ from slm_server.errors import (
     ServerError,
 )
 from slm_server.logs import OutputLogPolicy
-from slm_server.metrics import NullMetrics, ServerMetrics
+from slm_server.metrics import Generation, NullMetrics, ServerMetrics
 from slm_server.settings import Settings
 from slm_server.signals import NoopObserver, RequestSignals, SignalObserver, is_repetitive
 
@@ -451,17 +451,20 @@ class GenerationService:
         perplexity = result.perplexity if result else None
         empty = not (result and result.text.strip())
         repetitive = is_repetitive(result.token_ids) if result else False
-        gm.observe(
-            queue_seconds=job.queue_seconds,
-            start=job.record.start,
-            token_times=token_times,
-            prompt_tokens=len(job.prompt_ids),
-            output_tokens=output_tokens,
-            perplexity=perplexity,
-            finish_reason=finish_reason,
-            empty=empty and error is None and not job.timed_out,
-            repetitive=repetitive,
-        )
+        if self.metrics.enabled:  # the uninstrumented baseline builds no observation either
+            gm.observe(
+                Generation(
+                    queue_seconds=job.queue_seconds,
+                    start=job.record.start,
+                    token_times=token_times,
+                    prompt_tokens=len(job.prompt_ids),
+                    output_tokens=output_tokens,
+                    perplexity=perplexity,
+                    finish_reason=finish_reason,
+                    empty=empty and error is None and not job.timed_out,
+                    repetitive=repetitive,
+                )
+            )
         record.finish = (finish_reason, result, self.output_policy)
         self.signals.observe(
             RequestSignals(
