@@ -6,10 +6,11 @@ its buckets linearly, about 1.5-2 µs per observation; a generation request make
 one per generated token for inter-token latency), which alone would exceed the server's budget of
 25 µs of monitoring per request. These do a `bisect` and two additions.
 
-Why a queue (`Observations`): even so, the ~15 updates cost about 14 µs per request when made one
-request at a time, between the request's other work, and under 4 µs when the same updates are
-made back to back for a few hundred requests (`bench/bench_server.py`, on the project's 2-core
-VM: the request path's code and data no longer evict each other from the CPU's caches). So the
+Why a queue (`Observations`): even so, the metrics cost about 15 µs per request with each update
+made at once, between the request's other work, and about 10 µs with the updates queued and made
+back to back for a few hundred requests (the batch itself under 4 µs per request; measured side by
+side with bench/bench_server.py's workers on the project's 2-core VM: made in a row, the updates'
+code and data stay in the CPU's caches). So the
 request path only appends `(apply, args)` to a deque, and the observations are applied when
 `batch_size` of them are waiting at the end of a request (after its response has gone), and always
 before a family is collected: a scrape, or any `registry.get_sample_value`, sees every observation
