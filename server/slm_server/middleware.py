@@ -4,9 +4,9 @@ memory stream per request).
 Per HTTP request it: takes or makes a request id (`x-request-id`, echoed in the response), reads
 the W3C `traceparent`, refuses bodies over the size cap (413, from `content-length` or while
 reading), times the response until its last byte (streams included), counts it in the seed's
-`api_requests_total` / `api_request_duration_seconds` through children bound in advance, and writes
-the request's JSON log line (slm_server.logs.request_line) with what the service put into its
-`RequestRecord`.
+`api_requests_total` / `api_request_duration_seconds` through children bound in advance, and queues
+the request's JSON log line (slm_server.logs.JsonLines; `request_doc` makes it when it is written)
+with what the service put into its `RequestRecord`.
 """
 
 from __future__ import annotations
