@@ -27,7 +27,13 @@ from slm_server.settings import Settings
 
 log = logging.getLogger("slm_server.engine")
 
-OnText = Callable[[str], None]
+# A generated token with its log-probability and the k most likely (id, log p) at its position.
+TokenLogprobs = tuple[int, float, list[tuple[int, float]]]
+# Called with each piece of text as it becomes final, and (with SamplingParams.logprobs) the log-
+# probabilities of the tokens generated since the previous call (empty otherwise). Tokens that make
+# no text yet (part of a character, a possible stop string, the end-of-text token) come with a later
+# piece, or with the last call, whose text may be empty.
+OnText = Callable[[str, list[TokenLogprobs]], None]
 
 
 @dataclass(slots=True)
@@ -267,6 +273,7 @@ class TransformersEngine(Engine):
         if top is not None:
             result.token_logprobs, result.top_logprobs = [], []
         tracker = _TextTracker(self.decode, params.stop)
+        reported = 0  # tokens whose log-probabilities went out with a piece of text
         next_input = torch.tensor([context], device=device)
         kwargs: dict[str, Any] = {"use_cache": True, self._cache_arg: None}
         if self._logits_to_keep:
@@ -292,14 +299,14 @@ class TransformersEngine(Engine):
                 break
             delta, stopped = tracker.update(result.token_ids)
             if delta and on_text is not None:
-                on_text(delta)
+                reported = _emit(on_text, delta, result, reported)
             if stopped:
                 result.finish_reason = "stop"
                 break
             next_input = torch.tensor([[token]], device=device)
         tail = tracker.finish()
-        if tail and on_text is not None:
-            on_text(tail)
+        if on_text is not None:
+            _emit(on_text, tail, result, reported)
         result.text = tracker.text.rstrip("\ufffd")
         return result
 
@@ -373,8 +380,6 @@ class EchoEngine(Engine):
         words = [f"w{i}" for i in prompt_ids[: params.max_tokens]]
         now = time.perf_counter()
         text = " ".join(words)
-        if on_text is not None and text:
-            on_text(text)
         ids = list(prompt_ids[: params.max_tokens])
         result = GenerationResult(
             token_ids=ids,
@@ -386,6 +391,8 @@ class EchoEngine(Engine):
         if params.logprobs is not None:  # certain of every word: log p = 0
             result.token_logprobs = [0.0] * len(ids)
             result.top_logprobs = [[(i, 0.0)][: params.logprobs] for i in ids]
+        if on_text is not None:
+            _emit(on_text, text, result, 0)
         return result
 
     def token_text(self, token_id: int) -> str:
@@ -393,6 +400,25 @@ class EchoEngine(Engine):
 
     def score(self, ids: list[int], top: int) -> tuple[list[float | None], list[list[tuple[int, float]]]]:
         return [None] + [0.0] * (len(ids) - 1), [[]] + [[(i, 0.0)][:top] for i in ids[1:]]
+
+
+def _emit(on_text: OnText, text: str, result: GenerationResult, reported: int) -> int:
+    """Pass `text` and the log-probabilities of the tokens after the first `reported` (when they are
+    recorded) to `on_text`; returns how many tokens are reported now."""
+    upto = len(result.token_ids)
+    tokens: list[TokenLogprobs] = []
+    if result.token_logprobs is not None and upto > reported:
+        tokens = list(
+            zip(
+                result.token_ids[reported:upto],
+                result.token_logprobs[reported:upto],
+                result.top_logprobs[reported:upto],  # type: ignore[index]
+                strict=True,
+            )
+        )
+    if text or tokens:
+        on_text(text, tokens)
+    return upto
 
 
 def _top(torch, logprobs, k: int) -> list[tuple[int, float]]:

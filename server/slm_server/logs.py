@@ -34,7 +34,7 @@ import threading
 import time
 import traceback
 from collections import deque
-from typing import IO, Any
+from typing import IO, Any, cast
 
 import orjson
 
@@ -121,18 +121,23 @@ REQUEST_LINE_FIELDS: dict[str, str] = {
     "gen_ai.request.temperature": "sampling temperature",
     "gen_ai.request.top_p": "nucleus sampling mass",
     "gen_ai.usage.input_tokens": "prompt tokens",
-    "gen_ai.usage.output_tokens": "generated tokens",
-    "gen_ai.response.finish_reasons": "`[stop|length|abort|timeout|error]`",
-    "gen_ai.server.time_to_first_token": "seconds from arrival to the first token (queue included)",
-    "gen_ai.server.time_per_output_token": "mean seconds between tokens after the first",
-    "slm.perplexity": "perplexity of the generated tokens under the model (null without tokens)",
-    "slm.queue_time_s": "seconds waited for a generation slot",
+    "gen_ai.usage.output_tokens": "generated tokens (of all the choices, with n > 1)",
+    "gen_ai.response.finish_reasons": "`[stop|length|abort|timeout|error]`, one per choice",
+    "gen_ai.server.time_to_first_token": "seconds from arrival to the first token of any choice (queue included)",
+    "gen_ai.server.time_per_output_token": "mean seconds between a choice's tokens after its first",
+    "slm.perplexity": "perplexity of the generated tokens (of all the choices together) under the model "
+    "(null without tokens)",
+    "slm.queue_time_s": "seconds waited for a generation slot (the longest wait of the choices)",
     "slm.stream": "whether the response was streamed",
     "error.type": "why a generation failed: invalid_input, overloaded, timeout, model_error, not_ready, internal",
     "gen_ai.output.length": "output length in characters (log_outputs hash, truncated, full)",
     "gen_ai.output.sha256": "sha256 of the output text (log_outputs=hash, the default)",
     "gen_ai.output.text": "the output text, cut at log_truncate_chars with log_outputs=truncated",
     "gen_ai.output.truncated": "whether the text was cut (log_outputs=truncated)",
+    "gen_ai.request.choice.count": "`n`, the choices asked for, when more than 1",
+    "slm.choices": "with n > 1: per choice, `slm.choice.index` and the fields above that describe one generation "
+    "(its error, tokens, finish reason, timings, perplexity and output); the outputs of a request are sampled "
+    "for logging together",
 }
 
 # What the middleware queues per request; `request_doc` makes the line of it, off the request path:
@@ -308,7 +313,7 @@ def configure_logging(settings: Settings, stream: IO[Any] | None = None) -> Json
     level = logging.getLevelName(settings.log_level.upper())
     if stream is None:
         sys.stdout.flush()
-        stream = getattr(sys.stdout, "buffer", sys.stdout)
+        stream = cast(IO[bytes], getattr(sys.stdout, "buffer", sys.stdout))
     lines = JsonLines(stream, flush_interval=settings.log_flush_interval_seconds, level=level)
     handler = JsonLinesHandler(lines)
     root.addHandler(handler)
@@ -340,10 +345,18 @@ class OutputLogPolicy:
         self._random = random.Random()
 
     def fields(self, text: str | None) -> dict[str, Any] | None:
-        if text is None or self.mode == "none":
+        """The fields of one output, or None when the policy or the sampling leaves it out."""
+        if text is None or not self.sampled():
             return None
-        if self.rate < 1.0 and self._random.random() >= self.rate:
-            return None
+        return self.describe(text)
+
+    def sampled(self) -> bool:
+        """Whether this request's outputs are logged (one draw per request, whatever its choices)."""
+        if self.mode == "none":
+            return False
+        return self.rate >= 1.0 or self._random.random() < self.rate
+
+    def describe(self, text: str) -> dict[str, Any]:
         out: dict[str, Any] = {"gen_ai.output.length": len(text)}
         if self.mode == "hash":
             digest = _SHA256.copy()  # copying a hash object skips OpenSSL 3's per-call algorithm fetch

@@ -77,7 +77,9 @@ class _OpenAIRequest(BaseModel):
     model: str
     temperature: Temperature = 1.0
     top_p: TopP = 1.0
-    n: int = Field(1, ge=1, le=1, description="Only one choice is supported.")
+    n: int = Field(
+        1, ge=1, le=128, description="Choices to generate, each its own generation; at most max_concurrent_requests."
+    )
     stream: bool = False
     stream_options: StreamOptions | None = None
     stop: StopStrings = None

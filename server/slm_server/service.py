@@ -9,6 +9,7 @@ request's log fields and the drift signals.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import math
 import random
@@ -19,7 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
-from slm_server.engine import Engine, GenerationResult, SamplingParams
+from slm_server.engine import Engine, GenerationResult, OnText, SamplingParams, TokenLogprobs
 from slm_server.errors import (
     InvalidInput,
     ModelFailure,
@@ -36,30 +37,35 @@ from slm_server.signals import NoopObserver, RequestSignals, SignalObserver, is_
 
 log = logging.getLogger("slm_server.service")
 
+# What a stream yields: (text delta, the log-probabilities of its tokens, None), then ("", [], result).
+StreamEvent = tuple[str, list[TokenLogprobs], GenerationResult | None]
+
 
 class RequestRecord:
     """What one HTTP request learned, for its log line. Made by the middleware, filled by the service.
 
-    The service only keeps references here (the job, how it ended); `log_fields()` turns them into the
-    line's fields later, off the request path (slm_server.logs.JsonLines' flusher).
+    The service only keeps references here (the request's jobs, one per choice, and how each
+    ended); `log_fields()` turns them into the line's fields later, off the request path
+    (slm_server.logs.JsonLines' flusher).
     """
 
-    __slots__ = ("error_type", "finish", "job", "model", "request_id", "start", "trace_id")
+    __slots__ = ("jobs", "model", "policy", "request_id", "start", "trace_id")
 
     def __init__(self, request_id: str, start: float, trace_id: str | None = None):
         self.request_id = request_id
         self.start = start  # perf_counter() at arrival
         self.trace_id = trace_id
-        self.job: Job | None = None
+        self.jobs: list[Job] = []
         self.model = ""
-        self.error_type: str | None = None
-        # (finish reason, result or None, output log policy) once a generation ran or failed
-        self.finish: tuple[str, GenerationResult | None, OutputLogPolicy] | None = None
+        self.policy: OutputLogPolicy | None = None
 
     def log_fields(self) -> dict[str, Any]:
-        job = self.job
-        if job is None:
+        """The request's GenAI fields. With one choice, its fields are the line's own; with n > 1 the
+        line has totals over the choices and `slm.choices`, one such set of fields per choice."""
+        jobs = self.jobs
+        if not jobs:
             return {}
+        job = jobs[0]
         params = job.params
         fields: dict[str, Any] = {
             "gen_ai.operation.name": job.operation,
@@ -70,26 +76,49 @@ class RequestRecord:
             "gen_ai.usage.input_tokens": len(job.prompt_ids),
             "slm.stream": job.stream,
         }
-        if self.error_type is not None:
-            fields["error.type"] = self.error_type
-        if self.finish is None:
+        policy = self.policy
+        if len(jobs) == 1:
+            output = policy.fields(job.finish[1].text) if policy and job.finish and job.finish[1] else None
+            fields.update(job.log_fields(self.model, self.start, output))
             return fields
-        finish_reason, result, policy = self.finish
-        fields["gen_ai.response.model"] = self.model
-        fields["gen_ai.usage.output_tokens"] = result.output_tokens if result else 0
-        fields["gen_ai.response.finish_reasons"] = [finish_reason]
-        fields["slm.queue_time_s"] = job.queue_seconds
-        token_times = result.token_times if result else None
-        if token_times:
-            fields["gen_ai.server.time_to_first_token"] = token_times[0] - self.start
-            if len(token_times) > 1:
-                elapsed = token_times[-1] - token_times[0]
-                fields["gen_ai.server.time_per_output_token"] = elapsed / (len(token_times) - 1)
-        fields["slm.perplexity"] = result.perplexity if result else None
-        output = policy.fields(result.text if result else None)
-        if output:
-            fields.update(output)
+        sampled = policy is not None and policy.sampled()
+        choices = []
+        for choice in jobs:
+            result = choice.finish[1] if choice.finish else None
+            output = policy.describe(result.text) if sampled and result else None  # type: ignore[union-attr]
+            choices.append({"slm.choice.index": choice.index, **choice.log_fields(self.model, self.start, output)})
+        fields["gen_ai.request.choice.count"] = len(jobs)
+        fields.update(_totals(jobs, self.model, self.start))
+        fields["slm.choices"] = choices
         return fields
+
+
+def _totals(jobs: list[Job], model: str, start: float) -> dict[str, Any]:
+    """The fields of a request of several choices, over all of them."""
+    fields: dict[str, Any] = {}
+    errors = [job.error_type for job in jobs if job.error_type is not None]
+    if errors:
+        fields["error.type"] = errors[0]
+    ended = [job for job in jobs if job.finish is not None]
+    if not ended:
+        return fields
+    results = [job.finish[1] for job in ended if job.finish[1] is not None]  # type: ignore[index]
+    waits = [job.queue_seconds for job in ended if job.queue_seconds is not None]
+    tokens = sum(r.output_tokens for r in results)
+    fields["gen_ai.response.model"] = model
+    fields["gen_ai.usage.output_tokens"] = tokens
+    fields["gen_ai.response.finish_reasons"] = [job.finish[0] for job in ended]  # type: ignore[index]
+    fields["slm.queue_time_s"] = max(waits) if waits else None
+    firsts = [r.token_times[0] for r in results if r.token_times]
+    if firsts:
+        fields["gen_ai.server.time_to_first_token"] = min(firsts) - start
+    gaps = sum(len(r.token_times) - 1 for r in results if r.token_times)
+    if gaps:
+        spans = sum(r.token_times[-1] - r.token_times[0] for r in results if r.token_times)
+        fields["gen_ai.server.time_per_output_token"] = spans / gaps
+    # The perplexity of all the generated tokens together: exp of their mean negative log-likelihood.
+    fields["slm.perplexity"] = math.exp(-sum(r.logprob_sum for r in results) / tokens) if tokens else None
+    return fields
 
 
 @dataclass
@@ -112,6 +141,8 @@ class InjectedFault(RuntimeError):
 
 @dataclass
 class Job:
+    """One generation: a request's only one, or one of its n choices."""
+
     endpoint: str
     operation: str  # gen_ai.operation.name: text_completion | chat
     prompt_ids: list[int]
@@ -119,11 +150,36 @@ class Job:
     record: RequestRecord
     stream: bool = False
     score_prompt: int | None = None  # echo + logprobs: the prompt's log-probabilities, with this many alternatives
+    index: int = 0  # the choice's index in the response
     deadline: float = 0.0
     queue_seconds: float | None = None
     cancel: threading.Event = field(default_factory=threading.Event)
     timed_out: bool = False
     finished: bool = False
+    error_type: str | None = None
+    finish: tuple[str, GenerationResult | None] | None = None  # (finish reason, result) once it ran or failed
+
+    def log_fields(self, model: str, start: float, output: dict[str, Any] | None) -> dict[str, Any]:
+        fields: dict[str, Any] = {}
+        if self.error_type is not None:
+            fields["error.type"] = self.error_type
+        if self.finish is None:
+            return fields
+        finish_reason, result = self.finish
+        fields["gen_ai.response.model"] = model
+        fields["gen_ai.usage.output_tokens"] = result.output_tokens if result else 0
+        fields["gen_ai.response.finish_reasons"] = [finish_reason]
+        fields["slm.queue_time_s"] = self.queue_seconds
+        token_times = result.token_times if result else None
+        if token_times:
+            fields["gen_ai.server.time_to_first_token"] = token_times[0] - start
+            if len(token_times) > 1:
+                elapsed = token_times[-1] - token_times[0]
+                fields["gen_ai.server.time_per_output_token"] = elapsed / (len(token_times) - 1)
+        fields["slm.perplexity"] = result.perplexity if result else None
+        if output:
+            fields.update(output)
+        return fields
 
 
 class Admission:
@@ -266,6 +322,15 @@ class GenerationService:
             )
         return requested
 
+    def check_choices(self, n: int) -> None:
+        """All the choices of a request must be able to run at once."""
+        limit = self.settings.max_concurrent_requests
+        if n > limit:
+            raise InvalidInput(
+                f"n is {n}; this server runs at most {limit} generations at once (max_concurrent_requests)",
+                param="n",
+            )
+
     def new_job(
         self,
         *,
@@ -277,11 +342,53 @@ class GenerationService:
         stream: bool = False,
         score_prompt: int | None = None,
     ) -> Job:
-        job = Job(endpoint, operation, prompt_ids, params, record, stream, score_prompt)
-        job.deadline = record.start + self.settings.request_timeout_seconds
-        record.job = job
+        return self.new_jobs(
+            1,
+            endpoint=endpoint,
+            operation=operation,
+            prompt_ids=prompt_ids,
+            params=params,
+            record=record,
+            stream=stream,
+            score_prompt=score_prompt,
+        )[0]
+
+    def new_jobs(
+        self,
+        n: int,
+        *,
+        endpoint: str,
+        operation: str,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        record: RequestRecord,
+        stream: bool = False,
+        score_prompt: int | None = None,
+    ) -> list[Job]:
+        """One job per choice. With a seed, choice i samples with seed + i: the choices differ, and the
+        same request gives the same choices again. Only the first choice scores the prompt (echo)."""
+        deadline = record.start + self.settings.request_timeout_seconds
+        jobs = []
+        for index in range(n):
+            choice_params = params
+            if index and params.seed is not None:
+                choice_params = dataclasses.replace(params, seed=(params.seed + index) % 2**63)
+            job = Job(
+                endpoint,
+                operation,
+                prompt_ids,
+                choice_params,
+                record,
+                stream,
+                score_prompt if index == 0 else None,
+                index,
+            )
+            job.deadline = deadline
+            jobs.append(job)
+        record.jobs = jobs
         record.model = self.model_name
-        return job
+        record.policy = self.output_policy
+        return jobs
 
     # --- running --------------------------------------------------------------------------------------
     async def _admit(self, job: Job) -> Callable[[], None]:
@@ -299,7 +406,7 @@ class GenerationService:
         admission = self.admission
         return lambda: admission.release(time.perf_counter() - started)
 
-    def _run(self, job: Job, on_text: Callable[[str], None] | None) -> GenerationResult:
+    def _run(self, job: Job, on_text: OnText | None) -> GenerationResult:
         """The generation itself (a worker thread for blocking engines), with faults applied."""
         faults = self.faults
         params = job.params
@@ -352,23 +459,37 @@ class GenerationService:
         except Exception as exc:
             raise _counted(ModelFailure(f"generation failed: {exc}")) from exc
 
-    async def start_stream(self, job: Job) -> AsyncIterator[tuple[str, GenerationResult | None]]:
-        """Admit the job (errors raise here, before any byte is sent), then yield (text delta, None)
-        pairs and finally ("", result). Raises RequestTimeout / ModelFailure mid-stream."""
+    async def complete_all(self, jobs: list[Job]) -> list[GenerationResult]:
+        """Run a request's choices at once; the first error ends them all and is raised."""
+        if len(jobs) == 1:
+            return [await self.complete(jobs[0])]
+        tasks = [asyncio.ensure_future(self.complete(job)) for job in jobs]
+        try:
+            return list(await asyncio.gather(*tasks))
+        except BaseException:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            raise
+
+    async def start_stream(self, job: Job) -> AsyncIterator[StreamEvent]:
+        """Admit the job (errors raise here, before any byte is sent), then yield (text delta, its
+        tokens' log-probabilities, None) and finally ("", [], result). Raises RequestTimeout /
+        ModelFailure mid-stream."""
         release = await self._admit(job)
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[Any] = asyncio.Queue()
         done = object()
 
-        def on_text(delta: str) -> None:
-            loop.call_soon_threadsafe(queue.put_nowait, delta)
+        def on_text(delta: str, tokens: list[TokenLogprobs]) -> None:
+            loop.call_soon_threadsafe(queue.put_nowait, (delta, tokens))
 
         if self.engine.blocking:
             future = loop.run_in_executor(self._executor, self._run, job, on_text)
         else:
             future = loop.create_future()
             try:
-                future.set_result(self._run(job, queue.put_nowait))
+                future.set_result(self._run(job, lambda delta, tokens: queue.put_nowait((delta, tokens))))
             except Exception as exc:
                 future.set_exception(exc)
 
@@ -393,13 +514,26 @@ class GenerationService:
                     ) from None
                 if item is done:
                     break
-                yield item, None
+                yield item[0], item[1], None
             exc = future.exception()
             if exc is not None:
                 raise ModelFailure(f"generation failed: {exc}") from exc
-            yield "", future.result()
+            yield "", [], future.result()
         finally:
             job.cancel.set()  # finished, failed, or the client went away: stop the worker
+
+    async def start_streams(self, jobs: list[Job]) -> AsyncIterator[tuple[int, str, list[TokenLogprobs], Any]]:
+        """`start_stream` for each of a request's choices; yields their events as they come, each
+        with its choice's index first. The first error ends them all and is raised."""
+        streams = []
+        try:
+            for job in jobs:
+                streams.append(await self.start_stream(job))
+        except BaseException:
+            for job in jobs:
+                job.cancel.set()
+            raise
+        return _merge(streams, jobs)
 
     # --- accounting -----------------------------------------------------------------------------------
     def _finish_future(self, job: Job, future: asyncio.Future) -> None:
@@ -417,7 +551,6 @@ class GenerationService:
         job.finished = True
         now = time.perf_counter()
         gm = self.metrics.generation[job.endpoint]
-        record = job.record
         if isinstance(error, ServerError):
             kind = error.error_kind
         elif error is not None:
@@ -428,7 +561,7 @@ class GenerationService:
             kind = "timeout"
         if kind is not None:
             gm.error(kind)
-            record.error_type = kind
+            job.error_type = kind
             if kind == "model_error" and error is not None:
                 log.error(
                     "generation failed",
@@ -465,7 +598,7 @@ class GenerationService:
                     repetitive=repetitive,
                 )
             )
-        record.finish = (finish_reason, result, self.output_policy)
+        job.finish = (finish_reason, result)
         self.signals.observe(
             RequestSignals(
                 model=self.model_name,
@@ -486,3 +619,38 @@ class GenerationService:
         if now - self._last_overload_log >= 1.0:  # at most one line a second under a flood
             self._last_overload_log = now
             log.warning(exc.message, extra={"fields": {"event": "overloaded"}})
+
+
+async def _merge(streams: list[AsyncIterator[StreamEvent]], jobs: list[Job]):
+    if len(streams) == 1:
+        async for delta, tokens, result in streams[0]:
+            yield 0, delta, tokens, result
+        return
+    queue: asyncio.Queue[tuple[int, Any]] = asyncio.Queue()
+    end = object()
+
+    async def pump(index: int, stream: AsyncIterator[StreamEvent]) -> None:
+        try:
+            async for event in stream:
+                queue.put_nowait((index, event))
+            queue.put_nowait((index, end))
+        except Exception as exc:
+            queue.put_nowait((index, exc))
+
+    tasks = [asyncio.ensure_future(pump(index, stream)) for index, stream in enumerate(streams)]
+    try:
+        running = len(tasks)
+        while running:
+            index, event = await queue.get()
+            if event is end:
+                running -= 1
+            elif isinstance(event, Exception):
+                raise event
+            else:
+                yield (index, *event)
+    finally:
+        for job in jobs:
+            job.cancel.set()  # also the workers of streams that never started
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)

@@ -76,6 +76,35 @@ def test_openai_client_reads_logprobs_and_echo(client):
     assert len(tokens) == chat.usage.completion_tokens and all(len(t.top_logprobs) == 2 for t in tokens)
 
 
+def test_openai_client_streams_several_chat_choices_with_logprobs(client):
+    stream = client.chat.completions.create(
+        model=MODEL_NAME,
+        messages=[{"role": "user", "content": "What does open() return?"}],
+        max_tokens=6,
+        n=2,
+        seed=9,
+        logprobs=True,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    chunks = list(stream)
+    content: dict[int, str] = {0: "", 1: ""}
+    tokens: dict[int, int] = {0: 0, 1: 0}
+    for chunk in chunks:
+        for choice in chunk.choices:
+            content[choice.index] += choice.delta.content or ""
+            tokens[choice.index] += len(choice.logprobs.content) if choice.logprobs else 0
+    assert chunks[-1].usage.completion_tokens == tokens[0] + tokens[1]
+    whole = client.chat.completions.create(
+        model=MODEL_NAME,
+        messages=[{"role": "user", "content": "What does open() return?"}],
+        max_tokens=6,
+        n=2,
+        seed=9,
+    )
+    assert [c.message.content for c in whole.choices] == [content[0], content[1]]
+
+
 def test_openai_client_surfaces_errors(client):
     with pytest.raises(openai.NotFoundError, match="does not exist"):
         client.completions.create(model="nope", prompt="x")

@@ -5,13 +5,13 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
-from slm_server.engine import Engine, GenerationResult, SamplingParams
+from slm_server.engine import Engine, GenerationResult, SamplingParams, TokenLogprobs
 from slm_server.errors import InvalidInput, ServerError, error_body
 from slm_server.protocol import (
     ERROR_RESPONSES,
@@ -43,40 +43,44 @@ def _openai_finish(reason: str) -> str:
     return reason if reason in ("stop", "length") else "stop"
 
 
-def _usage(result: GenerationResult) -> Usage:
-    return Usage(
-        prompt_tokens=result.prompt_tokens,
-        completion_tokens=result.output_tokens,
-        total_tokens=result.prompt_tokens + result.output_tokens,
-    )
+def _usage(results: list[GenerationResult]) -> Usage:
+    """The prompt once, the completion tokens of every choice (as OpenAI counts n > 1)."""
+    completion = sum(r.output_tokens for r in results)
+    prompt = results[0].prompt_tokens if results else 0
+    return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
 
 
 def _sse(doc: dict[str, Any]) -> str:
     return f"data: {json.dumps(doc, separators=(',', ':'))}\n\n"
 
 
+# A streamed chunk of one choice: (index, text, its tokens' log-probabilities, finish reason or None).
+Frame = Callable[[int, str, list[TokenLogprobs], str | None], dict[str, Any]]
+
+
 async def _stream(
-    events: AsyncIterator[tuple[str, GenerationResult | None]],
-    chunk: Callable[[dict[str, Any] | None, str | None], dict[str, Any]],
-    first_delta: dict[str, Any] | None,
-    delta_of: Callable[[str], dict[str, Any]],
-    include_usage: bool,
+    events: AsyncIterator[tuple[int, str, list[TokenLogprobs], GenerationResult | None]],
+    frame: Frame,
+    first: Callable[[int], dict[str, Any]] | None,
+    n: int,
+    usage: Callable[[Usage], dict[str, Any]] | None,
 ) -> AsyncIterator[str]:
-    """SSE frames: deltas, a last frame with the finish reason, usage if asked, then [DONE].
-    An error after the headers went out becomes an `error` event (the OpenAI clients raise it)."""
+    """SSE frames: `first` for each choice, the choices' deltas as they come, a frame with each
+    choice's finish reason, usage if asked, then [DONE]. An error after the headers went out
+    becomes an `error` event (the OpenAI clients raise it)."""
     try:
-        if first_delta is not None:
-            yield _sse(chunk(first_delta, None))
-        async for text, result in events:
+        if first is not None:
+            for index in range(n):
+                yield _sse(first(index))
+        results = []
+        async for index, text, tokens, result in events:
             if result is None:
-                yield _sse(chunk(delta_of(text), None))
+                yield _sse(frame(index, text, tokens, None))
                 continue
-            yield _sse(chunk({} if first_delta is not None else delta_of(""), _openai_finish(result.finish_reason)))
-            if include_usage:
-                doc = chunk(None, None)
-                doc["choices"] = []
-                doc["usage"] = _usage(result).model_dump()
-                yield _sse(doc)
+            results.append(result)
+            yield _sse(frame(index, "", [], _openai_finish(result.finish_reason)))
+        if usage is not None:
+            yield _sse(usage(_usage(results)))
     except ServerError as exc:
         yield _sse(error_body(exc.status, exc.message, exc.type))
     yield "data: [DONE]\n\n"
@@ -92,16 +96,16 @@ async def _prepare(
     max_tokens: int | None,
     logprobs: int | None = None,
     score_prompt: int | None = None,
-) -> Job:
+) -> list[Job]:
+    service.check_choices(body.n)
     limit = service.resolve_max_tokens(
         len(prompt_ids),
         max_tokens,
         "max_completion_tokens" if getattr(body, "max_completion_tokens", None) else "max_tokens",
     )
-    if logprobs is not None and body.stream:
-        raise InvalidInput("logprobs are not supported with stream=true; ask without streaming", param="logprobs")
     params = SamplingParams(limit, body.temperature, body.top_p, stops(body.stop), body.seed, logprobs=logprobs)
-    return service.new_job(
+    return service.new_jobs(
+        body.n,
         endpoint=endpoint,
         operation=operation,
         prompt_ids=prompt_ids,
@@ -112,41 +116,42 @@ async def _prepare(
     )
 
 
+def _entries(result: GenerationResult) -> list[TokenLogprobs]:
+    return list(zip(result.token_ids, result.token_logprobs or [], result.top_logprobs or [], strict=True))
+
+
 def _completion_logprobs(
-    engine: Engine, result: GenerationResult, prompt_ids: list[int] | None, top: int
+    engine: Engine, entries: Sequence[tuple[int, float | None, list[tuple[int, float]]]], top: int, offset: int = 0
 ) -> CompletionLogprobs:
-    """OpenAI's legacy shape; with echo (prompt_ids given) the prompt's tokens come first."""
-    ids: list[int] = []
-    values: list[float | None] = []
-    tops: list[list[tuple[int, float]]] = []
-    if prompt_ids is not None:
-        ids += prompt_ids
-        values += result.prompt_logprobs or []
-        tops += result.prompt_top_logprobs or []
-    ids += result.token_ids
-    values += result.token_logprobs or []
-    tops += result.top_logprobs or []
-    tokens = [engine.token_text(i) for i in ids]
-    offsets, at = [], 0
+    """OpenAI's legacy shape; `offset` is where the first token's text starts in the choice's text."""
+    tokens = [engine.token_text(token_id) for token_id, _, _ in entries]
+    offsets = []
     for token in tokens:
-        offsets.append(at)
-        at += len(token)
-    top_dicts = [{engine.token_text(i): v for i, v in alternatives} or None for alternatives in tops] if top else None
-    return CompletionLogprobs(tokens=tokens, token_logprobs=values, top_logprobs=top_dicts, text_offset=offsets)
+        offsets.append(offset)
+        offset += len(token)
+    top_dicts = [{engine.token_text(i): v for i, v in alternatives} or None for _, _, alternatives in entries]
+    return CompletionLogprobs(
+        tokens=tokens,
+        token_logprobs=[value for _, value, _ in entries],
+        top_logprobs=top_dicts if top else None,
+        text_offset=offsets,
+    )
 
 
-def _chat_logprobs(engine: Engine, result: GenerationResult) -> ChatLogprobs:
+def _chat_logprobs(engine: Engine, entries: list[TokenLogprobs]) -> ChatLogprobs:
     def entry(token_id: int, value: float) -> TopLogprob:
         text = engine.token_text(token_id)
         return TopLogprob(token=text, logprob=value, bytes=list(text.encode()))
 
     content = []
-    for token_id, value, alternatives in zip(
-        result.token_ids, result.token_logprobs or [], result.top_logprobs or [], strict=True
-    ):
+    for token_id, value, alternatives in entries:
         chosen = entry(token_id, value)
         content.append(TokenLogprob(**chosen.model_dump(), top_logprobs=[entry(i, v) for i, v in alternatives]))
     return ChatLogprobs(content=content)
+
+
+def _usage_frame(base: dict[str, Any]) -> Callable[[Usage], dict[str, Any]]:
+    return lambda usage: {**base, "choices": [], "usage": usage.model_dump()}
 
 
 @router.post("/v1/completions", response_model=CompletionResponse, responses={**ERROR_RESPONSES, **_STREAM_DOC})
@@ -155,7 +160,12 @@ async def completions(body: CompletionRequest, request: Request):
     service.check_ready()
     service.check_model(body.model)
     prompt_ids = await encode(service, body.prompt_text)
-    job = await _prepare(
+    score_prompt = body.logprobs if body.echo and body.logprobs is not None else None
+    if score_prompt is not None and body.stream:
+        raise InvalidInput(
+            "echo with logprobs is not supported with stream=true; ask without streaming", param="logprobs"
+        )
+    jobs = await _prepare(
         service,
         request,
         "/v1/completions",
@@ -164,38 +174,53 @@ async def completions(body: CompletionRequest, request: Request):
         prompt_ids,
         body.max_tokens,
         logprobs=body.logprobs,
-        score_prompt=body.logprobs if body.echo and body.logprobs is not None else None,
+        score_prompt=score_prompt,
     )
-    response_id = f"cmpl-{job.record.request_id}"
-    created = int(time.time())
+    response_id, created = f"cmpl-{jobs[0].record.request_id}", int(time.time())
+    base = {"id": response_id, "object": "text_completion", "created": created, "model": service.model_name}
     echoed = body.prompt_text if body.echo else ""
+    top = body.logprobs
     if body.stream:
-        events = await service.start_stream(job)
+        events = await service.start_streams(jobs)
+        offsets = [len(echoed)] * body.n  # where each choice's next token starts in its text
 
-        def chunk(delta: dict[str, Any] | None, finish: str | None) -> dict[str, Any]:
-            text = (delta or {}).get("text", "")
-            return {
-                "id": response_id,
-                "object": "text_completion",
-                "created": created,
-                "model": service.model_name,
-                "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish}],
-            }
+        def frame(index: int, text: str, tokens: list[TokenLogprobs], finish: str | None) -> dict[str, Any]:
+            doc = None
+            if top is not None and tokens:
+                logprobs = _completion_logprobs(service.engine, tokens, top, offsets[index])
+                offsets[index] = logprobs.text_offset[-1] + len(logprobs.tokens[-1])
+                doc = logprobs.model_dump()
+            return {**base, "choices": [{"index": index, "text": text, "logprobs": doc, "finish_reason": finish}]}
 
-        include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        first = {"text": echoed} if echoed else None
-        frames = _stream(events, chunk, first, lambda t: {"text": t}, include_usage)
+        def first(index: int) -> dict[str, Any]:
+            return frame(index, echoed, [], None)
+
+        usage = _usage_frame(base) if body.stream_options and body.stream_options.include_usage else None
+        frames = _stream(events, frame, first if echoed else None, body.n, usage)
         return StreamingResponse(frames, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-    result = await service.complete(job)
-    logprobs = None
-    if body.logprobs is not None:  # token texts: one decode per token, off the event loop
-        prompt = prompt_ids if body.echo else None
-        logprobs = await asyncio.to_thread(_completion_logprobs, service.engine, result, prompt, body.logprobs)
-    choice = CompletionChoice(
-        text=echoed + result.text, logprobs=logprobs, finish_reason=_openai_finish(result.finish_reason)
-    )
+    results = await service.complete_all(jobs)
+
+    def choices() -> list[CompletionChoice]:  # with logprobs: one decode per token, so off the event loop
+        prompt: list = []
+        if score_prompt is not None:  # only the first choice scored the prompt
+            scored = results[0]
+            prompt = list(zip(prompt_ids, scored.prompt_logprobs or [], scored.prompt_top_logprobs or [], strict=True))
+        return [
+            CompletionChoice(
+                index=index,
+                text=echoed + result.text,
+                logprobs=None if top is None else _completion_logprobs(service.engine, prompt + _entries(result), top),
+                finish_reason=_openai_finish(result.finish_reason),
+            )
+            for index, result in enumerate(results)
+        ]
+
     return CompletionResponse(
-        id=response_id, created=created, model=service.model_name, choices=[choice], usage=_usage(result)
+        id=response_id,
+        created=created,
+        model=service.model_name,
+        choices=await asyncio.to_thread(choices) if top is not None else choices(),
+        usage=_usage(results),
     )
 
 
@@ -212,33 +237,44 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
     if body.top_logprobs is not None and not body.logprobs:
         raise InvalidInput("top_logprobs needs logprobs=true", param="top_logprobs")
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
-    job = await _prepare(
+    jobs = await _prepare(
         service, request, "/v1/chat/completions", "chat", body, prompt_ids, body.token_limit, logprobs=logprobs
     )
-    response_id = f"chatcmpl-{job.record.request_id}"
-    created = int(time.time())
+    response_id, created = f"chatcmpl-{jobs[0].record.request_id}", int(time.time())
     if body.stream:
-        events = await service.start_stream(job)
+        events = await service.start_streams(jobs)
+        base = {"id": response_id, "object": "chat.completion.chunk", "created": created, "model": service.model_name}
 
-        def chunk(delta: dict[str, Any] | None, finish: str | None) -> dict[str, Any]:
-            return {
-                "id": response_id,
-                "object": "chat.completion.chunk",
-                "created": created,
-                "model": service.model_name,
-                "choices": [{"index": 0, "delta": delta or {}, "logprobs": None, "finish_reason": finish}],
-            }
+        def frame(index: int, text: str, tokens: list[TokenLogprobs], finish: str | None) -> dict[str, Any]:
+            delta = {} if finish else {"content": text}
+            chunk_logprobs = _chat_logprobs(service.engine, tokens).model_dump() if logprobs is not None else None
+            choice = {"index": index, "delta": delta, "logprobs": chunk_logprobs, "finish_reason": finish}
+            return {**base, "choices": [choice]}
 
-        include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        frames = _stream(events, chunk, {"role": "assistant", "content": ""}, lambda t: {"content": t}, include_usage)
+        def first(index: int) -> dict[str, Any]:
+            choice = {"index": index, "delta": {"role": "assistant", "content": ""}, "logprobs": None}
+            return {**base, "choices": [{**choice, "finish_reason": None}]}
+
+        usage = _usage_frame(base) if body.stream_options and body.stream_options.include_usage else None
+        frames = _stream(events, frame, first, body.n, usage)
         return StreamingResponse(frames, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-    result = await service.complete(job)
-    chat_logprobs = await asyncio.to_thread(_chat_logprobs, service.engine, result) if body.logprobs else None
-    choice = ChatChoice(
-        message=AssistantMessage(content=result.text),
-        logprobs=chat_logprobs,
-        finish_reason=_openai_finish(result.finish_reason),
-    )
+    results = await service.complete_all(jobs)
+
+    def choices() -> list[ChatChoice]:
+        return [
+            ChatChoice(
+                index=index,
+                message=AssistantMessage(content=result.text),
+                logprobs=_chat_logprobs(service.engine, _entries(result)) if logprobs is not None else None,
+                finish_reason=_openai_finish(result.finish_reason),
+            )
+            for index, result in enumerate(results)
+        ]
+
     return ChatCompletionResponse(
-        id=response_id, created=created, model=service.model_name, choices=[choice], usage=_usage(result)
+        id=response_id,
+        created=created,
+        model=service.model_name,
+        choices=await asyncio.to_thread(choices) if logprobs is not None else choices(),
+        usage=_usage(results),
     )

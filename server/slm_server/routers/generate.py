@@ -13,7 +13,7 @@ from slm_server.engine import GenerationResult, SamplingParams
 from slm_server.errors import ServerError, error_body
 from slm_server.protocol import ERROR_RESPONSES, GenerateRequest, GenerateResponse, stops
 from slm_server.routers.common import encode, record_of, service_of
-from slm_server.service import RequestRecord
+from slm_server.service import RequestRecord, StreamEvent
 
 router = APIRouter(tags=["generate"])
 ENDPOINT = "/generate"
@@ -45,9 +45,9 @@ def _sse(doc: dict[str, Any]) -> str:
     return f"data: {json.dumps(doc, separators=(',', ':'))}\n\n"
 
 
-async def _frames(events: AsyncIterator[tuple[str, GenerationResult | None]], last: Any) -> AsyncIterator[str]:
+async def _frames(events: AsyncIterator[StreamEvent], last: Any) -> AsyncIterator[str]:
     try:
-        async for text, result in events:
+        async for text, _, result in events:
             if result is None:
                 yield _sse({"text": text})
             else:
