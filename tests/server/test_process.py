@@ -154,3 +154,16 @@ def test_sigterm_drains_in_flight_requests_then_exits(tiny_model_dir, tmp_path):
         events = [r.get("event") for r in proc.records()]
         assert events.count("shutdown") == 2
         assert events.index("request") < len(events) - 1
+
+
+def test_a_client_that_leaves_a_stream_stops_its_generations(tiny_model_dir, tmp_path):
+    env = {"SLM_FAULT_INJECTION": "true", "SLM_FAULT_LATENCY_SECONDS": "8"}
+    with server_process(tiny_model_dir, tmp_path, env=env) as proc:
+        body = {"model": MODEL_NAME, "prompt": "x", "max_tokens": 4, "n": 2, "stream": True}
+        with httpx.stream("POST", f"{proc.base_url}/v1/completions", json=body, timeout=30) as r:
+            assert r.status_code == 200
+            wait_for(lambda: 'slm_requests_in_flight{model="tiny"} 2.0' in httpx.get(f"{proc.base_url}/metrics").text)
+        # Gone before the first token: both choices end as aborted at once, not after the 8 s of latency.
+        aborted = 'slm_request_finish_total{endpoint="/v1/completions",finish_reason="abort",model="tiny"} 2.0'
+        wait_for(lambda: aborted in httpx.get(f"{proc.base_url}/metrics").text, seconds=4)
+        assert 'slm_requests_in_flight{model="tiny"} 0.0' in httpx.get(f"{proc.base_url}/metrics").text
