@@ -15,7 +15,9 @@ Metrics (labels; `model` is the served model name, one value per process):
   api_request_duration_seconds{endpoint}           histogram  until the last byte (streams included)
   model_output_tokens{endpoint}                    histogram  generated tokens per request
 
-  slm_ (generation endpoints: /generate, /v1/completions, /v1/chat/completions)
+  slm_ (generation endpoints: /generate, /v1/completions, /v1/chat/completions). They count
+  generations: a request for n choices (OpenAI's `n`) is n generations, and one request in
+  api_requests_total.
   slm_time_to_first_token_seconds{model,endpoint}  histogram  arrival → first token (queue included)
   slm_inter_token_latency_seconds{model,endpoint}  histogram  between consecutive tokens
   slm_queue_time_seconds{model,endpoint}           histogram  waiting for a generation slot
@@ -248,7 +250,7 @@ class ServerMetrics:
             **on,
         )
         self.output_tokens = Histogram(
-            "slm_request_output_tokens", "Generated tokens per request", ml, buckets=TOKEN_COUNT_BUCKETS, **on
+            "slm_request_output_tokens", "Generated tokens per generation", ml, buckets=TOKEN_COUNT_BUCKETS, **on
         )
         self.prompt_tokens = Counter("slm_prompt_tokens_total", "Prompt tokens processed", ml, **on)
         self.generation_tokens = Counter("slm_generation_tokens_total", "Tokens generated", ml, **on)
