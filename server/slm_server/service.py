@@ -39,6 +39,8 @@ log = logging.getLogger("slm_server.service")
 
 # What a stream yields: (text delta, the log-probabilities of its tokens, None), then ("", [], result).
 StreamEvent = tuple[str, list[TokenLogprobs], GenerationResult | None]
+# The same, of one of a request's choices: its index first.
+ChoiceEvent = tuple[int, str, list[TokenLogprobs], GenerationResult | None]
 
 
 class RequestRecord:
@@ -522,7 +524,7 @@ class GenerationService:
         finally:
             job.cancel.set()  # finished, failed, or the client went away: stop the worker
 
-    async def start_streams(self, jobs: list[Job]) -> AsyncIterator[tuple[int, str, list[TokenLogprobs], Any]]:
+    async def start_streams(self, jobs: list[Job]) -> AsyncIterator[ChoiceEvent]:
         """`start_stream` for each of a request's choices; yields their events as they come, each
         with its choice's index first. The first error ends them all and is raised."""
         streams = []
@@ -621,7 +623,9 @@ class GenerationService:
             log.warning(exc.message, extra={"fields": {"event": "overloaded"}})
 
 
-async def _merge(streams: list[AsyncIterator[StreamEvent]], jobs: list[Job]):
+async def _merge(streams: list[AsyncIterator[StreamEvent]], jobs: list[Job]) -> AsyncIterator[ChoiceEvent]:
+    """The events of the choices' streams in the order they come; the first error is raised, and
+    ending (error, or the client gone) stops every choice's generation."""
     if len(streams) == 1:
         async for delta, tokens, result in streams[0]:
             yield 0, delta, tokens, result

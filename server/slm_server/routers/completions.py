@@ -30,7 +30,7 @@ from slm_server.protocol import (
     stops,
 )
 from slm_server.routers.common import encode, record_of, service_of
-from slm_server.service import GenerationService, Job
+from slm_server.service import ChoiceEvent, GenerationService, Job
 
 router = APIRouter(tags=["openai"])
 
@@ -59,7 +59,7 @@ Frame = Callable[[int, str, list[TokenLogprobs], str | None], dict[str, Any]]
 
 
 async def _stream(
-    events: AsyncIterator[tuple[int, str, list[TokenLogprobs], GenerationResult | None]],
+    events: AsyncIterator[ChoiceEvent],
     frame: Frame,
     first: Callable[[int], dict[str, Any]] | None,
     n: int,
