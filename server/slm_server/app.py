@@ -7,6 +7,7 @@ app = create_app(settings, engine=loaded_engine, registry=CollectorRegistry())  
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import os
 import time
@@ -107,6 +108,7 @@ def create_app(
             if not loader.done():
                 loader.cancel()
             await service.stop()
+            gc.unfreeze()  # what start-up froze is collectable again (a process that builds apps, like tests)
             if owns_engine:
                 engine.close()
             _event("stopped", "shutdown")
@@ -137,6 +139,23 @@ def create_app(
 
         app.add_middleware(MonitoringMiddleware, settings=settings, metrics=metrics)
     return app
+
+
+def _freeze_startup_objects() -> None:
+    """Take what start-up made (the framework, the model, torch's and transformers' modules: ~60,000
+    objects with the tiny model, many more with a real one) out of the garbage collector's sight.
+
+    CPython runs a full collection once the objects that survived younger collections grow past a
+    quarter of the long-lived ones, and a full collection walks every tracked object: with the tiny
+    model 65 ms, during which no request moves. Requests' records do survive younger collections
+    (the log lines and metric updates wait to be written in batches), so without this a full
+    collection came every ~4,000 requests and cost ~16 µs per request, more than the metrics
+    themselves (measured on the no-op engine; see bench/bench_server.py). Frozen objects are still
+    freed by reference counting; `gc.collect()` first, so no garbage is frozen. The Python docs'
+    own advice for gc.freeze is the pre-fork case; the pause it saves here is the same one.
+    """
+    gc.collect()
+    gc.freeze()
 
 
 def _model_dir(engine: Engine) -> list[str]:
@@ -177,6 +196,7 @@ async def _load(service: GenerationService, metrics: ServerMetrics | NullMetrics
         max_context=info.max_context,
         load_seconds=load_seconds,
     )
+    _freeze_startup_objects()
     service.ready = True
     _event(
         "model loaded",

@@ -43,84 +43,116 @@ StreamEvent = tuple[str, list[TokenLogprobs], GenerationResult | None]
 ChoiceEvent = tuple[int, str, list[TokenLogprobs], GenerationResult | None]
 
 
+# What a generation's end leaves in its request's record for the log line: atoms only, so a line
+# waiting in the log writer's batch keeps nothing else alive (no job, result, or token list; many
+# objects kept per request cost the garbage collector and the CPU caches more than the line).
+# (error type, finish reason, output tokens, queue seconds, time to first token, seconds from the
+#  first token to the last, gaps between tokens, sum of the tokens' log p, output text)
+Outcome = tuple[str | None, str | None, int, float | None, float | None, float, int, float, str | None]
+
+
 class RequestRecord:
     """What one HTTP request learned, for its log line. Made by the middleware, filled by the service.
 
-    The service only keeps references here (the request's jobs, one per choice, and how each
-    ended); `log_fields()` turns them into the line's fields later, off the request path
-    (slm_server.logs.JsonLines' flusher).
+    The service leaves the request's parameters here and, as each of its generations (one per
+    choice) ends, an `Outcome`; `log_fields()` turns them into the line's fields later, off the
+    request path (slm_server.logs.JsonLines' flusher).
     """
 
-    __slots__ = ("jobs", "model", "policy", "request_id", "start", "trace_id")
+    __slots__ = ("model", "outcomes", "policy", "request", "request_id", "start", "trace_id")
 
     def __init__(self, request_id: str, start: float, trace_id: str | None = None):
         self.request_id = request_id
         self.start = start  # perf_counter() at arrival
         self.trace_id = trace_id
-        self.jobs: list[Job] = []
+        # (operation, max_tokens, temperature, top_p, prompt tokens, stream) once a job is made
+        self.request: tuple[str, int, float, float, int, bool] | None = None
+        self.outcomes: list[Outcome | None] = []  # per choice, once its generation ended
         self.model = ""
         self.policy: OutputLogPolicy | None = None
 
     def log_fields(self) -> dict[str, Any]:
         """The request's GenAI fields. With one choice, its fields are the line's own; with n > 1 the
         line has totals over the choices and `slm.choices`, one such set of fields per choice."""
-        jobs = self.jobs
-        if not jobs:
+        request = self.request
+        if request is None:
             return {}
-        job = jobs[0]
-        params = job.params
+        operation, max_tokens, temperature, top_p, prompt_tokens, stream = request
         fields: dict[str, Any] = {
-            "gen_ai.operation.name": job.operation,
+            "gen_ai.operation.name": operation,
             "gen_ai.request.model": self.model,
-            "gen_ai.request.max_tokens": params.max_tokens,
-            "gen_ai.request.temperature": params.temperature,
-            "gen_ai.request.top_p": params.top_p,
-            "gen_ai.usage.input_tokens": len(job.prompt_ids),
-            "slm.stream": job.stream,
+            "gen_ai.request.max_tokens": max_tokens,
+            "gen_ai.request.temperature": temperature,
+            "gen_ai.request.top_p": top_p,
+            "gen_ai.usage.input_tokens": prompt_tokens,
+            "slm.stream": stream,
         }
-        policy = self.policy
-        if len(jobs) == 1:
-            output = policy.fields(job.finish[1].text) if policy and job.finish and job.finish[1] else None
-            fields.update(job.log_fields(self.model, self.start, output))
+        outcomes, policy = self.outcomes, self.policy
+        if len(outcomes) == 1:
+            outcome = outcomes[0]
+            if outcome is not None:
+                text = outcome[8]
+                _outcome_fields(
+                    fields, outcome, self.model, policy.fields(text) if policy and text is not None else None
+                )
             return fields
         sampled = policy is not None and policy.sampled()
         choices = []
-        for choice in jobs:
-            result = choice.finish[1] if choice.finish else None
-            output = policy.describe(result.text) if sampled and result else None  # type: ignore[union-attr]
-            choices.append({"slm.choice.index": choice.index, **choice.log_fields(self.model, self.start, output)})
-        fields["gen_ai.request.choice.count"] = len(jobs)
-        fields.update(_totals(jobs, self.model, self.start))
+        for index, outcome in enumerate(outcomes):
+            choice: dict[str, Any] = {"slm.choice.index": index}
+            if outcome is not None:
+                text = outcome[8]
+                output = policy.describe(text) if sampled and text is not None else None  # type: ignore[union-attr]
+                _outcome_fields(choice, outcome, self.model, output)
+            choices.append(choice)
+        fields["gen_ai.request.choice.count"] = len(outcomes)
+        _totals(fields, [o for o in outcomes if o is not None], self.model)
         fields["slm.choices"] = choices
         return fields
 
 
-def _totals(jobs: list[Job], model: str, start: float) -> dict[str, Any]:
-    """The fields of a request of several choices, over all of them."""
-    fields: dict[str, Any] = {}
-    errors = [job.error_type for job in jobs if job.error_type is not None]
+def _outcome_fields(fields: dict[str, Any], outcome: Outcome, model: str, output: dict[str, Any] | None) -> None:
+    """The fields of one generation, into `fields`."""
+    error_type, finish_reason, output_tokens, queue_seconds, ttft, span, gaps, logprob_sum, _ = outcome
+    if error_type is not None:
+        fields["error.type"] = error_type
+    if finish_reason is None:
+        return
+    fields["gen_ai.response.model"] = model
+    fields["gen_ai.usage.output_tokens"] = output_tokens
+    fields["gen_ai.response.finish_reasons"] = [finish_reason]
+    fields["slm.queue_time_s"] = queue_seconds
+    if ttft is not None:
+        fields["gen_ai.server.time_to_first_token"] = ttft
+        if gaps:
+            fields["gen_ai.server.time_per_output_token"] = span / gaps
+    fields["slm.perplexity"] = math.exp(-logprob_sum / output_tokens) if output_tokens else None
+    if output:
+        fields.update(output)
+
+
+def _totals(fields: dict[str, Any], outcomes: list[Outcome], model: str) -> None:
+    """The fields of a request of several choices, over all of them, into `fields`."""
+    errors = [o[0] for o in outcomes if o[0] is not None]
     if errors:
         fields["error.type"] = errors[0]
-    ended = [job for job in jobs if job.finish is not None]
+    ended = [o for o in outcomes if o[1] is not None]
     if not ended:
-        return fields
-    results = [job.finish[1] for job in ended if job.finish[1] is not None]  # type: ignore[index]
-    waits = [job.queue_seconds for job in ended if job.queue_seconds is not None]
-    tokens = sum(r.output_tokens for r in results)
+        return
+    tokens = sum(o[2] for o in ended)
+    waits = [o[3] for o in ended if o[3] is not None]
+    firsts = [o[4] for o in ended if o[4] is not None]
+    gaps = sum(o[6] for o in ended)
     fields["gen_ai.response.model"] = model
     fields["gen_ai.usage.output_tokens"] = tokens
-    fields["gen_ai.response.finish_reasons"] = [job.finish[0] for job in ended]  # type: ignore[index]
+    fields["gen_ai.response.finish_reasons"] = [o[1] for o in ended]
     fields["slm.queue_time_s"] = max(waits) if waits else None
-    firsts = [r.token_times[0] for r in results if r.token_times]
     if firsts:
-        fields["gen_ai.server.time_to_first_token"] = min(firsts) - start
-    gaps = sum(len(r.token_times) - 1 for r in results if r.token_times)
+        fields["gen_ai.server.time_to_first_token"] = min(firsts)
     if gaps:
-        spans = sum(r.token_times[-1] - r.token_times[0] for r in results if r.token_times)
-        fields["gen_ai.server.time_per_output_token"] = spans / gaps
+        fields["gen_ai.server.time_per_output_token"] = sum(o[5] for o in ended) / gaps
     # The perplexity of all the generated tokens together: exp of their mean negative log-likelihood.
-    fields["slm.perplexity"] = math.exp(-sum(r.logprob_sum for r in results) / tokens) if tokens else None
-    return fields
+    fields["slm.perplexity"] = math.exp(-sum(o[7] for o in ended) / tokens) if tokens else None
 
 
 @dataclass
@@ -149,7 +181,10 @@ class Job:
     operation: str  # gen_ai.operation.name: text_completion | chat
     prompt_ids: list[int]
     params: SamplingParams
-    record: RequestRecord
+    # The request's id and arrival (perf_counter), not its RequestRecord: the record holds its jobs,
+    # and a reference back would make each request a cycle that only the garbage collector frees.
+    request_id: str
+    start: float
     stream: bool = False
     score_prompt: int | None = None  # echo + logprobs: the prompt's log-probabilities, with this many alternatives
     index: int = 0  # the choice's index in the response
@@ -158,30 +193,7 @@ class Job:
     cancel: threading.Event = field(default_factory=threading.Event)
     timed_out: bool = False
     finished: bool = False
-    error_type: str | None = None
-    finish: tuple[str, GenerationResult | None] | None = None  # (finish reason, result) once it ran or failed
-
-    def log_fields(self, model: str, start: float, output: dict[str, Any] | None) -> dict[str, Any]:
-        fields: dict[str, Any] = {}
-        if self.error_type is not None:
-            fields["error.type"] = self.error_type
-        if self.finish is None:
-            return fields
-        finish_reason, result = self.finish
-        fields["gen_ai.response.model"] = model
-        fields["gen_ai.usage.output_tokens"] = result.output_tokens if result else 0
-        fields["gen_ai.response.finish_reasons"] = [finish_reason]
-        fields["slm.queue_time_s"] = self.queue_seconds
-        token_times = result.token_times if result else None
-        if token_times:
-            fields["gen_ai.server.time_to_first_token"] = token_times[0] - start
-            if len(token_times) > 1:
-                elapsed = token_times[-1] - token_times[0]
-                fields["gen_ai.server.time_per_output_token"] = elapsed / (len(token_times) - 1)
-        fields["slm.perplexity"] = result.perplexity if result else None
-        if output:
-            fields.update(output)
-        return fields
+    outcomes: list[Outcome | None] = field(default_factory=list)  # the request record's: where its end goes
 
 
 class Admission:
@@ -370,6 +382,7 @@ class GenerationService:
         """One job per choice. With a seed, choice i samples with seed + i: the choices differ, and the
         same request gives the same choices again. Only the first choice scores the prompt (echo)."""
         deadline = record.start + self.settings.request_timeout_seconds
+        outcomes: list[Outcome | None] = [None] * n
         jobs = []
         for index in range(n):
             choice_params = params
@@ -380,14 +393,17 @@ class GenerationService:
                 operation,
                 prompt_ids,
                 choice_params,
-                record,
+                record.request_id,
+                record.start,
                 stream,
                 score_prompt if index == 0 else None,
                 index,
             )
             job.deadline = deadline
+            job.outcomes = outcomes
             jobs.append(job)
-        record.jobs = jobs
+        record.request = (operation, params.max_tokens, params.temperature, params.top_p, len(prompt_ids), stream)
+        record.outcomes = outcomes
         record.model = self.model_name
         record.policy = self.output_policy
         return jobs
@@ -563,16 +579,14 @@ class GenerationService:
             kind = "timeout"
         if kind is not None:
             gm.error(kind)
-            job.error_type = kind
             if kind == "model_error" and error is not None:
                 log.error(
                     "generation failed",
                     exc_info=error,
-                    extra={
-                        "fields": {"event": "error", "request_id": job.record.request_id, "http.route": job.endpoint}
-                    },
+                    extra={"fields": {"event": "error", "request_id": job.request_id, "http.route": job.endpoint}},
                 )
         if kind in ("overloaded", "invalid_input", "not_ready"):
+            job.outcomes[job.index] = (kind, None, 0, None, None, 0.0, 0, 0.0, None)
             return  # refused before generating: nothing more to record
         if job.timed_out:
             finish_reason = "timeout"
@@ -590,7 +604,7 @@ class GenerationService:
             gm.observe(
                 Generation(
                     queue_seconds=job.queue_seconds,
-                    start=job.record.start,
+                    start=job.start,
                     token_times=token_times,
                     prompt_tokens=len(job.prompt_ids),
                     output_tokens=output_tokens,
@@ -600,7 +614,17 @@ class GenerationService:
                     repetitive=repetitive,
                 )
             )
-        job.finish = (finish_reason, result)
+        job.outcomes[job.index] = (
+            kind,
+            finish_reason,
+            output_tokens,
+            job.queue_seconds,
+            token_times[0] - job.start if token_times else None,
+            token_times[-1] - token_times[0] if token_times else 0.0,
+            len(token_times) - 1 if token_times else 0,
+            result.logprob_sum if result else 0.0,
+            result.text if result else None,
+        )
         self.signals.observe(
             RequestSignals(
                 model=self.model_name,
@@ -612,7 +636,7 @@ class GenerationService:
                 empty=empty,
                 repetitive=repetitive,
                 error=error is not None or job.timed_out,
-                latency_seconds=now - job.record.start,
+                latency_seconds=now - job.start,
             )
         )
 

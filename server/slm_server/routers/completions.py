@@ -176,7 +176,7 @@ async def completions(body: CompletionRequest, request: Request):
         logprobs=body.logprobs,
         score_prompt=score_prompt,
     )
-    response_id, created = f"cmpl-{jobs[0].record.request_id}", int(time.time())
+    response_id, created = f"cmpl-{jobs[0].request_id}", int(time.time())
     base = {"id": response_id, "object": "text_completion", "created": created, "model": service.model_name}
     echoed = body.prompt_text if body.echo else ""
     top = body.logprobs
@@ -240,7 +240,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
     jobs = await _prepare(
         service, request, "/v1/chat/completions", "chat", body, prompt_ids, body.token_limit, logprobs=logprobs
     )
-    response_id, created = f"chatcmpl-{jobs[0].record.request_id}", int(time.time())
+    response_id, created = f"chatcmpl-{jobs[0].request_id}", int(time.time())
     if body.stream:
         events = await service.start_streams(jobs)
         base = {"id": response_id, "object": "chat.completion.chunk", "created": created, "model": service.model_name}
