@@ -32,21 +32,33 @@ RECORD_KEY = "slm_record"  # in scope["state"], so handlers see it as request.st
 
 # Request ids need to be unique, not secret: 64 random bits per process (new ones in a forked
 # child) and a counter, 24 hex digits in all. A getrandom() call per request would cost more than
-# the rest of the middleware.
+# the rest of the middleware. They are made 1,024 at a time and handed out with a list pop: made
+# one per request, between two requests' other work, formatting one cost ~3.5 µs of CPU in a
+# uvicorn worker (cold caches; 0.3 µs in a tight loop), more than all the metric updates.
+_ID_BATCH = 1024
 _ids = itertools.count()
 _prefix = os.urandom(8).hex()
+_ready_ids: list[str] = []
 
 
 def _new_prefix() -> None:
     global _prefix
     _prefix = os.urandom(8).hex()
+    _ready_ids.clear()  # the parent's, which it hands out too
 
 
 os.register_at_fork(after_in_child=_new_prefix)
 
 
 def _new_request_id() -> str:
-    return f"{_prefix}{next(_ids) & 0xFFFFFFFF:08x}"
+    try:
+        return _ready_ids.pop()
+    except IndexError:
+        numbers = [next(_ids) for _ in range(_ID_BATCH)]  # drawn one by one: unique across threads
+        prefix = _prefix
+        # Reversed, so that popping from the end hands them out in increasing order.
+        _ready_ids.extend([f"{prefix}{n & 0xFFFFFFFF:08x}" for n in reversed(numbers)])
+        return _ready_ids.pop()
 
 
 class MonitoringMiddleware:

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
 import threading
 import time
 
 from slm_server.engine import EchoEngine
+from slm_server.middleware import _new_request_id
 
 from .conftest import MODEL_NAME, serve, settings_for
 
@@ -238,3 +240,25 @@ def test_a_vanishing_top_p_keeps_the_most_likely_token(server):
     greedy = server.client.post("/generate", json={"prompt": "asgi", "max_tokens": 5, "temperature": 0}).json()
     tiny = server.client.post("/generate", json={"prompt": "asgi", "max_tokens": 5, "top_p": 5e-324}).json()
     assert tiny["text"] == greedy["text"]
+
+
+def test_request_ids_are_unique_and_a_forked_worker_never_repeats_its_parent(server):
+    ids = [
+        server.client.post("/generate", json={"prompt": "x", "max_tokens": 1}).headers["x-request-id"] for _ in range(5)
+    ]
+    assert len(set(ids)) == 5 and all(len(i) == 24 for i in ids)
+    # Made in batches: a worker forked with part of a batch left (uvicorn --workers, gunicorn) must not
+    # hand out what the parent hands out next.
+    parent_next = [_new_request_id() for _ in range(3)]
+    reader, writer = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: its next ids to the parent, then leave at once
+        os.write(writer, json.dumps([_new_request_id() for _ in range(3)]).encode())
+        os._exit(0)
+    os.close(writer)
+    with os.fdopen(reader) as pipe:
+        child_ids = json.loads(pipe.read())
+    os.waitpid(pid, 0)
+    parent_ids = parent_next + [_new_request_id() for _ in range(3)]
+    assert not set(child_ids) & set(parent_ids)
+    assert {i[:16] for i in child_ids} != {i[:16] for i in parent_ids}
