@@ -62,7 +62,6 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
 from typing import Any
 
 from prometheus_client import CollectorRegistry, disable_created_metrics
@@ -119,19 +118,12 @@ class RouteMetrics:
         self.latency.observe(seconds)
 
 
-@dataclass(slots=True)
-class Generation:
-    """What one generation gives its metrics. Kept until applied: nothing in it may change."""
-
-    queue_seconds: float | None
-    start: float  # perf_counter() at the request's arrival
-    token_times: list[float]  # perf_counter() when each token was ready
-    prompt_tokens: int
-    output_tokens: int
-    perplexity: float | None
-    finish_reason: str
-    empty: bool = False
-    repetitive: bool = False
+# What one generation gives its metrics, kept in the queue until applied (nothing in it may
+# change). A plain tuple: built on the request path with no Python-level __init__ to run.
+# (queue seconds or None, perf_counter() at the request's arrival, perf_counter() when each token
+#  was ready, prompt tokens, output tokens, perplexity or None, finish reason, no visible text,
+#  stuck in a loop)
+Generation = tuple[float | None, float, list[float], int, int, float | None, str, bool, bool]
 
 
 class GenerationMetrics:
@@ -159,27 +151,37 @@ class GenerationMetrics:
         self._observations.add(self._apply, generation)
 
     def _apply(self, g: Generation) -> None:
-        if g.queue_seconds is not None:
-            self.queue.observe(g.queue_seconds)
-        self.prompt_tokens_total.inc(g.prompt_tokens)
-        self.generation_tokens_total.inc(g.output_tokens)
-        self.output_tokens_seed.observe(g.output_tokens)
-        self.output_tokens.observe(g.output_tokens)
-        self.finish[g.finish_reason].inc()
-        if g.empty:
+        (
+            queue_seconds,
+            start,
+            token_times,
+            prompt_tokens,
+            output_tokens,
+            perplexity,
+            finish_reason,
+            empty,
+            repetitive,
+        ) = g
+        if queue_seconds is not None:
+            self.queue.observe(queue_seconds)
+        self.prompt_tokens_total.inc(prompt_tokens)
+        self.generation_tokens_total.inc(output_tokens)
+        self.output_tokens_seed.observe(output_tokens)
+        self.output_tokens.observe(output_tokens)
+        self.finish[finish_reason].inc()
+        if empty:
             self.empty.inc()
-        if g.repetitive:
+        if repetitive:
             self.repetitive.inc()
-        token_times = g.token_times
         if token_times:
-            self.ttft.observe(token_times[0] - g.start)
+            self.ttft.observe(token_times[0] - start)
             self.itl.observe_gaps(token_times)
             if len(token_times) > 1:
                 elapsed = token_times[-1] - token_times[0]
                 if elapsed > 0:
                     self.tps.observe((len(token_times) - 1) / elapsed)
-        if g.perplexity is not None:
-            self.perplexity.observe(g.perplexity)
+        if perplexity is not None:
+            self.perplexity.observe(perplexity)
 
     def error(self, kind: str) -> None:
         self.errors[kind].inc()

@@ -74,18 +74,20 @@ class MonitoringMiddleware:
             await self.app(scope, receive, send)
             return
         start = time.perf_counter()
+        # A dict made in C, then three lookups: cheaper than a Python loop over the headers (once
+        # per request, code runs with cold caches, so fewer Python steps is what counts).
+        headers = dict(scope["headers"])
         request_id = trace_id = span_id = None
-        length = -1
-        for name, value in scope["headers"]:
-            if name == b"x-request-id":
-                if 0 < len(value) <= 128 and value.isascii() and value.decode().isprintable():
-                    request_id = value.decode()
-            elif name == b"traceparent":
-                trace_id, span_id = parse_traceparent(value.decode("latin-1"))
-            elif name == b"content-length" and value.isdigit():
-                length = int(value)
-        if request_id is None:
+        value = headers.get(b"x-request-id")
+        if value is not None and 0 < len(value) <= 128 and value.isascii() and value.decode().isprintable():
+            request_id = value.decode()
+        else:
             request_id = _new_request_id()
+        value = headers.get(b"traceparent")
+        if value is not None:
+            trace_id, span_id = parse_traceparent(value.decode("latin-1"))
+        value = headers.get(b"content-length")
+        length = int(value) if value is not None and value.isdigit() else -1
         record = RequestRecord(request_id, start, trace_id)
         scope.setdefault("state", {})[RECORD_KEY] = record
         status = 500

@@ -31,7 +31,7 @@ from slm_server.errors import (
     ServerError,
 )
 from slm_server.logs import OutputLogPolicy
-from slm_server.metrics import Generation, NullMetrics, ServerMetrics
+from slm_server.metrics import NullMetrics, ServerMetrics
 from slm_server.settings import Settings
 from slm_server.signals import NoopObserver, RequestSignals, SignalObserver, is_repetitive
 
@@ -602,16 +602,16 @@ class GenerationService:
         repetitive = is_repetitive(result.token_ids) if result else False
         if self.metrics.enabled:  # the uninstrumented baseline builds no observation either
             gm.observe(
-                Generation(
-                    queue_seconds=job.queue_seconds,
-                    start=job.start,
-                    token_times=token_times,
-                    prompt_tokens=len(job.prompt_ids),
-                    output_tokens=output_tokens,
-                    perplexity=perplexity,
-                    finish_reason=finish_reason,
-                    empty=empty and error is None and not job.timed_out,
-                    repetitive=repetitive,
+                (
+                    job.queue_seconds,
+                    job.start,
+                    token_times,
+                    len(job.prompt_ids),
+                    output_tokens,
+                    perplexity,
+                    finish_reason,
+                    empty and error is None and not job.timed_out,
+                    repetitive,
                 )
             )
         job.outcomes[job.index] = (
