@@ -291,7 +291,17 @@ def serve(name: str, port: int) -> None:
     with open(os.devnull, "wb") as sink:
         configure_logging(_settings(), stream=sink)
         app, _ = build_variant(name)
-        uvicorn.run(app, host="127.0.0.1", port=port, log_config=None, access_log=False, server_header=False)
+        # The driver keeps one connection per server and leaves it idle while it drives the others:
+        # longer than uvicorn's default keep-alive (5 s) on a busy machine.
+        uvicorn.run(
+            app,
+            host="127.0.0.1",
+            port=port,
+            log_config=None,
+            access_log=False,
+            server_header=False,
+            timeout_keep_alive=600,
+        )
 
 
 def _cpu_seconds(pid: int) -> float:
