@@ -345,28 +345,6 @@ class GenerationService:
                 param="n",
             )
 
-    def new_job(
-        self,
-        *,
-        endpoint: str,
-        operation: str,
-        prompt_ids: list[int],
-        params: SamplingParams,
-        record: RequestRecord,
-        stream: bool = False,
-        score_prompt: int | None = None,
-    ) -> Job:
-        return self.new_jobs(
-            1,
-            endpoint=endpoint,
-            operation=operation,
-            prompt_ids=prompt_ids,
-            params=params,
-            record=record,
-            stream=stream,
-            score_prompt=score_prompt,
-        )[0]
-
     def new_jobs(
         self,
         n: int,

@@ -77,15 +77,15 @@ def test_openai_client_reads_logprobs_and_echo(client):
 
 
 def test_openai_client_streams_several_chat_choices_with_logprobs(client):
+    request: dict = {
+        "model": MODEL_NAME,
+        "messages": [{"role": "user", "content": "What does open() return?"}],
+        "max_tokens": 6,
+        "n": 2,
+        "seed": 9,
+    }
     stream = client.chat.completions.create(
-        model=MODEL_NAME,
-        messages=[{"role": "user", "content": "What does open() return?"}],
-        max_tokens=6,
-        n=2,
-        seed=9,
-        logprobs=True,
-        stream=True,
-        stream_options={"include_usage": True},
+        **request, logprobs=True, stream=True, stream_options={"include_usage": True}
     )
     chunks = list(stream)
     content: dict[int, str] = {0: "", 1: ""}
@@ -95,13 +95,7 @@ def test_openai_client_streams_several_chat_choices_with_logprobs(client):
             content[choice.index] += choice.delta.content or ""
             tokens[choice.index] += len(choice.logprobs.content) if choice.logprobs else 0
     assert chunks[-1].usage.completion_tokens == tokens[0] + tokens[1]
-    whole = client.chat.completions.create(
-        model=MODEL_NAME,
-        messages=[{"role": "user", "content": "What does open() return?"}],
-        max_tokens=6,
-        n=2,
-        seed=9,
-    )
+    whole = client.chat.completions.create(**request)  # the same choices without streaming
     assert [c.message.content for c in whole.choices] == [content[0], content[1]]
 
 

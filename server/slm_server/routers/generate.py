@@ -72,7 +72,8 @@ async def generate(body: GenerateRequest, request: Request):
     prompt_ids = await encode(service, body.prompt)
     max_tokens = service.resolve_max_tokens(len(prompt_ids), body.max_tokens)
     params = SamplingParams(max_tokens, body.temperature, body.top_p, stops(body.stop), body.seed)
-    job = service.new_job(
+    (job,) = service.new_jobs(
+        1,
         endpoint=ENDPOINT,
         operation="text_completion",
         prompt_ids=prompt_ids,
