@@ -142,17 +142,18 @@ def create_app(
 
 
 def _freeze_startup_objects() -> None:
-    """Take what start-up made (the framework, the model, torch's and transformers' modules: ~60,000
-    objects with the tiny model, many more with a real one) out of the garbage collector's sight.
+    """Take what start-up made (the framework, torch, transformers, the model) out of the garbage
+    collector's sight: ~470,000 tracked objects in a server with the tiny model, more with a real one.
 
     CPython runs a full collection once the objects that survived younger collections grow past a
-    quarter of the long-lived ones, and a full collection walks every tracked object: with the tiny
-    model 65 ms, during which no request moves. Requests' records do survive younger collections
-    (the log lines and metric updates wait to be written in batches), so without this a full
-    collection came every ~4,000 requests and cost ~16 µs per request, more than the metrics
-    themselves (measured on the no-op engine; see bench/bench_server.py). Frozen objects are still
-    freed by reference counting; `gc.collect()` first, so no garbage is frozen. The Python docs'
-    own advice for gc.freeze is the pre-fork case; the pause it saves here is the same one.
+    quarter of the long-lived ones, and a full collection walks every tracked object: 310 ms with
+    the tiny model on the project's 2-core VM, during which no request moves (a p99 latency spike),
+    65 ms even in the benchmark's process with no torch. Requests' records do survive younger
+    collections (log lines and metric updates wait to be written in batches): in the benchmark a
+    full collection came every ~4,000 requests and cost ~16 µs per request on average, more than
+    the metrics themselves. Frozen objects are still freed by reference counting; `gc.collect()`
+    first, so no garbage is frozen. The Python docs give gc.freeze for the pre-fork case; the
+    collections it spares here are the same ones.
     """
     gc.collect()
     gc.freeze()
