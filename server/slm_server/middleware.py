@@ -34,7 +34,7 @@ RECORD_KEY = "slm_record"  # in scope["state"], so handlers see it as request.st
 # child) and a counter, 24 hex digits in all. A getrandom() call per request would cost more than
 # the rest of the middleware. They are made 1,024 at a time and handed out with a list pop: made
 # one per request, between two requests' other work, formatting one cost ~3.5 µs of CPU in a
-# uvicorn worker (cold caches; 0.3 µs in a tight loop), more than all the metric updates.
+# uvicorn worker (cold caches; 0.3 µs in a tight loop), about what all the metric updates cost.
 _ID_BATCH = 1024
 _ids = itertools.count()
 _prefix = os.urandom(8).hex()
