@@ -89,6 +89,17 @@ def server(tiny_engine: TransformersEngine, tiny_model_dir: Path) -> Iterator[Se
         yield srv
 
 
+def sse_events(client: TestClient, path: str, body: dict[str, Any]) -> tuple[list[dict[str, Any]], httpx.Headers]:
+    """POST `body` with stream=true: the JSON of every server-sent event before `[DONE]`, and the
+    response's headers."""
+    with client.stream("POST", path, json={**body, "stream": True}) as r:
+        assert r.status_code == 200, r.read()
+        assert r.headers["content-type"].startswith("text/event-stream")
+        frames = [line.removeprefix("data: ") for line in r.iter_lines() if line.startswith("data: ")]
+    assert frames[-1] == "[DONE]"
+    return [json.loads(frame) for frame in frames[:-1]], r.headers
+
+
 def wait_for(predicate: Any, seconds: float = 10.0) -> Any:
     """Poll `predicate` until it returns something truthy (returned), failing after `seconds`."""
     deadline = time.monotonic() + seconds

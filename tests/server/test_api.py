@@ -10,7 +10,7 @@ import time
 from slm_server.engine import EchoEngine
 from slm_server.middleware import _new_request_id
 
-from .conftest import MODEL_NAME, serve, settings_for
+from .conftest import MODEL_NAME, serve, settings_for, sse_events
 
 
 def test_generate_returns_text_token_counts_and_perplexity(server):
@@ -113,12 +113,8 @@ def test_streamed_chat_arrives_as_server_sent_events(server):
 
 
 def _generate_stream(client, **body):
-    with client.stream("POST", "/generate", json={"stream": True, **body}) as r:
-        assert r.status_code == 200, r.read()
-        assert r.headers["content-type"].startswith("text/event-stream")
-        frames = [line.removeprefix("data: ") for line in r.iter_lines() if line.startswith("data: ")]
-    assert frames[-1] == "[DONE]"
-    return [json.loads(f) for f in frames[:-1]], r.headers["x-request-id"]
+    events, headers = sse_events(client, "/generate", body)
+    return events, headers["x-request-id"]
 
 
 def test_generate_streams_text_then_the_whole_response(server):

@@ -3,25 +3,20 @@
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import threading
 from typing import Any
 
 import pytest
 
-from .conftest import MODEL_NAME, serve, settings_for, wait_for
+from .conftest import MODEL_NAME, serve, settings_for, sse_events, wait_for
 
 CHAT = {"model": MODEL_NAME, "messages": [{"role": "user", "content": "What does open() return?"}]}
 COMPLETION = {"model": MODEL_NAME, "prompt": "Return the number of"}
 
 
 def _events(client, path: str, body: dict[str, Any]) -> list[dict[str, Any]]:
-    with client.stream("POST", path, json={**body, "stream": True}) as r:
-        assert r.status_code == 200, r.read()
-        frames = [line.removeprefix("data: ") for line in r.iter_lines() if line.startswith("data: ")]
-    assert frames[-1] == "[DONE]"
-    return [json.loads(frame) for frame in frames[:-1]]
+    return sse_events(client, path, body)[0]
 
 
 def _by_choice(events: list[dict[str, Any]]) -> dict[int, list[dict[str, Any]]]:

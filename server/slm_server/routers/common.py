@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import time
+from typing import Any
 
 from fastapi import Request
 
@@ -31,3 +33,8 @@ async def encode(service: GenerationService, text: str) -> list[int]:
     if len(text) > _INLINE_TOKENIZE_CHARS:
         return await asyncio.to_thread(service.engine.encode, text)
     return service.engine.encode(text)
+
+
+def sse(doc: dict[str, Any]) -> str:
+    """One server-sent event carrying `doc` as compact JSON."""
+    return f"data: {json.dumps(doc, separators=(',', ':'))}\n\n"

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
@@ -29,7 +28,7 @@ from slm_server.protocol import (
     Usage,
     stops,
 )
-from slm_server.routers.common import encode, record_of, service_of
+from slm_server.routers.common import encode, record_of, service_of, sse
 from slm_server.service import ChoiceEvent, GenerationService, Job
 
 router = APIRouter(tags=["openai"])
@@ -50,10 +49,6 @@ def _usage(results: list[GenerationResult]) -> Usage:
     return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
 
 
-def _sse(doc: dict[str, Any]) -> str:
-    return f"data: {json.dumps(doc, separators=(',', ':'))}\n\n"
-
-
 # A streamed chunk of one choice: (index, text, its tokens' log-probabilities, finish reason or None).
 Frame = Callable[[int, str, list[TokenLogprobs], str | None], dict[str, Any]]
 
@@ -71,18 +66,18 @@ async def _stream(
     try:
         if first is not None:
             for index in range(n):
-                yield _sse(first(index))
+                yield sse(first(index))
         results = []
         async for index, text, tokens, result in events:
             if result is None:
-                yield _sse(frame(index, text, tokens, None))
+                yield sse(frame(index, text, tokens, None))
                 continue
             results.append(result)
-            yield _sse(frame(index, "", [], _openai_finish(result.finish_reason)))
+            yield sse(frame(index, "", [], _openai_finish(result.finish_reason)))
         if usage is not None:
-            yield _sse(usage(_usage(results)))
+            yield sse(usage(_usage(results)))
     except ServerError as exc:
-        yield _sse(error_body(exc.status, exc.message, exc.type))
+        yield sse(error_body(exc.status, exc.message, exc.type))
     yield "data: [DONE]\n\n"
 
 

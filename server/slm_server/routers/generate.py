@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -12,7 +11,7 @@ from fastapi.responses import StreamingResponse
 from slm_server.engine import GenerationResult, SamplingParams
 from slm_server.errors import ServerError, error_body
 from slm_server.protocol import ERROR_RESPONSES, GenerateRequest, GenerateResponse, stops
-from slm_server.routers.common import encode, record_of, service_of
+from slm_server.routers.common import encode, record_of, service_of, sse
 from slm_server.service import RequestRecord, StreamEvent
 
 router = APIRouter(tags=["generate"])
@@ -41,19 +40,15 @@ def _response(record: RequestRecord, model: str, result: GenerationResult, with_
     )
 
 
-def _sse(doc: dict[str, Any]) -> str:
-    return f"data: {json.dumps(doc, separators=(',', ':'))}\n\n"
-
-
 async def _frames(events: AsyncIterator[StreamEvent], last: Any) -> AsyncIterator[str]:
     try:
         async for text, _, result in events:
             if result is None:
-                yield _sse({"text": text})
+                yield sse({"text": text})
             else:
-                yield _sse(last(result).model_dump(exclude_none=True))
+                yield sse(last(result).model_dump(exclude_none=True))
     except ServerError as exc:
-        yield _sse(error_body(exc.status, exc.message, exc.type))
+        yield sse(error_body(exc.status, exc.message, exc.type))
     yield "data: [DONE]\n\n"
 
 
