@@ -6,9 +6,11 @@
 Variants of the same app, all on the no-op `EchoEngine` (so no model time hides the overhead),
 measured in one run (one worker process per variant, see below):
 
-  uninstrumented      create_app(metrics_enabled=False): no middleware, no metrics, no request
-                      logs, and no log fields or output hash computed for them either
-  instrumented        monitoring middleware, every slm_* metric, one JSON log line per request
+  uninstrumented      create_app(metrics_enabled=False, log_requests=False): serving as with monitoring
+                      (the request middleware's request ids and body cap, admission, the request
+                      record) but no metrics, no request logs, no timing, no output hash
+  instrumented        metrics and request timing in the middleware, every slm_* metric, one JSON
+                      log line per request
                       (encoded and written to /dev/null inside the measured time), output hashing
   metrics-only        instrumented without the request log line (how the cost splits)
   instrumented+drift  instrumented + the drift detector of slm_server.drift (the server's default)
@@ -87,7 +89,7 @@ VARIANTS = ("uninstrumented", "instrumented", "metrics-only", "instrumented+drif
 def build_variant(name: str) -> tuple[Any, CollectorRegistry | None]:
     """The app of one variant, and its registry when /metrics is measured on it."""
     if name == "uninstrumented":
-        s = _settings(metrics_enabled=False)
+        s = _settings(metrics_enabled=False, log_requests=False)
         return create_app(s, engine=_engine(s)), None
     if name == "instrumented":  # metrics + logs; the drift detector (issue 7) is its own variant
         s, registry = _settings(), CollectorRegistry()
@@ -101,7 +103,7 @@ def build_variant(name: str) -> tuple[Any, CollectorRegistry | None]:
     if name == "instrumentator":
         from prometheus_fastapi_instrumentator import Instrumentator
 
-        s, registry = _settings(metrics_enabled=False), CollectorRegistry()
+        s, registry = _settings(metrics_enabled=False, log_requests=False), CollectorRegistry()
         app = create_app(s, engine=_engine(s))
         Instrumentator(registry=registry).instrument(app).expose(app)
         return app, registry

@@ -24,7 +24,7 @@ from slm_server.engine import Engine, make_engine
 from slm_server.errors import install_error_handlers
 from slm_server.logs import flush_lines
 from slm_server.metrics import FilesystemCollector, NullMetrics, ServerMetrics, gpu_collector
-from slm_server.middleware import MonitoringMiddleware
+from slm_server.middleware import RequestMiddleware
 from slm_server.routers import admin, completions, generate, health
 from slm_server.service import GenerationService
 from slm_server.settings import Settings
@@ -137,7 +137,9 @@ def create_app(
         async def prometheus_metrics(request: Request) -> Response:
             return Response(generate_latest(registry_), media_type=CONTENT_TYPE_LATEST)
 
-        app.add_middleware(MonitoringMiddleware, settings=settings, metrics=metrics)
+    # Request ids and the body cap are serving, not monitoring: the middleware is there with
+    # metrics and request lines off too (the benchmark's uninstrumented baseline).
+    app.add_middleware(RequestMiddleware, settings=settings, metrics=metrics)
     return app
 
 

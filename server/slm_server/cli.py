@@ -30,7 +30,7 @@ def parse_args(argv: list[str] | None) -> dict[str, object]:
         dest="metrics_enabled",
         action="store_const",
         const=False,
-        help="serve without the monitoring middleware and metrics (benchmark baseline)",
+        help="serve without metrics and /metrics (with SLM_LOG_REQUESTS=false: the benchmark baseline)",
     )
     args = vars(parser.parse_args(argv))
     return {k: v for k, v in args.items() if v is not None}
@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
         host=settings.host,
         port=settings.port,
         log_config=None,  # the app owns logging (slm_server.logs)
-        access_log=False,  # the monitoring middleware writes one richer line per request
+        access_log=False,  # the request middleware writes one richer line per request
         timeout_graceful_shutdown=int(settings.drain_timeout_seconds) or None,
         server_header=False,
     )

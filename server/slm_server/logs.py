@@ -1,5 +1,5 @@
 """JSON-lines logging: one writer of JSON lines per process, fed by stdlib `logging` and, for the
-per-request access line, directly by the monitoring middleware.
+per-request access line, directly by the request middleware.
 
 Every line is one JSON object: `timestamp` (RFC 3339, UTC), `level`, `logger`, `message`, plus the
 record's `fields` (passed as `extra={"fields": {...}}`). Field names follow the OpenTelemetry

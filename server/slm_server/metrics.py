@@ -340,13 +340,17 @@ class NullMetrics:
 
     def __init__(self, model: str):
         self.model = model
-        null = _NullChild()
+        null = self._null = _NullChild()
+        self.routes = {ep: null for ep in GENERATION_ENDPOINTS + OTHER_ENDPOINTS}  # request lines' route names
         self.generation = {ep: null for ep in GENERATION_ENDPOINTS}
         self.drift_score = {s: null for s in DRIFT_SIGNALS}
         self.drift_detected = {s: null for s in DRIFT_SIGNALS}
         self.fault_injection = null
         self.max_concurrent = null
         self.max_queued = null
+
+    def route(self, path: str) -> Any:
+        return self._null
 
     def set_model(self, **_: Any) -> None:
         return None

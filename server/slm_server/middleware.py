@@ -1,12 +1,14 @@
-"""The monitoring middleware, as plain ASGI (Starlette's BaseHTTPMiddleware costs a task and a
-memory stream per request).
+"""The request middleware, as plain ASGI (Starlette's BaseHTTPMiddleware costs a task and a memory
+stream per request).
 
-Per HTTP request it: takes or makes a request id (`x-request-id`, echoed in the response), reads
-the W3C `traceparent`, refuses bodies over the size cap (413, from `content-length` or while
-reading), times the response until its last byte (streams included), counts it in the seed's
+Per HTTP request, always (serving, with monitoring off too): takes or makes a request id
+(`x-request-id`, echoed in the response and the response's `id`), refuses bodies over the size cap
+(413, from `content-length` or while reading), and puts the request's `RequestRecord` where the
+handlers find it. With monitoring on (`metrics_enabled` or `log_requests`), also: reads the W3C
+`traceparent`, times the response until its last byte (streams included), counts it in the seed's
 `api_requests_total` / `api_request_duration_seconds` through children bound in advance, and queues
 the request's JSON log line (slm_server.logs.JsonLines; `request_doc` makes it when it is written)
-with what the service put into its `RequestRecord`.
+with what the service put into the record.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from slm_server.errors import error_body
 from slm_server.logs import access_log, parse_traceparent, request_doc, request_lines
-from slm_server.metrics import ServerMetrics
+from slm_server.metrics import NullMetrics, ServerMetrics
 from slm_server.service import RequestRecord
 from slm_server.settings import Settings
 
@@ -61,13 +63,14 @@ def _new_request_id() -> str:
         return _ready_ids.pop()
 
 
-class MonitoringMiddleware:
-    def __init__(self, app: ASGIApp, *, settings: Settings, metrics: ServerMetrics):
+class RequestMiddleware:
+    def __init__(self, app: ASGIApp, *, settings: Settings, metrics: ServerMetrics | NullMetrics):
         self.app = app
         self.metrics = metrics
         self.max_body = settings.max_body_bytes
         self.log_requests = settings.log_requests
         self.log_probes = settings.log_probes
+        self.monitor = metrics.enabled or settings.log_requests
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -77,18 +80,14 @@ class MonitoringMiddleware:
         # A dict made in C, then three lookups: cheaper than a Python loop over the headers (once
         # per request, code runs with cold caches, so fewer Python steps is what counts).
         headers = dict(scope["headers"])
-        request_id = trace_id = span_id = None
         value = headers.get(b"x-request-id")
         if value is not None and 0 < len(value) <= 128 and value.isascii() and value.decode().isprintable():
             request_id = value.decode()
         else:
             request_id = _new_request_id()
-        value = headers.get(b"traceparent")
-        if value is not None:
-            trace_id, span_id = parse_traceparent(value.decode("latin-1"))
         value = headers.get(b"content-length")
         length = int(value) if value is not None and value.isdigit() else -1
-        record = RequestRecord(request_id, start, trace_id)
+        record = RequestRecord(request_id, start)
         scope.setdefault("state", {})[RECORD_KEY] = record
         status = 500
         id_header = (b"x-request-id", request_id.encode())
@@ -112,11 +111,17 @@ class MonitoringMiddleware:
                 # checked above; only a chunked body is counted as it arrives.
                 await self.app(scope, self._limited(receive) if length < 0 else receive, send_wrapper)
         finally:
-            elapsed = time.perf_counter() - start
-            path = scope["path"]
-            self.metrics.route(path).observe(status, elapsed)
-            if self.log_requests and (self.log_probes or path not in PROBE_PATHS):
-                self._log(scope, record, status, elapsed, span_id)
+            if self.monitor:
+                elapsed = time.perf_counter() - start
+                path = scope["path"]
+                self.metrics.route(path).observe(status, elapsed)
+                if self.log_requests and (self.log_probes or path not in PROBE_PATHS):
+                    value = headers.get(b"traceparent")
+                    if value is not None:
+                        record.trace_id, span_id = parse_traceparent(value.decode("latin-1"))
+                    else:
+                        span_id = None
+                    self._log(scope, record, status, elapsed, span_id)
 
     def _limited(self, receive: Receive) -> Receive:
         seen = 0

@@ -57,7 +57,9 @@ class Settings(BaseSettings):
     drain_timeout_seconds: float = Field(30.0, ge=0, description="Graceful shutdown waits this long.")
 
     # --- observability -------------------------------------------------------------------------------
-    metrics_enabled: bool = Field(True, description="Off = no middleware, no metrics (benchmarks).")
+    metrics_enabled: bool = Field(
+        True, description="Off = no metrics and no /metrics (benchmarks); request lines follow log_requests."
+    )
     gpu_metrics: bool = Field(True, description="Export nvidia_gpu_* series from pynvml when a GPU is present.")
     disk_paths: str = Field(
         "",

@@ -193,13 +193,21 @@ def test_gpu_collector_reads_every_gpu_through_nvml():
     assert b"nvidia_gpu_utilization{" in generate_latest(registry)
 
 
-def test_uninstrumented_variant_has_no_metrics_and_no_middleware(tiny_model_dir):
-    """Plumbing only (the benchmark baseline): the no-op engine is enough."""
-    with serve(EchoEngine(), settings_for(tiny_model_dir, metrics_enabled=False)) as srv:
-        r = srv.client.post("/generate", json={"prompt": "a b c", "max_tokens": 2})
+def test_without_monitoring_the_server_serves_the_same_without_metrics_or_request_lines(tiny_model_dir, json_records):
+    """The benchmark's baseline (metrics and request lines off) must differ from the instrumented
+    server by its monitoring only: request ids and the body cap are serving. Plumbing only: the
+    no-op engine is enough."""
+    settings = settings_for(tiny_model_dir, metrics_enabled=False, log_requests=False, max_body_bytes=2048)
+    with serve(EchoEngine(), settings) as srv:
+        r = srv.client.post("/generate", json={"prompt": "a b c", "max_tokens": 2}, headers={"x-request-id": "req-7"})
         assert r.status_code == 200
-        assert "x-request-id" not in r.headers
+        assert r.headers["x-request-id"] == r.json()["id"] == "req-7"
+        made = srv.client.post("/generate", json={"prompt": "a b c", "max_tokens": 2})
+        assert len(made.headers["x-request-id"]) == 24 and made.headers["x-request-id"] == made.json()["id"]
+        r = srv.client.post("/generate", json={"prompt": "x" * 4000})
+        assert r.status_code == 413 and "2048 bytes" in r.json()["error"]["message"]
         assert srv.client.get("/metrics").status_code == 404
+    assert json_records("request") == []
 
 
 def test_filesystem_gauges_default_to_the_model_directory(server, tiny_model_dir):
