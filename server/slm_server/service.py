@@ -55,7 +55,7 @@ class RequestRecord:
     """What one HTTP request learned, for its log line. Made by the middleware, filled by the service.
 
     The service leaves the request's parameters here and, as each of its generations (one per
-    choice) ends, an `Outcome`; `log_fields()` turns them into the line's fields later, off the
+    choice) ends, an `Outcome`; `add_log_fields()` turns them into the line's fields later, off the
     request path (slm_server.logs.JsonLines' flusher).
     """
 
@@ -71,22 +71,21 @@ class RequestRecord:
         self.model = ""
         self.policy: OutputLogPolicy | None = None
 
-    def log_fields(self) -> dict[str, Any]:
-        """The request's GenAI fields. With one choice, its fields are the line's own; with n > 1 the
-        line has totals over the choices and `slm.choices`, one such set of fields per choice."""
+    def add_log_fields(self, fields: dict[str, Any]) -> None:
+        """The request's GenAI fields, into its line's `fields`. With one choice, its fields are the
+        line's own; with n > 1 the line has totals over the choices and `slm.choices`, one such set
+        of fields per choice."""
         request = self.request
         if request is None:
-            return {}
+            return
         operation, max_tokens, temperature, top_p, prompt_tokens, stream = request
-        fields: dict[str, Any] = {
-            "gen_ai.operation.name": operation,
-            "gen_ai.request.model": self.model,
-            "gen_ai.request.max_tokens": max_tokens,
-            "gen_ai.request.temperature": temperature,
-            "gen_ai.request.top_p": top_p,
-            "gen_ai.usage.input_tokens": prompt_tokens,
-            "slm.stream": stream,
-        }
+        fields["gen_ai.operation.name"] = operation
+        fields["gen_ai.request.model"] = self.model
+        fields["gen_ai.request.max_tokens"] = max_tokens
+        fields["gen_ai.request.temperature"] = temperature
+        fields["gen_ai.request.top_p"] = top_p
+        fields["gen_ai.usage.input_tokens"] = prompt_tokens
+        fields["slm.stream"] = stream
         outcomes, policy = self.outcomes, self.policy
         if len(outcomes) == 1:
             outcome = outcomes[0]
@@ -95,7 +94,7 @@ class RequestRecord:
                 _outcome_fields(
                     fields, outcome, self.model, policy.fields(text) if policy and text is not None else None
                 )
-            return fields
+            return
         sampled = policy is not None and policy.sampled()
         choices = []
         for index, outcome in enumerate(outcomes):
@@ -108,7 +107,6 @@ class RequestRecord:
         fields["gen_ai.request.choice.count"] = len(outcomes)
         _totals(fields, [o for o in outcomes if o is not None], self.model)
         fields["slm.choices"] = choices
-        return fields
 
 
 def _outcome_fields(fields: dict[str, Any], outcome: Outcome, model: str, output: dict[str, Any] | None) -> None:

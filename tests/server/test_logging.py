@@ -207,11 +207,13 @@ def test_close_writes_what_is_left_and_bad_values_lose_nothing_else():
     lines.write({"timestamp": time.time(), "message": "nan", "slm.perplexity": float("nan")})
     lines.write({"timestamp": time.time(), "message": "huge", "n": 1 << 70})  # beyond JSON's 64-bit integers
     lines.write({"timestamp": time.time(), "message": "path", "p": Path("/models/x")})
+    lines.write({"timestamp": time.time(), "message": "key", 7: "seven"})  # a key that is not a string
     lines.close()
     docs = _docs(stream)
     assert docs[0]["slm.perplexity"] is None  # valid JSON, where json.dumps would write NaN
     assert docs[1]["level"] == "error" and "unloggable" in docs[1]["message"]
     assert docs[2]["p"] == "/models/x"
+    assert docs[3]["7"] == "seven"
 
 
 def test_request_lines_and_logging_lines_share_one_ordered_stream(server, json_records):
