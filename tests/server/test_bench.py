@@ -1,0 +1,45 @@
+"""`make bench`'s server benchmark runs and measures what it says it does. A small run: the
+figures are checked for shape, never for speed (speed goals are the benchmark's to report)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[2] / "bench"
+
+
+@pytest.fixture(scope="module")
+def bench_server():
+    sys.path.insert(0, str(BENCH))  # the spawned workers inherit it and import the module by name
+    try:
+        import bench_server
+
+        yield bench_server
+    finally:
+        sys.path.remove(str(BENCH))
+
+
+def test_the_server_benchmark_measures_every_variant_and_the_metrics_endpoint(bench_server):
+    result = bench_server.run(requests=40, rounds=2, processes=1)
+    assert set(result["us_per_request"]) == set(bench_server.VARIANTS)
+    assert all(us > 0 for us in result["us_per_request"].values())
+    assert all(len(rounds) == 2 for rounds in result["per_request_us_by_round"].values())
+    # /metrics measured at the default series count, on the instrumented variant's registry.
+    assert 500 <= result["metrics_series"] <= 900
+    assert result["metrics_bytes"] > 20_000
+    assert result["full_gc_ms"] >= 0 and result["full_gc_unfrozen_ms"] > 0
+
+
+def test_the_baseline_serves_like_the_instrumented_app_without_its_monitoring(bench_server):
+    """The ratio is only fair if the two apps differ by their monitoring alone."""
+    baseline, no_registry = bench_server.build_variant("uninstrumented")
+    instrumented, registry = bench_server.build_variant("instrumented")
+    assert no_registry is None and registry is not None
+    assert not baseline.state.metrics.enabled and not baseline.state.settings.log_requests
+    assert instrumented.state.metrics.enabled and instrumented.state.settings.log_requests
+    for app in (baseline, instrumented):  # request ids and the body cap are in both
+        assert [m.cls.__name__ for m in app.user_middleware] == ["RequestMiddleware"]
+    assert baseline.state.settings.max_body_bytes == instrumented.state.settings.max_body_bytes
