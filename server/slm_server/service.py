@@ -453,6 +453,40 @@ class GenerationService:
         except Exception as exc:
             raise _counted(ModelFailure(f"generation failed: {exc}")) from exc
 
+    async def score_prompt(self, job: Job) -> list[tuple[int, float | None, list[tuple[int, float]]]]:
+        """The prompt's tokens with their log-probabilities and `job.score_prompt` alternatives each,
+        before the job generates (echo + logprobs, streamed: the prompt's chunk goes out first). A
+        forward pass of the model, admitted and timed like a generation; the generation then does
+        not score the prompt again. Raises the ServerError the request ends in."""
+        top = job.score_prompt
+        assert top is not None
+        job.score_prompt = None
+        release = await self._admit(job)
+        try:
+            if not self.engine.blocking:
+                values, tops = self.engine.score(job.prompt_ids, top)
+            else:
+                future = asyncio.get_running_loop().run_in_executor(
+                    self._executor, self.engine.score, job.prompt_ids, top
+                )
+                future.add_done_callback(lambda _: release())  # the slot is taken until the pass ends
+                release = _nothing
+                values, tops = await asyncio.wait_for(asyncio.shield(future), job.deadline - time.perf_counter())
+        except TimeoutError:
+            job.timed_out = True
+            self._finish(job, None, None)
+            raise _counted(
+                RequestTimeout(
+                    f"request timed out after {self.settings.request_timeout_seconds:g} s (request_timeout_seconds)"
+                )
+            ) from None
+        except Exception as exc:
+            self._finish(job, None, exc)
+            raise _counted(ModelFailure(f"scoring the prompt failed: {exc}")) from exc
+        finally:
+            release()
+        return list(zip(job.prompt_ids, values, tops, strict=True))
+
     async def complete_all(self, jobs: list[Job]) -> list[GenerationResult]:
         """Run a request's choices at once; the first error ends them all and is raised."""
         if len(jobs) == 1:
@@ -621,6 +655,10 @@ class GenerationService:
         if now - self._last_overload_log >= 1.0:  # at most one line a second under a flood
             self._last_overload_log = now
             log.warning(exc.message, extra={"fields": {"event": "overloaded"}})
+
+
+def _nothing() -> None:
+    return None
 
 
 async def _merge(streams: list[AsyncIterator[StreamEvent]], jobs: list[Job]) -> AsyncIterator[ChoiceEvent]:

@@ -67,19 +67,29 @@ def test_a_streamed_chat_of_n_choices_carries_each_choice_and_its_logprobs(serve
     assert usage["completion_tokens"] == tokens_streamed == whole["usage"]["completion_tokens"]
 
 
-def test_streamed_completion_logprobs_add_up_to_the_unstreamed_ones(server):
-    body = {**COMPLETION, "max_tokens": 10, "seed": 3, "logprobs": 2}
-    chunks = _by_choice(_events(server.client, "/v1/completions", body))[0]
-    whole = server.client.post("/v1/completions", json=body).json()["choices"][0]
-    assert "".join(c["text"] for c in chunks) == whole["text"]
-    streamed = [c["logprobs"] for c in chunks if c["logprobs"]]
-    for key in ("tokens", "text_offset"):
-        assert [v for lp in streamed for v in lp[key]] == whole["logprobs"][key]
-    values = [v for lp in streamed for v in lp["token_logprobs"]]
-    assert values == pytest.approx(whole["logprobs"]["token_logprobs"], abs=1e-5)
-    assert [sorted(t) for lp in streamed for t in lp["top_logprobs"]] == [
-        sorted(t) for t in whole["logprobs"]["top_logprobs"]
-    ]
+@pytest.mark.parametrize("extra", [{}, {"echo": True, "n": 2}], ids=["completion", "echo-two-choices"])
+def test_streamed_completion_logprobs_add_up_to_the_unstreamed_ones(server, extra):
+    """With echo, each choice's first chunk is the prompt with its log-probabilities (the prompt is
+    scored before the completion starts), and offsets run on across prompt and completion."""
+    body = {**COMPLETION, "max_tokens": 10, "seed": 3, "logprobs": 2, **extra}
+    streamed_choices = _by_choice(_events(server.client, "/v1/completions", body))
+    whole_choices = server.client.post("/v1/completions", json=body).json()["choices"]
+    assert len(streamed_choices) == len(whole_choices) == body.get("n", 1)
+    for whole in whole_choices:
+        chunks = streamed_choices[whole["index"]]
+        assert "".join(c["text"] for c in chunks) == whole["text"]
+        streamed = [c["logprobs"] for c in chunks if c["logprobs"]]
+        for key in ("tokens", "text_offset"):
+            assert [v for lp in streamed for v in lp[key]] == whole["logprobs"][key]
+        values = [v for lp in streamed for v in lp["token_logprobs"]]
+        assert values == pytest.approx(whole["logprobs"]["token_logprobs"], abs=1e-5)
+        assert [sorted(t or {}) for lp in streamed for t in lp["top_logprobs"]] == [
+            sorted(t or {}) for t in whole["logprobs"]["top_logprobs"]
+        ]
+        if body.get("echo"):
+            assert chunks[0]["text"] == COMPLETION["prompt"]
+            assert chunks[0]["logprobs"]["token_logprobs"][0] is None  # the first token has no context
+            assert len(chunks[0]["logprobs"]["tokens"]) > 1
 
 
 def test_a_request_of_n_choices_is_one_request_of_n_generations(server, json_records):

@@ -115,7 +115,6 @@ def test_chat_logprobs_carry_the_top_alternatives_in_openai_shape(server):
 @pytest.mark.parametrize(
     ("route", "extra", "field"),
     [
-        ("/v1/completions", {"prompt": "x", "logprobs": 1, "echo": True, "stream": True}, "logprobs"),
         ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "top_logprobs": 2}, "top_logprobs"),
         ("/v1/completions", {"prompt": "x", "logprobs": 6}, "logprobs"),
     ],

@@ -156,10 +156,6 @@ async def completions(body: CompletionRequest, request: Request):
     service.check_model(body.model)
     prompt_ids = await encode(service, body.prompt_text)
     score_prompt = body.logprobs if body.echo and body.logprobs is not None else None
-    if score_prompt is not None and body.stream:
-        raise InvalidInput(
-            "echo with logprobs is not supported with stream=true; ask without streaming", param="logprobs"
-        )
     jobs = await _prepare(
         service,
         request,
@@ -176,8 +172,17 @@ async def completions(body: CompletionRequest, request: Request):
     echoed = body.prompt_text if body.echo else ""
     top = body.logprobs
     if body.stream:
+        echo_logprobs = None
+        if score_prompt is not None:  # the prompt's chunk carries its log-probabilities: scored first
+            prompt = await service.score_prompt(jobs[0])
+            echo_logprobs = await asyncio.to_thread(_completion_logprobs, service.engine, prompt, score_prompt)
         events = await service.start_streams(jobs)
-        offsets = [len(echoed)] * body.n  # where each choice's next token starts in its text
+        # Where each choice's next token starts in its text: after the prompt's tokens when they were
+        # scored (as in the unstreamed response), else after the echoed prompt.
+        end = len(echoed)
+        if echo_logprobs is not None and echo_logprobs.tokens:
+            end = echo_logprobs.text_offset[-1] + len(echo_logprobs.tokens[-1])
+        offsets = [end] * body.n
 
         def frame(index: int, text: str, tokens: list[TokenLogprobs], finish: str | None) -> dict[str, Any]:
             doc = None
@@ -188,7 +193,10 @@ async def completions(body: CompletionRequest, request: Request):
             return {**base, "choices": [{"index": index, "text": text, "logprobs": doc, "finish_reason": finish}]}
 
         def first(index: int) -> dict[str, Any]:
-            return frame(index, echoed, [], None)
+            doc = frame(index, echoed, [], None)
+            if echo_logprobs is not None:
+                doc["choices"][0]["logprobs"] = echo_logprobs.model_dump()
+            return doc
 
         usage = _usage_frame(base) if body.stream_options and body.stream_options.include_usage else None
         frames = _stream(events, frame, first if echoed else None, body.n, usage)
