@@ -74,6 +74,14 @@ def test_openai_client_reads_logprobs_and_echo(client):
     )
     tokens = chat.choices[0].logprobs.content
     assert len(tokens) == chat.usage.completion_tokens and all(len(t.top_logprobs) == 2 for t in tokens)
+    stream = client.completions.create(
+        model=MODEL_NAME, prompt="Return the", max_tokens=3, logprobs=2, echo=True, stream=True, seed=5
+    )
+    chunks = [c.choices[0] for c in stream if c.choices]
+    assert chunks[0].text == "Return the" and chunks[0].logprobs.token_logprobs[0] is None
+    streamed = [t for c in chunks if c.logprobs for t in c.logprobs.tokens]
+    same = client.completions.create(model=MODEL_NAME, prompt="Return the", max_tokens=3, logprobs=2, echo=True, seed=5)
+    assert streamed == same.choices[0].logprobs.tokens
 
 
 def test_openai_client_streams_several_chat_choices_with_logprobs(client):
