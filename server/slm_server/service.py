@@ -442,11 +442,7 @@ class GenerationService:
         except TimeoutError:
             job.timed_out = True
             job.cancel.set()  # the worker stops at its next token; its slot is freed then
-            raise _counted(
-                RequestTimeout(
-                    f"request timed out after {self.settings.request_timeout_seconds:g} s (request_timeout_seconds)"
-                )
-            ) from None
+            raise _counted(self._timeout()) from None
         except asyncio.CancelledError:
             job.cancel.set()  # the client went away
             raise
@@ -475,11 +471,7 @@ class GenerationService:
         except TimeoutError:
             job.timed_out = True
             self._finish(job, None, None)
-            raise _counted(
-                RequestTimeout(
-                    f"request timed out after {self.settings.request_timeout_seconds:g} s (request_timeout_seconds)"
-                )
-            ) from None
+            raise _counted(self._timeout()) from None
         except Exception as exc:
             self._finish(job, None, exc)
             raise _counted(ModelFailure(f"scoring the prompt failed: {exc}")) from exc
@@ -537,9 +529,7 @@ class GenerationService:
                 except TimeoutError:
                     job.timed_out = True
                     job.cancel.set()
-                    raise RequestTimeout(
-                        f"request timed out after {self.settings.request_timeout_seconds:g} s (request_timeout_seconds)"
-                    ) from None
+                    raise self._timeout() from None
                 if item is done:
                     break
                 yield item[0], item[1], None
@@ -562,6 +552,11 @@ class GenerationService:
                 job.cancel.set()
             raise
         return _merge(streams, jobs)
+
+    def _timeout(self) -> RequestTimeout:
+        return RequestTimeout(
+            f"request timed out after {self.settings.request_timeout_seconds:g} s (request_timeout_seconds)"
+        )
 
     # --- accounting -----------------------------------------------------------------------------------
     def _finish_future(self, job: Job, future: asyncio.Future) -> None:
