@@ -458,16 +458,18 @@ class GenerationService:
         assert top is not None
         job.score_prompt = None
         release = await self._admit(job)
+        loop = asyncio.get_running_loop()
+        if self.engine.blocking:
+            future = loop.run_in_executor(self._executor, self.engine.score, job.prompt_ids, top)
+        else:
+            future = loop.create_future()
+            try:
+                future.set_result(self.engine.score(job.prompt_ids, top))
+            except Exception as exc:
+                future.set_exception(exc)
+        future.add_done_callback(lambda _: release())  # the slot is taken until the pass ends, timeout or not
         try:
-            if not self.engine.blocking:
-                values, tops = self.engine.score(job.prompt_ids, top)
-            else:
-                future = asyncio.get_running_loop().run_in_executor(
-                    self._executor, self.engine.score, job.prompt_ids, top
-                )
-                future.add_done_callback(lambda _: release())  # the slot is taken until the pass ends
-                release = _nothing
-                values, tops = await asyncio.wait_for(asyncio.shield(future), job.deadline - time.perf_counter())
+            values, tops = await asyncio.wait_for(asyncio.shield(future), job.deadline - time.perf_counter())
         except TimeoutError:
             job.timed_out = True
             self._finish(job, None, None)
@@ -475,8 +477,6 @@ class GenerationService:
         except Exception as exc:
             self._finish(job, None, exc)
             raise _counted(ModelFailure(f"scoring the prompt failed: {exc}")) from exc
-        finally:
-            release()
         return list(zip(job.prompt_ids, values, tops, strict=True))
 
     async def complete_all(self, jobs: list[Job]) -> list[GenerationResult]:
@@ -650,10 +650,6 @@ class GenerationService:
         if now - self._last_overload_log >= 1.0:  # at most one line a second under a flood
             self._last_overload_log = now
             log.warning(exc.message, extra={"fields": {"event": "overloaded"}})
-
-
-def _nothing() -> None:
-    return None
 
 
 async def _merge(streams: list[AsyncIterator[StreamEvent]], jobs: list[Job]) -> AsyncIterator[ChoiceEvent]:
