@@ -21,7 +21,8 @@ def service_of(request: Request) -> GenerationService:
 
 
 def record_of(request: Request) -> RequestRecord:
-    """The middleware's record of this request; a detached one when monitoring is off."""
+    """The middleware's record of this request; a detached one for a router used without
+    `create_app`'s middleware."""
     state = request.scope.get("state") or {}
     record = state.get(RECORD_KEY)
     if record is None:
