@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import threading
+import time
 
 import pytest
 
 from slm_server.settings import Settings
 
-from .conftest import MODEL_NAME, one_slot_settings, serve, settings_for
+from .conftest import MODEL_NAME, one_slot_settings, serve, settings_for, wait_for
 
 GEN = {"model": MODEL_NAME}
 
@@ -107,6 +108,36 @@ def test_a_request_over_the_timeout_is_504_and_counted(tiny_engine, tiny_model_d
         assert srv.metric("slm_request_errors_total", {**labels, "error": "timeout"}) == 1
         assert srv.metric("slm_request_finish_total", {**labels, "finish_reason": "timeout"}) == 1
         assert srv.metric("api_requests_total", {"endpoint": "/generate", "status": "504"}) == 1
+
+
+class _SlowScoring:
+    """The tiny model with its prompt-scoring pass made to take 1 s (a wrapper: no real pass of the
+    tiny model takes that long on a CPU)."""
+
+    def __init__(self, engine):
+        self._engine = engine
+
+    def __getattr__(self, name):
+        return getattr(self._engine, name)
+
+    def score(self, ids, top):
+        time.sleep(1.0)
+        return self._engine.score(ids, top)
+
+
+def test_a_prompt_scored_past_the_timeout_is_504_before_the_stream_starts(tiny_engine, tiny_model_dir):
+    """echo + logprobs + stream scores the prompt before streaming: a timeout there is a plain 504,
+    counted, and the slot stays taken until the pass really ends."""
+    with serve(_SlowScoring(tiny_engine), settings_for(tiny_model_dir, request_timeout_seconds=0.3)) as srv:
+        body = {**GEN, "prompt": "Return the", "echo": True, "logprobs": 1, "stream": True, "max_tokens": 2}
+        r = srv.client.post("/v1/completions", json=body)
+        assert r.status_code == 504 and "0.3 s" in r.json()["error"]["message"]
+        in_flight = {"model": MODEL_NAME}
+        assert srv.metric("slm_requests_in_flight", in_flight) == 1  # the pass runs on for ~0.7 s
+        wait_for(lambda: srv.metric("slm_requests_in_flight", in_flight) == 0)
+        labels = {"model": MODEL_NAME, "endpoint": "/v1/completions"}
+        assert srv.metric("slm_request_errors_total", {**labels, "error": "timeout"}) == 1
+        assert srv.metric("slm_request_finish_total", {**labels, "finish_reason": "timeout"}) == 1
 
 
 def test_a_stream_over_the_timeout_ends_with_an_error_event(tiny_engine, tiny_model_dir):
