@@ -58,9 +58,6 @@ class GenerationResult:
     # With SamplingParams.logprobs: log p of each generated token, and the k most likely (id, log p).
     token_logprobs: list[float] | None = None
     top_logprobs: list[list[tuple[int, float]]] | None = None
-    # With Job.score_prompt: the same for the prompt's tokens (the first has no context: None).
-    prompt_logprobs: list[float | None] | None = None
-    prompt_top_logprobs: list[list[tuple[int, float]]] | None = None
 
     @property
     def output_tokens(self) -> int:

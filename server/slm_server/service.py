@@ -184,7 +184,6 @@ class Job:
     request_id: str
     start: float
     stream: bool = False
-    score_prompt: int | None = None  # echo + logprobs: the prompt's log-probabilities, with this many alternatives
     index: int = 0  # the choice's index in the response
     deadline: float = 0.0
     queue_seconds: float | None = None
@@ -353,10 +352,9 @@ class GenerationService:
         params: SamplingParams,
         record: RequestRecord,
         stream: bool = False,
-        score_prompt: int | None = None,
     ) -> list[Job]:
         """One job per choice. With a seed, choice i samples with seed + i: the choices differ, and the
-        same request gives the same choices again. Only the first choice scores the prompt (echo)."""
+        same request gives the same choices again."""
         deadline = record.start + self.settings.request_timeout_seconds
         outcomes: list[Outcome | None] = [None] * n
         jobs = []
@@ -372,7 +370,6 @@ class GenerationService:
                 record.request_id,
                 record.start,
                 stream,
-                score_prompt if index == 0 else None,
                 index,
             )
             job.deadline = deadline
@@ -411,10 +408,7 @@ class GenerationService:
                 raise InjectedFault("injected fault (fault_error_rate)")
             if faults.degraded_rate and self._random.random() < faults.degraded_rate:
                 params = SamplingParams(**{**{s: getattr(params, s) for s in params.__slots__}, "degraded": True})
-        result = self.engine.generate(job.prompt_ids, params, on_text, job.cancel)
-        if job.score_prompt is not None:
-            result.prompt_logprobs, result.prompt_top_logprobs = self.engine.score(job.prompt_ids, job.score_prompt)
-        return result
+        return self.engine.generate(job.prompt_ids, params, on_text, job.cancel)
 
     async def complete(self, job: Job) -> GenerationResult:
         """Run a generation to its end; raises the ServerError the request ends in."""
@@ -449,14 +443,11 @@ class GenerationService:
         except Exception as exc:
             raise _counted(ModelFailure(f"generation failed: {exc}")) from exc
 
-    async def score_prompt(self, job: Job) -> list[tuple[int, float | None, list[tuple[int, float]]]]:
-        """The prompt's tokens with their log-probabilities and `job.score_prompt` alternatives each,
-        before the job generates (echo + logprobs, streamed: the prompt's chunk goes out first). A
-        forward pass of the model, admitted and timed like a generation; the generation then does
-        not score the prompt again. Raises the ServerError the request ends in."""
-        top = job.score_prompt
-        assert top is not None
-        job.score_prompt = None
+    async def score_prompt(self, job: Job, top: int) -> list[tuple[int, float | None, list[tuple[int, float]]]]:
+        """The job's prompt tokens with their log-probabilities and `top` alternatives each (echo +
+        logprobs), before the job generates: streamed, the prompt's chunk goes out first. A forward
+        pass of the model, admitted and bounded by the request's deadline like a generation. Raises
+        the ServerError the request ends in."""
         release = await self._admit(job)
         loop = asyncio.get_running_loop()
         if self.engine.blocking:

@@ -90,7 +90,6 @@ async def _prepare(
     prompt_ids: list[int],
     max_tokens: int | None,
     logprobs: int | None = None,
-    score_prompt: int | None = None,
 ) -> list[Job]:
     service.check_choices(body.n)
     limit = service.resolve_max_tokens(
@@ -107,7 +106,6 @@ async def _prepare(
         params=params,
         record=record_of(request),
         stream=body.stream,
-        score_prompt=score_prompt,
     )
 
 
@@ -155,7 +153,6 @@ async def completions(body: CompletionRequest, request: Request):
     service.check_ready()
     service.check_model(body.model)
     prompt_ids = await encode(service, body.prompt_text)
-    score_prompt = body.logprobs if body.echo and body.logprobs is not None else None
     jobs = await _prepare(
         service,
         request,
@@ -165,17 +162,18 @@ async def completions(body: CompletionRequest, request: Request):
         prompt_ids,
         body.max_tokens,
         logprobs=body.logprobs,
-        score_prompt=score_prompt,
     )
     response_id, created = f"cmpl-{jobs[0].request_id}", int(time.time())
     base = {"id": response_id, "object": "text_completion", "created": created, "model": service.model_name}
     echoed = body.prompt_text if body.echo else ""
     top = body.logprobs
+    # echo + logprobs: the prompt's tokens and log-probabilities, scored before the choices generate
+    # (streamed, they go out first), once for all of them.
+    prompt = await service.score_prompt(jobs[0], top) if body.echo and top is not None else []
     if body.stream:
         echo_logprobs = None
-        if score_prompt is not None:  # the prompt's chunk carries its log-probabilities: scored first
-            prompt = await service.score_prompt(jobs[0])
-            echo_logprobs = await asyncio.to_thread(_completion_logprobs, service.engine, prompt, score_prompt)
+        if prompt and top is not None:
+            echo_logprobs = await asyncio.to_thread(_completion_logprobs, service.engine, prompt, top)
         events = await service.start_streams(jobs)
         # Where each choice's next token starts in its text: after the prompt's tokens when they were
         # scored (as in the unstreamed response), else after the echoed prompt.
@@ -204,15 +202,13 @@ async def completions(body: CompletionRequest, request: Request):
     results = await service.complete_all(jobs)
 
     def choices() -> list[CompletionChoice]:  # with logprobs: one decode per token, so off the event loop
-        prompt: list = []
-        if score_prompt is not None:  # only the first choice scored the prompt
-            scored = results[0]
-            prompt = list(zip(prompt_ids, scored.prompt_logprobs or [], scored.prompt_top_logprobs or [], strict=True))
         return [
             CompletionChoice(
                 index=index,
                 text=echoed + result.text,
-                logprobs=None if top is None else _completion_logprobs(service.engine, prompt + _entries(result), top),
+                logprobs=None
+                if top is None
+                else _completion_logprobs(service.engine, [*prompt, *_entries(result)], top),
                 finish_reason=_openai_finish(result.finish_reason),
             )
             for index, result in enumerate(results)
