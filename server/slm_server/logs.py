@@ -13,9 +13,10 @@ gpu_missing, overloaded, shutdown, error.
 Why the request line bypasses `logging`: a LogRecord, the handler's lock, stdlib json and a
 write + flush per line cost about 30 µs per request on the project's 2-core VM, more than all the
 metrics together (`bench/bench_server.py`). The middleware queues one tuple per request in
-`JsonLines`; a flusher thread turns the queue into JSON (orjson) and writes it in one call every
-`log_flush_interval_seconds` (0.1 s by default); warnings, errors and 5xx requests are written at
-once, and what is left at shutdown, at exit or on SIGTERM. Other events still go through
+`JsonLines`, which turns every 32 queued lines into JSON (orjson) and writes them in one call;
+its flusher thread writes what is queued every `log_flush_interval_seconds` (0.1 s by default);
+warnings, errors and 5xx requests are written at once, and what is left at shutdown, at exit or
+on SIGTERM. Other events still go through
 `logging`, so uvicorn's and the libraries' lines land in the same stream, in order with the
 request lines. Without `configure_logging` (the server embedded in another program, or under
 pytest), request lines go to the `slm_server.access` logger instead, like every other line.
@@ -173,17 +174,26 @@ def request_doc(line: RequestLine) -> dict[str, Any]:
     return doc
 
 
+# Lines queued before the writer that queues the next one encodes and writes them all itself. The
+# flusher thread's 0.1 s batch is ~500 lines at a busy server's rate: its lines' objects and its
+# ~0.5 MB buffer no longer fit the CPU's cache by the time it is encoded, and the request line cost
+# ~10 µs more than with batches of 16 to 64 (bench_server's workers, same-process A/B).
+BATCH_LINES = 32
+
+
 class JsonLines:
     """The process's writer of JSON lines.
 
-    `write(item)` only queues the line: a log record's dict (its `timestamp` an epoch float), or a
-    request's `RequestLine` tuple. The flusher thread turns what is queued into JSON and writes it
-    every `flush_interval` seconds, in one write. An urgent line (warnings, errors, 5xx requests)
-    is written at once by the caller, with everything before it; so are all lines when
-    `flush_interval` is 0. `flush()` and exit write the rest. Building and encoding a batch in a
-    tight loop costs a fraction of doing it for each line between two requests' work, and the
-    request path pays only a tuple and a deque append. Writers never lock (deque append and
-    popleft are atomic); the lock only keeps two flushes from interleaving.
+    `write(item)` queues the line: a log record's dict (its `timestamp` an epoch float), or a
+    request's `RequestLine` tuple. Every `BATCH_LINES` lines, the writer turns what is queued into
+    JSON and writes it in one call (~25 KB; skipped, never waited for, while the flusher thread is
+    writing); the flusher thread does the same every `flush_interval` seconds with whatever is
+    queued, so a quiet server's lines are out within that time. An urgent line (warnings, errors,
+    5xx requests) is written at once by the caller, with everything before it; so are all lines
+    when `flush_interval` is 0. `flush()` and exit write the rest. Building and encoding a batch
+    in a tight loop costs a fraction of doing it for each line between two requests' work.
+    Queueing never locks (deque append and popleft are atomic); the lock only keeps two flushes
+    from interleaving.
 
     What is queued belongs to the writer: callers hand over objects they no longer change.
     """
@@ -203,9 +213,16 @@ class JsonLines:
             self._thread.start()
 
     def write(self, item: dict[str, Any] | RequestLine, urgent: bool = False) -> None:
-        self._pending.append(item)
-        if urgent or self._thread is None or len(self._pending) >= 4096:
+        pending = self._pending
+        pending.append(item)
+        if urgent or self._thread is None or len(pending) >= 4096:
             self.flush()
+        elif len(pending) >= BATCH_LINES and self._lock.acquire(blocking=False):
+            # Never waits: while the flusher thread is writing, the lines stay queued for it.
+            try:
+                self.flush()
+            finally:
+                self._lock.release()
 
     def flush(self) -> None:
         with self._lock:

@@ -6,12 +6,13 @@ import hashlib
 import io
 import json
 import logging
+import threading
 import time
 from pathlib import Path
 
 import pytest
 
-from slm_server.logs import JsonFormatter, JsonLines, configure_logging, parse_traceparent
+from slm_server.logs import BATCH_LINES, JsonFormatter, JsonLines, configure_logging, parse_traceparent
 from slm_server.settings import Settings
 
 from .conftest import MODEL_NAME, one_slot_settings, serve, settings_for, wait_for
@@ -199,6 +200,48 @@ def test_an_urgent_line_is_written_at_once_after_the_lines_queued_before_it():
         assert [d["message"] for d in _docs(stream)] == ["info 0", "info 1", "info 2", "boom"]
     finally:
         lines.close()
+
+
+def test_a_full_batch_is_written_by_the_writer_that_completes_it():
+    stream = io.BytesIO()
+    lines = JsonLines(stream, flush_interval=60)  # the flusher would not run during the test
+    try:
+        for i in range(BATCH_LINES - 1):
+            lines.write({"timestamp": time.time(), "level": "info", "logger": "t", "message": f"line {i}"})
+        assert stream.getvalue() == b""
+        lines.write({"timestamp": time.time(), "level": "info", "logger": "t", "message": "last"})
+        messages = [d["message"] for d in _docs(stream)]
+        assert messages == [f"line {i}" for i in range(BATCH_LINES - 1)] + ["last"]
+    finally:
+        lines.close()
+
+
+def test_a_writer_never_waits_for_a_flush_in_progress():
+    stream = io.BytesIO()
+    lines = JsonLines(stream, flush_interval=60)
+    flushing, release = threading.Event(), threading.Event()
+
+    def slow_flush() -> None:  # the flusher thread, stuck in a write to a full pipe
+        with lines._lock:
+            flushing.set()
+            release.wait(10)
+
+    flusher = threading.Thread(target=slow_flush)
+    flusher.start()
+    try:
+        assert flushing.wait(5)
+        writer = threading.Thread(
+            target=lambda: [lines.write({"timestamp": time.time(), "message": f"{i}"}) for i in range(BATCH_LINES * 2)]
+        )
+        writer.start()
+        writer.join(5)
+        assert not writer.is_alive()  # queued, not blocked behind the flush
+        assert stream.getvalue() == b""
+    finally:
+        release.set()
+        flusher.join()
+        lines.close()
+    assert len(_docs(stream)) == BATCH_LINES * 2  # written once the flush is over
 
 
 def test_close_writes_what_is_left_and_bad_values_lose_nothing_else():
