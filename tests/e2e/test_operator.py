@@ -247,22 +247,35 @@ def test_a_resync_of_unchanged_resources_writes_nothing(cluster: ClusterBase, op
         cluster.kubectl("apply", "-n", namespace, "-f", "-", input=minimal(f"quiet-{i}"))
     for i in range(3):
         wait_condition(cluster, namespace, f"quiet-{i}", "Ready", "True")
+    # The write counter is the operator process's: earlier tests' namespaces, deleted without
+    # waiting, must be gone first (their objects' deletion makes the operator report and write).
+    wait_for("earlier tests' namespaces to be deleted", lambda: not cluster.kubectl(
+        "get", "namespaces", "-o", "jsonpath={.items[?(@.status.phase=='Terminating')].metadata.name}",
+    ).stdout.split(), timeout=120)
+
+    def writes() -> dict[str, float]:
+        return {key: value for key, value in operator_process.metrics().items()
+                if key.startswith("slm_operator_api_writes_total")}
 
     def settled() -> bool:
         # Two consecutive full resyncs with no write in between.
-        writes = operator_process.writes()
+        before = writes()
         resyncs = operator_process.sum_of("slm_operator_reconciles_total", trigger="resync")
         wait_for("a full resync", lambda: operator_process.sum_of("slm_operator_reconciles_total", trigger="resync")
                  >= resyncs + 3, timeout=20)
-        return operator_process.writes() == writes
+        return writes() == before
 
     wait_for("the operator to settle", settled, timeout=60, interval=0)
-    writes = operator_process.writes()
+    before = writes()
     skipped = operator_process.sum_of("slm_operator_apply_skipped_total")
     resyncs = operator_process.sum_of("slm_operator_reconciles_total", trigger="resync")
     wait_for("three more resync rounds", lambda: operator_process.sum_of(
         "slm_operator_reconciles_total", trigger="resync") >= resyncs + 9, timeout=30)
-    assert operator_process.writes() == writes
+    after = writes()
+    assert after == before, (
+        {key: after[key] - before.get(key, 0) for key in after if after[key] != before.get(key)},
+        operator_process.tail(),
+    )
     assert operator_process.sum_of("slm_operator_apply_skipped_total") > skipped  # it did look
 
 
