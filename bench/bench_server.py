@@ -28,8 +28,8 @@ workers' blocks. The parent runs the blocks one worker at a time, in a shuffled 
 each block is timed in CPU time of its worker process (time.process_time: every thread, the log
 flusher's included, and no other process) and ends with the block's log lines flushed and its
 queued metric observations applied. Ratios and costs are the medians of per-round pairs.
-A block is 1,000 requests (~0.2 s: the log flusher writes its batches every 0.1 s meanwhile, as in
-a server). Each block starts with the CPU caches full of the previous worker's data, a cost per
+A block is 1,000 requests (~0.2 s: the log lines are written in batches of 32 and by the flusher
+every 0.1 s meanwhile, as in a server). Each block starts with the CPU caches full of the previous worker's data, a cost per
 block that a serving process does not pay every few hundred requests and that weighs on the
 variant with more code and data per request; longer blocks spread it thinner. The machine's own
 state moves the figures more than that: on the project's shared 2-core VM the same code and
@@ -155,7 +155,7 @@ def worker(name: str, conn: Connection) -> None:
     """One variant in its own process: answers `("block", n)` with the CPU µs per request of n
     requests, `("metrics",)` with the /metrics figures, and stops on `("stop",)`."""
     # The request logs really are encoded and written (to /dev/null), as the server writes them:
-    # batched by the flusher thread every log_flush_interval_seconds, whose CPU time is counted.
+    # in batches of 32 and by the flusher thread every log_flush_interval_seconds (its CPU time counted).
     with open(os.devnull, "wb") as sink:
         handler = configure_logging(_settings(), stream=sink)
         try:

@@ -80,7 +80,8 @@ class Settings(BaseSettings):
         0.1,
         ge=0.0,
         le=10.0,
-        description="Log lines are written in batches this often (warnings and errors at once); 0 = every line.",
+        description="Log lines are written in batches of 32, and at least this often (warnings and errors at once); "
+        "0 = every line.",
     )
 
     # --- fault injection (alert tests, the demo) — off unless set here, never from a request ---------

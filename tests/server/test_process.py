@@ -119,7 +119,7 @@ def test_openai_client_surfaces_errors(client):
 def test_every_output_line_is_json_uvicorn_included(live, client):
     client.completions.create(model=MODEL_NAME, prompt="x", max_tokens=2)
     httpx.get(f"{live.base_url}/metrics")
-    # Request lines are written in batches (log_flush_interval_seconds, 0.1 s by default).
+    # Request lines are written in batches (of 32, or every log_flush_interval_seconds: 0.1 s by default).
     records = wait_for(lambda: any(r.get("event") == "request" for r in live.records()) and live.records())
     loggers = {r["logger"] for r in records}
     assert "uvicorn.error" in loggers  # "Uvicorn running on ...", routed into the JSON handler
