@@ -29,9 +29,10 @@ each block is timed in CPU time of its worker process (time.process_time: every 
 flusher's included, and no other process) and ends with the block's log lines flushed and its
 queued metric observations applied. Ratios and costs are the medians of per-round pairs.
 A block is 1,000 requests (~0.2 s: the log lines are written in batches of 32 and by the flusher
-every 0.1 s meanwhile, as in a server). Each block starts with the CPU caches full of the previous worker's data, a cost per
-block that a serving process does not pay every few hundred requests and that weighs on the
-variant with more code and data per request; longer blocks spread it thinner. The machine's own
+every 0.1 s meanwhile, as in a server). Each block starts with the CPU caches full of the previous
+worker's data, a cost per block that a serving process does not pay every few hundred requests
+and that weighs on the variant with more code and data per request; longer blocks spread it
+thinner. The machine's own
 state moves the figures more than that: on the project's shared 2-core VM the same code and
 arguments gave instrumented / uninstrumented from 0.868 to 0.902 within two hours.
 Reported: requests/s per variant, the ratios to the uninstrumented app (goal: instrumented >= 0.90
