@@ -449,15 +449,7 @@ class GenerationService:
         pass of the model, admitted and bounded by the request's deadline like a generation. Raises
         the ServerError the request ends in."""
         release = await self._admit(job)
-        loop = asyncio.get_running_loop()
-        if self.engine.blocking:
-            future = loop.run_in_executor(self._executor, self.engine.score, job.prompt_ids, top)
-        else:
-            future = loop.create_future()
-            try:
-                future.set_result(self.engine.score(job.prompt_ids, top))
-            except Exception as exc:
-                future.set_exception(exc)
+        future = self._submit(self.engine.score, job.prompt_ids, top)
         future.add_done_callback(lambda _: release())  # the slot is taken until the pass ends, timeout or not
         try:
             values, tops = await asyncio.wait_for(asyncio.shield(future), job.deadline - time.perf_counter())
@@ -492,17 +484,15 @@ class GenerationService:
         queue: asyncio.Queue[Any] = asyncio.Queue()
         done = object()
 
-        def on_text(delta: str, tokens: list[TokenLogprobs]) -> None:
-            loop.call_soon_threadsafe(queue.put_nowait, (delta, tokens))
+        blocking = self.engine.blocking  # calls on_text from its worker thread; the others, on the event loop
 
-        if self.engine.blocking:
-            future = loop.run_in_executor(self._executor, self._run, job, on_text)
-        else:
-            future = loop.create_future()
-            try:
-                future.set_result(self._run(job, lambda delta, tokens: queue.put_nowait((delta, tokens))))
-            except Exception as exc:
-                future.set_exception(exc)
+        def on_text(delta: str, tokens: list[TokenLogprobs]) -> None:
+            if blocking:
+                loop.call_soon_threadsafe(queue.put_nowait, (delta, tokens))
+            else:
+                queue.put_nowait((delta, tokens))
+
+        future = self._submit(self._run, job, on_text)
 
         def on_done(f: asyncio.Future) -> None:
             release()
@@ -543,6 +533,19 @@ class GenerationService:
                 job.cancel.set()
             raise
         return _merge(streams, jobs)
+
+    def _submit(self, fn: Callable[..., Any], *args: Any) -> asyncio.Future:
+        """`fn(*args)` as a future: on a worker thread for a blocking engine, else run now (the
+        no-op and test engines), its result or exception already in the future."""
+        loop = asyncio.get_running_loop()
+        if self.engine.blocking:
+            return loop.run_in_executor(self._executor, fn, *args)
+        future = loop.create_future()
+        try:
+            future.set_result(fn(*args))
+        except Exception as exc:
+            future.set_exception(exc)
+        return future
 
     def _timeout(self) -> RequestTimeout:
         return RequestTimeout(
