@@ -233,7 +233,8 @@ def server_reference() -> str:
         "of the process (start-up, model loaded, GPU found or missing, overload, shutdown, errors with their stack "
         "trace, uvicorn's own). Field names follow the OpenTelemetry semantic conventions (HTTP, GenAI) where one "
         "exists, `slm.` otherwise. Prompts are never logged; outputs follow `SLM_LOG_OUTPUTS`. Lines are written "
-        "in batches every `SLM_LOG_FLUSH_INTERVAL_SECONDS`; warnings, errors and 5xx requests at once.",
+        "in batches of 32 and at least every `SLM_LOG_FLUSH_INTERVAL_SECONDS`; warnings, errors and 5xx requests "
+        "at once. What this costs per request: [performance](../performance.md).",
         "",
         "| field | in the line of a /generate call | meaning |",
         "| --- | --- | --- |",
