@@ -10,7 +10,7 @@ export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 # Python prints as it goes (progress of long steps shows up in CI logs).
 export PYTHONUNBUFFERED := 1
 
-.PHONY: help deps venv tools generate demo test unit e2e lint bench kind-up kind-down clean
+.PHONY: help deps venv tools generate demo test unit e2e lint bench gpu-bundle kind-up kind-down clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | expand -t 14
@@ -50,6 +50,9 @@ lint: deps ## ruff + mypy
 bench: deps ## benchmarks, printed as ratios against a baseline run side by side
 	@for b in bench/bench_*.py; do echo "== $$b"; $(PY) $$b; done
 
+gpu-bundle: deps ## .gpu/: wheels + tiny model for running scripts/gpu-check.sh on a GPU machine with no network
+	@scripts/gpu-bundle.sh
+
 kind-up: ## a kind cluster for running the e2e tests on a laptop with Docker (cannot run in CI here)
 	@scripts/kind-up.sh
 
@@ -57,4 +60,4 @@ kind-down: ## delete the kind cluster
 	@kind delete cluster --name slm-monitoring
 
 clean: ## remove checkout-local build outputs (the shared cache stays; rm -rf ~/.cache/slm-monitoring for all)
-	rm -rf .venv .bin .pytest_cache .ruff_cache .mypy_cache
+	rm -rf .venv .bin .gpu .pytest_cache .ruff_cache .mypy_cache

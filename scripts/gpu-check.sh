@@ -4,10 +4,14 @@
 #   2. runs the server on CUDA and checks it generates there (slm_model_info{device="cuda..."});
 #   3. compares the server's pynvml series with `nvidia-smi` for every GPU;
 #   4. measures generation tokens/s with monitoring on (the default server: metrics, JSON request
-#      logs, drift detection) and off (SLM_METRICS_ENABLED=false), same load, same model.
+#      logs, drift detection) and off (SLM_METRICS_ENABLED=false, SLM_LOG_REQUESTS=false), same
+#      load, same model.
 #
-#   scripts/gpu-check.sh                       # uses .venv/bin/python, or $PYTHON
+#   scripts/gpu-check.sh                       # uses .venv/bin/python, or $PYTHON, or python3
+#   GPU_CHECK_BUNDLE=.gpu scripts/gpu-check.sh # a machine whose python3 has torch but not the
+#                                              # server's web stack: see scripts/gpu-bundle.sh
 #   GPU_CHECK_ALLOW_CPU=1 scripts/gpu-check.sh # rehearse the flow on a machine without a GPU
+#   GPU_CHECK_REQUESTS=64                      # requests per tokens/s run (3 runs each way)
 #
 # Exit status 0 when every check passed. Output is plain text meant to be pasted into a note.
 set -euo pipefail
@@ -19,6 +23,13 @@ PYTHON="${PYTHON:-$repo/.venv/bin/python}"
 [ -x "$PYTHON" ] || PYTHON="$(command -v python3)"
 export PYTHONPATH="$repo/server${PYTHONPATH:+:$PYTHONPATH}"
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PYTHONUNBUFFERED=1
+if [ -n "${GPU_CHECK_BUNDLE:-}" ]; then
+  bundle="$(cd "$GPU_CHECK_BUNDLE" && pwd)"
+  site="$(mktemp -d -t gpu-check-site-XXXXXX)"
+  "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$site" "$bundle"/wheels/*.whl
+  export PYTHONPATH="$repo/server:$site${PYTHONPATH#"$repo/server"}"
+  export SLM_CACHE_DIR="$bundle/cache"  # the tiny model built by gpu-bundle.sh
+fi
 
 echo "== machine"
 "$PYTHON" - <<'EOF'
@@ -163,7 +174,7 @@ model_dir = ensure_tiny_model(log=lambda m: print(f"  {m}"))
 print(f"== tiny model: {model_dir}")
 log_dir = tempfile.mkdtemp(prefix="gpu-check-")
 
-print("== server on CUDA, pynvml vs nvidia-smi")
+print("== server on CUDA, pynvml vs nvidia-smi" if HAVE_SMI or not ALLOW_CPU else "== server (CPU rehearsal: no GPU here)")
 with server(model_dir, log_dir) as base:
     status, body = http("POST", f"{base}/generate", {"prompt": "Return the", "max_tokens": 32, "temperature": 0})
     check(status == 200, f"POST /generate on the GPU server: {status}")
@@ -171,7 +182,10 @@ with server(model_dir, log_dir) as base:
     info = [s for s in got if s.name == "slm_model_info"]
     device = info[0].labels["device"] if info else "?"
     print(f"  slm_model_info: {info[0].labels if info else 'missing'}")
-    check(device.startswith("cuda") or (ALLOW_CPU and not HAVE_SMI), f"model on CUDA (device={device})")
+    if ALLOW_CPU and not HAVE_SMI:
+        check(device == "cpu", f"model loaded (device={device}; a rehearsal on CPU)")
+    else:
+        check(device.startswith("cuda"), f"model on CUDA (device={device})")
     gpu = {}
     for s in got:
         if s.name.startswith("nvidia_gpu_"):
@@ -196,12 +210,14 @@ with server(model_dir, log_dir) as base:
     else:
         check(not gpu, "no GPU: no nvidia_gpu_* series")
 
-print("== tokens/s, monitoring on vs off (same load: 64 greedy requests x 128 tokens, 8 at a time)")
+REQUESTS = int(os.environ.get("GPU_CHECK_REQUESTS", "64"))
+print(f"== tokens/s, monitoring on vs off (same load: {REQUESTS} greedy requests x 128 tokens, 8 at a time)")
 results = {}
-for label, env in (("monitoring on", {}), ("monitoring off", {"SLM_METRICS_ENABLED": "false"})):
+off = {"SLM_METRICS_ENABLED": "false", "SLM_LOG_REQUESTS": "false"}  # no metrics, no drift, no request lines
+for label, env in (("monitoring on", {}), ("monitoring off", off)):
     with server(model_dir, log_dir, **env) as base:
         load(base, 8, 8, 16)  # warm-up (CUDA kernels, allocator)
-        rates = [load(base, 64, 8, 128)[0] for _ in range(3)]
+        rates = [load(base, REQUESTS, 8, 128)[0] for _ in range(3)]
         results[label] = sorted(rates)[1]
         print(f"  {label:<15} {results[label]:8.1f} tokens/s  (median of 3 runs: {', '.join(f'{r:.1f}' for r in rates)})")
 ratio = results["monitoring on"] / results["monitoring off"]
