@@ -21,15 +21,15 @@ repo="$(cd "$here/.." && pwd)"
 cd "$repo"
 PYTHON="${PYTHON:-$repo/.venv/bin/python}"
 [ -x "$PYTHON" ] || PYTHON="$(command -v python3)"
-export PYTHONPATH="$repo/server${PYTHONPATH:+:$PYTHONPATH}"
-export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PYTHONUNBUFFERED=1
+site=""
 if [ -n "${GPU_CHECK_BUNDLE:-}" ]; then
   bundle="$(cd "$GPU_CHECK_BUNDLE" && pwd)"
   site="$(mktemp -d -t gpu-check-site-XXXXXX)"
   "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$site" "$bundle"/wheels/*.whl
-  export PYTHONPATH="$repo/server:$site${PYTHONPATH#"$repo/server"}"
   export SLM_CACHE_DIR="$bundle/cache"  # the tiny model built by gpu-bundle.sh
 fi
+export PYTHONPATH="$repo/server${site:+:$site}${PYTHONPATH:+:$PYTHONPATH}"
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PYTHONUNBUFFERED=1
 
 echo "== machine"
 "$PYTHON" - <<'EOF'
