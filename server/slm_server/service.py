@@ -484,12 +484,16 @@ class GenerationService:
         queue: asyncio.Queue[Any] = asyncio.Queue()
         done = object()
 
-        blocking = self.engine.blocking  # calls on_text from its worker thread; the others, on the event loop
+        # A blocking engine calls on_text from its worker thread; the others, on the event loop.
+        # Chosen once, not per token.
+        if self.engine.blocking:
 
-        def on_text(delta: str, tokens: list[TokenLogprobs]) -> None:
-            if blocking:
+            def on_text(delta: str, tokens: list[TokenLogprobs]) -> None:
                 loop.call_soon_threadsafe(queue.put_nowait, (delta, tokens))
-            else:
+
+        else:
+
+            def on_text(delta: str, tokens: list[TokenLogprobs]) -> None:
                 queue.put_nowait((delta, tokens))
 
         future = self._submit(self._run, job, on_text)
