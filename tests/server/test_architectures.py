@@ -1,0 +1,231 @@
+"""The server serves other model families the way it serves the tiny GPT-2: any Hugging Face causal
+LM directory, loaded, prompted and decoded the same way.
+
+Real users serve Llama- and Qwen2-family models (Llama 3.2, SmolLM, Qwen2.5), which differ from
+GPT-2 in the places a hand-written decoding loop can go wrong: rotary positions and grouped-query
+attention in the KV cache, a tokenizer that adds a BOS token, a chat template that writes the BOS
+itself (so encoding its text must not add a second), several end-of-sequence ids in
+`generation_config.json`, untied or tied output embeddings, and the context length in
+`max_position_embeddings`. Real checkpoints cannot be downloaded here, so each family is a small
+model of its real architecture class with random weights (seeded) and the tiny model's trained
+byte-level BPE vocabulary plus the family's special tokens, saved with `save_pretrained` as an
+ordinary model directory.
+
+The reference for every generated token is transformers' own `generate()` on the same weights.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from slm_server.engine import TransformersEngine
+from slm_server.settings import Settings
+
+from .conftest import serve, sse_events
+
+CONTEXT = 384
+PROMPT = "Return a new list of the items in the order given"
+MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What does it return?"}]
+
+FAMILIES: dict[str, dict[str, Any]] = {
+    "llama": {
+        "classes": ("LlamaConfig", "LlamaForCausalLM"),
+        # Llama 3: the tokenizer adds <|begin_of_text|>; the chat template writes it too.
+        "bos": "<|begin_of_text|>",
+        "eos": "<|eot_id|>",
+        "specials": ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"],
+        "chat_template": (
+            "{{ bos_token }}{% for m in messages %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>\n\n"
+            "{{ m['content'] }}<|eot_id|>{% endfor %}"
+            "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}"
+        ),
+        "tied": False,
+    },
+    "qwen2": {
+        "classes": ("Qwen2Config", "Qwen2ForCausalLM"),
+        # Qwen2.5: no BOS anywhere; ChatML; attention biases.
+        "bos": None,
+        "eos": "<|im_end|>",
+        "specials": ["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        "chat_template": (
+            "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+            "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+        ),
+        # Qwen2.5's small checkpoints tie them, but with random weights a tied model's greedy answer
+        # is its last token repeated forever (each position's state is mostly its own token's
+        # embedding); the tiny GPT-2 covers tied embeddings.
+        "tied": False,
+    },
+}
+
+
+def _tokenizer(tiny_model_dir: Path, family: dict[str, Any]):
+    from tokenizers import Tokenizer, processors
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer.from_file(str(tiny_model_dir / "tokenizer.json"))
+    tok.add_special_tokens(family["specials"])
+    bos = family["bos"]
+    if bos is not None:  # as Llama 3's tokenizer.json does it
+        tok.post_processor = processors.Sequence(
+            [
+                processors.ByteLevel(trim_offsets=False),
+                processors.TemplateProcessing(
+                    single=f"{bos}:0 $A:0",
+                    pair=f"{bos}:0 $A:0 {bos}:1 $B:1",
+                    special_tokens=[(bos, tok.token_to_id(bos))],
+                ),
+            ]
+        )
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token=bos, eos_token=family["eos"], pad_token=family["eos"]
+    )
+    fast.chat_template = family["chat_template"]
+    return fast
+
+
+def _model(tokenizer, family: dict[str, Any]):
+    import transformers
+
+    config_class, model_class = (getattr(transformers, name) for name in family["classes"])
+    eos_id = tokenizer.convert_tokens_to_ids(family["eos"])
+    config = config_class(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,  # grouped-query attention, as both families use
+        max_position_embeddings=CONTEXT,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=eos_id,
+        pad_token_id=eos_id,
+        tie_word_embeddings=family["tied"],
+    )
+    torch.manual_seed(5)
+    return model_class(config).eval()
+
+
+def _greedy(model, ids: list[int], n: int) -> list[int]:
+    """transformers' own greedy decoding, ending on the ids of the model's generation config: the reference."""
+    with torch.no_grad():
+        out = model.generate(torch.tensor([ids]), do_sample=False, max_new_tokens=n)
+    return out[0, len(ids) :].tolist()
+
+
+@pytest.fixture(scope="module", params=sorted(FAMILIES))
+def family_dir(request, tiny_model_dir: Path, tmp_path_factory) -> Path:
+    """A model directory of the family: its `generation_config.json` lists two end-of-sequence ids,
+    the family's own and a token its greedy answer to PROMPT reaches after a few tokens (so the test
+    sees the second id end a generation)."""
+    name = request.param
+    family = FAMILIES[name]
+    tokenizer = _tokenizer(tiny_model_dir, family)
+    model = _model(tokenizer, family)
+    ids = tokenizer.encode(PROMPT)
+    model.generation_config.eos_token_id = None
+    free_run = _greedy(model, ids, 24)
+    stop_at = next(i for i in range(3, len(free_run)) if free_run[i] not in free_run[:i])
+    model.generation_config.eos_token_id = [tokenizer.convert_tokens_to_ids(family["eos"]), free_run[stop_at]]
+    model.generation_config.bos_token_id = tokenizer.bos_token_id
+    target = tmp_path_factory.mktemp(name)
+    model.save_pretrained(target)
+    tokenizer.save_pretrained(target)
+    (target / "expected.json").write_text(json.dumps({"family": name, "stop_at": stop_at, "free_run": free_run}))
+    return target
+
+
+@pytest.fixture(scope="module")
+def family_engine(family_dir: Path) -> TransformersEngine:
+    engine = TransformersEngine(Settings(model=str(family_dir), served_model_name="family"))
+    engine.load()
+    return engine
+
+
+@pytest.fixture
+def family_server(family_engine: TransformersEngine, family_dir: Path):
+    with serve(family_engine, Settings(model=str(family_dir), served_model_name="family")) as srv:
+        yield srv
+
+
+def _expected(family_dir: Path) -> dict[str, Any]:
+    return json.loads((family_dir / "expected.json").read_text())
+
+
+def test_loads_with_the_family_context_and_chat_template(family_engine, family_dir):
+    info = family_engine.info
+    assert info.max_context == CONTEXT
+    assert info.has_chat_template
+    config = json.loads((family_dir / "config.json").read_text())
+    assert config["architectures"] == [FAMILIES[_expected(family_dir)["family"]]["classes"][1]]
+    assert info.parameters == sum(p.numel() for p in family_engine.model.parameters())
+
+
+def test_greedy_tokens_are_transformers_own_and_any_listed_eos_ends_the_generation(family_server, family_engine):
+    expected = _expected(Path(family_engine.settings.model))
+    ids = family_engine.encode(PROMPT)
+    reference = _greedy(family_engine.model, ids, 24)
+
+    r = family_server.client.post(
+        "/generate", json={"prompt": PROMPT, "max_tokens": 24, "temperature": 0, "return_token_ids": True}
+    )
+    body = r.json()
+    assert r.status_code == 200, body
+    assert body["token_ids"] == reference
+    # The generation ended on the second end-of-sequence id of generation_config.json, not the first.
+    assert body["token_ids"] == expected["free_run"][: expected["stop_at"] + 1]
+    assert body["finish_reason"] == "stop"
+
+
+def test_perplexity_equals_exp_loss_of_a_teacher_forced_pass(family_server, family_engine):
+    r = family_server.client.post(
+        "/generate", json={"prompt": PROMPT, "max_tokens": 16, "temperature": 1.0, "seed": 7, "return_token_ids": True}
+    )
+    body = r.json()
+    prompt_ids = family_engine.encode(PROMPT)
+    ids = torch.tensor([prompt_ids + body["token_ids"]])
+    labels = ids.clone()
+    labels[0, : len(prompt_ids)] = -100
+    with torch.no_grad():
+        expected = math.exp(family_engine.model(input_ids=ids, labels=labels).loss.item())
+    assert body["perplexity"] == pytest.approx(expected, rel=1e-3)
+
+
+def test_prompt_tokens_have_exactly_the_family_bos(family_server, family_engine):
+    tokenizer = family_engine.tokenizer
+    bos = tokenizer.bos_token_id
+    completion = family_server.client.post(
+        "/v1/completions", json={"model": "family", "prompt": PROMPT, "max_tokens": 1}
+    )
+    chat = family_server.client.post(
+        "/v1/chat/completions", json={"model": "family", "messages": MESSAGES, "max_tokens": 1}
+    )
+    templated = tokenizer.apply_chat_template(MESSAGES, add_generation_prompt=True, tokenize=True, return_dict=False)
+
+    assert completion.json()["usage"]["prompt_tokens"] == len(tokenizer(PROMPT)["input_ids"])
+    assert chat.json()["usage"]["prompt_tokens"] == len(templated)
+    if bos is not None:
+        assert templated.count(bos) == 1 and templated[0] == bos
+    else:
+        assert len(tokenizer(PROMPT)["input_ids"]) == len(tokenizer(PROMPT, add_special_tokens=False)["input_ids"])
+
+
+def test_a_streamed_chat_says_what_the_whole_answer_says(family_server):
+    body = {"model": "family", "messages": MESSAGES, "max_tokens": 20, "temperature": 0}
+    whole = family_server.client.post("/v1/chat/completions", json=body).json()
+    events, _ = sse_events(family_server.client, "/v1/chat/completions", body)
+    streamed = "".join(e["choices"][0]["delta"].get("content") or "" for e in events if e["choices"])
+    assert streamed == whole["choices"][0]["message"]["content"]
+    assert whole["choices"][0]["finish_reason"] in ("stop", "length")
+
+
+def test_the_context_comes_from_max_position_embeddings(family_server):
+    r = family_server.client.post("/generate", json={"prompt": PROMPT, "max_tokens": CONTEXT})
+    assert r.status_code == 400, r.text
+    assert f"context is {CONTEXT} tokens" in r.text
