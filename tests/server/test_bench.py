@@ -43,3 +43,15 @@ def test_the_baseline_serves_like_the_instrumented_app_without_its_monitoring(be
     for app in (baseline, instrumented):  # request ids and the body cap are in both
         assert [m.cls.__name__ for m in app.user_middleware] == ["RequestMiddleware"]
     assert baseline.state.settings.max_body_bytes == instrumented.state.settings.max_body_bytes
+
+
+def test_the_detokenization_benchmark_streams_the_same_text_both_ways():
+    """bench_detokenize checks that both ways give the tokens' text; here on a short run, for shape."""
+    sys.path.insert(0, str(BENCH))
+    try:
+        import bench_detokenize
+    finally:
+        sys.path.remove(str(BENCH))
+    result = bench_detokenize.run([16, 64], repeats=1)
+    assert set(result) == {"16", "64"}
+    assert all(r["incremental"] > 0 and r["whole_output"] > 0 and r["ratio"] > 0 for r in result.values())
