@@ -210,6 +210,8 @@ async def _load(service: GenerationService, metrics: ServerMetrics | NullMetrics
             "slm.device": info.device,
             "slm.dtype": info.dtype,
             "slm.max_context": info.max_context,
+            "slm.default_temperature": info.default_temperature,
+            "slm.default_top_p": info.default_top_p,
             "slm.parameters": info.parameters,
             "slm.load_seconds": round(load_seconds, 3),
         },

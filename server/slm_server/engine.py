@@ -80,6 +80,10 @@ class ModelInfo:
     device: str
     has_chat_template: bool
     parameters: int
+    # Sampling when a request leaves it out: the model's generation_config.json when it sets them
+    # (as vLLM does by default), else 1.0.
+    default_temperature: float = 1.0
+    default_top_p: float = 1.0
 
 
 class Engine(ABC):
@@ -117,6 +121,24 @@ class Engine(ABC):
 
     def close(self) -> None:  # noqa: B027 - optional hook
         """Free the model (shutdown)."""
+
+
+def _sampling_defaults(generation_config: Any) -> dict[str, float]:
+    """The temperature and top_p a model's generation_config.json sets (only those it sets: a value
+    left at transformers' default is not the model's advice), when the API accepts them."""
+    given = generation_config.to_diff_dict()
+    defaults = {}
+    for key, field_name, valid in (
+        ("temperature", "default_temperature", lambda v: 0.0 <= v <= 2.0),
+        ("top_p", "default_top_p", lambda v: 0.0 < v <= 1.0),
+    ):
+        value = given.get(key)
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            if valid(value):
+                defaults[field_name] = float(value)
+            else:
+                log.warning(f"generation_config.json's {key} ({value}) is outside the API's range; 1.0 is the default")
+    return defaults
 
 
 def _plain_chat_prompt(messages: Sequence[dict[str, str]]) -> str:
@@ -259,6 +281,7 @@ class TransformersEngine(Engine):
             device=str(self.device),
             has_chat_template=bool(getattr(self.tokenizer, "chat_template", None)),
             parameters=sum(p.numel() for p in self.model.parameters()),
+            **_sampling_defaults(self.model.generation_config),
         )
 
     def encode(self, text: str) -> list[int]:

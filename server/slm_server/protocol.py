@@ -6,8 +6,9 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field
 
-Temperature = Annotated[float, Field(ge=0.0, le=2.0, description="0 = greedy")]
-TopP = Annotated[float, Field(gt=0.0, le=1.0)]
+_DEFAULT = "Left out: the model's generation_config.json value if it sets one, else 1.0."
+Temperature = Annotated[float | None, Field(ge=0.0, le=2.0, description=f"0 = greedy. {_DEFAULT}")]
+TopP = Annotated[float | None, Field(gt=0.0, le=1.0, description=_DEFAULT)]
 _Stop = Annotated[str, Field(min_length=1, max_length=64)]
 # Constraints live in the schema (not in validators), so the OpenAPI document tells the whole truth.
 StopStrings = Annotated[
@@ -34,8 +35,8 @@ class GenerateRequest(BaseModel):
         validation_alias=AliasChoices("max_tokens", "max_new_tokens"),
         description="Tokens to generate at most.",
     )
-    temperature: Temperature = 1.0
-    top_p: TopP = 1.0
+    temperature: Temperature = None
+    top_p: TopP = None
     stop: StopStrings = None
     seed: Seed = None
     model: str | None = None
@@ -75,8 +76,8 @@ class _OpenAIRequest(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     model: str
-    temperature: Temperature = 1.0
-    top_p: TopP = 1.0
+    temperature: Temperature = None
+    top_p: TopP = None
     n: int = Field(
         1, ge=1, le=128, description="Choices to generate, each its own generation; at most max_concurrent_requests."
     )

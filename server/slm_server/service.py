@@ -311,6 +311,14 @@ class GenerationService:
                 f"the model `{requested}` does not exist; this server serves `{self.model_name}`", param="model"
             )
 
+    def sampling(self, temperature: float | None, top_p: float | None) -> tuple[float, float]:
+        """A request's temperature and top_p, the model's defaults where it leaves them out."""
+        info = self.engine.info
+        return (
+            info.default_temperature if temperature is None else temperature,
+            info.default_top_p if top_p is None else top_p,
+        )
+
     def resolve_max_tokens(self, prompt_tokens: int, requested: int | None, param: str = "max_tokens") -> int:
         """Checks the prompt against the context and `max_tokens` against the cap; returns max_tokens."""
         context = self.engine.info.max_context

@@ -46,6 +46,8 @@ FAMILIES: dict[str, dict[str, Any]] = {
             "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}"
         ),
         "tied": False,
+        # As Llama 3.2 Instruct's generation_config.json advises.
+        "sampling": {"temperature": 0.6, "top_p": 0.9},
     },
     "qwen2": {
         "classes": ("Qwen2Config", "Qwen2ForCausalLM"),
@@ -61,6 +63,7 @@ FAMILIES: dict[str, dict[str, Any]] = {
         # is its last token repeated forever (each position's state is mostly its own token's
         # embedding); the tiny GPT-2 covers tied embeddings.
         "tied": False,
+        "sampling": {},
     },
 }
 
@@ -134,6 +137,10 @@ def family_dir(request, tiny_model_dir: Path, tmp_path_factory) -> Path:
     stop_at = next(i for i in range(3, len(free_run)) if free_run[i] not in free_run[:i])
     model.generation_config.eos_token_id = [tokenizer.convert_tokens_to_ids(family["eos"]), free_run[stop_at]]
     model.generation_config.bos_token_id = tokenizer.bos_token_id
+    if family["sampling"]:
+        model.generation_config.do_sample = True
+        for key, value in family["sampling"].items():
+            setattr(model.generation_config, key, value)
     target = tmp_path_factory.mktemp(name)
     model.save_pretrained(target)
     tokenizer.save_pretrained(target)
@@ -229,3 +236,31 @@ def test_the_context_comes_from_max_position_embeddings(family_server):
     r = family_server.client.post("/generate", json={"prompt": PROMPT, "max_tokens": CONTEXT})
     assert r.status_code == 400, r.text
     assert f"context is {CONTEXT} tokens" in r.text
+
+
+def test_sampling_a_request_leaves_out_is_the_model_generation_config(family_server, family_engine, json_records):
+    """As vLLM does: an instruct model's advised temperature and top_p, unless the request says."""
+    sampling = FAMILIES[_expected(Path(family_engine.settings.model))["family"]]["sampling"]
+    temperature, top_p = sampling.get("temperature", 1.0), sampling.get("top_p", 1.0)
+    body = {"prompt": PROMPT, "max_tokens": 12, "seed": 3, "return_token_ids": True}
+
+    implicit = family_server.client.post("/generate", json=body).json()
+    explicit = family_server.client.post("/generate", json={**body, "temperature": temperature, "top_p": top_p})
+    chat = family_server.client.post("/v1/chat/completions", json={"model": "family", "messages": MESSAGES})
+
+    assert implicit["token_ids"] == explicit.json()["token_ids"]
+    assert chat.status_code == 200
+    lines = json_records("request")
+    assert [(line["gen_ai.request.temperature"], line["gen_ai.request.top_p"]) for line in lines] == [
+        (temperature, top_p)
+    ] * 3
+
+
+def test_a_generation_config_value_the_api_refuses_is_not_a_default():
+    from transformers import GenerationConfig
+
+    from slm_server.engine import _sampling_defaults
+
+    config = GenerationConfig(do_sample=True, temperature=5.0, top_p=0.5)
+    assert _sampling_defaults(config) == {"default_top_p": 0.5}
+    assert _sampling_defaults(GenerationConfig()) == {}

@@ -97,7 +97,8 @@ async def _prepare(
         max_tokens,
         "max_completion_tokens" if getattr(body, "max_completion_tokens", None) else "max_tokens",
     )
-    params = SamplingParams(limit, body.temperature, body.top_p, stops(body.stop), body.seed, logprobs=logprobs)
+    temperature, top_p = service.sampling(body.temperature, body.top_p)
+    params = SamplingParams(limit, temperature, top_p, stops(body.stop), body.seed, logprobs=logprobs)
     return service.new_jobs(
         body.n,
         endpoint=endpoint,
