@@ -44,6 +44,10 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
     seed: int | None = None
     degraded: bool = False  # fault injection: sample uniformly instead of from the model
+    # OpenAI's: subtracted from the logit of each token the output already holds, once (presence)
+    # and once per occurrence (frequency). They change the choice, never the reported log-probabilities.
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
     logprobs: int | None = None  # None: none; k >= 0: each token's log-probability and the k most likely
 
 
@@ -328,6 +332,9 @@ class TransformersEngine(Engine):
         kwargs: dict[str, Any] = {"use_cache": True, self._cache_arg: None}
         if self._logits_to_keep:
             kwargs["logits_to_keep"] = 1  # only the last position's logits are needed
+        counts = None  # per vocabulary entry, its occurrences in the output, when a penalty needs them
+        if params.presence_penalty or params.frequency_penalty:
+            counts = torch.zeros(self.vocab_size, device=device)
         for _ in range(max_tokens):
             if cancel is not None and cancel.is_set():
                 result.finish_reason = "abort"
@@ -336,7 +343,12 @@ class TransformersEngine(Engine):
             kwargs[self._cache_arg] = getattr(out, self._cache_arg)
             logits = out.logits[0, -1].float()
             logprobs = torch.log_softmax(logits, dim=-1)
-            token = self._choose(torch, logits, params, generator)
+            if counts is None:
+                token = self._choose(torch, logits, params, generator)
+            else:
+                penalized = logits - params.frequency_penalty * counts - params.presence_penalty * (counts > 0)
+                token = self._choose(torch, penalized, params, generator)
+                counts[token] += 1
             token_logprob = float(logprobs[token])
             result.logprob_sum += token_logprob
             if top is not None:

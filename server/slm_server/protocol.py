@@ -16,6 +16,12 @@ StopStrings = Annotated[
     Field(description="Up to 4 strings; generation stops before the first of them."),
 ]
 Seed = Annotated[int | None, Field(ge=0, le=2**63 - 1)]
+PresencePenalty = Annotated[
+    float, Field(ge=-2.0, le=2.0, description="Subtracted from the logit of every token the output already holds.")
+]
+FrequencyPenalty = Annotated[
+    float, Field(ge=-2.0, le=2.0, description="Subtracted from a token's logit once per time the output holds it.")
+]
 
 
 def stops(value: str | list[str] | None) -> tuple[str, ...]:
@@ -39,6 +45,8 @@ class GenerateRequest(BaseModel):
     top_p: TopP = None
     stop: StopStrings = None
     seed: Seed = None
+    presence_penalty: PresencePenalty = 0.0
+    frequency_penalty: FrequencyPenalty = 0.0
     model: str | None = None
     return_token_ids: bool = Field(False, description="Include the generated token ids in the response.")
     stream: bool = Field(
@@ -85,8 +93,8 @@ class _OpenAIRequest(BaseModel):
     stream_options: StreamOptions | None = None
     stop: StopStrings = None
     seed: Seed = None
-    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0, description="Accepted, not applied.")
-    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0, description="Accepted, not applied.")
+    presence_penalty: PresencePenalty = 0.0
+    frequency_penalty: FrequencyPenalty = 0.0
     user: str | None = Field(None, max_length=256, description="Never logged nor used as a label.")
 
 

@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import threading
 import time
+
+import pytest
+import torch
 
 from slm_server.engine import EchoEngine
 from slm_server.middleware import _new_request_id
@@ -236,6 +240,38 @@ def test_a_vanishing_top_p_keeps_the_most_likely_token(server):
     greedy = server.client.post("/generate", json={"prompt": "asgi", "max_tokens": 5, "temperature": 0}).json()
     tiny = server.client.post("/generate", json={"prompt": "asgi", "max_tokens": 5, "top_p": 5e-324}).json()
     assert tiny["text"] == greedy["text"]
+
+
+@pytest.mark.parametrize(
+    "penalties",
+    [{"frequency_penalty": 1.5}, {"presence_penalty": 2.0}, {"presence_penalty": 0.5, "frequency_penalty": 0.5}],
+)
+def test_penalties_change_each_choice_as_openai_defines_them_and_never_the_perplexity(server, tiny_engine, penalties):
+    """Each greedy token is the most likely after subtracting, from the teacher-forced logits, the
+    penalties of the tokens before it in the output; the perplexity stays the model's own."""
+    prompt = "Return the number of items in the list"
+    body = {"prompt": prompt, "max_tokens": 40, "temperature": 0, "return_token_ids": True}
+    plain = server.client.post("/generate", json=body).json()
+    penalized = server.client.post("/generate", json={**body, **penalties}).json()
+    completion = server.client.post("/v1/completions", json={**body, "model": MODEL_NAME, **penalties}).json()
+    output = penalized["token_ids"]
+    assert output != plain["token_ids"]
+    assert completion["choices"][0]["text"] == penalized["text"]
+
+    prompt_ids = tiny_engine.encode(prompt)
+    with torch.no_grad():
+        logits = tiny_engine.model(input_ids=torch.tensor([prompt_ids + output])).logits[0].float()
+    counts = torch.zeros(logits.shape[-1])
+    for i, token in enumerate(output):
+        step = logits[len(prompt_ids) - 1 + i]
+        step = (
+            step - penalties.get("frequency_penalty", 0) * counts - penalties.get("presence_penalty", 0) * (counts > 0)
+        )
+        assert step[token] >= step.max() - 1e-3, f"token {i} is not the penalized greedy choice"
+        counts[token] += 1
+    logprobs = torch.log_softmax(logits[len(prompt_ids) - 1 : -1], dim=-1)
+    model_perplexity = math.exp(-logprobs.gather(1, torch.tensor(output).unsqueeze(1)).mean().item())
+    assert penalized["perplexity"] == pytest.approx(model_perplexity, rel=1e-3)
 
 
 def test_request_ids_are_unique_and_a_forked_worker_never_repeats_its_parent(server):
