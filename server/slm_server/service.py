@@ -65,8 +65,8 @@ class RequestRecord:
         self.request_id = request_id
         self.start = start  # perf_counter() at arrival
         self.trace_id = trace_id
-        # (operation, max_tokens, temperature, top_p, prompt tokens, stream) once a job is made
-        self.request: tuple[str, int, float, float, int, bool] | None = None
+        # (operation, the request's SamplingParams, prompt tokens, stream) once a job is made
+        self.request: tuple[str, SamplingParams, int, bool] | None = None
         self.outcomes: list[Outcome | None] = []  # per choice, once its generation ended
         self.model = ""
         self.policy: OutputLogPolicy | None = None
@@ -78,12 +78,18 @@ class RequestRecord:
         request = self.request
         if request is None:
             return
-        operation, max_tokens, temperature, top_p, prompt_tokens, stream = request
+        operation, params, prompt_tokens, stream = request
         fields["gen_ai.operation.name"] = operation
         fields["gen_ai.request.model"] = self.model
-        fields["gen_ai.request.max_tokens"] = max_tokens
-        fields["gen_ai.request.temperature"] = temperature
-        fields["gen_ai.request.top_p"] = top_p
+        fields["gen_ai.request.max_tokens"] = params.max_tokens
+        fields["gen_ai.request.temperature"] = params.temperature
+        fields["gen_ai.request.top_p"] = params.top_p
+        if params.seed is not None:
+            fields["gen_ai.request.seed"] = params.seed
+        if params.presence_penalty:
+            fields["gen_ai.request.presence_penalty"] = params.presence_penalty
+        if params.frequency_penalty:
+            fields["gen_ai.request.frequency_penalty"] = params.frequency_penalty
         fields["gen_ai.usage.input_tokens"] = prompt_tokens
         fields["slm.stream"] = stream
         outcomes, policy = self.outcomes, self.policy
@@ -383,7 +389,8 @@ class GenerationService:
             job.deadline = deadline
             job.outcomes = outcomes
             jobs.append(job)
-        record.request = (operation, params.max_tokens, params.temperature, params.top_p, len(prompt_ids), stream)
+        # The request's own parameters (not a choice's seed + i); nothing changes them afterwards.
+        record.request = (operation, params, len(prompt_ids), stream)
         record.outcomes = outcomes
         record.model = self.model_name
         record.policy = self.output_policy

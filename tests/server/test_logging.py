@@ -55,6 +55,18 @@ def test_a_request_line_has_every_field(server, json_records):
     assert "gen_ai.output.text" not in line  # the default policy never writes the text
 
 
+def test_a_request_line_has_the_seed_and_penalties_a_request_gave(server, json_records):
+    given = _generate(server.client, seed=42, presence_penalty=0.5, frequency_penalty=-0.25).json()
+    left_out = _generate(server.client).json()
+    lines = {d["request_id"]: d for d in json_records("request")}
+    line = lines[given["id"]]
+    assert (line["gen_ai.request.seed"], line["gen_ai.request.presence_penalty"]) == (42, 0.5)
+    assert line["gen_ai.request.frequency_penalty"] == -0.25
+    assert not {"gen_ai.request.seed", "gen_ai.request.presence_penalty", "gen_ai.request.frequency_penalty"} & set(
+        lines[left_out["id"]]
+    )
+
+
 def test_streamed_requests_are_logged_with_their_generation_fields(server, json_records):
     r = server.client.post(
         "/v1/chat/completions",
