@@ -210,6 +210,18 @@ with server(model_dir, log_dir) as base:
     else:
         check(not gpu, "no GPU: no nvidia_gpu_* series")
 
+    # The sampling paths on the device: a seeded generator, top_p's sort, the penalties' counts.
+    sampled = {"prompt": "Return the", "max_tokens": 32, "temperature": 0.8, "top_p": 0.9, "seed": 7,
+               "presence_penalty": 0.5, "frequency_penalty": 0.5}
+    first, again = (http("POST", f"{base}/generate", sampled) for _ in range(2))
+    ok = first[0] == again[0] == 200 and json.loads(first[1])["text"] == json.loads(again[1])["text"]
+    check(ok, "a seeded top_p sample with penalties: 200, and the same text twice")
+    status, body = http("POST", f"{base}/v1/chat/completions",
+                        {"model": "tiny", "messages": [{"role": "user", "content": "Return the list"}],
+                         "max_tokens": 16, "stream": True})
+    frames = [line for line in body.decode().splitlines() if line.startswith("data: ")]
+    check(status == 200 and frames[-1:] == ["data: [DONE]"], f"a streamed chat completion: {status}, {len(frames)} events")
+
 REQUESTS = int(os.environ.get("GPU_CHECK_REQUESTS", "64"))
 print(f"== tokens/s, monitoring on vs off (same load: {REQUESTS} greedy requests x 128 tokens, 8 at a time)")
 results = {}

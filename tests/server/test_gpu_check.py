@@ -4,7 +4,7 @@ elsewhere in the server would waste them.
 
 There is no GPU here, so the pynvml vs nvidia-smi comparison and the CUDA device check are not
 exercised; everything else is (the tiny model, the server as a process, its /metrics, the
-tokens/s runs with monitoring on and off).
+sampling and streaming requests, the tokens/s runs with monitoring on and off).
 """
 
 from __future__ import annotations
@@ -32,6 +32,8 @@ def test_the_gpu_check_runs_every_step_on_cpu(tiny_model_dir):
     assert "[ok] POST /generate on the GPU server: 200" in out, out
     assert "[ok] model loaded (device=cpu; a rehearsal on CPU)" in out, out
     assert "[ok] no GPU: no nvidia_gpu_* series" in out, out
+    assert "[ok] a seeded top_p sample with penalties: 200, and the same text twice" in out, out
+    assert re.search(r"\[ok\] a streamed chat completion: 200, [1-9][0-9]* events", out), out
     rates = dict(re.findall(r"^  (monitoring on|monitoring off)\s+([0-9.]+) tokens/s", out, re.MULTILINE))
     assert set(rates) == {"monitoring on", "monitoring off"}, out
     assert all(float(rate) > 0 for rate in rates.values()), out
