@@ -210,12 +210,12 @@ with server(model_dir, log_dir) as base:
     else:
         check(not gpu, "no GPU: no nvidia_gpu_* series")
 
-    # The sampling paths on the device: a seeded generator, top_p's sort, the penalties' counts.
-    sampled = {"prompt": "Return the", "max_tokens": 32, "temperature": 0.8, "top_p": 0.9, "seed": 7,
+    # The sampling paths on the device: a seeded generator, top_p's sort, top_k, the penalties' counts.
+    sampled = {"prompt": "Return the", "max_tokens": 32, "temperature": 0.8, "top_p": 0.9, "top_k": 50, "seed": 7,
                "presence_penalty": 0.5, "frequency_penalty": 0.5}
     first, again = (http("POST", f"{base}/generate", sampled) for _ in range(2))
     ok = first[0] == again[0] == 200 and json.loads(first[1])["text"] == json.loads(again[1])["text"]
-    check(ok, "a seeded top_p sample with penalties: 200, and the same text twice")
+    check(ok, "a seeded top_p + top_k sample with penalties: 200, and the same text twice")
     status, body = http("POST", f"{base}/v1/chat/completions",
                         {"model": "tiny", "messages": [{"role": "user", "content": "Return the list"}],
                          "max_tokens": 16, "stream": True})

@@ -212,6 +212,7 @@ async def _load(service: GenerationService, metrics: ServerMetrics | NullMetrics
             "slm.max_context": info.max_context,
             "slm.default_temperature": info.default_temperature,
             "slm.default_top_p": info.default_top_p,
+            "slm.default_top_k": info.default_top_k,
             "slm.parameters": info.parameters,
             "slm.load_seconds": round(load_seconds, 3),
         },

@@ -49,6 +49,7 @@ class SamplingParams:
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     logprobs: int | None = None  # None: none; k >= 0: each token's log-probability and the k most likely
+    top_k: int = 0  # sample among the k most likely tokens only; 0: among all
 
 
 @dataclass(slots=True)
@@ -85,9 +86,10 @@ class ModelInfo:
     has_chat_template: bool
     parameters: int
     # Sampling when a request leaves it out: the model's generation_config.json when it sets them
-    # (as vLLM does by default), else 1.0.
+    # (as vLLM does by default), else 1.0, 1.0 and 0 (all tokens).
     default_temperature: float = 1.0
     default_top_p: float = 1.0
+    default_top_k: int = 0
 
 
 class Engine(ABC):
@@ -127,21 +129,23 @@ class Engine(ABC):
         """Free the model (shutdown)."""
 
 
-def _sampling_defaults(generation_config: Any) -> dict[str, float]:
-    """The temperature and top_p a model's generation_config.json sets (only those it sets: a value
-    left at transformers' default is not the model's advice), when the API accepts them."""
+def _sampling_defaults(generation_config: Any) -> dict[str, Any]:
+    """The temperature, top_p and top_k a model's generation_config.json sets (only those it sets:
+    a value left at transformers' default is not the model's advice), when the API accepts them."""
     given = generation_config.to_diff_dict()
-    defaults = {}
-    for key, field_name, valid in (
-        ("temperature", "default_temperature", lambda v: 0.0 <= v <= 2.0),
-        ("top_p", "default_top_p", lambda v: 0.0 < v <= 1.0),
+    defaults: dict[str, Any] = {}
+    for key, field_name, kind, valid in (
+        ("temperature", "default_temperature", float, lambda v: 0.0 <= v <= 2.0),
+        ("top_p", "default_top_p", float, lambda v: 0.0 < v <= 1.0),
+        ("top_k", "default_top_k", int, lambda v: v >= 0 and v == int(v)),
     ):
         value = given.get(key)
-        if isinstance(value, int | float) and not isinstance(value, bool):
-            if valid(value):
-                defaults[field_name] = float(value)
-            else:
-                log.warning(f"generation_config.json's {key} ({value}) is outside the API's range; 1.0 is the default")
+        if value is None:  # not set (or set to None: transformers' way of turning top_k off)
+            continue
+        if isinstance(value, int | float) and not isinstance(value, bool) and valid(value):
+            defaults[field_name] = kind(value)
+        else:
+            log.warning(f"generation_config.json's {key} ({value!r}) is outside the API's range; not a default")
     return defaults
 
 
@@ -393,6 +397,9 @@ class TransformersEngine(Engine):
             return int(torch.randint(0, self.vocab_size, (1,), generator=generator, device=logits.device))
         if params.temperature <= 1e-5:
             return int(torch.argmax(logits))
+        if 0 < params.top_k < logits.shape[-1]:
+            kth = torch.topk(logits, params.top_k).values[-1]
+            logits = logits.masked_fill(logits < kth, float("-inf"))
         probs = torch.softmax(logits / params.temperature, dim=-1)
         if params.top_p < 1.0:
             sorted_probs, order = torch.sort(probs, descending=True)

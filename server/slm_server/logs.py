@@ -126,6 +126,7 @@ REQUEST_LINE_FIELDS: dict[str, str] = {
     "gen_ai.request.max_tokens": "max_tokens after defaults and checks",
     "gen_ai.request.temperature": "sampling temperature",
     "gen_ai.request.top_p": "nucleus sampling mass",
+    "gen_ai.request.top_k": "top_k, when sampling among the k most likely tokens only",
     "gen_ai.request.seed": "the request's seed, when it gave one",
     "gen_ai.request.presence_penalty": "presence_penalty, when not 0",
     "gen_ai.request.frequency_penalty": "frequency_penalty, when not 0",

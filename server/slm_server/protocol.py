@@ -16,6 +16,15 @@ StopStrings = Annotated[
     Field(description="Up to 4 strings; generation stops before the first of them."),
 ]
 Seed = Annotated[int | None, Field(ge=0, le=2**63 - 1)]
+TopK = Annotated[
+    int | None,
+    Field(
+        ge=-1,
+        le=1_000_000,
+        description="Sample among the k most likely tokens; 0 or -1: among all. Left out: the model's "
+        "generation_config.json value if it sets one, else 0.",
+    ),
+]
 PresencePenalty = Annotated[
     float, Field(ge=-2.0, le=2.0, description="Subtracted from the logit of every token the output already holds.")
 ]
@@ -43,6 +52,7 @@ class GenerateRequest(BaseModel):
     )
     temperature: Temperature = None
     top_p: TopP = None
+    top_k: TopK = None
     stop: StopStrings = None
     seed: Seed = None
     presence_penalty: PresencePenalty = 0.0
@@ -86,6 +96,7 @@ class _OpenAIRequest(BaseModel):
     model: str
     temperature: Temperature = None
     top_p: TopP = None
+    top_k: TopK = None
     n: int = Field(
         1, ge=1, le=128, description="Choices to generate, each its own generation; at most max_concurrent_requests."
     )

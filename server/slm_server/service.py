@@ -84,6 +84,8 @@ class RequestRecord:
         fields["gen_ai.request.max_tokens"] = params.max_tokens
         fields["gen_ai.request.temperature"] = params.temperature
         fields["gen_ai.request.top_p"] = params.top_p
+        if params.top_k:
+            fields["gen_ai.request.top_k"] = params.top_k
         if params.seed is not None:
             fields["gen_ai.request.seed"] = params.seed
         if params.presence_penalty:
@@ -317,13 +319,17 @@ class GenerationService:
                 f"the model `{requested}` does not exist; this server serves `{self.model_name}`", param="model"
             )
 
-    def sampling(self, temperature: float | None, top_p: float | None) -> tuple[float, float]:
-        """A request's temperature and top_p, the model's defaults where it leaves them out."""
+    def sampling(self, body: Any) -> dict[str, Any]:
+        """A request's temperature, top_p and top_k (SamplingParams keywords), the model's defaults
+        where it leaves them out; a top_k of -1 (vLLM's spelling) or 0 samples among all tokens."""
         info = self.engine.info
-        return (
-            info.default_temperature if temperature is None else temperature,
-            info.default_top_p if top_p is None else top_p,
-        )
+        return {
+            "temperature": info.default_temperature if body.temperature is None else body.temperature,
+            "top_p": info.default_top_p if body.top_p is None else body.top_p,
+            "top_k": info.default_top_k if body.top_k is None else max(body.top_k, 0),
+            "presence_penalty": body.presence_penalty,
+            "frequency_penalty": body.frequency_penalty,
+        }
 
     def resolve_max_tokens(self, prompt_tokens: int, requested: int | None, param: str = "max_tokens") -> int:
         """Checks the prompt against the context and `max_tokens` against the cap; returns max_tokens."""

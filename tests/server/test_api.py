@@ -274,6 +274,31 @@ def test_penalties_change_each_choice_as_openai_defines_them_and_never_the_perpl
     assert penalized["perplexity"] == pytest.approx(model_perplexity, rel=1e-3)
 
 
+def test_top_k_samples_only_among_the_k_most_likely_tokens(server, tiny_engine):
+    prompt = "Return the number of items in the list"
+    body = {"prompt": prompt, "max_tokens": 30, "temperature": 1.0, "seed": 5, "return_token_ids": True}
+    greedy = server.client.post("/generate", json={**body, "temperature": 0}).json()
+    top_1 = server.client.post("/generate", json={**body, "top_k": 1}).json()
+    top_3 = server.client.post("/generate", json={**body, "top_k": 3}).json()["token_ids"]
+    unrestricted = server.client.post("/generate", json=body).json()["token_ids"]
+    assert top_1["token_ids"] == greedy["token_ids"]
+
+    def ranks(output: list[int]) -> list[int]:
+        """Each token's rank among the teacher-forced logits at its position (0 = the most likely)."""
+        prompt_ids = tiny_engine.encode(prompt)
+        with torch.no_grad():
+            logits = tiny_engine.model(input_ids=torch.tensor([prompt_ids + output])).logits[0].float()
+        steps = logits[len(prompt_ids) - 1 : -1]
+        return [int((step > step[token] + 1e-3).sum()) for step, token in zip(steps, output, strict=True)]
+
+    assert max(ranks(top_3)) < 3
+    assert max(ranks(unrestricted)) >= 3  # without top_k the same seed goes further down the list
+    # vLLM's spelling of "all tokens", and a value that means nothing.
+    assert server.client.post("/generate", json={**body, "top_k": -1}).json()["token_ids"] == unrestricted
+    refused = server.client.post("/generate", json={**body, "top_k": -2})
+    assert refused.status_code == 422 and "top_k" in refused.text
+
+
 def test_request_ids_are_unique_and_a_forked_worker_never_repeats_its_parent(server):
     ids = [
         server.client.post("/generate", json={"prompt": "x", "max_tokens": 1}).headers["x-request-id"] for _ in range(5)

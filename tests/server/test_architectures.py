@@ -63,7 +63,8 @@ FAMILIES: dict[str, dict[str, Any]] = {
         # is its last token repeated forever (each position's state is mostly its own token's
         # embedding); the tiny GPT-2 covers tied embeddings.
         "tied": False,
-        "sampling": {},
+        # As Qwen2.5 Instruct's generation_config.json advises.
+        "sampling": {"temperature": 0.7, "top_p": 0.8, "top_k": 20},
     },
 }
 
@@ -239,21 +240,22 @@ def test_the_context_comes_from_max_position_embeddings(family_server):
 
 
 def test_sampling_a_request_leaves_out_is_the_model_generation_config(family_server, family_engine, json_records):
-    """As vLLM does: an instruct model's advised temperature and top_p, unless the request says."""
+    """As vLLM does: an instruct model's advised temperature, top_p and top_k, unless the request says."""
     sampling = FAMILIES[_expected(Path(family_engine.settings.model))["family"]]["sampling"]
-    temperature, top_p = sampling.get("temperature", 1.0), sampling.get("top_p", 1.0)
+    advised = {"temperature": 1.0, "top_p": 1.0, "top_k": 0, **sampling}
     body = {"prompt": PROMPT, "max_tokens": 12, "seed": 3, "return_token_ids": True}
 
     implicit = family_server.client.post("/generate", json=body).json()
-    explicit = family_server.client.post("/generate", json={**body, "temperature": temperature, "top_p": top_p})
+    explicit = family_server.client.post("/generate", json={**body, **advised})
     chat = family_server.client.post("/v1/chat/completions", json={"model": "family", "messages": MESSAGES})
 
     assert implicit["token_ids"] == explicit.json()["token_ids"]
     assert chat.status_code == 200
-    lines = json_records("request")
-    assert [(line["gen_ai.request.temperature"], line["gen_ai.request.top_p"]) for line in lines] == [
-        (temperature, top_p)
-    ] * 3
+    logged = [
+        {key: line.get(f"gen_ai.request.{key}", 0) for key in ("temperature", "top_p", "top_k")}
+        for line in json_records("request")
+    ]
+    assert logged == [advised] * 3
 
 
 def test_a_generation_config_value_the_api_refuses_is_not_a_default():
@@ -261,6 +263,7 @@ def test_a_generation_config_value_the_api_refuses_is_not_a_default():
 
     from slm_server.engine import _sampling_defaults
 
-    config = GenerationConfig(do_sample=True, temperature=5.0, top_p=0.5)
+    config = GenerationConfig(do_sample=True, temperature=5.0, top_p=0.5, top_k=-3)
     assert _sampling_defaults(config) == {"default_top_p": 0.5}
+    assert _sampling_defaults(GenerationConfig(do_sample=True, top_k=20)) == {"default_top_k": 20}
     assert _sampling_defaults(GenerationConfig()) == {}

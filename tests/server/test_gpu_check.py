@@ -32,7 +32,7 @@ def test_the_gpu_check_runs_every_step_on_cpu(tiny_model_dir):
     assert "[ok] POST /generate on the GPU server: 200" in out, out
     assert "[ok] model loaded (device=cpu; a rehearsal on CPU)" in out, out
     assert "[ok] no GPU: no nvidia_gpu_* series" in out, out
-    assert "[ok] a seeded top_p sample with penalties: 200, and the same text twice" in out, out
+    assert "[ok] a seeded top_p + top_k sample with penalties: 200, and the same text twice" in out, out
     assert re.search(r"\[ok\] a streamed chat completion: 200, [1-9][0-9]* events", out), out
     rates = dict(re.findall(r"^  (monitoring on|monitoring off)\s+([0-9.]+) tokens/s", out, re.MULTILINE))
     assert set(rates) == {"monitoring on", "monitoring off"}, out

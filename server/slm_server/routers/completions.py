@@ -97,17 +97,7 @@ async def _prepare(
         max_tokens,
         "max_completion_tokens" if getattr(body, "max_completion_tokens", None) else "max_tokens",
     )
-    temperature, top_p = service.sampling(body.temperature, body.top_p)
-    params = SamplingParams(
-        limit,
-        temperature,
-        top_p,
-        stops(body.stop),
-        body.seed,
-        logprobs=logprobs,
-        presence_penalty=body.presence_penalty,
-        frequency_penalty=body.frequency_penalty,
-    )
+    params = SamplingParams(limit, stop=stops(body.stop), seed=body.seed, logprobs=logprobs, **service.sampling(body))
     return service.new_jobs(
         body.n,
         endpoint=endpoint,

@@ -66,14 +66,7 @@ async def generate(body: GenerateRequest, request: Request):
     record = record_of(request)
     prompt_ids = await encode(service, body.prompt)
     max_tokens = service.resolve_max_tokens(len(prompt_ids), body.max_tokens)
-    params = SamplingParams(
-        max_tokens,
-        *service.sampling(body.temperature, body.top_p),
-        stops(body.stop),
-        body.seed,
-        presence_penalty=body.presence_penalty,
-        frequency_penalty=body.frequency_penalty,
-    )
+    params = SamplingParams(max_tokens, stop=stops(body.stop), seed=body.seed, **service.sampling(body))
     (job,) = service.new_jobs(
         1,
         endpoint=ENDPOINT,
