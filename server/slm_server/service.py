@@ -320,8 +320,9 @@ class GenerationService:
             )
 
     def sampling(self, body: Any) -> dict[str, Any]:
-        """A request's temperature, top_p and top_k (SamplingParams keywords), the model's defaults
-        where it leaves them out; a top_k of -1 (vLLM's spelling) or 0 samples among all tokens."""
+        """A request's sampling settings, as SamplingParams keywords: temperature, top_p and top_k
+        from the model's defaults where the request leaves them out (a top_k of -1, vLLM's spelling,
+        or 0 samples among all tokens), and its penalties."""
         info = self.engine.info
         return {
             "temperature": info.default_temperature if body.temperature is None else body.temperature,
