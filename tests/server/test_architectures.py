@@ -5,8 +5,8 @@ Real users serve Llama- and Qwen2-family models (Llama 3.2, SmolLM, Qwen2.5), wh
 GPT-2 in the places a hand-written decoding loop can go wrong: rotary positions and grouped-query
 attention in the KV cache, a tokenizer that adds a BOS token, a chat template that writes the BOS
 itself (so encoding its text must not add a second), several end-of-sequence ids in
-`generation_config.json`, untied or tied output embeddings, and the context length in
-`max_position_embeddings`. Real checkpoints cannot be downloaded here, so each family is a small
+`generation_config.json` (and sampling advice there), untied output embeddings, and the context
+length in `max_position_embeddings`. Real checkpoints cannot be downloaded here, so each family is a small
 model of its real architecture class with random weights (seeded) and the tiny model's trained
 byte-level BPE vocabulary plus the family's special tokens, saved with `save_pretrained` as an
 ordinary model directory.
