@@ -41,6 +41,7 @@ class SamplingParams:
     max_tokens: int
     temperature: float = 1.0
     top_p: float = 1.0
+    top_k: int = 0  # sample among the k most likely tokens only; 0: among all
     stop: tuple[str, ...] = ()
     seed: int | None = None
     degraded: bool = False  # fault injection: sample uniformly instead of from the model
@@ -49,7 +50,6 @@ class SamplingParams:
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     logprobs: int | None = None  # None: none; k >= 0: each token's log-probability and the k most likely
-    top_k: int = 0  # sample among the k most likely tokens only; 0: among all
 
 
 @dataclass(slots=True)

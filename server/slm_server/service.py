@@ -429,7 +429,7 @@ class GenerationService:
             if faults.error_rate and self._random.random() < faults.error_rate:
                 raise InjectedFault("injected fault (fault_error_rate)")
             if faults.degraded_rate and self._random.random() < faults.degraded_rate:
-                params = SamplingParams(**{**{s: getattr(params, s) for s in params.__slots__}, "degraded": True})
+                params = dataclasses.replace(params, degraded=True)
         return self.engine.generate(job.prompt_ids, params, on_text, job.cancel)
 
     async def complete(self, job: Job) -> GenerationResult:
