@@ -210,6 +210,7 @@ async def _load(service: GenerationService, metrics: ServerMetrics | NullMetrics
             "slm.device": info.device,
             "slm.dtype": info.dtype,
             "slm.max_context": info.max_context,
+            "slm.batching": info.batching,
             "slm.default_temperature": info.default_temperature,
             "slm.default_top_p": info.default_top_p,
             "slm.default_top_k": info.default_top_k,

@@ -21,9 +21,12 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from slm_server.settings import Settings
+
+if TYPE_CHECKING:
+    from slm_server.batching import Scheduler
 
 log = logging.getLogger("slm_server.engine")
 
@@ -90,6 +93,9 @@ class ModelInfo:
     default_temperature: float = 1.0
     default_top_p: float = 1.0
     default_top_k: int = 0
+    # How concurrent generations share the model: "continuous" (one forward pass for all, see
+    # slm_server.batching), "one sequence per pass", or "none" (no model).
+    batching: str = "none"
 
 
 class Engine(ABC):
@@ -233,6 +239,7 @@ class TransformersEngine(Engine):
     def __init__(self, settings: Settings):
         self.settings = settings
         self._lock = threading.Lock()  # HF tokenizers are not safe to share across threads
+        self._scheduler: Scheduler | None = None
 
     def _resolve_source(self) -> str:
         if self.settings.model == "tiny":
@@ -281,6 +288,10 @@ class TransformersEngine(Engine):
         forward_params = inspect.signature(self.model.forward).parameters
         self._cache_arg = "cache" if "cache" in forward_params else "past_key_values"
         self._logits_to_keep = "logits_to_keep" in forward_params
+        from slm_server.batching import Scheduler, supports_batching
+
+        batch_size = self.settings.max_batch_size or self.settings.max_concurrent_requests
+        scheduler = Scheduler(self, batch_size, supports_batching(self))
         self.info = ModelInfo(
             name=self.settings.model_name,
             source=source if Path(source).exists() else f"hub:{source}",
@@ -289,8 +300,10 @@ class TransformersEngine(Engine):
             device=str(self.device),
             has_chat_template=bool(getattr(self.tokenizer, "chat_template", None)),
             parameters=sum(p.numel() for p in self.model.parameters()),
+            batching="continuous" if scheduler.batching else "one sequence per pass",
             **_sampling_defaults(self.model.generation_config),
         )
+        self._scheduler = scheduler
 
     def encode(self, text: str) -> list[int]:
         with self._lock:
@@ -314,67 +327,10 @@ class TransformersEngine(Engine):
         on_text: OnText | None = None,
         cancel: threading.Event | None = None,
     ) -> GenerationResult:
-        import torch
+        from slm_server.batching import GenerationSequence
 
-        with torch.inference_mode():
-            return self._generate(torch, prompt_ids, params, on_text, cancel)
-
-    def _generate(self, torch, prompt_ids, params, on_text, cancel) -> GenerationResult:
-        model, device = self.model, self.device
-        # An empty prompt starts from end-of-text, as GPT-2 was trained to.
-        context = prompt_ids or [next(iter(self.eos_ids), 0)]
-        max_tokens = max(0, min(params.max_tokens, self.info.max_context - len(context)))
-        generator = torch.Generator(device=device)
-        generator.manual_seed(params.seed if params.seed is not None else torch.seed() & 0xFFFF_FFFF)
-        result = GenerationResult(token_ids=[], text="", finish_reason="length", prompt_tokens=len(prompt_ids))
-        top = params.logprobs
-        if top is not None:
-            result.token_logprobs, result.top_logprobs = [], []
-        tracker = _TextTracker(self.decode, params.stop)
-        reported = 0  # tokens whose log-probabilities went out with a piece of text
-        next_input = torch.tensor([context], device=device)
-        kwargs: dict[str, Any] = {"use_cache": True, self._cache_arg: None}
-        if self._logits_to_keep:
-            kwargs["logits_to_keep"] = 1  # only the last position's logits are needed
-        counts = None  # per vocabulary entry, its occurrences in the output, when a penalty needs them
-        if params.presence_penalty or params.frequency_penalty:
-            counts = torch.zeros(self.vocab_size, device=device)
-        for _ in range(max_tokens):
-            if cancel is not None and cancel.is_set():
-                result.finish_reason = "abort"
-                break
-            out = model(input_ids=next_input, **kwargs)
-            kwargs[self._cache_arg] = getattr(out, self._cache_arg)
-            logits = out.logits[0, -1].float()
-            logprobs = torch.log_softmax(logits, dim=-1)
-            if counts is None:
-                token = self._choose(torch, logits, params, generator)
-            else:
-                penalized = logits - params.frequency_penalty * counts - params.presence_penalty * (counts > 0)
-                token = self._choose(torch, penalized, params, generator)
-                counts[token] += 1
-            token_logprob = float(logprobs[token])
-            result.logprob_sum += token_logprob
-            if top is not None:
-                result.token_logprobs.append(token_logprob)  # type: ignore[union-attr]
-                result.top_logprobs.append(_top(torch, logprobs, top))  # type: ignore[union-attr]
-            result.token_times.append(time.perf_counter())
-            result.token_ids.append(token)
-            if token in self.eos_ids:
-                result.finish_reason = "stop"
-                break
-            delta, stopped = tracker.update(result.token_ids)
-            if delta and on_text is not None:
-                reported = _emit(on_text, delta, result, reported)
-            if stopped:
-                result.finish_reason = "stop"
-                break
-            next_input = torch.tensor([[token]], device=device)
-        tail = tracker.finish(result.token_ids)
-        if on_text is not None:
-            _emit(on_text, tail, result, reported)
-        result.text = tracker.text.rstrip("\ufffd")
-        return result
+        assert self._scheduler is not None, "load() first"
+        return self._scheduler.run(GenerationSequence(self, prompt_ids, params, on_text, cancel))
 
     def token_text(self, token_id: int) -> str:
         return self.decode([token_id])
@@ -392,26 +348,10 @@ class TransformersEngine(Engine):
             tops: list[list[tuple[int, float]]] = [[]] + [_top(torch, row, top) for row in logprobs]
         return values, tops
 
-    def _choose(self, torch, logits, params: SamplingParams, generator) -> int:
-        if params.degraded:
-            return int(torch.randint(0, self.vocab_size, (1,), generator=generator, device=logits.device))
-        if params.temperature <= 1e-5:
-            return int(torch.argmax(logits))
-        if 0 < params.top_k < logits.shape[-1]:
-            kth = torch.topk(logits, params.top_k).values[-1]
-            logits = logits.masked_fill(logits < kth, float("-inf"))
-        probs = torch.softmax(logits / params.temperature, dim=-1)
-        if params.top_p < 1.0:
-            sorted_probs, order = torch.sort(probs, descending=True)
-            cumulative = torch.cumsum(sorted_probs, dim=-1)
-            keep = cumulative - sorted_probs < params.top_p
-            keep[0] = True  # the most likely token always stays (a top_p below float32's range keeps none)
-            sorted_probs = sorted_probs * keep
-            choice = torch.multinomial(sorted_probs / sorted_probs.sum(), 1, generator=generator)
-            return int(order[choice])
-        return int(torch.multinomial(probs, 1, generator=generator))
-
     def close(self) -> None:
+        if self._scheduler is not None:
+            self._scheduler.close()
+            self._scheduler = None
         self.model = None
 
 

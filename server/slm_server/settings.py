@@ -46,6 +46,12 @@ class Settings(BaseSettings):
     max_new_tokens: int = Field(512, ge=1, description="Cap on max_tokens per request.")
     default_max_tokens: int = Field(64, ge=1, description="max_tokens of /generate when not given.")
     max_concurrent_requests: int = Field(8, ge=1, description="Generations running at once.")
+    max_batch_size: int = Field(
+        0,
+        ge=0,
+        description="Generations that share one forward pass (continuous batching); 0 = max_concurrent_requests, "
+        "1 = one generation at a time.",
+    )
     max_queued_requests: int = Field(
         32,
         ge=0,

@@ -1,0 +1,378 @@
+"""Continuous batching for `TransformersEngine`: the sequences being generated share forward passes.
+
+One scheduler thread owns the model's generation passes. A request's worker thread hands its
+sequence over (`Scheduler.run`) and waits; the scheduler, between two decode steps, prefills the
+sequences that arrived (together, left-padded), samples their first token, and adds them to the
+running batch, so the next decode step feeds every running sequence's last token in one forward
+pass. A sequence that ends (end of sequence, stop string, max_tokens, cancel) leaves the batch at
+once; its worker thread returns. That is continuous batching (Orca, OSDI '22; TGI's and vLLM's
+schedulers) on the model's own KV cache, without paged attention: the batch's cache is left-padded
+to its longest sequence, each sequence's positions are its own (`position_ids`), and the attention
+mask hides the padding.
+
+Why: a decode step costs nearly the same for one sequence as for eight (on a GPU the weights are
+read once per pass either way; on a CPU a small model's pass is mostly fixed per-call cost), so
+eight streams share one pass's cost instead of paying for eight. `bench/bench_batching.py` measures
+it against one sequence per pass.
+
+Everything per sequence stays per sequence: sampling settings, seed (its own generator), penalties,
+stop strings, log-probabilities, the timestamps and text deltas the monitoring reads, and the
+perplexity summed from the chosen tokens' log-probabilities in the same pass.
+
+The padded cache needs a cache whose layers are plain tensors that can be padded, concatenated and
+sliced (transformers' `DynamicCache` of `DynamicLayer`s: GPT-2, Llama, Qwen2, Phi-3 and most
+others), and a model that takes `attention_mask` and `position_ids`. Any other model (a sliding-
+window or quantized cache, an older transformers) runs one sequence per pass, in turn, on the same
+scheduler (`Scheduler.batching` says which, and the `model_loaded` event logs it).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from slm_server.engine import GenerationResult, OnText, SamplingParams, _emit, _TextTracker, _top
+
+
+class PassFailed(RuntimeError):
+    """The forward pass a generation was part of raised (the model's exception is the cause)."""
+
+
+def choose_token(torch: Any, logits: Any, params: SamplingParams, generator: Any, vocab_size: int) -> int:
+    """The next token from one position's logits (penalties already applied) under `params`."""
+    if params.degraded:
+        return int(torch.randint(0, vocab_size, (1,), generator=generator, device=logits.device))
+    if params.temperature <= 1e-5:
+        return int(torch.argmax(logits))
+    if 0 < params.top_k < logits.shape[-1]:
+        kth = torch.topk(logits, params.top_k).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = torch.softmax(logits / params.temperature, dim=-1)
+    if params.top_p < 1.0:
+        sorted_probs, order = torch.sort(probs, descending=True)
+        cumulative = torch.cumsum(sorted_probs, dim=-1)
+        keep = cumulative - sorted_probs < params.top_p
+        keep[0] = True  # the most likely token always stays (a top_p below float32's range keeps none)
+        sorted_probs = sorted_probs * keep
+        choice = torch.multinomial(sorted_probs / sorted_probs.sum(), 1, generator=generator)
+        return int(order[choice])
+    return int(torch.multinomial(probs, 1, generator=generator))
+
+
+class GenerationSequence:
+    """One generation's state between decode steps: what it feeds next and what it has made."""
+
+    __slots__ = (
+        "cached", "cancel", "context", "counts", "done", "error", "generator", "greedy", "last", "max_tokens",
+        "on_text", "params", "reported", "result", "tracker",
+    )  # fmt: skip
+
+    def __init__(self, engine: Any, prompt_ids: list[int], params: SamplingParams, on_text: OnText | None,
+                 cancel: threading.Event | None):  # fmt: skip
+        import torch
+
+        # An empty prompt starts from end-of-text, as GPT-2 was trained to.
+        self.context = prompt_ids or [next(iter(engine.eos_ids), 0)]
+        self.max_tokens = max(0, min(params.max_tokens, engine.info.max_context - len(self.context)))
+        self.params = params
+        self.on_text = on_text
+        self.cancel = cancel
+        self.generator = torch.Generator(device=engine.device)
+        self.generator.manual_seed(params.seed if params.seed is not None else torch.seed() & 0xFFFF_FFFF)
+        self.result = GenerationResult(token_ids=[], text="", finish_reason="length", prompt_tokens=len(prompt_ids))
+        if params.logprobs is not None:
+            self.result.token_logprobs, self.result.top_logprobs = [], []
+        self.tracker = _TextTracker(engine.decode, params.stop)
+        self.reported = 0  # tokens whose log-probabilities went out with a piece of text
+        self.counts = None  # per vocabulary entry, its occurrences in the output, when a penalty needs them
+        if params.presence_penalty or params.frequency_penalty:
+            self.counts = torch.zeros(engine.vocab_size, device=engine.device)
+        # The batch's argmax is this sequence's choice: no penalty, no sampling, no fault.
+        self.greedy = params.temperature <= 1e-5 and self.counts is None and not params.degraded
+        self.cached = 0  # this sequence's tokens in its batch's KV cache
+        self.last = -1  # the token to feed next
+        self.done = threading.Event()
+        self.error: BaseException | None = None
+
+    def choose(self, torch: Any, logits: Any, vocab_size: int) -> int:
+        params = self.params
+        if self.counts is None:
+            return choose_token(torch, logits, params, self.generator, vocab_size)
+        counts = self.counts
+        penalized = logits - params.frequency_penalty * counts - params.presence_penalty * (counts > 0)
+        token = choose_token(torch, penalized, params, self.generator, vocab_size)
+        counts[token] += 1
+        return token
+
+    def accept(self, token: int, logprob: float, top: list[tuple[int, float]] | None, now: float,
+               eos_ids: frozenset[int]) -> bool:  # fmt: skip
+        """Record a generated token; True when the generation has ended with it."""
+        result = self.result
+        result.logprob_sum += logprob
+        if top is not None:
+            result.token_logprobs.append(logprob)  # type: ignore[union-attr]
+            result.top_logprobs.append(top)  # type: ignore[union-attr]
+        result.token_times.append(now)
+        result.token_ids.append(token)
+        if token in eos_ids:
+            result.finish_reason = "stop"
+            return True
+        delta, stopped = self.tracker.update(result.token_ids)
+        if delta and self.on_text is not None:
+            self.reported = _emit(self.on_text, delta, result, self.reported)
+        if stopped:
+            result.finish_reason = "stop"
+            return True
+        self.last = token
+        return len(result.token_ids) >= self.max_tokens
+
+    def finish(self, error: BaseException | None = None) -> None:
+        """End the generation: its last text out, its waiting thread woken."""
+        if error is None:
+            try:
+                tail = self.tracker.finish(self.result.token_ids)
+                if self.on_text is not None:
+                    _emit(self.on_text, tail, self.result, self.reported)
+                self.result.text = self.tracker.text.rstrip("\ufffd")
+            except Exception as exc:  # a failing callback fails this generation only
+                error = exc
+        self.error = error
+        self.done.set()
+
+
+class _Batch:
+    """Sequences that share one KV cache, left-padded to the longest; `mask` marks real positions."""
+
+    __slots__ = ("cache", "mask", "rows")
+
+    def __init__(self, rows: list[GenerationSequence], cache: Any, mask: Any):
+        self.rows = rows
+        self.cache = cache
+        self.mask = mask  # (rows, cached length), 1 where a row has a token, None without padding support
+
+
+def _pad_left(torch: Any, tensor: Any, length: int, dim: int) -> Any:
+    missing = length - tensor.shape[dim]
+    if missing == 0:
+        return tensor
+    shape = list(tensor.shape)
+    shape[dim] = missing
+    return torch.cat([tensor.new_zeros(shape), tensor], dim=dim)
+
+
+class Scheduler:
+    """The generation loop of one model (see the module's doc)."""
+
+    def __init__(self, engine: Any, max_batch_size: int, batching: bool):
+        self.engine = engine
+        self.max_batch_size = max(1, max_batch_size)
+        self.batching = batching and self.max_batch_size > 1
+        self.forward_passes = 0  # decode steps and prefills, for the mean batch size
+        self.sequences_stepped = 0  # sequences fed in them
+        self._inbox: list[GenerationSequence] = []
+        self._batches: list[_Batch] = []  # one when batching, else one per sequence
+        self._wake = threading.Condition()
+        self._closed = False
+        self._thread = threading.Thread(target=self._loop, name="slm-scheduler", daemon=True)
+        self._thread.start()
+
+    @property
+    def running(self) -> int:
+        return sum(len(b.rows) for b in self._batches)
+
+    def run(self, sequence: GenerationSequence) -> GenerationResult:
+        """Generate `sequence` to its end (blocks the calling thread); raises what failed it."""
+        if sequence.max_tokens == 0 or (sequence.cancel is not None and sequence.cancel.is_set()):
+            if sequence.max_tokens > 0:
+                sequence.result.finish_reason = "abort"
+            sequence.finish()
+        else:
+            with self._wake:
+                if self._closed:
+                    raise RuntimeError("the model is closed")
+                self._inbox.append(sequence)
+                self._wake.notify()
+            sequence.done.wait()
+        if sequence.error is not None:
+            raise sequence.error
+        return sequence.result
+
+    def close(self) -> None:
+        with self._wake:
+            self._closed = True
+            self._wake.notify()
+        self._thread.join(timeout=30)
+
+    # --- the scheduler thread ------------------------------------------------------------------------
+    def _loop(self) -> None:
+        import torch
+
+        while True:
+            with self._wake:
+                while not self._inbox and not self._batches and not self._closed:
+                    self._wake.wait()
+                if self._closed:
+                    closed = RuntimeError("the model was closed during the generation")
+                    for sequence in self._inbox + [s for b in self._batches for s in b.rows]:
+                        sequence.finish(closed)
+                    self._inbox.clear()
+                    self._batches.clear()
+                    return
+                room = self.max_batch_size - self.running
+                fresh, self._inbox[:] = self._inbox[:room], self._inbox[room:]
+            with torch.inference_mode():
+                if fresh:
+                    self._prefill(torch, fresh)
+                for batch in list(self._batches):
+                    self._decode(torch, batch)
+
+    def _prefill(self, torch: Any, fresh: list[GenerationSequence]) -> None:
+        fresh = self._drop_cancelled(fresh)
+        groups = [fresh] if self.batching else [[s] for s in fresh]
+        for rows in groups:
+            if not rows:
+                continue
+            longest = max(len(s.context) for s in rows)
+            if self.batching:
+                ids = torch.tensor([[0] * (longest - len(s.context)) + s.context for s in rows])
+                mask = torch.tensor([[0] * (longest - len(s.context)) + [1] * len(s.context) for s in rows])
+                inputs = {"attention_mask": mask, "position_ids": (mask.cumsum(-1) - 1).clamp(min=0)}
+            else:
+                ids, mask, inputs = torch.tensor([rows[0].context]), None, {}
+            for s in rows:
+                s.cached = len(s.context)
+            batch = _Batch(rows, None, mask)
+            if self._forward(torch, batch, ids, inputs):
+                self._merge(torch, batch)
+
+    def _decode(self, torch: Any, batch: _Batch) -> None:
+        rows = self._drop_cancelled(batch.rows)
+        if len(rows) < len(batch.rows):
+            self._keep(torch, batch, rows)
+            if not rows:
+                return
+        ids = torch.tensor([[s.last] for s in rows])
+        inputs: dict[str, Any] = {}
+        if batch.mask is not None:
+            batch.mask = torch.cat([batch.mask, batch.mask.new_ones((len(rows), 1))], dim=1)
+            inputs = {"attention_mask": batch.mask, "position_ids": torch.tensor([[s.cached] for s in rows])}
+        for s in rows:
+            s.cached += 1
+        self._forward(torch, batch, ids, inputs)
+
+    def _forward(self, torch: Any, batch: _Batch, ids: Any, inputs: dict[str, Any]) -> bool:
+        """One pass over the batch and a token for each of its rows; the finished rows leave it.
+        False when the batch is gone (all its rows ended, or the pass failed them all)."""
+        engine = self.engine
+        device = engine.device
+        kwargs: dict[str, Any] = {"use_cache": True, engine._cache_arg: batch.cache}
+        if engine._logits_to_keep:
+            kwargs["logits_to_keep"] = 1  # only the last position's logits are needed
+        rows = batch.rows
+        try:
+            out = engine.model(input_ids=ids.to(device), **{k: v.to(device) for k, v in inputs.items()}, **kwargs)
+        except Exception as exc:  # the model failed: every sequence of this pass fails (500), the loop goes on
+            for s in rows:  # each its own error (raised in its own thread), the model's as the cause
+                failed = PassFailed(f"{type(exc).__name__}: {exc}")
+                failed.__cause__ = exc
+                s.finish(failed)
+            self._keep(torch, batch, [])
+            return False
+        self.forward_passes += 1
+        self.sequences_stepped += len(rows)
+        batch.cache = getattr(out, engine._cache_arg)
+        logits = out.logits[:, -1].float()
+        logprobs = torch.log_softmax(logits, dim=-1)
+        greedy = logits.argmax(dim=-1).tolist() if any(s.greedy for s in rows) else None
+        vocab = engine.vocab_size
+        tokens = [greedy[i] if s.greedy else s.choose(torch, logits[i], vocab) for i, s in enumerate(rows)]  # type: ignore[index]
+        chosen = logprobs.gather(1, torch.tensor(tokens, device=logprobs.device).unsqueeze(1)).squeeze(1).tolist()
+        now = time.perf_counter()
+        going: list[GenerationSequence] = []
+        for i, s in enumerate(rows):
+            top = _top(torch, logprobs[i], s.params.logprobs) if s.params.logprobs is not None else None
+            try:
+                ended = s.accept(tokens[i], chosen[i], top, now, engine.eos_ids)
+            except Exception as exc:  # a failing callback or decode fails this generation only
+                s.finish(exc)
+                continue
+            if ended:
+                s.finish()
+            else:
+                going.append(s)
+        if len(going) < len(rows):
+            self._keep(torch, batch, going)
+        return bool(going)
+
+    def _drop_cancelled(self, rows: list[GenerationSequence]) -> list[GenerationSequence]:
+        going = []
+        for s in rows:
+            if s.cancel is not None and s.cancel.is_set():
+                s.result.finish_reason = "abort"
+                s.finish()
+            else:
+                going.append(s)
+        return going
+
+    def _keep(self, torch: Any, batch: _Batch, rows: Sequence[GenerationSequence]) -> None:
+        """Keep only `rows` of the batch (their cache rows), and drop the padding no row needs."""
+        if not rows:
+            if batch in self._batches:
+                self._batches.remove(batch)
+            batch.rows = []
+            batch.cache = None
+            return
+        index = [batch.rows.index(s) for s in rows]
+        batch.rows = list(rows)
+        if batch.cache is None or batch.mask is None:
+            return
+        keep = torch.tensor(index, device=batch.mask.device)
+        mask = batch.mask.index_select(0, keep)
+        first = int(mask.any(dim=0).nonzero()[0])  # columns before it are padding in every row left
+        batch.mask = mask[:, first:]
+        layer_keep = keep.to(self.engine.device)
+        for layer in batch.cache.layers:
+            layer.keys = layer.keys.index_select(0, layer_keep)[..., first:, :]
+            layer.values = layer.values.index_select(0, layer_keep)[..., first:, :]
+
+    def _merge(self, torch: Any, fresh: _Batch) -> None:
+        """Add a prefilled batch to the running one (batching), or run it beside the others."""
+        if not self.batching or not self._batches:
+            self._batches.append(fresh)
+            return
+        running = self._batches[0]
+        length = max(running.mask.shape[1], fresh.mask.shape[1])
+        running.mask = torch.cat(
+            [_pad_left(torch, running.mask, length, 1), _pad_left(torch, fresh.mask, length, 1)], dim=0
+        )
+        for layer, new in zip(running.cache.layers, fresh.cache.layers, strict=True):
+            layer.keys = torch.cat([_pad_left(torch, layer.keys, length, -2), _pad_left(torch, new.keys, length, -2)])
+            layer.values = torch.cat(
+                [_pad_left(torch, layer.values, length, -2), _pad_left(torch, new.values, length, -2)]
+            )
+        running.rows = running.rows + fresh.rows
+
+
+def supports_batching(engine: Any) -> bool:
+    """Whether the engine's model can run a left-padded batch on a cache this module can pad, join
+    and slice: a test pass over one token shows the cache it makes."""
+    import inspect
+
+    import torch
+
+    params = inspect.signature(engine.model.forward).parameters
+    if "attention_mask" not in params or "position_ids" not in params:
+        return False
+    try:
+        from transformers.cache_utils import DynamicCache, DynamicLayer
+    except ImportError:  # transformers before 4.56: its cache keeps its tensors in other places
+        return False
+    with torch.inference_mode():
+        ids = torch.tensor([[next(iter(engine.eos_ids), 0)]], device=engine.device)
+        out = engine.model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=True)
+    cache = getattr(out, engine._cache_arg, None)
+    if type(cache) is not DynamicCache or not getattr(cache, "layers", None):
+        return False
+    return all(type(layer) is DynamicLayer for layer in cache.layers)
