@@ -23,7 +23,7 @@ from slm_server import __version__
 from slm_server.engine import Engine, make_engine
 from slm_server.errors import install_error_handlers
 from slm_server.logs import flush_lines
-from slm_server.metrics import FilesystemCollector, NullMetrics, ServerMetrics, gpu_collector
+from slm_server.metrics import BatchCollector, FilesystemCollector, NullMetrics, ServerMetrics, gpu_collector
 from slm_server.middleware import RequestMiddleware
 from slm_server.routers import admin, completions, generate, health
 from slm_server.service import GenerationService
@@ -67,6 +67,7 @@ def create_app(
         for collector in (ProcessCollector, PlatformCollector, GCCollector):
             collector(registry=registry)
         registry.register(FilesystemCollector(lambda: settings.disk_path_list or _model_dir(engine)))
+        registry.register(BatchCollector(settings.model_name, engine.batch_stats))
         if settings.gpu_metrics:
             gpus = gpu_collector()  # logs gpu_found or gpu_missing, once
             if gpus is not None:

@@ -170,7 +170,7 @@ class Scheduler:
         self.max_batch_size = max(1, max_batch_size)
         self.batching = batching and self.max_batch_size > 1
         self.forward_passes = 0  # decode steps and prefills, for the mean batch size
-        self.sequences_stepped = 0  # sequences fed in them
+        self.generations_fed = 0  # sequences fed in them
         self._inbox: list[GenerationSequence] = []
         self._batches: list[_Batch] = []  # one when batching, else one per sequence
         self._wake = threading.Condition()
@@ -180,7 +180,7 @@ class Scheduler:
 
     @property
     def running(self) -> int:
-        return sum(len(b.rows) for b in self._batches)
+        return sum(len(b.rows) for b in list(self._batches))  # a copy: read from other threads too
 
     def run(self, sequence: GenerationSequence) -> GenerationResult:
         """Generate `sequence` to its end (blocks the calling thread); raises what failed it."""
@@ -281,7 +281,7 @@ class Scheduler:
             self._keep(torch, batch, [])
             return False
         self.forward_passes += 1
-        self.sequences_stepped += len(rows)
+        self.generations_fed += len(rows)
         batch.cache = getattr(out, engine._cache_arg)
         logits = out.logits[:, -1].float()
         logprobs = torch.log_softmax(logits, dim=-1)

@@ -131,6 +131,11 @@ class Engine(ABC):
         and the `top` most likely tokens at each position (echo + logprobs)."""
         raise NotImplementedError
 
+    def batch_stats(self) -> tuple[int, int, int] | None:
+        """(generations in the running batch, forward passes, generations fed in them) since load;
+        None for an engine without forward passes."""
+        return None
+
     def close(self) -> None:  # noqa: B027 - optional hook
         """Free the model (shutdown)."""
 
@@ -347,6 +352,12 @@ class TransformersEngine(Engine):
             values: list[float | None] = [None, *chosen.tolist()]
             tops: list[list[tuple[int, float]]] = [[]] + [_top(torch, row, top) for row in logprobs]
         return values, tops
+
+    def batch_stats(self) -> tuple[int, int, int] | None:
+        scheduler = self._scheduler
+        if scheduler is None:
+            return None
+        return scheduler.running, scheduler.forward_passes, scheduler.generations_fed
 
     def close(self) -> None:
         if self._scheduler is not None:

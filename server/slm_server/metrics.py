@@ -38,6 +38,10 @@ Metrics (labels; `model` is the served model name, one value per process):
   slm_model_info{model,source,dtype,device,max_context}  gauge = 1
   slm_model_load_seconds{model}                    gauge
   slm_fault_injection_enabled{model}               gauge      1 while faults may be injected
+  slm_batch_size{model}                            gauge      generations sharing each forward pass now
+  slm_forward_passes_total{model}                  counter    generation passes (prefills, decode steps)
+  slm_forward_pass_generations_total{model}        counter    generations fed in them; the ratio of
+                                                              their rates is the mean batch size
   slm_drift_score{model,signal}                    gauge      signal: perplexity|output_length|
   slm_drift_detected{model,signal}                 gauge      finish_length|empty_output|repetition|
                                                               error; set by slm_server.drift
@@ -65,7 +69,7 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from prometheus_client import CollectorRegistry, disable_created_metrics
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from slm_server.fastmetrics import Counter, Gauge, GaugeChild, Histogram, Observations
@@ -390,6 +394,37 @@ class GpuCollector(Collector):
                 except nvml.NVMLError:  # a reading this GPU does not support: leave the series out
                     continue
         yield from (util, used, total, temp, power)
+
+
+class BatchCollector(Collector):
+    """How generations share the model's forward passes (continuous batching, slm_server.batching),
+    read from the engine's counters at scrape time; no series before the model is loaded."""
+
+    def __init__(self, model: str, stats: Callable[[], tuple[int, int, int] | None]):
+        self._model = model
+        self._stats = stats  # (generations in the running batch, passes, generations fed in them)
+
+    def collect(self) -> Iterable[GaugeMetricFamily | CounterMetricFamily]:
+        stats = self._stats()
+        if stats is None:
+            return
+        running, passes, fed = stats
+        labels = ["model"]
+        size = GaugeMetricFamily("slm_batch_size", "Generations sharing each forward pass now", labels=labels)
+        size.add_metric([self._model], float(running))
+        yield size
+        passes_total = CounterMetricFamily(
+            "slm_forward_passes", "Forward passes of generation (prefills and decode steps)", labels=labels
+        )
+        passes_total.add_metric([self._model], float(passes))
+        yield passes_total
+        fed_total = CounterMetricFamily(
+            "slm_forward_pass_generations",
+            "Generations fed in the forward passes (per pass: the batch size)",
+            labels=labels,
+        )
+        fed_total.add_metric([self._model], float(fed))
+        yield fed_total
 
 
 class FilesystemCollector(Collector):

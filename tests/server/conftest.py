@@ -16,8 +16,9 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +28,7 @@ from fastapi.testclient import TestClient
 from prometheus_client import CollectorRegistry
 
 from slm_server.app import create_app
-from slm_server.engine import TransformersEngine
+from slm_server.engine import SamplingParams, TransformersEngine
 from slm_server.logs import configure_logging
 from slm_server.settings import Settings
 from slm_server.tinymodel import ensure_tiny_model
@@ -126,6 +127,30 @@ def json_records() -> Iterator[Any]:
     yield read
     logging.getLogger().removeHandler(handler)
     handler.close()
+
+
+def generate_together(
+    engine: TransformersEngine, jobs: list[tuple[str, SamplingParams]], on_text: Callable[[int], Any] | None = None
+) -> list[Any]:
+    """Run the generations from threads released at once; each one's result, or what it raised."""
+    results: list[Any] = [RuntimeError("not run")] * len(jobs)
+    start = threading.Barrier(len(jobs))
+
+    def run(i: int) -> None:
+        prompt, params = jobs[i]
+        ids = engine.encode(prompt)
+        start.wait()
+        try:
+            results[i] = engine.generate(ids, params, on_text(i) if on_text else None, None)
+        except BaseException as exc:  # the test looks at it
+            results[i] = exc
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(jobs))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    return results
 
 
 # --- a real server process -------------------------------------------------------------------------------------------

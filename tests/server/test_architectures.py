@@ -24,10 +24,10 @@ from typing import Any
 import pytest
 import torch
 
-from slm_server.engine import TransformersEngine
+from slm_server.engine import GenerationResult, SamplingParams, TransformersEngine
 from slm_server.settings import Settings
 
-from .conftest import serve, sse_events
+from .conftest import generate_together, serve, sse_events
 
 CONTEXT = 384
 PROMPT = "Return a new list of the items in the order given"
@@ -191,17 +191,44 @@ def test_greedy_tokens_are_transformers_own_and_any_listed_eos_ends_the_generati
     assert body["finish_reason"] == "stop"
 
 
+def _teacher_forced_perplexity(model, prompt_ids: list[int], output_ids: list[int]) -> float:
+    ids = torch.tensor([prompt_ids + output_ids])
+    labels = ids.clone()
+    labels[0, : len(prompt_ids)] = -100
+    with torch.no_grad():
+        return math.exp(model(input_ids=ids, labels=labels).loss.item())
+
+
+def _teacher_forced_logprobs(model, prompt_ids: list[int], output_ids: list[int]) -> list[float]:
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([prompt_ids + output_ids])).logits[0].float()
+    logprobs = torch.log_softmax(logits[len(prompt_ids) - 1 : -1], dim=-1)
+    return logprobs.gather(1, torch.tensor(output_ids).unsqueeze(1)).squeeze(1).tolist()
+
+
+def test_generations_in_one_batch_get_transformers_own_tokens(family_engine):
+    """Rotary positions in a left-padded batch: each generation's positions are its own. A random-
+    weight model's greedy tokens barely depend on positions (its attention is nearly uniform); each
+    token's log-probability does, by ~1e-3 with the positions of the padded cache instead (tried),
+    against ~5e-7 of rounding."""
+    assert family_engine.info.batching == "continuous"
+    prompts = [PROMPT, "Be", "What does it return to the caller when the list of items is empty and", "Hi there"]
+    params = SamplingParams(max_tokens=24, temperature=0, logprobs=0)
+    together = generate_together(family_engine, [(prompt, params) for prompt in prompts])
+    for prompt, result in zip(prompts, together, strict=True):
+        assert isinstance(result, GenerationResult), result
+        prompt_ids = family_engine.encode(prompt)
+        assert result.token_ids == _greedy(family_engine.model, prompt_ids, 24), prompt
+        expected = _teacher_forced_logprobs(family_engine.model, prompt_ids, result.token_ids)
+        assert result.token_logprobs == pytest.approx(expected, abs=1e-5), prompt
+
+
 def test_perplexity_equals_exp_loss_of_a_teacher_forced_pass(family_server, family_engine):
     r = family_server.client.post(
         "/generate", json={"prompt": PROMPT, "max_tokens": 16, "temperature": 1.0, "seed": 7, "return_token_ids": True}
     )
     body = r.json()
-    prompt_ids = family_engine.encode(PROMPT)
-    ids = torch.tensor([prompt_ids + body["token_ids"]])
-    labels = ids.clone()
-    labels[0, : len(prompt_ids)] = -100
-    with torch.no_grad():
-        expected = math.exp(family_engine.model(input_ids=ids, labels=labels).loss.item())
+    expected = _teacher_forced_perplexity(family_engine.model, family_engine.encode(PROMPT), body["token_ids"])
     assert body["perplexity"] == pytest.approx(expected, rel=1e-3)
 
 

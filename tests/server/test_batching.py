@@ -1,0 +1,251 @@
+"""Continuous batching (slm_server.batching): generations that run at the same time share forward
+passes, and each one's tokens, text, log-probabilities and perplexity are those it gets alone.
+
+The reference for every concurrent generation is the same request run alone on the same engine
+(one row, no padding). Running together, a generation's cache is left-padded to the batch's longest
+and its positions are its own; a bug there (a wrong position, padding the mask does not hide, a
+row's cache mixed up with another's when one leaves) changes its tokens.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from slm_server.batching import PassFailed
+from slm_server.engine import GenerationResult, SamplingParams, TransformersEngine
+
+from .conftest import MODEL_NAME, generate_together, serve, settings_for
+
+PROMPTS = [
+    "Return a new list of the",
+    "The file is",
+    "If the value is not None, the function",
+    "A",
+    "Create a new",
+    "The server sends the request to the",
+]
+# Greedy, these run to max_tokens=48 on the tiny model (most of its outputs end at a full stop).
+LONG_PROMPTS = [
+    "Return a new list of the",
+    "If the value is not None, the function",
+    "The server sends the request to the",
+    "Returns the",
+    "The following",
+    "This function",
+]
+LONG = SamplingParams(max_tokens=48, temperature=0)
+# Every per-generation setting, mixed in one batch: greedy, seeded sampling with top_p / top_k and
+# penalties, log-probabilities, a stop string.
+PARAMS = [
+    SamplingParams(max_tokens=40, temperature=0),
+    SamplingParams(max_tokens=30, temperature=0.8, seed=3),
+    SamplingParams(max_tokens=48, temperature=1.0, top_p=0.9, top_k=20, seed=5, presence_penalty=0.5,
+                   frequency_penalty=0.3),
+    SamplingParams(max_tokens=20, temperature=0, logprobs=2),
+    SamplingParams(max_tokens=48, temperature=0, stop=(".", "\n\n")),
+    SamplingParams(max_tokens=36, temperature=0.7, seed=9, logprobs=0),
+]  # fmt: skip
+
+
+def _alone(engine: TransformersEngine, prompt: str, params: SamplingParams) -> GenerationResult:
+    return engine.generate(engine.encode(prompt), params)
+
+
+def _assert_same(together: GenerationResult, alone: GenerationResult) -> None:
+    assert together.token_ids == alone.token_ids
+    assert together.text == alone.text
+    assert together.finish_reason == alone.finish_reason
+    assert math.isclose(together.logprob_sum, alone.logprob_sum, rel_tol=1e-4, abs_tol=1e-4)
+    if alone.token_logprobs is not None:
+        assert together.token_logprobs == pytest.approx(alone.token_logprobs, abs=1e-4)
+        ranked = [[[t for t, _ in top] for top in r.top_logprobs] for r in (together, alone)]  # type: ignore[union-attr]
+        assert ranked[0] == ranked[1]
+
+
+def _batch_counters(engine: TransformersEngine) -> tuple[int, int]:
+    stats = engine.batch_stats()
+    assert stats is not None
+    return stats[1], stats[2]
+
+
+def test_generations_at_the_same_time_share_passes_and_each_gets_what_it_gets_alone(tiny_engine):
+    assert tiny_engine.info.batching == "continuous"
+    jobs = [(prompt, LONG) for prompt in LONG_PROMPTS]
+    alone = [_alone(tiny_engine, prompt, params) for prompt, params in jobs]
+    assert [r.finish_reason for r in alone] == ["length"] * len(jobs)
+    passes_before, fed_before = _batch_counters(tiny_engine)
+
+    together = generate_together(tiny_engine, jobs)
+
+    for result, reference in zip(together, alone, strict=True):
+        assert isinstance(result, GenerationResult), result
+        _assert_same(result, reference)
+    passes, fed = _batch_counters(tiny_engine)
+    assert fed - fed_before == len(jobs) * LONG.max_tokens  # one feed per generated token
+    # Alone, that is one pass per token; together, the six share most of them.
+    assert passes - passes_before < (fed - fed_before) / 3
+
+
+def test_each_generation_keeps_its_own_settings_in_a_batch(tiny_engine):
+    jobs = list(zip(PROMPTS, PARAMS, strict=True))
+    alone = [_alone(tiny_engine, prompt, params) for prompt, params in jobs]
+    for result, reference in zip(generate_together(tiny_engine, jobs), alone, strict=True):
+        assert isinstance(result, GenerationResult), result
+        _assert_same(result, reference)
+
+
+def test_streamed_text_of_a_generation_in_a_batch_is_its_whole_text(tiny_engine):
+    pieces: dict[int, list[str]] = {i: [] for i in range(len(PROMPTS))}
+    together = generate_together(
+        tiny_engine, list(zip(PROMPTS, PARAMS, strict=True)), lambda i: lambda text, _: pieces[i].append(text)
+    )
+    for i, result in enumerate(together):
+        assert isinstance(result, GenerationResult), result
+        assert "".join(pieces[i]) == result.text
+
+
+def test_a_cancelled_generation_leaves_the_batch_and_the_others_go_on(tiny_engine):
+    params = LONG
+    jobs = [(prompt, params) for prompt in LONG_PROMPTS[:4]]
+    alone = [_alone(tiny_engine, prompt, params) for prompt, _ in jobs]
+    cancel = threading.Event()
+    tokens_seen = [0]
+
+    def generate_cancelled_after_4_pieces() -> GenerationResult:
+        def on_text(text: str, _: Any) -> None:
+            tokens_seen[0] += 1
+            if tokens_seen[0] == 4:
+                cancel.set()  # what the service does when the request times out or the client leaves
+
+        return tiny_engine.generate(tiny_engine.encode(LONG_PROMPTS[4]), params, on_text, cancel)
+
+    results: dict[str, Any] = {}
+    cancelled = threading.Thread(target=lambda: results.update(cancelled=generate_cancelled_after_4_pieces()))
+    cancelled.start()
+    together = generate_together(tiny_engine, jobs)
+    cancelled.join(timeout=60)
+
+    assert results["cancelled"].finish_reason == "abort"
+    assert results["cancelled"].output_tokens < params.max_tokens
+    for result, reference in zip(together, alone, strict=True):
+        _assert_same(result, reference)  # type: ignore[arg-type]
+
+
+class _FailingModel:
+    """The model, failing its `fail_at`-th call from now (a CUDA error, out of memory)."""
+
+    def __init__(self, model: Any, fail_at: int):
+        self.model = model
+        self.calls = 0
+        self.fail_at = fail_at
+        self.forward = model.forward
+
+    def __call__(self, **kwargs: Any) -> Any:
+        self.calls += 1
+        if self.calls == self.fail_at:
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+        return self.model(**kwargs)
+
+
+@pytest.fixture
+def own_engine(tiny_model_dir: Path) -> Any:
+    """An engine of its own, for tests that break its model or change its settings."""
+    engines: list[TransformersEngine] = []
+
+    def make(**overrides: Any) -> TransformersEngine:
+        engine = TransformersEngine(settings_for(tiny_model_dir, **overrides))
+        engine.load()
+        engines.append(engine)
+        return engine
+
+    yield make
+    for engine in engines:
+        engine.close()
+
+
+def test_a_failing_pass_fails_its_generations_with_the_cause_and_the_next_ones_are_served(own_engine):
+    engine = own_engine()
+    params = LONG
+    jobs = [(prompt, params) for prompt in LONG_PROMPTS[:4]]
+    alone = [_alone(engine, prompt, params) for prompt, _ in jobs]
+    engine.model = _FailingModel(engine.model, fail_at=12)  # past every prefill: a decode step of them all
+
+    together = generate_together(engine, jobs)
+
+    failed = [r for r in together if isinstance(r, PassFailed)]
+    assert len(failed) >= 2, together  # a pass of several generations failed
+    assert all(isinstance(r, PassFailed | GenerationResult) for r in together)
+    for error in failed:
+        assert "illegal memory access" in str(error)
+        assert isinstance(error.__cause__, RuntimeError)
+    assert len({id(e) for e in failed}) == len(failed)  # each thread raises its own
+    _assert_same(_alone(engine, LONG_PROMPTS[0], params), alone[0])  # the scheduler goes on
+
+
+def test_a_failing_pass_is_a_500_that_names_the_cause(own_engine, tiny_model_dir):
+    engine = own_engine()
+    engine.model = _FailingModel(engine.model, fail_at=1)
+    with serve(engine, settings_for(tiny_model_dir)) as srv:
+        r = srv.client.post("/generate", json={"prompt": "Return the", "max_tokens": 4})
+        assert r.status_code == 500
+        assert "illegal memory access" in r.json()["error"]["message"]
+        assert srv.metric("slm_request_errors_total", {"model": MODEL_NAME, "endpoint": "/generate",
+                                                       "error": "model_error"}) == 1  # fmt: skip
+        assert srv.client.post("/generate", json={"prompt": "Return the", "max_tokens": 4}).status_code == 200
+
+
+def test_with_max_batch_size_1_generations_run_one_at_a_time(own_engine):
+    engine = own_engine(max_batch_size=1)
+    assert engine.info.batching == "one sequence per pass"
+    jobs = list(zip(PROMPTS, PARAMS, strict=True))
+    alone = [_alone(engine, prompt, params) for prompt, params in jobs]
+    passes_before, fed_before = _batch_counters(engine)
+    for result, reference in zip(generate_together(engine, jobs), alone, strict=True):
+        _assert_same(result, reference)  # type: ignore[arg-type]
+    passes, fed = _batch_counters(engine)
+    assert passes - passes_before == fed - fed_before
+
+
+def test_a_model_whose_cache_cannot_be_padded_runs_one_generation_per_pass(own_engine, monkeypatch):
+    monkeypatch.setattr("slm_server.batching.supports_batching", lambda engine: False)
+    engine = own_engine()
+    assert engine.info.batching == "one sequence per pass"
+    jobs = list(zip(PROMPTS, PARAMS, strict=True))
+    alone = [_alone(engine, prompt, params) for prompt, params in jobs]
+    passes_before, fed_before = _batch_counters(engine)
+    together = generate_together(engine, jobs)
+    for result, reference in zip(together, alone, strict=True):
+        _assert_same(result, reference)  # type: ignore[arg-type]
+    passes, fed = _batch_counters(engine)
+    assert passes - passes_before == fed - fed_before
+
+
+def test_the_batch_metrics_show_the_mean_batch_size(tiny_engine, tiny_model_dir):
+    with serve(tiny_engine, settings_for(tiny_model_dir)) as srv:
+        labels = {"model": MODEL_NAME}
+        passes_before = srv.metric("slm_forward_passes_total", labels)
+        fed_before = srv.metric("slm_forward_pass_generations_total", labels)
+        body = {"prompt": LONG_PROMPTS[0], "max_tokens": 32, "temperature": 0}
+        start = threading.Barrier(4)
+        statuses: list[int] = []
+
+        def post() -> None:
+            start.wait()
+            statuses.append(srv.client.post("/generate", json=body).status_code)
+
+        threads = [threading.Thread(target=post) for _ in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=60)
+        assert statuses == [200] * 4
+        passes = srv.metric("slm_forward_passes_total", labels) - passes_before
+        fed = srv.metric("slm_forward_pass_generations_total", labels) - fed_before
+        assert fed == srv.metric("slm_generation_tokens_total", {**labels, "endpoint": "/generate"})
+        assert fed / passes > 1.5
+        assert srv.metric("slm_batch_size", labels) == 0  # nothing runs now
