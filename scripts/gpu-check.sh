@@ -5,7 +5,9 @@
 #   3. compares the server's pynvml series with `nvidia-smi` for every GPU;
 #   4. measures generation tokens/s with monitoring on (the default server: metrics, JSON request
 #      logs, drift detection) and off (SLM_METRICS_ENABLED=false, SLM_LOG_REQUESTS=false), same
-#      load, same model.
+#      load, same model;
+#   5. measures tokens/s with continuous batching (the default) and with one generation at a time
+#      (SLM_MAX_BATCH_SIZE=1), and the mean batch size from the server's own counters.
 #
 #   scripts/gpu-check.sh                       # uses .venv/bin/python, or $PYTHON, or python3
 #   GPU_CHECK_BUNDLE=.gpu scripts/gpu-check.sh # a machine whose python3 has torch but not the
@@ -235,6 +237,23 @@ for label, env in (("monitoring on", {}), ("monitoring off", off)):
 ratio = results["monitoring on"] / results["monitoring off"]
 print(f"  on / off = {ratio:.3f}")
 check(ratio >= 0.90, "monitoring keeps >= 90% of the tokens/s")
+
+print(f"== tokens/s, continuous batching vs one generation at a time (same load, 8 at a time)")
+batching = {}
+for label, env in (("batched", {}), ("one at a time", {"SLM_MAX_BATCH_SIZE": "1"})):
+    with server(model_dir, log_dir, **env) as base:
+        load(base, 8, 8, 16)  # warm-up
+        counters = lambda: {s.name: s.value for s in samples(base) if s.name.startswith("slm_forward_pass")}
+        before = counters()
+        rate = load(base, REQUESTS, 8, 128)[0]
+        after = counters()
+        fed = after["slm_forward_pass_generations_total"] - before["slm_forward_pass_generations_total"]
+        mean = fed / (after["slm_forward_passes_total"] - before["slm_forward_passes_total"])
+        batching[label] = (rate, mean)
+        print(f"  {label:<15} {rate:8.1f} tokens/s  mean batch {mean:4.1f}")
+print(f"  batched / one at a time = {batching['batched'][0] / batching['one at a time'][0]:.2f}x")
+check(batching["batched"][1] > 1.5, "concurrent generations share forward passes (mean batch > 1.5)")
+check(batching["one at a time"][1] == 1.0, "SLM_MAX_BATCH_SIZE=1: one generation per pass")
 
 print(f"== {'all checks passed' if not failures else f'{len(failures)} check(s) failed'} (server logs in {log_dir})")
 sys.exit(1 if failures else 0)

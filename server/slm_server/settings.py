@@ -50,7 +50,7 @@ class Settings(BaseSettings):
         0,
         ge=0,
         description="Generations that share one forward pass (continuous batching); 0 = max_concurrent_requests, "
-        "1 = one generation at a time.",
+        "1 = one generation at a time. Running generations beyond it wait for a place (in their time to first token).",
     )
     max_queued_requests: int = Field(
         32,

@@ -55,3 +55,19 @@ def test_the_detokenization_benchmark_streams_the_same_text_both_ways():
     result = bench_detokenize.run([16, 64], repeats=1)
     assert set(result) == {"16", "64"}
     assert all(r["incremental"] > 0 and r["whole_output"] > 0 and r["ratio"] > 0 for r in result.values())
+
+
+def test_the_batching_benchmark_runs_every_engine_to_the_same_tokens():
+    """bench_batching checks that the three engines generate the same tokens; here on a short run, for shape."""
+    sys.path.insert(0, str(BENCH))
+    try:
+        import bench_batching
+    finally:
+        sys.path.remove(str(BENCH))
+    result = bench_batching.run([1, 3], tokens=8, rounds=1)
+    assert set(result) == {"1", "3"}
+    for r in result.values():
+        assert set(r["tokens_per_second"]) == {"continuous", "one per pass", "thread each"}
+        assert all(rate > 0 for rate in r["tokens_per_second"].values())
+    assert result["1"]["mean_batch_size"] == 1.0
+    assert 1.0 <= result["3"]["mean_batch_size"] <= 3.0

@@ -37,6 +37,11 @@ def test_the_gpu_check_runs_every_step_on_cpu(tiny_model_dir):
     rates = dict(re.findall(r"^  (monitoring on|monitoring off)\s+([0-9.]+) tokens/s", out, re.MULTILINE))
     assert set(rates) == {"monitoring on", "monitoring off"}, out
     assert all(float(rate) > 0 for rate in rates.values()), out
+    batch_line = r"^  (batched|one at a time)\s+[0-9.]+ tokens/s  mean batch\s+([0-9.]+)"
+    batched = dict(re.findall(batch_line, out, re.MULTILINE))
+    assert set(batched) == {"batched", "one at a time"}, out
+    assert "[ok] concurrent generations share forward passes (mean batch > 1.5)" in out, out
+    assert "[ok] SLM_MAX_BATCH_SIZE=1: one generation per pass" in out, out
     # On a shared 2-core machine the tokens/s ratio is noise; it is the GPU run's figure to judge.
     failures = re.findall(r"^  \[FAIL\] (.*)$", out, re.MULTILINE)
     assert all(f.startswith("monitoring keeps") for f in failures), out
