@@ -468,8 +468,14 @@ def render_dashboard(*, name: str, namespace: str, model: str, alerts: Mapping[s
                     (f"sum(slm_requests_queued{{{msel}}})", "queued"),
                     (f"sum(slm_max_concurrent_requests{{{msel}}})", "concurrency limit"),
                     (f"sum(slm_max_queue{{{msel}}})", "queue limit"),
+                    (
+                        f"sum(rate(slm_forward_pass_generations_total{{{msel}}}[{rate}]))"
+                        f" / sum(rate(slm_forward_passes_total{{{msel}}}[{rate}]))",
+                        "mean batch (generations per forward pass)",
+                    ),
                 ),
-                description="Generations running and waiting, with the limits from spec.server.",
+                description="Generations running and waiting, with the limits from spec.server, and how many "
+                "generations share each forward pass (continuous batching; at most spec.server.maxBatchSize).",
                 minimum=0,
             ),
             8,
