@@ -28,12 +28,15 @@ scheduler (`Scheduler.batching` says which, and the `model_loaded` event logs it
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import Sequence
 from typing import Any
 
 from slm_server.engine import GenerationResult, OnText, SamplingParams, _emit, _TextTracker, _top
+
+log = logging.getLogger("slm_server.engine")
 
 
 class PassFailed(RuntimeError):
@@ -220,13 +223,21 @@ class Scheduler:
                     self._inbox.clear()
                     self._batches.clear()
                     return
+                waiting = self._drop_cancelled(self._inbox)  # timed out or gone while waiting for room
                 room = self.max_batch_size - self.running
-                fresh, self._inbox[:] = self._inbox[:room], self._inbox[room:]
-            with torch.inference_mode():
-                if fresh:
-                    self._prefill(torch, fresh)
-                for batch in list(self._batches):
-                    self._decode(torch, batch)
+                fresh, self._inbox[:] = waiting[:room], waiting[room:]
+            try:
+                with torch.inference_mode():
+                    if fresh:
+                        self._prefill(torch, fresh)
+                    for batch in list(self._batches):
+                        self._decode(torch, batch)
+            except Exception as exc:  # a bug of this loop: fail what runs (its cache is suspect), go on serving
+                log.exception("generation loop failed", extra={"fields": {"event": "error"}})
+                for sequence in fresh + [s for b in self._batches for s in b.rows]:
+                    if not sequence.done.is_set():
+                        sequence.finish(PassFailed(f"{type(exc).__name__}: {exc}"))
+                self._batches.clear()
 
     def _prefill(self, torch: Any, fresh: list[GenerationSequence]) -> None:
         fresh = self._drop_cancelled(fresh)
@@ -285,17 +296,25 @@ class Scheduler:
         batch.cache = getattr(out, engine._cache_arg)
         logits = out.logits[:, -1].float()
         logprobs = torch.log_softmax(logits, dim=-1)
-        greedy = logits.argmax(dim=-1).tolist() if any(s.greedy for s in rows) else None
-        vocab = engine.vocab_size
-        tokens = [greedy[i] if s.greedy else s.choose(torch, logits[i], vocab) for i, s in enumerate(rows)]  # type: ignore[index]
+        greedy = logits.argmax(dim=-1).tolist() if any(s.greedy for s in rows) else []
+        tokens: list[int] = []
+        unchosen: dict[int, Exception] = {}
+        for i, s in enumerate(rows):
+            try:
+                tokens.append(greedy[i] if s.greedy else s.choose(torch, logits[i], engine.vocab_size))
+            except Exception as exc:  # e.g. NaN logits that no token can be sampled from: this generation fails
+                tokens.append(0)
+                unchosen[i] = exc
         chosen = logprobs.gather(1, torch.tensor(tokens, device=logprobs.device).unsqueeze(1)).squeeze(1).tolist()
         now = time.perf_counter()
         going: list[GenerationSequence] = []
         for i, s in enumerate(rows):
-            top = _top(torch, logprobs[i], s.params.logprobs) if s.params.logprobs is not None else None
             try:
+                if i in unchosen:
+                    raise unchosen[i]
+                top = _top(torch, logprobs[i], s.params.logprobs) if s.params.logprobs is not None else None
                 ended = s.accept(tokens[i], chosen[i], top, now, engine.eos_ids)
-            except Exception as exc:  # a failing callback or decode fails this generation only
+            except Exception as exc:  # a failing choice, callback or decode fails this generation only
                 s.finish(exc)
                 continue
             if ended:
@@ -369,9 +388,13 @@ def supports_batching(engine: Any) -> bool:
         from transformers.cache_utils import DynamicCache, DynamicLayer
     except ImportError:  # transformers before 4.56: its cache keeps its tensors in other places
         return False
-    with torch.inference_mode():
-        ids = torch.tensor([[next(iter(engine.eos_ids), 0)]], device=engine.device)
-        out = engine.model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=True)
+    try:
+        with torch.inference_mode():
+            ids = torch.tensor([[next(iter(engine.eos_ids), 0)]], device=engine.device)
+            out = engine.model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=True)
+    except Exception:  # a model that refuses the test pass is served one sequence per pass
+        log.warning("the model failed a test pass with an attention mask: one sequence per pass", exc_info=True)
+        return False
     cache = getattr(out, engine._cache_arg, None)
     if type(cache) is not DynamicCache or not getattr(cache, "layers", None):
         return False

@@ -19,7 +19,7 @@ import pytest
 from slm_server.batching import PassFailed
 from slm_server.engine import GenerationResult, SamplingParams, TransformersEngine
 
-from .conftest import MODEL_NAME, generate_together, serve, settings_for
+from .conftest import MODEL_NAME, generate_together, serve, settings_for, wait_for
 
 PROMPTS = [
     "Return a new list of the",
@@ -249,3 +249,82 @@ def test_the_batch_metrics_show_the_mean_batch_size(tiny_engine, tiny_model_dir)
         assert fed == srv.metric("slm_generation_tokens_total", {**labels, "endpoint": "/generate"})
         assert fed / passes > 1.5
         assert srv.metric("slm_batch_size", labels) == 0  # nothing runs now
+
+
+def test_a_generation_whose_token_cannot_be_chosen_fails_alone(tiny_engine, monkeypatch):
+    """A sampling error (NaN logits from a broken fp16 model make torch.multinomial raise) fails only
+    the generation it happened to."""
+    from slm_server import batching
+
+    choose = batching.choose_token
+
+    def choose_or_fail(torch, logits, params, generator, vocab_size):
+        if params.seed == 13:
+            raise RuntimeError("probability tensor contains either `inf`, `nan` or element < 0")
+        return choose(torch, logits, params, generator, vocab_size)
+
+    jobs = [(prompt, LONG) for prompt in LONG_PROMPTS[:3]]
+    alone = [_alone(tiny_engine, prompt, params) for prompt, params in jobs]
+    monkeypatch.setattr(batching, "choose_token", choose_or_fail)
+    broken = SamplingParams(max_tokens=48, temperature=0.8, seed=13)
+
+    *together, failed = generate_together(tiny_engine, [*jobs, (LONG_PROMPTS[3], broken)])
+
+    assert isinstance(failed, RuntimeError) and "nan" in str(failed)
+    for result, reference in zip(together, alone, strict=True):
+        _assert_same(result, reference)
+
+
+def test_a_failure_of_the_loop_itself_fails_what_runs_and_the_loop_goes_on(own_engine, monkeypatch, json_records):
+    engine = own_engine()
+    merge = batching_scheduler(engine)._merge
+    calls = [0]
+
+    def merge_failing_once(torch, fresh):
+        calls[0] += 1
+        if calls[0] == 1:
+            raise RuntimeError("out of memory joining the batch")
+        merge(torch, fresh)
+
+    monkeypatch.setattr(batching_scheduler(engine), "_merge", merge_failing_once)
+    results = generate_together(engine, [(prompt, LONG) for prompt in LONG_PROMPTS[:3]])
+    assert any(isinstance(r, PassFailed) and "out of memory" in str(r) for r in results), results
+    assert all(isinstance(r, PassFailed | GenerationResult) for r in results)
+    assert _alone(engine, LONG_PROMPTS[0], LONG).output_tokens == LONG.max_tokens  # served again
+    assert [e["message"] for e in json_records("error")] == ["generation loop failed"]
+
+
+def test_a_generation_cancelled_while_waiting_for_room_returns_at_once(own_engine):
+    engine = own_engine(max_batch_size=1)
+    long_run = SamplingParams(max_tokens=200, temperature=0)
+    pieces = [0]
+    first_piece = threading.Event()
+
+    def count(text: str, _: Any) -> None:
+        pieces[0] += 1
+        first_piece.set()
+
+    running: dict[str, GenerationResult] = {}
+    a = threading.Thread(
+        target=lambda: running.update(a=engine.generate(engine.encode(LONG_PROMPTS[0]), long_run, count))
+    )
+    a.start()
+    assert first_piece.wait(30)
+    cancel = threading.Event()
+    waiting: dict[str, Any] = {}
+    b = threading.Thread(
+        target=lambda: waiting.update(b=engine.generate(engine.encode(LONG_PROMPTS[1]), long_run, None, cancel))
+    )
+    b.start()
+    wait_for(lambda: len(batching_scheduler(engine)._inbox) == 1)  # B waits for A's place
+    cancel.set()
+    b.join(timeout=30)
+    pieces_when_b_returned = pieces[0]
+    a.join(timeout=60)
+    assert waiting["b"].finish_reason == "abort" and waiting["b"].output_tokens == 0
+    assert running["a"].output_tokens == 200
+    assert pieces_when_b_returned < pieces[0]  # B did not wait for A to end
+
+
+def batching_scheduler(engine: TransformersEngine) -> Any:
+    return engine._scheduler
