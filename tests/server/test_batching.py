@@ -328,3 +328,33 @@ def test_a_generation_cancelled_while_waiting_for_room_returns_at_once(own_engin
 
 def batching_scheduler(engine: TransformersEngine) -> Any:
     return engine._scheduler
+
+
+def test_generations_that_arrive_together_are_prefilled_in_one_padded_pass(tiny_engine):
+    """Prompts of different lengths in one prefill: the shorter ones left-padded, the padding masked."""
+    prompts = ["A", "The file is", "If the value is not None, the function", "Returns the"]
+    params = SamplingParams(max_tokens=12, temperature=0, logprobs=1)
+    alone = [_alone(tiny_engine, prompt, params) for prompt in prompts]
+    release = threading.Event()
+
+    def hold(text: str, _: Any) -> None:  # runs on the scheduler's thread: nothing else runs meanwhile
+        release.wait(30)
+
+    holder = threading.Thread(target=lambda: tiny_engine.generate(tiny_engine.encode("The"), LONG, hold))
+    holder.start()
+    results: list[Any] = [None] * len(prompts)
+
+    def run(i: int) -> None:
+        results[i] = tiny_engine.generate(tiny_engine.encode(prompts[i]), params)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(prompts))]
+    for t in threads:
+        t.start()
+    # All four wait while the holder's step runs: the next loop prefills them in one pass.
+    wait_for(lambda: len(batching_scheduler(tiny_engine)._inbox) == len(prompts))
+    release.set()
+    for t in threads:
+        t.join(timeout=60)
+    holder.join(timeout=60)
+    for result, reference in zip(results, alone, strict=True):
+        _assert_same(result, reference)
