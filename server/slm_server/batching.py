@@ -20,10 +20,11 @@ stop strings, log-probabilities, the timestamps and text deltas the monitoring r
 perplexity summed from the chosen tokens' log-probabilities in the same pass.
 
 The padded cache needs a cache whose layers are plain tensors that can be padded, concatenated and
-sliced (transformers' `DynamicCache` of `DynamicLayer`s: GPT-2, Llama, Qwen2, Phi-3 and most
-others), and a model that takes `attention_mask` and `position_ids`. Any other model (a sliding-
-window or quantized cache, an older transformers) runs one sequence per pass, in turn, on the same
-scheduler (`Scheduler.batching` says which, and the `model_loaded` event logs it).
+sliced (transformers' `DynamicCache` of `DynamicLayer`s, or of `DynamicSlidingWindowLayer`s for
+sliding-window attention: GPT-2, Llama, Qwen2, Phi-3, Mistral and most others), and a model that
+takes `attention_mask` and `position_ids`. Any other model (a quantized or offloaded cache, an older
+transformers) runs one sequence per pass, in turn, on the same scheduler (`Scheduler.batching` says
+which, and the `model_loaded` event logs it).
 """
 
 from __future__ import annotations
@@ -351,10 +352,13 @@ class Scheduler:
         mask = batch.mask.index_select(0, keep)
         first = int(mask.any(dim=0).nonzero()[0])  # columns before it are padding in every row left
         batch.mask = mask[:, first:]
+        length = batch.mask.shape[1]
         layer_keep = keep.to(self.engine.device)
         for layer in batch.cache.layers:
-            layer.keys = layer.keys.index_select(0, layer_keep)[..., first:, :]
-            layer.values = layer.values.index_select(0, layer_keep)[..., first:, :]
+            held = _held(layer, length)  # the last positions of the cache that the layer holds
+            layer.keys = layer.keys.index_select(0, layer_keep)[..., layer.keys.shape[-2] - held :, :]
+            layer.values = layer.values.index_select(0, layer_keep)[..., layer.values.shape[-2] - held :, :]
+            _set_length(layer, length)
 
     def _merge(self, torch: Any, fresh: _Batch) -> None:
         """Add a prefilled batch to the running one (batching), or run it beside the others."""
@@ -367,11 +371,25 @@ class Scheduler:
             [_pad_left(torch, running.mask, length, 1), _pad_left(torch, fresh.mask, length, 1)], dim=0
         )
         for layer, new in zip(running.cache.layers, fresh.cache.layers, strict=True):
-            layer.keys = torch.cat([_pad_left(torch, layer.keys, length, -2), _pad_left(torch, new.keys, length, -2)])
-            layer.values = torch.cat(
-                [_pad_left(torch, layer.values, length, -2), _pad_left(torch, new.values, length, -2)]
-            )
+            held = _held(layer, length)
+            layer.keys = torch.cat([_pad_left(torch, layer.keys, held, -2), _pad_left(torch, new.keys, held, -2)])
+            layer.values = torch.cat([_pad_left(torch, layer.values, held, -2), _pad_left(torch, new.values, held, -2)])
+            _set_length(layer, length)
         running.rows = running.rows + fresh.rows
+
+
+# The cache of a batch is `length` positions long (its attention mask's width); a layer holds the last
+# `_held(layer, length)` of them: all, or for a sliding-window layer the window's last but one (what
+# its next step can see, as `DynamicSlidingWindowLayer.update` keeps). Padding positions of a row are
+# zeros in the tensors and 0 in the mask. In padded coordinates a row's distances between positions
+# are its own, so the window's mask is right for every row.
+def _held(layer: Any, length: int) -> int:
+    return min(length, layer.sliding_window - 1) if layer.is_sliding else length
+
+
+def _set_length(layer: Any, length: int) -> None:
+    if layer.is_sliding:
+        layer.cumulative_length = length  # what its mask sizes are computed from
 
 
 def supports_batching(engine: Any) -> bool:
@@ -385,8 +403,8 @@ def supports_batching(engine: Any) -> bool:
     if "attention_mask" not in params or "position_ids" not in params:
         return False
     try:
-        from transformers.cache_utils import DynamicCache, DynamicLayer
-    except ImportError:  # transformers before 4.56: its cache keeps its tensors in other places
+        from transformers.cache_utils import DynamicCache, DynamicLayer, DynamicSlidingWindowLayer
+    except ImportError:  # an older transformers: its cache keeps its tensors in other places
         return False
     try:
         with torch.inference_mode():
@@ -398,4 +416,7 @@ def supports_batching(engine: Any) -> bool:
     cache = getattr(out, engine._cache_arg, None)
     if type(cache) is not DynamicCache or not getattr(cache, "layers", None):
         return False
-    return all(type(layer) is DynamicLayer for layer in cache.layers)
+    return all(
+        type(layer) is DynamicLayer or (type(layer) is DynamicSlidingWindowLayer and not layer.record_past)
+        for layer in cache.layers
+    )

@@ -1,12 +1,13 @@
 """The server serves other model families the way it serves the tiny GPT-2: any Hugging Face causal
 LM directory, loaded, prompted and decoded the same way.
 
-Real users serve Llama- and Qwen2-family models (Llama 3.2, SmolLM, Qwen2.5), which differ from
-GPT-2 in the places a hand-written decoding loop can go wrong: rotary positions and grouped-query
-attention in the KV cache, a tokenizer that adds a BOS token, a chat template that writes the BOS
-itself (so encoding its text must not add a second), several end-of-sequence ids in
-`generation_config.json` (and sampling advice there), untied output embeddings, and the context
-length in `max_position_embeddings`. Real checkpoints cannot be downloaded here, so each family is a small
+Real users serve Llama-, Qwen2- and Phi-3-family models (Llama 3.2, SmolLM, Qwen2.5, Phi-3-mini),
+which differ from GPT-2 in the places a hand-written decoding loop can go wrong: rotary positions and
+grouped-query attention in the KV cache, a sliding attention window whose cache keeps only the
+window (Phi-3), a tokenizer that adds a BOS token, a chat template that writes the BOS itself (so
+encoding its text must not add a second), several end-of-sequence ids in `generation_config.json`
+(and sampling advice there), untied output embeddings, and the context length in
+`max_position_embeddings`. Real checkpoints cannot be downloaded here, so each family is a small
 model of its real architecture class with random weights (seeded) and the tiny model's trained
 byte-level BPE vocabulary plus the family's special tokens, saved with `save_pretrained` as an
 ordinary model directory.
@@ -66,6 +67,21 @@ FAMILIES: dict[str, dict[str, Any]] = {
         # As Qwen2.5 Instruct's generation_config.json advises.
         "sampling": {"temperature": 0.7, "top_p": 0.8, "top_k": 20},
     },
+    "phi3": {
+        "classes": ("Phi3Config", "Phi3ForCausalLM"),
+        # Phi-3 (DESIGN.md's example model): sliding-window attention, whose KV cache keeps only the
+        # window; a window of 16 here, so that generations run past it. Fused QKV projections.
+        "bos": "<s>",
+        "eos": "<|end|>",
+        "specials": ["<s>", "<|endoftext|>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"],
+        "chat_template": (
+            "{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}<|end|>\n{% endfor %}"
+            "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+        ),
+        "tied": False,
+        "sampling": {},  # Phi-3-mini's generation_config.json advises none
+        "config": {"sliding_window": 16},
+    },
 }
 
 
@@ -111,6 +127,7 @@ def _model(tokenizer, family: dict[str, Any]):
         eos_token_id=eos_id,
         pad_token_id=eos_id,
         tie_word_embeddings=family["tied"],
+        **family.get("config", {}),
     )
     torch.manual_seed(5)
     return model_class(config).eval()
