@@ -3,8 +3,10 @@
 `TransformersEngine` runs its own sampling loop (not `model.generate`) because the loop is where
 the monitoring signals are born: each generated token's log-probability under the model (summed
 into the request's perplexity — no second forward pass), each token's timestamp (time to first
-token, inter-token latency), and text deltas for streaming. It is blocking torch work; the service
-runs it in a worker thread and can stop it between two tokens (`cancel`).
+token, inter-token latency), and text deltas for streaming. The loop itself is
+slm_server.batching's scheduler: one thread that runs every generation in flight in the same
+forward passes (continuous batching). `generate` blocks its caller (the service's worker thread)
+until the generation ends; the service can stop it between two tokens (`cancel`).
 
 `EchoEngine` is a no-op engine (it echoes the prompt's words) for benchmarking the HTTP and
 monitoring layers without a model; the tests use it only for pure HTTP/metrics plumbing.
