@@ -238,7 +238,7 @@ ratio = results["monitoring on"] / results["monitoring off"]
 print(f"  on / off = {ratio:.3f}")
 check(ratio >= 0.90, "monitoring keeps >= 90% of the tokens/s")
 
-print(f"== tokens/s, continuous batching vs one generation at a time (same load, 8 at a time)")
+print("== tokens/s, continuous batching vs one generation at a time (same load, 8 at a time)")
 batching = {}
 for label, env in (("batched", {}), ("one at a time", {"SLM_MAX_BATCH_SIZE": "1"})):
     with server(model_dir, log_dir, **env) as base:
@@ -251,9 +251,12 @@ for label, env in (("batched", {}), ("one at a time", {"SLM_MAX_BATCH_SIZE": "1"
         mean = fed / (after["slm_forward_passes_total"] - before["slm_forward_passes_total"])
         batching[label] = (rate, mean)
         print(f"  {label:<15} {rate:8.1f} tokens/s  mean batch {mean:4.1f}")
-print(f"  batched / one at a time = {batching['batched'][0] / batching['one at a time'][0]:.2f}x")
+gain = batching["batched"][0] / batching["one at a time"][0]
+print(f"  batched / one at a time = {gain:.2f}x")
 check(batching["batched"][1] > 1.5, "concurrent generations share forward passes (mean batch > 1.5)")
 check(batching["one at a time"][1] == 1.0, "SLM_MAX_BATCH_SIZE=1: one generation per pass")
+if HAVE_SMI:  # on the CPU rehearsal the gain is the 2-core machine's to give (bench/bench_batching.py)
+    check(gain > 1.5, "on the GPU, batching makes > 1.5x the tokens/s of one generation at a time")
 
 print(f"== {'all checks passed' if not failures else f'{len(failures)} check(s) failed'} (server logs in {log_dir})")
 sys.exit(1 if failures else 0)

@@ -139,7 +139,7 @@ def generate_together(
     def run(i: int) -> None:
         prompt, params = jobs[i]
         ids = engine.encode(prompt)
-        start.wait()
+        start.wait(timeout=60)
         try:
             results[i] = engine.generate(ids, params, on_text(i) if on_text else None, None)
         except BaseException as exc:  # the test looks at it
