@@ -153,6 +153,41 @@ def generate_together(
     return results
 
 
+def generate_staggered(engine: TransformersEngine, jobs: list[tuple[str, SamplingParams, int]]) -> list[Any]:
+    """Run the generations, each from its own thread once the engine has made `start` forward passes
+    since the first job began (or once nothing runs: a start never waits for passes that will not
+    come); each one's result, or what it raised. Generations so join a running batch at different
+    steps, beside others of other lengths, and leave it at different steps."""
+    results: list[Any] = [RuntimeError("not run")] * len(jobs)
+
+    def stats() -> tuple[int, int, int]:
+        now = engine.batch_stats()
+        assert now is not None
+        return now
+
+    first_pass = stats()[1]
+
+    def run(i: int) -> None:
+        prompt, params, start = jobs[i]
+        ids = engine.encode(prompt)
+        try:
+            if i > 0:
+                wait_for(lambda: stats()[1] - first_pass >= start or stats()[0] == 0 or not first.is_alive(), 60)
+            results[i] = engine.generate(ids, params)
+        except BaseException as exc:  # the test looks at it
+            results[i] = exc
+
+    first = threading.Thread(target=run, args=(0,))
+    first.start()
+    wait_for(lambda: stats()[0] > 0 or not first.is_alive(), 60)  # the first one runs: passes are coming
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(1, len(jobs))]
+    for t in threads:
+        t.start()
+    for t in [first, *threads]:
+        t.join(timeout=120)
+    return results
+
+
 # --- a real server process -------------------------------------------------------------------------------------------
 def free_port() -> int:
     with socket.socket() as s:

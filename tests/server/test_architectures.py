@@ -28,7 +28,7 @@ import torch
 from slm_server.engine import GenerationResult, SamplingParams, TransformersEngine
 from slm_server.settings import Settings
 
-from .conftest import generate_together, serve, sse_events
+from .conftest import generate_staggered, generate_together, serve, sse_events
 
 CONTEXT = 384
 PROMPT = "Return a new list of the items in the order given"
@@ -236,6 +236,24 @@ def test_generations_in_one_batch_get_transformers_own_tokens(family_engine):
         assert isinstance(result, GenerationResult), result
         prompt_ids = family_engine.encode(prompt)
         assert result.token_ids == _greedy(family_engine.model, prompt_ids, 24), prompt
+        expected = _teacher_forced_logprobs(family_engine.model, prompt_ids, result.token_ids)
+        assert result.token_logprobs == pytest.approx(expected, abs=1e-5), prompt
+
+
+def test_generations_joining_and_leaving_a_batch_at_other_steps_get_transformers_own_tokens(family_engine):
+    """Joins pad the running cache, leaves trim it; with Phi-3 past its 16-token window too."""
+    prompts = [
+        ("Hi there", 40, 0),
+        ("What does it return to the caller when the list of items is empty and", 12, 3),
+        ("Be", 30, 6),
+        (PROMPT, 8, 9),
+        ("Return the file", 20, 15),
+    ]
+    jobs = [(prompt, SamplingParams(max_tokens=n, temperature=0, logprobs=0), start) for prompt, n, start in prompts]
+    for (prompt, params, _), result in zip(jobs, generate_staggered(family_engine, jobs), strict=True):
+        assert isinstance(result, GenerationResult), result
+        prompt_ids = family_engine.encode(prompt)
+        assert result.token_ids == _greedy(family_engine.model, prompt_ids, params.max_tokens), prompt
         expected = _teacher_forced_logprobs(family_engine.model, prompt_ids, result.token_ids)
         assert result.token_logprobs == pytest.approx(expected, abs=1e-5), prompt
 

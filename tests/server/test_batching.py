@@ -10,6 +10,7 @@ row's cache mixed up with another's when one leaves) changes its tokens.
 from __future__ import annotations
 
 import math
+import random
 import threading
 from pathlib import Path
 from typing import Any
@@ -19,7 +20,7 @@ import pytest
 from slm_server.batching import PassFailed
 from slm_server.engine import GenerationResult, SamplingParams, TransformersEngine
 
-from .conftest import MODEL_NAME, generate_together, serve, settings_for, wait_for
+from .conftest import MODEL_NAME, generate_staggered, generate_together, serve, settings_for, wait_for
 
 PROMPTS = [
     "Return a new list of the",
@@ -358,3 +359,33 @@ def test_generations_that_arrive_together_are_prefilled_in_one_padded_pass(tiny_
     holder.join(timeout=60)
     for result, reference in zip(results, alone, strict=True):
         _assert_same(result, reference)
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_generations_joining_and_leaving_at_random_steps_each_get_what_they_get_alone(tiny_engine, seed):
+    """Random arrivals (seeded): prompts of 1 to ~40 tokens join the batch at random steps and leave
+    after 1 to 40 tokens, so the cache is padded on join and trimmed on leave, on either side, over
+    and over. Each generation's tokens and log-probabilities are those it gets alone."""
+    rng = random.Random(seed)
+    words = ["the", "value", "of", "list", "is", "returned", "to", "caller", "when", "file", "not", "found", "a", "new"]
+    jobs = [(LONG_PROMPTS[0], SamplingParams(max_tokens=160, temperature=0, logprobs=0), 0)]  # runs throughout
+    for _ in range(10):
+        prompt = " ".join(rng.choice(words) for _ in range(rng.randint(1, 30)))
+        sampled = rng.random() < 0.5
+        params = SamplingParams(
+            max_tokens=rng.randint(1, 40),
+            temperature=0.9 if sampled else 0.0,
+            seed=rng.randint(0, 1000) if sampled else None,
+            logprobs=0,
+        )
+        jobs.append((prompt, params, rng.randint(0, 100)))
+    alone = [_alone(tiny_engine, prompt, params) for prompt, params, _ in jobs]
+    passes_before, fed_before = _batch_counters(tiny_engine)
+
+    results = generate_staggered(tiny_engine, jobs)
+
+    for (prompt, _, start), result, reference in zip(jobs, results, alone, strict=True):
+        assert isinstance(result, GenerationResult), (prompt, start, result)
+        _assert_same(result, reference)
+    passes, fed = _batch_counters(tiny_engine)
+    assert passes - passes_before < fed - fed_before  # they did share passes
