@@ -299,26 +299,31 @@ def test_a_generation_cancelled_while_waiting_for_room_returns_at_once(own_engin
     engine = own_engine(max_batch_size=1)
     long_run = SamplingParams(max_tokens=200, temperature=0)
     pieces = [0]
-    first_piece = threading.Event()
+    holding, release = threading.Event(), threading.Event()
 
-    def count(text: str, _: Any) -> None:
+    def count(text: str, _: Any) -> None:  # runs on the scheduler's thread: nothing else runs meanwhile
         pieces[0] += 1
-        first_piece.set()
+        if not holding.is_set():
+            holding.set()
+            release.wait(30)
 
     running: dict[str, GenerationResult] = {}
     a = threading.Thread(
         target=lambda: running.update(a=engine.generate(engine.encode(LONG_PROMPTS[0]), long_run, count))
     )
     a.start()
-    assert first_piece.wait(30)
     cancel = threading.Event()
     waiting: dict[str, Any] = {}
     b = threading.Thread(
         target=lambda: waiting.update(b=engine.generate(engine.encode(LONG_PROMPTS[1]), long_run, None, cancel))
     )
-    b.start()
-    wait_for(lambda: len(batching_scheduler(engine)._inbox) == 1)  # B waits for A's place
-    cancel.set()
+    try:
+        assert holding.wait(30)  # A runs, and holds the scheduler at its first piece of text
+        b.start()
+        wait_for(lambda: len(batching_scheduler(engine)._inbox) == 1)  # B waits for A's place
+        cancel.set()
+    finally:
+        release.set()
     b.join(timeout=30)
     pieces_when_b_returned = pieces[0]
     a.join(timeout=60)
@@ -336,10 +341,12 @@ def test_generations_that_arrive_together_are_prefilled_in_one_padded_pass(tiny_
     prompts = ["A", "The file is", "If the value is not None, the function", "Returns the"]
     params = SamplingParams(max_tokens=12, temperature=0, logprobs=1)
     alone = [_alone(tiny_engine, prompt, params) for prompt in prompts]
-    release = threading.Event()
+    release, holding = threading.Event(), threading.Event()
 
     def hold(text: str, _: Any) -> None:  # runs on the scheduler's thread: nothing else runs meanwhile
-        release.wait(30)
+        if not holding.is_set():
+            holding.set()
+            release.wait(30)
 
     holder = threading.Thread(target=lambda: tiny_engine.generate(tiny_engine.encode("The"), LONG, hold))
     holder.start()
@@ -349,11 +356,14 @@ def test_generations_that_arrive_together_are_prefilled_in_one_padded_pass(tiny_
         results[i] = tiny_engine.generate(tiny_engine.encode(prompts[i]), params)
 
     threads = [threading.Thread(target=run, args=(i,)) for i in range(len(prompts))]
-    for t in threads:
-        t.start()
-    # All four wait while the holder's step runs: the next loop prefills them in one pass.
-    wait_for(lambda: len(batching_scheduler(tiny_engine)._inbox) == len(prompts))
-    release.set()
+    try:
+        assert holding.wait(30)  # the scheduler is held before the four arrive
+        for t in threads:
+            t.start()
+        # All four wait while the holder's step runs: the next loop prefills them in one pass.
+        wait_for(lambda: len(batching_scheduler(tiny_engine)._inbox) == len(prompts))
+    finally:
+        release.set()  # a failed wait must not leave the shared engine held
     for t in threads:
         t.join(timeout=60)
     holder.join(timeout=60)
