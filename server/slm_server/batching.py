@@ -186,11 +186,13 @@ class Scheduler:
     def running(self) -> int:
         return sum(len(b.rows) for b in list(self._batches))  # a copy: read from other threads too
 
-    def run(self, sequence: GenerationSequence) -> GenerationResult:
-        """Generate `sequence` to its end (blocks the calling thread); raises what failed it."""
-        if sequence.max_tokens == 0 or (sequence.cancel is not None and sequence.cancel.is_set()):
-            if sequence.max_tokens > 0:
-                sequence.result.finish_reason = "abort"
+    def run(
+        self, prompt_ids: list[int], params: SamplingParams, on_text: OnText | None, cancel: threading.Event | None
+    ) -> GenerationResult:
+        """Generate to the end (blocks the calling thread); raises what failed the generation. A
+        cancel is seen at the loop's next step, whether the generation runs or waits for a place."""
+        sequence = GenerationSequence(self.engine, prompt_ids, params, on_text, cancel)
+        if sequence.max_tokens == 0:  # the prompt fills the context: nothing to generate
             sequence.finish()
         else:
             with self._wake:
@@ -241,11 +243,8 @@ class Scheduler:
                 self._batches.clear()
 
     def _prefill(self, torch: Any, fresh: list[GenerationSequence]) -> None:
-        fresh = self._drop_cancelled(fresh)
         groups = [fresh] if self.batching else [[s] for s in fresh]
         for rows in groups:
-            if not rows:
-                continue
             longest = max(len(s.context) for s in rows)
             if self.batching:
                 ids = torch.tensor([[0] * (longest - len(s.context)) + s.context for s in rows])

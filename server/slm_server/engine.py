@@ -334,10 +334,8 @@ class TransformersEngine(Engine):
         on_text: OnText | None = None,
         cancel: threading.Event | None = None,
     ) -> GenerationResult:
-        from slm_server.batching import GenerationSequence
-
         assert self._scheduler is not None, "load() first"
-        return self._scheduler.run(GenerationSequence(self, prompt_ids, params, on_text, cancel))
+        return self._scheduler.run(prompt_ids, params, on_text, cancel)
 
     def token_text(self, token_id: int) -> str:
         return self.decode([token_id])
