@@ -147,14 +147,21 @@ class GenerationSequence:
 
 
 class _Batch:
-    """Sequences that share one KV cache, left-padded to the longest; `mask` marks real positions."""
+    """Sequences that share one KV cache, left-padded to the longest; `mask` marks real positions.
+    While it is being prefilled, `prompt` holds the prompt columns not yet fed: (ids, mask, positions),
+    each (rows, columns left); mask and positions None without padding support."""
 
-    __slots__ = ("cache", "mask", "rows")
+    __slots__ = ("cache", "mask", "prompt", "rows")
 
-    def __init__(self, rows: list[GenerationSequence], cache: Any, mask: Any):
+    def __init__(self, rows: list[GenerationSequence], prompt: tuple[Any, Any, Any]):
         self.rows = rows
-        self.cache = cache
-        self.mask = mask  # (rows, cached length), 1 where a row has a token, None without padding support
+        self.cache: Any = None
+        self.mask: Any = None  # (rows, cached length), 1 where a row has a token, None without padding support
+        self.prompt: tuple[Any, Any, Any] | None = prompt
+
+
+def _columns_from(tensor: Any, first: int) -> Any:
+    return None if tensor is None else tensor[:, first:]
 
 
 def _pad_left(torch: Any, tensor: Any, length: int, dim: int) -> Any:
@@ -169,14 +176,16 @@ def _pad_left(torch: Any, tensor: Any, length: int, dim: int) -> Any:
 class Scheduler:
     """The generation loop of one model (see the module's doc)."""
 
-    def __init__(self, engine: Any, max_batch_size: int, batching: bool):
+    def __init__(self, engine: Any, max_batch_size: int, batching: bool, prefill_chunk_tokens: int = 0):
         self.engine = engine
         self.max_batch_size = max(1, max_batch_size)
         self.batching = batching and self.max_batch_size > 1
+        self.prefill_chunk_tokens = prefill_chunk_tokens  # 0: a whole prompt in one pass
         self.forward_passes = 0  # decode steps and prefills, for the mean batch size
         self.generations_fed = 0  # sequences fed in them
         self._inbox: list[GenerationSequence] = []
-        self._batches: list[_Batch] = []  # one when batching, else one per sequence
+        self._batches: list[_Batch] = []  # decoding: one when batching, else one per sequence
+        self._prefilling: list[_Batch] = []  # arrived, their prompts fed a chunk per loop, in turn
         self._wake = threading.Condition()
         self._closed = False
         self._thread = threading.Thread(target=self._loop, name="slm-scheduler", daemon=True)
@@ -217,46 +226,79 @@ class Scheduler:
 
         while True:
             with self._wake:
-                while not self._inbox and not self._batches and not self._closed:
+                while not self._inbox and not self._batches and not self._prefilling and not self._closed:
                     self._wake.wait()
                 if self._closed:
                     closed = RuntimeError("the model was closed during the generation")
-                    for sequence in self._inbox + [s for b in self._batches for s in b.rows]:
+                    for sequence in self._inbox + self._all_rows():
                         sequence.finish(closed)
                     self._inbox.clear()
                     self._batches.clear()
+                    self._prefilling.clear()
                     return
                 waiting = self._drop_cancelled(self._inbox)  # timed out or gone while waiting for room
-                room = self.max_batch_size - self.running
-                fresh, self._inbox[:] = waiting[:room], waiting[room:]
+                fresh: list[GenerationSequence] = []
+                if not self._prefilling:  # those that arrive meanwhile are prefilled together next
+                    room = self.max_batch_size - self.running
+                    fresh, waiting = waiting[:room], waiting[room:]
+                self._inbox[:] = waiting
             try:
                 with torch.inference_mode():
                     if fresh:
-                        self._prefill(torch, fresh)
+                        self._prefilling = self._prefill_batches(torch, fresh)
+                    if self._prefilling:
+                        self._prefill_step(torch, self._prefilling[0])
                     for batch in list(self._batches):
                         self._decode(torch, batch)
             except Exception as exc:  # a bug of this loop: fail what runs (its cache is suspect), go on serving
                 log.exception("generation loop failed", extra={"fields": {"event": "error"}})
-                for sequence in fresh + [s for b in self._batches for s in b.rows]:
+                for sequence in fresh + self._all_rows():
                     if not sequence.done.is_set():
                         sequence.finish(PassFailed(f"{type(exc).__name__}: {exc}"))
                 self._batches.clear()
+                self._prefilling.clear()
 
-    def _prefill(self, torch: Any, fresh: list[GenerationSequence]) -> None:
-        groups = [fresh] if self.batching else [[s] for s in fresh]
-        for rows in groups:
-            longest = max(len(s.context) for s in rows)
-            if self.batching:
-                ids = torch.tensor([[0] * (longest - len(s.context)) + s.context for s in rows])
-                mask = torch.tensor([[0] * (longest - len(s.context)) + [1] * len(s.context) for s in rows])
-                inputs = {"attention_mask": mask, "position_ids": (mask.cumsum(-1) - 1).clamp(min=0)}
-            else:
-                ids, mask, inputs = torch.tensor([rows[0].context]), None, {}
-            for s in rows:
-                s.cached = len(s.context)
-            batch = _Batch(rows, None, mask)
-            if self._forward(torch, batch, ids, inputs):
-                self._merge(torch, batch)
+    def _all_rows(self) -> list[GenerationSequence]:
+        return [s for b in self._prefilling + self._batches for s in b.rows]
+
+    def _prefill_batches(self, torch: Any, fresh: list[GenerationSequence]) -> list[_Batch]:
+        """The arrivals as batches to prefill: one, left-padded to the longest prompt (batching), or
+        one per sequence."""
+        if not self.batching:
+            return [_Batch([s], (torch.tensor([s.context]), None, None)) for s in fresh]
+        longest = max(len(s.context) for s in fresh)
+        ids = torch.tensor([[0] * (longest - len(s.context)) + s.context for s in fresh])
+        mask = torch.tensor([[0] * (longest - len(s.context)) + [1] * len(s.context) for s in fresh])
+        return [_Batch(list(fresh), (ids, mask, (mask.cumsum(-1) - 1).clamp(min=0)))]
+
+    def _prefill_step(self, torch: Any, batch: _Batch) -> None:
+        """Feed the batch's next prompt chunk (chunked prefill: at most prefill_chunk_tokens tokens,
+        padding included, so the running generations wait one chunk's pass for their next token, not
+        a whole long prompt's); after the last, its first tokens, and it joins the running batch."""
+        rows = self._drop_cancelled(batch.rows)
+        if len(rows) < len(batch.rows):
+            self._keep(torch, batch, rows)
+            if not rows:
+                return
+        assert batch.prompt is not None
+        ids, mask, positions = batch.prompt
+        width = ids.shape[1]
+        if self.prefill_chunk_tokens:
+            width = min(width, max(1, self.prefill_chunk_tokens // len(rows)))
+        inputs: dict[str, Any] = {}
+        if mask is not None:
+            batch.mask = mask[:, :width] if batch.mask is None else torch.cat([batch.mask, mask[:, :width]], dim=1)
+            inputs = {"attention_mask": batch.mask, "position_ids": positions[:, :width]}
+        last = width == ids.shape[1]
+        batch.prompt = None if last else (ids[:, width:], _columns_from(mask, width), _columns_from(positions, width))
+        if not last:
+            self._pass(torch, batch, ids[:, :width], inputs)  # a failure ends its rows and drops the batch
+            return
+        self._prefilling.remove(batch)
+        for s in rows:
+            s.cached = len(s.context)
+        if self._forward(torch, batch, ids, inputs):
+            self._merge(torch, batch)
 
     def _decode(self, torch: Any, batch: _Batch) -> None:
         rows = self._drop_cancelled(batch.rows)
@@ -273,27 +315,36 @@ class Scheduler:
             s.cached += 1
         self._forward(torch, batch, ids, inputs)
 
-    def _forward(self, torch: Any, batch: _Batch, ids: Any, inputs: dict[str, Any]) -> bool:
-        """One pass over the batch and a token for each of its rows; the finished rows leave it.
-        False when the batch is gone (all its rows ended, or the pass failed them all)."""
+    def _pass(self, torch: Any, batch: _Batch, ids: Any, inputs: dict[str, Any]) -> Any:
+        """One forward pass over the batch, its cache kept; the model's output, or None when the pass
+        failed (each of its generations then fails with the model's error as the cause)."""
         engine = self.engine
         device = engine.device
         kwargs: dict[str, Any] = {"use_cache": True, engine._cache_arg: batch.cache}
         if engine._logits_to_keep:
             kwargs["logits_to_keep"] = 1  # only the last position's logits are needed
-        rows = batch.rows
         try:
             out = engine.model(input_ids=ids.to(device), **{k: v.to(device) for k, v in inputs.items()}, **kwargs)
         except Exception as exc:  # the model failed: every sequence of this pass fails (500), the loop goes on
-            for s in rows:  # each its own error (raised in its own thread), the model's as the cause
+            for s in batch.rows:  # each its own error (raised in its own thread), the model's as the cause
                 failed = PassFailed(f"{type(exc).__name__}: {exc}")
                 failed.__cause__ = exc
                 s.finish(failed)
             self._keep(torch, batch, [])
-            return False
+            return None
         self.forward_passes += 1
-        self.generations_fed += len(rows)
+        self.generations_fed += len(batch.rows)
         batch.cache = getattr(out, engine._cache_arg)
+        return out
+
+    def _forward(self, torch: Any, batch: _Batch, ids: Any, inputs: dict[str, Any]) -> bool:
+        """One pass over the batch and a token for each of its rows; the finished rows leave it.
+        False when the batch is gone (all its rows ended, or the pass failed them all)."""
+        out = self._pass(torch, batch, ids, inputs)
+        if out is None:
+            return False
+        engine = self.engine
+        rows = batch.rows
         logits = out.logits[:, -1].float()
         logprobs = torch.log_softmax(logits, dim=-1)
         greedy = logits.argmax(dim=-1).tolist() if any(s.greedy for s in rows) else []
@@ -336,20 +387,26 @@ class Scheduler:
         return going
 
     def _keep(self, torch: Any, batch: _Batch, rows: Sequence[GenerationSequence]) -> None:
-        """Keep only `rows` of the batch (their cache rows), and drop the padding no row needs."""
+        """Keep only `rows` of the batch (their cache rows, and their prompt columns not yet fed),
+        and drop the padding no row needs (once the prompts are all in: until then the columns stay,
+        so that the prompt's next columns follow them)."""
         if not rows:
-            if batch in self._batches:
-                self._batches.remove(batch)
+            for batches in (self._batches, self._prefilling):
+                if batch in batches:
+                    batches.remove(batch)
             batch.rows = []
             batch.cache = None
             return
         index = [batch.rows.index(s) for s in rows]
         batch.rows = list(rows)
+        keep = torch.tensor(index)
+        if batch.prompt is not None and batch.prompt[1] is not None:
+            ids, mask, positions = batch.prompt
+            batch.prompt = (ids.index_select(0, keep), mask.index_select(0, keep), positions.index_select(0, keep))
         if batch.cache is None or batch.mask is None:
             return
-        keep = torch.tensor(index, device=batch.mask.device)
         mask = batch.mask.index_select(0, keep)
-        first = int(mask.any(dim=0).nonzero()[0])  # columns before it are padding in every row left
+        first = 0 if batch.prompt is not None else int(mask.any(dim=0).nonzero()[0])  # padding in every row before
         batch.mask = mask[:, first:]
         length = batch.mask.shape[1]
         layer_keep = keep.to(self.engine.device)

@@ -298,7 +298,7 @@ class TransformersEngine(Engine):
         from slm_server.batching import Scheduler, supports_batching
 
         batch_size = self.settings.max_batch_size or self.settings.max_concurrent_requests
-        scheduler = Scheduler(self, batch_size, supports_batching(self))
+        scheduler = Scheduler(self, batch_size, supports_batching(self), self.settings.prefill_chunk_tokens)
         self.info = ModelInfo(
             name=self.settings.model_name,
             source=source if Path(source).exists() else f"hub:{source}",

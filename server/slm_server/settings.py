@@ -52,6 +52,14 @@ class Settings(BaseSettings):
         description="Generations that share one forward pass (continuous batching); 0 = max_concurrent_requests, "
         "1 = one generation at a time. Running generations beyond it wait for a place (in their time to first token).",
     )
+    prefill_chunk_tokens: int = Field(
+        512,
+        ge=0,
+        description="Prompt tokens fed in one forward pass (padding included, over the prompts prefilled together). "
+        "A longer prefill takes several passes, each followed by a decode step of the running generations "
+        "(chunked prefill), so a long prompt delays their next token by one chunk's pass, not its whole prefill. "
+        "0 = each prefill in one pass.",
+    )
     max_queued_requests: int = Field(
         32,
         ge=0,

@@ -12,6 +12,7 @@ import contextlib
 import io
 import json
 import logging
+import math
 import os
 import socket
 import subprocess
@@ -28,7 +29,7 @@ from fastapi.testclient import TestClient
 from prometheus_client import CollectorRegistry
 
 from slm_server.app import create_app
-from slm_server.engine import SamplingParams, TransformersEngine
+from slm_server.engine import GenerationResult, SamplingParams, TransformersEngine
 from slm_server.logs import configure_logging
 from slm_server.settings import Settings
 from slm_server.tinymodel import ensure_tiny_model
@@ -127,6 +128,35 @@ def json_records() -> Iterator[Any]:
     yield read
     logging.getLogger().removeHandler(handler)
     handler.close()
+
+
+@pytest.fixture
+def own_engine(tiny_model_dir: Path) -> Any:
+    """An engine of its own, for tests that break its model or change its settings."""
+    engines: list[TransformersEngine] = []
+
+    def make(**overrides: Any) -> TransformersEngine:
+        engine = TransformersEngine(settings_for(tiny_model_dir, **overrides))
+        engine.load()
+        engines.append(engine)
+        return engine
+
+    yield make
+    for engine in engines:
+        engine.close()
+
+
+def assert_same_generation(together: GenerationResult, alone: GenerationResult) -> None:
+    """A generation run beside others (or in other passes) is the same generation as `alone`."""
+    assert together.token_ids == alone.token_ids
+    assert together.text == alone.text
+    assert together.finish_reason == alone.finish_reason
+    assert math.isclose(together.logprob_sum, alone.logprob_sum, rel_tol=1e-4, abs_tol=1e-4)
+    if alone.token_logprobs is not None:
+        assert together.token_logprobs == pytest.approx(alone.token_logprobs, abs=1e-4)
+        ranked = [[[t for t, _ in top] for top in r.top_logprobs] for r in (together, alone)]  # type: ignore[union-attr]
+        assert ranked[0] == ranked[1]
+
 
 
 def generate_together(

@@ -258,6 +258,32 @@ def test_generations_joining_and_leaving_a_batch_at_other_steps_get_transformers
         assert result.token_logprobs == pytest.approx(expected, abs=1e-5), prompt
 
 
+def test_prompts_fed_in_chunks_get_transformers_own_tokens(family_dir):
+    """Chunked prefill: prompts of up to ~60 tokens fed 5 tokens per pass (Phi-3: a chunk sees the
+    16-token window's cached part and its own tokens), alone, together and joining a running batch."""
+    engine = TransformersEngine(Settings(model=str(family_dir), served_model_name="family", prefill_chunk_tokens=5))
+    engine.load()
+    model = engine.model  # the reference's, after the engine is closed
+    long_prompt = " ".join([PROMPT, "when the list of items is empty and the caller asks for it"] * 3)
+    prompts = [
+        (long_prompt, 30, 0),
+        ("What does it return to the caller when the list of items is empty and", 12, 0),
+        (long_prompt[:90], 10, 4),
+        ("Be", 8, 9),
+    ]
+    jobs = [(prompt, SamplingParams(max_tokens=n, temperature=0, logprobs=0), start) for prompt, n, start in prompts]
+    try:
+        results = generate_staggered(engine, jobs)
+    finally:
+        engine.close()
+    for (prompt, params, _), result in zip(jobs, results, strict=True):
+        assert isinstance(result, GenerationResult), result
+        prompt_ids = engine.encode(prompt)
+        assert result.token_ids == _greedy(model, prompt_ids, params.max_tokens), prompt
+        expected = _teacher_forced_logprobs(model, prompt_ids, result.token_ids)
+        assert result.token_logprobs == pytest.approx(expected, abs=1e-5), prompt
+
+
 def test_perplexity_equals_exp_loss_of_a_teacher_forced_pass(family_server, family_engine):
     r = family_server.client.post(
         "/generate", json={"prompt": PROMPT, "max_tokens": 16, "temperature": 1.0, "seed": 7, "return_token_ids": True}

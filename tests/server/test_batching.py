@@ -9,10 +9,8 @@ row's cache mixed up with another's when one leaves) changes its tokens.
 
 from __future__ import annotations
 
-import math
 import random
 import threading
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -20,7 +18,15 @@ import pytest
 from slm_server.batching import PassFailed
 from slm_server.engine import GenerationResult, SamplingParams, TransformersEngine
 
-from .conftest import MODEL_NAME, generate_staggered, generate_together, serve, settings_for, wait_for
+from .conftest import (
+    MODEL_NAME,
+    assert_same_generation,
+    generate_staggered,
+    generate_together,
+    serve,
+    settings_for,
+    wait_for,
+)
 
 PROMPTS = [
     "Return a new list of the",
@@ -57,17 +63,6 @@ def _alone(engine: TransformersEngine, prompt: str, params: SamplingParams) -> G
     return engine.generate(engine.encode(prompt), params)
 
 
-def _assert_same(together: GenerationResult, alone: GenerationResult) -> None:
-    assert together.token_ids == alone.token_ids
-    assert together.text == alone.text
-    assert together.finish_reason == alone.finish_reason
-    assert math.isclose(together.logprob_sum, alone.logprob_sum, rel_tol=1e-4, abs_tol=1e-4)
-    if alone.token_logprobs is not None:
-        assert together.token_logprobs == pytest.approx(alone.token_logprobs, abs=1e-4)
-        ranked = [[[t for t, _ in top] for top in r.top_logprobs] for r in (together, alone)]  # type: ignore[union-attr]
-        assert ranked[0] == ranked[1]
-
-
 def _batch_counters(engine: TransformersEngine) -> tuple[int, int]:
     stats = engine.batch_stats()
     assert stats is not None
@@ -85,7 +80,7 @@ def test_generations_at_the_same_time_share_passes_and_each_gets_what_it_gets_al
 
     for result, reference in zip(together, alone, strict=True):
         assert isinstance(result, GenerationResult), result
-        _assert_same(result, reference)
+        assert_same_generation(result, reference)
     passes, fed = _batch_counters(tiny_engine)
     assert fed - fed_before == len(jobs) * LONG.max_tokens  # one feed per generated token
     # Alone, that is one pass per token; together, the six share most of them.
@@ -97,7 +92,7 @@ def test_each_generation_keeps_its_own_settings_in_a_batch(tiny_engine):
     alone = [_alone(tiny_engine, prompt, params) for prompt, params in jobs]
     for result, reference in zip(generate_together(tiny_engine, jobs), alone, strict=True):
         assert isinstance(result, GenerationResult), result
-        _assert_same(result, reference)
+        assert_same_generation(result, reference)
 
 
 def test_streamed_text_of_a_generation_in_a_batch_is_its_whole_text(tiny_engine):
@@ -134,7 +129,7 @@ def test_a_cancelled_generation_leaves_the_batch_and_the_others_go_on(tiny_engin
     assert results["cancelled"].finish_reason == "abort"
     assert results["cancelled"].output_tokens < params.max_tokens
     for result, reference in zip(together, alone, strict=True):
-        _assert_same(result, reference)  # type: ignore[arg-type]
+        assert_same_generation(result, reference)  # type: ignore[arg-type]
 
 
 class _FailingModel:
@@ -153,22 +148,6 @@ class _FailingModel:
         return self.model(**kwargs)
 
 
-@pytest.fixture
-def own_engine(tiny_model_dir: Path) -> Any:
-    """An engine of its own, for tests that break its model or change its settings."""
-    engines: list[TransformersEngine] = []
-
-    def make(**overrides: Any) -> TransformersEngine:
-        engine = TransformersEngine(settings_for(tiny_model_dir, **overrides))
-        engine.load()
-        engines.append(engine)
-        return engine
-
-    yield make
-    for engine in engines:
-        engine.close()
-
-
 def test_a_failing_pass_fails_its_generations_with_the_cause_and_the_next_ones_are_served(own_engine):
     engine = own_engine()
     params = LONG
@@ -185,7 +164,7 @@ def test_a_failing_pass_fails_its_generations_with_the_cause_and_the_next_ones_a
         assert "illegal memory access" in str(error)
         assert isinstance(error.__cause__, RuntimeError)
     assert len({id(e) for e in failed}) == len(failed)  # each thread raises its own
-    _assert_same(_alone(engine, LONG_PROMPTS[0], params), alone[0])  # the scheduler goes on
+    assert_same_generation(_alone(engine, LONG_PROMPTS[0], params), alone[0])  # the scheduler goes on
 
 
 def test_a_failing_pass_is_a_500_that_names_the_cause(own_engine, tiny_model_dir):
@@ -207,7 +186,7 @@ def test_with_max_batch_size_1_generations_run_one_at_a_time(own_engine):
     alone = [_alone(engine, prompt, params) for prompt, params in jobs]
     passes_before, fed_before = _batch_counters(engine)
     for result, reference in zip(generate_together(engine, jobs), alone, strict=True):
-        _assert_same(result, reference)  # type: ignore[arg-type]
+        assert_same_generation(result, reference)  # type: ignore[arg-type]
     passes, fed = _batch_counters(engine)
     assert passes - passes_before == fed - fed_before
 
@@ -221,7 +200,7 @@ def test_a_model_whose_cache_cannot_be_padded_runs_one_generation_per_pass(own_e
     passes_before, fed_before = _batch_counters(engine)
     together = generate_together(engine, jobs)
     for result, reference in zip(together, alone, strict=True):
-        _assert_same(result, reference)  # type: ignore[arg-type]
+        assert_same_generation(result, reference)  # type: ignore[arg-type]
     passes, fed = _batch_counters(engine)
     assert passes - passes_before == fed - fed_before
 
@@ -273,7 +252,7 @@ def test_a_generation_whose_token_cannot_be_chosen_fails_alone(tiny_engine, monk
 
     assert isinstance(failed, RuntimeError) and "nan" in str(failed)
     for result, reference in zip(together, alone, strict=True):
-        _assert_same(result, reference)
+        assert_same_generation(result, reference)
 
 
 def test_a_failure_of_the_loop_itself_fails_what_runs_and_the_loop_goes_on(own_engine, monkeypatch, json_records):
@@ -368,7 +347,7 @@ def test_generations_that_arrive_together_are_prefilled_in_one_padded_pass(tiny_
         t.join(timeout=60)
     holder.join(timeout=60)
     for result, reference in zip(results, alone, strict=True):
-        _assert_same(result, reference)
+        assert_same_generation(result, reference)
 
 
 @pytest.mark.parametrize("seed", [1, 2, 3])
@@ -396,6 +375,6 @@ def test_generations_joining_and_leaving_at_random_steps_each_get_what_they_get_
 
     for (prompt, _, start), result, reference in zip(jobs, results, alone, strict=True):
         assert isinstance(result, GenerationResult), (prompt, start, result)
-        _assert_same(result, reference)
+        assert_same_generation(result, reference)
     passes, fed = _batch_counters(tiny_engine)
     assert passes - passes_before < fed - fed_before  # they did share passes
