@@ -3,12 +3,22 @@ figures are checked for shape, never for speed (speed goals are the benchmark's 
 
 from __future__ import annotations
 
+import importlib
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 BENCH = Path(__file__).resolve().parents[2] / "bench"
+
+
+def _bench_module(name: str) -> Any:
+    sys.path.insert(0, str(BENCH))
+    try:
+        return importlib.import_module(name)
+    finally:
+        sys.path.remove(str(BENCH))
 
 
 @pytest.fixture(scope="module")
@@ -47,11 +57,7 @@ def test_the_baseline_serves_like_the_instrumented_app_without_its_monitoring(be
 
 def test_the_detokenization_benchmark_streams_the_same_text_both_ways():
     """bench_detokenize checks that both ways give the tokens' text; here on a short run, for shape."""
-    sys.path.insert(0, str(BENCH))
-    try:
-        import bench_detokenize
-    finally:
-        sys.path.remove(str(BENCH))
+    bench_detokenize = _bench_module("bench_detokenize")
     result = bench_detokenize.run([16, 64], repeats=1)
     assert set(result) == {"16", "64"}
     assert all(r["incremental"] > 0 and r["whole_output"] > 0 and r["ratio"] > 0 for r in result.values())
@@ -59,11 +65,7 @@ def test_the_detokenization_benchmark_streams_the_same_text_both_ways():
 
 def test_the_batching_benchmark_runs_every_engine_to_the_same_tokens():
     """bench_batching checks that the three engines generate the same tokens; here on a short run, for shape."""
-    sys.path.insert(0, str(BENCH))
-    try:
-        import bench_batching
-    finally:
-        sys.path.remove(str(BENCH))
+    bench_batching = _bench_module("bench_batching")
     result = bench_batching.run([1, 3], tokens=8, rounds=1)
     assert set(result) == {"1", "3"}
     for r in result.values():
@@ -71,3 +73,12 @@ def test_the_batching_benchmark_runs_every_engine_to_the_same_tokens():
         assert all(rate > 0 for rate in r["tokens_per_second"].values())
     assert result["1"]["mean_batch_size"] == 1.0
     assert 1.0 <= result["3"]["mean_batch_size"] <= 3.0
+
+
+def test_the_prefill_benchmark_measures_each_engine_while_streams_run():
+    """bench_prefill on a short run, for shape: every engine's stall, usual gap and time to first token."""
+    bench_prefill = _bench_module("bench_prefill")
+    result = bench_prefill.run([0, 32], prompt_tokens=200, streams=2, rounds=1, stream_tokens=48)
+    assert result["prompt_tokens"] == 200 and set(result["engines"]) == {"0", "32"}
+    for r in result["engines"].values():
+        assert r["longest_gap_ms"] > 0 and r["usual_gap_ms"] > 0 and r["time_to_first_token_ms"] > 0
