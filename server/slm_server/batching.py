@@ -54,6 +54,9 @@ def choose_token(torch: Any, logits: Any, params: SamplingParams, generator: Any
         kth = torch.topk(logits, params.top_k).values[-1]
         logits = logits.masked_fill(logits < kth, float("-inf"))
     probs = torch.softmax(logits / params.temperature, dim=-1)
+    if params.min_p > 0.0:
+        probs = probs.masked_fill(probs < params.min_p * probs.max(), 0.0)
+        probs = probs / probs.sum()
     if params.top_p < 1.0:
         sorted_probs, order = torch.sort(probs, descending=True)
         cumulative = torch.cumsum(sorted_probs, dim=-1)
@@ -69,8 +72,8 @@ class GenerationSequence:
     """One generation's state between decode steps: what it feeds next and what it has made."""
 
     __slots__ = (
-        "cached", "cancel", "context", "counts", "done", "error", "generator", "greedy", "last", "max_tokens",
-        "on_text", "params", "reported", "result", "tracker",
+        "bias", "cached", "cancel", "context", "counts", "done", "error", "generator", "greedy", "last",
+        "max_tokens", "on_text", "params", "reported", "result", "seen", "tracker",
     )  # fmt: skip
 
     def __init__(self, engine: Any, prompt_ids: list[int], params: SamplingParams, on_text: OnText | None,
@@ -90,24 +93,44 @@ class GenerationSequence:
             self.result.token_logprobs, self.result.top_logprobs = [], []
         self.tracker = _TextTracker(engine.decode, params.stop)
         self.reported = 0  # tokens whose log-probabilities went out with a piece of text
-        self.counts = None  # per vocabulary entry, its occurrences in the output, when a penalty needs them
+        # What the choice changes in the logits, when the request asks (each a vocabulary-sized vector):
+        # occurrences in the output (presence and frequency penalties), tokens of the prompt and the
+        # output (repetition penalty), and the request's biases.
+        self.counts = self.seen = self.bias = None
         if params.presence_penalty or params.frequency_penalty:
             self.counts = torch.zeros(engine.vocab_size, device=engine.device)
-        # The batch's argmax is this sequence's choice: no penalty, no sampling, no fault.
-        self.greedy = params.temperature <= 1e-5 and self.counts is None and not params.degraded
+        if params.repetition_penalty != 1.0:
+            self.seen = torch.zeros(engine.vocab_size, dtype=torch.bool, device=engine.device)
+            self.seen[torch.tensor(self.context, device=engine.device)] = True
+        if params.logit_bias:
+            self.bias = torch.zeros(engine.vocab_size, device=engine.device)
+            for token, bias in params.logit_bias:
+                self.bias[token] = bias
+        adjusted = self.counts is not None or self.seen is not None or self.bias is not None
+        # The batch's argmax is this sequence's choice: nothing adjusted, no sampling, no fault.
+        self.greedy = params.temperature <= 1e-5 and not adjusted and not params.degraded
         self.cached = 0  # this sequence's tokens in its batch's KV cache
         self.last = -1  # the token to feed next
         self.done = threading.Event()
         self.error: BaseException | None = None
 
     def choose(self, torch: Any, logits: Any, vocab_size: int) -> int:
+        """The next token; the penalties and biases change the choice, not the logits the reported
+        log-probabilities (and the perplexity) come from."""
         params = self.params
-        if self.counts is None:
-            return choose_token(torch, logits, params, self.generator, vocab_size)
-        counts = self.counts
-        penalized = logits - params.frequency_penalty * counts - params.presence_penalty * (counts > 0)
-        token = choose_token(torch, penalized, params, self.generator, vocab_size)
-        counts[token] += 1
+        seen, counts = self.seen, self.counts
+        if seen is not None:
+            penalty = params.repetition_penalty
+            logits = torch.where(seen, torch.where(logits > 0, logits / penalty, logits * penalty), logits)
+        if counts is not None:
+            logits = logits - params.frequency_penalty * counts - params.presence_penalty * (counts > 0)
+        if self.bias is not None:
+            logits = logits + self.bias
+        token = choose_token(torch, logits, params, self.generator, vocab_size)
+        if counts is not None:
+            counts[token] += 1
+        if seen is not None:
+            seen[token] = True
         return token
 
     def accept(self, token: int, logprob: float, top: list[tuple[int, float]] | None, now: float,

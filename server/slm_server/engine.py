@@ -54,6 +54,12 @@ class SamplingParams:
     # and once per occurrence (frequency). They change the choice, never the reported log-probabilities.
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
+    # vLLM's and transformers': the logit of each token the prompt or output holds, divided by it when
+    # positive, multiplied when negative (1.0: off).
+    repetition_penalty: float = 1.0
+    # OpenAI's: (token id, bias) added to the token's logit before the choice.
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    min_p: float = 0.0  # sampling keeps the tokens at least min_p times as likely as the most likely one
     logprobs: int | None = None  # None: none; k >= 0: each token's log-probability and the k most likely
 
 
@@ -98,6 +104,7 @@ class ModelInfo:
     # How concurrent generations share the model: "continuous" (one forward pass for all, see
     # slm_server.batching), "one sequence per pass", or "none" (no model).
     batching: str = "none"
+    vocab_size: int = 0  # the model's output vocabulary (logit_bias ids are below it); 0: no model
 
 
 class Engine(ABC):
@@ -308,6 +315,7 @@ class TransformersEngine(Engine):
             has_chat_template=bool(getattr(self.tokenizer, "chat_template", None)),
             parameters=sum(p.numel() for p in self.model.parameters()),
             batching="continuous" if scheduler.batching else "one sequence per pass",
+            vocab_size=self.vocab_size,
             **_sampling_defaults(self.model.generation_config),
         )
         self._scheduler = scheduler

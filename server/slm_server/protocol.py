@@ -32,6 +32,29 @@ FrequencyPenalty = Annotated[
     float, Field(ge=-2.0, le=2.0, description="Subtracted from a token's logit once per time the output holds it.")
 ]
 
+RepetitionPenalty = Annotated[
+    float,
+    Field(
+        gt=0.0,
+        le=2.0,
+        description="vLLM's and transformers': the logit of each token the prompt or the output holds is divided "
+        "by it when positive, multiplied when negative. 1.0 = off; above 1 discourages repeats.",
+    ),
+]
+MinP = Annotated[
+    float,
+    Field(ge=0.0, le=1.0, description="Sample only among tokens at least min_p times as likely as the most likely."),
+]
+LogitBias = Annotated[
+    dict[Annotated[str, Field(pattern=r"^[0-9]{1,9}$")], Annotated[float, Field(ge=-100.0, le=100.0)]] | None,
+    Field(
+        max_length=1024,
+        description="OpenAI's: token id (a string of digits) → bias from -100 to 100, added to the token's logit "
+        "before the choice (-100 bans it, 100 all but forces it). Up to 1,024 ids, each below the model's vocabulary "
+        "size.",
+    ),
+]
+
 
 def stops(value: str | list[str] | None) -> tuple[str, ...]:
     if value is None:
@@ -57,6 +80,9 @@ class GenerateRequest(BaseModel):
     seed: Seed = None
     presence_penalty: PresencePenalty = 0.0
     frequency_penalty: FrequencyPenalty = 0.0
+    repetition_penalty: RepetitionPenalty = 1.0
+    min_p: MinP = 0.0
+    logit_bias: LogitBias = None
     model: str | None = None
     return_token_ids: bool = Field(False, description="Include the generated token ids in the response.")
     stream: bool = Field(
@@ -106,6 +132,9 @@ class _OpenAIRequest(BaseModel):
     seed: Seed = None
     presence_penalty: PresencePenalty = 0.0
     frequency_penalty: FrequencyPenalty = 0.0
+    repetition_penalty: RepetitionPenalty = 1.0
+    min_p: MinP = 0.0
+    logit_bias: LogitBias = None
     user: str | None = Field(None, max_length=256, description="Never logged nor used as a label.")
 
 

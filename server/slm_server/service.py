@@ -322,14 +322,26 @@ class GenerationService:
     def sampling(self, body: Any) -> dict[str, Any]:
         """A request's sampling settings, as SamplingParams keywords: temperature, top_p and top_k
         from the model's defaults where the request leaves them out (a top_k of -1, vLLM's spelling,
-        or 0 samples among all tokens), and its penalties."""
+        or 0 samples among all tokens), its penalties, min_p and logit biases (each id checked
+        against the model's vocabulary: 400 naming it)."""
         info = self.engine.info
+        bias = tuple((int(token), value) for token, value in (body.logit_bias or {}).items())
+        outside = [token for token, _ in bias if info.vocab_size and token >= info.vocab_size]
+        if outside:
+            raise InvalidInput(
+                f"logit_bias: token id {outside[0]} is not in the model's vocabulary "
+                f"(ids 0 to {info.vocab_size - 1})",
+                param="logit_bias",
+            )
         return {
             "temperature": info.default_temperature if body.temperature is None else body.temperature,
             "top_p": info.default_top_p if body.top_p is None else body.top_p,
             "top_k": info.default_top_k if body.top_k is None else max(body.top_k, 0),
             "presence_penalty": body.presence_penalty,
             "frequency_penalty": body.frequency_penalty,
+            "repetition_penalty": body.repetition_penalty,
+            "min_p": body.min_p,
+            "logit_bias": bias,
         }
 
     def resolve_max_tokens(self, prompt_tokens: int, requested: int | None, param: str = "max_tokens") -> int:

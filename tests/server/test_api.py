@@ -274,6 +274,85 @@ def test_penalties_change_each_choice_as_openai_defines_them_and_never_the_perpl
     assert penalized["perplexity"] == pytest.approx(model_perplexity, rel=1e-3)
 
 
+def test_a_repetition_penalty_chooses_what_transformers_own_generate_chooses(server, tiny_engine):
+    """vLLM's and transformers' repetition_penalty (the prompt's tokens count too): greedy tokens equal
+    transformers' `generate(repetition_penalty=...)` on the same model; the perplexity stays the model's."""
+    prompt = "Return the number of items in the list"
+    body = {"prompt": prompt, "max_tokens": 40, "temperature": 0, "return_token_ids": True}
+    plain = server.client.post("/generate", json=body).json()
+    penalized = server.client.post("/generate", json={**body, "repetition_penalty": 1.3}).json()
+    chat_body = {"model": MODEL_NAME, "messages": [{"role": "user", "content": prompt}], "max_tokens": 40}
+    chat = server.client.post("/v1/chat/completions", json={**chat_body, "temperature": 0, "repetition_penalty": 1.3})
+
+    prompt_ids = tiny_engine.encode(prompt)
+    with torch.no_grad():
+        reference = tiny_engine.model.generate(
+            torch.tensor([prompt_ids]), max_new_tokens=40, do_sample=False, repetition_penalty=1.3,
+            eos_token_id=sorted(tiny_engine.eos_ids), pad_token_id=0,
+        )[0, len(prompt_ids) :].tolist()  # fmt: skip
+    assert penalized["token_ids"] == reference
+    assert penalized["token_ids"] != plain["token_ids"]
+    assert chat.status_code == 200, chat.text
+    with torch.no_grad():
+        logits = tiny_engine.model(input_ids=torch.tensor([prompt_ids + reference])).logits[0].float()
+    logprobs = torch.log_softmax(logits[len(prompt_ids) - 1 : -1], dim=-1)
+    model_perplexity = math.exp(-logprobs.gather(1, torch.tensor(reference).unsqueeze(1)).mean().item())
+    assert penalized["perplexity"] == pytest.approx(model_perplexity, rel=1e-3)
+
+
+def test_logit_bias_bans_and_forces_tokens_as_openai_defines_it(server):
+    body = {"model": MODEL_NAME, "prompt": "Return the number of items in the list", "max_tokens": 12,
+            "temperature": 0, "return_token_ids": True}  # fmt: skip
+    plain = server.client.post("/generate", json={**body, "model": None}).json()["token_ids"]
+    banned = {str(token): -100 for token in set(plain)}
+    without = server.client.post("/generate", json={**body, "model": None, "logit_bias": banned}).json()
+    assert without["token_ids"] and not set(without["token_ids"]) & set(plain)
+    forced = server.client.post("/v1/completions", json={**body, "logit_bias": {"42": 100}})
+    assert forced.status_code == 200, forced.text
+    assert (
+        forced.json()["choices"][0]["text"]
+        == server.client.post(
+            "/generate", json={"prompt": body["prompt"], "max_tokens": 12, "temperature": 0, "logit_bias": {"42": 100}}
+        ).json()["text"]
+    )
+    forced_ids = server.client.post("/generate", json={**body, "model": None, "logit_bias": {"42": 100}}).json()
+    assert forced_ids["token_ids"] == [42] * 12
+
+
+@pytest.mark.parametrize(
+    ("logit_bias", "status", "says"),
+    [
+        ({"999999": 5}, 400, "token id 999999 is not in the model's vocabulary (ids 0 to 2047)"),
+        ({"the": 5}, 422, "logit_bias"),
+        ({"-1": 5}, 422, "logit_bias"),
+        ({"7": 100.5}, 422, "less than or equal to 100"),
+    ],
+)
+def test_a_logit_bias_the_model_cannot_take_is_refused_naming_it(server, logit_bias, status, says):
+    for path, extra in (("/generate", {}), ("/v1/completions", {"model": MODEL_NAME})):
+        r = server.client.post(path, json={"prompt": "The", "max_tokens": 2, "logit_bias": logit_bias, **extra})
+        assert r.status_code == status, r.text
+        assert says in r.text and "logit_bias" in r.text
+
+
+def test_min_p_samples_only_tokens_near_the_most_likely(server, tiny_engine):
+    prompt = "Return the number of items in the list"
+    body = {"prompt": prompt, "max_tokens": 30, "temperature": 1.5, "seed": 11, "return_token_ids": True}
+    with_min_p = server.client.post("/generate", json={**body, "min_p": 0.2}).json()["token_ids"]
+    without = server.client.post("/generate", json=body).json()["token_ids"]
+
+    def worst_share(output: list[int]) -> float:
+        """The lowest, over the output, of a token's probability over the most likely one's (at temperature)."""
+        prompt_ids = tiny_engine.encode(prompt)
+        with torch.no_grad():
+            logits = tiny_engine.model(input_ids=torch.tensor([prompt_ids + output])).logits[0].float()
+        probs = torch.softmax(logits[len(prompt_ids) - 1 : -1] / body["temperature"], dim=-1)
+        return min(float(p[t] / p.max()) for p, t in zip(probs, output, strict=True))
+
+    assert worst_share(with_min_p) >= 0.2 - 1e-4
+    assert worst_share(without) < 0.2  # the same seed without min_p goes below it
+
+
 def test_top_k_samples_only_among_the_k_most_likely_tokens(server, tiny_engine):
     prompt = "Return the number of items in the list"
     body = {"prompt": prompt, "max_tokens": 30, "temperature": 1.0, "seed": 5, "return_token_ids": True}

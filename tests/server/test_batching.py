@@ -46,16 +46,16 @@ LONG_PROMPTS = [
     "This function",
 ]
 LONG = SamplingParams(max_tokens=48, temperature=0)
-# Every per-generation setting, mixed in one batch: greedy, seeded sampling with top_p / top_k and
-# penalties, log-probabilities, a stop string.
+# Every per-generation setting, mixed in one batch: greedy, seeded sampling with top_p / top_k / min_p
+# and penalties, log-probabilities, a stop string, a repetition penalty and logit biases.
 PARAMS = [
     SamplingParams(max_tokens=40, temperature=0),
     SamplingParams(max_tokens=30, temperature=0.8, seed=3),
     SamplingParams(max_tokens=48, temperature=1.0, top_p=0.9, top_k=20, seed=5, presence_penalty=0.5,
                    frequency_penalty=0.3),
-    SamplingParams(max_tokens=20, temperature=0, logprobs=2),
+    SamplingParams(max_tokens=20, temperature=0, logprobs=2, repetition_penalty=1.2, logit_bias=((42, 2.0),)),
     SamplingParams(max_tokens=48, temperature=0, stop=(".", "\n\n")),
-    SamplingParams(max_tokens=36, temperature=0.7, seed=9, logprobs=0),
+    SamplingParams(max_tokens=36, temperature=0.7, seed=9, logprobs=0, min_p=0.1),
 ]  # fmt: skip
 
 
