@@ -329,8 +329,7 @@ class GenerationService:
         outside = [token for token, _ in bias if info.vocab_size and token >= info.vocab_size]
         if outside:
             raise InvalidInput(
-                f"logit_bias: token id {outside[0]} is not in the model's vocabulary "
-                f"(ids 0 to {info.vocab_size - 1})",
+                f"logit_bias: token id {outside[0]} is not in the model's vocabulary (ids 0 to {info.vocab_size - 1})",
                 param="logit_bias",
             )
         return {
