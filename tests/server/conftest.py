@@ -158,7 +158,6 @@ def assert_same_generation(together: GenerationResult, alone: GenerationResult) 
         assert ranked[0] == ranked[1]
 
 
-
 def generate_together(
     engine: TransformersEngine, jobs: list[tuple[str, SamplingParams]], on_text: Callable[[int], Any] | None = None
 ) -> list[Any]:
