@@ -8,7 +8,10 @@ pass. A sequence that ends (end of sequence, stop string, max_tokens, cancel) le
 once; its worker thread returns. That is continuous batching (Orca, OSDI '22; TGI's and vLLM's
 schedulers) on the model's own KV cache, without paged attention: the batch's cache is left-padded
 to its longest sequence, each sequence's positions are its own (`position_ids`), and the attention
-mask hides the padding.
+mask hides the padding. A long prefill is fed in chunks (`prefill_chunk_tokens` per pass, shared by
+the prompts prefilled together), each followed by a decode step of the running batch, so a long
+prompt delays the running generations' next token by one chunk's pass, not its whole prefill
+(chunked prefill, as vLLM and TGI do it, but in a pass of its own: `bench/bench_prefill.py`).
 
 Why: a decode step costs nearly the same for one sequence as for eight (on a GPU the weights are
 read once per pass either way; on a CPU a small model's pass is mostly fixed per-call cost), so
