@@ -135,6 +135,10 @@ class Engine(ABC):
         """The text of one token, for log-probability listings."""
         raise NotImplementedError
 
+    def decode(self, ids: list[int]) -> str:
+        """The text of token ids (a prompt given as ids, echoed)."""
+        return "".join(self.token_text(token_id) for token_id in ids)
+
     def score(self, ids: list[int], top: int) -> tuple[list[float | None], list[list[tuple[int, float]]]]:
         """Teacher-forced log p of each token of `ids` given the ones before (None for the first),
         and the `top` most likely tokens at each position (echo + logprobs)."""

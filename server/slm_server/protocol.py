@@ -139,9 +139,18 @@ class _OpenAIRequest(BaseModel):
 
 
 # --- POST /v1/completions ---------------------------------------------------------------------------------------
+TokenIds = Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)]
+
+
 class CompletionRequest(_OpenAIRequest):
-    prompt: str | Annotated[list[str], Field(min_length=1, max_length=1)] = Field(
-        description="A string (or a list of exactly one string)."
+    prompt: (
+        str
+        | Annotated[list[str], Field(min_length=1, max_length=1)]
+        | TokenIds
+        | Annotated[list[TokenIds], Field(min_length=1, max_length=1)]
+    ) = Field(
+        description="A string, or token ids (each below the model's vocabulary size); or a list of exactly one "
+        "of either."
     )
     max_tokens: int | None = Field(16, ge=1)
     echo: bool = Field(False, description="Return the prompt before the completion (with logprobs, the prompt's too).")
@@ -151,8 +160,16 @@ class CompletionRequest(_OpenAIRequest):
     suffix: None = Field(None, description="Not supported.")
 
     @property
-    def prompt_text(self) -> str:
-        return self.prompt if isinstance(self.prompt, str) else self.prompt[0]
+    def prompt_text(self) -> str | None:
+        """The prompt when it is text; None when it is token ids."""
+        prompt = self.prompt if isinstance(self.prompt, str) else self.prompt[0]
+        return prompt if isinstance(prompt, str) else None
+
+    @property
+    def prompt_token_ids(self) -> list[int] | None:
+        """The prompt when it is token ids; None when it is text."""
+        prompt = self.prompt[0] if isinstance(self.prompt, list) and isinstance(self.prompt[0], list) else self.prompt
+        return prompt if isinstance(prompt, list) and isinstance(prompt[0], int) else None
 
 
 class CompletionLogprobs(BaseModel):

@@ -319,6 +319,16 @@ class GenerationService:
                 f"the model `{requested}` does not exist; this server serves `{self.model_name}`", param="model"
             )
 
+    def check_token_ids(self, ids: list[int], param: str) -> None:
+        """Token ids a request gives (a prompt, logit_bias) must be in the model's vocabulary: else 400."""
+        vocab_size = self.engine.info.vocab_size
+        outside = [token for token in ids if vocab_size and token >= vocab_size]
+        if outside:
+            raise InvalidInput(
+                f"{param}: token id {outside[0]} is not in the model's vocabulary (ids 0 to {vocab_size - 1})",
+                param=param,
+            )
+
     def sampling(self, body: Any) -> dict[str, Any]:
         """A request's sampling settings, as SamplingParams keywords: temperature, top_p and top_k
         from the model's defaults where the request leaves them out (a top_k of -1, vLLM's spelling,
@@ -326,12 +336,7 @@ class GenerationService:
         against the model's vocabulary: 400 naming it)."""
         info = self.engine.info
         bias = tuple((int(token), value) for token, value in (body.logit_bias or {}).items())
-        outside = [token for token, _ in bias if info.vocab_size and token >= info.vocab_size]
-        if outside:
-            raise InvalidInput(
-                f"logit_bias: token id {outside[0]} is not in the model's vocabulary (ids 0 to {info.vocab_size - 1})",
-                param="logit_bias",
-            )
+        self.check_token_ids([token for token, _ in bias], "logit_bias")
         return {
             "temperature": info.default_temperature if body.temperature is None else body.temperature,
             "top_p": info.default_top_p if body.top_p is None else body.top_p,

@@ -274,6 +274,19 @@ def test_penalties_change_each_choice_as_openai_defines_them_and_never_the_perpl
     assert penalized["perplexity"] == pytest.approx(model_perplexity, rel=1e-3)
 
 
+def test_a_prompt_of_token_ids_is_the_prompt_those_ids_encode(server, tiny_engine):
+    text = "Return the number of items in the list"
+    ids = tiny_engine.encode(text)
+    body = {"model": MODEL_NAME, "max_tokens": 12, "temperature": 0, "logprobs": 1}
+    as_text = server.client.post("/v1/completions", json={**body, "prompt": text}).json()
+    for prompt in (ids, [ids]):
+        as_ids = server.client.post("/v1/completions", json={**body, "prompt": prompt}).json()
+        assert as_ids["choices"] == as_text["choices"]
+        assert as_ids["usage"] == as_text["usage"]
+    echoed = server.client.post("/v1/completions", json={**body, "prompt": ids, "echo": True}).json()
+    assert echoed["choices"][0]["text"] == text + as_text["choices"][0]["text"]
+
+
 def test_a_repetition_penalty_chooses_what_transformers_own_generate_chooses(server, tiny_engine):
     """vLLM's and transformers' repetition_penalty (the prompt's tokens count too): greedy tokens equal
     transformers' `generate(repetition_penalty=...)` on the same model; the perplexity stays the model's."""

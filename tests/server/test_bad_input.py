@@ -29,6 +29,9 @@ GEN = {"model": MODEL_NAME}
         ("/v1/completions", {**GEN, "prompt": "x", "n": 0}, "n"),
         ("/v1/chat/completions", {**GEN, "messages": [{"role": "user", "content": "x"}], "n": 129}, "n"),
         ("/v1/completions", {**GEN, "prompt": ["a", "b"]}, "prompt"),
+        ("/v1/completions", {**GEN, "prompt": [[1, 2], [3]]}, "prompt"),
+        ("/v1/completions", {**GEN, "prompt": [5, -1]}, "prompt"),
+        ("/v1/completions", {**GEN, "prompt": []}, "prompt"),
         ("/v1/completions", {**GEN, "prompt": "x", "suffix": "y"}, "suffix"),
         ("/v1/chat/completions", {**GEN, "messages": []}, "messages"),
         ("/v1/chat/completions", {**GEN, "messages": [{"role": "robot", "content": "x"}]}, "messages.0.role"),
@@ -65,6 +68,16 @@ def test_prompt_plus_max_tokens_over_the_context_is_400(server):
     r = server.client.post("/v1/completions", json={**GEN, "prompt": "word " * 100, "max_tokens": 200})
     assert r.status_code == 400
     assert "context is 256 tokens" in r.json()["error"]["message"]
+
+
+def test_a_prompt_of_token_ids_outside_the_vocabulary_is_400_naming_the_id(server):
+    r = server.client.post("/v1/completions", json={**GEN, "prompt": [5, 2048, 7], "max_tokens": 1})
+    assert r.status_code == 400
+    error = r.json()["error"]
+    assert error["message"] == "prompt: token id 2048 is not in the model's vocabulary (ids 0 to 2047)"
+    assert error["param"] == "prompt"
+    too_long = server.client.post("/v1/completions", json={**GEN, "prompt": [5] * 300, "max_tokens": 1})
+    assert too_long.status_code == 400 and "context is 256 tokens" in too_long.json()["error"]["message"]
 
 
 def test_max_tokens_over_the_cap_is_400_saying_the_cap(server):

@@ -84,6 +84,28 @@ def test_openai_client_reads_logprobs_and_echo(client):
     assert streamed == same.choices[0].logprobs.tokens
 
 
+def test_openai_client_sends_token_ids_logit_bias_and_vllm_sampling_extensions(client, tiny_model_dir):
+    from transformers import AutoTokenizer
+
+    ids = AutoTokenizer.from_pretrained(tiny_model_dir).encode("Return the number of")
+    as_text = client.completions.create(model=MODEL_NAME, prompt="Return the number of", max_tokens=6, temperature=0)
+    as_ids = client.completions.create(model=MODEL_NAME, prompt=ids, max_tokens=6, temperature=0)
+    assert as_ids.choices[0].text == as_text.choices[0].text
+    assert as_ids.usage.prompt_tokens == as_text.usage.prompt_tokens == len(ids)
+    forced = client.completions.create(
+        model=MODEL_NAME, prompt=ids, max_tokens=3, temperature=0, logit_bias={"42": 100}, logprobs=0
+    )
+    tokens = forced.choices[0].logprobs.tokens
+    assert len(tokens) == 3 and len(set(tokens)) == 1  # token 42, three times
+    extended = client.completions.create(
+        model=MODEL_NAME, prompt=ids, max_tokens=6, temperature=0.8, seed=3,
+        extra_body={"repetition_penalty": 1.2, "min_p": 0.05, "top_k": 20},
+    )  # fmt: skip
+    assert extended.choices[0].finish_reason in ("stop", "length")
+    with pytest.raises(openai.BadRequestError, match="is not in the model's vocabulary"):
+        client.completions.create(model=MODEL_NAME, prompt=[10**6], max_tokens=2)
+
+
 def test_openai_client_streams_several_chat_choices_with_logprobs(client):
     request: dict = {
         "model": MODEL_NAME,

@@ -152,7 +152,14 @@ async def completions(body: CompletionRequest, request: Request):
     service = service_of(request)
     service.check_ready()
     service.check_model(body.model)
-    prompt_ids = await encode(service, body.prompt_text)
+    text, prompt_ids = body.prompt_text, body.prompt_token_ids
+    if prompt_ids is None:
+        assert text is not None
+        prompt_ids = await encode(service, text)
+    else:
+        service.check_token_ids(prompt_ids, "prompt")
+        if body.echo:
+            text = await asyncio.to_thread(service.engine.decode, prompt_ids)
     jobs = await _prepare(
         service,
         request,
@@ -165,7 +172,7 @@ async def completions(body: CompletionRequest, request: Request):
     )
     response_id, created = f"cmpl-{jobs[0].request_id}", int(time.time())
     base = {"id": response_id, "object": "text_completion", "created": created, "model": service.model_name}
-    echoed = body.prompt_text if body.echo else ""
+    echoed = text or "" if body.echo else ""
     top = body.logprobs
     # echo + logprobs: the prompt's tokens and log-probabilities, scored before the choices generate
     # (streamed, they go out first), once for all of them.
