@@ -7,6 +7,7 @@
 - dashboards.md:    the panels of the per-deployment dashboard as rendered
 - server.md:        the server's settings (slm_server.settings) and its request log line, read
                     from a real request (tiny model, in process)
+- api.md:           the server's HTTP API: routes and request fields, from its OpenAPI document
 
     python scripts/gen_docs.py          # write the pages
     python scripts/gen_docs.py --check  # exit 1 if a page is not what its source gives (a test runs this)
@@ -305,12 +306,132 @@ def dashboards_reference() -> str:
     return "\n".join(lines)
 
 
+def _schema_name(ref: str) -> str:
+    return ref.rsplit("/", 1)[1]
+
+
+def _optional(schema: dict[str, Any]) -> dict[str, Any]:
+    """`X | None` as X (the null is said by the default)."""
+    members = [m for m in schema.get("anyOf", []) if m.get("type") != "null"]
+    if len(members) == 1:
+        return {**schema, **members[0], "anyOf": None}
+    return schema
+
+
+def _api_type(schema: dict[str, Any]) -> str:
+    schema = _optional(schema)
+    if "$ref" in schema:
+        return f"[{_schema_name(schema['$ref'])}](#{_schema_name(schema['$ref']).lower()})"
+    if schema.get("anyOf"):
+        return " or ".join(dict.fromkeys(_api_type(m) for m in schema["anyOf"] if m.get("type") != "null"))
+    if "const" in schema:
+        return f"`{json.dumps(schema['const'])}`"
+    if "enum" in schema:
+        return " or ".join(f"`{json.dumps(v)}`" for v in schema["enum"])
+    kind = schema.get("type", "any")
+    if kind == "array":
+        return f"[]{_api_type(schema.get('items', {}))}"
+    if kind == "object" and ("patternProperties" in schema or "additionalProperties" in schema):
+        values = next(iter(schema.get("patternProperties", {}).values()), schema.get("additionalProperties"))
+        return f"map[string]{_api_type(values if isinstance(values, dict) else {})}"
+    return str(kind)
+
+
+def _api_constraints(schema: dict[str, Any]) -> str:
+    """A field's bounds (a union of several shapes says its own in its description)."""
+    schema = _optional(schema)
+    if schema.get("anyOf"):
+        return ""
+    parts = []
+    for key, label in (("minimum", "≥"), ("exclusiveMinimum", ">"), ("maximum", "≤"), ("exclusiveMaximum", "<"),
+                       ("minLength", "min length"), ("maxLength", "max length"), ("minItems", "min items"),
+                       ("maxItems", "max items"), ("maxProperties", "max entries")):
+        if key in schema:
+            value = schema[key]
+            if value == 2**63 - 1 or value == float(2**63):  # a float in the JSON schema: 2^63 - 1 rounded up
+                value = "2^63 - 1"
+            parts.append(f"{label} {int(value) if isinstance(value, float) and value.is_integer() else value}")
+    for pattern in [schema.get("pattern"), *schema.get("patternProperties", {})]:
+        if pattern:
+            parts.append(f"{'keys ' if pattern != schema.get('pattern') else ''}pattern `{pattern}`")
+    return "; ".join(parts)
+
+
+def _api_model_table(name: str, schemas: dict[str, Any], seen: list[str]) -> list[str]:
+    model = schemas[name]
+    required = set(model.get("required", []))
+    unknown = "refused (422)" if model.get("additionalProperties") is False else "ignored"
+    lines = [f"### {name}", "", f"Fields not listed here are {unknown}.", "",
+             "| field | type | default | description | validation |", "| --- | --- | --- | --- | --- |"]
+    for field, schema in model.get("properties", {}).items():
+        default = "" if "default" not in schema else f"`{json.dumps(schema['default'])}`"
+        lines.append(f"| `{field}`{' *(required)*' if field in required else ''} | {_api_type(schema)} | {default} "
+                     f"| {_cell(schema.get('description', ''))} | {_cell(_api_constraints(schema))} |")
+        for ref in _refs(schema):
+            if ref not in seen:
+                seen.append(ref)
+    lines.append("")
+    return lines
+
+
+def _refs(schema: Any) -> list[str]:
+    """The models a schema refers to, in order."""
+    if isinstance(schema, dict):
+        found = [_schema_name(schema["$ref"])] if "$ref" in schema else []
+        return found + [ref for value in schema.values() for ref in _refs(value)]
+    if isinstance(schema, list):
+        return [ref for value in schema for ref in _refs(value)]
+    return []
+
+
+def api_reference() -> str:
+    from prometheus_client import CollectorRegistry
+
+    from slm_server.app import create_app
+    from slm_server.settings import Settings
+
+    doc = create_app(Settings(engine="echo", model="tiny"), registry=CollectorRegistry()).openapi()
+    schemas = doc["components"]["schemas"]
+    lines = [
+        GENERATED.format(source="the server's OpenAPI document"),
+        "# HTTP API reference",
+        "",
+        "The server's routes and the fields their requests take, from the OpenAPI document it serves at "
+        "`/openapi.json` (and as pages at `/docs`). Errors have OpenAI's shape, "
+        "`{\"error\": {\"message\", \"type\", \"param\", \"code\"}}`: a schema error is a 422 whose `param` names "
+        "the field; a value the model cannot take (a prompt over the context, `max_tokens` over the cap, a token "
+        "id outside the vocabulary) is a 400 that says the limit. `/metrics` (Prometheus) is not in the document.",
+        "",
+        "| method | path | what it does | responses |",
+        "| --- | --- | --- | --- |",
+    ]
+    bodies: list[tuple[str, str]] = []
+    for path, operations in doc["paths"].items():
+        for method, operation in operations.items():
+            what = (operation.get("description") or operation.get("summary", "")).split("\n\n")[0]
+            codes = ", ".join(operation.get("responses", {}))
+            lines.append(f"| {method.upper()} | `{path}` | {_cell(what)} | {codes} |")
+            body = operation.get("requestBody", {}).get("content", {}).get("application/json", {}).get("schema")
+            if body and "$ref" in body:
+                bodies.append((f"{method.upper()} {path}", _schema_name(body["$ref"])))
+    lines += ["", "## Request bodies", ""]
+    seen = [name for _, name in bodies]
+    for route, name in bodies:
+        lines += [f"`{route}` takes [{name}](#{name.lower()}).", ""]
+    index = 0
+    while index < len(seen):
+        lines += _api_model_table(seen[index], schemas, seen)
+        index += 1
+    return "\n".join(lines)
+
+
 PAGES: dict[str, Callable[[], str]] = {
     "slmdeployment.md": crd_reference,
     "metrics.md": metrics_reference,
     "alerts.md": alerts_reference,
     "dashboards.md": dashboards_reference,
     "server.md": server_reference,
+    "api.md": api_reference,
 }
 
 

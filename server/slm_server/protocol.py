@@ -15,7 +15,10 @@ StopStrings = Annotated[
     _Stop | Annotated[list[_Stop], Field(max_length=4)] | None,
     Field(description="Up to 4 strings; generation stops before the first of them."),
 ]
-Seed = Annotated[int | None, Field(ge=0, le=2**63 - 1)]
+Seed = Annotated[
+    int | None,
+    Field(ge=0, le=2**63 - 1, description="The same seed and settings give the same sampled tokens. Left out: random."),
+]
 TopK = Annotated[
     int | None,
     Field(
@@ -83,7 +86,7 @@ class GenerateRequest(BaseModel):
     repetition_penalty: RepetitionPenalty = 1.0
     min_p: MinP = 0.0
     logit_bias: LogitBias = None
-    model: str | None = None
+    model: str | None = Field(None, description="The served model's name; another name gets 404.")
     return_token_ids: bool = Field(False, description="Include the generated token ids in the response.")
     stream: bool = Field(
         False,
@@ -106,7 +109,7 @@ class GenerateResponse(BaseModel):
 
 # --- OpenAI: shared --------------------------------------------------------------------------------------------
 class StreamOptions(BaseModel):
-    include_usage: bool = False
+    include_usage: bool = Field(False, description="A last event with the token counts (`usage`) and no choices.")
 
 
 class Usage(BaseModel):
@@ -119,14 +122,14 @@ class _OpenAIRequest(BaseModel):
     # Unknown fields are ignored, as OpenAI-compatible servers do (clients send vendor extensions).
     model_config = ConfigDict(extra="ignore")
 
-    model: str
+    model: str = Field(description="The served model's name (`GET /v1/models`); another name gets 404.")
     temperature: Temperature = None
     top_p: TopP = None
     top_k: TopK = None
     n: int = Field(
         1, ge=1, le=128, description="Choices to generate, each its own generation; at most max_concurrent_requests."
     )
-    stream: bool = False
+    stream: bool = Field(False, description="Server-sent events, one per piece of text, then `[DONE]`.")
     stream_options: StreamOptions | None = None
     stop: StopStrings = None
     seed: Seed = None
@@ -152,7 +155,7 @@ class CompletionRequest(_OpenAIRequest):
         description="A string, or token ids (each below the model's vocabulary size); or a list of exactly one "
         "of either."
     )
-    max_tokens: int | None = Field(16, ge=1)
+    max_tokens: int | None = Field(16, ge=1, description="Tokens to generate at most (OpenAI's default, 16).")
     echo: bool = Field(False, description="Return the prompt before the completion (with logprobs, the prompt's too).")
     logprobs: int | None = Field(
         None, ge=0, le=5, description="Log-probability of each token and of the N most likely at each position."
@@ -205,7 +208,7 @@ class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[TextPart]
+    content: str | list[TextPart] = Field(description="Text, or text parts (joined).")
 
     @property
     def text(self) -> str:
@@ -215,7 +218,12 @@ class ChatMessage(BaseModel):
 class ChatCompletionRequest(_OpenAIRequest):
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: int | None = Field(None, ge=1, description="Deprecated by OpenAI; max_completion_tokens wins.")
-    max_completion_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(
+        None,
+        ge=1,
+        description="Tokens to generate at most. Left out (and max_tokens too): SLM_DEFAULT_MAX_TOKENS, within the "
+        "context.",
+    )
     logprobs: bool = Field(False, description="Log-probability of each generated token.")
     top_logprobs: int | None = Field(
         None, ge=0, le=20, description="With logprobs: the N most likely tokens at each position."

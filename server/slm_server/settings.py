@@ -44,7 +44,9 @@ class Settings(BaseSettings):
     host: str = Field("0.0.0.0", description="Listen address (all interfaces in a pod).")  # noqa: S104
     port: int = Field(8000, ge=1, le=65535, description="Listen port: the API, the probes and /metrics.")
     max_new_tokens: int = Field(512, ge=1, description="Cap on max_tokens per request.")
-    default_max_tokens: int = Field(64, ge=1, description="max_tokens of /generate when not given.")
+    default_max_tokens: int = Field(
+        64, ge=1, description="max_tokens of /generate and chat completions when a request leaves it out."
+    )
     max_concurrent_requests: int = Field(8, ge=1, description="Generations running at once.")
     max_batch_size: int = Field(
         0,

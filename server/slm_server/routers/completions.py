@@ -149,6 +149,7 @@ def _usage_frame(base: dict[str, Any]) -> Callable[[Usage], dict[str, Any]]:
 
 @router.post("/v1/completions", response_model=CompletionResponse, responses={**ERROR_RESPONSES, **_STREAM_DOC})
 async def completions(body: CompletionRequest, request: Request):
+    """OpenAI's legacy completions: continue the prompt (text or token ids)."""
     service = service_of(request)
     service.check_ready()
     service.check_model(body.model)

@@ -33,6 +33,7 @@ async def readyz(request: Request) -> JSONResponse:
 
 @router.get("/v1/models", response_model=ModelList, tags=["openai"])
 async def list_models(request: Request) -> ModelList:
+    """The one model this server serves, with its context length."""
     service = service_of(request)
     service.check_ready()
     return ModelList(
