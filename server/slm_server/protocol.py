@@ -49,7 +49,12 @@ MinP = Annotated[
     Field(ge=0.0, le=1.0, description="Sample only among tokens at least min_p times as likely as the most likely."),
 ]
 LogitBias = Annotated[
-    dict[Annotated[str, Field(pattern=r"^[0-9]{1,9}$")], Annotated[float, Field(ge=-100.0, le=100.0)]] | None,
+    Annotated[
+        dict[Annotated[str, Field(pattern=r"^[0-9]{1,9}$")], Annotated[float, Field(ge=-100.0, le=100.0)]],
+        # The schema's patternProperties alone would allow any other key: say that none is.
+        Field(json_schema_extra={"additionalProperties": False}),
+    ]
+    | None,
     Field(
         max_length=1024,
         description="OpenAI's: token id (a string of digits) → bias from -100 to 100, added to the token's logit "
