@@ -98,6 +98,7 @@ def server_env(spec: Mapping[str, Any]) -> list[dict[str, str]]:
         ("SLM_MAX_CONCURRENT_REQUESTS", get(spec, "server.maxConcurrentRequests", 8)),
         ("SLM_MAX_BATCH_SIZE", get(spec, "server.maxBatchSize", 0)),
         ("SLM_PREFILL_CHUNK_TOKENS", get(spec, "server.prefillChunkTokens", 512)),
+        ("SLM_PREFIX_CACHE_MIB", get(spec, "server.prefixCacheMiB", 512)),
         ("SLM_MAX_QUEUE", get(spec, "server.maxQueue", 32)),
         ("SLM_REQUEST_TIMEOUT_SECONDS", get(spec, "server.requestTimeoutSeconds", 60)),
         ("SLM_LOG_LEVEL", get(spec, "logging.level", "info")),

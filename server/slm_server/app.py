@@ -23,7 +23,14 @@ from slm_server import __version__
 from slm_server.engine import Engine, make_engine
 from slm_server.errors import install_error_handlers
 from slm_server.logs import flush_lines
-from slm_server.metrics import BatchCollector, FilesystemCollector, NullMetrics, ServerMetrics, gpu_collector
+from slm_server.metrics import (
+    BatchCollector,
+    FilesystemCollector,
+    NullMetrics,
+    PrefixCacheCollector,
+    ServerMetrics,
+    gpu_collector,
+)
 from slm_server.middleware import RequestMiddleware
 from slm_server.routers import admin, completions, generate, health
 from slm_server.service import GenerationService
@@ -68,6 +75,7 @@ def create_app(
             collector(registry=registry)
         registry.register(FilesystemCollector(lambda: settings.disk_path_list or _model_dir(engine)))
         registry.register(BatchCollector(settings.model_name, engine.batch_stats))
+        registry.register(PrefixCacheCollector(settings.model_name, engine.prefix_cache_stats))
         if settings.gpu_metrics:
             gpus = gpu_collector()  # logs gpu_found or gpu_missing, once
             if gpus is not None:
@@ -212,6 +220,7 @@ async def _load(service: GenerationService, metrics: ServerMetrics | NullMetrics
             "slm.dtype": info.dtype,
             "slm.max_context": info.max_context,
             "slm.batching": info.batching,
+            "slm.prefix_caching": info.prefix_caching,
             "slm.default_temperature": info.default_temperature,
             "slm.default_top_p": info.default_top_p,
             "slm.default_top_k": info.default_top_k,

@@ -39,6 +39,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from slm_server.engine import GenerationResult, OnText, SamplingParams, _emit, _TextTracker, _top
+from slm_server.prefix_cache import PrefixCache
 
 log = logging.getLogger("slm_server.engine")
 
@@ -202,11 +203,20 @@ def _pad_left(torch: Any, tensor: Any, length: int, dim: int) -> Any:
 class Scheduler:
     """The generation loop of one model (see the module's doc)."""
 
-    def __init__(self, engine: Any, max_batch_size: int, batching: bool, prefill_chunk_tokens: int = 0):
+    def __init__(
+        self,
+        engine: Any,
+        max_batch_size: int,
+        batching: bool,
+        prefill_chunk_tokens: int = 0,
+        prefix_cache: PrefixCache | None = None,
+    ):
         self.engine = engine
         self.max_batch_size = max(1, max_batch_size)
         self.batching = batching and self.max_batch_size > 1
         self.prefill_chunk_tokens = prefill_chunk_tokens  # 0: a whole prompt in one pass
+        # Prompt prefixes' KV caches (slm_server.prefix_cache); only on a padded batch's cache.
+        self.prefix_cache = prefix_cache if self.batching else None
         self.forward_passes = 0  # decode steps and prefills, for the mean batch size
         self.generations_fed = 0  # sequences fed in them
         self._inbox: list[GenerationSequence] = []
@@ -288,14 +298,30 @@ class Scheduler:
         return [s for b in self._prefilling + self._batches for s in b.rows]
 
     def _prefill_batches(self, torch: Any, fresh: list[GenerationSequence]) -> list[_Batch]:
-        """The arrivals as batches to prefill: one, left-padded to the longest prompt (batching), or
-        one per sequence."""
+        """The arrivals as batches to prefill: one per sequence without batching; with it, one per
+        sequence whose prompt begins with a cached prefix (its cache starts as a copy of the
+        prefix's, and only the rest of its prompt is fed; first, as it is the shortest work), then
+        one for the others, left-padded to the longest prompt."""
         if not self.batching:
             return [_Batch([s], (torch.tensor([s.context]), None, None)) for s in fresh]
-        longest = max(len(s.context) for s in fresh)
-        ids = torch.tensor([[0] * (longest - len(s.context)) + s.context for s in fresh])
-        mask = torch.tensor([[0] * (longest - len(s.context)) + [1] * len(s.context) for s in fresh])
-        return [_Batch(list(fresh), (ids, mask, (mask.cumsum(-1) - 1).clamp(min=0)))]
+        batches, others = [], []
+        for s in fresh:
+            found, layers = self.prefix_cache.lookup(s.context) if self.prefix_cache is not None else (0, [])
+            if not found:
+                others.append(s)
+                continue
+            rest = len(s.context) - found
+            mask = torch.ones((1, rest), dtype=torch.long)
+            batch = _Batch([s], (torch.tensor([s.context[found:]]), mask, torch.arange(found, found + rest)[None]))
+            batch.cache = _cache_of(layers)
+            batch.mask = torch.ones((1, found), dtype=torch.long)
+            batches.append(batch)
+        if others:
+            longest = max(len(s.context) for s in others)
+            ids = torch.tensor([[0] * (longest - len(s.context)) + s.context for s in others])
+            mask = torch.tensor([[0] * (longest - len(s.context)) + [1] * len(s.context) for s in others])
+            batches.append(_Batch(others, (ids, mask, (mask.cumsum(-1) - 1).clamp(min=0))))
+        return batches
 
     def _prefill_step(self, torch: Any, batch: _Batch) -> None:
         """Feed the batch's next prompt chunk (chunked prefill: at most prefill_chunk_tokens tokens,
@@ -323,8 +349,23 @@ class Scheduler:
         self._prefilling.remove(batch)
         for s in rows:
             s.cached = len(s.context)
-        if self._forward(torch, batch, ids, inputs):
+        out = self._pass(torch, batch, ids, inputs)
+        if out is None:
+            return
+        if self.prefix_cache is not None:
+            self._remember_prefixes(batch)
+        if self._take_tokens(torch, batch, out):
             self._merge(torch, batch)
+
+    def _remember_prefixes(self, batch: _Batch) -> None:
+        """Keep each prompt's prefix cache (its row of the batch's cache, where its tokens are the
+        last of the left-padded columns)."""
+        assert self.prefix_cache is not None and batch.mask is not None
+        width, cache_layers = batch.mask.shape[1], batch.cache.layers
+        for i, s in enumerate(batch.rows):
+            start = width - len(s.context)
+            layers = [(layer.keys[i : i + 1, :, start:], layer.values[i : i + 1, :, start:]) for layer in cache_layers]
+            self.prefix_cache.insert(s.context, layers)
 
     def _decode(self, torch: Any, batch: _Batch) -> None:
         rows = self._drop_cancelled(batch.rows)
@@ -367,8 +408,11 @@ class Scheduler:
         """One pass over the batch and a token for each of its rows; the finished rows leave it.
         False when the batch is gone (all its rows ended, or the pass failed them all)."""
         out = self._pass(torch, batch, ids, inputs)
-        if out is None:
-            return False
+        return out is not None and self._take_tokens(torch, batch, out)
+
+    def _take_tokens(self, torch: Any, batch: _Batch, out: Any) -> bool:
+        """A token for each row of the batch from the pass's output; the finished rows leave it.
+        False when the batch is gone."""
         engine = self.engine
         rows = batch.rows
         logits = out.logits[:, -1].float()
@@ -474,6 +518,13 @@ def _set_length(layer: Any, length: int) -> None:
         layer.cumulative_length = length  # what its mask sizes are computed from
 
 
+def _cache_of(layers: list[tuple[Any, Any]]) -> Any:
+    """A model cache holding copies of `layers`' (keys, values)."""
+    from transformers.cache_utils import DynamicCache
+
+    return DynamicCache(ddp_cache_data=layers)
+
+
 def supports_batching(engine: Any) -> bool:
     """Whether the engine's model can run a left-padded batch on a cache this module can pad, join
     and slice: a test pass over one token shows the cache it makes."""
@@ -502,3 +553,19 @@ def supports_batching(engine: Any) -> bool:
         type(layer) is DynamicLayer or (type(layer) is DynamicSlidingWindowLayer and not layer.record_past)
         for layer in cache.layers
     )
+
+
+def supports_prefix_caching(engine: Any) -> bool:
+    """Whether every layer of the model's cache keeps its whole past (plain `DynamicLayer`s), which
+    any shorter prefix can be cut from: not a sliding-window layer (Phi-3, Mistral, Gemma)."""
+    import torch
+
+    try:
+        from transformers.cache_utils import DynamicCache, DynamicLayer
+    except ImportError:
+        return False
+    with torch.inference_mode():
+        ids = torch.tensor([[next(iter(engine.eos_ids), 0)]], device=engine.device)
+        out = engine.model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=True)
+    cache = getattr(out, engine._cache_arg, None)
+    return type(cache) is DynamicCache and all(type(layer) is DynamicLayer for layer in cache.layers)

@@ -105,6 +105,9 @@ class ModelInfo:
     # slm_server.batching), "one sequence per pass", or "none" (no model).
     batching: str = "none"
     vocab_size: int = 0  # the model's output vocabulary (logit_bias ids are below it); 0: no model
+    # Prompt-prefix KV caching (slm_server.prefix_cache): "on", "off" (the setting), or "unsupported"
+    # (a model with sliding-window layers, or without continuous batching).
+    prefix_caching: str = "off"
 
 
 class Engine(ABC):
@@ -147,6 +150,11 @@ class Engine(ABC):
     def batch_stats(self) -> tuple[int, int, int] | None:
         """(generations in the running batch, forward passes, generations fed in them) since load;
         None for an engine without forward passes."""
+        return None
+
+    def prefix_cache_stats(self) -> tuple[int, int, int, int] | None:
+        """(prompt tokens looked up in the prefix cache, found there, bytes it holds, its capacity)
+        since load; zeros with prefix caching off, None for an engine without a model cache."""
         return None
 
     def close(self) -> None:  # noqa: B027 - optional hook
@@ -306,10 +314,18 @@ class TransformersEngine(Engine):
         forward_params = inspect.signature(self.model.forward).parameters
         self._cache_arg = "cache" if "cache" in forward_params else "past_key_values"
         self._logits_to_keep = "logits_to_keep" in forward_params
-        from slm_server.batching import Scheduler, supports_batching
+        from slm_server.batching import Scheduler, supports_batching, supports_prefix_caching
+        from slm_server.prefix_cache import PrefixCache
 
         batch_size = self.settings.max_batch_size or self.settings.max_concurrent_requests
-        scheduler = Scheduler(self, batch_size, supports_batching(self), self.settings.prefill_chunk_tokens)
+        batching = supports_batching(self)
+        prefix_cache, prefix_caching = None, "off"
+        if self.settings.prefix_cache_mib:
+            if batching and batch_size > 1 and supports_prefix_caching(self):
+                prefix_cache, prefix_caching = PrefixCache(self.settings.prefix_cache_mib << 20), "on"
+            else:
+                prefix_caching = "unsupported"
+        scheduler = Scheduler(self, batch_size, batching, self.settings.prefill_chunk_tokens, prefix_cache)
         self.info = ModelInfo(
             name=self.settings.model_name,
             source=source if Path(source).exists() else f"hub:{source}",
@@ -320,6 +336,7 @@ class TransformersEngine(Engine):
             parameters=sum(p.numel() for p in self.model.parameters()),
             batching="continuous" if scheduler.batching else "one sequence per pass",
             vocab_size=self.vocab_size,
+            prefix_caching=prefix_caching,
             **_sampling_defaults(self.model.generation_config),
         )
         self._scheduler = scheduler
@@ -370,6 +387,15 @@ class TransformersEngine(Engine):
         if scheduler is None:
             return None
         return scheduler.running, scheduler.forward_passes, scheduler.generations_fed
+
+    def prefix_cache_stats(self) -> tuple[int, int, int, int] | None:
+        scheduler = self._scheduler
+        if scheduler is None:
+            return None
+        cache = scheduler.prefix_cache
+        if cache is None:
+            return 0, 0, 0, 0
+        return (*cache.stats(), cache.capacity_bytes)
 
     def close(self) -> None:
         if self._scheduler is not None:

@@ -42,6 +42,10 @@ Metrics (labels; `model` is the served model name, one value per process):
   slm_forward_passes_total{model}                  counter    generation passes (prefills, decode steps)
   slm_forward_pass_generations_total{model}        counter    generations fed in them; the ratio of
                                                               their rates is the mean batch size
+  slm_prefix_cache_queries_total{model}            counter    prompt tokens looked up in the prefix cache
+  slm_prefix_cache_hits_total{model}               counter    of them, found (rate ratio: the hit rate)
+  slm_prefix_cache_bytes{model}                    gauge      KV cache bytes it holds
+  slm_prefix_cache_capacity_bytes{model}           gauge      its budget; 0 = prefix caching off
   slm_drift_score{model,signal}                    gauge      signal: perplexity|output_length|
   slm_drift_detected{model,signal}                 gauge      finish_length|empty_output|repetition|
                                                               error; set by slm_server.drift
@@ -425,6 +429,31 @@ class BatchCollector(Collector):
         )
         fed_total.add_metric([self._model], float(fed))
         yield fed_total
+
+
+class PrefixCacheCollector(Collector):
+    """The prompt-prefix KV cache (slm_server.prefix_cache), read from the engine at scrape time:
+    zeros while it is off (`slm_prefix_cache_capacity_bytes` 0), no series before the model is loaded."""
+
+    def __init__(self, model: str, stats: Callable[[], tuple[int, int, int, int] | None]):
+        self._model = model
+        self._stats = stats  # (prompt tokens looked up, found, bytes held, capacity)
+
+    def collect(self) -> Iterable[GaugeMetricFamily | CounterMetricFamily]:
+        stats = self._stats()
+        if stats is None:
+            return
+        queried, hits, held, capacity = stats
+        labels = ["model"]
+        for family, name, doc, value in (
+            (CounterMetricFamily, "slm_prefix_cache_queries", "Prompt tokens looked up in the prefix cache", queried),
+            (CounterMetricFamily, "slm_prefix_cache_hits", "Prompt tokens found in the prefix cache", hits),
+            (GaugeMetricFamily, "slm_prefix_cache_bytes", "Bytes of KV cache the prefix cache holds", held),
+            (GaugeMetricFamily, "slm_prefix_cache_capacity_bytes", "The prefix cache's budget; 0 = off", capacity),
+        ):
+            metric = family(name, doc, labels=labels)
+            metric.add_metric([self._model], float(value))
+            yield metric
 
 
 class FilesystemCollector(Collector):

@@ -62,6 +62,13 @@ class Settings(BaseSettings):
         "(chunked prefill), so a long prompt delays their next token by one chunk's pass, not its whole prefill. "
         "0 = each prefill in one pass.",
     )
+    prefix_cache_mib: int = Field(
+        512,
+        ge=0,
+        description="Memory for prompt prefixes' KV caches, in MiB (prefix caching): a prompt that begins with "
+        "the blocks of 16 tokens of an earlier one (a system prompt, the conversation so far) feeds only its other "
+        "tokens. 0 = off. Models with sliding-window attention (Phi-3, Mistral) run without it.",
+    )
     max_queued_requests: int = Field(
         32,
         ge=0,

@@ -99,7 +99,8 @@ def test_server_env_follows_the_settings_contract() -> None:
     spec = {
         "model": {"name": "org/m", "revision": "v2", "dtype": "float16", "servedName": "m"},
         "server": {"maxNewTokens": 64, "maxConcurrentRequests": 2, "maxBatchSize": 1, "maxQueue": 4,
-                   "requestTimeoutSeconds": 9, "faultsAdmin": True, "prefillChunkTokens": 128},
+                   "requestTimeoutSeconds": 9, "faultsAdmin": True, "prefillChunkTokens": 128,
+                   "prefixCacheMiB": 0},
         "logging": {"level": "debug", "outputs": "full", "sampleRate": 0.5},
     }
     env = {e["name"]: e["value"] for e in render.server_env(spec)}
@@ -108,6 +109,7 @@ def test_server_env_follows_the_settings_contract() -> None:
     assert (env["SLM_MAX_NEW_TOKENS"], env["SLM_MAX_CONCURRENT_REQUESTS"], env["SLM_MAX_QUEUE"]) == ("64", "2", "4")
     assert env["SLM_REQUEST_TIMEOUT_SECONDS"] == "9" and env["SLM_FAULTS_ADMIN"] == "true"
     assert env["SLM_MAX_BATCH_SIZE"] == "1" and env["SLM_PREFILL_CHUNK_TOKENS"] == "128"
+    assert env["SLM_PREFIX_CACHE_MIB"] == "0"
     assert (env["SLM_LOG_LEVEL"], env["SLM_LOG_OUTPUTS"], env["SLM_LOG_SAMPLE_RATE"]) == ("debug", "full", "0.5")
     assert all(isinstance(v, str) for v in env.values())
 

@@ -158,6 +158,67 @@ def assert_same_generation(together: GenerationResult, alone: GenerationResult) 
         assert ranked[0] == ranked[1]
 
 
+class HeldRun:
+    """A long greedy generation on `engine` whose text callback (on the scheduler's thread, so
+    nothing else runs meanwhile) holds the scheduler at `holds` pieces of text, each until the test
+    releases it: from its second on, which come from decode steps (the first comes from its own
+    prefill, and a decode step follows that in the same loop), so a release lets the loop go on to
+    its next round, which takes what has arrived."""
+
+    PROMPT = "Return a new list of the"  # greedy, the tiny model goes on to 200 tokens from it
+    RUNNING = SamplingParams(max_tokens=200, temperature=0)
+
+    def __init__(self, engine: TransformersEngine, holds: int = 1):
+        self.engine = engine
+        self.holds = [(threading.Event(), threading.Event()) for _ in range(holds)]  # (held, release)
+        self.pieces = 0
+        self.released_at = 0.0
+        self.result: Any = None
+        self.thread = threading.Thread(target=self._run)
+        self.thread.start()
+
+    def _on_text(self, text: str, _: Any) -> None:
+        self.pieces += 1
+        if 2 <= self.pieces < len(self.holds) + 2:
+            held, release = self.holds[self.pieces - 2]
+            held.set()
+            release.wait(30)
+
+    def _run(self) -> None:
+        self.result = self.engine.generate(self.engine.encode(self.PROMPT), self.RUNNING, self._on_text)
+
+    def wait_held(self, hold: int) -> None:
+        assert self.holds[hold][0].wait(30), f"not held at piece {hold + 1}"
+
+    def release(self, hold: int) -> None:
+        self.released_at = time.perf_counter()
+        self.holds[hold][1].set()
+
+    def release_all(self) -> None:  # in a finally: a failed test must not leave the engine held
+        for _, release in self.holds:
+            release.set()
+
+    def tokens_between(self, start: float, end: float) -> int:
+        return sum(start < t < end for t in self.result.token_times)
+
+
+def start_generation(
+    engine: TransformersEngine, prompt: str, params: SamplingParams, cancel: threading.Event | None = None
+):
+    """A generation in a thread of its own: the thread, and a dict whose "result" is the result or what it raised."""
+    out: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            out["result"] = engine.generate(engine.encode(prompt), params, None, cancel)
+        except BaseException as exc:  # the test looks at it
+            out["result"] = exc
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    return thread, out
+
+
 def generate_together(
     engine: TransformersEngine, jobs: list[tuple[str, SamplingParams]], on_text: Callable[[int], Any] | None = None
 ) -> list[Any]:

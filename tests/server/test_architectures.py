@@ -284,6 +284,29 @@ def test_prompts_fed_in_chunks_get_transformers_own_tokens(family_dir):
         assert result.token_logprobs == pytest.approx(expected, abs=1e-5), prompt
 
 
+def test_prefix_caching_is_on_where_every_layer_keeps_its_past_and_a_hit_gets_transformers_own_tokens(
+    family_engine, family_dir
+):
+    """Llama and Qwen2 keep every past position; Phi-3's sliding window keeps only the last ones, which
+    no shorter prefix can be cut from, so it runs without prefix caching."""
+    sliding = "sliding_window" in FAMILIES[_expected(family_dir)["family"]].get("config", {})
+    assert family_engine.info.prefix_caching == ("unsupported" if sliding else "on")
+    if sliding:
+        return
+    stats = family_engine.prefix_cache_stats()
+    assert stats is not None
+    hits_before = stats[1]
+    shared = " ".join([PROMPT] * 3)
+    params = SamplingParams(max_tokens=12, temperature=0, logprobs=0)
+    for ending in (" first", " and then the second"):
+        prompt_ids = family_engine.encode(shared + ending)
+        result = family_engine.generate(prompt_ids, params)
+        assert result.token_ids == _greedy(family_engine.model, prompt_ids, 12)
+        expected = _teacher_forced_logprobs(family_engine.model, prompt_ids, result.token_ids)
+        assert result.token_logprobs == pytest.approx(expected, abs=1e-5)
+    assert family_engine.prefix_cache_stats()[1] > hits_before  # type: ignore[index]  # the second hit
+
+
 def test_perplexity_equals_exp_loss_of_a_teacher_forced_pass(family_server, family_engine):
     r = family_server.client.post(
         "/generate", json={"prompt": PROMPT, "max_tokens": 16, "temperature": 1.0, "seed": 7, "return_token_ids": True}

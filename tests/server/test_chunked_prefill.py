@@ -12,78 +12,20 @@ from __future__ import annotations
 import math
 import random
 import threading
-import time
-from typing import Any
 
 import pytest
 
 from slm_server.engine import GenerationResult, SamplingParams, TransformersEngine
 
-from .conftest import assert_same_generation, generate_staggered, wait_for
+from .conftest import HeldRun, assert_same_generation, generate_staggered, start_generation, wait_for
 
 # ~130 tokens of the tiny model's vocabulary: several chunks at the chunk sizes below.
 LONG_PROMPT = " ".join(["The value of the list is returned to the caller when the file is not found."] * 8)
-RUNNING_PROMPT = "Return a new list of the"  # greedy, the tiny model goes on to 200 tokens from it
-RUNNING = SamplingParams(max_tokens=200, temperature=0)
+RUNNING_PROMPT = HeldRun.PROMPT
 
 
 def _alone(engine: TransformersEngine, prompt: str, params: SamplingParams) -> GenerationResult:
     return engine.generate(engine.encode(prompt), params)
-
-
-class _HeldRun:
-    """A long greedy generation on `engine` whose text callback (on the scheduler's thread, so
-    nothing else runs meanwhile) holds the scheduler at `holds` pieces of text, each until the test
-    releases it: from its second on, which come from decode steps (the first comes from its own
-    prefill, and a decode step follows that in the same loop), so a release lets the loop go on to
-    its next round, which takes what has arrived."""
-
-    def __init__(self, engine: TransformersEngine, holds: int = 1):
-        self.engine = engine
-        self.holds = [(threading.Event(), threading.Event()) for _ in range(holds)]  # (held, release)
-        self.pieces = 0
-        self.released_at = 0.0
-        self.result: Any = None
-        self.thread = threading.Thread(target=self._run)
-        self.thread.start()
-
-    def _on_text(self, text: str, _: Any) -> None:
-        self.pieces += 1
-        if 2 <= self.pieces < len(self.holds) + 2:
-            held, release = self.holds[self.pieces - 2]
-            held.set()
-            release.wait(30)
-
-    def _run(self) -> None:
-        self.result = self.engine.generate(self.engine.encode(RUNNING_PROMPT), RUNNING, self._on_text)
-
-    def wait_held(self, hold: int) -> None:
-        assert self.holds[hold][0].wait(30), f"not held at piece {hold + 1}"
-
-    def release(self, hold: int) -> None:
-        self.released_at = time.perf_counter()
-        self.holds[hold][1].set()
-
-    def release_all(self) -> None:  # in a finally: a failed test must not leave the engine held
-        for _, release in self.holds:
-            release.set()
-
-    def tokens_between(self, start: float, end: float) -> int:
-        return sum(start < t < end for t in self.result.token_times)
-
-
-def _start(engine: TransformersEngine, prompt: str, params: SamplingParams, cancel: threading.Event | None = None):
-    out: dict[str, Any] = {}
-
-    def run() -> None:
-        try:
-            out["result"] = engine.generate(engine.encode(prompt), params, None, cancel)
-        except BaseException as exc:  # the test looks at it
-            out["result"] = exc
-
-    thread = threading.Thread(target=run)
-    thread.start()
-    return thread, out
 
 
 @pytest.mark.parametrize("chunk", [0, 16])
@@ -94,10 +36,10 @@ def test_a_running_generation_gets_a_token_between_the_chunks_of_a_long_prompt(o
     prompt_tokens = len(engine.encode(LONG_PROMPT))
     params = SamplingParams(max_tokens=4, temperature=0, logprobs=0)
     reference = _alone(tiny_engine, LONG_PROMPT, params)
-    running = _HeldRun(engine)
+    running = HeldRun(engine)
     try:
         running.wait_held(0)  # the running generation holds the scheduler
-        thread, out = _start(engine, LONG_PROMPT, params)
+        thread, out = start_generation(engine, LONG_PROMPT, params)
         wait_for(lambda: len(engine._scheduler._inbox) == 1)  # the long prompt waits for the next loop
         running.release(0)
     finally:
@@ -110,7 +52,7 @@ def test_a_running_generation_gets_a_token_between_the_chunks_of_a_long_prompt(o
     assert_same_generation(long_result, reference)
     between = running.tokens_between(running.released_at, long_result.token_times[0])
     assert between == (math.ceil(prompt_tokens / chunk) - 1 if chunk else 0)
-    assert running.result.token_ids == _alone(tiny_engine, RUNNING_PROMPT, RUNNING).token_ids
+    assert running.result.token_ids == _alone(tiny_engine, RUNNING_PROMPT, HeldRun.RUNNING).token_ids
 
 
 @pytest.mark.parametrize("seed", [1, 2])
@@ -150,10 +92,10 @@ def test_prompts_prefilled_together_share_the_chunk_budget(own_engine, tiny_engi
     params = SamplingParams(max_tokens=3, temperature=0, logprobs=1)
     references = [_alone(tiny_engine, prompt, params) for prompt in prompts]
     longest = max(len(engine.encode(prompt)) for prompt in prompts)
-    running = _HeldRun(engine)
+    running = HeldRun(engine)
     try:
         running.wait_held(0)
-        started = [_start(engine, prompt, params) for prompt in prompts]
+        started = [start_generation(engine, prompt, params) for prompt in prompts]
         wait_for(lambda: len(engine._scheduler._inbox) == len(prompts))
         running.release(0)
     finally:
@@ -178,12 +120,12 @@ def test_a_generation_cancelled_while_its_prompt_is_fed_returns_and_the_others_o
     params = SamplingParams(max_tokens=8, temperature=0, logprobs=0)
     shorter = " ".join(LONG_PROMPT.split()[:40])
     reference = _alone(tiny_engine, shorter, params)
-    running = _HeldRun(engine, holds=2)
+    running = HeldRun(engine, holds=2)
     cancel = threading.Event()
     try:
         running.wait_held(0)
-        cancelled_thread, cancelled = _start(engine, LONG_PROMPT, params, cancel)
-        other_thread, other = _start(engine, shorter, params)
+        cancelled_thread, cancelled = start_generation(engine, LONG_PROMPT, params, cancel)
+        other_thread, other = start_generation(engine, shorter, params)
         wait_for(lambda: len(engine._scheduler._inbox) == 2)  # the two are prefilled together
         running.release(0)
         running.wait_held(1)  # a chunk of the two prompts has been fed, and a decode step has run
