@@ -121,7 +121,7 @@ def run(chunks: list[int], prompt_tokens: int, streams: int, rounds: int, stream
             engines[chunk] = engine
         try:
             first = next(iter(engines.values()))
-            long_ids = first.encode(LONG_TEXT * (prompt_tokens // 10 + 1))[:prompt_tokens]
+            long_ids = first.encode(LONG_TEXT * (prompt_tokens // 16 + 1))[:prompt_tokens]
             by_round: dict[int, list[dict[str, float]]] = {chunk: [] for chunk in chunks}
             for _ in range(rounds):
                 for chunk, engine in engines.items():

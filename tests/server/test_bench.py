@@ -82,3 +82,12 @@ def test_the_prefill_benchmark_measures_each_engine_while_streams_run():
     assert result["prompt_tokens"] == 200 and set(result["engines"]) == {"0", "32"}
     for r in result["engines"].values():
         assert r["longest_gap_ms"] > 0 and r["usual_gap_ms"] > 0 and r["time_to_first_token_ms"] > 0
+
+
+def test_the_prefix_cache_benchmark_measures_both_engines_and_the_hit_share():
+    """bench_prefix_cache on a short run, for shape."""
+    bench_prefix_cache = _bench_module("bench_prefix_cache")
+    result = bench_prefix_cache.run(system_tokens=100, requests=2, rounds=1)
+    assert set(result["time_to_first_token_ms"]) == {"on", "off"}
+    assert all(ms > 0 for ms in result["time_to_first_token_ms"].values())
+    assert 0.5 < result["hit_share"] < 1.0  # the system prompt's whole blocks, not the questions
