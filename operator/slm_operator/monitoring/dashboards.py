@@ -450,12 +450,17 @@ def render_dashboard(*, name: str, namespace: str, model: str, alerts: Mapping[s
                     (f"sum(rate(slm_generation_tokens_total{{{msel}}}[{rate}]))", "generated (all requests)"),
                     (f"sum(rate(slm_prompt_tokens_total{{{msel}}}[{rate}]))", "prompt (all requests)"),
                     (
+                        f"sum(rate(slm_prefix_cache_hits_total{{{msel}}}[{rate}]))",
+                        "prompt, from the prefix cache (not fed)",
+                    ),
+                    (
                         _quantile(0.50, "slm_request_tokens_per_second_bucket", msel, rate),
                         "per request p50",
                     ),
                 ),
                 unit="short",
-                description="Throughput of the deployment and decoding speed of a single request.",
+                description="Throughput of the deployment and decoding speed of a single request; of the prompt "
+                "tokens, those found in the prefix cache skip the model (spec.server.prefixCacheMiB).",
                 minimum=0,
             ),
             8,
