@@ -7,7 +7,8 @@
 #      logs, drift detection) and off (SLM_METRICS_ENABLED=false, SLM_LOG_REQUESTS=false), same
 #      load, same model;
 #   5. measures tokens/s with continuous batching (the default) and with one generation at a time
-#      (SLM_MAX_BATCH_SIZE=1), and the mean batch size from the server's own counters.
+#      (SLM_MAX_BATCH_SIZE=1), and the mean batch size from the server's own counters;
+#   and on the way, the sampling paths and prefix caching on the device.
 #
 #   scripts/gpu-check.sh                       # uses .venv/bin/python, or $PYTHON, or python3
 #   GPU_CHECK_BUNDLE=.gpu scripts/gpu-check.sh # a machine whose python3 has torch but not the
@@ -223,6 +224,17 @@ with server(model_dir, log_dir) as base:
                          "max_tokens": 16, "stream": True})
     frames = [line for line in body.decode().splitlines() if line.startswith("data: ")]
     check(status == 200 and frames[-1:] == ["data: [DONE]"], f"a streamed chat completion: {status}, {len(frames)} events")
+
+    # Prefix caching on the device: a prompt that begins like the one before starts from a copy of its
+    # KV cache (exact equality of the text is not asserted: bf16 kernels of other shapes may differ).
+    hits = lambda: sum(s.value for s in samples(base) if s.name == "slm_prefix_cache_hits_total")
+    shared = "Return the list of the values in the file, in the order given, and the number of them. " * 3
+    before = hits()
+    answers = [http("POST", f"{base}/generate", {"prompt": shared + end, "max_tokens": 16, "temperature": 0})
+               for end in ("First?", "Second?")]
+    found = hits() - before
+    check(all(status == 200 for status, _ in answers) and found >= 48,
+          f"a prompt that begins like the one before finds its prefix: {found:.0f} prompt tokens from the cache")
 
 REQUESTS = int(os.environ.get("GPU_CHECK_REQUESTS", "64"))
 print(f"== tokens/s, monitoring on vs off (same load: {REQUESTS} greedy requests x 128 tokens, 8 at a time)")

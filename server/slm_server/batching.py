@@ -530,8 +530,6 @@ def supports_batching(engine: Any) -> bool:
     and slice: a test pass over one token shows the cache it makes."""
     import inspect
 
-    import torch
-
     params = inspect.signature(engine.model.forward).parameters
     if "attention_mask" not in params or "position_ids" not in params:
         return False
@@ -540,13 +538,10 @@ def supports_batching(engine: Any) -> bool:
     except ImportError:  # an older transformers: its cache keeps its tensors in other places
         return False
     try:
-        with torch.inference_mode():
-            ids = torch.tensor([[next(iter(engine.eos_ids), 0)]], device=engine.device)
-            out = engine.model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=True)
+        cache = _test_pass_cache(engine)
     except Exception:  # a model that refuses the test pass is served one sequence per pass
         log.warning("the model failed a test pass with an attention mask: one sequence per pass", exc_info=True)
         return False
-    cache = getattr(out, engine._cache_arg, None)
     if type(cache) is not DynamicCache or not getattr(cache, "layers", None):
         return False
     return all(
@@ -558,14 +553,20 @@ def supports_batching(engine: Any) -> bool:
 def supports_prefix_caching(engine: Any) -> bool:
     """Whether every layer of the model's cache keeps its whole past (plain `DynamicLayer`s), which
     any shorter prefix can be cut from: not a sliding-window layer (Phi-3, Mistral, Gemma)."""
-    import torch
 
     try:
         from transformers.cache_utils import DynamicCache, DynamicLayer
     except ImportError:
         return False
+    cache = _test_pass_cache(engine)
+    return type(cache) is DynamicCache and all(type(layer) is DynamicLayer for layer in cache.layers)
+
+
+def _test_pass_cache(engine: Any) -> Any:
+    """The cache the model makes in a pass over one token with an attention mask."""
+    import torch
+
     with torch.inference_mode():
         ids = torch.tensor([[next(iter(engine.eos_ids), 0)]], device=engine.device)
         out = engine.model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=True)
-    cache = getattr(out, engine._cache_arg, None)
-    return type(cache) is DynamicCache and all(type(layer) is DynamicLayer for layer in cache.layers)
+    return getattr(out, engine._cache_arg, None)

@@ -34,6 +34,9 @@ def test_the_gpu_check_runs_every_step_on_cpu(tiny_model_dir):
     assert "[ok] no GPU: no nvidia_gpu_* series" in out, out
     assert "[ok] a seeded top_p + top_k sample with penalties: 200, and the same text twice" in out, out
     assert re.search(r"\[ok\] a streamed chat completion: 200, [1-9][0-9]* events", out), out
+    assert re.search(r"\[ok\] a prompt that begins like the one before finds its prefix: [0-9]+ prompt tokens", out), (
+        out
+    )
     rates = dict(re.findall(r"^  (monitoring on|monitoring off)\s+([0-9.]+) tokens/s", out, re.MULTILINE))
     assert set(rates) == {"monitoring on", "monitoring off"}, out
     assert all(float(rate) > 0 for rate in rates.values()), out
