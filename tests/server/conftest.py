@@ -14,6 +14,7 @@ import json
 import logging
 import math
 import os
+import random
 import socket
 import subprocess
 import sys
@@ -201,6 +202,22 @@ class HeldRun:
     def tokens_between(self, start: float, end: float) -> int:
         return sum(start < t < end for t in self.result.token_times)
 
+    def arrive_together(self, prompts: list[str], params: SamplingParams) -> list[Any]:
+        """While held at its first hold, start a generation of each prompt; once they all wait in
+        the scheduler's inbox (so its next round prefills them together), release. Their results
+        (or what they raised), once they and this run have ended."""
+        try:
+            self.wait_held(0)
+            started = [start_generation(self.engine, prompt, params) for prompt in prompts]
+            wait_for(lambda: len(self.engine._scheduler._inbox) == len(prompts))
+            self.release(0)
+        finally:
+            self.release_all()
+        for thread, _ in started:
+            thread.join(timeout=60)
+        self.thread.join(timeout=60)
+        return [out["result"] for _, out in started]
+
 
 def start_generation(
     engine: TransformersEngine, prompt: str, params: SamplingParams, cancel: threading.Event | None = None
@@ -217,6 +234,29 @@ def start_generation(
     thread = threading.Thread(target=run)
     thread.start()
     return thread, out
+
+
+def random_sampling(rng: random.Random, longest: int) -> SamplingParams:
+    """Greedy or seeded sampling at even odds, 1 to `longest` tokens, log-probabilities on."""
+    sampled = rng.random() < 0.5
+    return SamplingParams(
+        max_tokens=rng.randint(1, longest),
+        temperature=0.9 if sampled else 0.0,
+        seed=rng.randint(0, 1000) if sampled else None,
+        logprobs=0,
+    )
+
+
+def assert_staggered_as_alone(
+    engine: TransformersEngine, reference: TransformersEngine, jobs: list[tuple[str, SamplingParams, int]]
+) -> None:
+    """Run `jobs` on `engine` as `generate_staggered` does; each is the same generation as its
+    prompt alone on `reference`."""
+    alone = [reference.generate(reference.encode(prompt), params) for prompt, params, _ in jobs]
+    results = generate_staggered(engine, jobs)
+    for (prompt, _, start), result, expected in zip(jobs, results, alone, strict=True):
+        assert isinstance(result, GenerationResult), (prompt, start, result)
+        assert_same_generation(result, expected)
 
 
 def generate_together(

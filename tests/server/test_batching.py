@@ -21,8 +21,9 @@ from slm_server.engine import GenerationResult, SamplingParams, TransformersEngi
 from .conftest import (
     MODEL_NAME,
     assert_same_generation,
-    generate_staggered,
+    assert_staggered_as_alone,
     generate_together,
+    random_sampling,
     serve,
     settings_for,
     wait_for,
@@ -360,21 +361,10 @@ def test_generations_joining_and_leaving_at_random_steps_each_get_what_they_get_
     jobs = [(LONG_PROMPTS[0], SamplingParams(max_tokens=160, temperature=0, logprobs=0), 0)]  # runs throughout
     for _ in range(10):
         prompt = " ".join(rng.choice(words) for _ in range(rng.randint(1, 30)))
-        sampled = rng.random() < 0.5
-        params = SamplingParams(
-            max_tokens=rng.randint(1, 40),
-            temperature=0.9 if sampled else 0.0,
-            seed=rng.randint(0, 1000) if sampled else None,
-            logprobs=0,
-        )
-        jobs.append((prompt, params, rng.randint(0, 100)))
-    alone = [_alone(tiny_engine, prompt, params) for prompt, params, _ in jobs]
+        jobs.append((prompt, random_sampling(rng, 40), rng.randint(0, 100)))
     passes_before, fed_before = _batch_counters(tiny_engine)
 
-    results = generate_staggered(tiny_engine, jobs)
+    assert_staggered_as_alone(tiny_engine, tiny_engine, jobs)
 
-    for (prompt, _, start), result, reference in zip(jobs, results, alone, strict=True):
-        assert isinstance(result, GenerationResult), (prompt, start, result)
-        assert_same_generation(result, reference)
     passes, fed = _batch_counters(tiny_engine)
     assert passes - passes_before < fed - fed_before  # they did share passes

@@ -17,7 +17,14 @@ import pytest
 
 from slm_server.engine import GenerationResult, SamplingParams, TransformersEngine
 
-from .conftest import HeldRun, assert_same_generation, generate_staggered, start_generation, wait_for
+from .conftest import (
+    HeldRun,
+    assert_same_generation,
+    assert_staggered_as_alone,
+    random_sampling,
+    start_generation,
+    wait_for,
+)
 
 # ~130 tokens of the tiny model's vocabulary: several chunks at the chunk sizes below.
 LONG_PROMPT = " ".join(["The value of the list is returned to the caller when the file is not found."] * 8)
@@ -37,17 +44,8 @@ def test_a_running_generation_gets_a_token_between_the_chunks_of_a_long_prompt(o
     params = SamplingParams(max_tokens=4, temperature=0, logprobs=0)
     reference = _alone(tiny_engine, LONG_PROMPT, params)
     running = HeldRun(engine)
-    try:
-        running.wait_held(0)  # the running generation holds the scheduler
-        thread, out = start_generation(engine, LONG_PROMPT, params)
-        wait_for(lambda: len(engine._scheduler._inbox) == 1)  # the long prompt waits for the next loop
-        running.release(0)
-    finally:
-        running.release_all()
-    thread.join(timeout=60)
-    running.thread.join(timeout=60)
+    (long_result,) = running.arrive_together([LONG_PROMPT], params)
 
-    long_result = out["result"]
     assert isinstance(long_result, GenerationResult), long_result
     assert_same_generation(long_result, reference)
     between = running.tokens_between(running.released_at, long_result.token_times[0])
@@ -67,21 +65,9 @@ def test_prompts_fed_in_chunks_joining_at_random_steps_get_what_they_get_in_one_
     for _ in range(8):
         start = rng.randrange(len(words))
         prompt = " ".join(words[start : start + rng.randint(1, 80)])
-        sampled = rng.random() < 0.5
-        params = SamplingParams(
-            max_tokens=rng.randint(1, 30),
-            temperature=0.9 if sampled else 0.0,
-            seed=rng.randint(0, 1000) if sampled else None,
-            logprobs=0,
-        )
-        jobs.append((prompt, params, rng.randint(0, 60)))
-    references = [_alone(tiny_engine, prompt, params) for prompt, params, _ in jobs]
+        jobs.append((prompt, random_sampling(rng, 30), rng.randint(0, 60)))
 
-    results = generate_staggered(engine, jobs)
-
-    for (prompt, _, start), result, reference in zip(jobs, results, references, strict=True):
-        assert isinstance(result, GenerationResult), (prompt, start, result)
-        assert_same_generation(result, reference)
+    assert_staggered_as_alone(engine, tiny_engine, jobs)
 
 
 def test_prompts_prefilled_together_share_the_chunk_budget(own_engine, tiny_engine):
@@ -93,18 +79,8 @@ def test_prompts_prefilled_together_share_the_chunk_budget(own_engine, tiny_engi
     references = [_alone(tiny_engine, prompt, params) for prompt in prompts]
     longest = max(len(engine.encode(prompt)) for prompt in prompts)
     running = HeldRun(engine)
-    try:
-        running.wait_held(0)
-        started = [start_generation(engine, prompt, params) for prompt in prompts]
-        wait_for(lambda: len(engine._scheduler._inbox) == len(prompts))
-        running.release(0)
-    finally:
-        running.release_all()
-    for thread, _ in started:
-        thread.join(timeout=60)
-    running.thread.join(timeout=60)
+    results = running.arrive_together(prompts, params)
 
-    results = [out["result"] for _, out in started]
     for result, reference in zip(results, references, strict=True):
         assert isinstance(result, GenerationResult), result
         assert_same_generation(result, reference)

@@ -12,18 +12,17 @@ import random
 import pytest
 import torch
 
-from slm_server.engine import GenerationResult, SamplingParams, TransformersEngine
+from slm_server.engine import SamplingParams, TransformersEngine
 from slm_server.prefix_cache import PrefixCache
 
 from .conftest import (
     MODEL_NAME,
     HeldRun,
     assert_same_generation,
-    generate_staggered,
+    assert_staggered_as_alone,
+    random_sampling,
     serve,
     settings_for,
-    start_generation,
-    wait_for,
 )
 
 SYSTEM = "You answer questions about the file and the list in one short line, as the caller asks. " * 2
@@ -125,17 +124,7 @@ def test_the_prefixes_of_prompts_prefilled_together_are_each_their_own(own_engin
     engine = own_engine()
     prompts = [SYSTEM + QUESTIONS[0], SYSTEM[:60] + QUESTIONS[1], SYSTEM[:100] + QUESTIONS[2]]
     params = SamplingParams(max_tokens=4, temperature=0, logprobs=0)
-    running = HeldRun(engine)
-    try:
-        running.wait_held(0)
-        started = [start_generation(engine, prompt, params) for prompt in prompts]
-        wait_for(lambda: len(engine._scheduler._inbox) == len(prompts))  # one padded prefill for the three
-        running.release(0)
-    finally:
-        running.release_all()
-    for thread, _ in started:
-        thread.join(timeout=60)
-    running.thread.join(timeout=60)
+    HeldRun(engine).arrive_together(prompts, params)  # one padded prefill for the three
     hits_before = _hits(engine)
     for prompt in prompts:
         again = prompt + " And why?"
@@ -158,21 +147,9 @@ def test_prompts_with_shared_prefixes_arriving_at_random_steps_get_what_they_get
     jobs = [("Return a new list of the", SamplingParams(max_tokens=100, temperature=0, logprobs=0), 0)]
     for _ in range(8):
         prompt = rng.choice([SYSTEM, SYSTEM[:40], ""]) + rng.choice(QUESTIONS)
-        sampled = rng.random() < 0.5
-        params = SamplingParams(
-            max_tokens=rng.randint(1, 24),
-            temperature=0.9 if sampled else 0.0,
-            seed=rng.randint(0, 1000) if sampled else None,
-            logprobs=0,
-        )
-        jobs.append((prompt, params, rng.randint(0, 60)))
-    references = [uncached_engine.generate(uncached_engine.encode(p), params) for p, params, _ in jobs]
+        jobs.append((prompt, random_sampling(rng, 24), rng.randint(0, 60)))
 
-    results = generate_staggered(engine, jobs)
-
-    for (prompt, _, start), result, reference in zip(jobs, results, references, strict=True):
-        assert isinstance(result, GenerationResult), (prompt, start, result)
-        assert_same_generation(result, reference)
+    assert_staggered_as_alone(engine, uncached_engine, jobs)
     assert _hits(engine) > 0
 
 
