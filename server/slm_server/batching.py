@@ -310,6 +310,7 @@ class Scheduler:
             if not found:
                 others.append(s)
                 continue
+            s.result.cached_tokens = found
             rest = len(s.context) - found
             mask = torch.ones((1, rest), dtype=torch.long)
             batch = _Batch([s], (torch.tensor([s.context[found:]]), mask, torch.arange(found, found + rest)[None]))

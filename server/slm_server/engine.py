@@ -74,6 +74,7 @@ class GenerationResult:
     # With SamplingParams.logprobs: log p of each generated token, and the k most likely (id, log p).
     token_logprobs: list[float] | None = None
     top_logprobs: list[list[tuple[int, float]]] | None = None
+    cached_tokens: int = 0  # prompt tokens whose KV cache came from the prefix cache (not fed to the model)
 
     @property
     def output_tokens(self) -> int:

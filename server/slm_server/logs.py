@@ -132,6 +132,8 @@ REQUEST_LINE_FIELDS: dict[str, str] = {
     "gen_ai.request.frequency_penalty": "frequency_penalty, when not 0",
     "gen_ai.usage.input_tokens": "prompt tokens",
     "gen_ai.usage.output_tokens": "generated tokens (of all the choices, with n > 1)",
+    "gen_ai.usage.cache_read.input_tokens": "prompt tokens found in the prefix cache, not fed to the model "
+    "(per choice, with n > 1)",
     "gen_ai.response.finish_reasons": "`[stop|length|abort|timeout|error]`, one per choice",
     "gen_ai.server.time_to_first_token": "seconds from arrival to the first token of any choice (queue included)",
     "gen_ai.server.time_per_output_token": "mean seconds between a choice's tokens after its first",

@@ -106,6 +106,9 @@ class GenerateResponse(BaseModel):
     text: str
     finish_reason: str
     prompt_tokens: int
+    cached_prompt_tokens: int = Field(
+        description="Of the prompt tokens, those whose KV cache came from the prefix cache (not fed to the model)."
+    )
     output_tokens: int
     perplexity: float | None = Field(description="exp(mean negative log-likelihood) of the generated tokens.")
     time_to_first_token_seconds: float | None = None
@@ -117,10 +120,17 @@ class StreamOptions(BaseModel):
     include_usage: bool = Field(False, description="A last event with the token counts (`usage`) and no choices.")
 
 
+class PromptTokensDetails(BaseModel):
+    cached_tokens: int = Field(
+        description="Prompt tokens whose KV cache came from the prefix cache: not fed through the model."
+    )
+
+
 class Usage(BaseModel):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+    prompt_tokens_details: PromptTokensDetails
 
 
 class _OpenAIRequest(BaseModel):

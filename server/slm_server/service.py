@@ -48,7 +48,7 @@ ChoiceEvent = tuple[int, str, list[TokenLogprobs], GenerationResult | None]
 # objects kept per request cost the garbage collector and the CPU caches more than the line).
 # (error type, finish reason, output tokens, queue seconds, time to first token, seconds from the
 #  first token to the last, gaps between tokens, sum of the tokens' log p, output text)
-Outcome = tuple[str | None, str | None, int, float | None, float | None, float, int, float, str | None]
+Outcome = tuple[str | None, str | None, int, float | None, float | None, float, int, float, str | None, int]
 
 
 class RequestRecord:
@@ -119,13 +119,14 @@ class RequestRecord:
 
 def _outcome_fields(fields: dict[str, Any], outcome: Outcome, model: str, output: dict[str, Any] | None) -> None:
     """The fields of one generation, into `fields`."""
-    error_type, finish_reason, output_tokens, queue_seconds, ttft, span, gaps, logprob_sum, _ = outcome
+    error_type, finish_reason, output_tokens, queue_seconds, ttft, span, gaps, logprob_sum, _, cached = outcome
     if error_type is not None:
         fields["error.type"] = error_type
     if finish_reason is None:
         return
     fields["gen_ai.response.model"] = model
     fields["gen_ai.usage.output_tokens"] = output_tokens
+    fields["gen_ai.usage.cache_read.input_tokens"] = cached
     fields["gen_ai.response.finish_reasons"] = [finish_reason]
     fields["slm.queue_time_s"] = queue_seconds
     if ttft is not None:
@@ -627,7 +628,7 @@ class GenerationService:
                     extra={"fields": {"event": "error", "request_id": job.request_id, "http.route": job.endpoint}},
                 )
         if kind in ("overloaded", "invalid_input", "not_ready"):
-            job.outcomes[job.index] = (kind, None, 0, None, None, 0.0, 0, 0.0, None)
+            job.outcomes[job.index] = (kind, None, 0, None, None, 0.0, 0, 0.0, None, 0)
             return  # refused before generating: nothing more to record
         if job.timed_out:
             finish_reason = "timeout"
@@ -665,6 +666,7 @@ class GenerationService:
             len(token_times) - 1 if token_times else 0,
             result.logprob_sum if result else 0.0,
             result.text if result else None,
+            result.cached_tokens if result else 0,
         )
         self.signals.observe(
             RequestSignals(

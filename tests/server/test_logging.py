@@ -24,7 +24,8 @@ REQUEST_FIELDS = {
     "timestamp", "level", "logger", "message", "event", "request_id", "http.request.method", "http.route",
     "http.response.status_code", "latency_s", "trace_id", "span_id", "gen_ai.operation.name", "gen_ai.request.model",
     "gen_ai.response.model", "gen_ai.request.max_tokens", "gen_ai.request.temperature", "gen_ai.request.top_p",
-    "gen_ai.usage.input_tokens", "gen_ai.usage.output_tokens", "gen_ai.response.finish_reasons",
+    "gen_ai.usage.input_tokens", "gen_ai.usage.output_tokens", "gen_ai.usage.cache_read.input_tokens",
+    "gen_ai.response.finish_reasons",
     "gen_ai.server.time_to_first_token", "gen_ai.server.time_per_output_token", "slm.perplexity", "slm.queue_time_s",
     "slm.stream", "gen_ai.output.length", "gen_ai.output.sha256",
 }  # fmt: skip

@@ -160,15 +160,26 @@ def test_the_prefix_cache_metrics_and_the_load_event_say_what_it_does(own_engine
         assert [r["slm.prefix_caching"] for r in json_records("model_loaded")] == ["on"]
         assert srv.metric("slm_prefix_cache_capacity_bytes", labels) == 4 << 20
         assert srv.metric("slm_prefix_cache_hits_total", labels) == 0
+        cached = []
         for question in QUESTIONS[:3]:
             r = srv.client.post("/generate", json={"prompt": SYSTEM + question, "max_tokens": 2, "temperature": 0})
             assert r.status_code == 200, r.text
+            cached.append(r.json()["cached_prompt_tokens"])
         prompt_tokens = srv.metric("slm_prompt_tokens_total", {"model": MODEL_NAME, "endpoint": "/generate"})
         queried = srv.metric("slm_prefix_cache_queries_total", labels)
         hits = srv.metric("slm_prefix_cache_hits_total", labels)
         assert queried == prompt_tokens - 3  # all but each prompt's last token
-        assert hits == 2 * (len(engine.encode(SYSTEM)) // 16 * 16)
+        system_blocks = len(engine.encode(SYSTEM)) // 16 * 16
+        assert hits == 2 * system_blocks
         assert 0 < srv.metric("slm_prefix_cache_bytes", labels) <= 4 << 20
+        chat = srv.client.post(
+            "/v1/completions", json={"model": MODEL_NAME, "prompt": SYSTEM + QUESTIONS[3], "max_tokens": 2}
+        )
+        lines = {line["request_id"]: line for line in json_records("request")}
+        # Each response and request line says how much of its prompt came from the cache.
+        assert cached == [0, system_blocks, system_blocks]
+        assert chat.json()["usage"]["prompt_tokens_details"] == {"cached_tokens": system_blocks}
+        assert lines[chat.json()["id"].removeprefix("cmpl-")]["gen_ai.usage.cache_read.input_tokens"] == system_blocks
 
 
 def test_with_the_cache_off_its_series_say_so(uncached_engine, tiny_model_dir):

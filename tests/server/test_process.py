@@ -84,7 +84,7 @@ def test_openai_client_reads_logprobs_and_echo(client):
     assert streamed == same.choices[0].logprobs.tokens
 
 
-def test_openai_client_sends_token_ids_logit_bias_and_vllm_sampling_extensions(client, tiny_model_dir):
+def test_openai_client_sends_token_ids_logit_bias_and_vllm_extensions_and_reads_cached_tokens(client, tiny_model_dir):
     from transformers import AutoTokenizer
 
     ids = AutoTokenizer.from_pretrained(tiny_model_dir).encode("Return the number of")
@@ -104,6 +104,16 @@ def test_openai_client_sends_token_ids_logit_bias_and_vllm_sampling_extensions(c
     assert extended.choices[0].finish_reason in ("stop", "length")
     with pytest.raises(openai.BadRequestError, match="is not in the model's vocabulary"):
         client.completions.create(model=MODEL_NAME, prompt=[10**6], max_tokens=2)
+    # A chat that begins like the one before: the client reads the prompt tokens found in the prefix cache.
+    system = {"role": "system", "content": "Answer about the file and the list in one short line. " * 3}
+    usages = [
+        client.chat.completions.create(
+            model=MODEL_NAME, messages=[system, {"role": "user", "content": question}], max_tokens=2
+        ).usage
+        for question in ("What does it return?", "Is the list empty?")
+    ]
+    assert usages[0].prompt_tokens_details.cached_tokens == 0
+    assert 32 <= usages[1].prompt_tokens_details.cached_tokens < usages[1].prompt_tokens
 
 
 def test_openai_client_streams_several_chat_choices_with_logprobs(client):

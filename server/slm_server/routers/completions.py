@@ -23,6 +23,7 @@ from slm_server.protocol import (
     CompletionLogprobs,
     CompletionRequest,
     CompletionResponse,
+    PromptTokensDetails,
     TokenLogprob,
     TopLogprob,
     Usage,
@@ -43,10 +44,17 @@ def _openai_finish(reason: str) -> str:
 
 
 def _usage(results: list[GenerationResult]) -> Usage:
-    """The prompt once, the completion tokens of every choice (as OpenAI counts n > 1)."""
+    """The prompt once, the completion tokens of every choice (as OpenAI counts n > 1); the prompt's
+    cached tokens as the choice that found the most of it in the prefix cache."""
     completion = sum(r.output_tokens for r in results)
     prompt = results[0].prompt_tokens if results else 0
-    return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
+    cached = max((r.cached_tokens for r in results), default=0)
+    return Usage(
+        prompt_tokens=prompt,
+        completion_tokens=completion,
+        total_tokens=prompt + completion,
+        prompt_tokens_details=PromptTokensDetails(cached_tokens=cached),
+    )
 
 
 # A streamed chunk of one choice: (index, text, its tokens' log-probabilities, finish reason or None).

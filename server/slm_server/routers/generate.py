@@ -33,6 +33,7 @@ def _response(record: RequestRecord, model: str, result: GenerationResult, with_
         text=result.text,
         finish_reason=result.finish_reason,
         prompt_tokens=result.prompt_tokens,
+        cached_prompt_tokens=result.cached_tokens,
         output_tokens=result.output_tokens,
         perplexity=result.perplexity,
         time_to_first_token_seconds=(result.token_times[0] - record.start) if result.token_times else None,
