@@ -108,8 +108,8 @@ class GenerationSequence:
             self.seen[torch.tensor(self.context, device=engine.device)] = True
         if params.logit_bias:
             self.bias = torch.zeros(engine.vocab_size, device=engine.device)
-            for token, bias in params.logit_bias:
-                self.bias[token] = bias
+            tokens, biases = zip(*params.logit_bias, strict=True)
+            self.bias[torch.tensor(tokens, device=engine.device)] = torch.tensor(biases, device=engine.device)
         adjusted = self.counts is not None or self.seen is not None or self.bias is not None
         # The batch's argmax is this sequence's choice: nothing adjusted, no sampling, no fault.
         self.greedy = params.temperature <= 1e-5 and not adjusted and not params.degraded
