@@ -47,7 +47,8 @@ ChoiceEvent = tuple[int, str, list[TokenLogprobs], GenerationResult | None]
 # waiting in the log writer's batch keeps nothing else alive (no job, result, or token list; many
 # objects kept per request cost the garbage collector and the CPU caches more than the line).
 # (error type, finish reason, output tokens, queue seconds, time to first token, seconds from the
-#  first token to the last, gaps between tokens, sum of the tokens' log p, output text)
+#  first token to the last, gaps between tokens, sum of the tokens' log p, output text, prompt tokens
+#  found in the prefix cache)
 Outcome = tuple[str | None, str | None, int, float | None, float | None, float, int, float, str | None, int]
 
 

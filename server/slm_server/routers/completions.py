@@ -181,7 +181,7 @@ async def completions(body: CompletionRequest, request: Request):
     )
     response_id, created = f"cmpl-{jobs[0].request_id}", int(time.time())
     base = {"id": response_id, "object": "text_completion", "created": created, "model": service.model_name}
-    echoed = text or "" if body.echo else ""
+    echoed = (text or "") if body.echo else ""
     top = body.logprobs
     # echo + logprobs: the prompt's tokens and log-probabilities, scored before the choices generate
     # (streamed, they go out first), once for all of them.
