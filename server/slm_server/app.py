@@ -32,7 +32,7 @@ from slm_server.metrics import (
     gpu_collector,
 )
 from slm_server.middleware import RequestMiddleware
-from slm_server.routers import admin, completions, generate, health
+from slm_server.routers import admin, completions, generate, health, tokens
 from slm_server.service import GenerationService
 from slm_server.settings import Settings
 from slm_server.signals import SignalObserver
@@ -137,6 +137,7 @@ def create_app(
     app.include_router(health.router)
     app.include_router(generate.router)
     app.include_router(completions.router)
+    app.include_router(tokens.router)
     if settings.fault_injection and settings.fault_admin_api:
         app.include_router(admin.router)
     if isinstance(metrics, ServerMetrics):

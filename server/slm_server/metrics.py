@@ -85,7 +85,7 @@ log = logging.getLogger("slm_server.metrics")
 disable_created_metrics()
 
 GENERATION_ENDPOINTS = ("/generate", "/v1/completions", "/v1/chat/completions")
-OTHER_ENDPOINTS = ("/v1/models", "/healthz", "/readyz", "/metrics", "/admin/faults")
+OTHER_ENDPOINTS = ("/v1/models", "/tokenize", "/detokenize", "/healthz", "/readyz", "/metrics", "/admin/faults")
 UNKNOWN_ENDPOINT = "other"
 FINISH_REASONS = ("stop", "length", "abort", "timeout", "error")
 ERROR_KINDS = ("invalid_input", "overloaded", "timeout", "model_error", "not_ready", "internal")

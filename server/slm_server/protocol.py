@@ -298,6 +298,40 @@ class ModelList(BaseModel):
     data: list[ModelCard]
 
 
+# --- POST /tokenize, POST /detokenize (vLLM's) --------------------------------------------------------------------
+class TokenizeText(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    model: str | None = Field(None, description="The served model's name; another name gets 404.")
+    prompt: str = Field(description="Text, tokenized as /v1/completions and /generate tokenize a prompt.")
+
+
+class TokenizeChat(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    model: str | None = Field(None, description="The served model's name; another name gets 404.")
+    messages: list[ChatMessage] = Field(
+        min_length=1, description="Tokenized as /v1/chat/completions does: the chat template, the assistant's turn."
+    )
+
+
+class TokenizeResponse(BaseModel):
+    count: int = Field(description="Prompt tokens, as the usage of a generation from it would count them.")
+    max_model_len: int = Field(description="The model's context: prompt plus generated tokens.")
+    tokens: list[int]
+
+
+class DetokenizeRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    model: str | None = Field(None, description="The served model's name; another name gets 404.")
+    tokens: list[Annotated[int, Field(ge=0)]] = Field(description="Token ids, each below the model's vocabulary size.")
+
+
+class DetokenizeResponse(BaseModel):
+    prompt: str
+
+
 # --- errors ------------------------------------------------------------------------------------------------------
 class ErrorDetail(BaseModel):
     message: str

@@ -411,3 +411,34 @@ def test_request_ids_are_unique_and_a_forked_worker_never_repeats_its_parent(ser
     parent_ids = parent_next + [_new_request_id() for _ in range(3)]
     assert not set(child_ids) & set(parent_ids)
     assert {i[:16] for i in child_ids} != {i[:16] for i in parent_ids}
+
+
+def test_tokenize_counts_a_prompt_and_a_chat_as_their_generations_count_them(server):
+    text = "Return the number of items in the list"
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What does it return?"}]
+    as_text = server.client.post("/tokenize", json={"prompt": text}).json()
+    as_chat = server.client.post("/tokenize", json={"model": MODEL_NAME, "messages": messages}).json()
+    completion = server.client.post("/v1/completions", json={"model": MODEL_NAME, "prompt": text, "max_tokens": 1})
+    chat = server.client.post("/v1/chat/completions", json={"model": MODEL_NAME, "messages": messages, "max_tokens": 1})
+    assert as_text["count"] == len(as_text["tokens"]) == completion.json()["usage"]["prompt_tokens"]
+    assert as_chat["count"] == len(as_chat["tokens"]) == chat.json()["usage"]["prompt_tokens"]
+    assert as_text["max_model_len"] == 256
+    by_ids = {"model": MODEL_NAME, "prompt": as_text["tokens"], "max_tokens": 1}
+    assert server.client.post("/v1/completions", json=by_ids).json()["usage"] == completion.json()["usage"]
+    assert server.client.post("/detokenize", json={"tokens": as_text["tokens"]}).json() == {"prompt": text}
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "status", "says"),
+    [
+        ("/tokenize", {}, 422, "prompt"),
+        ("/tokenize", {"prompt": "x", "messages": [{"role": "user", "content": "x"}]}, 422, "messages"),
+        ("/tokenize", {"model": "gpt-17", "prompt": "x"}, 404, "gpt-17"),
+        ("/detokenize", {"tokens": [5, 4096]}, 400, "tokens: token id 4096 is not in the model's vocabulary"),
+        ("/detokenize", {"tokens": [-1]}, 422, "tokens"),
+    ],
+)
+def test_tokenize_and_detokenize_refuse_what_they_cannot_take_saying_why(server, path, body, status, says):
+    r = server.client.post(path, json=body)
+    assert r.status_code == status, r.text
+    assert says in r.json()["error"]["message"]

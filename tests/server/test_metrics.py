@@ -123,6 +123,8 @@ def test_no_request_id_or_raw_path_becomes_a_label(exercised):
         "/v1/completions",
         "/v1/chat/completions",
         "/v1/models",
+        "/tokenize",
+        "/detokenize",
         "/healthz",
         "/readyz",
         "/metrics",
