@@ -30,9 +30,9 @@ QUESTIONS = ["What does it return?", "When is the file not found?", "Is the list
 
 
 # --- the cache itself, on tensors whose values are their positions -------------------------------------------
-def _layers(n: int, tag: float = 0.0) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Two layers of (keys, values), (1, 2 heads, n positions, 4): each value its position (+ tag)."""
-    positions = torch.arange(n, dtype=torch.float32).view(1, 1, n, 1).expand(1, 2, n, 4) + tag
+def _layers(n: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Two layers of (keys, values), (1, 2 heads, n positions, 4): each value its position."""
+    positions = torch.arange(n, dtype=torch.float32).view(1, 1, n, 1).expand(1, 2, n, 4)
     return [(positions.clone(), -positions.clone()), (positions.clone(), positions.clone())]
 
 
@@ -56,6 +56,15 @@ def test_a_lookup_finds_the_longest_run_of_whole_blocks_and_leaves_the_last_toke
     assert torch.equal(layers[0][0][0, 0, :, 0], torch.arange(32, dtype=torch.float32))  # positions 0..31
     assert torch.equal(layers[0][1], -layers[0][0])
     assert cache.stats() == (40 + 49 + 32 + 31 + 15 + 41 + 40, 32 + 16 + 32 + 16 + 0 + 0 + 32, _bytes(32))
+
+
+def test_a_hash_collision_is_a_miss_not_another_prompts_cache(monkeypatch):
+    cache = PrefixCache(capacity_bytes=10 * _bytes(48), block=16)
+    # Every prompt's block boundaries hash alike: the index points any prompt at any entry.
+    monkeypatch.setattr(cache, "_boundaries", lambda ids, limit: list(range(limit // 16)))
+    cache.insert(list(range(100, 141)), _layers(41))
+    assert cache.lookup(list(range(500, 541)))[0] == 0
+    assert cache.lookup(list(range(100, 141)))[0] == 32
 
 
 def test_the_least_recently_used_prefix_goes_first_and_the_budget_holds():
