@@ -26,6 +26,7 @@ from slm_server.logs import flush_lines
 from slm_server.metrics import (
     BatchCollector,
     FilesystemCollector,
+    KVCacheCollector,
     NullMetrics,
     PrefixCacheCollector,
     ServerMetrics,
@@ -75,6 +76,7 @@ def create_app(
             collector(registry=registry)
         registry.register(FilesystemCollector(lambda: settings.disk_path_list or _model_dir(engine)))
         registry.register(BatchCollector(settings.model_name, engine.batch_stats))
+        registry.register(KVCacheCollector(settings.model_name, engine.kv_cache_stats))
         registry.register(PrefixCacheCollector(settings.model_name, engine.prefix_cache_stats))
         if settings.gpu_metrics:
             gpus = gpu_collector()  # logs gpu_found or gpu_missing, once

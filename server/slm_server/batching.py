@@ -231,6 +231,24 @@ class Scheduler:
     def running(self) -> int:
         return sum(len(b.rows) for b in list(self._batches))  # a copy: read from other threads too
 
+    def kv_cache_stats(self) -> tuple[int, int, int]:
+        """(bytes of the KV cache of the generations running and being prefilled (the tensors' size:
+        a cache trimmed a moment ago may hold more until its next step), the positions their
+        batches' caches span, of which padding), read from other threads: the lists are copied,
+        and a tensor replaced meanwhile is read as it was."""
+        held = positions = padding = 0
+        for batch in list(self._batches) + list(self._prefilling):
+            cache, mask = batch.cache, batch.mask
+            if cache is None:
+                continue
+            held += sum(layer.keys.nbytes + layer.values.nbytes for layer in list(cache.layers))
+            if mask is not None:  # a padded batch: its mask says which positions are real
+                positions += mask.numel()
+                padding += mask.numel() - int(mask.sum())
+            else:
+                positions += sum(s.cached for s in list(batch.rows))
+        return held, positions, padding
+
     def run(
         self, prompt_ids: list[int], params: SamplingParams, on_text: OnText | None, cancel: threading.Event | None
     ) -> GenerationResult:

@@ -153,6 +153,11 @@ class Engine(ABC):
         None for an engine without forward passes."""
         return None
 
+    def kv_cache_stats(self) -> tuple[int, int, int] | None:
+        """(bytes of the running generations' KV cache, positions it spans, of which padding) now;
+        None for an engine without a model cache."""
+        return None
+
     def prefix_cache_stats(self) -> tuple[int, int, int, int] | None:
         """(prompt tokens looked up in the prefix cache, found there, bytes it holds, its capacity)
         since load; zeros with prefix caching off, None for an engine without a model cache."""
@@ -388,6 +393,10 @@ class TransformersEngine(Engine):
         if scheduler is None:
             return None
         return scheduler.running, scheduler.forward_passes, scheduler.generations_fed
+
+    def kv_cache_stats(self) -> tuple[int, int, int] | None:
+        scheduler = self._scheduler
+        return None if scheduler is None else scheduler.kv_cache_stats()
 
     def prefix_cache_stats(self) -> tuple[int, int, int, int] | None:
         scheduler = self._scheduler

@@ -42,6 +42,8 @@ Metrics (labels; `model` is the served model name, one value per process):
   slm_forward_passes_total{model}                  counter    generation passes (prefills, decode steps)
   slm_forward_pass_generations_total{model}        counter    generations fed in them; the ratio of
                                                               their rates is the mean batch size
+  slm_kv_cache_bytes{model}                        gauge      KV cache of the running generations
+  slm_kv_cache_positions{model,kind}               gauge      kind: token|padding (left-padded batches)
   slm_prefix_cache_queries_total{model}            counter    prompt tokens looked up in the prefix cache
   slm_prefix_cache_hits_total{model}               counter    of them, found (rate ratio: the hit rate)
   slm_prefix_cache_bytes{model}                    gauge      KV cache bytes it holds
@@ -429,6 +431,33 @@ class BatchCollector(Collector):
         )
         fed_total.add_metric([self._model], float(fed))
         yield fed_total
+
+
+class KVCacheCollector(Collector):
+    """The KV cache of the generations running now (slm_server.batching), read from the engine at
+    scrape time: its bytes (on the model's device: GPU memory on a GPU) and the positions its
+    left-padded batches span, padding included; no series before the model is loaded."""
+
+    def __init__(self, model: str, stats: Callable[[], tuple[int, int, int] | None]):
+        self._model = model
+        self._stats = stats  # (bytes, positions, of which padding)
+
+    def collect(self) -> Iterable[GaugeMetricFamily]:
+        stats = self._stats()
+        if stats is None:
+            return
+        held, positions, padding = stats
+        size = GaugeMetricFamily("slm_kv_cache_bytes", "Bytes of the running generations' KV cache", labels=["model"])
+        size.add_metric([self._model], float(held))
+        yield size
+        spans = GaugeMetricFamily(
+            "slm_kv_cache_positions",
+            "Positions the running generations' KV cache spans: their tokens, and the padding of shorter ones",
+            labels=["model", "kind"],
+        )
+        spans.add_metric([self._model, "token"], float(positions - padding))
+        spans.add_metric([self._model, "padding"], float(padding))
+        yield spans
 
 
 class PrefixCacheCollector(Collector):

@@ -20,12 +20,14 @@ from slm_server.engine import GenerationResult, SamplingParams, TransformersEngi
 
 from .conftest import (
     MODEL_NAME,
+    HeldRun,
     assert_same_generation,
     assert_staggered_as_alone,
     generate_together,
     random_sampling,
     serve,
     settings_for,
+    start_generation,
     wait_for,
 )
 
@@ -368,3 +370,34 @@ def test_generations_joining_and_leaving_at_random_steps_each_get_what_they_get_
 
     passes, fed = _batch_counters(tiny_engine)
     assert passes - passes_before < fed - fed_before  # they did share passes
+
+
+def test_the_kv_cache_metrics_show_its_bytes_and_the_padding_beside_a_longer_prompt(own_engine, tiny_model_dir):
+    """A long prompt joins a short running generation: the batch is left-padded to the longer one."""
+    engine = own_engine()
+    config = engine.model.config
+    per_position = 2 * config.n_layer * config.n_embd * 4  # keys and values, every layer, float32
+    labels = {"model": MODEL_NAME}
+    with serve(engine, settings_for(tiny_model_dir)) as srv:
+        assert srv.metric("slm_kv_cache_bytes", labels) == 0  # nothing runs
+        running = HeldRun(engine, holds=2)
+        long_prompt = " ".join(LONG_PROMPTS * 3)
+        try:
+            running.wait_held(0)
+            thread, _ = start_generation(engine, long_prompt, SamplingParams(max_tokens=8, temperature=0))
+            wait_for(lambda: len(batching_scheduler(engine)._inbox) == 1)
+            running.release(0)
+            running.wait_held(1)  # the two share a decode step now
+            held = srv.metric("slm_kv_cache_bytes", labels)
+            tokens = srv.metric("slm_kv_cache_positions", {**labels, "kind": "token"})
+            padding = srv.metric("slm_kv_cache_positions", {**labels, "kind": "padding"})
+        finally:
+            running.release_all()
+        thread.join(timeout=60)
+        running.thread.join(timeout=60)
+        assert tokens is not None and padding is not None
+        assert tokens >= len(engine.encode(long_prompt)) + len(engine.encode(HeldRun.PROMPT))
+        assert 0 < padding < tokens  # the short one's cache is padded to the long one's length
+        assert held == per_position * (tokens + padding)
+        assert srv.metric("slm_kv_cache_bytes", labels) == 0  # both ended: no cache held
+        assert srv.metric("slm_kv_cache_positions", {**labels, "kind": "padding"}) == 0

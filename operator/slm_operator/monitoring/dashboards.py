@@ -509,6 +509,28 @@ def render_dashboard(*, name: str, namespace: str, model: str, alerts: Mapping[s
             ),
             8,
         ),
+        (
+            _timeseries(
+                "KV cache memory",
+                _targets(
+                    (f"sum(slm_kv_cache_bytes{{{msel}}})", "running generations"),
+                    (
+                        f"sum(slm_kv_cache_bytes{{{msel}}})"
+                        f' * sum(slm_kv_cache_positions{{{msel},kind="padding"}})'
+                        f" / clamp_min(sum(slm_kv_cache_positions{{{msel}}}), 1)",
+                        "of which padding",
+                    ),
+                    (f"sum(slm_prefix_cache_bytes{{{msel}}})", "prefix cache"),
+                    (f"sum(slm_prefix_cache_capacity_bytes{{{msel}}})", "prefix cache budget"),
+                ),
+                unit="bytes",
+                description="Model-device memory held by the KV cache of the generations running (their batch is "
+                "left-padded to its longest: the padding's share) and by the prefix cache, against its budget "
+                "(spec.server.prefixCacheMiB).",
+                minimum=0,
+            ),
+            8,
+        ),
     ]
 
     quality = [
