@@ -245,8 +245,8 @@ class Scheduler:
             if mask is not None:  # a padded batch: its mask says which positions are real
                 positions += mask.numel()
                 padding += mask.numel() - int(mask.sum())
-            else:
-                positions += sum(s.cached for s in list(batch.rows))
+            else:  # one sequence, no padding
+                positions += int(cache.get_seq_length())
         return held, positions, padding
 
     def run(
@@ -577,7 +577,11 @@ def supports_prefix_caching(engine: Any) -> bool:
         from transformers.cache_utils import DynamicCache, DynamicLayer
     except ImportError:
         return False
-    cache = _test_pass_cache(engine)
+    try:
+        cache = _test_pass_cache(engine)
+    except Exception:  # served without prefix caching rather than not at all
+        log.warning("the model failed a test pass: no prefix caching", exc_info=True)
+        return False
     return type(cache) is DynamicCache and all(type(layer) is DynamicLayer for layer in cache.layers)
 
 
