@@ -324,17 +324,11 @@ class Scheduler:
             return [_Batch([s], (torch.tensor([s.context]), None, None)) for s in fresh]
         batches, others = [], []
         for s in fresh:
-            found, layers = self.prefix_cache.lookup(s.context) if self.prefix_cache is not None else (0, [])
-            if not found:
+            batch = self._from_cached_prefix(torch, s) if self.prefix_cache is not None else None
+            if batch is None:
                 others.append(s)
-                continue
-            s.result.cached_tokens = found
-            rest = len(s.context) - found
-            mask = torch.ones((1, rest), dtype=torch.long)
-            batch = _Batch([s], (torch.tensor([s.context[found:]]), mask, torch.arange(found, found + rest)[None]))
-            batch.cache = _cache_of(layers)
-            batch.mask = torch.ones((1, found), dtype=torch.long)
-            batches.append(batch)
+            else:
+                batches.append(batch)
         if others:
             longest = max(len(s.context) for s in others)
             ids = torch.tensor([[0] * (longest - len(s.context)) + s.context for s in others])
@@ -376,15 +370,41 @@ class Scheduler:
         if self._take_tokens(torch, batch, out):
             self._merge(torch, batch)
 
+    def _from_cached_prefix(self, torch: Any, s: GenerationSequence) -> _Batch | None:
+        """A batch of `s` alone whose cache starts as a copy of its prompt's cached prefix, the rest
+        of its prompt to feed; None when no prefix is cached, or the copy failed (out of memory:
+        the prompt is then prefilled whole, as on a miss)."""
+        assert self.prefix_cache is not None
+        try:
+            found, layers = self.prefix_cache.lookup(s.context)
+            if not found:
+                return None
+            cache = _cache_of(layers)
+        except Exception:
+            log.warning("a prefix cache hit could not be copied: prefilled whole", exc_info=True)
+            return None
+        s.result.cached_tokens = found
+        rest = len(s.context) - found
+        mask = torch.ones((1, rest), dtype=torch.long)
+        batch = _Batch([s], (torch.tensor([s.context[found:]]), mask, torch.arange(found, found + rest)[None]))
+        batch.cache = cache
+        batch.mask = torch.ones((1, found), dtype=torch.long)
+        return batch
+
     def _remember_prefixes(self, batch: _Batch) -> None:
         """Keep each prompt's prefix cache (its row of the batch's cache, where its tokens are the
-        last of the left-padded columns)."""
+        last of the left-padded columns). A prefix that cannot be kept (out of memory) is left out:
+        the generations go on."""
         assert self.prefix_cache is not None and batch.mask is not None
         width, cache_layers = batch.mask.shape[1], batch.cache.layers
         for i, s in enumerate(batch.rows):
             start = width - len(s.context)
             layers = [(layer.keys[i : i + 1, :, start:], layer.values[i : i + 1, :, start:]) for layer in cache_layers]
-            self.prefix_cache.insert(s.context, layers)
+            try:
+                self.prefix_cache.insert(s.context, layers)
+            except Exception:
+                log.warning("a prompt prefix could not be kept in the prefix cache", exc_info=True)
+                return
 
     def _decode(self, torch: Any, batch: _Batch) -> None:
         rows = self._drop_cancelled(batch.rows)

@@ -196,3 +196,29 @@ def test_with_the_cache_off_its_series_say_so(uncached_engine, tiny_model_dir):
         srv.client.post("/generate", json={"prompt": SYSTEM, "max_tokens": 1})
         for name in ("capacity_bytes", "bytes", "hits_total", "queries_total"):
             assert srv.metric(f"slm_prefix_cache_{name}", {"model": MODEL_NAME}) == 0, name
+
+
+def test_a_prefix_cache_out_of_memory_costs_its_hits_not_the_generations(own_engine, uncached_engine, monkeypatch):
+    """Keeping a prefix, or copying a hit, that fails (a GPU out of memory) is logged and skipped."""
+    from slm_server import batching
+
+    engine = own_engine()
+    cache = engine._scheduler.prefix_cache
+    prompt = SYSTEM + QUESTIONS[0]
+    params = SamplingParams(max_tokens=8, temperature=0, logprobs=0)
+    reference = uncached_engine.generate(uncached_engine.encode(prompt), params)
+
+    def out_of_memory(*_: object) -> None:
+        raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 MiB")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(cache, "insert", out_of_memory)
+        assert_same_generation(engine.generate(engine.encode(prompt), params), reference)
+        assert cache.stats()[2] == 0  # nothing kept
+    engine.generate(engine.encode(prompt), params)  # kept this time
+    with monkeypatch.context() as patched:
+        patched.setattr(batching, "_cache_of", out_of_memory)
+        result = engine.generate(engine.encode(prompt), params)
+    assert_same_generation(result, reference)
+    assert result.cached_tokens == 0  # prefilled whole
+    assert engine.generate(engine.encode(prompt), params).cached_tokens > 0  # and the cache serves again
