@@ -57,13 +57,13 @@ def _engine(model_dir: Path, batched: bool, slots: int) -> TransformersEngine:
         engine = TransformersEngine(settings)
         engine.load()
         return engine
-    supports = batching.supports_batching
-    batching.supports_batching = lambda engine: False  # type: ignore[assignment]
+    supports = batching.cache_support
+    batching.cache_support = lambda engine: (False, False)  # type: ignore[assignment]
     try:
         engine = TransformersEngine(settings)
         engine.load()
     finally:
-        batching.supports_batching = supports
+        batching.cache_support = supports
     return engine
 
 

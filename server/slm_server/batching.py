@@ -564,52 +564,36 @@ def _cache_of(layers: list[tuple[Any, Any]]) -> Any:
     return DynamicCache(ddp_cache_data=layers)
 
 
-def supports_batching(engine: Any) -> bool:
-    """Whether the engine's model can run a left-padded batch on a cache this module can pad, join
-    and slice: a test pass over one token shows the cache it makes."""
+def cache_support(engine: Any) -> tuple[bool, bool]:
+    """(batching, prefix caching) for the engine's model, from one test pass over one token that
+    shows the cache it makes. Batching: the model takes a left-padded batch on a cache this module
+    can pad, join and slice. Prefix caching: besides, every layer of that cache keeps its whole past
+    (plain `DynamicLayer`s), which any shorter prefix can be cut from; not a sliding-window layer
+    (Phi-3, Mistral, Gemma)."""
     import inspect
+
+    import torch
 
     params = inspect.signature(engine.model.forward).parameters
     if "attention_mask" not in params or "position_ids" not in params:
-        return False
+        return False, False
     try:
         from transformers.cache_utils import DynamicCache, DynamicLayer, DynamicSlidingWindowLayer
     except ImportError:  # an older transformers: its cache keeps its tensors in other places
-        return False
+        return False, False
     try:
-        cache = _test_pass_cache(engine)
+        with torch.inference_mode():
+            ids = torch.tensor([[next(iter(engine.eos_ids), 0)]], device=engine.device)
+            out = engine.model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=True)
     except Exception:  # a model that refuses the test pass is served one sequence per pass
         log.warning("the model failed a test pass with an attention mask: one sequence per pass", exc_info=True)
-        return False
+        return False, False
+    cache = getattr(out, engine._cache_arg, None)
     if type(cache) is not DynamicCache or not getattr(cache, "layers", None):
-        return False
-    return all(
-        type(layer) is DynamicLayer or (type(layer) is DynamicSlidingWindowLayer and not layer.record_past)
-        for layer in cache.layers
+        return False, False
+    plain = [type(layer) is DynamicLayer for layer in cache.layers]
+    batching = all(
+        is_plain or (type(layer) is DynamicSlidingWindowLayer and not layer.record_past)
+        for is_plain, layer in zip(plain, cache.layers, strict=True)
     )
-
-
-def supports_prefix_caching(engine: Any) -> bool:
-    """Whether every layer of the model's cache keeps its whole past (plain `DynamicLayer`s), which
-    any shorter prefix can be cut from: not a sliding-window layer (Phi-3, Mistral, Gemma)."""
-
-    try:
-        from transformers.cache_utils import DynamicCache, DynamicLayer
-    except ImportError:
-        return False
-    try:
-        cache = _test_pass_cache(engine)
-    except Exception:  # served without prefix caching rather than not at all
-        log.warning("the model failed a test pass: no prefix caching", exc_info=True)
-        return False
-    return type(cache) is DynamicCache and all(type(layer) is DynamicLayer for layer in cache.layers)
-
-
-def _test_pass_cache(engine: Any) -> Any:
-    """The cache the model makes in a pass over one token with an attention mask."""
-    import torch
-
-    with torch.inference_mode():
-        ids = torch.tensor([[next(iter(engine.eos_ids), 0)]], device=engine.device)
-        out = engine.model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=True)
-    return getattr(out, engine._cache_arg, None)
+    return batching, batching and all(plain)

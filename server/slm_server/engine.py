@@ -320,14 +320,14 @@ class TransformersEngine(Engine):
         forward_params = inspect.signature(self.model.forward).parameters
         self._cache_arg = "cache" if "cache" in forward_params else "past_key_values"
         self._logits_to_keep = "logits_to_keep" in forward_params
-        from slm_server.batching import Scheduler, supports_batching, supports_prefix_caching
+        from slm_server.batching import Scheduler, cache_support
         from slm_server.prefix_cache import PrefixCache
 
         batch_size = self.settings.max_batch_size or self.settings.max_concurrent_requests
-        batching = supports_batching(self)
+        batching, prefix_cacheable = cache_support(self)
         prefix_cache, prefix_caching = None, "off"
         if self.settings.prefix_cache_mib:
-            if batching and batch_size > 1 and supports_prefix_caching(self):
+            if batching and batch_size > 1 and prefix_cacheable:
                 prefix_cache, prefix_caching = PrefixCache(self.settings.prefix_cache_mib << 20), "on"
             else:
                 prefix_caching = "unsupported"

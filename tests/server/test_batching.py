@@ -195,7 +195,7 @@ def test_with_max_batch_size_1_generations_run_one_at_a_time(own_engine):
 
 
 def test_a_model_whose_cache_cannot_be_padded_runs_one_generation_per_pass(own_engine, monkeypatch):
-    monkeypatch.setattr("slm_server.batching.supports_batching", lambda engine: False)
+    monkeypatch.setattr("slm_server.batching.cache_support", lambda engine: (False, False))
     engine = own_engine()
     assert engine.info.batching == "one sequence per pass"
     jobs = list(zip(PROMPTS, PARAMS, strict=True))
@@ -323,32 +323,8 @@ def test_generations_that_arrive_together_are_prefilled_in_one_padded_pass(tiny_
     prompts = ["A", "The file is", "If the value is not None, the function", "Returns the"]
     params = SamplingParams(max_tokens=12, temperature=0, logprobs=1)
     alone = [_alone(tiny_engine, prompt, params) for prompt in prompts]
-    release, holding = threading.Event(), threading.Event()
-
-    def hold(text: str, _: Any) -> None:  # runs on the scheduler's thread: nothing else runs meanwhile
-        if not holding.is_set():
-            holding.set()
-            release.wait(30)
-
-    holder = threading.Thread(target=lambda: tiny_engine.generate(tiny_engine.encode("The"), LONG, hold))
-    holder.start()
-    results: list[Any] = [None] * len(prompts)
-
-    def run(i: int) -> None:
-        results[i] = tiny_engine.generate(tiny_engine.encode(prompts[i]), params)
-
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(prompts))]
-    try:
-        assert holding.wait(30)  # the scheduler is held before the four arrive
-        for t in threads:
-            t.start()
-        # All four wait while the holder's step runs: the next loop prefills them in one pass.
-        wait_for(lambda: len(batching_scheduler(tiny_engine)._inbox) == len(prompts))
-    finally:
-        release.set()  # a failed wait must not leave the shared engine held
-    for t in threads:
-        t.join(timeout=60)
-    holder.join(timeout=60)
+    # All four wait while a running generation holds the scheduler: its next loop prefills them in one pass.
+    results = HeldRun(tiny_engine).arrive_together(prompts, params)
     for result, reference in zip(results, alone, strict=True):
         assert_same_generation(result, reference)
 
