@@ -337,8 +337,10 @@ class GenerationService:
         or 0 samples among all tokens), its penalties, min_p and logit biases (each id checked
         against the model's vocabulary: 400 naming it)."""
         info = self.engine.info
-        bias = tuple((int(token), value) for token, value in (body.logit_bias or {}).items())
-        self.check_token_ids([token for token, _ in bias], "logit_bias")
+        bias: tuple[tuple[int, float], ...] = ()
+        if body.logit_bias:  # most requests give none: nothing to build on the request path
+            bias = tuple((int(token), value) for token, value in body.logit_bias.items())
+            self.check_token_ids([token for token, _ in bias], "logit_bias")
         return {
             "temperature": info.default_temperature if body.temperature is None else body.temperature,
             "top_p": info.default_top_p if body.top_p is None else body.top_p,
