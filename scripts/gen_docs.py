@@ -44,14 +44,23 @@ def _type(schema: dict[str, Any]) -> str:
 
 
 def _constraints(schema: dict[str, Any]) -> str:
+    """A field's rules, from its JSON schema (the CRD's, or the server's OpenAPI document's)."""
     parts = []
     if "enum" in schema:
         parts.append("one of " + ", ".join(f"`{v}`" for v in schema["enum"]))
-    for key, label in (("minimum", "≥"), ("maximum", "≤"), ("minLength", "min length"), ("maxLength", "max length"),
-                       ("minItems", "min items"), ("maxItems", "max items"), ("pattern", "pattern")):
+    for key, label in (("minimum", "≥"), ("exclusiveMinimum", ">"), ("maximum", "≤"), ("exclusiveMaximum", "<"),
+                       ("minLength", "min length"), ("maxLength", "max length"), ("minItems", "min items"),
+                       ("maxItems", "max items"), ("maxProperties", "max entries")):
         if key in schema:
-            value = f"`{schema[key]}`" if key == "pattern" else schema[key]
+            value = schema[key]
+            if value == 2**63 - 1 or value == float(2**63):  # pydantic writes 2^63 - 1 as a float: rounded up
+                value = "2^63 - 1"
+            elif isinstance(value, float) and value.is_integer():
+                value = int(value)
             parts.append(f"{label} {value}")
+    if "pattern" in schema:
+        parts.append(f"pattern `{schema['pattern']}`")
+    parts += [f"keys pattern `{pattern}`" for pattern in schema.get("patternProperties", {})]
     for rule in schema.get("x-kubernetes-validations", []):
         parts.append("rule: " + " ".join(str(rule.get("message", rule["rule"])).split()))
     return "; ".join(parts)
@@ -326,8 +335,6 @@ def _api_type(schema: dict[str, Any]) -> str:
         return " or ".join(dict.fromkeys(_api_type(m) for m in schema["anyOf"] if m.get("type") != "null"))
     if "const" in schema:
         return f"`{json.dumps(schema['const'])}`"
-    if "enum" in schema:
-        return " or ".join(f"`{json.dumps(v)}`" for v in schema["enum"])
     kind = schema.get("type", "any")
     if kind == "array":
         return f"[]{_api_type(schema.get('items', {}))}"
@@ -338,23 +345,9 @@ def _api_type(schema: dict[str, Any]) -> str:
 
 
 def _api_constraints(schema: dict[str, Any]) -> str:
-    """A field's bounds (a union of several shapes says its own in its description)."""
+    """A field's rules (a union of several shapes says its own in its description)."""
     schema = _optional(schema)
-    if schema.get("anyOf"):
-        return ""
-    parts = []
-    for key, label in (("minimum", "≥"), ("exclusiveMinimum", ">"), ("maximum", "≤"), ("exclusiveMaximum", "<"),
-                       ("minLength", "min length"), ("maxLength", "max length"), ("minItems", "min items"),
-                       ("maxItems", "max items"), ("maxProperties", "max entries")):
-        if key in schema:
-            value = schema[key]
-            if value == 2**63 - 1 or value == float(2**63):  # a float in the JSON schema: 2^63 - 1 rounded up
-                value = "2^63 - 1"
-            parts.append(f"{label} {int(value) if isinstance(value, float) and value.is_integer() else value}")
-    for pattern in [schema.get("pattern"), *schema.get("patternProperties", {})]:
-        if pattern:
-            parts.append(f"{'keys ' if pattern != schema.get('pattern') else ''}pattern `{pattern}`")
-    return "; ".join(parts)
+    return "" if schema.get("anyOf") else _constraints(schema)
 
 
 def _api_model_table(name: str, schemas: dict[str, Any], seen: list[str]) -> list[str]:
