@@ -51,6 +51,8 @@ class PassFailed(RuntimeError):
 def choose_token(torch: Any, logits: Any, params: SamplingParams, generator: Any, vocab_size: int) -> int:
     """The next token from one position's logits (penalties already applied) under `params`."""
     if params.degraded:
+        if params.grammar is not None:  # uniformly among the tokens the grammar allows (the others are -inf)
+            return int(torch.multinomial(torch.isfinite(logits).float(), 1, generator=generator))
         return int(torch.randint(0, vocab_size, (1,), generator=generator, device=logits.device))
     if params.temperature <= 1e-5:
         return int(torch.argmax(logits))
@@ -76,8 +78,8 @@ class GenerationSequence:
     """One generation's state between decode steps: what it feeds next and what it has made."""
 
     __slots__ = (
-        "bias", "cached", "cancel", "context", "counts", "done", "error", "generator", "greedy", "last",
-        "max_tokens", "on_text", "params", "reported", "result", "seen", "tracker",
+        "bias", "cached", "cancel", "context", "counts", "done", "error", "generator", "grammar", "greedy", "last",
+        "max_tokens", "on_text", "params", "reported", "result", "seen", "tracker", "whole",
     )  # fmt: skip
 
     def __init__(self, engine: Any, prompt_ids: list[int], params: SamplingParams, on_text: OnText | None,
@@ -110,7 +112,9 @@ class GenerationSequence:
             self.bias = torch.zeros(engine.vocab_size, device=engine.device)
             tokens, biases = zip(*params.logit_bias, strict=True)
             self.bias[torch.tensor(tokens, device=engine.device)] = torch.tensor(biases, device=engine.device)
-        adjusted = self.counts is not None or self.seen is not None or self.bias is not None
+        self.grammar = params.grammar.start() if params.grammar is not None else None  # structured output
+        self.whole = False  # the grammar's document is complete
+        adjusted = self.counts is not None or self.seen is not None or self.bias is not None or self.grammar is not None
         # The batch's argmax is this sequence's choice: nothing adjusted, no sampling, no fault.
         self.greedy = params.temperature <= 1e-5 and not adjusted and not params.degraded
         self.cached = 0  # this sequence's tokens in its batch's KV cache
@@ -119,8 +123,8 @@ class GenerationSequence:
         self.error: BaseException | None = None
 
     def choose(self, torch: Any, logits: Any, vocab_size: int) -> int:
-        """The next token; the penalties and biases change the choice, not the logits the reported
-        log-probabilities (and the perplexity) come from."""
+        """The next token; the penalties, biases and grammar change the choice, not the logits the
+        reported log-probabilities (and the perplexity) come from."""
         params = self.params
         seen, counts = self.seen, self.counts
         if seen is not None:
@@ -130,7 +134,12 @@ class GenerationSequence:
             logits = logits - params.frequency_penalty * counts - params.presence_penalty * (counts > 0)
         if self.bias is not None:
             logits = logits + self.bias
+        grammar = self.grammar
+        if grammar is not None:
+            logits = grammar.allow(torch, logits)
         token = choose_token(torch, logits, params, self.generator, vocab_size)
+        if grammar is not None:
+            self.whole = grammar.advance(token)
         if counts is not None:
             counts[token] += 1
         if seen is not None:
@@ -153,7 +162,7 @@ class GenerationSequence:
         delta, stopped = self.tracker.update(result.token_ids)
         if delta and self.on_text is not None:
             self.reported = _emit(self.on_text, delta, result, self.reported)
-        if stopped:
+        if stopped or self.whole:
             result.finish_reason = "stop"
             return True
         self.last = token
@@ -167,6 +176,8 @@ class GenerationSequence:
                 if self.on_text is not None:
                     _emit(self.on_text, tail, self.result, self.reported)
                 self.result.text = self.tracker.text.rstrip("\ufffd")
+                if self.grammar is not None:
+                    self.result.structured_complete = self.grammar.complete()
             except Exception as exc:  # a failing callback fails this generation only
                 error = exc
         self.error = error

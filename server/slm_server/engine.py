@@ -29,6 +29,7 @@ from slm_server.settings import Settings
 
 if TYPE_CHECKING:
     from slm_server.batching import Scheduler
+    from slm_server.structured import GrammarCompiler, OutputGrammar
 
 log = logging.getLogger("slm_server.engine")
 
@@ -61,6 +62,8 @@ class SamplingParams:
     logit_bias: tuple[tuple[int, float], ...] = ()
     min_p: float = 0.0  # sampling keeps the tokens at least min_p times as likely as the most likely one
     logprobs: int | None = None  # None: none; k >= 0: each token's log-probability and the k most likely
+    # Structured output (slm_server.structured): the tokens the grammar refuses are never chosen.
+    grammar: OutputGrammar | None = None
 
 
 @dataclass(slots=True)
@@ -75,6 +78,8 @@ class GenerationResult:
     token_logprobs: list[float] | None = None
     top_logprobs: list[list[tuple[int, float]]] | None = None
     cached_tokens: int = 0  # prompt tokens whose KV cache came from the prefix cache (not fed to the model)
+    # With SamplingParams.grammar: whether the output is a whole document its schema accepts.
+    structured_complete: bool | None = None
 
     @property
     def output_tokens(self) -> int:
@@ -109,6 +114,7 @@ class ModelInfo:
     # Prompt-prefix KV caching (slm_server.prefix_cache): "on", "off" (the setting), or "unsupported"
     # (a model with sliding-window layers, or without continuous batching).
     prefix_caching: str = "off"
+    structured_output: bool = False  # response_format json_schema/json_object (slm_server.structured)
 
 
 class Engine(ABC):
@@ -116,6 +122,7 @@ class Engine(ABC):
 
     blocking: bool = True  # run `generate` in a worker thread
     info: ModelInfo
+    grammars: GrammarCompiler | None = None  # structured output; None: this engine has none
 
     @abstractmethod
     def load(self) -> None: ...
@@ -332,6 +339,9 @@ class TransformersEngine(Engine):
             else:
                 prefix_caching = "unsupported"
         scheduler = Scheduler(self, batch_size, batching, self.settings.prefill_chunk_tokens, prefix_cache)
+        from slm_server.structured import grammar_compiler
+
+        self.grammars = grammar_compiler(self.tokenizer, self.vocab_size, self.eos_ids)
         self.info = ModelInfo(
             name=self.settings.model_name,
             source=source if Path(source).exists() else f"hub:{source}",
@@ -343,6 +353,7 @@ class TransformersEngine(Engine):
             batching="continuous" if scheduler.batching else "one sequence per pass",
             vocab_size=self.vocab_size,
             prefix_caching=prefix_caching,
+            structured_output=self.grammars is not None,
             **_sampling_defaults(self.model.generation_config),
         )
         self._scheduler = scheduler

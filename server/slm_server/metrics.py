@@ -48,6 +48,9 @@ Metrics (labels; `model` is the served model name, one value per process):
   slm_prefix_cache_hits_total{model}               counter    of them, found (rate ratio: the hit rate)
   slm_prefix_cache_bytes{model}                    gauge      KV cache bytes it holds
   slm_prefix_cache_capacity_bytes{model}           gauge      its budget; 0 = prefix caching off
+  slm_structured_outputs_total{model,format,result}  counter  generations held to a response_format:
+                                                              format json_object|json_schema, result
+                                                              complete|incomplete (cut short: invalid JSON)
   slm_drift_score{model,signal}                    gauge      signal: perplexity|output_length|
   slm_drift_detected{model,signal}                 gauge      finish_length|empty_output|repetition|
                                                               error; set by slm_server.drift
@@ -92,6 +95,7 @@ UNKNOWN_ENDPOINT = "other"
 FINISH_REASONS = ("stop", "length", "abort", "timeout", "error")
 ERROR_KINDS = ("invalid_input", "overloaded", "timeout", "model_error", "not_ready", "internal")
 # The drift detector's signals (slm_server.drift): two distributions, four rates.
+STRUCTURED_FORMATS = ("json_object", "json_schema")  # response_format types that hold the output to a grammar
 DRIFT_SIGNALS = ("perplexity", "output_length", "finish_length", "empty_output", "repetition", "error")
 
 REQUEST_DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 2.5, 5, 10, 20, 30, 60, 120)
@@ -296,6 +300,17 @@ class ServerMetrics:
         )
         self.model_load_seconds = model_gauge("slm_model_load_seconds", "Time taken to load the model")
         self.fault_injection = model_gauge("slm_fault_injection_enabled", "1 when fault injection is configured on")
+        structured = Counter(
+            "slm_structured_outputs_total",
+            "Generations held to a response_format, by whether their JSON was complete when they ended",
+            ["model", "format", "result"],
+            **on,
+        )
+        self.structured_outputs = {
+            (f, r): structured.labels(model=model, format=f, result=r)
+            for f in STRUCTURED_FORMATS
+            for r in ("complete", "incomplete")
+        }
         drift_score = Gauge(
             "slm_drift_score",
             "Drift score of a model-behaviour signal (set by the drift detector)",
@@ -320,6 +335,10 @@ class ServerMetrics:
 
     def route(self, path: str) -> RouteMetrics:
         return self.routes.get(path) or self.unknown_route
+
+    def structured_output(self, format: str, complete: bool) -> None:
+        """Count a generation held to a response_format (queued, as the request path's updates are)."""
+        self.observations.add(self.structured_outputs[format, "complete" if complete else "incomplete"].inc)
 
     def set_model(self, *, source: str, dtype: str, device: str, max_context: int, load_seconds: float) -> None:
         self.model_info.labels(
@@ -366,6 +385,9 @@ class NullMetrics:
         return None
 
     def watch_load(self, in_flight: Callable[[], int], queued: Callable[[], int]) -> None:
+        return None
+
+    def structured_output(self, format: str, complete: bool) -> None:
         return None
 
 

@@ -64,6 +64,40 @@ LogitBias = Annotated[
 ]
 
 
+class TextFormat(BaseModel):
+    type: Literal["text"] = Field(description="Free text (the default).")
+
+
+class JsonObjectFormat(BaseModel):
+    type: Literal["json_object"] = Field(description="Any JSON object.")
+
+
+class JsonSchema(BaseModel):
+    name: str = Field(pattern=r"^[a-zA-Z0-9_-]{1,64}$", description="The schema's name (not used to generate).")
+    description: str | None = Field(None, max_length=4096, description="Not used to generate.")
+    definition: dict[str, Any] = Field(
+        alias="schema",
+        description="The JSON Schema the output must follow. A schema that cannot be compiled gets a 400 that "
+        "says why.",
+    )
+    strict: bool | None = Field(None, description="Accepted; the schema is always enforced, strict or not.")
+
+
+class JsonSchemaFormat(BaseModel):
+    type: Literal["json_schema"]
+    json_schema: JsonSchema
+
+
+ResponseFormat = Annotated[
+    Annotated[TextFormat | JsonObjectFormat | JsonSchemaFormat, Field(discriminator="type")] | None,
+    Field(
+        description="OpenAI's structured output: `json_schema` holds the output to a JSON Schema, `json_object` to "
+        "any JSON object; tokens that would break it are never chosen, and the generation stops as soon as the JSON "
+        "is complete. A generation cut short (max_tokens, a stop string) returns incomplete JSON, as OpenAI's does."
+    ),
+]
+
+
 def stops(value: str | list[str] | None) -> tuple[str, ...]:
     if value is None:
         return ()
@@ -91,6 +125,7 @@ class GenerateRequest(BaseModel):
     repetition_penalty: RepetitionPenalty = 1.0
     min_p: MinP = 0.0
     logit_bias: LogitBias = None
+    response_format: ResponseFormat = None
     model: str | None = Field(None, description="The served model's name; another name gets 404.")
     return_token_ids: bool = Field(False, description="Include the generated token ids in the response.")
     stream: bool = Field(
@@ -153,6 +188,7 @@ class _OpenAIRequest(BaseModel):
     repetition_penalty: RepetitionPenalty = 1.0
     min_p: MinP = 0.0
     logit_bias: LogitBias = None
+    response_format: ResponseFormat = None
     user: str | None = Field(None, max_length=256, description="Never logged nor used as a label.")
 
 

@@ -18,7 +18,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from slm_server.engine import Engine, GenerationResult, OnText, SamplingParams, TokenLogprobs
 from slm_server.errors import (
@@ -34,6 +34,9 @@ from slm_server.logs import OutputLogPolicy
 from slm_server.metrics import NullMetrics, ServerMetrics
 from slm_server.settings import Settings
 from slm_server.signals import NoopObserver, RequestSignals, SignalObserver, is_repetitive
+
+if TYPE_CHECKING:
+    from slm_server.structured import OutputGrammar
 
 log = logging.getLogger("slm_server.service")
 
@@ -93,6 +96,8 @@ class RequestRecord:
             fields["gen_ai.request.presence_penalty"] = params.presence_penalty
         if params.frequency_penalty:
             fields["gen_ai.request.frequency_penalty"] = params.frequency_penalty
+        if params.grammar is not None:
+            fields["gen_ai.output.type"] = "json"
         fields["gen_ai.usage.input_tokens"] = prompt_tokens
         fields["slm.stream"] = stream
         outcomes, policy = self.outcomes, self.policy
@@ -331,16 +336,20 @@ class GenerationService:
                 param=param,
             )
 
-    def sampling(self, body: Any) -> dict[str, Any]:
+    async def sampling(self, body: Any) -> dict[str, Any]:
         """A request's sampling settings, as SamplingParams keywords: temperature, top_p and top_k
         from the model's defaults where the request leaves them out (a top_k of -1, vLLM's spelling,
-        or 0 samples among all tokens), its penalties, min_p and logit biases (each id checked
-        against the model's vocabulary: 400 naming it)."""
+        or 0 samples among all tokens), its penalties, min_p, logit biases (each id checked
+        against the model's vocabulary: 400 naming it) and its response_format's grammar."""
         info = self.engine.info
         bias: tuple[tuple[int, float], ...] = ()
         if body.logit_bias:  # most requests give none: nothing to build on the request path
             bias = tuple((int(token), value) for token, value in body.logit_bias.items())
             self.check_token_ids([token for token, _ in bias], "logit_bias")
+        response_format = body.response_format
+        grammar = None
+        if response_format is not None and response_format.type != "text":
+            grammar = await self.output_grammar(response_format)
         return {
             "temperature": info.default_temperature if body.temperature is None else body.temperature,
             "top_p": info.default_top_p if body.top_p is None else body.top_p,
@@ -350,7 +359,24 @@ class GenerationService:
             "repetition_penalty": body.repetition_penalty,
             "min_p": body.min_p,
             "logit_bias": bias,
+            "grammar": grammar,
         }
+
+    async def output_grammar(self, response_format: Any) -> OutputGrammar:
+        """The compiled grammar of a json_object or json_schema response_format: from the compiler's
+        cache, or compiled in a worker thread (a large schema takes long; the event loop goes on)."""
+        grammars = self.engine.grammars
+        if grammars is None:
+            raise InvalidInput(
+                "response_format: this model has no structured output (it needs a fast tokenizer)",
+                param="response_format",
+            )
+        schema = response_format.json_schema.definition if response_format.type == "json_schema" else None
+        key = grammars.key(response_format.type, schema)
+        grammar = grammars.cached(key)
+        if grammar is None:
+            grammar = await asyncio.to_thread(grammars.compile, key, response_format.type, schema)
+        return grammar
 
     def resolve_max_tokens(self, prompt_tokens: int, requested: int | None, param: str = "max_tokens") -> int:
         """Checks the prompt against the context and `max_tokens` against the cap; returns max_tokens."""
@@ -659,6 +685,8 @@ class GenerationService:
                     repetitive,
                 )
             )
+        if result is not None and result.structured_complete is not None:
+            self.metrics.structured_output(job.params.grammar.format, result.structured_complete)  # type: ignore[union-attr]
         job.outcomes[job.index] = (
             kind,
             finish_reason,

@@ -48,6 +48,7 @@ CONTRACT = [
     ("slm_prefix_cache_hits_total", {"model": MODEL_NAME}),
     ("slm_prefix_cache_bytes", {"model": MODEL_NAME}),
     ("slm_prefix_cache_capacity_bytes", {"model": MODEL_NAME}),
+    ("slm_structured_outputs_total", {"model": MODEL_NAME, "format": "json_schema", "result": "incomplete"}),
     ("slm_drift_score", {"model": MODEL_NAME, "signal": "perplexity"}),
     ("slm_drift_score", {"model": MODEL_NAME, "signal": "output_length"}),
     ("slm_drift_detected", {"model": MODEL_NAME, "signal": "perplexity"}),

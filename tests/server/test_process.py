@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import signal
 import threading
+from typing import Literal
 
 import httpx
 import openai
+import pydantic
 import pytest
 
 from .conftest import MODEL_NAME, server_process, wait_for
@@ -137,6 +139,25 @@ def test_openai_client_streams_several_chat_choices_with_logprobs(client):
     assert chunks[-1].usage.completion_tokens == tokens[0] + tokens[1]
     whole = client.chat.completions.create(**request)  # the same choices without streaming
     assert [c.message.content for c in whole.choices] == [content[0], content[1]]
+
+
+class Verdict(pydantic.BaseModel):
+    answer: Literal["yes", "no"]
+    lines: int = pydantic.Field(ge=0, le=999)
+
+
+def test_openai_client_parses_structured_output_into_its_pydantic_model(client):
+    """The client turns the model into a strict JSON schema, sends it as response_format, and parses
+    the reply with the same model: it raises if the JSON does not follow it."""
+    messages = [{"role": "user", "content": "How many lines has the file?"}]
+    parsed = client.chat.completions.parse(model=MODEL_NAME, messages=messages, response_format=Verdict, max_tokens=40)
+    assert isinstance(parsed.choices[0].message.parsed, Verdict)
+    assert parsed.choices[0].finish_reason == "stop"
+    with client.chat.completions.stream(
+        model=MODEL_NAME, messages=messages, response_format=Verdict, max_tokens=40, seed=4
+    ) as stream:
+        final = stream.get_final_completion()
+    assert isinstance(final.choices[0].message.parsed, Verdict)
 
 
 def test_openai_client_surfaces_errors(client):

@@ -105,7 +105,9 @@ async def _prepare(
         max_tokens,
         "max_completion_tokens" if getattr(body, "max_completion_tokens", None) else "max_tokens",
     )
-    params = SamplingParams(limit, stop=stops(body.stop), seed=body.seed, logprobs=logprobs, **service.sampling(body))
+    params = SamplingParams(
+        limit, stop=stops(body.stop), seed=body.seed, logprobs=logprobs, **(await service.sampling(body))
+    )
     return service.new_jobs(
         body.n,
         endpoint=endpoint,

@@ -67,7 +67,7 @@ async def generate(body: GenerateRequest, request: Request):
     record = record_of(request)
     prompt_ids = await encode(service, body.prompt)
     max_tokens = service.resolve_max_tokens(len(prompt_ids), body.max_tokens)
-    params = SamplingParams(max_tokens, stop=stops(body.stop), seed=body.seed, **service.sampling(body))
+    params = SamplingParams(max_tokens, stop=stops(body.stop), seed=body.seed, **(await service.sampling(body)))
     (job,) = service.new_jobs(
         1,
         endpoint=ENDPOINT,

@@ -1,0 +1,163 @@
+"""Structured output: generation held to a JSON schema (OpenAI's `response_format`).
+
+A request's `response_format` of `json_schema` (or `json_object`, any JSON object) is compiled, with
+the model's tokenizer, into a grammar by llguidance (guidance-ai/llguidance, the library behind
+vLLM's `guidance` backend and llama.cpp's JSON schemas). Before each token of such a generation is
+chosen, the grammar's matcher gives the set of tokens that keep the output a valid prefix of some
+document the schema accepts, and every other token's logit becomes -inf; the chosen token then
+advances the matcher. The generation ends ("stop") as soon as the document is complete, and may
+end earlier on the end-of-text token only where the document could end. A generation cut short
+(max_tokens, a stop string, a timeout) returns an incomplete document, as OpenAI's does; the
+`slm_structured_outputs_total{result="incomplete"}` series counts them.
+
+Like logit_bias, the mask changes the choice only: the reported log-probabilities and the
+perplexity stay the model's own.
+
+The JSON is written as Python's `json.dumps` writes it (`{"a": 1, "b": [2, 3]}`): one space after
+`:` and `,`, no other whitespace. Free whitespace would let a model pad the document with spaces and
+newlines until max_tokens (xgrammar's `any_whitespace=False`, vLLM's `disable_any_whitespace`, for
+the same reason).
+
+Compiled grammars are kept (least recently used out) by the schema's canonical text, so a client
+that sends the same schema with every request compiles it once; each generation works on its own
+copy of the compiled matcher.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from collections import OrderedDict
+from typing import Any
+
+from slm_server.errors import InvalidInput
+
+log = logging.getLogger("slm_server.engine")
+
+_JSON_OPTIONS: Any = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}  # JsonCompileOptions
+_CACHED_GRAMMARS = 64
+
+
+class OutputGrammar:
+    """A compiled grammar: immutable, shared by the choices of a request and by later requests."""
+
+    __slots__ = ("_compiler", "_matcher", "format")
+
+    def __init__(self, compiler: GrammarCompiler, matcher: Any, format: str):
+        self._compiler = compiler
+        self._matcher = matcher  # never advanced: each generation advances a copy
+        self.format = format
+
+    def start(self) -> GrammarState:
+        """The state of one generation held to this grammar."""
+        return GrammarState(self._compiler, self._matcher.deep_copy())
+
+
+class GrammarState:
+    """One generation's position in its grammar."""
+
+    __slots__ = ("_compiler", "_matcher")
+
+    def __init__(self, compiler: GrammarCompiler, matcher: Any):
+        self._compiler = compiler
+        self._matcher = matcher
+
+    def allow(self, torch: Any, logits: Any) -> Any:
+        """`logits` (one position's, on the model's device) with every token the grammar refuses at -inf."""
+        # One bit per token, in int32 words. (llguidance.torch's helpers would import torch.compile's
+        # machinery, seconds on the first structured request, for a kernel this does in three ops.)
+        bitmask = bytearray(self._matcher.compute_bitmask())
+        words = torch.frombuffer(bitmask, dtype=torch.int32).to(logits.device)
+        allowed = ((words.unsqueeze(-1) >> self._compiler.shifts(torch, logits.device)) & 1).view(-1)
+        return logits.masked_fill(allowed[: logits.shape[-1]] == 0, float("-inf"))
+
+    def advance(self, token: int) -> bool:
+        """Take the chosen token; True when the document is complete (nothing but the end may follow)."""
+        matcher = self._matcher
+        if not matcher.consume_token(token):
+            # The mask allows only tokens the matcher takes: this is a bug, not the request's fault.
+            raise RuntimeError(f"structured output: the grammar refused token {token}: {matcher.get_error()}")
+        return bool(matcher.is_stopped())
+
+    def complete(self) -> bool:
+        """Whether the output so far is a whole document the schema accepts."""
+        return bool(self._matcher.is_accepting())
+
+
+class GrammarCompiler:
+    """Compiles schemas into grammars over one model's tokenizer; thread-safe."""
+
+    def __init__(self, tokenizer: Any, vocab_size: int, eos_ids: frozenset[int]):
+        import llguidance.hf
+
+        # The model's output width, which may exceed the tokenizer's (padded embeddings): the extra
+        # ids are not tokens, and the grammar never allows them.
+        self.vocab_size = max(vocab_size, len(tokenizer))
+        self._tokenizer = llguidance.hf.from_tokenizer(
+            tokenizer, n_vocab=self.vocab_size, eos_token=sorted(eos_ids) or None
+        )
+        self._grammars: OrderedDict[str, OutputGrammar] = OrderedDict()
+        self._lock = threading.Lock()
+        self._shifts: dict[Any, Any] = {}
+
+    def shifts(self, torch: Any, device: Any) -> Any:
+        """0..31 on `device`, to unpack a bitmask's int32 words into bits."""
+        shifts = self._shifts.get(device)
+        if shifts is None:
+            shifts = self._shifts[device] = torch.arange(32, dtype=torch.int32, device=device)
+        return shifts
+
+    @staticmethod
+    def key(format: str, schema: dict[str, Any] | None) -> str:
+        return format + json.dumps(schema, sort_keys=True, separators=(",", ":"))
+
+    def cached(self, key: str) -> OutputGrammar | None:
+        with self._lock:
+            grammar = self._grammars.get(key)
+            if grammar is not None:
+                self._grammars.move_to_end(key)
+            return grammar
+
+    def compile(self, key: str, format: str, schema: dict[str, Any] | None) -> OutputGrammar:
+        """The grammar of `schema` (None: any JSON object); InvalidInput naming the schema when
+        llguidance cannot compile it. Slow for a large schema (it releases the GIL): call it off the
+        event loop."""
+        import llguidance
+
+        param = "response_format.json_schema.schema" if format == "json_schema" else "response_format"
+        try:
+            text = llguidance.LLMatcher.grammar_from_json_schema(
+                schema if schema is not None else {"type": "object"}, defaults=_JSON_OPTIONS
+            )
+        except ValueError as exc:
+            raise InvalidInput(f"{param}: {exc}", param=param) from None
+        matcher = llguidance.LLMatcher(self._tokenizer, text, log_level=0)
+        if matcher.is_error():
+            raise InvalidInput(f"{param}: {matcher.get_error()}", param=param)
+        grammar = OutputGrammar(self, matcher, format)
+        with self._lock:
+            self._grammars[key] = grammar
+            while len(self._grammars) > _CACHED_GRAMMARS:
+                self._grammars.popitem(last=False)
+        return grammar
+
+
+def grammar_compiler(tokenizer: Any, vocab_size: int, eos_ids: frozenset[int]) -> GrammarCompiler | None:
+    """The model's compiler, or None (logged) when its tokenizer cannot have one: llguidance needs
+    a fast (Rust) tokenizer, as vLLM's guidance backend does."""
+    if not getattr(tokenizer, "is_fast", False):
+        log.warning(
+            "structured output unavailable: the tokenizer is not a fast one",
+            extra={"fields": {"event": "structured_output_unavailable"}},
+        )
+        return None
+    try:
+        return GrammarCompiler(tokenizer, vocab_size, eos_ids)
+    except Exception:  # an unusual tokenizer: the model still serves, without response_format
+        log.warning(
+            "structured output unavailable: llguidance could not read the tokenizer",
+            exc_info=True,
+            extra={"fields": {"event": "structured_output_unavailable"}},
+        )
+        return None

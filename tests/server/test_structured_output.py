@@ -1,0 +1,185 @@
+"""Structured output (OpenAI's `response_format`) on the real tiny model: the JSON a client gets
+follows its schema, the choice is constrained and nothing else (log-probabilities, other generations
+in the batch), and bad schemas are refused saying why."""
+
+from __future__ import annotations
+
+import json
+
+import jsonschema
+import pytest
+
+from slm_server.engine import EchoEngine, SamplingParams
+
+from .conftest import MODEL_NAME, assert_same_generation, generate_together, serve, settings_for, sse_events
+
+VERDICT = {
+    "type": "object",
+    "properties": {
+        "answer": {"type": "string", "enum": ["yes", "no", "unsure"]},
+        "count": {"type": "integer", "minimum": 0, "maximum": 99},
+        "sure": {"type": "boolean"},
+    },
+    "required": ["answer", "count", "sure"],
+    "additionalProperties": False,
+}
+FREE_TEXT = {"type": "object", "properties": {"summary": {"type": "string"}}, "required": ["summary"]}
+
+
+def _format(schema: dict) -> dict:
+    return {"type": "json_schema", "json_schema": {"name": "verdict", "schema": schema, "strict": True}}
+
+
+def _chat(**fields) -> dict:
+    return {"model": MODEL_NAME, "messages": [{"role": "user", "content": "Is the file empty?"}], **fields}
+
+
+def _grammar(engine, schema: dict):
+    grammars = engine.grammars
+    return grammars.compile(grammars.key("json_schema", schema), "json_schema", schema)
+
+
+def _outputs(server, structured: str, result: str) -> float:
+    labels = {"model": MODEL_NAME, "format": structured, "result": result}
+    return server.metric("slm_structured_outputs_total", labels) or 0.0
+
+
+def test_every_sampled_choice_is_json_that_follows_the_schema(server):
+    r = server.client.post(
+        "/v1/chat/completions",
+        json=_chat(n=6, temperature=1.0, seed=11, max_tokens=60, response_format=_format(VERDICT)),
+    )
+    assert r.status_code == 200, r.text
+    choices = r.json()["choices"]
+    for choice in choices:
+        document = json.loads(choice["message"]["content"])
+        jsonschema.validate(document, VERDICT)
+        assert choice["finish_reason"] == "stop"  # it ends as soon as the JSON is complete
+    assert len({c["message"]["content"] for c in choices}) > 1  # each choice samples on its own
+    assert _outputs(server, "json_schema", "complete") == 6
+
+
+def test_json_written_as_json_dumps_writes_it_and_streamed_as_it_is_returned(server):
+    body = _chat(temperature=0, max_tokens=60, response_format=_format(VERDICT))
+    whole = server.client.post("/v1/chat/completions", json=body).json()["choices"][0]["message"]["content"]
+    assert whole == json.dumps(json.loads(whole))  # `{"answer": "no", ...}`: no other whitespace
+    events, _ = sse_events(server.client, "/v1/chat/completions", body)
+    streamed = "".join(e["choices"][0]["delta"].get("content", "") for e in events if e["choices"])
+    assert streamed == whole
+    generated = server.client.post(
+        "/generate", json={"prompt": "Is the file empty?", "temperature": 0, "max_tokens": 60,
+                           "response_format": _format(VERDICT)}
+    ).json()  # fmt: skip
+    jsonschema.validate(json.loads(generated["text"]), VERDICT)
+
+
+def test_json_object_composes_with_logit_bias(server):
+    """`json_object` allows any object; a bias toward `}` (allowed only where the object may close)
+    closes it at once."""
+    close = server.client.post("/tokenize", json={"prompt": "}"}).json()["tokens"]
+    assert len(close) == 1
+    r = server.client.post(
+        "/v1/completions",
+        json={"model": MODEL_NAME, "prompt": "The list", "max_tokens": 20, "temperature": 0,
+              "logit_bias": {str(close[0]): 100}, "response_format": {"type": "json_object"}},
+    )  # fmt: skip
+    choice = r.json()["choices"][0]
+    assert (choice["text"], choice["finish_reason"]) == ("{}", "stop")
+    assert _outputs(server, "json_object", "complete") == 1
+
+
+def test_output_cut_short_is_a_prefix_of_the_json_and_counted_incomplete(server):
+    r = server.client.post(
+        "/v1/chat/completions", json=_chat(temperature=0, max_tokens=8, response_format=_format(FREE_TEXT))
+    )
+    choice = r.json()["choices"][0]
+    assert choice["finish_reason"] == "length"
+    assert choice["message"]["content"].startswith('{"summary')
+    with pytest.raises(json.JSONDecodeError):
+        json.loads(choice["message"]["content"])
+    assert _outputs(server, "json_schema", "incomplete") == 1
+    assert _outputs(server, "json_schema", "complete") == 0
+
+
+def test_the_grammar_changes_the_choice_never_the_reported_log_probabilities(tiny_engine):
+    """The log-probabilities (and so the perplexity) are the model's own: those of a teacher-forced
+    pass over the same tokens, not of the masked distribution."""
+    ids = tiny_engine.encode("The answer is")
+    params = SamplingParams(max_tokens=40, temperature=0, logprobs=0, grammar=_grammar(tiny_engine, VERDICT))
+    result = tiny_engine.generate(ids, params)
+    jsonschema.validate(json.loads(result.text), VERDICT)
+    forced, _ = tiny_engine.score(ids + result.token_ids, 0)
+    assert result.token_logprobs == pytest.approx(forced[len(ids) :], rel=1e-3, abs=1e-4)
+    free = tiny_engine.generate(ids, SamplingParams(max_tokens=len(result.token_ids), temperature=0))
+    assert free.text != result.text  # left alone, the model writes no such JSON
+
+
+def test_a_structured_generation_in_a_batch_leaves_the_others_unchanged(tiny_engine):
+    plain = SamplingParams(max_tokens=24, temperature=0, logprobs=0)
+    structured = SamplingParams(max_tokens=40, temperature=0.8, seed=5, logprobs=0,
+                                grammar=_grammar(tiny_engine, VERDICT))  # fmt: skip
+    jobs = [("Return the number of", plain), ("Is the list empty?", structured), ("The file", plain),
+            ("Is the file empty?", structured)]  # fmt: skip
+    alone = [tiny_engine.generate(tiny_engine.encode(prompt), params) for prompt, params in jobs]
+    together = generate_together(tiny_engine, jobs)
+    for result, expected in zip(together, alone, strict=True):
+        assert_same_generation(result, expected)
+    for result in together[1::2]:
+        jsonschema.validate(json.loads(result.text), VERDICT)
+
+
+def test_degraded_output_faults_still_follow_the_schema(tiny_engine, tiny_model_dir):
+    """Fault injection's degraded output samples uniformly, but among the tokens the grammar allows."""
+    settings = settings_for(tiny_model_dir, fault_injection=True, fault_degraded_rate=1.0)
+    with serve(tiny_engine, settings) as server:
+        r = server.client.post("/v1/chat/completions", json=_chat(n=3, max_tokens=80, response_format=_format(VERDICT)))
+        for choice in r.json()["choices"]:
+            jsonschema.validate(json.loads(choice["message"]["content"]), VERDICT)
+
+
+def test_the_same_schema_is_compiled_once(server, tiny_engine, monkeypatch):
+    grammars = tiny_engine.grammars
+    compiled = []
+    compile_ = grammars.compile
+    monkeypatch.setattr(grammars, "compile", lambda *args: compiled.append(args[1:]) or compile_(*args))
+    schema = {**VERDICT, "title": "asked twice"}
+    for asked in (schema, dict(reversed(list(schema.items()))), {**schema, "title": "another"}):
+        r = server.client.post("/v1/chat/completions", json=_chat(max_tokens=30, response_format=_format(asked)))
+        assert r.status_code == 200
+    assert [args[1]["title"] for args in compiled] == ["asked twice", "another"]
+
+
+def test_the_request_line_says_the_output_was_json(server, json_records):
+    server.client.post("/v1/chat/completions", json=_chat(max_tokens=30, response_format=_format(VERDICT)))
+    server.client.post("/v1/chat/completions", json=_chat(max_tokens=2, response_format={"type": "text"}))
+    lines = [d for d in json_records("request") if d.get("http.route") == "/v1/chat/completions"]
+    assert [d.get("gen_ai.output.type") for d in lines] == ["json", None]
+
+
+@pytest.mark.parametrize(
+    ("response_format", "status", "says"),
+    [
+        (_format({"type": "frobnicate"}), 400, "response_format.json_schema.schema: Invalid type: frobnicate"),
+        (_format({"type": "string", "pattern": "(unclosed"}), 400, "response_format.json_schema.schema: "),
+        ({"type": "xml"}, 422, "response_format: Input tag 'xml'"),
+        ({"type": "json_schema", "json_schema": {"name": "v"}}, 422, "response_format.json_schema.json_schema.schema"),
+        ({"type": "json_schema", "json_schema": {"name": "no spaces", "schema": {}}}, 422, "name"),
+        ({"type": "json_schema", "json_schema": {"name": "v", "schema": []}}, 422, "schema"),
+    ],
+)
+def test_bad_response_formats_are_refused_saying_why(server, response_format, status, says):
+    r = server.client.post("/v1/chat/completions", json=_chat(max_tokens=4, response_format=response_format))
+    assert r.status_code == status, r.text
+    assert says in r.json()["error"]["message"]
+    assert server.client.get("/readyz").status_code == 200
+
+
+def test_an_engine_without_structured_output_refuses_it(tiny_model_dir):
+    """EchoEngine (the no-op engine of the benchmarks) has no tokenizer to compile a grammar with."""
+    with serve(EchoEngine(), settings_for(tiny_model_dir)) as server:
+        r = server.client.post("/v1/chat/completions", json=_chat(response_format={"type": "json_object"}))
+        assert r.status_code == 400
+        assert "has no structured output" in r.json()["error"]["message"]
+        assert (
+            server.client.post("/v1/chat/completions", json=_chat(response_format={"type": "text"})).status_code == 200
+        )
