@@ -331,8 +331,9 @@ def _api_type(schema: dict[str, Any]) -> str:
     schema = _optional(schema)
     if "$ref" in schema:
         return f"[{_schema_name(schema['$ref'])}](#{_schema_name(schema['$ref']).lower()})"
-    if schema.get("anyOf"):
-        return " or ".join(dict.fromkeys(_api_type(m) for m in schema["anyOf"] if m.get("type") != "null"))
+    union = schema.get("anyOf") or schema.get("oneOf")  # oneOf: a union told apart by a discriminator
+    if union:
+        return " or ".join(dict.fromkeys(_api_type(m) for m in union if m.get("type") != "null"))
     if "const" in schema:
         return f"`{json.dumps(schema['const'])}`"
     kind = schema.get("type", "any")
@@ -347,7 +348,7 @@ def _api_type(schema: dict[str, Any]) -> str:
 def _api_constraints(schema: dict[str, Any]) -> str:
     """A field's rules (a union of several shapes says its own in its description)."""
     schema = _optional(schema)
-    return "" if schema.get("anyOf") else _constraints(schema)
+    return "" if schema.get("anyOf") or schema.get("oneOf") else _constraints(schema)
 
 
 def _api_model_table(name: str, schemas: dict[str, Any], seen: list[str]) -> list[str]:

@@ -224,6 +224,7 @@ async def _load(service: GenerationService, metrics: ServerMetrics | NullMetrics
             "slm.max_context": info.max_context,
             "slm.batching": info.batching,
             "slm.prefix_caching": info.prefix_caching,
+            "slm.structured_output": info.structured_output,
             "slm.default_temperature": info.default_temperature,
             "slm.default_top_p": info.default_top_p,
             "slm.default_top_k": info.default_top_k,

@@ -84,8 +84,8 @@ class JsonSchema(BaseModel):
 
 
 class JsonSchemaFormat(BaseModel):
-    type: Literal["json_schema"]
-    json_schema: JsonSchema
+    type: Literal["json_schema"] = Field(description="JSON that follows `json_schema.schema`.")
+    json_schema: JsonSchema = Field(description="The schema, as OpenAI's API takes it.")
 
 
 ResponseFormat = Annotated[
