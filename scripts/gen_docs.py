@@ -48,9 +48,17 @@ def _constraints(schema: dict[str, Any]) -> str:
     parts = []
     if "enum" in schema:
         parts.append("one of " + ", ".join(f"`{v}`" for v in schema["enum"]))
-    for key, label in (("minimum", "≥"), ("exclusiveMinimum", ">"), ("maximum", "≤"), ("exclusiveMaximum", "<"),
-                       ("minLength", "min length"), ("maxLength", "max length"), ("minItems", "min items"),
-                       ("maxItems", "max items"), ("maxProperties", "max entries")):
+    for key, label in (
+        ("minimum", "≥"),
+        ("exclusiveMinimum", ">"),
+        ("maximum", "≤"),
+        ("exclusiveMaximum", "<"),
+        ("minLength", "min length"),
+        ("maxLength", "max length"),
+        ("minItems", "min items"),
+        ("maxItems", "max items"),
+        ("maxProperties", "max entries"),
+    ):
         if key in schema:
             value = schema[key]
             if value == 2**63 - 1 or value == float(2**63):  # pydantic writes 2^63 - 1 as a float: rounded up
@@ -74,12 +82,19 @@ def _walk(schema: dict[str, Any], path: str, rows: list[tuple[str, ...]], requir
     for name, child in schema.get("properties", {}).items():
         child_path = f"{path}.{name}" if path else name
         default = json.dumps(child["default"]) if "default" in child else ""
-        rows.append((f"`{child_path}`" + (" *(required)*" if name in required else ""), _type(child),
-                     f"`{default}`" if default else "", _cell(child.get("description", "")),
-                     _cell(_constraints(child))))
+        rows.append(
+            (
+                f"`{child_path}`" + (" *(required)*" if name in required else ""),
+                _type(child),
+                f"`{default}`" if default else "",
+                _cell(child.get("description", "")),
+                _cell(_constraints(child)),
+            )
+        )
         target = child.get("items", child) if child.get("type") == "array" else child
-        _walk(target, child_path + ("[]" if child.get("type") == "array" else ""), rows,
-              set(target.get("required", [])))
+        _walk(
+            target, child_path + ("[]" if child.get("type") == "array" else ""), rows, set(target.get("required", []))
+        )
 
 
 def crd_reference() -> str:
@@ -140,8 +155,10 @@ def metrics_reference() -> str:
     with _tiny_server() as client:
         client.post("/generate", json={"prompt": "The city", "max_new_tokens": 4})
         client.post("/v1/completions", json={"model": "tiny", "prompt": "The city", "max_tokens": 4})
-        client.post("/v1/chat/completions", json={"model": "tiny", "max_tokens": 4, "stream": True,
-                                                  "messages": [{"role": "user", "content": "Hello"}]})
+        client.post(
+            "/v1/chat/completions",
+            json={"model": "tiny", "max_tokens": 4, "stream": True, "messages": [{"role": "user", "content": "Hello"}]},
+        )
         exposition = client.get("/metrics").text
     rows = []
     for family in text_string_to_metric_families(exposition):
@@ -170,7 +187,8 @@ def metrics_reference() -> str:
         "## GPU series",
         "",
         "On a machine with an NVIDIA GPU the server also exports, per GPU (labels `index`, `uuid`), from pynvml: "
-        + ", ".join(f"`{name}`" for name in gpu) + ". Without a GPU there is no such series and one log event "
+        + ", ".join(f"`{name}`" for name in gpu)
+        + ". Without a GPU there is no such series and one log event "
         "says so. In clusters the DCGM exporter's `DCGM_FI_DEV_*` series (pod-mapped to `namespace`/`pod`) are "
         "read first by the rules and dashboards, and these second.",
         "",
@@ -275,9 +293,11 @@ def alerts_reference() -> str:
         for rule in group["rules"]:
             if "alert" in rule:
                 name = rule["alert"]
-                lines.append(f"| `{name}` | {rule.get('labels', {}).get('severity', '')} | {rule.get('for', '0s')} "
-                             f"| {_cell(str(rule.get('annotations', {}).get('summary', '')))} "
-                             f"| [{name}](../runbooks/{name}.md) |")
+                lines.append(
+                    f"| `{name}` | {rule.get('labels', {}).get('severity', '')} | {rule.get('for', '0s')} "
+                    f"| {_cell(str(rule.get('annotations', {}).get('summary', '')))} "
+                    f"| [{name}](../runbooks/{name}.md) |"
+                )
             else:
                 recording.append(rule["record"])
     lines += ["", "Recording rules shared by alerts and panels: " + ", ".join(f"`{r}`" for r in recording), ""]
@@ -309,8 +329,9 @@ def dashboards_reference() -> str:
         if panel.get("type") == "row":
             lines.append(f"| **{_cell(panel.get('title', ''))}** | row | |")
         else:
-            lines.append(f"| {_cell(panel.get('title', ''))} | {panel.get('type', '')} "
-                         f"| {_cell(panel.get('description', ''))} |")
+            lines.append(
+                f"| {_cell(panel.get('title', ''))} | {panel.get('type', '')} | {_cell(panel.get('description', ''))} |"
+            )
     lines.append("")
     return "\n".join(lines)
 
@@ -355,12 +376,20 @@ def _api_model_table(name: str, schemas: dict[str, Any], seen: list[str]) -> lis
     model = schemas[name]
     required = set(model.get("required", []))
     unknown = "refused (422)" if model.get("additionalProperties") is False else "ignored"
-    lines = [f"### {name}", "", f"Fields not listed here are {unknown}.", "",
-             "| field | type | default | description | validation |", "| --- | --- | --- | --- | --- |"]
+    lines = [
+        f"### {name}",
+        "",
+        f"Fields not listed here are {unknown}.",
+        "",
+        "| field | type | default | description | validation |",
+        "| --- | --- | --- | --- | --- |",
+    ]
     for field, schema in model.get("properties", {}).items():
         default = "" if "default" not in schema else f"`{json.dumps(schema['default'])}`"
-        lines.append(f"| `{field}`{' *(required)*' if field in required else ''} | {_api_type(schema)} | {default} "
-                     f"| {_cell(schema.get('description', ''))} | {_cell(_api_constraints(schema))} |")
+        lines.append(
+            f"| `{field}`{' *(required)*' if field in required else ''} | {_api_type(schema)} | {default} "
+            f"| {_cell(schema.get('description', ''))} | {_cell(_api_constraints(schema))} |"
+        )
         for ref in _refs(schema):
             if ref not in seen:
                 seen.append(ref)
@@ -392,7 +421,7 @@ def api_reference() -> str:
         "",
         "The server's routes and the fields their requests take, from the OpenAPI document it serves at "
         "`/openapi.json` (and as pages at `/docs`). Errors have OpenAI's shape, "
-        "`{\"error\": {\"message\", \"type\", \"param\", \"code\"}}`: a schema error is a 422 whose `param` names "
+        '`{"error": {"message", "type", "param", "code"}}`: a schema error is a 422 whose `param` names '
         "the field; a value the model cannot take (a prompt over the context, `max_tokens` over the cap, a token "
         "id outside the vocabulary) is a 400 that says the limit. `/metrics` (Prometheus) is not in the document.",
         "",
