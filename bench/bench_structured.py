@@ -46,7 +46,7 @@ def build_model(target: Path) -> int:
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
     from transformers.utils import logging as hf_logging
 
-    from slm_server.tinymodel import build_corpus
+    from slm_server.tinymodel import EOS, build_corpus
 
     hf_logging.disable_progress_bar()
     tok = Tokenizer(models.BPE())
@@ -55,14 +55,12 @@ def build_model(target: Path) -> int:
     trainer = trainers.BpeTrainer(
         vocab_size=VOCAB,
         min_frequency=1,
-        special_tokens=["<|endoftext|>"],
+        special_tokens=[EOS],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
     tok.train_from_iterator(build_corpus(limit_bytes=50_000_000), trainer=trainer)
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|endoftext|>", model_max_length=CONTEXT
-    )
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS, pad_token=EOS, model_max_length=CONTEXT)
     config = LlamaConfig(
         vocab_size=len(tokenizer),
         hidden_size=256,
