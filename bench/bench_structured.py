@@ -5,7 +5,7 @@ masks against the same generation without, and the time to compile a schema.
 
 The model: a Llama-architecture model with random weights (256 hidden, 4 layers) and a 32,000-token
 byte-level BPE vocabulary (Llama 2's and Mistral's size) trained here on the standard library's
-docstrings, on the CPU. The mask's cost grows with the vocabulary, not with the model, so the tiny
+sources, on the CPU. The mask's cost grows with the vocabulary, not with the model, so the tiny
 test model's 2,048 tokens would understate it.
 
 Per round, for each stream count: `streams` generations at once of exactly `--tokens` tokens each
@@ -21,6 +21,7 @@ import argparse
 import json
 import statistics
 import sys
+import sysconfig
 import tempfile
 import threading
 import time
@@ -35,31 +36,48 @@ from slm_server.settings import Settings  # noqa: E402
 
 VOCAB = 32_000
 CONTEXT = 2048
-LIST_OF_STRINGS = {"type": "array", "items": {"type": "string"}}
+LIST_OF_STRINGS = {"type": "array", "items": {"type": "string"}, "minItems": 64}  # not done in 64 tokens
 PROMPTS = ["Return the list of files", "The names are", "Which values are kept?", "List the modules"]
 
 
-def build_model(target: Path) -> int:
+def _corpus(limit_bytes: int = 12_000_000) -> list[str]:
+    """The standard library's source files, in sorted order, up to `limit_bytes`: enough text for
+    32,000 tokens (its docstrings alone give about 18,000)."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    texts, size = [], 0
+    for path in sorted(root.rglob("*.py")):
+        if "test" in path.relative_to(root).parts[0] or size > limit_bytes:
+            continue
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (UnicodeDecodeError, OSError):
+            continue
+        texts.append(text)
+        size += len(text)
+    return texts
+
+
+def build_model(target: Path, vocab: int = VOCAB, corpus_bytes: int = 12_000_000) -> int:
     """A random-weight Llama model directory with a 32k byte-level BPE tokenizer; its vocabulary size."""
     import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
     from transformers.utils import logging as hf_logging
 
-    from slm_server.tinymodel import EOS, build_corpus
+    from slm_server.tinymodel import EOS
 
     hf_logging.disable_progress_bar()
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=VOCAB,
+        vocab_size=vocab,
         min_frequency=1,
         special_tokens=[EOS],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tok.train_from_iterator(build_corpus(limit_bytes=50_000_000), trainer=trainer)
+    tok.train_from_iterator(_corpus(corpus_bytes), trainer=trainer)
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS, pad_token=EOS, model_max_length=CONTEXT)
     config = LlamaConfig(
         vocab_size=len(tokenizer),
@@ -95,7 +113,9 @@ def _gaps_ms(engine: TransformersEngine, streams: int, params: SamplingParams) -
     gaps = []
     for r in results:
         if len(r.token_ids) != params.max_tokens:
-            raise SystemExit(f"a generation ended early ({r.finish_reason}): the comparison needs equal lengths")
+            raise SystemExit(
+                f"a generation ended early ({r.finish_reason}, {r.text!r}): the comparison needs equal lengths"
+            )
         gaps += [(b - a) * 1000 for a, b in zip(r.token_times, r.token_times[1:], strict=False)]
     return gaps
 
@@ -127,9 +147,11 @@ def _compile_ms(engine: TransformersEngine, count: int) -> tuple[float, float]:
     return statistics.median(cold), statistics.median(cached)
 
 
-def run(tokens: int, stream_counts: list[int], rounds: int) -> dict[str, Any]:
+def run(
+    tokens: int, stream_counts: list[int], rounds: int, vocab: int = VOCAB, corpus_bytes: int = 12_000_000
+) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="bench-structured-") as tmp:
-        vocab = build_model(Path(tmp))
+        vocab = build_model(Path(tmp), vocab, corpus_bytes)
         engine = TransformersEngine(Settings(model=tmp, max_concurrent_requests=max(stream_counts)))
         engine.load()
         try:

@@ -65,12 +65,16 @@ class GrammarState:
 
     def allow(self, torch: Any, logits: Any) -> Any:
         """`logits` (one position's, on the model's device) with every token the grammar refuses at -inf."""
-        # One bit per token, in int32 words. (llguidance.torch's helpers would import torch.compile's
-        # machinery, seconds on the first structured request, for a kernel this does in three ops.)
-        bitmask = bytearray(self._matcher.compute_bitmask())
-        words = torch.frombuffer(bitmask, dtype=torch.int32).to(logits.device)
-        allowed = ((words.unsqueeze(-1) >> self._compiler.shifts(torch, logits.device)) & 1).view(-1)
-        return logits.masked_fill(allowed[: logits.shape[-1]] == 0, float("-inf"))
+        import numpy as np
+
+        # One bit per token, little-endian in bytes; unpacked by numpy, ~2x faster than shifting int32
+        # words in torch on a CPU. (llguidance.torch's helpers would import torch.compile's machinery,
+        # seconds on the first structured request, for a kernel this does in two calls.)
+        bits = np.unpackbits(
+            np.frombuffer(self._matcher.compute_bitmask(), dtype=np.uint8), count=logits.shape[-1], bitorder="little"
+        )
+        refused = torch.from_numpy(bits.view(np.bool_)).to(logits.device).logical_not_()
+        return logits.masked_fill(refused, float("-inf"))
 
     def advance(self, token: int) -> bool:
         """Take the chosen token; True when the document is complete (nothing but the end may follow)."""
@@ -99,14 +103,6 @@ class GrammarCompiler:
         )
         self._grammars: OrderedDict[str, OutputGrammar] = OrderedDict()
         self._lock = threading.Lock()
-        self._shifts: dict[Any, Any] = {}
-
-    def shifts(self, torch: Any, device: Any) -> Any:
-        """0..31 on `device`, to unpack a bitmask's int32 words into bits."""
-        shifts = self._shifts.get(device)
-        if shifts is None:
-            shifts = self._shifts[device] = torch.arange(32, dtype=torch.int32, device=device)
-        return shifts
 
     @staticmethod
     def key(format: str, schema: dict[str, Any] | None) -> str:
