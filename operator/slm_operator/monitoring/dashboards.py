@@ -502,9 +502,15 @@ def render_dashboard(*, name: str, namespace: str, model: str, alerts: Mapping[s
                     (f"sum by (finish_reason) (rate(slm_request_finish_total{{{msel}}}[{rate}]))", "{{finish_reason}}"),
                     (f"sum(rate(slm_empty_outputs_total{{{msel}}}[{rate}]))", "empty outputs"),
                     (f"sum(rate(slm_repetitive_outputs_total{{{msel}}}[{rate}]))", "repetitive outputs"),
+                    (
+                        f'sum(rate(slm_structured_outputs_total{{{msel},result="incomplete"}}[{rate}]))',
+                        "JSON cut short (response_format)",
+                    ),
                 ),
                 unit="reqps",
-                description="Why generations ended (stop, length, error, timeout, cancelled), plus degenerate outputs.",
+                description="Why generations ended (stop, length, error, timeout, cancelled), plus degenerate outputs: "
+                "empty, repetitive, and JSON that a response_format asked for but that ended incomplete (max_tokens "
+                "too low for the schema, a stop string, a timeout).",
                 stack=True,
             ),
             8,
