@@ -5,13 +5,14 @@ in the batch), and bad schemas are refused saying why."""
 from __future__ import annotations
 
 import json
+import re
 
 import jsonschema
 import pytest
 
 from slm_server.engine import EchoEngine, SamplingParams
 
-from .conftest import MODEL_NAME, assert_same_generation, generate_together, serve, settings_for, sse_events
+from .conftest import MODEL_NAME, REPO_ROOT, assert_same_generation, generate_together, serve, settings_for, sse_events
 
 VERDICT = {
     "type": "object",
@@ -183,3 +184,13 @@ def test_an_engine_without_structured_output_refuses_it(tiny_model_dir):
         assert (
             server.client.post("/v1/chat/completions", json=_chat(response_format={"type": "text"})).status_code == 200
         )
+
+
+def test_the_documented_request_gets_json_that_follows_its_schema(server):
+    """docs/structured-output.md's example body, as written (but for the model's name)."""
+    page = (REPO_ROOT / "docs" / "structured-output.md").read_text()
+    body = json.loads(re.search(r"```json\n(.*?)```", page, re.DOTALL)[1])
+    r = server.client.post("/v1/chat/completions", json={**body, "model": MODEL_NAME, "max_tokens": 40})
+    assert r.status_code == 200, r.text
+    schema = body["response_format"]["json_schema"]["schema"]
+    jsonschema.validate(json.loads(r.json()["choices"][0]["message"]["content"]), schema)
