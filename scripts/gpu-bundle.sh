@@ -25,7 +25,7 @@ out="$repo/.gpu"
 # What the GPU image is expected to hold is left out; everything else the server imports goes in.
 bundle=(fastapi starlette pydantic pydantic-core pydantic-settings python-dotenv annotated-types
         typing-inspection annotated-doc typing-extensions anyio idna sniffio uvicorn click h11 httptools
-        orjson prometheus-client nvidia-ml-py opentelemetry-api)
+        orjson prometheus-client nvidia-ml-py opentelemetry-api llguidance)
 pins=()
 for name in "${bundle[@]}"; do
   pin="$(grep -i "^${name}==" requirements.lock || true)"

@@ -8,7 +8,7 @@
 #      load, same model;
 #   5. measures tokens/s with continuous batching (the default) and with one generation at a time
 #      (SLM_MAX_BATCH_SIZE=1), and the mean batch size from the server's own counters;
-#   and on the way, the sampling paths and prefix caching on the device.
+#   and on the way, the sampling paths, prefix caching and structured output on the device.
 #
 #   scripts/gpu-check.sh                       # uses .venv/bin/python, or $PYTHON, or python3
 #   GPU_CHECK_BUNDLE=.gpu scripts/gpu-check.sh # a machine whose python3 has torch but not the
@@ -235,6 +235,23 @@ with server(model_dir, log_dir) as base:
     found = hits() - before
     check(all(status == 200 for status, _ in answers) and found >= 48,
           f"a prompt that begins like the one before finds its prefix: {found:.0f} prompt tokens from the cache")
+
+    # Structured output on the device: the grammar's mask moves to the model's device each token.
+    verdict = {"type": "object", "additionalProperties": False, "required": ["answer", "count"],
+               "properties": {"answer": {"enum": ["yes", "no"]}, "count": {"type": "integer", "minimum": 0, "maximum": 99}}}
+    status, body = http("POST", f"{base}/v1/chat/completions",
+                        {"model": "tiny", "messages": [{"role": "user", "content": "Is it empty?"}], "n": 4,
+                         "max_tokens": 48, "temperature": 0.9, "seed": 3,
+                         "response_format": {"type": "json_schema", "json_schema": {"name": "v", "schema": verdict}}})
+    documents = [c["message"]["content"] for c in json.loads(body)["choices"]] if status == 200 else []
+    def follows(text):
+        try:
+            d = json.loads(text)
+        except ValueError:
+            return False
+        return set(d) == {"answer", "count"} and d["answer"] in ("yes", "no") and 0 <= d["count"] <= 99
+    check(len(documents) == 4 and all(follows(d) for d in documents),
+          f"response_format json_schema: 4 sampled choices, each JSON that follows the schema: {documents}")
 
 REQUESTS = int(os.environ.get("GPU_CHECK_REQUESTS", "64"))
 print(f"== tokens/s, monitoring on vs off (same load: {REQUESTS} greedy requests x 128 tokens, 8 at a time)")

@@ -4,7 +4,7 @@ elsewhere in the server would waste them.
 
 There is no GPU here, so the pynvml vs nvidia-smi comparison and the CUDA device check are not
 exercised; everything else is (the tiny model, the server as a process, its /metrics, the
-sampling and streaming requests, the tokens/s runs with monitoring on and off).
+sampling, streaming and structured-output requests, the tokens/s runs with monitoring on and off).
 """
 
 from __future__ import annotations
@@ -37,6 +37,7 @@ def test_the_gpu_check_runs_every_step_on_cpu(tiny_model_dir):
     assert re.search(r"\[ok\] a prompt that begins like the one before finds its prefix: [0-9]+ prompt tokens", out), (
         out
     )
+    assert "[ok] response_format json_schema: 4 sampled choices, each JSON that follows the schema" in out, out
     rates = dict(re.findall(r"^  (monitoring on|monitoring off)\s+([0-9.]+) tokens/s", out, re.MULTILINE))
     assert set(rates) == {"monitoring on", "monitoring off"}, out
     assert all(float(rate) > 0 for rate in rates.values()), out
