@@ -9,6 +9,9 @@ import re
 
 import jsonschema
 import pytest
+from hypothesis import HealthCheck, given
+from hypothesis import settings as examples
+from hypothesis import strategies as st
 
 from slm_server.engine import EchoEngine, SamplingParams
 
@@ -194,3 +197,79 @@ def test_the_documented_request_gets_json_that_follows_its_schema(server):
     assert r.status_code == 200, r.text
     schema = body["response_format"]["json_schema"]["schema"]
     jsonschema.validate(json.loads(r.json()["choices"][0]["message"]["content"]), schema)
+
+
+def _schemas():
+    """Schema-like objects: real keywords with values of the right and of the wrong kinds, nested."""
+    scalars = st.one_of(st.none(), st.booleans(), st.integers(-5, 50), st.text(max_size=6))
+    leaf = st.one_of(
+        st.fixed_dictionaries({"type": st.sampled_from(["string", "integer", "number", "boolean", "null", "frob"])}),
+        st.fixed_dictionaries({"enum": st.lists(scalars, min_size=1, max_size=4)}),
+        st.fixed_dictionaries({"const": scalars}),
+        st.fixed_dictionaries(
+            {"type": st.just("string")},
+            optional={
+                "maxLength": st.integers(0, 8),
+                "minLength": st.integers(0, 4),
+                "pattern": st.sampled_from(["^[a-z]+$", "[0-9]{2}", "(", "a|b"]),
+                "format": st.sampled_from(["date", "email", "uuid", "nonsense"]),
+            },
+        ),
+        st.fixed_dictionaries(
+            {"type": st.sampled_from(["integer", "number"])},
+            optional={"minimum": st.integers(-5, 5), "maximum": st.integers(-5, 50), "multipleOf": st.integers(1, 5)},
+        ),
+    )
+
+    def nest(children):
+        return st.one_of(
+            st.fixed_dictionaries(
+                {
+                    "type": st.just("object"),
+                    "properties": st.dictionaries(st.sampled_from("abcd"), children, max_size=3),
+                },
+                optional={
+                    "required": st.lists(st.sampled_from("abcdz"), max_size=3, unique=True),
+                    "additionalProperties": st.booleans(),
+                },
+            ),
+            st.fixed_dictionaries(
+                {"type": st.just("array"), "items": children},
+                optional={"minItems": st.integers(0, 3), "maxItems": st.integers(0, 3)},
+            ),
+            st.fixed_dictionaries({"anyOf": st.lists(children, min_size=1, max_size=3)}),
+            st.fixed_dictionaries({"allOf": st.lists(children, min_size=1, max_size=2)}),
+        )
+
+    return st.recursive(leaf, nest, max_leaves=6)
+
+
+def test_random_schemas_get_json_that_follows_them_or_a_400_never_a_server_error(tiny_engine, tiny_model_dir):
+    """Any schema: a 400 that names it, or a 200 whose output, when it ended as complete JSON, the
+    schema accepts (checked by the `jsonschema` library, not by llguidance)."""
+    seen: dict[str, int] = {}
+    with serve(tiny_engine, settings_for(tiny_model_dir)) as server:
+
+        @given(schema=_schemas(), seed=st.integers(0, 1000))
+        @examples(max_examples=60, deadline=None, derandomize=True, database=None,
+                  suppress_health_check=list(HealthCheck))  # fmt: skip
+        def check(schema, seed):
+            body = {"model": MODEL_NAME, "prompt": "The value is", "max_tokens": 24, "temperature": 1.0, "seed": seed,
+                    "response_format": _format(schema)}  # fmt: skip
+            r = server.client.post("/v1/completions", json=body)
+            assert r.status_code in (200, 400), (schema, r.status_code, r.text)
+            if r.status_code == 400:
+                assert r.json()["error"]["param"] == "response_format.json_schema.schema"
+                seen["refused"] = seen.get("refused", 0) + 1
+                return
+            choice = r.json()["choices"][0]
+            if choice["finish_reason"] == "stop":
+                jsonschema.validate(json.loads(choice["text"]), schema)
+                seen["complete"] = seen.get("complete", 0) + 1
+            else:
+                seen["cut short"] = seen.get("cut short", 0) + 1
+
+        check()
+        assert server.client.get("/readyz").status_code == 200
+    print(f"random schemas: {seen}")
+    assert seen.get("complete", 0) >= 10 and seen.get("refused", 0) >= 5  # both ways were exercised
