@@ -78,8 +78,26 @@ class GenerationSequence:
     """One generation's state between decode steps: what it feeds next and what it has made."""
 
     __slots__ = (
-        "bias", "cached", "cancel", "context", "counts", "done", "error", "generator", "grammar", "greedy", "last",
-        "max_tokens", "on_text", "params", "reported", "result", "seen", "tracker", "whole",
+        "bias",
+        "cached",
+        "cancel",
+        "context",
+        "counts",
+        "cut",
+        "done",
+        "error",
+        "generator",
+        "grammar",
+        "greedy",
+        "last",
+        "max_tokens",
+        "on_text",
+        "params",
+        "reported",
+        "result",
+        "seen",
+        "tracker",
+        "whole",
     )  # fmt: skip
 
     def __init__(self, engine: Any, prompt_ids: list[int], params: SamplingParams, on_text: OnText | None,
@@ -114,6 +132,7 @@ class GenerationSequence:
             self.bias[torch.tensor(tokens, device=engine.device)] = torch.tensor(biases, device=engine.device)
         self.grammar = params.grammar.start() if params.grammar is not None else None  # structured output
         self.whole = False  # the grammar's document is complete
+        self.cut = False  # a stop string ended the text
         adjusted = self.counts is not None or self.seen is not None or self.bias is not None or self.grammar is not None
         # The batch's argmax is this sequence's choice: nothing adjusted, no sampling, no fault.
         self.greedy = params.temperature <= 1e-5 and not adjusted and not params.degraded
@@ -164,6 +183,7 @@ class GenerationSequence:
             self.reported = _emit(self.on_text, delta, result, self.reported)
         if stopped or self.whole:
             result.finish_reason = "stop"
+            self.cut = stopped  # a stop string cuts the text, whatever the grammar took
             return True
         self.last = token
         return len(result.token_ids) >= self.max_tokens
@@ -177,7 +197,7 @@ class GenerationSequence:
                     _emit(self.on_text, tail, self.result, self.reported)
                 self.result.text = self.tracker.text.rstrip("\ufffd")
                 if self.grammar is not None:
-                    self.result.structured_complete = self.grammar.complete()
+                    self.result.structured_complete = self.grammar.complete() and not self.cut
             except Exception as exc:  # a failing callback fails this generation only
                 error = exc
         self.error = error

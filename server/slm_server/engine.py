@@ -131,7 +131,8 @@ class Engine(ABC):
     def encode(self, text: str) -> list[int]: ...
 
     @abstractmethod
-    def encode_chat(self, messages: Sequence[dict[str, str]]) -> list[int]: ...
+    def encode_chat(self, messages: Sequence[dict[str, Any]], tools: list[dict[str, Any]] | None = None) -> list[int]:
+        """The prompt of a chat: its messages and tools (OpenAI's shapes) through the model's chat template."""
 
     @abstractmethod
     def generate(
@@ -194,7 +195,7 @@ def _sampling_defaults(generation_config: Any) -> dict[str, Any]:
     return defaults
 
 
-def _plain_chat_prompt(messages: Sequence[dict[str, str]]) -> str:
+def _plain_chat_prompt(messages: Sequence[dict[str, Any]]) -> str:
     """Used when the tokenizer has no chat template."""
     lines = [f"{m['role'].capitalize()}: {m['content']}\n\n" for m in messages]
     return "".join(lines) + "Assistant:"
@@ -362,10 +363,12 @@ class TransformersEngine(Engine):
         with self._lock:
             return list(self.tokenizer.encode(text, add_special_tokens=True))
 
-    def encode_chat(self, messages: Sequence[dict[str, str]]) -> list[int]:
+    def encode_chat(self, messages: Sequence[dict[str, Any]], tools: list[dict[str, Any]] | None = None) -> list[int]:
         with self._lock:
             if self.info.has_chat_template:
-                prompt = self.tokenizer.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=False)
+                prompt = self.tokenizer.apply_chat_template(
+                    list(messages), tools=list(tools) if tools else None, add_generation_prompt=True, tokenize=False
+                )
                 return list(self.tokenizer.encode(prompt, add_special_tokens=False))
             return list(self.tokenizer.encode(_plain_chat_prompt(messages), add_special_tokens=True))
 
@@ -452,7 +455,7 @@ class EchoEngine(Engine):
     def encode(self, text: str) -> list[int]:
         return list(range(len(text.split())))
 
-    def encode_chat(self, messages: Sequence[dict[str, str]]) -> list[int]:
+    def encode_chat(self, messages: Sequence[dict[str, Any]], tools: list[dict[str, Any]] | None = None) -> list[int]:
         return self.encode(" ".join(m["content"] for m in messages))
 
     def generate(self, prompt_ids, params, on_text=None, cancel=None) -> GenerationResult:

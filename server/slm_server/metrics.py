@@ -48,9 +48,10 @@ Metrics (labels; `model` is the served model name, one value per process):
   slm_prefix_cache_hits_total{model}               counter    of them, found (rate ratio: the hit rate)
   slm_prefix_cache_bytes{model}                    gauge      KV cache bytes it holds
   slm_prefix_cache_capacity_bytes{model}           gauge      its budget; 0 = prefix caching off
-  slm_structured_outputs_total{model,format,result}  counter  generations held to a response_format:
-                                                              format json_object|json_schema, result
-                                                              complete|incomplete (cut short: invalid JSON)
+  slm_structured_outputs_total{model,format,result}  counter  generations held to a response_format or
+                                                              to tool calls: format json_object|json_schema|
+                                                              tool_call, result complete|incomplete (cut
+                                                              short: invalid JSON)
   slm_drift_score{model,signal}                    gauge      signal: perplexity|output_length|
   slm_drift_detected{model,signal}                 gauge      finish_length|empty_output|repetition|
                                                               error; set by slm_server.drift
@@ -95,7 +96,8 @@ UNKNOWN_ENDPOINT = "other"
 FINISH_REASONS = ("stop", "length", "abort", "timeout", "error")
 ERROR_KINDS = ("invalid_input", "overloaded", "timeout", "model_error", "not_ready", "internal")
 # The drift detector's signals (slm_server.drift): two distributions, four rates.
-STRUCTURED_FORMATS = ("json_object", "json_schema")  # response_format types that hold the output to a grammar
+# What held an output to a grammar: a response_format of these types, or tool calls (slm_server.tool_calls).
+STRUCTURED_FORMATS = ("json_object", "json_schema", "tool_call")
 DRIFT_SIGNALS = ("perplexity", "output_length", "finish_length", "empty_output", "repetition", "error")
 
 REQUEST_DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 2.5, 5, 10, 20, 30, 60, 120)
@@ -302,7 +304,8 @@ class ServerMetrics:
         self.fault_injection = model_gauge("slm_fault_injection_enabled", "1 when fault injection is configured on")
         structured = Counter(
             "slm_structured_outputs_total",
-            "Generations held to a response_format, by whether their JSON was complete when they ended",
+            "Generations held to a response_format or to tool calls, by whether their JSON was complete when they "
+            "ended",
             ["model", "format", "result"],
             **on,
         )

@@ -255,15 +255,58 @@ class TextPart(BaseModel):
     text: str
 
 
+class FunctionCall(BaseModel):
+    name: str = Field(max_length=64, description="The function called.")
+    arguments: str = Field(max_length=1_000_000, description="Its arguments, as JSON text.")
+
+
+class ToolCall(BaseModel):
+    id: str = Field(max_length=256, description="The call's id, which the tool message answering it repeats.")
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
-    role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[TextPart] = Field(description="Text, or text parts (joined).")
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[TextPart] | None = Field(
+        description="Text, or text parts (joined); null for an assistant message that only calls tools."
+    )
+    tool_calls: list[ToolCall] | None = Field(
+        None, max_length=128, description="An assistant message's tool calls (as a response gave them)."
+    )
+    tool_call_id: str | None = Field(None, max_length=256, description="A tool message's: the call it answers.")
 
     @property
     def text(self) -> str:
+        if self.content is None:
+            return ""
         return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+
+
+class FunctionDefinition(BaseModel):
+    name: str = Field(pattern=r"^[a-zA-Z0-9_-]{1,64}$", description="The function's name.")
+    description: str | None = Field(None, max_length=8192, description="What it does, for the model.")
+    parameters: dict[str, Any] = Field(
+        default_factory=lambda: {"type": "object", "properties": {}},
+        description="JSON Schema of its arguments; the arguments of a call always follow it. Left out: none.",
+    )
+    strict: bool | None = Field(None, description="Accepted; the arguments always follow `parameters`.")
+
+
+class ChatTool(BaseModel):
+    type: Literal["function"] = Field(description="The one kind of tool: a function.")
+    function: FunctionDefinition
+
+
+class FunctionName(BaseModel):
+    name: str = Field(max_length=64)
+
+
+class NamedToolChoice(BaseModel):
+    type: Literal["function"]
+    function: FunctionName
 
 
 class ChatCompletionRequest(_OpenAIRequest):
@@ -279,6 +322,16 @@ class ChatCompletionRequest(_OpenAIRequest):
     top_logprobs: int | None = Field(
         None, ge=0, le=20, description="With logprobs: the N most likely tokens at each position."
     )
+    tools: list[ChatTool] | None = Field(
+        None, max_length=128, description="Functions the model may call; shown to it by its chat template."
+    )
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = Field(
+        None,
+        description='`"required"`: one call or more, each following its tool\'s parameters; a named function: a call '
+        'of it; `"none"`: text, tools not shown. `"auto"`, the default when tools are given, is refused (400): it '
+        "needs a parser of the model's own tool-call format.",
+    )
+    parallel_tool_calls: bool = Field(True, description='With "required": false allows one call only.')
 
     @property
     def token_limit(self) -> int | None:
@@ -287,7 +340,8 @@ class ChatCompletionRequest(_OpenAIRequest):
 
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None = Field(description="The text; null when the reply is tool calls.")
+    tool_calls: list[ToolCall] | None = None
 
 
 class TopLogprob(BaseModel):

@@ -349,7 +349,8 @@ class GenerationService:
         response_format = body.response_format
         grammar = None
         if response_format is not None and response_format.type != "text":
-            grammar = await self.output_grammar(response_format)
+            schema = response_format.json_schema.definition if response_format.type == "json_schema" else None
+            grammar = await self.output_grammar(response_format.type, schema)
         return {
             "temperature": info.default_temperature if body.temperature is None else body.temperature,
             "top_p": info.default_top_p if body.top_p is None else body.top_p,
@@ -362,20 +363,18 @@ class GenerationService:
             "grammar": grammar,
         }
 
-    async def output_grammar(self, response_format: Any) -> OutputGrammar:
-        """The compiled grammar of a json_object or json_schema response_format: from the compiler's
-        cache, or compiled in a worker thread (a large schema takes long; the event loop goes on)."""
+    async def output_grammar(self, format: str, schema: dict[str, Any] | None) -> OutputGrammar:
+        """The compiled grammar of a json_object or json_schema response_format, or of tool calls
+        (`format` "tool_call"; schema None: any JSON object): from the compiler's cache, or compiled
+        in a worker thread (a large schema takes long; the event loop goes on)."""
         grammars = self.engine.grammars
         if grammars is None:
-            raise InvalidInput(
-                "response_format: this model has no structured output (it needs a fast tokenizer)",
-                param="response_format",
-            )
-        schema = response_format.json_schema.definition if response_format.type == "json_schema" else None
-        key = grammars.key(response_format.type, schema)
+            param = "tools" if format == "tool_call" else "response_format"
+            raise InvalidInput(f"{param}: this model has no structured output (it needs a fast tokenizer)", param=param)
+        key = grammars.key(format, schema)
         grammar = grammars.cached(key)
         if grammar is None:
-            grammar = await asyncio.to_thread(grammars.compile, key, response_format.type, schema)
+            grammar = await asyncio.to_thread(grammars.compile, key, format, schema)
         return grammar
 
     def resolve_max_tokens(self, prompt_tokens: int, requested: int | None, param: str = "max_tokens") -> int:

@@ -37,6 +37,8 @@ log = logging.getLogger("slm_server.engine")
 
 _JSON_OPTIONS: Any = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}  # JsonCompileOptions
 _CACHED_GRAMMARS = 64
+# The request field a schema that cannot be compiled came from, by format.
+_PARAMS = {"json_schema": "response_format.json_schema.schema", "json_object": "response_format", "tool_call": "tools"}
 
 
 class OutputGrammar:
@@ -121,7 +123,7 @@ class GrammarCompiler:
         event loop."""
         import llguidance
 
-        param = "response_format.json_schema.schema" if format == "json_schema" else "response_format"
+        param = _PARAMS[format]
         try:
             text = llguidance.LLMatcher.grammar_from_json_schema(
                 schema if schema is not None else {"type": "object"}, defaults=_JSON_OPTIONS

@@ -160,6 +160,32 @@ def test_openai_client_parses_structured_output_into_its_pydantic_model(client):
     assert isinstance(final.choices[0].message.parsed, Verdict)
 
 
+class GetWeather(pydantic.BaseModel):
+    city: Literal["Paris", "Oslo"]
+    unit: Literal["C", "F"]
+
+
+def test_openai_client_parses_tool_calls_into_its_pydantic_model(client):
+    """`pydantic_function_tool` makes a strict function tool of the model; `parse` reads each call's
+    arguments back into it (and raises if they do not follow it), streamed and not."""
+    request = {
+        "model": MODEL_NAME,
+        "messages": [{"role": "user", "content": "Is it cold in Oslo?"}],
+        "tools": [openai.pydantic_function_tool(GetWeather)],
+        "tool_choice": {"type": "function", "function": {"name": "GetWeather"}},
+        "max_tokens": 80,
+    }
+    parsed = client.chat.completions.parse(**request)
+    (call,) = parsed.choices[0].message.tool_calls
+    assert isinstance(call.function.parsed_arguments, GetWeather)
+    assert parsed.choices[0].finish_reason == "tool_calls"
+    with client.chat.completions.stream(
+        **{**request, "tool_choice": "required", "parallel_tool_calls": False}
+    ) as stream:
+        final = stream.get_final_completion()
+    assert all(isinstance(c.function.parsed_arguments, GetWeather) for c in final.choices[0].message.tool_calls)
+
+
 def test_openai_client_surfaces_errors(client):
     with pytest.raises(openai.NotFoundError, match="does not exist"):
         client.completions.create(model="nope", prompt="x")

@@ -10,6 +10,7 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
+from slm_server import tool_calls
 from slm_server.engine import Engine, GenerationResult, SamplingParams, TokenLogprobs
 from slm_server.errors import InvalidInput, ServerError, error_body
 from slm_server.protocol import (
@@ -31,6 +32,7 @@ from slm_server.protocol import (
 )
 from slm_server.routers.common import encode, record_of, service_of, sse
 from slm_server.service import ChoiceEvent, GenerationService, Job
+from slm_server.structured import OutputGrammar
 
 router = APIRouter(tags=["openai"])
 
@@ -57,8 +59,11 @@ def _usage(results: list[GenerationResult]) -> Usage:
     )
 
 
-# A streamed chunk of one choice: (index, text, its tokens' log-probabilities, finish reason or None).
-Frame = Callable[[int, str, list[TokenLogprobs], str | None], dict[str, Any]]
+# A streamed chunk of one choice: (index, text, its tokens' log-probabilities, finish reason or None);
+# None to send nothing for it.
+Frame = Callable[[int, str, list[TokenLogprobs], str | None], dict[str, Any] | None]
+# The chunks that end a choice, from its result (instead of the frame with its finish reason).
+Finish = Callable[[int, GenerationResult], list[dict[str, Any]]]
 
 
 async def _stream(
@@ -67,10 +72,11 @@ async def _stream(
     first: Callable[[int], dict[str, Any]] | None,
     n: int,
     usage: Callable[[Usage], dict[str, Any]] | None,
+    finish: Finish | None = None,
 ) -> AsyncIterator[str]:
     """SSE frames: `first` for each choice, the choices' deltas as they come, a frame with each
-    choice's finish reason, usage if asked, then [DONE]. An error after the headers went out
-    becomes an `error` event (the OpenAI clients raise it)."""
+    choice's finish reason (or `finish`'s frames), usage if asked, then [DONE]. An error after the
+    headers went out becomes an `error` event (the OpenAI clients raise it)."""
     try:
         if first is not None:
             for index in range(n):
@@ -78,10 +84,16 @@ async def _stream(
         results = []
         async for index, text, tokens, result in events:
             if result is None:
-                yield sse(frame(index, text, tokens, None))
+                doc = frame(index, text, tokens, None)
+                if doc is not None:
+                    yield sse(doc)
                 continue
             results.append(result)
-            yield sse(frame(index, "", [], _openai_finish(result.finish_reason)))
+            if finish is not None:
+                for doc in finish(index, result):
+                    yield sse(doc)
+            else:
+                yield sse(frame(index, "", [], _openai_finish(result.finish_reason)))  # type: ignore[arg-type]
         if usage is not None:
             yield sse(usage(_usage(results)))
     except ServerError as exc:
@@ -98,7 +110,9 @@ async def _prepare(
     prompt_ids: list[int],
     max_tokens: int | None,
     logprobs: int | None = None,
+    grammar: OutputGrammar | None = None,
 ) -> list[Job]:
+    """The request's jobs; `grammar` (tool calls) holds the output instead of a response_format's."""
     service.check_choices(body.n)
     limit = service.resolve_max_tokens(
         len(prompt_ids),
@@ -108,6 +122,8 @@ async def _prepare(
     params = SamplingParams(
         limit, stop=stops(body.stop), seed=body.seed, logprobs=logprobs, **(await service.sampling(body))
     )
+    if grammar is not None:
+        params.grammar = grammar
     return service.new_jobs(
         body.n,
         endpoint=endpoint,
@@ -249,44 +265,71 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
     service = service_of(request)
     service.check_ready()
     service.check_model(body.model)
-    messages = [{"role": m.role, "content": m.text} for m in body.messages]
-    prompt_ids = service.engine.encode_chat(messages)
+    tool_plan = tool_calls.plan(body.tools, body.tool_choice, body.parallel_tool_calls)
+    grammar = None
+    tools = None
+    if tool_plan is not None:
+        if body.response_format is not None and body.response_format.type != "text":
+            raise InvalidInput(
+                "response_format and tool_choice both say what the output must be: give one", param="response_format"
+            )
+        grammar = await service.output_grammar(tool_calls.FORMAT, tool_plan.schema)
+        tools = [tool.model_dump(exclude_none=True) for tool in body.tools or ()]
+    prompt_ids = service.engine.encode_chat(tool_calls.template_messages(body.messages), tools)
     if body.top_logprobs is not None and not body.logprobs:
         raise InvalidInput("top_logprobs needs logprobs=true", param="top_logprobs")
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
     jobs = await _prepare(
-        service, request, "/v1/chat/completions", "chat", body, prompt_ids, body.token_limit, logprobs=logprobs
+        service, request, "/v1/chat/completions", "chat", body, prompt_ids, body.token_limit, logprobs, grammar
     )
+
+    def reply(result: GenerationResult) -> tuple[AssistantMessage, str]:
+        """The message and finish reason of a choice: its tool calls when it made whole ones."""
+        calls = tool_calls.calls_of(tool_plan, result) if tool_plan is not None else None
+        if calls:
+            return AssistantMessage(content=None, tool_calls=calls), "tool_calls"
+        return AssistantMessage(content=result.text), _openai_finish(result.finish_reason)
+
     response_id, created = f"chatcmpl-{jobs[0].request_id}", int(time.time())
     if body.stream:
         events = await service.start_streams(jobs)
         base = {"id": response_id, "object": "chat.completion.chunk", "created": created, "model": service.model_name}
 
-        def frame(index: int, text: str, tokens: list[TokenLogprobs], finish: str | None) -> dict[str, Any]:
+        def frame(index: int, text: str, tokens: list[TokenLogprobs], finish: str | None) -> dict[str, Any] | None:
+            if tool_plan is not None:
+                return None  # a call goes out whole, once it is (`ended`)
             delta = {} if finish else {"content": text}
             chunk_logprobs = _chat_logprobs(service.engine, tokens).model_dump() if logprobs is not None else None
             choice = {"index": index, "delta": delta, "logprobs": chunk_logprobs, "finish_reason": finish}
             return {**base, "choices": [choice]}
+
+        def ended(index: int, result: GenerationResult) -> list[dict[str, Any]]:
+            message, reason = reply(result)
+            if message.tool_calls is not None:
+                calls = [{"index": i, **call.model_dump()} for i, call in enumerate(message.tool_calls)]
+                delta: dict[str, Any] = {"tool_calls": calls}
+            else:
+                delta = {"content": message.content}
+            last = {"index": index, "delta": {}, "logprobs": None, "finish_reason": reason}
+            return [{**base, "choices": [{"index": index, "delta": delta, "logprobs": None, "finish_reason": None}]},
+                    {**base, "choices": [last]}]  # fmt: skip
 
         def first(index: int) -> dict[str, Any]:
             choice = {"index": index, "delta": {"role": "assistant", "content": ""}, "logprobs": None}
             return {**base, "choices": [{**choice, "finish_reason": None}]}
 
         usage = _usage_frame(base) if body.stream_options and body.stream_options.include_usage else None
-        frames = _stream(events, frame, first, body.n, usage)
+        frames = _stream(events, frame, first, body.n, usage, ended if tool_plan is not None else None)
         return StreamingResponse(frames, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
     results = await service.complete_all(jobs)
 
     def choices() -> list[ChatChoice]:
-        return [
-            ChatChoice(
-                index=index,
-                message=AssistantMessage(content=result.text),
-                logprobs=_chat_logprobs(service.engine, _entries(result)) if logprobs is not None else None,
-                finish_reason=_openai_finish(result.finish_reason),
-            )
-            for index, result in enumerate(results)
-        ]
+        made = []
+        for index, result in enumerate(results):
+            message, reason = reply(result)
+            chosen = _chat_logprobs(service.engine, _entries(result)) if logprobs is not None else None
+            made.append(ChatChoice(index=index, message=message, logprobs=chosen, finish_reason=reason))
+        return made
 
     return ChatCompletionResponse(
         id=response_id,
