@@ -49,12 +49,19 @@ LONG_TEXT = "The value of the list is returned to the caller when the file is no
 
 def build_model(target: Path) -> None:
     """A random-weight Llama-architecture model directory with the tiny model's tokenizer."""
+    from transformers import AutoTokenizer
+
+    save_random_llama(target, AutoTokenizer.from_pretrained(ensure_tiny_model(log=lambda *_: None)))
+
+
+def save_random_llama(target: Path, tokenizer: Any) -> None:
+    """A Llama-architecture model with random weights (256 hidden, 4 layers, 2,048 positions) over
+    `tokenizer`'s vocabulary, saved with it in `target`."""
     import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaConfig, LlamaForCausalLM
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
-    tokenizer = AutoTokenizer.from_pretrained(ensure_tiny_model(log=lambda *_: None))
     tokenizer.model_max_length = CONTEXT
     config = LlamaConfig(
         vocab_size=len(tokenizer),

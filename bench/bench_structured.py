@@ -30,12 +30,12 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "server"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from slm_server.engine import SamplingParams, TransformersEngine  # noqa: E402
 from slm_server.settings import Settings  # noqa: E402
 
 VOCAB = 32_000
-CONTEXT = 2048
 LIST_OF_STRINGS = {"type": "array", "items": {"type": "string"}, "minItems": 64}  # not done in 64 tokens
 PROMPTS = ["Return the list of files", "The names are", "Which values are kept?", "List the modules"]
 
@@ -58,40 +58,14 @@ def _corpus(limit_bytes: int = 12_000_000) -> list[str]:
 
 
 def build_model(target: Path, vocab: int = VOCAB, corpus_bytes: int = 12_000_000) -> int:
-    """A random-weight Llama model directory with a 32k byte-level BPE tokenizer; its vocabulary size."""
-    import torch
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-    from transformers.utils import logging as hf_logging
+    """A random-weight Llama model directory with a byte-level BPE tokenizer of `vocab` tokens; its
+    vocabulary size."""
+    from bench_prefill import save_random_llama
 
-    from slm_server.tinymodel import EOS
+    from slm_server.tinymodel import train_tokenizer
 
-    hf_logging.disable_progress_bar()
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab,
-        min_frequency=1,
-        special_tokens=[EOS],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator(_corpus(corpus_bytes), trainer=trainer)
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS, pad_token=EOS, model_max_length=CONTEXT)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=256,
-        intermediate_size=688,
-        num_hidden_layers=4,
-        num_attention_heads=8,
-        num_key_value_heads=4,
-        max_position_embeddings=CONTEXT,
-        eos_token_id=tokenizer.eos_token_id,
-    )
-    torch.manual_seed(0)
-    LlamaForCausalLM(config).save_pretrained(target)
-    tokenizer.save_pretrained(target)
+    tokenizer = train_tokenizer(_corpus(corpus_bytes), vocab_size=vocab)
+    save_random_llama(target, tokenizer)
     return len(tokenizer)
 
 

@@ -112,7 +112,8 @@ def build_corpus(limit_bytes: int = CORPUS_BYTES) -> list[str]:
     return chosen
 
 
-def _train_tokenizer(docs: list[str]):
+def train_tokenizer(docs: list[str], vocab_size: int = VOCAB_SIZE):
+    """A byte-level BPE tokenizer of `vocab_size` tokens trained on `docs`, with the chat template."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -121,7 +122,7 @@ def _train_tokenizer(docs: list[str]):
     tok.decoder = decoders.ByteLevel()
     tok.post_processor = processors.ByteLevel(trim_offsets=False)
     trainer = trainers.BpeTrainer(
-        vocab_size=VOCAB_SIZE,
+        vocab_size=vocab_size,
         min_frequency=2,
         special_tokens=[EOS],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
@@ -156,7 +157,7 @@ def build(target: Path, *, steps: int = TRAIN_STEPS, log=print) -> dict:
     torch.set_num_threads(1)
     try:
         docs = build_corpus()
-        tokenizer = _train_tokenizer(docs)
+        tokenizer = train_tokenizer(docs)
         eos_id = tokenizer.convert_tokens_to_ids(EOS)
         stream: list[int] = []
         for doc in docs:
