@@ -78,26 +78,8 @@ class GenerationSequence:
     """One generation's state between decode steps: what it feeds next and what it has made."""
 
     __slots__ = (
-        "bias",
-        "cached",
-        "cancel",
-        "context",
-        "counts",
-        "cut",
-        "done",
-        "error",
-        "generator",
-        "grammar",
-        "greedy",
-        "last",
-        "max_tokens",
-        "on_text",
-        "params",
-        "reported",
-        "result",
-        "seen",
-        "tracker",
-        "whole",
+        "bias", "cached", "cancel", "context", "counts", "cut", "done", "error", "generator", "grammar", "greedy",
+        "last", "max_tokens", "on_text", "params", "reported", "result", "seen", "tracker", "whole",
     )  # fmt: skip
 
     def __init__(self, engine: Any, prompt_ids: list[int], params: SamplingParams, on_text: OnText | None,

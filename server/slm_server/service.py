@@ -684,8 +684,9 @@ class GenerationService:
                     repetitive,
                 )
             )
-        if result is not None and result.structured_complete is not None:
-            self.metrics.structured_output(job.params.grammar.format, result.structured_complete)  # type: ignore[union-attr]
+        grammar = job.params.grammar
+        if grammar is not None and result is not None and result.structured_complete is not None:
+            self.metrics.structured_output(grammar.format, result.structured_complete)
         job.outcomes[job.index] = (
             kind,
             finish_reason,

@@ -92,10 +92,12 @@ def test_required_makes_calls_of_the_given_tools_and_one_without_parallel_calls(
 
 
 def test_tool_calls_stream_as_openai_chunks_that_add_up_to_the_whole_reply(server):
-    body = _chat(tools=[WEATHER], tool_choice="required", parallel_tool_calls=False, temperature=0)
+    body = _chat(tools=[WEATHER], tool_choice="required", parallel_tool_calls=False, temperature=0, logprobs=True)
     whole = server.client.post("/v1/chat/completions", json=body).json()["choices"][0]
     events, _ = sse_events(server.client, "/v1/chat/completions", body)
     deltas = [e["choices"][0]["delta"] for e in events if e["choices"]]
+    (with_calls,) = [e["choices"][0] for e in events if e["choices"] and "tool_calls" in e["choices"][0]["delta"]]
+    assert with_calls["logprobs"] == whole["logprobs"]  # every token's, with the calls
     assert deltas[0] == {"role": "assistant", "content": ""}
     streamed = [call for d in deltas for call in d.get("tool_calls", [])]
     assert [(c["index"], c["function"]) for c in streamed] == [

@@ -90,10 +90,12 @@ async def _stream(
                 continue
             results.append(result)
             if finish is not None:
-                for doc in finish(index, result):
-                    yield sse(doc)
+                docs = finish(index, result)
             else:
-                yield sse(frame(index, "", [], _openai_finish(result.finish_reason)))  # type: ignore[arg-type]
+                last = frame(index, "", [], _openai_finish(result.finish_reason))
+                docs = [last] if last is not None else []
+            for doc in docs:
+                yield sse(doc)
         if usage is not None:
             yield sse(usage(_usage(results)))
     except ServerError as exc:
@@ -304,15 +306,18 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
             return {**base, "choices": [choice]}
 
         def ended(index: int, result: GenerationResult) -> list[dict[str, Any]]:
+            """A tool-call choice's last chunks: its calls whole (or its text, cut short), with the
+            log-probabilities of all its tokens when asked, then its finish reason."""
             message, reason = reply(result)
             if message.tool_calls is not None:
                 calls = [{"index": i, **call.model_dump()} for i, call in enumerate(message.tool_calls)]
                 delta: dict[str, Any] = {"tool_calls": calls}
             else:
                 delta = {"content": message.content}
+            chosen = _chat_logprobs(service.engine, _entries(result)).model_dump() if logprobs is not None else None
+            whole = {"index": index, "delta": delta, "logprobs": chosen, "finish_reason": None}
             last = {"index": index, "delta": {}, "logprobs": None, "finish_reason": reason}
-            return [{**base, "choices": [{"index": index, "delta": delta, "logprobs": None, "finish_reason": None}]},
-                    {**base, "choices": [last]}]  # fmt: skip
+            return [{**base, "choices": [whole]}, {**base, "choices": [last]}]
 
         def first(index: int) -> dict[str, Any]:
             choice = {"index": index, "delta": {"role": "assistant", "content": ""}, "logprobs": None}
