@@ -254,6 +254,7 @@ class Signals:
     repetitive: bool
     error: bool
     model: str = "tiny"
+    structured: bool = False
 
 
 def answer_signals(answer: Answer, *, cap: int = MAX_NEW_TOKENS) -> Signals:

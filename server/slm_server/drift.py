@@ -123,6 +123,7 @@ class SignalsLike(Protocol):
     empty: bool
     repetitive: bool
     error: bool
+    structured: bool
 
 
 @dataclass
@@ -473,12 +474,16 @@ class DriftMonitor:
             rates["error"].add(failed)
             if not failed and signals.finish_reason not in ("cancelled", "abort"):
                 # The other signals describe outputs: a failed or cancelled request has none.
-                if signals.perplexity is not None:
-                    dist["perplexity"].add(float(signals.perplexity))
-                dist["output_length"].add(float(signals.output_tokens))
-                rates["finish_length"].add(signals.finish_reason == "length")
                 rates["empty_output"].add(bool(signals.empty))
-                rates["repetition"].add(bool(signals.repetitive))
+                if not signals.structured:
+                    # A grammar shapes a structured output (forced keys and punctuation: another
+                    # perplexity; the schema's length; calls that repeat by design), so a change in
+                    # the share of JSON traffic would read as drift. Only free text feeds these.
+                    if signals.perplexity is not None:
+                        dist["perplexity"].add(float(signals.perplexity))
+                    dist["output_length"].add(float(signals.output_tokens))
+                    rates["finish_length"].add(signals.finish_reason == "length")
+                    rates["repetition"].add(bool(signals.repetitive))
             md.since_check += 1
             now = self._clock()
             since = now - md.last_check

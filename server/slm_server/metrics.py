@@ -24,6 +24,8 @@ Metrics (labels; `model` is the served model name, one value per process):
   slm_request_tokens_per_second{model,endpoint}    histogram  output tokens / generation time
   slm_request_perplexity{model,endpoint}           histogram  exp(mean NLL) of the generated tokens
   slm_request_output_tokens{model,endpoint}        histogram  output length (drift detection)
+                                                              (these two: free text only, not output
+                                                              held to a JSON schema or tool calls)
   slm_prompt_tokens_total{model,endpoint}          counter
   slm_generation_tokens_total{model,endpoint}      counter
   slm_request_finish_total{model,endpoint,finish_reason}  counter  stop|length|abort|timeout|error
@@ -138,8 +140,8 @@ class RouteMetrics:
 # change). A plain tuple: built on the request path with no Python-level __init__ to run.
 # (queue seconds or None, perf_counter() at the request's arrival, perf_counter() when each token
 #  was ready, prompt tokens, output tokens, perplexity or None, finish reason, no visible text,
-#  stuck in a loop)
-Generation = tuple[float | None, float, list[float], int, int, float | None, str, bool, bool]
+#  stuck in a loop, held to a grammar)
+Generation = tuple[float | None, float, list[float], int, int, float | None, str, bool, bool, bool]
 
 
 class GenerationMetrics:
@@ -177,13 +179,17 @@ class GenerationMetrics:
             finish_reason,
             empty,
             repetitive,
+            structured,
         ) = g
         if queue_seconds is not None:
             self.queue.observe(queue_seconds)
         self.prompt_tokens_total.inc(prompt_tokens)
         self.generation_tokens_total.inc(output_tokens)
         self.output_tokens_seed.observe(output_tokens)
-        self.output_tokens.observe(output_tokens)
+        if not structured:  # the model-behaviour histograms: free text only (slm_server.drift says why)
+            self.output_tokens.observe(output_tokens)
+            if perplexity is not None:
+                self.perplexity.observe(perplexity)
         self.finish[finish_reason].inc()
         if empty:
             self.empty.inc()
@@ -196,8 +202,6 @@ class GenerationMetrics:
                 elapsed = token_times[-1] - token_times[0]
                 if elapsed > 0:
                     self.tps.observe((len(token_times) - 1) / elapsed)
-        if perplexity is not None:
-            self.perplexity.observe(perplexity)
 
     def error(self, kind: str) -> None:
         self.errors[kind].inc()
@@ -262,13 +266,18 @@ class ServerMetrics:
         )
         self.perplexity = Histogram(
             "slm_request_perplexity",
-            "Perplexity of each request's generated tokens under the model (exp of mean negative log-likelihood)",
+            "Perplexity of each request's generated tokens under the model (exp of mean negative log-likelihood); "
+            "free text only, not output held to a JSON schema or tool calls",
             ml,
             buckets=PERPLEXITY_BUCKETS,
             **on,
         )
         self.output_tokens = Histogram(
-            "slm_request_output_tokens", "Generated tokens per generation", ml, buckets=TOKEN_COUNT_BUCKETS, **on
+            "slm_request_output_tokens",
+            "Generated tokens per generation; free text only, not output held to a JSON schema or tool calls",
+            ml,
+            buckets=TOKEN_COUNT_BUCKETS,
+            **on,
         )
         self.prompt_tokens = Counter("slm_prompt_tokens_total", "Prompt tokens processed", ml, **on)
         self.generation_tokens = Counter("slm_generation_tokens_total", "Tokens generated", ml, **on)

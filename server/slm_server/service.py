@@ -682,6 +682,7 @@ class GenerationService:
                     finish_reason,
                     empty and error is None and not job.timed_out,
                     repetitive,
+                    job.params.grammar is not None,
                 )
             )
         grammar = job.params.grammar
@@ -711,6 +712,7 @@ class GenerationService:
                 repetitive=repetitive,
                 error=error is not None or job.timed_out,
                 latency_seconds=now - job.start,
+                structured=job.params.grammar is not None,
             )
         )
 

@@ -27,6 +27,9 @@ class RequestSignals:
     repetitive: bool  # see is_repetitive
     error: bool
     latency_seconds: float
+    # Held to a grammar (a JSON response_format, tool calls): its output's shape is the schema's, not
+    # the model's own (slm_server.drift leaves it out of the output signals).
+    structured: bool = False
 
 
 class SignalObserver(Protocol):

@@ -35,6 +35,7 @@ class Req:
     repetitive: bool = False
     error: bool = False
     model: str = MODEL
+    structured: bool = False
 
 
 def drift_events(caplog: pytest.LogCaptureFixture) -> list[dict[str, Any]]:
@@ -126,6 +127,35 @@ def test_detects_a_3_sigma_perplexity_shift_and_says_so_in_gauges_and_log(caplog
     assert evidence["reference"]["n"] == 500 and evidence["current"]["n"] == 200
     assert evidence["current"]["mean"] > evidence["reference"]["mean"] + 10  # caught before the window is all new
     assert caplog.records[0].levelno == logging.WARNING
+
+
+def test_structured_outputs_feed_the_error_and_empty_signals_but_not_the_output_shape_ones() -> None:
+    """JSON held to a schema has the schema's shape: a shift of traffic from text to JSON (perplexity
+    x10, a tenth of the length, every call repeating the last) is no drift of the model; its errors are."""
+    h = Harness()
+    h.feed(800)
+
+    def structured(n: int, error_rate: float) -> None:
+        for _ in range(n):
+            h.clock.now += 1.0
+            failed = bool(h.rng.random() < error_rate)
+            reason = "error" if failed else "length"
+            ppl = float(h.rng.normal(1000, 50))
+            h.monitor.observe(
+                Req(
+                    perplexity=ppl,
+                    output_tokens=5,
+                    finish_reason=reason,
+                    repetitive=True,
+                    error=failed,
+                    structured=True,
+                )
+            )
+
+    structured(400, error_rate=0.0)
+    assert h.detected_signals() == set()
+    structured(400, error_rate=0.3)
+    assert h.detected_signals() == {"error"}
 
 
 def test_detects_collapsing_output_length() -> None:

@@ -273,3 +273,26 @@ def test_random_schemas_get_json_that_follows_them_or_a_400_never_a_server_error
         assert server.client.get("/readyz").status_code == 200
     print(f"random schemas: {seen}")
     assert seen.get("complete", 0) >= 10 and seen.get("refused", 0) >= 5  # both ways were exercised
+
+
+def test_structured_outputs_stay_out_of_the_model_behaviour_histograms(server):
+    """The perplexity and output-length histograms (which the drift alerts read) count free text only:
+    a schema's forced tokens and length say nothing of the model's drift. The seed's histogram and
+    the token counters count every generation."""
+    labels = {"model": MODEL_NAME, "endpoint": "/v1/chat/completions"}
+
+    def counts() -> tuple[float | None, ...]:
+        return (
+            server.metric("slm_request_perplexity_count", labels),
+            server.metric("slm_request_output_tokens_count", labels),
+            server.metric("model_output_tokens_count", {"endpoint": "/v1/chat/completions"}),
+            server.metric("slm_generation_tokens_total", labels),
+        )
+
+    server.client.post(
+        "/v1/chat/completions", json=_chat(max_tokens=40, temperature=0, response_format=_format(VERDICT))
+    )
+    structured = counts()
+    assert structured[:3] == (0, 0, 1) and (structured[3] or 0) > 0
+    server.client.post("/v1/chat/completions", json=_chat(max_tokens=4))
+    assert counts()[:3] == (1, 1, 2)
