@@ -275,6 +275,22 @@ def test_random_schemas_get_json_that_follows_them_or_a_400_never_a_server_error
     assert seen.get("complete", 0) >= 10 and seen.get("refused", 0) >= 5  # both ways were exercised
 
 
+def test_the_drift_hook_is_told_which_generations_were_structured(tiny_engine, tiny_model_dir):
+    seen = []
+
+    class Observer:
+        def observe(self, signals) -> None:
+            seen.append((signals.endpoint, signals.structured))
+
+    with serve(tiny_engine, settings_for(tiny_model_dir), signals=Observer()) as server:
+        server.client.post("/v1/chat/completions", json=_chat(max_tokens=40, response_format=_format(VERDICT)))
+        server.client.post("/v1/chat/completions", json=_chat(max_tokens=4))
+        server.client.post(
+            "/generate", json={"prompt": "x", "max_tokens": 30, "response_format": {"type": "json_object"}}
+        )
+    assert seen == [("/v1/chat/completions", True), ("/v1/chat/completions", False), ("/generate", True)]
+
+
 def test_structured_outputs_stay_out_of_the_model_behaviour_histograms(server):
     """The perplexity and output-length histograms (which the drift alerts read) count free text only:
     a schema's forced tokens and length say nothing of the model's drift. The seed's histogram and
