@@ -52,8 +52,8 @@ Metrics (labels; `model` is the served model name, one value per process):
   slm_prefix_cache_capacity_bytes{model}           gauge      its budget; 0 = prefix caching off
   slm_structured_outputs_total{model,format,result}  counter  generations held to a response_format or
                                                               to tool calls: format json_object|json_schema|
-                                                              tool_call, result complete|incomplete (cut
-                                                              short: invalid JSON)
+                                                              tool_call|regex|choice|grammar, result
+                                                              complete|incomplete (cut short)
   slm_drift_score{model,signal}                    gauge      signal: perplexity|output_length|
   slm_drift_detected{model,signal}                 gauge      finish_length|empty_output|repetition|
                                                               error; set by slm_server.drift
@@ -99,7 +99,7 @@ FINISH_REASONS = ("stop", "length", "abort", "timeout", "error")
 ERROR_KINDS = ("invalid_input", "overloaded", "timeout", "model_error", "not_ready", "internal")
 # The drift detector's signals (slm_server.drift): two distributions, four rates.
 # What held an output to a grammar: a response_format of these types, or tool calls (slm_server.tool_calls).
-STRUCTURED_FORMATS = ("json_object", "json_schema", "tool_call")
+STRUCTURED_FORMATS = ("json_object", "json_schema", "tool_call", "regex", "choice", "grammar")
 DRIFT_SIGNALS = ("perplexity", "output_length", "finish_length", "empty_output", "repetition", "error")
 
 REQUEST_DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 2.5, 5, 10, 20, 30, 60, 120)

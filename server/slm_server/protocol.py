@@ -98,6 +98,42 @@ ResponseFormat = Annotated[
 ]
 
 
+class _OneConstraint(BaseModel):
+    model_config = ConfigDict(extra="forbid")  # exactly one kind of constraint per request
+
+
+class JsonConstraint(_OneConstraint):
+    json_schema: dict[str, Any] = Field(alias="json", description="A JSON Schema the output follows.")
+
+
+class RegexConstraint(_OneConstraint):
+    regex: str = Field(min_length=1, max_length=10_000, description="A regular expression the whole output matches.")
+
+
+class ChoiceConstraint(_OneConstraint):
+    choice: list[Annotated[str, Field(min_length=1, max_length=1000)]] = Field(
+        min_length=1, max_length=1000, description="The output is exactly one of these strings."
+    )
+
+
+class GrammarConstraint(_OneConstraint):
+    grammar: str = Field(
+        min_length=1,
+        max_length=100_000,
+        description="A context-free grammar in llguidance's Lark syntax (https://github.com/guidance-ai/llguidance/"
+        'blob/main/docs/syntax.md), e.g. `start: "yes" | "no"`.',
+    )
+
+
+StructuredOutputs = Annotated[
+    JsonConstraint | RegexConstraint | ChoiceConstraint | GrammarConstraint | None,
+    Field(
+        description="vLLM's structured outputs, one of `json`, `regex`, `choice` or `grammar`: the output is held to "
+        "it as with response_format (which it may not be given with)."
+    ),
+]
+
+
 def stops(value: str | list[str] | None) -> tuple[str, ...]:
     if value is None:
         return ()
@@ -126,6 +162,7 @@ class GenerateRequest(BaseModel):
     min_p: MinP = 0.0
     logit_bias: LogitBias = None
     response_format: ResponseFormat = None
+    structured_outputs: StructuredOutputs = None
     model: str | None = Field(None, description="The served model's name; another name gets 404.")
     return_token_ids: bool = Field(False, description="Include the generated token ids in the response.")
     stream: bool = Field(
@@ -189,6 +226,7 @@ class _OpenAIRequest(BaseModel):
     min_p: MinP = 0.0
     logit_bias: LogitBias = None
     response_format: ResponseFormat = None
+    structured_outputs: StructuredOutputs = None
     user: str | None = Field(None, max_length=256, description="Never logged nor used as a label.")
 
 

@@ -32,6 +32,7 @@ from slm_server.errors import (
 )
 from slm_server.logs import OutputLogPolicy
 from slm_server.metrics import NullMetrics, ServerMetrics
+from slm_server.protocol import ChoiceConstraint, JsonConstraint, RegexConstraint
 from slm_server.settings import Settings
 from slm_server.signals import NoopObserver, RequestSignals, SignalObserver, is_repetitive
 
@@ -346,11 +347,9 @@ class GenerationService:
         if body.logit_bias:  # most requests give none: nothing to build on the request path
             bias = tuple((int(token), value) for token, value in body.logit_bias.items())
             self.check_token_ids([token for token, _ in bias], "logit_bias")
-        response_format = body.response_format
         grammar = None
-        if response_format is not None and response_format.type != "text":
-            schema = response_format.json_schema.definition if response_format.type == "json_schema" else None
-            grammar = await self.output_grammar(response_format.type, schema)
+        if body.response_format is not None or body.structured_outputs is not None:
+            grammar = await self._requested_grammar(body.response_format, body.structured_outputs)
         return {
             "temperature": info.default_temperature if body.temperature is None else body.temperature,
             "top_p": info.default_top_p if body.top_p is None else body.top_p,
@@ -363,18 +362,40 @@ class GenerationService:
             "grammar": grammar,
         }
 
-    async def output_grammar(self, format: str, schema: dict[str, Any] | None) -> OutputGrammar:
-        """The compiled grammar of a json_object or json_schema response_format, or of tool calls
-        (`format` "tool_call"; schema None: any JSON object): from the compiler's cache, or compiled
-        in a worker thread (a large schema takes long; the event loop goes on)."""
+    async def _requested_grammar(self, response_format: Any, structured: Any) -> OutputGrammar | None:
+        """The grammar a request's response_format or structured_outputs asks for (at most one)."""
+        if structured is not None:
+            if response_format is not None and response_format.type != "text":
+                raise InvalidInput(
+                    "response_format and structured_outputs both say what the output must be: give one",
+                    param="structured_outputs",
+                )
+            if isinstance(structured, JsonConstraint):
+                return await self.output_grammar("json_schema", structured.json_schema, "structured_outputs.json")
+            if isinstance(structured, RegexConstraint):
+                return await self.output_grammar("regex", structured.regex, "structured_outputs.regex")
+            if isinstance(structured, ChoiceConstraint):
+                return await self.output_grammar("choice", structured.choice, "structured_outputs.choice")
+            return await self.output_grammar("grammar", structured.grammar, "structured_outputs.grammar")
+        if response_format.type == "json_schema":
+            schema = response_format.json_schema.definition
+            return await self.output_grammar("json_schema", schema, "response_format.json_schema.schema")
+        if response_format.type == "json_object":
+            return await self.output_grammar("json_object", None, "response_format")
+        return None
+
+    async def output_grammar(self, format: str, spec: Any, param: str) -> OutputGrammar:
+        """The compiled grammar of `spec` (slm_server.structured.GrammarCompiler.compile; `param`: the
+        request field it came from): from the compiler's cache, or compiled in a worker thread (a large
+        schema takes long; the event loop goes on)."""
         grammars = self.engine.grammars
         if grammars is None:
-            param = "tools" if format == "tool_call" else "response_format"
-            raise InvalidInput(f"{param}: this model has no structured output (it needs a fast tokenizer)", param=param)
-        key = grammars.key(format, schema)
+            field = param.split(".")[0]
+            raise InvalidInput(f"{field}: this model has no structured output (it needs a fast tokenizer)", param=field)
+        key = grammars.key(format, spec)
         grammar = grammars.cached(key)
         if grammar is None:
-            grammar = await asyncio.to_thread(grammars.compile, key, format, schema)
+            grammar = await asyncio.to_thread(grammars.compile, key, format, spec, param)
         return grammar
 
     def resolve_max_tokens(self, prompt_tokens: int, requested: int | None, param: str = "max_tokens") -> int:

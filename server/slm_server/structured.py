@@ -1,4 +1,5 @@
-"""Structured output: generation held to a JSON schema (OpenAI's `response_format`).
+"""Structured output: generation held to a JSON schema (OpenAI's `response_format`, tool calls), or
+to a regular expression, a list of choices or a grammar (vLLM's `structured_outputs`).
 
 A request's `response_format` of `json_schema` (or `json_object`, any JSON object) is compiled, with
 the model's tokenizer, into a grammar by llguidance (guidance-ai/llguidance, the library behind
@@ -37,8 +38,6 @@ log = logging.getLogger("slm_server.engine")
 
 _JSON_OPTIONS: Any = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}  # JsonCompileOptions
 _CACHED_GRAMMARS = 64
-# The request field a schema that cannot be compiled came from, by format.
-_PARAMS = {"json_schema": "response_format.json_schema.schema", "json_object": "response_format", "tool_call": "tools"}
 
 
 class OutputGrammar:
@@ -107,8 +106,8 @@ class GrammarCompiler:
         self._lock = threading.Lock()
 
     @staticmethod
-    def key(format: str, schema: dict[str, Any] | None) -> str:
-        return format + json.dumps(schema, sort_keys=True, separators=(",", ":"))
+    def key(format: str, spec: Any) -> str:
+        return format + json.dumps(spec, sort_keys=True, separators=(",", ":"))
 
     def cached(self, key: str) -> OutputGrammar | None:
         with self._lock:
@@ -117,17 +116,24 @@ class GrammarCompiler:
                 self._grammars.move_to_end(key)
             return grammar
 
-    def compile(self, key: str, format: str, schema: dict[str, Any] | None) -> OutputGrammar:
-        """The grammar of `schema` (None: any JSON object); InvalidInput naming the schema when
+    def compile(self, key: str, format: str, spec: Any, param: str) -> OutputGrammar:
+        """The grammar of `spec`: a JSON Schema (formats json_schema and tool_call; None for
+        json_object, any JSON object), a regular expression (regex), a list of strings (choice) or a
+        Lark grammar (grammar). InvalidInput naming `param` (the request field it came from) when
         llguidance cannot compile it. Slow for a large schema (it releases the GIL): call it off the
         event loop."""
         import llguidance
 
-        param = _PARAMS[format]
         try:
-            text = llguidance.LLMatcher.grammar_from_json_schema(
-                schema if schema is not None else {"type": "object"}, defaults=_JSON_OPTIONS
-            )
+            if format == "regex":
+                text = llguidance.LLMatcher.grammar_from_regex(spec)
+            elif format == "choice":
+                text = llguidance.LLMatcher.grammar_from_lark("start: " + " | ".join(json.dumps(c) for c in spec))
+            elif format == "grammar":
+                text = llguidance.LLMatcher.grammar_from_lark(spec)
+            else:
+                schema = spec if spec is not None else {"type": "object"}
+                text = llguidance.LLMatcher.grammar_from_json_schema(schema, defaults=_JSON_OPTIONS)
         except ValueError as exc:
             raise InvalidInput(f"{param}: {exc}", param=param) from None
         matcher = llguidance.LLMatcher(self._tokenizer, text, log_level=0)

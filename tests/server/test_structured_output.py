@@ -40,7 +40,7 @@ def _chat(**fields) -> dict:
 
 def _grammar(engine, schema: dict):
     grammars = engine.grammars
-    return grammars.compile(grammars.key("json_schema", schema), "json_schema", schema)
+    return grammars.compile(grammars.key("json_schema", schema), "json_schema", schema, "schema")
 
 
 def _outputs(server, structured: str, result: str) -> float:
@@ -312,3 +312,56 @@ def test_structured_outputs_stay_out_of_the_model_behaviour_histograms(server):
     assert structured[:3] == (0, 0, 1) and (structured[3] or 0) > 0
     server.client.post("/v1/chat/completions", json=_chat(max_tokens=4))
     assert counts()[:3] == (1, 1, 2)
+
+
+def test_vllm_structured_outputs_choice_regex_grammar_and_json_hold_the_output(server):
+    """vLLM's `structured_outputs` (sent as `extra_body` by the openai client): each kind holds the
+    whole output, sampled, on every route."""
+    labels = ["positive", "negative", "mixed feelings"]
+
+    def outputs(constraint: dict, n: int = 4) -> list[str]:
+        body = _chat(n=n, temperature=1.0, seed=2, max_tokens=40, structured_outputs=constraint)
+        r = server.client.post("/v1/chat/completions", json=body)
+        assert r.status_code == 200, r.text
+        choices = r.json()["choices"]
+        assert all(c["finish_reason"] == "stop" for c in choices)
+        return [c["message"]["content"] for c in choices]
+
+    assert set(outputs({"choice": labels})) <= set(labels)
+    assert all(re.fullmatch(r"[0-9]{3}-[a-z]{2}", o) for o in outputs({"regex": "[0-9]{3}-[a-z]{2}"}))
+    assert set(outputs({"grammar": 'start: "yes" | "no" | "maybe " NUMBER\nNUMBER: /[0-9]/'})) <= {
+        "yes", "no", *(f"maybe {d}" for d in range(10))
+    }  # fmt: skip
+    for document in outputs({"json": VERDICT}):
+        jsonschema.validate(json.loads(document), VERDICT)
+    r = server.client.post(
+        "/v1/completions",
+        json={"model": MODEL_NAME, "prompt": "The answer:", "max_tokens": 10, "structured_outputs": {"choice": labels}},
+    )
+    assert r.json()["choices"][0]["text"] in labels
+    r = server.client.post(
+        "/generate", json={"prompt": "x", "max_tokens": 10, "structured_outputs": {"regex": "[ab]{4}"}}
+    )
+    assert re.fullmatch("[ab]{4}", r.json()["text"])
+    for structured in ("regex", "choice", "grammar", "json_schema"):
+        assert _outputs(server, structured, "complete") > 0
+
+
+@pytest.mark.parametrize(
+    ("structured_outputs", "extra", "status", "param", "says"),
+    [
+        ({"regex": "(unclosed"}, {}, 400, "structured_outputs.regex", "structured_outputs.regex: "),
+        ({"grammar": "start: undefined_rule"}, {}, 400, "structured_outputs.grammar", "structured_outputs.grammar: "),
+        ({"json": {"type": "frob"}}, {}, 400, "structured_outputs.json", "Invalid type: frob"),
+        ({"choice": []}, {}, 422, "structured_outputs", "structured_outputs"),
+        ({"regex": "a", "choice": ["a"]}, {}, 422, "structured_outputs", "structured_outputs"),
+        ({"regex": "a"}, {"response_format": {"type": "json_object"}}, 400, "structured_outputs", "give one"),
+    ],
+)
+def test_bad_structured_outputs_are_refused_saying_why(server, structured_outputs, extra, status, param, says):
+    r = server.client.post(
+        "/v1/chat/completions", json=_chat(max_tokens=4, structured_outputs=structured_outputs, **extra)
+    )
+    assert r.status_code == status, r.text
+    error = r.json()["error"]
+    assert says in error["message"] and (error["param"] or "").startswith(param)

@@ -271,11 +271,14 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
     grammar = None
     tools = None
     if tool_plan is not None:
-        if body.response_format is not None and body.response_format.type != "text":
+        if body.structured_outputs is not None or (
+            body.response_format is not None and body.response_format.type != "text"
+        ):
             raise InvalidInput(
-                "response_format and tool_choice both say what the output must be: give one", param="response_format"
+                "tool_choice and a response_format or structured_outputs both say what the output must be: give one",
+                param="tool_choice",
             )
-        grammar = await service.output_grammar(tool_calls.FORMAT, tool_plan.schema)
+        grammar = await service.output_grammar(tool_calls.FORMAT, tool_plan.schema, "tools")
         tools = [tool.model_dump(exclude_none=True) for tool in body.tools or ()]
     prompt_ids = service.engine.encode_chat(tool_calls.template_messages(body.messages), tools)
     if body.top_logprobs is not None and not body.logprobs:
