@@ -78,8 +78,8 @@ class GenerationSequence:
     """One generation's state between decode steps: what it feeds next and what it has made."""
 
     __slots__ = (
-        "bias", "cached", "cancel", "context", "counts", "cut", "done", "error", "generator", "grammar", "greedy",
-        "last", "max_tokens", "on_text", "params", "reported", "result", "seen", "tracker", "whole",
+        "bias", "cached", "cancel", "context", "counts", "cut", "done", "eos", "error", "generator", "grammar",
+        "greedy", "last", "max_tokens", "on_text", "params", "reported", "result", "seen", "tracker", "whole",
     )  # fmt: skip
 
     def __init__(self, engine: Any, prompt_ids: list[int], params: SamplingParams, on_text: OnText | None,
@@ -115,7 +115,9 @@ class GenerationSequence:
         self.grammar = params.grammar.start() if params.grammar is not None else None  # structured output
         self.whole = False  # the grammar's document is complete
         self.cut = False  # a stop string ended the text
-        adjusted = self.counts is not None or self.seen is not None or self.bias is not None or self.grammar is not None
+        # min_tokens: the end-of-text ids, kept from the choice until the output is that long.
+        self.eos = torch.tensor(sorted(engine.eos_ids), device=engine.device) if params.min_tokens else None
+        adjusted = any(x is not None for x in (self.counts, self.seen, self.bias, self.grammar, self.eos))
         # The batch's argmax is this sequence's choice: nothing adjusted, no sampling, no fault.
         self.greedy = params.temperature <= 1e-5 and not adjusted and not params.degraded
         self.cached = 0  # this sequence's tokens in its batch's KV cache
@@ -135,6 +137,9 @@ class GenerationSequence:
             logits = logits - params.frequency_penalty * counts - params.presence_penalty * (counts > 0)
         if self.bias is not None:
             logits = logits + self.bias
+        eos = self.eos
+        if eos is not None and len(self.result.token_ids) < params.min_tokens:
+            logits = logits.index_fill(0, eos, float("-inf"))
         grammar = self.grammar
         if grammar is not None:
             logits = grammar.allow(torch, logits)
@@ -157,7 +162,7 @@ class GenerationSequence:
             result.top_logprobs.append(top)  # type: ignore[union-attr]
         result.token_times.append(now)
         result.token_ids.append(token)
-        if token in eos_ids:
+        if token in eos_ids and not self.params.ignore_eos:
             result.finish_reason = "stop"
             return True
         delta, stopped = self.tracker.update(result.token_ids)

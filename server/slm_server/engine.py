@@ -64,6 +64,8 @@ class SamplingParams:
     logprobs: int | None = None  # None: none; k >= 0: each token's log-probability and the k most likely
     # Structured output (slm_server.structured): the tokens the grammar refuses are never chosen.
     grammar: OutputGrammar | None = None
+    min_tokens: int = 0  # vLLM's: no end-of-text token before this many tokens
+    ignore_eos: bool = False  # vLLM's: an end-of-text token does not end the generation
 
 
 @dataclass(slots=True)

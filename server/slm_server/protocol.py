@@ -48,6 +48,21 @@ MinP = Annotated[
     float,
     Field(ge=0.0, le=1.0, description="Sample only among tokens at least min_p times as likely as the most likely."),
 ]
+MinTokens = Annotated[
+    int,
+    Field(
+        ge=0,
+        le=1_000_000,
+        description="vLLM's: the end-of-text token is not chosen before this many tokens (stop strings still stop).",
+    ),
+]
+IgnoreEos = Annotated[
+    bool,
+    Field(
+        description="vLLM's, for load tests of a fixed output length: the end-of-text token does not end the "
+        "generation (max_tokens, a stop string or a complete structured output does)."
+    ),
+]
 LogitBias = Annotated[
     Annotated[
         dict[Annotated[str, Field(pattern=r"^[0-9]{1,9}$")], Annotated[float, Field(ge=-100.0, le=100.0)]],
@@ -163,6 +178,8 @@ class GenerateRequest(BaseModel):
     logit_bias: LogitBias = None
     response_format: ResponseFormat = None
     structured_outputs: StructuredOutputs = None
+    min_tokens: MinTokens = 0
+    ignore_eos: IgnoreEos = False
     model: str | None = Field(None, description="The served model's name; another name gets 404.")
     return_token_ids: bool = Field(False, description="Include the generated token ids in the response.")
     stream: bool = Field(
@@ -227,6 +244,8 @@ class _OpenAIRequest(BaseModel):
     logit_bias: LogitBias = None
     response_format: ResponseFormat = None
     structured_outputs: StructuredOutputs = None
+    min_tokens: MinTokens = 0
+    ignore_eos: IgnoreEos = False
     user: str | None = Field(None, max_length=256, description="Never logged nor used as a label.")
 
 

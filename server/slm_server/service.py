@@ -360,6 +360,8 @@ class GenerationService:
             "min_p": body.min_p,
             "logit_bias": bias,
             "grammar": grammar,
+            "min_tokens": body.min_tokens,
+            "ignore_eos": body.ignore_eos,
         }
 
     async def _requested_grammar(self, response_format: Any, structured: Any) -> OutputGrammar | None:

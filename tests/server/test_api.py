@@ -442,3 +442,31 @@ def test_tokenize_and_detokenize_refuse_what_they_cannot_take_saying_why(server,
     r = server.client.post(path, json=body)
     assert r.status_code == status, r.text
     assert says in r.json()["error"]["message"]
+
+
+def test_min_tokens_and_ignore_eos_hold_off_the_end_of_text(server, tiny_engine):
+    """vLLM's: min_tokens keeps the end-of-text token from being chosen until the output is that long;
+    ignore_eos lets the generation run through it to max_tokens (fixed-length load tests)."""
+    prompt = "The file"  # greedy, the tiny model ends it after 14 tokens
+    eos = next(iter(tiny_engine.eos_ids))
+    free = server.client.post(
+        "/generate", json={"prompt": prompt, "max_tokens": 200, "temperature": 0, "return_token_ids": True}
+    ).json()
+    assert free["finish_reason"] == "stop" and free["output_tokens"] < 100
+    held = server.client.post(
+        "/generate",
+        json={
+            "prompt": prompt,
+            "max_tokens": 200,
+            "temperature": 0,
+            "min_tokens": free["output_tokens"] + 5,
+            "return_token_ids": True,
+        },
+    ).json()
+    assert held["output_tokens"] >= free["output_tokens"] + 5
+    assert eos not in held["token_ids"][: free["output_tokens"] + 5]
+    forced = server.client.post(
+        "/v1/completions",
+        json={"model": MODEL_NAME, "prompt": prompt, "max_tokens": 120, "temperature": 0, "ignore_eos": True},
+    ).json()
+    assert forced["choices"][0]["finish_reason"] == "length" and forced["usage"]["completion_tokens"] == 120
