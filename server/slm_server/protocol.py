@@ -4,7 +4,31 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import AliasChoices, BaseModel, ConfigDict, Field
+from pydantic import AliasChoices, BaseModel, BeforeValidator, ConfigDict, Field, Strict
+
+
+def _json_integer(value: Any) -> Any:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ValueError("Input should be a valid integer")
+    return value
+
+
+# A JSON Schema integer: an int, or a number with no fractional part (5.0); never true, false or "5".
+# `Annotated[int, _LAX, Field(<bounds>), _INTEGER]`: the bounds before the validator, or the OpenAPI
+# document loses them (pydantic cannot see through a validator).
+_LAX = Strict(False)
+_INTEGER = BeforeValidator(_json_integer)
+PositiveInt = Annotated[int, _LAX, Field(ge=1), _INTEGER]
+TokenId = Annotated[int, _LAX, Field(ge=0), _INTEGER]
+
+
+class _Strict(BaseModel):
+    """What a request may send: JSON types as the document says them (pydantic's lax mode would take
+    `true` for an integer, `1` for a boolean and `"5"` for a number); integers are `_INTEGER`s.
+    Subclasses' own config adds to this."""
+
+    model_config = ConfigDict(strict=True)
+
 
 _DEFAULT = "Left out: the model's generation_config.json value if it sets one, else 1.0."
 Temperature = Annotated[float | None, Field(ge=0.0, le=2.0, description=f"0 = greedy. {_DEFAULT}")]
@@ -16,14 +40,12 @@ StopStrings = Annotated[
     Field(description="Up to 4 strings; generation stops before the first of them."),
 ]
 Seed = Annotated[
-    int | None,
-    Field(ge=0, le=2**63 - 1, description="The same seed and settings give the same sampled tokens. Left out: random."),
+    Annotated[int, _LAX, Field(ge=0, le=2**63 - 1), _INTEGER] | None,
+    Field(description="The same seed and settings give the same sampled tokens. Left out: random."),
 ]
 TopK = Annotated[
-    int | None,
+    Annotated[int, _LAX, Field(ge=-1, le=1_000_000), _INTEGER] | None,
     Field(
-        ge=-1,
-        le=1_000_000,
         description="Sample among the k most likely tokens; 0 or -1: among all. Left out: the model's "
         "generation_config.json value if it sets one, else 0.",
     ),
@@ -50,11 +72,13 @@ MinP = Annotated[
 ]
 MinTokens = Annotated[
     int,
+    _LAX,
     Field(
         ge=0,
         le=1_000_000,
         description="vLLM's: the end-of-text token is not chosen before this many tokens (stop strings still stop).",
     ),
+    _INTEGER,
 ]
 IgnoreEos = Annotated[
     bool,
@@ -79,15 +103,15 @@ LogitBias = Annotated[
 ]
 
 
-class TextFormat(BaseModel):
+class TextFormat(_Strict):
     type: Literal["text"] = Field(description="Free text (the default).")
 
 
-class JsonObjectFormat(BaseModel):
+class JsonObjectFormat(_Strict):
     type: Literal["json_object"] = Field(description="Any JSON object.")
 
 
-class JsonSchema(BaseModel):
+class JsonSchema(_Strict):
     name: str = Field(pattern=r"^[a-zA-Z0-9_-]{1,64}$", description="The schema's name (not used to generate).")
     description: str | None = Field(None, max_length=4096, description="Not used to generate.")
     definition: dict[str, Any] = Field(
@@ -98,7 +122,7 @@ class JsonSchema(BaseModel):
     strict: bool | None = Field(None, description="Accepted; the schema is always enforced, strict or not.")
 
 
-class JsonSchemaFormat(BaseModel):
+class JsonSchemaFormat(_Strict):
     type: Literal["json_schema"] = Field(description="JSON that follows `json_schema.schema`.")
     json_schema: JsonSchema = Field(description="The schema, as OpenAI's API takes it.")
 
@@ -113,7 +137,7 @@ ResponseFormat = Annotated[
 ]
 
 
-class _OneConstraint(BaseModel):
+class _OneConstraint(_Strict):
     model_config = ConfigDict(extra="forbid")  # exactly one kind of constraint per request
 
 
@@ -156,13 +180,12 @@ def stops(value: str | list[str] | None) -> tuple[str, ...]:
 
 
 # --- POST /generate (the seed's endpoint) ------------------------------------------------------------------
-class GenerateRequest(BaseModel):
+class GenerateRequest(_Strict):
     model_config = ConfigDict(extra="forbid")
 
     prompt: str = Field(description="Text to continue.")
-    max_tokens: int | None = Field(
+    max_tokens: PositiveInt | None = Field(
         None,
-        ge=1,
         validation_alias=AliasChoices("max_tokens", "max_new_tokens"),
         description="Tokens to generate at most.",
     )
@@ -205,7 +228,7 @@ class GenerateResponse(BaseModel):
 
 
 # --- OpenAI: shared --------------------------------------------------------------------------------------------
-class StreamOptions(BaseModel):
+class StreamOptions(_Strict):
     include_usage: bool = Field(False, description="A last event with the token counts (`usage`) and no choices.")
 
 
@@ -222,7 +245,7 @@ class Usage(BaseModel):
     prompt_tokens_details: PromptTokensDetails
 
 
-class _OpenAIRequest(BaseModel):
+class _OpenAIRequest(_Strict):
     # Unknown fields are ignored, as OpenAI-compatible servers do (clients send vendor extensions).
     model_config = ConfigDict(extra="ignore")
 
@@ -230,8 +253,8 @@ class _OpenAIRequest(BaseModel):
     temperature: Temperature = None
     top_p: TopP = None
     top_k: TopK = None
-    n: int = Field(
-        1, ge=1, le=128, description="Choices to generate, each its own generation; at most max_concurrent_requests."
+    n: Annotated[int, _LAX, Field(ge=1, le=128), _INTEGER] = Field(
+        1, description="Choices to generate, each its own generation; at most max_concurrent_requests."
     )
     stream: bool = Field(False, description="Server-sent events, one per piece of text, then `[DONE]`.")
     stream_options: StreamOptions | None = None
@@ -250,7 +273,7 @@ class _OpenAIRequest(BaseModel):
 
 
 # --- POST /v1/completions ---------------------------------------------------------------------------------------
-TokenIds = Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)]
+TokenIds = Annotated[list[TokenId], Field(min_length=1)]
 
 
 class CompletionRequest(_OpenAIRequest):
@@ -263,10 +286,10 @@ class CompletionRequest(_OpenAIRequest):
         description="A string, or token ids (each below the model's vocabulary size); or a list of exactly one "
         "of either."
     )
-    max_tokens: int | None = Field(16, ge=1, description="Tokens to generate at most (OpenAI's default, 16).")
+    max_tokens: PositiveInt | None = Field(16, description="Tokens to generate at most (OpenAI's default, 16).")
     echo: bool = Field(False, description="Return the prompt before the completion (with logprobs, the prompt's too).")
-    logprobs: int | None = Field(
-        None, ge=0, le=5, description="Log-probability of each token and of the N most likely at each position."
+    logprobs: Annotated[int, _LAX, Field(ge=0, le=5), _INTEGER] | None = Field(
+        None, description="Log-probability of each token and of the N most likely at each position."
     )
     suffix: None = Field(None, description="Not supported.")
 
@@ -307,23 +330,23 @@ class CompletionResponse(BaseModel):
 
 
 # --- POST /v1/chat/completions ----------------------------------------------------------------------------------
-class TextPart(BaseModel):
+class TextPart(_Strict):
     type: Literal["text"]
     text: str
 
 
-class FunctionCall(BaseModel):
+class FunctionCall(_Strict):
     name: str = Field(max_length=64, description="The function called.")
     arguments: str = Field(max_length=1_000_000, description="Its arguments, as JSON text.")
 
 
-class ToolCall(BaseModel):
+class ToolCall(_Strict):
     id: str = Field(max_length=256, description="The call's id, which the tool message answering it repeats.")
     type: Literal["function"] = "function"
     function: FunctionCall
 
 
-class ChatMessage(BaseModel):
+class ChatMessage(_Strict):
     model_config = ConfigDict(extra="ignore")
 
     role: Literal["system", "developer", "user", "assistant", "tool"]
@@ -342,7 +365,7 @@ class ChatMessage(BaseModel):
         return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
 
 
-class FunctionDefinition(BaseModel):
+class FunctionDefinition(_Strict):
     name: str = Field(pattern=r"^[a-zA-Z0-9_-]{1,64}$", description="The function's name.")
     description: str | None = Field(None, max_length=8192, description="What it does, for the model.")
     parameters: dict[str, Any] = Field(
@@ -352,32 +375,31 @@ class FunctionDefinition(BaseModel):
     strict: bool | None = Field(None, description="Accepted; the arguments always follow `parameters`.")
 
 
-class ChatTool(BaseModel):
+class ChatTool(_Strict):
     type: Literal["function"] = Field(description="The one kind of tool: a function.")
     function: FunctionDefinition
 
 
-class FunctionName(BaseModel):
+class FunctionName(_Strict):
     name: str = Field(max_length=64)
 
 
-class NamedToolChoice(BaseModel):
+class NamedToolChoice(_Strict):
     type: Literal["function"]
     function: FunctionName
 
 
 class ChatCompletionRequest(_OpenAIRequest):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_tokens: int | None = Field(None, ge=1, description="Deprecated by OpenAI; max_completion_tokens wins.")
-    max_completion_tokens: int | None = Field(
+    max_tokens: PositiveInt | None = Field(None, description="Deprecated by OpenAI; max_completion_tokens wins.")
+    max_completion_tokens: PositiveInt | None = Field(
         None,
-        ge=1,
         description="Tokens to generate at most. Left out (and max_tokens too): SLM_DEFAULT_MAX_TOKENS, within the "
         "context.",
     )
     logprobs: bool = Field(False, description="Log-probability of each generated token.")
-    top_logprobs: int | None = Field(
-        None, ge=0, le=20, description="With logprobs: the N most likely tokens at each position."
+    top_logprobs: Annotated[int, _LAX, Field(ge=0, le=20), _INTEGER] | None = Field(
+        None, description="With logprobs: the N most likely tokens at each position."
     )
     tools: list[ChatTool] | None = Field(
         None, max_length=128, description="Functions the model may call; shown to it by its chat template."
@@ -446,14 +468,14 @@ class ModelList(BaseModel):
 
 
 # --- POST /tokenize, POST /detokenize (vLLM's) --------------------------------------------------------------------
-class TokenizeText(BaseModel):
+class TokenizeText(_Strict):
     model_config = ConfigDict(extra="forbid")
 
     model: str | None = Field(None, description="The served model's name; another name gets 404.")
     prompt: str = Field(description="Text, tokenized as /v1/completions and /generate tokenize a prompt.")
 
 
-class TokenizeChat(BaseModel):
+class TokenizeChat(_Strict):
     model_config = ConfigDict(extra="forbid")
 
     model: str | None = Field(None, description="The served model's name; another name gets 404.")
@@ -468,11 +490,11 @@ class TokenizeResponse(BaseModel):
     tokens: list[int]
 
 
-class DetokenizeRequest(BaseModel):
+class DetokenizeRequest(_Strict):
     model_config = ConfigDict(extra="forbid")
 
     model: str | None = Field(None, description="The served model's name; another name gets 404.")
-    tokens: list[Annotated[int, Field(ge=0)]] = Field(description="Token ids, each below the model's vocabulary size.")
+    tokens: list[TokenId] = Field(description="Token ids, each below the model's vocabulary size.")
 
 
 class DetokenizeResponse(BaseModel):

@@ -25,6 +25,13 @@ GEN = {"model": MODEL_NAME}
         ("/generate", {"prompt": "x", "top_p": 0}, "top_p"),
         ("/generate", {"prompt": "x", "stop": ["a", "b", "c", "d", "e"]}, "stop"),
         ("/generate", {"prompt": "x", "surprise": 1}, "surprise"),
+        # JSON types as the document says them: no true for an integer, 1 for a boolean, "1" for a number.
+        ("/generate", {"prompt": "x", "top_k": False}, "top_k"),
+        ("/generate", {"prompt": "x", "max_tokens": "5"}, "max_tokens"),
+        ("/generate", {"prompt": "x", "max_tokens": 5.5}, "max_tokens"),
+        ("/generate", {"prompt": "x", "stream": 1}, "stream"),
+        ("/generate", {"prompt": "x", "temperature": "0.5"}, "temperature"),
+        ("/v1/chat/completions", {**GEN, "messages": [{"role": "user", "content": 7}]}, "messages.0.content"),
         ("/v1/completions", {"prompt": "x"}, "model"),
         ("/v1/completions", {**GEN, "prompt": "x", "n": 0}, "n"),
         ("/v1/chat/completions", {**GEN, "messages": [{"role": "user", "content": "x"}], "n": 129}, "n"),
@@ -259,3 +266,10 @@ def test_the_opt_in_admin_api_changes_faults_at_run_time(tiny_engine, tiny_model
         assert srv.client.post("/generate", json={"prompt": "x", "max_tokens": 1}).status_code == 500
         srv.client.post("/admin/faults", json={})
         assert srv.client.post("/generate", json={"prompt": "x", "max_tokens": 1}).status_code == 200
+
+
+def test_integers_written_as_whole_numbers_are_taken(server):
+    """JSON Schema's integers include 5.0; the server takes what its OpenAPI document allows."""
+    r = server.client.post("/generate", json={"prompt": "x", "max_tokens": 5.0, "seed": 3.0, "temperature": 1})
+    assert r.status_code == 200, r.text
+    assert r.json()["output_tokens"] <= 5
