@@ -43,26 +43,24 @@ _CACHED_GRAMMARS = 64
 class OutputGrammar:
     """A compiled grammar: immutable, shared by the choices of a request and by later requests."""
 
-    __slots__ = ("_compiler", "_matcher", "format")
+    __slots__ = ("_matcher", "format")
 
-    def __init__(self, compiler: GrammarCompiler, matcher: Any, format: str):
-        self._compiler = compiler
-        self._matcher = matcher  # never advanced: each generation advances a copy
+    def __init__(self, matcher: Any, format: str):
+        self._matcher = matcher  # never advanced (so shared safely across threads): each generation advances a copy
         self.format = format
 
     def start(self) -> GrammarState:
         """The state of one generation held to this grammar."""
-        return GrammarState(self._compiler, self._matcher.deep_copy())
+        return GrammarState(self._matcher.deep_copy())
 
 
 class GrammarState:
     """One generation's position in its grammar."""
 
-    __slots__ = ("_compiler", "_matcher")
+    __slots__ = ("_matcher",)
 
-    def __init__(self, compiler: GrammarCompiler, matcher: Any):
-        self._compiler = compiler
-        self._matcher = matcher
+    def __init__(self, matcher: Any):
+        self._matcher = matcher  # used by the scheduler's thread only
 
     def allow(self, torch: Any, logits: Any) -> Any:
         """`logits` (one position's, on the model's device) with every token the grammar refuses at -inf."""
@@ -98,9 +96,8 @@ class GrammarCompiler:
 
         # The model's output width, which may exceed the tokenizer's (padded embeddings): the extra
         # ids are not tokens, and the grammar never allows them.
-        self.vocab_size = max(vocab_size, len(tokenizer))
         self._tokenizer = llguidance.hf.from_tokenizer(
-            tokenizer, n_vocab=self.vocab_size, eos_token=sorted(eos_ids) or None
+            tokenizer, n_vocab=max(vocab_size, len(tokenizer)), eos_token=sorted(eos_ids) or None
         )
         self._grammars: OrderedDict[str, OutputGrammar] = OrderedDict()
         self._lock = threading.Lock()
@@ -139,7 +136,7 @@ class GrammarCompiler:
         matcher = llguidance.LLMatcher(self._tokenizer, text, log_level=0)
         if matcher.is_error():
             raise InvalidInput(f"{param}: {matcher.get_error()}", param=param)
-        grammar = OutputGrammar(self, matcher, format)
+        grammar = OutputGrammar(matcher, format)
         with self._lock:
             self._grammars[key] = grammar
             while len(self._grammars) > _CACHED_GRAMMARS:
