@@ -130,7 +130,8 @@ REQUEST_LINE_FIELDS: dict[str, str] = {
     "gen_ai.request.seed": "the request's seed, when it gave one",
     "gen_ai.request.presence_penalty": "presence_penalty, when not 0",
     "gen_ai.request.frequency_penalty": "frequency_penalty, when not 0",
-    "gen_ai.output.type": "`json` when a response_format held the output to a JSON schema or object (absent for text)",
+    "gen_ai.output.type": "with structured output: `json` (a JSON response_format or structured_outputs.json, tool "
+    "calls) or `text` (structured_outputs' regex, choice or grammar); absent otherwise",
     "gen_ai.usage.input_tokens": "prompt tokens",
     "gen_ai.usage.output_tokens": "generated tokens (of all the choices, with n > 1)",
     "gen_ai.usage.cache_read.input_tokens": "prompt tokens found in the prefix cache, not fed to the model "

@@ -156,8 +156,9 @@ def test_the_same_schema_is_compiled_once(server, tiny_engine, monkeypatch):
 def test_the_request_line_says_the_output_was_json(server, json_records):
     server.client.post("/v1/chat/completions", json=_chat(max_tokens=30, response_format=_format(VERDICT)))
     server.client.post("/v1/chat/completions", json=_chat(max_tokens=2, response_format={"type": "text"}))
+    server.client.post("/v1/chat/completions", json=_chat(max_tokens=9, structured_outputs={"choice": ["a", "b"]}))
     lines = [d for d in json_records("request") if d.get("http.route") == "/v1/chat/completions"]
-    assert [d.get("gen_ai.output.type") for d in lines] == ["json", None]
+    assert [d.get("gen_ai.output.type") for d in lines] == ["json", None, "text"]
 
 
 @pytest.mark.parametrize(
