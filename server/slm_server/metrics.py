@@ -69,7 +69,7 @@ Metrics (labels; `model` is the served model name, one value per process):
 
 Series count: no prompt, user or request id is ever a label; `endpoint` is a closed set (the
 routes, plus `other` for any unknown path) and `status` the codes actually returned. With the
-default buckets the server exposes about 670 series after a request to every route (see
+default buckets the server exposes about 680 series after a request to every route (see
 `tests/server/test_metrics.py::test_series_count_is_bounded`, which fails if this grows past 900).
 """
 
