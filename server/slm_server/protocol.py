@@ -482,6 +482,11 @@ class TokenizeChat(_Strict):
     messages: list[ChatMessage] = Field(
         min_length=1, description="Tokenized as /v1/chat/completions does: the chat template, the assistant's turn."
     )
+    tools: list[ChatTool] | None = Field(
+        None,
+        max_length=128,
+        description="Shown by the chat template, as a chat whose tool_choice calls them shows them.",
+    )
 
 
 class TokenizeResponse(BaseModel):

@@ -147,6 +147,11 @@ def test_the_tools_and_a_round_trip_of_calls_and_results_reach_the_chat_template
         )
         assert r.status_code == 200, r.text
         _assert_calls_follow_their_tools(r.json()["choices"][0]["message"])
+        # /tokenize counts the same prompt, tools and round trip included.
+        counted = server.client.post("/tokenize", json={"messages": messages, "tools": [WEATHER, COUNT]}).json()
+        assert counted["count"] == r.json()["usage"]["prompt_tokens"]
+        without = server.client.post("/tokenize", json={"messages": messages}).json()
+        assert without["count"] < counted["count"]
     rendered = engine.tokenizer.decode(
         engine.encode_chat(template_messages([ChatMessage(**m) for m in messages]), [WEATHER, COUNT])
     )

@@ -8,6 +8,7 @@ from typing import Any
 
 from fastapi import APIRouter, Request
 
+from slm_server import tool_calls
 from slm_server.protocol import (
     ERROR_RESPONSES,
     DetokenizeRequest,
@@ -31,8 +32,9 @@ async def tokenize(body: TokenizeText | TokenizeChat, request: Request) -> Token
     if isinstance(body, TokenizeText):
         ids = await encode(service, body.prompt)
     else:
-        messages = [{"role": m.role, "content": m.text} for m in body.messages]
-        ids = await asyncio.to_thread(service.engine.encode_chat, messages)
+        messages = tool_calls.template_messages(body.messages)
+        tools = [tool.model_dump(exclude_none=True) for tool in body.tools] if body.tools else None
+        ids = await asyncio.to_thread(service.engine.encode_chat, messages, tools)
     return TokenizeResponse(count=len(ids), max_model_len=service.engine.info.max_context, tokens=ids)
 
 
