@@ -43,6 +43,15 @@ SCHEMAS = {tool["function"]["name"]: tool["function"]["parameters"] for tool in 
 NAMED = {"type": "function", "function": {"name": "get_weather"}}
 
 
+# A chat template that renders tools, calls and results, as tool-trained models' templates do.
+TOOL_TEMPLATE = (
+    "{% if tools %}Tools: {{ tools | map(attribute='function') | map(attribute='name') | join(',') }}\n{% endif %}"
+    "{% for m in messages %}{{ m.role }}: {{ m.content }}"
+    "{% for c in m.tool_calls or [] %}[call {{ c.function.name }} {{ c.function.arguments.city }}]{% endfor %}"
+    "{% if m.tool_call_id %}[result of {{ m.tool_call_id }}]{% endif %}\n{% endfor %}assistant:"
+)
+
+
 def _chat(**fields) -> dict:
     return {"model": MODEL_NAME, "messages": [{"role": "user", "content": "Is it cold in Oslo?"}], **fields}
 
@@ -116,24 +125,24 @@ def test_calls_cut_short_come_back_as_text_with_the_reason_that_cut_them(server)
     assert _tool_outputs(server, "incomplete") == 1
 
 
-def test_tool_choice_none_answers_in_text_without_showing_the_tools(server):
-    plain = server.client.post("/v1/chat/completions", json=_chat(max_tokens=4, temperature=0)).json()
-    none = server.client.post(
-        "/v1/chat/completions", json=_chat(max_tokens=4, temperature=0, tools=[WEATHER], tool_choice="none")
-    ).json()
+def test_tool_choice_none_answers_in_text_without_showing_the_tools(own_engine, tiny_model_dir):
+    engine = own_engine()
+    engine.tokenizer.chat_template = TOOL_TEMPLATE
+    with serve(engine, settings_for(tiny_model_dir)) as server:
+
+        def chat(**fields) -> dict:
+            return server.client.post("/v1/chat/completions", json=_chat(max_tokens=4, temperature=0, **fields)).json()
+
+        plain, none, named = chat(), chat(tools=[WEATHER], tool_choice="none"), chat(tools=[WEATHER], tool_choice=NAMED)
     assert none["choices"][0]["message"] == plain["choices"][0]["message"]
     assert none["usage"]["prompt_tokens"] == plain["usage"]["prompt_tokens"]
+    assert named["usage"]["prompt_tokens"] > plain["usage"]["prompt_tokens"]  # the template showed the tool
 
 
 def test_the_tools_and_a_round_trip_of_calls_and_results_reach_the_chat_template(own_engine, tiny_model_dir):
     """A template that renders tools, calls and results (as tool-trained models' do) sees all three."""
     engine = own_engine()
-    engine.tokenizer.chat_template = (
-        "{% if tools %}Tools: {{ tools | map(attribute='function') | map(attribute='name') | join(',') }}\n{% endif %}"
-        "{% for m in messages %}{{ m.role }}: {{ m.content }}"
-        "{% for c in m.tool_calls or [] %}[call {{ c.function.name }} {{ c.function.arguments.city }}]{% endfor %}"
-        "{% if m.tool_call_id %}[result of {{ m.tool_call_id }}]{% endif %}\n{% endfor %}assistant:"
-    )
+    engine.tokenizer.chat_template = TOOL_TEMPLATE
     call = {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Oslo"}'}}
     messages = [
         {"role": "user", "content": "Is it cold in Oslo?"},
