@@ -48,12 +48,11 @@ class PassFailed(RuntimeError):
     """The forward pass a generation was part of raised (the model's exception is the cause)."""
 
 
-def choose_token(torch: Any, logits: Any, params: SamplingParams, generator: Any, vocab_size: int) -> int:
-    """The next token from one position's logits (penalties already applied) under `params`."""
-    if params.degraded:
-        if params.grammar is not None:  # uniformly among the tokens the grammar allows (the others are -inf)
-            return int(torch.multinomial(torch.isfinite(logits).float(), 1, generator=generator))
-        return int(torch.randint(0, vocab_size, (1,), generator=generator, device=logits.device))
+def choose_token(torch: Any, logits: Any, params: SamplingParams, generator: Any) -> int:
+    """The next token from one position's logits (penalties, biases and grammar already applied) under
+    `params`."""
+    if params.degraded:  # uniformly among the tokens still allowed (a grammar's, min_tokens' refusals are -inf)
+        return int(torch.multinomial(torch.isfinite(logits).float(), 1, generator=generator))
     if params.temperature <= 1e-5:
         return int(torch.argmax(logits))
     if 0 < params.top_k < logits.shape[-1]:
@@ -125,7 +124,7 @@ class GenerationSequence:
         self.done = threading.Event()
         self.error: BaseException | None = None
 
-    def choose(self, torch: Any, logits: Any, vocab_size: int) -> int:
+    def choose(self, torch: Any, logits: Any) -> int:
         """The next token; the penalties, biases and grammar change the choice, not the logits the
         reported log-probabilities (and the perplexity) come from."""
         params = self.params
@@ -143,7 +142,7 @@ class GenerationSequence:
         grammar = self.grammar
         if grammar is not None:
             logits = grammar.allow(torch, logits)
-        token = choose_token(torch, logits, params, self.generator, vocab_size)
+        token = choose_token(torch, logits, params, self.generator)
         if grammar is not None:
             self.whole = grammar.advance(token)
         if counts is not None:
@@ -479,7 +478,7 @@ class Scheduler:
         unchosen: dict[int, Exception] = {}
         for i, s in enumerate(rows):
             try:
-                tokens.append(greedy[i] if s.greedy else s.choose(torch, logits[i], engine.vocab_size))
+                tokens.append(greedy[i] if s.greedy else s.choose(torch, logits[i]))
             except Exception as exc:  # e.g. NaN logits that no token can be sampled from: this generation fails
                 tokens.append(0)
                 unchosen[i] = exc

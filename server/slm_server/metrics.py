@@ -97,9 +97,10 @@ OTHER_ENDPOINTS = ("/v1/models", "/tokenize", "/detokenize", "/healthz", "/ready
 UNKNOWN_ENDPOINT = "other"
 FINISH_REASONS = ("stop", "length", "abort", "timeout", "error")
 ERROR_KINDS = ("invalid_input", "overloaded", "timeout", "model_error", "not_ready", "internal")
-# The drift detector's signals (slm_server.drift): two distributions, four rates.
-# What held an output to a grammar: a response_format of these types, or tool calls (slm_server.tool_calls).
+# What held an output to a grammar (slm_server.structured): a response_format, tool calls, or
+# structured_outputs' regex, choice or grammar.
 STRUCTURED_FORMATS = ("json_object", "json_schema", "tool_call", "regex", "choice", "grammar")
+# The drift detector's signals (slm_server.drift): two distributions, four rates.
 DRIFT_SIGNALS = ("perplexity", "output_length", "finish_length", "empty_output", "repetition", "error")
 
 REQUEST_DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 2.5, 5, 10, 20, 30, 60, 120)

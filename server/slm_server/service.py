@@ -97,8 +97,8 @@ class RequestRecord:
             fields["gen_ai.request.presence_penalty"] = params.presence_penalty
         if params.frequency_penalty:
             fields["gen_ai.request.frequency_penalty"] = params.frequency_penalty
-        if params.grammar is not None:  # what the client asked for: JSON, or text held to a regex, choice or grammar
-            fields["gen_ai.output.type"] = "text" if params.grammar.format in ("regex", "choice", "grammar") else "json"
+        if params.grammar is not None:
+            fields["gen_ai.output.type"] = params.grammar.output_type
         fields["gen_ai.usage.input_tokens"] = prompt_tokens
         fields["slm.stream"] = stream
         outcomes, policy = self.outcomes, self.policy

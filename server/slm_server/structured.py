@@ -32,12 +32,15 @@ import threading
 from collections import OrderedDict
 from typing import Any
 
+import numpy as np
+
 from slm_server.errors import InvalidInput
 
 log = logging.getLogger("slm_server.engine")
 
 _JSON_OPTIONS: Any = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}  # JsonCompileOptions
 _CACHED_GRAMMARS = 64
+_TEXT_FORMATS = frozenset({"regex", "choice", "grammar"})  # the others are JSON
 
 
 class OutputGrammar:
@@ -48,6 +51,11 @@ class OutputGrammar:
     def __init__(self, matcher: Any, format: str):
         self._matcher = matcher  # never advanced (so shared safely across threads): each generation advances a copy
         self.format = format
+
+    @property
+    def output_type(self) -> str:
+        """What the client asked for, as OTel GenAI's `gen_ai.output.type` says it: json or text."""
+        return "text" if self.format in _TEXT_FORMATS else "json"
 
     def start(self) -> GrammarState:
         """The state of one generation held to this grammar."""
@@ -64,8 +72,6 @@ class GrammarState:
 
     def allow(self, torch: Any, logits: Any) -> Any:
         """`logits` (one position's, on the model's device) with every token the grammar refuses at -inf."""
-        import numpy as np
-
         # One bit per token, little-endian in bytes; unpacked by numpy, ~2x faster than shifting int32
         # words in torch on a CPU. (llguidance.torch's helpers would import torch.compile's machinery,
         # seconds on the first structured request, for a kernel this does in two calls.)

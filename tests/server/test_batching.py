@@ -241,10 +241,10 @@ def test_a_generation_whose_token_cannot_be_chosen_fails_alone(tiny_engine, monk
 
     choose = batching.choose_token
 
-    def choose_or_fail(torch, logits, params, generator, vocab_size):
+    def choose_or_fail(torch, logits, params, generator):
         if params.seed == 13:
             raise RuntimeError("probability tensor contains either `inf`, `nan` or element < 0")
-        return choose(torch, logits, params, generator, vocab_size)
+        return choose(torch, logits, params, generator)
 
     jobs = [(prompt, LONG) for prompt in LONG_PROMPTS[:3]]
     alone = [_alone(tiny_engine, prompt, params) for prompt, params in jobs]

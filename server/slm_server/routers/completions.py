@@ -279,7 +279,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
                 param="tool_choice",
             )
         grammar = await service.output_grammar(tool_calls.FORMAT, tool_plan.schema, "tools")
-        tools = [tool.model_dump(exclude_none=True) for tool in body.tools or ()]
+        tools = tool_calls.template_tools(body.tools)
     prompt_ids = service.engine.encode_chat(tool_calls.template_messages(body.messages), tools)
     if body.top_logprobs is not None and not body.logprobs:
         raise InvalidInput("top_logprobs needs logprobs=true", param="top_logprobs")

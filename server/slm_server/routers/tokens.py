@@ -33,8 +33,7 @@ async def tokenize(body: TokenizeText | TokenizeChat, request: Request) -> Token
         ids = await encode(service, body.prompt)
     else:
         messages = tool_calls.template_messages(body.messages)
-        tools = [tool.model_dump(exclude_none=True) for tool in body.tools] if body.tools else None
-        ids = await asyncio.to_thread(service.engine.encode_chat, messages, tools)
+        ids = await asyncio.to_thread(service.engine.encode_chat, messages, tool_calls.template_tools(body.tools))
     return TokenizeResponse(count=len(ids), max_model_len=service.engine.info.max_context, tokens=ids)
 
 
