@@ -9,6 +9,7 @@
 #   5. measures tokens/s with continuous batching (the default) and with one generation at a time
 #      (SLM_MAX_BATCH_SIZE=1), and the mean batch size from the server's own counters;
 #   and on the way, the sampling paths, prefix caching and structured output on the device.
+#   The two servers of each comparison run at once and take the load in turn, 3 rounds after a warm-up.
 #
 #   scripts/gpu-check.sh                       # uses .venv/bin/python, or $PYTHON, or python3
 #   GPU_CHECK_BUNDLE=.gpu scripts/gpu-check.sh # a machine whose python3 has torch but not the
@@ -254,32 +255,44 @@ with server(model_dir, log_dir) as base:
           f"response_format json_schema: 4 sampled choices, each JSON that follows the schema: {documents}")
 
 REQUESTS = int(os.environ.get("GPU_CHECK_REQUESTS", "64"))
-print(f"== tokens/s, monitoring on vs off (same load: {REQUESTS} greedy requests x 128 tokens, 8 at a time)")
-results = {}
+
+
+def compare(title: str, configs: dict[str, dict[str, str]], counters: bool = False) -> dict[str, tuple[float, float]]:
+    """Tokens/s of each configuration's server, all running at once and loaded in turn (3 rounds), so
+    that a change in the machine over the run (clocks, a neighbour) falls on both alike: the median
+    round of each, and the mean batch size (generations per forward pass) over its rounds."""
+    print(f"== {title} (same load: {REQUESTS} greedy requests x 128 tokens, 8 at a time; 3 rounds, in turn)")
+    results = {}
+    with contextlib.ExitStack() as stack:
+        bases = {label: stack.enter_context(server(model_dir, log_dir, **env)) for label, env in configs.items()}
+        for base in bases.values():  # warm-up at the measured shapes (CUDA kernels, allocator)
+            load(base, 8, 8, 128)
+        passes = lambda base: {s.name: s.value for s in samples(base) if s.name.startswith("slm_forward_pass")}
+        before = {label: passes(base) for label, base in bases.items()} if counters else {}
+        rates = {label: [] for label in bases}
+        for _ in range(3):
+            for label, base in bases.items():
+                rates[label].append(load(base, REQUESTS, 8, 128)[0])
+        for label, base in bases.items():
+            mean = 0.0
+            if counters:
+                after = passes(base)
+                fed = after["slm_forward_pass_generations_total"] - before[label]["slm_forward_pass_generations_total"]
+                mean = fed / (after["slm_forward_passes_total"] - before[label]["slm_forward_passes_total"])
+            results[label] = (sorted(rates[label])[1], mean)
+            batch = f"  mean batch {mean:4.1f}" if counters else ""
+            print(f"  {label:<15} {results[label][0]:8.1f} tokens/s{batch}  (rounds: {', '.join(f'{r:.1f}' for r in rates[label])})")
+    return results
+
+
 off = {"SLM_METRICS_ENABLED": "false", "SLM_LOG_REQUESTS": "false"}  # no metrics, no drift, no request lines
-for label, env in (("monitoring on", {}), ("monitoring off", off)):
-    with server(model_dir, log_dir, **env) as base:
-        load(base, 8, 8, 16)  # warm-up (CUDA kernels, allocator)
-        rates = [load(base, REQUESTS, 8, 128)[0] for _ in range(3)]
-        results[label] = sorted(rates)[1]
-        print(f"  {label:<15} {results[label]:8.1f} tokens/s  (median of 3 runs: {', '.join(f'{r:.1f}' for r in rates)})")
-ratio = results["monitoring on"] / results["monitoring off"]
+results = compare("tokens/s, monitoring on vs off", {"monitoring on": {}, "monitoring off": off})
+ratio = results["monitoring on"][0] / results["monitoring off"][0]
 print(f"  on / off = {ratio:.3f}")
 check(ratio >= 0.90, "monitoring keeps >= 90% of the tokens/s")
 
-print("== tokens/s, continuous batching vs one generation at a time (same load, 8 at a time)")
-batching = {}
-for label, env in (("batched", {}), ("one at a time", {"SLM_MAX_BATCH_SIZE": "1"})):
-    with server(model_dir, log_dir, **env) as base:
-        load(base, 8, 8, 16)  # warm-up
-        counters = lambda: {s.name: s.value for s in samples(base) if s.name.startswith("slm_forward_pass")}
-        before = counters()
-        rate = load(base, REQUESTS, 8, 128)[0]
-        after = counters()
-        fed = after["slm_forward_pass_generations_total"] - before["slm_forward_pass_generations_total"]
-        mean = fed / (after["slm_forward_passes_total"] - before["slm_forward_passes_total"])
-        batching[label] = (rate, mean)
-        print(f"  {label:<15} {rate:8.1f} tokens/s  mean batch {mean:4.1f}")
+batching = compare("tokens/s, continuous batching vs one generation at a time",
+                   {"batched": {}, "one at a time": {"SLM_MAX_BATCH_SIZE": "1"}}, counters=True)
 gain = batching["batched"][0] / batching["one at a time"][0]
 print(f"  batched / one at a time = {gain:.2f}x")
 check(batching["batched"][1] > 1.5, "concurrent generations share forward passes (mean batch > 1.5)")

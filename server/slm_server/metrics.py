@@ -425,8 +425,8 @@ class GpuCollector(Collector):
             values = [index, uuid, name]
             for family, read in (
                 (util, lambda h: nvml.nvmlDeviceGetUtilizationRates(h).gpu),
-                (used, lambda h: nvml.nvmlDeviceGetMemoryInfo(h).used),
-                (total, lambda h: nvml.nvmlDeviceGetMemoryInfo(h).total),
+                (used, lambda h: self._memory(h).used),
+                (total, lambda h: self._memory(h).total),
                 (temp, lambda h: nvml.nvmlDeviceGetTemperature(h, nvml.NVML_TEMPERATURE_GPU)),
                 (power, lambda h: nvml.nvmlDeviceGetPowerUsage(h) / 1000.0),
             ):
@@ -435,6 +435,16 @@ class GpuCollector(Collector):
                 except nvml.NVMLError:  # a reading this GPU does not support: leave the series out
                     continue
         yield from (util, used, total, temp, power)
+
+    def _memory(self, handle: Any) -> Any:
+        """Memory as nvidia-smi and DCGM count it: NVML's v2 reading, whose `used` leaves out what the
+        driver reserves. The v1 reading counts it as used (645 MiB more than nvidia-smi on an H200, seen
+        by scripts/gpu-check.sh); it is the fallback for a driver without v2."""
+        nvml = self._nvml
+        try:
+            return nvml.nvmlDeviceGetMemoryInfo(handle, version=nvml.nvmlMemory_v2)
+        except nvml.NVMLError:  # no v2 in this driver, or another version of the structure
+            return nvml.nvmlDeviceGetMemoryInfo(handle)
 
 
 class BatchCollector(Collector):

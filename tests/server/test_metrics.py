@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import subprocess
+from types import SimpleNamespace
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
@@ -169,41 +170,66 @@ def test_without_a_gpu_no_gpu_series_and_one_log_event(tiny_engine, tiny_model_d
     assert missing[0]["level"] == "info" and missing[0]["reason"]
 
 
-def test_gpu_collector_reads_every_gpu_through_nvml():
-    """The pynvml path with a stand-in NVML (there is no GPU here; scripts/gpu-check.sh covers a real one)."""
-    from types import SimpleNamespace
+class FakeNvml:
+    """A stand-in NVML (there is no GPU here; scripts/gpu-check.sh compares the real one with nvidia-smi).
+    Memory as an H200 reported it: v1's `used` counts the driver's reserved memory, v2's does not."""
 
+    NVML_TEMPERATURE_GPU = 0
+    nvmlMemory_v2 = 0x02000028
+    RESERVED = 645 * 2**20
+
+    class NVMLError(Exception):
+        pass
+
+    class NVMLError_FunctionNotFound(NVMLError):  # pynvml names it so
+        pass
+
+    def __init__(self, has_v2: bool = True):
+        self.has_v2 = has_v2
+
+    def nvmlDeviceGetUtilizationRates(self, h):
+        return SimpleNamespace(gpu=87)
+
+    def nvmlDeviceGetMemoryInfo(self, h, version=None):
+        if version is None:
+            return SimpleNamespace(used=3 * 2**30 + self.RESERVED, total=80 * 2**30)
+        if not self.has_v2 or version != self.nvmlMemory_v2:
+            raise self.NVMLError_FunctionNotFound("no nvmlDeviceGetMemoryInfo_v2")
+        return SimpleNamespace(used=3 * 2**30, reserved=self.RESERVED, total=80 * 2**30)
+
+    def nvmlDeviceGetTemperature(self, h, sensor):
+        return 61
+
+    def nvmlDeviceGetPowerUsage(self, h):
+        raise self.NVMLError("not supported")  # a reading the GPU lacks is left out, not fatal
+
+
+def test_gpu_collector_reads_every_gpu_through_nvml():
     from prometheus_client import CollectorRegistry, generate_latest
 
     from slm_server.metrics import GpuCollector
-
-    class FakeNvml:
-        NVML_TEMPERATURE_GPU = 0
-
-        class NVMLError(Exception):
-            pass
-
-        def nvmlDeviceGetUtilizationRates(self, h):
-            return SimpleNamespace(gpu=87)
-
-        def nvmlDeviceGetMemoryInfo(self, h):
-            return SimpleNamespace(used=3 * 2**30, total=80 * 2**30)
-
-        def nvmlDeviceGetTemperature(self, h, sensor):
-            return 61
-
-        def nvmlDeviceGetPowerUsage(self, h):
-            raise self.NVMLError("not supported")  # a reading the GPU lacks is left out, not fatal
 
     registry = CollectorRegistry()
     registry.register(GpuCollector(FakeNvml(), [("0", "GPU-abc", "NVIDIA H100", object())]))
     labels = {"index": "0", "uuid": "GPU-abc", "name": "NVIDIA H100"}
     assert registry.get_sample_value("nvidia_gpu_utilization", labels) == 87
-    assert registry.get_sample_value("nvidia_gpu_memory_used_bytes", labels) == 3 * 2**30
+    assert registry.get_sample_value("nvidia_gpu_memory_used_bytes", labels) == 3 * 2**30  # as nvidia-smi says
     assert registry.get_sample_value("nvidia_gpu_memory_total_bytes", labels) == 80 * 2**30
     assert registry.get_sample_value("nvidia_gpu_temperature_celsius", labels) == 61
     assert registry.get_sample_value("nvidia_gpu_power_watts", labels) is None
     assert b"nvidia_gpu_utilization{" in generate_latest(registry)
+
+
+def test_gpu_memory_falls_back_to_the_v1_reading_on_a_driver_without_v2():
+    from prometheus_client import CollectorRegistry
+
+    from slm_server.metrics import GpuCollector
+
+    registry = CollectorRegistry()
+    registry.register(GpuCollector(FakeNvml(has_v2=False), [("0", "GPU-abc", "NVIDIA A10", object())]))
+    labels = {"index": "0", "uuid": "GPU-abc", "name": "NVIDIA A10"}
+    assert registry.get_sample_value("nvidia_gpu_memory_used_bytes", labels) == 3 * 2**30 + FakeNvml.RESERVED
+    assert registry.get_sample_value("nvidia_gpu_memory_total_bytes", labels) == 80 * 2**30
 
 
 def test_without_monitoring_the_server_serves_the_same_without_metrics_or_request_lines(tiny_model_dir, json_records):
