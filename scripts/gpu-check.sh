@@ -15,7 +15,8 @@
 #   GPU_CHECK_BUNDLE=.gpu scripts/gpu-check.sh # a machine whose python3 has torch but not the
 #                                              # server's web stack: see scripts/gpu-bundle.sh
 #   GPU_CHECK_ALLOW_CPU=1 scripts/gpu-check.sh # rehearse the flow on a machine without a GPU
-#   GPU_CHECK_REQUESTS=64                      # requests per tokens/s run (3 runs each way)
+#   GPU_CHECK_REQUESTS=64                      # requests per tokens/s run
+#   GPU_CHECK_ROUNDS=3                         # runs each way (odd: the median is one of them)
 #
 # Exit status 0 when every check passed. Output is plain text meant to be pasted into a note.
 set -euo pipefail
@@ -255,13 +256,14 @@ with server(model_dir, log_dir) as base:
           f"response_format json_schema: 4 sampled choices, each JSON that follows the schema: {documents}")
 
 REQUESTS = int(os.environ.get("GPU_CHECK_REQUESTS", "64"))
+ROUNDS = int(os.environ.get("GPU_CHECK_ROUNDS", "3"))
 
 
-def compare(title: str, configs: dict[str, dict[str, str]], counters: bool = False) -> dict[str, tuple[float, float]]:
-    """Tokens/s of each configuration's server, all running at once and loaded in turn (3 rounds), so
+def compare(title: str, configs: dict[str, dict[str, str]], counters: bool = False) -> dict[str, tuple]:
+    """Tokens/s of each configuration's server, all running at once and loaded in turn (ROUNDS), so
     that a change in the machine over the run (clocks, a neighbour) falls on both alike: the median
-    round of each, and the mean batch size (generations per forward pass) over its rounds."""
-    print(f"== {title} (same load: {REQUESTS} greedy requests x 128 tokens, 8 at a time; 3 rounds, in turn)")
+    round of each, the mean batch size (generations per forward pass) over its rounds, and every round."""
+    print(f"== {title} (same load: {REQUESTS} greedy requests x 128 tokens, 8 at a time; {ROUNDS} rounds, in turn)")
     results = {}
     with contextlib.ExitStack() as stack:
         bases = {label: stack.enter_context(server(model_dir, log_dir, **env)) for label, env in configs.items()}
@@ -270,7 +272,7 @@ def compare(title: str, configs: dict[str, dict[str, str]], counters: bool = Fal
         passes = lambda base: {s.name: s.value for s in samples(base) if s.name.startswith("slm_forward_pass")}
         before = {label: passes(base) for label, base in bases.items()} if counters else {}
         rates = {label: [] for label in bases}
-        for _ in range(3):
+        for _ in range(ROUNDS):
             for label, base in bases.items():
                 rates[label].append(load(base, REQUESTS, 8, 128)[0])
         for label, base in bases.items():
@@ -279,7 +281,7 @@ def compare(title: str, configs: dict[str, dict[str, str]], counters: bool = Fal
                 after = passes(base)
                 fed = after["slm_forward_pass_generations_total"] - before[label]["slm_forward_pass_generations_total"]
                 mean = fed / (after["slm_forward_passes_total"] - before[label]["slm_forward_passes_total"])
-            results[label] = (sorted(rates[label])[1], mean)
+            results[label] = (sorted(rates[label])[ROUNDS // 2], mean, rates[label])
             batch = f"  mean batch {mean:4.1f}" if counters else ""
             print(f"  {label:<15} {results[label][0]:8.1f} tokens/s{batch}  (rounds: {', '.join(f'{r:.1f}' for r in rates[label])})")
     return results
@@ -288,7 +290,8 @@ def compare(title: str, configs: dict[str, dict[str, str]], counters: bool = Fal
 off = {"SLM_METRICS_ENABLED": "false", "SLM_LOG_REQUESTS": "false"}  # no metrics, no drift, no request lines
 results = compare("tokens/s, monitoring on vs off", {"monitoring on": {}, "monitoring off": off})
 ratio = results["monitoring on"][0] / results["monitoring off"][0]
-print(f"  on / off = {ratio:.3f}")
+pairs = [a / b for a, b in zip(results["monitoring on"][2], results["monitoring off"][2])]
+print(f"  on / off = {ratio:.3f}  (round by round: {', '.join(f'{r:.3f}' for r in pairs)})")
 check(ratio >= 0.90, "monitoring keeps >= 90% of the tokens/s")
 
 batching = compare("tokens/s, continuous batching vs one generation at a time",
