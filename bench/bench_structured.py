@@ -142,6 +142,7 @@ def run(
                         params = SamplingParams(max_tokens=tokens, temperature=0.8, seed=round_, grammar=held)
                         gaps[n][name] += _gaps_ms(engine, n, params)
             compile_cold, compile_cached = _compile_ms(engine, 10)
+            device = str(engine.device)
         finally:
             engine.close()
     per_streams = {}
@@ -150,6 +151,7 @@ def run(
         per_streams[n] = {"free_ms": free, "json_schema_ms": held, "json_schema_over_free": held / free}
     return {
         "vocab": vocab,
+        "device": device,
         "tokens": tokens,
         "inter_token": per_streams,
         "compile_ms": {"cold": compile_cold, "cached": compile_cached},
@@ -165,8 +167,8 @@ def main() -> int:
     args = parser.parse_args()
     r = run(args.tokens, [int(n) for n in args.streams.split(",")], args.rounds)
     print(
-        f"random-weight Llama (256 hidden, 4 layers), {r['vocab']:,}-token vocabulary, CPU; {args.tokens} tokens "
-        f"per stream, median gap between two tokens over {args.rounds} rounds"
+        f"random-weight Llama (256 hidden, 4 layers), {r['vocab']:,}-token vocabulary, {r['device']}; "
+        f"{args.tokens} tokens per stream, median gap between two tokens over {args.rounds} rounds"
     )
     for n, f in r["inter_token"].items():
         print(

@@ -188,9 +188,10 @@ def metrics_reference() -> str:
         "",
         "On a machine with an NVIDIA GPU the server also exports, per GPU (labels `index`, `uuid`), from pynvml: "
         + ", ".join(f"`{name}`" for name in gpu)
-        + ". Without a GPU there is no such series and one log event "
-        "says so. In clusters the DCGM exporter's `DCGM_FI_DEV_*` series (pod-mapped to `namespace`/`pod`) are "
-        "read first by the rules and dashboards, and these second.",
+        + ". Memory used is counted as `nvidia-smi` and DCGM count it: NVML's v2 reading, which leaves out the "
+        "memory the driver reserves (about 645 MiB on an H200). Without a GPU there is no such series and one "
+        "log event says so. In clusters the DCGM exporter's `DCGM_FI_DEV_*` series (pod-mapped to "
+        "`namespace`/`pod`) are read first by the rules and dashboards, and these second.",
         "",
     ]
     return "\n".join(lines)

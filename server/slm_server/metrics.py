@@ -415,7 +415,9 @@ class GpuCollector(Collector):
         nvml = self._nvml
         labels = ["index", "uuid", "name"]
         util = GaugeMetricFamily("nvidia_gpu_utilization", "GPU utilization in percent (NVML)", labels=labels)
-        used = GaugeMetricFamily("nvidia_gpu_memory_used_bytes", "GPU memory used in bytes (NVML)", labels=labels)
+        used = GaugeMetricFamily(
+            "nvidia_gpu_memory_used_bytes", "GPU memory used in bytes, as nvidia-smi counts it (NVML)", labels=labels
+        )
         total = GaugeMetricFamily("nvidia_gpu_memory_total_bytes", "GPU memory in bytes (NVML)", labels=labels)
         temp = GaugeMetricFamily(
             "nvidia_gpu_temperature_celsius", "GPU temperature in degrees Celsius (NVML)", labels=labels
