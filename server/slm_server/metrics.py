@@ -410,6 +410,7 @@ class GpuCollector(Collector):
     def __init__(self, nvml: Any, devices: list[tuple[str, str, str, Any]]):
         self._nvml = nvml
         self._devices = devices  # (index, uuid, name, handle)
+        self._memory_v2 = True  # until the driver refuses NVML's v2 memory reading
 
     def collect(self) -> Iterable[GaugeMetricFamily]:
         nvml = self._nvml
@@ -425,28 +426,34 @@ class GpuCollector(Collector):
         power = GaugeMetricFamily("nvidia_gpu_power_watts", "GPU power draw in watts (NVML)", labels=labels)
         for index, uuid, name, handle in self._devices:
             values = [index, uuid, name]
-            for family, read in (
-                (util, lambda h: nvml.nvmlDeviceGetUtilizationRates(h).gpu),
-                (used, lambda h: self._memory(h).used),
-                (total, lambda h: self._memory(h).total),
-                (temp, lambda h: nvml.nvmlDeviceGetTemperature(h, nvml.NVML_TEMPERATURE_GPU)),
-                (power, lambda h: nvml.nvmlDeviceGetPowerUsage(h) / 1000.0),
+            for families, read in (
+                ((util,), lambda h: (nvml.nvmlDeviceGetUtilizationRates(h).gpu,)),
+                ((used, total), self._memory),  # one reading for both
+                ((temp,), lambda h: (nvml.nvmlDeviceGetTemperature(h, nvml.NVML_TEMPERATURE_GPU),)),
+                ((power,), lambda h: (nvml.nvmlDeviceGetPowerUsage(h) / 1000.0,)),
             ):
                 try:
-                    family.add_metric(values, float(read(handle)))
+                    readings = read(handle)
                 except nvml.NVMLError:  # a reading this GPU does not support: leave the series out
                     continue
+                for family, value in zip(families, readings, strict=True):
+                    family.add_metric(values, float(value))
         yield from (util, used, total, temp, power)
 
-    def _memory(self, handle: Any) -> Any:
-        """Memory as nvidia-smi and DCGM count it: NVML's v2 reading, whose `used` leaves out what the
-        driver reserves. The v1 reading counts it as used (645 MiB more than nvidia-smi on an H200, seen
-        by scripts/gpu-check.sh); it is the fallback for a driver without v2."""
+    def _memory(self, handle: Any) -> tuple[int, int]:
+        """(used, total) bytes as nvidia-smi and DCGM count them: NVML's v2 reading, whose `used` leaves
+        out what the driver reserves. The v1 reading counts it as used (645 MiB more than nvidia-smi on
+        an H200, seen by scripts/gpu-check.sh); it is the fallback for a driver without v2, which is
+        then not asked again."""
         nvml = self._nvml
-        try:
-            return nvml.nvmlDeviceGetMemoryInfo(handle, version=nvml.nvmlMemory_v2)
-        except nvml.NVMLError:  # no v2 in this driver, or another version of the structure
-            return nvml.nvmlDeviceGetMemoryInfo(handle)
+        if self._memory_v2:
+            try:
+                memory = nvml.nvmlDeviceGetMemoryInfo(handle, version=nvml.nvmlMemory_v2)
+                return memory.used, memory.total
+            except (nvml.NVMLError_FunctionNotFound, nvml.NVMLError_ArgumentVersionMismatch):
+                self._memory_v2 = False
+        memory = nvml.nvmlDeviceGetMemoryInfo(handle)
+        return memory.used, memory.total
 
 
 class BatchCollector(Collector):

@@ -184,6 +184,9 @@ class FakeNvml:
     class NVMLError_FunctionNotFound(NVMLError):  # pynvml names it so
         pass
 
+    class NVMLError_ArgumentVersionMismatch(NVMLError):
+        pass
+
     def __init__(self, has_v2: bool = True):
         self.has_v2 = has_v2
 
