@@ -31,7 +31,7 @@ generate: venv ## rewrite every generated file (chart CRD copy, chart dashboard 
 	@$(PY) scripts/gen_docs.py
 
 demo: deps ## the whole product on this machine (local control plane, operator, server, Prometheus, Alertmanager)
-	@$(PY) -m slm_operator.devenv demo $(DEMO_ARGS)
+	@$(PY) -m slm_devtools demo $(DEMO_ARGS)
 
 test: deps ## set-up, lint, then every test (unit, data plane, e2e on the local control plane)
 	@$(VENV)/bin/ruff check .

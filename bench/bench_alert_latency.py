@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/bench_alert_latency.py [--cycles 5] [--interval 1] [--group-wait 1] [--json OUT]
 
-Runs the real data plane (slm_operator.devenv.dataplane.MonitoringPlane): the server with the tiny
+Runs the real data plane (slm_devtools.dataplane.MonitoringPlane): the server with the tiny
 model under bounded load, Prometheus evaluating the rules as the operator renders them (errorRate with
 `for: 0s` and a 15s window), Alertmanager routing as the rendered AlertmanagerConfig, an SMTP sink and a
 Slack-style webhook sink. Each cycle sets errorRate=1 through the fault admin API, waits for
@@ -29,7 +29,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from slm_operator.devenv import dataplane as dp  # noqa: E402
+from slm_devtools import dataplane as dp  # noqa: E402
 from slm_operator.monitoring.dashboards import render_dashboard, render_fleet_dashboard  # noqa: E402
 from slm_operator.monitoring.rules import ALERT_NAMES, render_rule_groups  # noqa: E402
 
@@ -81,7 +81,7 @@ def main() -> int:
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
 
-    from slm_server.tinymodel import ensure_tiny_model
+    from slm_devtools.tinymodel import ensure_tiny_model
 
     window_s = 15.0
     alerts = {"errorRate": {"threshold": 0.1, "for": "0s", "window": f"{window_s:g}s"}}

@@ -35,10 +35,10 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "server"))
 
+from slm_devtools.tinymodel import ensure_tiny_model  # noqa: E402
 from slm_server import batching  # noqa: E402
 from slm_server.engine import SamplingParams, TransformersEngine  # noqa: E402
 from slm_server.settings import Settings  # noqa: E402
-from slm_server.tinymodel import ensure_tiny_model  # noqa: E402
 
 PROMPTS = [
     "Return a new list of the",

@@ -23,8 +23,8 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "server"))
 
+from slm_devtools.tinymodel import build_corpus, ensure_tiny_model  # noqa: E402
 from slm_server.engine import _TextTracker  # noqa: E402
-from slm_server.tinymodel import build_corpus, ensure_tiny_model  # noqa: E402
 
 
 def whole_output(decode: Callable[[list[int]], str], ids: list[int]) -> str:

@@ -6,7 +6,7 @@
     .venv/bin/python bench/bench_drift.py --no-promql     # skip the Prometheus side
 
 What it does
-1. **Pools of real per-request signals.** The project's tiny model (`slm_server.tinymodel`) generates
+1. **Pools of real per-request signals.** The project's tiny model (`slm_devtools.tinymodel`) generates
    answers (sampling, temperature 1, up to MAX_NEW_TOKENS) for three kinds of traffic:
    in-distribution prompts (openings of prose paragraphs like its training corpus), shifted traffic
    (the same openings with their characters scrambled, sampled at temperature 1.3: a new client
@@ -121,7 +121,7 @@ def is_repetitive(tokens: list[int]) -> bool:
 
 def _prompts(count: int, seed: int) -> tuple[list[str], list[str]]:
     """(in-distribution, shifted) prompts: paragraph openings, and the same openings scrambled."""
-    from slm_server.tinymodel import build_corpus
+    from slm_devtools.tinymodel import build_corpus
 
     docs = build_corpus()
     rng = random.Random(seed)
@@ -200,7 +200,7 @@ SHIFTED_TEMPERATURE = 1.3
 
 def load_pools(log: Callable[[str], None]) -> dict[str, list[Answer]]:
     """The three pools, each from the cache or generated with the tiny model (minutes on a busy CPU)."""
-    from slm_server.tinymodel import TINY_MODEL_VERSION, ensure_tiny_model
+    from slm_devtools.tinymodel import TINY_MODEL_VERSION, ensure_tiny_model
 
     key = hashlib.sha256(f"{POOL_VERSION}-{TINY_MODEL_VERSION}-{MAX_NEW_TOKENS}".encode()).hexdigest()[:12]
     folder = cache_dir() / "bench-drift" / f"pools-{key}"
@@ -823,7 +823,7 @@ def promql_detector(
     """Recall/delay/false alarms of the rendered drift alerts, per `for` in `fors`."""
     import yaml
 
-    from slm_operator.devenv.tools import tool
+    from slm_devtools.tools import tool
     from slm_operator.monitoring.rules import parse_duration, render_rule_groups
 
     promtool, prometheus = str(tool("promtool")), str(tool("prometheus"))

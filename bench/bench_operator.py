@@ -28,7 +28,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # for tests.operator.process when run as a script
 
-from slm_operator.devenv.cluster import ClusterBase, ExistingCluster, LocalCluster, wait_for  # noqa: E402
+from slm_devtools.cluster import ClusterBase, ExistingCluster, LocalCluster, wait_for  # noqa: E402
 from slm_operator.kube import Kube  # noqa: E402
 from tests.operator.process import OperatorProcess, install_crd  # noqa: E402
 

@@ -38,9 +38,9 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "server"))
 
+from slm_devtools.tinymodel import ensure_tiny_model  # noqa: E402
 from slm_server.engine import GenerationResult, SamplingParams, TransformersEngine  # noqa: E402
 from slm_server.settings import Settings  # noqa: E402
-from slm_server.tinymodel import ensure_tiny_model  # noqa: E402
 
 CONTEXT = 2048
 STREAM_PROMPTS = ["Return a new list of the", "The file is", "If the value is not None, the function", "A"]

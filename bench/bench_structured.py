@@ -62,7 +62,7 @@ def build_model(target: Path, vocab: int = VOCAB, corpus_bytes: int = 12_000_000
     vocabulary size."""
     from bench_prefill import save_random_llama
 
-    from slm_server.tinymodel import train_tokenizer
+    from slm_devtools.tinymodel import train_tokenizer
 
     tokenizer = train_tokenizer(_corpus(corpus_bytes), vocab_size=vocab)
     save_random_llama(target, tokenizer)

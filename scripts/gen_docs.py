@@ -132,9 +132,9 @@ def _tiny_server() -> Iterator[Any]:
     from fastapi.testclient import TestClient
     from prometheus_client import CollectorRegistry
 
+    from slm_devtools.tinymodel import ensure_tiny_model
     from slm_server.app import create_app
     from slm_server.settings import Settings
-    from slm_server.tinymodel import ensure_tiny_model
 
     settings = Settings(model=str(ensure_tiny_model(log=lambda *_: None)), served_model_name="tiny")
     with TestClient(create_app(settings, registry=CollectorRegistry())) as client:

@@ -86,7 +86,7 @@ if missing:
 print(f"gpu-bundle: {len(names)} wheels for Python {version}; their requirements are all bundled or in the image")
 EOF
 
-model="$(PYTHONPATH="$repo/server" "$PYTHON" -m slm_server.tinymodel --quiet)"
+model="$(PYTHONPATH="$repo/server" "$PYTHON" -m slm_devtools.tinymodel --quiet)"
 rm -rf "$out/cache/models/$(basename "$model")"
 cp -r "$model" "$out/cache/models/"
 du -sh "$out" | awk '{print "gpu-bundle: " $2 " holds " $1}'

@@ -69,7 +69,7 @@ import urllib.request
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from slm_server.tinymodel import ensure_tiny_model
+from slm_devtools.tinymodel import ensure_tiny_model
 
 ALLOW_CPU = bool(os.environ.get("GPU_CHECK_ALLOW_CPU"))
 HAVE_SMI = shutil.which("nvidia-smi") is not None

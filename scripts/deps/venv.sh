@@ -30,10 +30,16 @@ fi
 uv="$uvdir/bin/uv"
 export UV_CACHE_DIR="${UV_CACHE_DIR:-$cache/uv-cache}"
 
+# One lock for the development environment (the three distributions and the test tools together),
+# and one per product image, constrained by it so every image runs the versions the tests ran.
+# All with hashes: the image builds install with --require-hashes.
 if [ "${1:-}" = "--lock" ] || [ ! -f "$repo/requirements.lock" ]; then
-  say "resolving requirements.lock"
-  (cd "$repo" && "$uv" pip compile -q pyproject.toml --extra server --extra dev \
-     --python-version 3.11 --python-platform x86_64-manylinux_2_28 -o requirements.lock)
+  say "resolving requirements.lock, operator/requirements.lock, server/requirements.lock"
+  compile() { (cd "$repo" && "$uv" pip compile -q --generate-hashes --python-version 3.11 \
+                 --python-platform x86_64-manylinux_2_28 "$@"); }
+  compile pyproject.toml operator/pyproject.toml server/pyproject.toml --all-extras -o requirements.lock
+  compile operator/pyproject.toml -c requirements.lock -o operator/requirements.lock
+  compile server/pyproject.toml --extra engine -c requirements.lock -o server/requirements.lock
 fi
 
 key="$("$PYTHON" -c 'import sys;print(f"py{sys.version_info[0]}{sys.version_info[1]}")')-$(sha256sum "$repo/requirements.lock" | cut -c1-16)"
@@ -69,5 +75,6 @@ for tool in "$deps"/bin/*; do
     ln -sfn "$tool" "$venv/bin/$name"   # native binaries (ruff)
   fi
 done
-VIRTUAL_ENV="$venv" "$uv" pip install -q --no-deps -e "$repo" || die "installing the project (editable) failed."
+VIRTUAL_ENV="$venv" "$uv" pip install -q --no-deps -e "$repo/operator" -e "$repo/server" -e "$repo" ||
+  die "installing the project (editable: operator, server, devtools) failed."
 say "python environment ready: $venv (packages from $deps)"

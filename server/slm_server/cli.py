@@ -14,7 +14,7 @@ from slm_server.settings import Settings
 
 def parse_args(argv: list[str] | None) -> dict[str, object]:
     parser = argparse.ArgumentParser(prog="slm-server", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", help="HF model directory or hub id, or `tiny` (env SLM_MODEL)")
+    parser.add_argument("--model", help="HF model directory or hub id (env SLM_MODEL)")
     parser.add_argument("--served-model-name")
     parser.add_argument("--host")
     parser.add_argument("--port", type=int)

@@ -284,10 +284,8 @@ class TransformersEngine(Engine):
         self._scheduler: Scheduler | None = None
 
     def _resolve_source(self) -> str:
-        if self.settings.model == "tiny":
-            from slm_server.tinymodel import ensure_tiny_model
-
-            return str(ensure_tiny_model(log=log.info))
+        if not self.settings.model:
+            raise ValueError("no model to load: set SLM_MODEL (or --model) to a model directory or hub id")
         return self.settings.model
 
     def load(self) -> None:

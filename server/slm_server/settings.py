@@ -17,9 +17,8 @@ class Settings(BaseSettings):
 
     # --- model -----------------------------------------------------------------------------------
     model: str = Field(
-        "tiny",
-        description="A Hugging Face model directory or hub id; `tiny` = the project's own tiny model "
-        "(built on first use, see slm_server.tinymodel).",
+        "",
+        description="A Hugging Face model directory or hub id (required by the transformers engine).",
     )
     served_model_name: str | None = Field(
         None,
@@ -148,8 +147,4 @@ class Settings(BaseSettings):
         """The served model name: explicit, else the last part of the path or hub id."""
         if self.served_model_name:
             return self.served_model_name
-        if self.model == "tiny":
-            from slm_server.tinymodel import TINY_MODEL_VERSION
-
-            return f"tiny-gpt2-{TINY_MODEL_VERSION}"
-        return self.model.rstrip("/").rsplit("/", 1)[-1]
+        return self.model.rstrip("/").rsplit("/", 1)[-1] or "model"

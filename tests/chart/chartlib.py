@@ -12,7 +12,7 @@ from typing import Any
 
 import yaml
 
-from slm_operator.devenv import tools
+from slm_devtools import tools
 
 REPO_ROOT = tools.REPO_ROOT
 CHART = REPO_ROOT / "charts" / "slm-monitoring"

@@ -21,8 +21,8 @@ from typing import Any
 import pytest
 import yaml
 
-from slm_operator.devenv import tools
-from slm_operator.devenv.cluster import ClusterBase, free_port, wait_for
+from slm_devtools import tools
+from slm_devtools.cluster import ClusterBase, free_port, wait_for
 from tests.chart.chartlib import CHART, CI_VALUES, REPO_ROOT, render
 
 pytestmark = pytest.mark.e2e

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 import yaml
 
-from slm_operator.devenv import tools
+from slm_devtools import tools
 from tests.chart.chartlib import (
     CHART,
     CI_VALUES,

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from slm_operator.devenv.tools import REPO_ROOT
+from slm_devtools.tools import REPO_ROOT
 
 pytestmark = [pytest.mark.e2e, pytest.mark.dataplane, pytest.mark.slow]
 
@@ -33,7 +33,7 @@ def processes_mentioning(text: str) -> list[str]:
 def test_demo_runs_end_to_end_and_cleans_up(tmp_path: Path) -> None:
     workdir = tmp_path / "demo"
     result = subprocess.run(
-        [sys.executable, "-m", "slm_operator.devenv", "demo", "--workdir", str(workdir)],
+        [sys.executable, "-m", "slm_devtools", "demo", "--workdir", str(workdir)],
         cwd=REPO_ROOT, capture_output=True, text=True, timeout=900, check=False,
     )
     output = result.stdout

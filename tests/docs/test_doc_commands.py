@@ -18,9 +18,9 @@ from pathlib import Path
 
 import pytest
 
-from slm_operator.devenv import tools
-from slm_operator.devenv.cluster import ClusterBase, wait_for
-from slm_operator.devenv.operator_process import OperatorProcess
+from slm_devtools import tools
+from slm_devtools.cluster import ClusterBase, wait_for
+from slm_devtools.operator_process import OperatorProcess
 
 ROOT = tools.REPO_ROOT
 DOCS = [ROOT / "README.md", *sorted(p for p in (ROOT / "docs").glob("*.md"))]
@@ -52,7 +52,7 @@ def test_readme_commands_are_what_ci_and_the_demo_test_run() -> None:
     assert readme == ["make demo", "make test"]
     assert re.search(r"^\s*(time )?make test\s*$", (ROOT / ".ci" / "run").read_text(), re.MULTILINE)
     makefile = (ROOT / "Makefile").read_text()
-    assert "-m slm_operator.devenv demo" in makefile  # what tests/demo/test_demo.py runs
+    assert "-m slm_devtools demo" in makefile  # what tests/demo/test_demo.py runs
 
 
 @pytest.mark.parametrize("command", [c for _, c in blocks("network")])

@@ -19,9 +19,9 @@ import pytest
 from fastapi.testclient import TestClient
 from prometheus_client import CollectorRegistry
 
+from slm_devtools.tinymodel import build_corpus, ensure_tiny_model
 from slm_server.app import create_app
 from slm_server.settings import Settings
-from slm_server.tinymodel import build_corpus, ensure_tiny_model
 
 pytestmark = pytest.mark.timeout(180)
 

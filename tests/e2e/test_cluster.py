@@ -8,8 +8,8 @@ import subprocess
 
 import pytest
 
-from slm_operator.devenv import tools
-from slm_operator.devenv.cluster import ClusterBase, wait_for
+from slm_devtools import tools
+from slm_devtools.cluster import ClusterBase, wait_for
 
 pytestmark = pytest.mark.e2e
 

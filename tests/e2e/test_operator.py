@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 import yaml
 
-from slm_operator.devenv.cluster import ClusterBase, wait_for
+from slm_devtools.cluster import ClusterBase, wait_for
 from tests.operator.process import REPO, OperatorProcess, install_crd
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(300)]

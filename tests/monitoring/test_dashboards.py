@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 import yaml
 
-from slm_operator.devenv.tools import ToolMissing, tool
+from slm_devtools.tools import ToolMissing, tool
 from slm_operator.monitoring.dashboards import dashboard_uid, iter_queries, render_dashboard, render_fleet_dashboard
 from slm_operator.monitoring.metric_names import metric_names
 from slm_operator.monitoring.rules import render_rule_groups

@@ -18,8 +18,8 @@ from typing import Any
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from slm_operator.devenv import dataplane as dp
-from slm_operator.devenv.tools import ToolMissing, tool
+from slm_devtools import dataplane as dp
+from slm_devtools.tools import ToolMissing, tool
 from slm_operator.monitoring.dashboards import iter_queries, render_dashboard, render_fleet_dashboard
 from slm_operator.monitoring.metric_names import (
     HISTOGRAM_SUFFIXES,
@@ -71,7 +71,7 @@ def plane(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
             tool(binary)
     except ToolMissing as missing:
         pytest.skip(str(missing))
-    from slm_server.tinymodel import ensure_tiny_model
+    from slm_devtools.tinymodel import ensure_tiny_model
 
     workdir = tmp_path_factory.mktemp("dataplane")
     monitoring = dp.MonitoringPlane(

@@ -15,9 +15,9 @@ import jsonschema
 import pytest
 import yaml
 
-from slm_operator.devenv import dataplane
-from slm_operator.devenv.tools import ToolMissing, crd_dir_prometheus_operator, tool
-from slm_operator.monitoring.alertmanager_yaml import MissingSecret, alertmanager_config, alertmanager_yaml
+from slm_devtools import dataplane
+from slm_devtools.alertmanager_yaml import MissingSecret, alertmanager_config, alertmanager_yaml
+from slm_devtools.tools import ToolMissing, crd_dir_prometheus_operator, tool
 from slm_operator.monitoring.notifications import render_alertmanager_config_spec
 
 NOTIFICATIONS: dict[str, Any] = {  # DESIGN.md's example

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from slm_operator.devenv import dataplane as dp
-from slm_operator.devenv.tools import ToolMissing, tool
+from slm_devtools import dataplane as dp
+from slm_devtools.tools import ToolMissing, tool
 
 pytestmark = pytest.mark.dataplane
 

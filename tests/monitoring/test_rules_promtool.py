@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 import yaml
 
-from slm_operator.devenv.tools import ToolMissing, tool
+from slm_devtools.tools import ToolMissing, tool
 from slm_operator.monitoring.rules import render_rule_groups
 
 from .promtool_cases import NAME, NAMESPACE, build_test_files

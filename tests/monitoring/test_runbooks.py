@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from slm_operator.devenv.tools import ToolMissing, tool
+from slm_devtools.tools import ToolMissing, tool
 from slm_operator.monitoring.rules import ALERT_NAMES, DEFAULT_RUNBOOK_BASE_URL, render_rule_groups
 
 REPO = Path(__file__).resolve().parents[2]

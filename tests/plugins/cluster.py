@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from slm_operator.devenv.cluster import ClusterBase, ExistingCluster, LocalCluster
+from slm_devtools.cluster import ClusterBase, ExistingCluster, LocalCluster
 
 _boot: dict[str, float] = {}
 

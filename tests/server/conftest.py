@@ -1,7 +1,7 @@
 """Fixtures of the server tests.
 
 The model is the project's real tiny model (built once per machine, ~1 minute, under a file lock;
-see slm_server.tinymodel), loaded once per session. Every test that involves generation uses it;
+see slm_devtools.tinymodel), loaded once per session. Every test that involves generation uses it;
 the no-op `EchoEngine` appears only in tests about HTTP and metrics plumbing that no model output
 can influence (readiness before load, the uninstrumented variant), and says so.
 """
@@ -29,11 +29,11 @@ import pytest
 from fastapi.testclient import TestClient
 from prometheus_client import CollectorRegistry
 
+from slm_devtools.tinymodel import ensure_tiny_model
 from slm_server.app import create_app
 from slm_server.engine import GenerationResult, SamplingParams, TransformersEngine
 from slm_server.logs import configure_logging
 from slm_server.settings import Settings
-from slm_server.tinymodel import ensure_tiny_model
 
 MODEL_NAME = "tiny"
 REPO_ROOT = Path(__file__).resolve().parents[2]

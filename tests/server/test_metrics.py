@@ -148,7 +148,7 @@ def test_series_count_is_bounded(exercised):
 
 
 def test_promtool_accepts_the_exposition(exercised):
-    from slm_operator.devenv.tools import ToolMissing, tool
+    from slm_devtools.tools import ToolMissing, tool
 
     try:
         promtool = tool("promtool")

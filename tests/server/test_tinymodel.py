@@ -8,8 +8,8 @@ import random
 
 import torch
 
-from slm_server.tinymodel import CONTEXT, build_corpus
-from slm_server.tinymodel import tiny_model_dir as expected_dir
+from slm_devtools.tinymodel import CONTEXT, build_corpus
+from slm_devtools.tinymodel import tiny_model_dir as expected_dir
 
 IN_DISTRIBUTION = [
     "Return the number of items in the list.",

@@ -30,8 +30,8 @@ from typing import Any
 
 import yaml
 
-from ..monitoring.alertmanager_yaml import alertmanager_yaml
 from . import dataplane
+from .alertmanager_yaml import alertmanager_yaml
 from .cluster import ClusterBase, LocalCluster, wait_for
 from .operator_process import OperatorProcess
 from .tools import REPO_ROOT, tool
@@ -188,7 +188,7 @@ class Demo:
 
             with p.step("Start the data plane: the real server with the tiny model, configured as the operator's "
                         "Deployment says", fix="see the server log in the demo's work directory"):
-                from slm_server.tinymodel import ensure_tiny_model
+                from slm_devtools.tinymodel import ensure_tiny_model
 
                 model_dir = ensure_tiny_model(log=say)
                 deployment = cluster.kubectl_json("get", "deployment", DEMO, "-n", NAMESPACE)

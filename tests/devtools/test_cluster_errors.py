@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import pytest
 
-from slm_operator.devenv import tools
-from slm_operator.devenv.cluster import ClusterStartError, LocalCluster
+from slm_devtools import tools
+from slm_devtools.cluster import ClusterStartError, LocalCluster
 
 
 def test_missing_binary_says_to_run_make_deps(tmp_path, monkeypatch):

@@ -2,7 +2,7 @@
 
 Used by tests/monitoring (marker `dataplane`) and by `make demo`. Everything listens on 127.0.0.1
 on a free port, every start waits for readiness with a deadline, every stop is clean (SIGTERM, then
-SIGKILL after a grace period), and the binaries are the pinned ones from slm_operator.devenv.tools.
+SIGKILL after a grace period), and the binaries are the pinned ones from slm_devtools.tools.
 
 - `SlmServer`: `python -m slm_server` with the given env (e.g. the tiny model, faults admin on).
 - `Prometheus`: the pinned prometheus with a generated config, rule files and short intervals;
@@ -38,8 +38,8 @@ from typing import Any, TypeVar
 
 import yaml
 
-from slm_operator.devenv.cluster import free_port
-from slm_operator.devenv.tools import tool
+from slm_devtools.cluster import free_port
+from slm_devtools.tools import tool
 
 T = TypeVar("T")
 LOOPBACK = "127.0.0.1"
@@ -636,7 +636,7 @@ class MonitoringPlane:
         }  # fmt: skip
 
     def start(self, model_dir: str) -> MonitoringPlane:
-        from slm_operator.monitoring.alertmanager_yaml import alertmanager_yaml
+        from slm_devtools.alertmanager_yaml import alertmanager_yaml
         from slm_operator.monitoring.notifications import render_alertmanager_config_spec
         from slm_operator.monitoring.rules import render_rule_groups
 

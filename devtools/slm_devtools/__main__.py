@@ -1,4 +1,4 @@
-"""`python -m slm_operator.devenv up|demo`: the local control plane for a developer to look at.
+"""`python -m slm_devtools up|demo`: the local control plane for a developer to look at.
 
 `up` starts the control plane with fake GPU nodes, installs the Prometheus Operator CRDs, prints what is
 there and how to reach it, then stops (or, with --keep-running, waits for Ctrl-C).
@@ -50,7 +50,7 @@ def up(keep_running: bool) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m slm_operator.devenv")
+    parser = argparse.ArgumentParser(prog="python -m slm_devtools")
     parser.add_argument("command", choices=["up", "demo"], help="up: only the control plane; demo: everything")
     args, rest = parser.parse_known_args(argv)
     if args.command == "demo":

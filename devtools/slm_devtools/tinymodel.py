@@ -1,6 +1,6 @@
 """A tiny GPT-2-style model the project builds itself, for tests and the demo (no download).
 
-    python -m slm_server.tinymodel            # build (or find) it and print its directory
+    python -m slm_devtools.tinymodel            # build (or find) it and print its directory
 
 What it is: a byte-level BPE tokenizer (2,048 tokens) and a 2-layer, 128-wide GPT-2 (~0.7 M
 parameters, 256-token context), trained for a fixed number of steps (~1 minute on one CPU core) on
