@@ -33,9 +33,14 @@ generate: venv ## rewrite every generated file (chart CRD copy, chart dashboard 
 demo: deps ## the whole product on this machine (local control plane, operator, server, Prometheus, Alertmanager)
 	@$(PY) -m slm_devtools demo $(DEMO_ARGS)
 
-test: deps ## set-up, lint, then every test (unit, data plane, e2e on the local control plane)
+# Coverage of the two products (in-process code; the servers and operators the tests start as processes
+# are not counted). The figure is printed at the end of `make test`.
+COVERAGE := --cov=slm_operator --cov=slm_server --cov-report=term:skip-covered
+
+test: deps ## set-up, lint (ruff, mypy), then every test (unit, data plane, e2e on the local control plane)
 	@$(VENV)/bin/ruff check .
-	@$(PYTEST) $(PYTEST_ARGS)
+	@$(VENV)/bin/mypy
+	@$(PYTEST) $(COVERAGE) $(PYTEST_ARGS)
 
 unit: deps ## tests that need no control plane
 	@$(PYTEST) -m "not e2e" $(PYTEST_ARGS)
