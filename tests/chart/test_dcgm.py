@@ -4,6 +4,7 @@ and every third-party image the chart runs pinned by digest."""
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 import uuid
@@ -163,8 +164,12 @@ def test_the_exporter_runs_in_its_own_privileged_namespace_beside_a_restricted_o
     cluster.kubectl("label", "namespace", gpu_namespace, "pod-security.kubernetes.io/enforce=privileged")
     release = Release(cluster, f"own-{uuid.uuid4().hex[:5]}", operator_namespace)
     try:
+        # The GPU nodes are KWOK's; where they are tainted as fake (kind), the exporter is let onto them.
+        tolerations = [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"},
+                       {"key": "kwok.x-k8s.io/node", "operator": "Exists"}]
         release.helm("install", release.name, str(CHART), "--wait", "--timeout", "180s", "--set", ON[0],
-                     "--set", f"dcgmExporter.namespace={gpu_namespace}", "--set", "tests.enabled=false")
+                     "--set", f"dcgmExporter.namespace={gpu_namespace}", "--set", "tests.enabled=false",
+                     "--set-json", f"dcgmExporter.tolerations={json.dumps(tolerations)}")
         gpu_nodes = {n["metadata"]["name"] for n in cluster.kubectl_json(
             "get", "nodes", "-l", "nvidia.com/gpu.present=true")["items"]}
 
