@@ -149,7 +149,7 @@ def test_gpu_panels_read_dcgm_first_then_pynvml(dashboard: dict[str, Any]) -> No
         (record,) = [name for name in metric_names(expr) if name.startswith("slm:")]
         source = recorded[record]
         dcgm, pynvml = source.index("DCGM_FI_DEV_"), source.index("nvidia_gpu_")
-        assert dcgm < source.index("\nor\n") < pynvml, title
+        assert dcgm < source.index("\nor on (namespace, pod)\n") < pynvml, title
 
 
 @pytest.mark.parametrize("alerts", [None, CUSTOM_ALERTS, {"slo": {"window": "7d"}}], ids=["defaults", "custom", "7d"])
