@@ -33,25 +33,6 @@ SLO_REFERENCE_WINDOW_SECONDS = 30 * 86400
 # Scaled burn-rate windows never go below this: shorter windows hold too few scrapes for rate().
 MIN_BURN_WINDOW_SECONDS = 60
 
-ALERT_NAMES = (
-    "SLMHighErrorRate",
-    "SLMSlowResponseTime",
-    "SLMHighGPUUtilization",
-    "SLMLowDiskSpace",
-    "SLMHighGPUMemory",
-    "SLMGPUXidErrors",
-    "SLMGPUMetricsAbsent",
-    "SLMTargetDown",
-    "SLMPodCrashLooping",
-    "SLMPodNotReady",
-    "SLMHighTimeToFirstToken",
-    "SLMQueueSaturated",
-    "SLMErrorBudgetBurnFast",
-    "SLMErrorBudgetBurnSlow",
-    "SLMPerplexityDrift",
-    "SLMOutputLengthDrift",
-)
-
 _DURATION_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400, "y": 365 * 86400}
 _DURATION_RE = re.compile(r"(\d+)(ms|s|m|h|d|w|y)")
 _PLACEHOLDER_RE = re.compile(r"\$\{(\w+)\}")
@@ -127,6 +108,20 @@ def rules_data() -> dict[str, Any]:
     return copy.deepcopy(_load_rules_data())
 
 
+def alert_names() -> tuple[str, ...]:
+    """Every alert name the rules can render, in the order of data/rules.yaml (none disabled)."""
+    data = _load_rules_data()
+    names = [spec["alert"] for spec in data["alerts"]]
+    names += [burn["alert"] for burn in data["burn_rates"]]
+    names += [drift["alert"] for drift in data["drift"]]
+    return tuple(dict.fromkeys(names))
+
+
+# Derived, never kept by hand: the CRD's `alerts.disabled` enum and the runbooks must list the same names
+# (tests/operator/test_crd.py and tests/monitoring/test_runbooks.py hold them to it).
+ALERT_NAMES = alert_names()
+
+
 def selectors(*, name: str, namespace: str) -> dict[str, str]:
     """The label matchers that scope every rule and panel to SLMDeployment `namespace/name`."""
     sel = f'namespace="{namespace}",job="{name}"'
@@ -134,6 +129,8 @@ def selectors(*, name: str, namespace: str) -> dict[str, str]:
         "sel": sel,
         "req": f'{sel},endpoint!~"{NON_TRAFFIC_ENDPOINTS}"',
         "ns": f'namespace="{namespace}"',
+        # kube-state-metrics' series of the Deployment the operator names after the SLMDeployment.
+        "deployment": f'namespace="{namespace}",deployment="{name}"',
         # Pods of the Deployment named <name>: <name>-<pod-template-hash>-<random>; the two trailing
         # segments keep a deployment named "phi" from matching the pods of "phi-mini". The name is a
         # DNS-1035 label (CRD rule), so it holds no regex metacharacter; re.escape would write `\-`,
@@ -317,6 +314,18 @@ def render_rule_groups(*, name: str, namespace: str, alerts: Mapping[str, Any] |
     return groups
 
 
+def drift_series(alerts: Mapping[str, Any] | None) -> dict[str, dict[str, str]]:
+    """{signal: {mean, avg, stddev, zscore: recorded series name}} of each drift signal under `alerts`."""
+    merged = merged_alerts(dict(alerts) if alerts is not None else None)
+    data = _load_rules_data()
+    series = {}
+    for drift in data["drift"]:
+        settings = drift_settings(merged[drift["config"]])
+        values = {"what": drift["what"], "window": settings["window"], "baseline": settings["baseline"]}
+        series[drift["signal"]] = {key: fill(name, values) for key, name in data["drift_series"].items()}
+    return series
+
+
 def _drift_group(
     *,
     name: str,
@@ -327,46 +336,28 @@ def _drift_group(
     alerts: Mapping[str, Any],
     enabled: bool,
 ) -> dict[str, Any]:
-    window, baseline = settings["window"], settings["baseline"]
-    what = drift["what"]
-    sel = base["sel"]
-    mean = f"slm:{what}:mean{window}"
-    avg = f"slm:{what}:mean{window}_avg{baseline}"
-    stddev = f"slm:{what}:mean{window}_stddev{baseline}"
-    zscore = f"slm:{what}:zscore{window}"
-    floor_ratio = _number(DRIFT_STDDEV_FLOOR_RATIO)
-    floor_abs = _number(DRIFT_STDDEV_FLOOR_ABS)
-    values = {
+    data = _load_rules_data()
+    values: dict[str, Any] = {
         **base,
         **_threshold_values(config),
-        "window": window,
-        "baseline": baseline,
+        "what": drift["what"],
+        "window": settings["window"],
+        "baseline": settings["baseline"],
         "z": _number(config["zScore"]),
         "min_samples": settings["min_samples"],
-        "floor_ratio": floor_ratio,
-        "floor_abs": floor_abs,
+        "floor_ratio": _number(DRIFT_STDDEV_FLOOR_RATIO),
+        "floor_abs": _number(DRIFT_STDDEV_FLOOR_ABS),
     }
+    values.update({key: fill(series, values) for key, series in data["drift_series"].items()})
     rules: list[dict[str, Any]] = [
-        {"record": mean, "expr": fill(drift["mean"], values)},
-        {"record": avg, "expr": f"avg_over_time({mean}{{{sel}}}[{baseline}])"},
-        {"record": stddev, "expr": f"stddev_over_time({mean}{{{sel}}}[{baseline}])"},
-        {
-            "record": zscore,
-            "expr": (
-                f"({mean}{{{sel}}} - {avg}{{{sel}}})\n"
-                f"  / clamp_min(\n"
-                f"      ({stddev}{{{sel}}} > {floor_ratio} * abs({avg}{{{sel}}}))\n"
-                f"      or {floor_ratio} * abs({avg}{{{sel}}}),\n"
-                f"      {floor_abs})\n"
-                f"and count_over_time({mean}{{{sel}}}[{baseline}]) >= {settings['min_samples']}"
-            ),
-        },
+        {"record": values["mean"], "expr": fill(drift["mean"], values)},
+        *(_fill_deep(rule, values) for rule in data["drift_rules"]),
     ]
     if enabled:
         rules.append(
             _alert_rule(
                 alert=drift["alert"],
-                expr=f"abs({zscore}{{{sel}}}) > {values['z']}",
+                expr=fill(data["drift_alert"]["expr"], values),
                 for_=str(config["for"]),
                 severity=str(config["severity"]),
                 summary=fill(drift["summary"], values),
