@@ -1,4 +1,5 @@
-"""`promtool test rules` files for the rules exactly as the operator renders them.
+"""`promtool test rules` files for the rules exactly as a cluster loads them: the shared recording rules
+as the chart ships them, together with one deployment's PrometheusRule as the operator renders it.
 
 One file per alert family (kubernetes-mixin style), one promtool test group per case, case names are
 sentences. Every threshold alert gets the same checks: fires after `for` at a level just past the
@@ -10,8 +11,9 @@ Nothing here is read from the rules under test. What each variant of the resourc
 (thresholds, `for`, windows) and every alert the cases expect (labels and annotations, $value
 included) are written out in promtool_expected.yaml; input series are built from "levels" (the value
 the alert's expression should see: an error ratio, a p95 in seconds, a percentage...) through the
-metrics the server, DCGM or kube-state-metrics would expose, so a wrong metric name, label, formula,
-threshold or annotation in rules.yaml makes a case fail. The burn-rate and drift cases find when an
+metrics the server, DCGM or kube-state-metrics would expose (the shared rules turn them into the series
+the alerts read), so a wrong metric name, label, formula, threshold or annotation in rules.yaml makes a
+case fail. The burn-rate and drift cases find when an
 alert fires by simulating the PromQL arithmetic of the SRE workbook and of a z-score in plain Python.
 """
 
@@ -968,11 +970,12 @@ def build_test_files(
 ) -> dict[str, dict[str, Any]]:
     """{family: promtool test document} for the rules rendered from variant `variant` of the resource.
 
-    `groups` are the rendered groups, read for their names only (which file holds which group, and
-    the order to evaluate them in); `rule_files` maps each group name to the file it was written to
-    (one group per file): the drift families load only their own group, which keeps their long
-    histories from re-evaluating the multi-day SLO windows at every step; every other family loads
-    the recording and alert groups.
+    `groups` are the groups to test, read for their names only (which file holds which group, and the
+    order to evaluate them in): the shared recording rules as the chart ships them first, then the
+    deployment's PrometheusRule groups as the operator renders them; `rule_files` maps each group name to
+    the file it was written to (one group per file). The drift families load the shared rules and their
+    own group only, which keeps their long histories from re-evaluating the multi-day SLO windows at
+    every step; every other family loads the shared rules and the alert group.
     """
     expect = Expected(variant)
     settings = expect.settings
@@ -999,12 +1002,14 @@ def build_test_files(
     # Recording groups first: promtool otherwise evaluates groups in random order, and an alert
     # evaluated before the recording rule it reads would lag one interval in some runs only.
     order = [group["name"] for group in groups]
-    main = [group["name"] for group in groups if ".drift-" not in group["name"]]
+    deployment = f"slm-{NAME}."
+    shared = [name for name in order if not name.startswith(deployment)]
+    main = [*shared, f"{deployment}alerts"]
     documents = {}
     for family, cases in families.items():
         if not cases:
             continue
-        names = [f"slm-{NAME}.{family}"] if family.startswith("drift-") else main
+        names = [*shared, f"{deployment}{family}"] if family.startswith("drift-") else main
         documents[family] = {
             "rule_files": [rule_files[name] for name in names],
             "evaluation_interval": "1m",

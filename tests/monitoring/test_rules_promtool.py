@@ -1,9 +1,11 @@
-"""The rendered rules through Prometheus' own checker and unit-test runner (`promtool check/test rules`).
+"""The rules through Prometheus' own checker and unit-test runner (`promtool check/test rules`).
 
-The rules are rendered exactly as the operator renders them (defaults, and a resource that changes
-every threshold, `for`, severity, window and the runbook URL), written one group per file, and the
-generated promtool tests (tests/monitoring/promtool_cases.py) run against them, one file per alert
-family. A failing case prints promtool's own diff of expected and actual alerts.
+Two layers are loaded together, as a cluster loads them: the shared recording rules from the chart's own
+file (charts/slm-monitoring/rules/recording-rules.yaml, what `helm install` ships) and one deployment's
+PrometheusRule groups rendered exactly as the operator renders them (defaults, and a resource that changes
+every threshold, `for`, severity, window and the runbook URL), one group per file. The generated promtool
+tests (tests/monitoring/promtool_cases.py) run against them, one file per alert family. A failing case
+prints promtool's own diff of expected and actual alerts.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from typing import Any
 import pytest
 import yaml
 
-from slm_devtools.tools import tool
+from slm_devtools.tools import REPO_ROOT, tool
 from slm_operator.monitoring.rules import render_rule_groups
 
 from .promtool_cases import NAME, NAMESPACE, build_test_files
@@ -44,6 +46,19 @@ NON_DEFAULT_ALERTS: dict[str, Any] = {
     "runbookBaseURL": "https://runbooks.example.com/slm/",
 }
 VARIANTS = {"defaults": None, "non-default": NON_DEFAULT_ALERTS}
+# The shared recording rules exactly as the chart ships them (tests/chart/test_rules.py holds the file to
+# what slm_operator.monitoring.rules generates).
+CHART_RULES = REPO_ROOT / "charts" / "slm-monitoring" / "rules" / "recording-rules.yaml"
+
+
+def shared_groups() -> list[dict[str, Any]]:
+    groups: list[dict[str, Any]] = yaml.safe_load(CHART_RULES.read_text())["groups"]
+    return groups
+
+
+def with_shared(groups: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The shared groups first, then the deployment's: the order the cases evaluate them in."""
+    return [*shared_groups(), *groups]
 
 
 def write_rule_files(directory: Path, groups: list[dict[str, Any]]) -> dict[str, str]:
@@ -60,7 +75,7 @@ def write_rule_files(directory: Path, groups: list[dict[str, Any]]) -> dict[str,
 def rendered(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     alerts = VARIANTS[request.param]  # indirect parametrization: the variant's name
     directory = tmp_path_factory.mktemp(f"rules-{request.param}")
-    groups = render_rule_groups(name=NAME, namespace=NAMESPACE, alerts=alerts)
+    groups = with_shared(render_rule_groups(name=NAME, namespace=NAMESPACE, alerts=alerts))
     paths = write_rule_files(directory, groups)
     documents = build_test_files(variant=request.param, groups=groups, rule_files=paths)
     test_files = {}
@@ -108,7 +123,7 @@ def test_promtool_rule_tests_pass(rendered: dict[str, Any], family: str) -> None
 
 def test_generated_cases_catch_rules_that_drifted_from_the_resource(tmp_path: Path) -> None:
     """The cases can fail: rules rendered for threshold 0.10 do not pass the cases of the defaults (0.05)."""
-    groups = render_rule_groups(name=NAME, namespace=NAMESPACE, alerts={"errorRate": {"threshold": 0.10}})
+    groups = with_shared(render_rule_groups(name=NAME, namespace=NAMESPACE, alerts={"errorRate": {"threshold": 0.10}}))
     paths = write_rule_files(tmp_path, groups)
     document = build_test_files(variant="defaults", groups=groups, rule_files=paths)["errors"]
     path = tmp_path / "test-errors.yaml"
@@ -130,17 +145,19 @@ def test_prometheus_2_accepts_the_rules_too(rendered: dict[str, Any]) -> None:
 # ---- how long a burst of errors SLMHighErrorRate tolerates ---------------------------------------------
 #
 # A total outage (every request a 5xx) of `burst` whole minutes starting at minute 10, with scrapes every
-# 15s and rules evaluated every minute, threshold 5% and `for: 5m`. The ratio at minute t is over the
-# 15s increments whose both samples lie in (t - window, t]: 19 of them for 5m, 3 for 1m; one failed
-# increment is already 1/19 = 5.26% > 5%. So the condition holds from minute 11 to minute
-# 10 + burst + window - 1, i.e. for burst + window - 1 evaluations, and the alert fires once
-# burst + window - 2 >= 5: with window 5m a 2-minute outage fires, with 1m it takes 6 minutes.
-# Expected alerts and minutes are worked out by hand in that arithmetic, not read from the rules.
+# 15s and rules evaluated every 30s (the Prometheus Operator's default), threshold 5% and `for: 5m`. The
+# alert reads the shared per-target counters, recorded at each evaluation: the ratio at time t is over the
+# 15s increments in (t - window + 30s, t], the span between the first and last recorded sample of the
+# window: 18 of them for 5m, 2 for 1m; one failed increment is already 1/18 = 5.6% > 5%. So the condition
+# holds from 10m30s until the last failed increment leaves the window (while t < 10m + burst + window - 30s),
+# and the alert fires once it has held for 5m: with window 5m a 2-minute outage fires (from 15m30s to
+# 16m), with 1m it takes 6 minutes. Expected alerts and minutes are worked out by hand in that arithmetic,
+# not read from the rules.
 ERROR_BURSTS = [
     # (window, burst minutes, {minute: firing alert's error ratio as the summary prints it, None: silent})
     ("5m", 1, dict.fromkeys(range(10, 18))),
-    ("5m", 2, {10: None, 15: None, 16: "15.79%", 17: None}),  # 3 of 19 increments failed at minute 16
-    ("5m", 3, {10: None, 15: None, 16: "36.84%", 17: "15.79%", 18: None}),  # 7/19, then 3/19
+    ("5m", 2, {10: None, 15: None, 16: "11.11%", 17: None}),  # 2 of 18 increments failed at minute 16
+    ("5m", 3, {10: None, 15: None, 16: "33.33%", 17: "11.11%", 18: None}),  # 6/18, then 2/18
     ("1m", 3, dict.fromkeys(range(10, 20))),
     ("1m", 5, dict.fromkeys(range(10, 20))),
     ("1m", 6, {10: None, 15: None, 16: "100%", 17: None}),
@@ -173,16 +190,19 @@ def test_the_error_rate_window_decides_which_burst_fires(
     tmp_path: Path, window: str, burst: int, checks: dict[int, str | None]
 ) -> None:
     """A burst shorter than `for` still fires when the rate window keeps it visible (spec...errorRate.window)."""
-    groups = render_rule_groups(name=NAME, namespace=NAMESPACE, alerts={"errorRate": {"window": window}})
+    groups = with_shared(render_rule_groups(name=NAME, namespace=NAMESPACE, alerts={"errorRate": {"window": window}}))
     paths = write_rule_files(tmp_path, [g for g in groups if ".drift-" not in g["name"]])
     per_minute = 4  # 15s scrapes
     healthy, after = 10 * per_minute, 15 * per_minute
     errors = [0] * healthy + [100] * (burst * per_minute) + [0] * after
     ok = [100] * healthy + [0] * (burst * per_minute) + [100] * after
-    base = 'api_requests_total{namespace="llm",job="phi",pod="phi-6d9f8b7c5-x2k4q",endpoint="/v1/completions"'
+    base = (
+        'api_requests_total{namespace="llm",job="phi",pod="phi-6d9f8b7c5-x2k4q",container="server",'
+        'endpoint="/v1/completions"'
+    )
     document = {
         "rule_files": list(paths.values()),
-        "evaluation_interval": "1m",
+        "evaluation_interval": "30s",
         "group_eval_order": list(paths),
         "tests": [
             {

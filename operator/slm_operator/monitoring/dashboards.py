@@ -7,7 +7,7 @@ slm_operator.monitoring.queries. Conventions:
 - the datasource is the dashboard variable `${datasource}` (type prometheus), never a fixed uid;
 - the uid is derived from namespace/name, so re-rendering keeps links and bookmarks stable;
 - the `model` variable filters every series that carries a `model` label;
-- GPU panels read DCGM first and pynvml second (through the rules' slm:gpu_* recording series);
+- GPU panels read DCGM first and pynvml second (through the shared rules' slm:gpu_* recording series);
 - alert thresholds from `alerts` are drawn on the matching panels (fieldConfig thresholds with
   thresholdsStyle), so the dashboard shows where the alert will fire.
 """

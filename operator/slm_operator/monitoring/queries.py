@@ -1,8 +1,9 @@
 """The PromQL of every dashboard panel, one function per query (owned by the monitoring work).
 
 Queries are scoped by the same selectors as the rules (slm_operator.monitoring.rules.selectors) and read
-the rules' recorded series (slm:<what>:<window>) wherever an alert reads the same thing, so a panel and
-its alert can never disagree. Panel layout, legends and units live in slm_operator.monitoring.dashboards.
+the shared recording rules' series (slm:<what>:<window>) wherever an alert reads the same thing, or the
+alert's very expression (the error ratio over a resource's window), so a panel and its alert can never
+disagree. Panel layout, legends and units live in slm_operator.monitoring.dashboards.
 Grafana substitutes `$model`, `$namespace` and `$__rate_interval` before the query reaches Prometheus.
 """
 
@@ -10,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from slm_operator.monitoring.rules import selectors
+from slm_operator.monitoring.rules import error_ratio_expr, selectors
 
 RATE = "$__rate_interval"
 
@@ -35,10 +36,9 @@ class Scope:
         return cls(sel=base["sel"], req=base["req"], pods=base["pods"], model=f'{base["sel"]},model=~"$model"')
 
 
-def _quantile(q: float, buckets: str, selector: str, window: str | None = None) -> str:
-    """histogram_quantile over `buckets` (a raw _bucket counter with `window`, or a recorded bucket rate)."""
-    series = f"rate({buckets}{{{selector}}}[{window}])" if window else f"{buckets}{{{selector}}}"
-    return f"histogram_quantile({q:.2f}, sum by (le) ({series}))"
+def _quantile(q: float, buckets: str, selector: str, window: str) -> str:
+    """histogram_quantile over the raw _bucket counter `buckets` rated over `window`."""
+    return f"histogram_quantile({q:.2f}, sum by (le) (rate({buckets}{{{selector}}}[{window}])))"
 
 
 # ---- traffic and errors -----------------------------------------------------------------------------
@@ -58,7 +58,8 @@ def error_ratio_by_endpoint(s: Scope) -> str:
 
 
 def error_ratio(s: Scope, window: str) -> str:
-    return f"slm:error_ratio:rate{window}{{{s.sel}}}"
+    """The error ratio over `window` exactly as SLMHighErrorRate and the burn-rate alerts compute it."""
+    return " ".join(error_ratio_expr(s.sel, window).split())
 
 
 def response_time_p95(s: Scope) -> str:
@@ -69,12 +70,19 @@ def response_time_p50(s: Scope) -> str:
     return f"slm:request_duration_seconds_p50:rate5m{{{s.sel}}}"
 
 
+# The quantiles the shared rules record per endpoint (they record quantiles, not bucket rates).
+_BY_ENDPOINT = {0.95: "slm:request_duration_seconds_p95_by_endpoint:rate5m",
+                0.50: "slm:request_duration_seconds_p50_by_endpoint:rate5m"}  # fmt: skip
+
+
 def response_time_by_endpoint(s: Scope, q: float) -> str:
-    return f"histogram_quantile({q:.2f}, sum by (endpoint, le) (slm:request_duration_seconds_bucket:rate5m{{{s.sel}}}))"
+    if q not in _BY_ENDPOINT:
+        raise ValueError(f"the shared rules record the p95 and p50 per endpoint, not the {q:g} quantile")
+    return f"{_BY_ENDPOINT[q]}{{{s.sel}}}"
 
 
 def budget_burn_rate(s: Scope, window: str, budget: float) -> str:
-    return f"slm:error_ratio:rate{window}{{{s.sel}}} / {budget:g}"
+    return f"({error_ratio(s, window)}) / {budget:g}"
 
 
 def model_info(s: Scope) -> str:
@@ -89,7 +97,7 @@ def time_to_first_token_p95(s: Scope) -> str:
 
 
 def time_to_first_token_p50(s: Scope) -> str:
-    return _quantile(0.5, "slm:time_to_first_token_seconds_bucket:rate5m", s.model)
+    return f"slm:time_to_first_token_seconds_p50:rate5m{{{s.model}}}"
 
 
 def inter_token_latency(s: Scope, q: float) -> str:
@@ -273,7 +281,12 @@ def fleet_request_rate() -> str:
 
 
 def fleet_error_ratio() -> str:
-    return f"slm:error_ratio:rate5m{{{FLEET_SCOPE}}}"
+    # `or ... * 0`: a deployment without a 5xx yet reads 0, not "No data".
+    return (
+        f'(sum by (namespace, job) (slm:requests:rate5m{{{FLEET_SCOPE},status=~"5.."}})'
+        f" or sum by (namespace, job) (slm:requests:rate5m{{{FLEET_SCOPE}}}) * 0)"
+        f" / sum by (namespace, job) (slm:requests:rate5m{{{FLEET_SCOPE}}})"
+    )
 
 
 def fleet_response_time_p95() -> str:
