@@ -227,3 +227,85 @@ def test_the_error_rate_window_decides_which_burst_fires(
     path.write_text(yaml.safe_dump(document, sort_keys=False, width=1000))
     result = subprocess.run([tool("promtool"), "test", "rules", str(path)], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stdout[-10000:] + result.stderr[-2000:]
+
+
+# ---- what the shared layer records ---------------------------------------------------------------------
+
+
+def _scrape(namespace: str, job: str, pod: str, container: str = "server") -> str:
+    return f'namespace="{namespace}",job="{job}",pod="{pod}",instance="10.0.1.5:8000",container="{container}"'
+
+
+def test_shared_rules_record_one_series_per_deployment_with_its_labels(tmp_path: Path) -> None:
+    """Two deployments of one name in two namespaces, and another app's container, through the chart's rules.
+
+    Each recorded series keeps `namespace` and `job` apart plus the labels its panels need; probes do not
+    count as traffic; a series of a container that is not the runtime's is not recorded at all.
+    """
+    path = tmp_path / "shared.yaml"
+    path.write_text(yaml.safe_dump({"groups": shared_groups()}, sort_keys=False))
+    a, b = _scrape("llm", "phi", "phi-6d9f8b7c5-x2k4q"), _scrape("llm2", "phi", "phi-7f8c9d6b4-m3n5p")
+    other = _scrape("llm", "web", "web-5c4b3a2d1-q1w2e", container="web")
+    series = [
+        (f'api_requests_total{{{a},endpoint="/v1/completions",status="200"}}', "1000+57x10"),
+        (f'api_requests_total{{{a},endpoint="/v1/completions",status="500"}}', "1000+3x10"),
+        (f'api_requests_total{{{a},endpoint="/healthz",status="503"}}', "1000+600x10"),  # a probe
+        (f'api_requests_total{{{b},endpoint="/generate",status="200"}}', "5000+120x10"),
+        (f'api_requests_total{{{other},endpoint="/v1/completions",status="500"}}', "0+60x10"),
+    ]
+    for le, step in (("0.1", 50), ("0.5", 57), ("1", 60), ("+Inf", 60)):
+        series.append((f'api_request_duration_seconds_bucket{{{a},endpoint="/v1/completions",le="{le}"}}',
+                       f"1000+{step}x10"))  # fmt: skip
+        series.append((f'slm_time_to_first_token_seconds_bucket{{{b},endpoint="/generate",model="tiny",le="{le}"}}',
+                       f"1000+{step}x10"))  # fmt: skip
+
+    def sample(labels: str, value: float) -> dict[str, Any]:
+        return {"labels": labels, "value": value}
+
+    checks = {
+        "slm:requests:rate5m": [
+            sample('slm:requests:rate5m{endpoint="/generate",job="phi",namespace="llm2",status="200"}', 2),
+            sample('slm:requests:rate5m{endpoint="/v1/completions",job="phi",namespace="llm",status="200"}', 0.95),
+            sample('slm:requests:rate5m{endpoint="/v1/completions",job="phi",namespace="llm",status="500"}', 0.05),
+        ],
+        "slm:requests:pod_total": [
+            sample('slm:requests:pod_total{instance="10.0.1.5:8000",job="phi",namespace="llm",'
+                   'pod="phi-6d9f8b7c5-x2k4q"}', 2300),
+            sample('slm:requests:pod_total{instance="10.0.1.5:8000",job="phi",namespace="llm2",'
+                   'pod="phi-7f8c9d6b4-m3n5p"}', 5600),
+        ],
+        "slm:request_errors:pod_total": [
+            sample('slm:request_errors:pod_total{instance="10.0.1.5:8000",job="phi",namespace="llm",'
+                   'pod="phi-6d9f8b7c5-x2k4q"}', 1015),
+            # No 5xx series yet: 0 errors, not no series.
+            sample('slm:request_errors:pod_total{instance="10.0.1.5:8000",job="phi",namespace="llm2",'
+                   'pod="phi-7f8c9d6b4-m3n5p"}', 0),
+        ],
+        "slm:request_duration_seconds_p95:rate5m": [
+            sample('slm:request_duration_seconds_p95:rate5m{job="phi",namespace="llm"}', 0.5),
+        ],
+        "slm:request_duration_seconds_p95_by_endpoint:rate5m": [
+            sample('slm:request_duration_seconds_p95_by_endpoint:rate5m{endpoint="/v1/completions",job="phi",'
+                   'namespace="llm"}', 0.5),
+        ],
+        "slm:time_to_first_token_seconds_p95:rate5m": [
+            sample('slm:time_to_first_token_seconds_p95:rate5m{job="phi",model="tiny",namespace="llm2"}', 0.5),
+        ],
+    }  # fmt: skip
+    document = {
+        "rule_files": [path.name],
+        "evaluation_interval": "1m",
+        "tests": [
+            {
+                "interval": "1m",
+                "input_series": [{"series": text, "values": values} for text, values in series],
+                "promql_expr_test": [
+                    {"expr": record, "eval_time": "5m", "exp_samples": samples} for record, samples in checks.items()
+                ],
+            }
+        ],
+    }
+    (tmp_path / "test.yaml").write_text(yaml.safe_dump(document, sort_keys=False, width=1000))
+    result = subprocess.run([tool("promtool"), "test", "rules", "test.yaml"], cwd=tmp_path, capture_output=True,
+                            text=True, timeout=120)  # fmt: skip
+    assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-2000:]
