@@ -536,7 +536,14 @@ class Prometheus:
     def own_metrics(self) -> dict[str, list[tuple[dict[str, str], float]]]:
         metrics: dict[str, list[tuple[dict[str, str], float]]] = {}
         for line in self.get("/metrics").decode().splitlines():
-            if line.startswith(("prometheus_rule_group_", "process_", "prometheus_tsdb_head_series ")):
+            if line.startswith(
+                (
+                    "prometheus_rule_group_",
+                    "process_",
+                    "prometheus_tsdb_head_series ",
+                    "prometheus_engine_query_samples_total ",
+                )
+            ):
                 name, labels, value = _parse_line(line)
                 metrics.setdefault(name, []).append((labels, value))
         return metrics
@@ -550,21 +557,25 @@ def measure(prometheus: Prometheus, groups: int, interval_s: int, intervals: int
         stamps = prometheus.own_metrics().get("prometheus_rule_group_last_evaluation_timestamp_seconds", [])
         return len(stamps) == groups and all(value >= since for _, value in stamps)
 
-    prometheus.wait(f"every one of the {groups} rule groups evaluated once", all_evaluated, timeout)
+    if groups:
+        prometheus.wait(f"every one of the {groups} rule groups evaluated once", all_evaluated, timeout)
     samples = []
     start = prometheus.own_metrics()
     start_t = time.monotonic()
     for _ in range(intervals):
         time.sleep(interval_s)
         samples.append(prometheus.own_metrics())
-    end_t = time.monotonic()
+    elapsed = time.monotonic() - start_t
+    end = samples[-1]
 
     def total(metrics: dict[str, Any], name: str) -> float:
         return sum(value for _, value in metrics.get(name, []))
 
+    def delta(name: str) -> float:
+        return total(end, name) - total(start, name)
+
     per_interval = [total(m, "prometheus_rule_group_last_duration_seconds") for m in samples]
-    longest = max(max(v for _, v in m["prometheus_rule_group_last_duration_seconds"]) for m in samples)
-    end = samples[-1]
+    longest = max((v for m in samples for _, v in m.get("prometheus_rule_group_last_duration_seconds", [])), default=0)
     rules = prometheus.api("/api/v1/rules")["groups"]
     errors = [
         f"{g['name']}/{r.get('name')}: {r.get('lastError')}"
@@ -579,16 +590,15 @@ def measure(prometheus: Prometheus, groups: int, interval_s: int, intervals: int
         "evaluation_s_per_interval": round(evaluation, 3),
         "share_of_interval": round(evaluation / interval_s, 4),
         "longest_group_s": round(longest, 3),
-        "missed_iterations": int(
-            total(end, "prometheus_rule_group_iterations_missed_total")
-            - total(start, "prometheus_rule_group_iterations_missed_total")
-        ),
+        "missed_iterations": int(delta("prometheus_rule_group_iterations_missed_total")),
         "missed_iterations_since_start": int(total(end, "prometheus_rule_group_iterations_missed_total")),
-        "cpu_cores": round(
-            (total(end, "process_cpu_seconds_total") - total(start, "process_cpu_seconds_total")) / (end_t - start_t), 2
-        ),
+        # Samples the queries loaded (every sample of a range each time it is read): the work the rules do,
+        # whatever else the machine runs.
+        "samples_per_interval": round(delta("prometheus_engine_query_samples_total") * interval_s / elapsed),
+        "cpu_cores": round(delta("process_cpu_seconds_total") / elapsed, 2),
         "rss_gib": round(max(total(m, "process_resident_memory_bytes") for m in samples) / 2**30, 2),
         "head_series": int(total(end, "prometheus_tsdb_head_series")),
+        "load_average": round(os.getloadavg()[0], 1),
         "rule_errors": errors[:10],
     }
 
@@ -635,8 +645,12 @@ def run_fleet(n: int, template: list[Series], generator: Path, workdir: Path, op
         "block_mib": round(block_bytes / 2**20),
     }
     try:
-        for layout in ("before", "shared"):
+        for layout in ("scrape-only", "before", "shared"):
             results[layout] = measure_layout(layout, root, blocks, pods, deployments, port, opts)
+        for layout in ("before", "shared"):
+            # What the rules cost on top of scraping and storing the fleet's series.
+            cores = results[layout]["cpu_cores"] - results["scrape-only"]["cpu_cores"]
+            results[layout]["rules_cpu_cores"] = round(max(cores, 0.0), 2)
     finally:
         exporter.stop()
         shutil.rmtree(blocks, ignore_errors=True)
@@ -655,10 +669,11 @@ def measure_layout(
     """One Prometheus on a fresh copy of the history, with the rules of `layout`, measured."""
     run = root / layout
     run.mkdir()
+    rule_files: list[Path] = []
     if layout == "before":
         rule_files = [run / "rules.yaml"]
         rule_files[0].write_text(yaml.safe_dump(rules_before(deployments), sort_keys=False))
-    else:
+    elif layout == "shared":
         rule_files = [SHARED_RULES, run / "rules.yaml"]
         rule_files[1].write_text(yaml.safe_dump(rules_shared(deployments), sort_keys=False))
     groups = sum(len(yaml.safe_load(p.read_text())["groups"]) for p in rule_files)
@@ -673,8 +688,9 @@ def measure_layout(
     try:
         prometheus.wait("ready", lambda: prometheus.get("/-/ready"), 600)
         prometheus.wait(f"all {len(pods)} targets up", targets_up, opts.timeout_s)
-        say(f"  {layout}: {groups} groups, measuring {opts.intervals} intervals of {opts.interval_s}s")
-        result = measure(prometheus, groups, opts.interval_s, opts.intervals, opts.timeout_s)
+        intervals = opts.intervals if groups else max(2, opts.intervals - 1)
+        say(f"  {layout}: {groups} groups, measuring {intervals} intervals of {opts.interval_s}s")
+        result = measure(prometheus, groups, opts.interval_s, intervals, opts.timeout_s)
         say(f"  {layout}: {json.dumps(result)}")
         return result
     finally:
@@ -684,18 +700,19 @@ def measure_layout(
 
 def report(results: list[dict[str, Any]], interval_s: int) -> str:
     lines = [
-        f"| deployments | layout | rules | evaluation per {interval_s}s interval | share | longest group "
-        "| missed | Prometheus CPU | RSS | head series |",
+        f"| deployments | layout | rules | evaluation per {interval_s}s interval (share) | longest group | missed "
+        "| samples loaded per interval | Prometheus CPU (rules) | RSS | head series |",
         "| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for result in results:
-        for layout in ("before", "shared"):
+        for layout in ("scrape-only", "before", "shared"):
             r = result[layout]
+            rules_cpu = f" ({r['rules_cpu_cores']:.2f})" if "rules_cpu_cores" in r else ""
             lines.append(
-                f"| {result['deployments']:,} | {layout} | {r['rules']:,} | {r['evaluation_s_per_interval']:.2f} s "
-                f"| {100 * r['share_of_interval']:.1f} % | {r['longest_group_s']:.2f} s "
-                f"| {r['missed_iterations']} | {r['cpu_cores']:.2f} cores | {r['rss_gib']:.2f} GiB "
-                f"| {r['head_series']:,} |"
+                f"| {result['deployments']:,} | {layout} | {r['rules']:,} "
+                f"| {r['evaluation_s_per_interval']:.2f} s ({100 * r['share_of_interval']:.1f} %) "
+                f"| {r['longest_group_s']:.2f} s | {r['missed_iterations']} | {r['samples_per_interval'] / 1e6:.1f} M "
+                f"| {r['cpu_cores']:.2f}{rules_cpu} cores | {r['rss_gib']:.2f} GiB | {r['head_series']:,} |"
             )
     return "\n".join(lines)
 
