@@ -143,6 +143,20 @@ class PrometheusOperator:
     def log_tail(self, lines: int = 40) -> str:
         return tail(self.component.log, lines) if self.component else ""
 
+    def errors_about(self, namespace: str, name: str) -> list[str]:
+        """The errors the Prometheus Operator logged about an object (its Events only say "invalid rule")."""
+        if self.component is None:
+            return []
+        found: list[str] = []
+        for line in self.component.log.read_text(errors="replace").splitlines():
+            about = f"object={namespace}/{name}" in line or (
+                re.search(rf"[a-z-]+={re.escape(name)}(\s|$)", line) and re.search(
+                    rf"[a-z-]*namespace={re.escape(namespace)}(\s|$)", line))
+            error = re.search(r'\berr(?:or)?="((?:[^"\\]|\\.)*)"', line)
+            if about and error and error[1] not in found and error[1] != "invalid rule":
+                found.append(error[1].replace('\\"', '"'))
+        return found
+
     def stop(self) -> None:
         if self.component:
             self.component.stop()
@@ -421,7 +435,7 @@ class PrometheusStack:
     """kube-prometheus-stack's monitoring on this cluster: Prometheus Operator + Prometheus + Alertmanager."""
 
     def __init__(self, cluster: ClusterBase, workdir: Path, *, settings: StackSettings | None = None,
-                 operator: PrometheusOperator | None = None) -> None:
+                 operator: PrometheusOperator | None = None, remove_on_stop: bool = True) -> None:
         self.cluster = cluster
         self.workdir = workdir
         self.settings = settings or StackSettings()
@@ -430,6 +444,10 @@ class PrometheusStack:
         self.alertmanager_name = f"{self.settings.release}-alertmanager"
         self.operator = operator
         self._own_operator = operator is None
+        # Uninstall on stop (as `helm uninstall` would): other tests on the same cluster then see no
+        # Prometheus resource of ours (the operator picks labels from the Prometheus resources it finds).
+        self.remove_on_stop = remove_on_stop
+        self._applied: list[dict[str, Any]] = []
         self.kubelet = LocalKubelet(cluster, workdir / "pods")
         self.prometheus_pod: LocalPod | None = None
         self.alertmanager_pod: LocalPod | None = None
@@ -454,8 +472,26 @@ class PrometheusStack:
 
     def stop(self) -> None:
         self.kubelet.stop()
+        if self.remove_on_stop and self._applied:
+            self.remove()
         if self._own_operator and self.operator is not None:
             self.operator.stop()
+
+    def remove(self, timeout: float = 90) -> None:
+        """Delete what `start` applied and wait until the generated pods are gone."""
+        refs = [f"{o['kind'].lower()}/{o['metadata']['name']}" for o in reversed(self._applied)]
+        self.cluster.kubectl("delete", "-n", self.namespace, "--ignore-not-found", "--wait=true",
+                             f"--timeout={int(timeout)}s", *refs, check=False)
+        self._applied = []
+        selector = (f"app.kubernetes.io/managed-by=prometheus-operator,"
+                    f"app.kubernetes.io/instance in ({self.prometheus_name},{self.alertmanager_name})")
+
+        def gone() -> bool:
+            left = self.cluster.kubectl("get", "pods", "-n", self.namespace, "-l", selector, "-o", "name", check=False)
+            return left.returncode == 0 and not left.stdout.strip()
+
+        with contextlib.suppress(TimeoutError):
+            wait_for("the generated pods to be gone", gone, timeout=timeout)
 
     @contextlib.contextmanager
     def running(self) -> Iterator[PrometheusStack]:
@@ -483,6 +519,7 @@ class PrometheusStack:
             alertmanager_resource(self.alertmanager_name, s),
             prometheus_resource(self.prometheus_name, s, alertmanager=self.alertmanager_name),
         ]
+        self._applied = items
         self.cluster.kubectl("apply", "--server-side", "--force-conflicts", "-f", "-",
                              input=json.dumps({"apiVersion": "v1", "kind": "List", "items": items}))
 
@@ -692,6 +729,8 @@ class PrometheusStack:
                                   self.prometheus_resource())
         problems += [f"rejected by the Prometheus Operator: {m}" for m in self.rejections("PrometheusRule", namespace,
                                                                                              name)]
+        if self.operator is not None and problems:
+            problems += [f"the Prometheus Operator's log: {e}" for e in self.operator.errors_about(namespace, name)]
         with contextlib.suppress(Exception):
             for group in self.loaded_rule_groups(namespace, name):
                 problems += [f"rule {r.get('name')} in group {group['name']}: {r.get('lastError')}"
@@ -709,6 +748,8 @@ class PrometheusStack:
                                   "alertmanagerConfigNamespaceSelector", owner)
         problems += [f"rejected by the Prometheus Operator: {m}" for m in self.rejections("AlertmanagerConfig",
                                                                                              namespace, name)]
+        if self.operator is not None and problems:
+            problems += [f"the Prometheus Operator's log: {e}" for e in self.operator.errors_about(namespace, name)]
         return problems or ["nothing wrong found in the objects; see the Prometheus Operator's log: "
                             + (self.operator.log_tail(10) if self.operator else "")]
 

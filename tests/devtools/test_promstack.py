@@ -93,9 +93,10 @@ def test_a_rule_the_prometheus_operator_rejects_fails_with_its_reason(
     message = str(failure.value)
     assert message.startswith(f"PrometheusRule {namespace}/broken: not loaded by Prometheus "
                               "monitoring/kube-prometheus-stack-prometheus")
-    assert f'rejected by the Prometheus Operator: "{namespace}/broken" was rejected due to invalid configuration' \
-        in message
-    assert "unclosed left parenthesis" in message
+    assert ("rejected by the Prometheus Operator: PrometheusRule broken was rejected due to invalid configuration: "
+            "invalid rule") in message  # its Event
+    assert ('the Prometheus Operator\'s log: 5:11: group "broken.rules", rule 1, "Broken": could not parse '
+            "expression: 1:32: parse error: unclosed left parenthesis") in message
 
 
 def test_an_alertmanager_config_whose_secret_is_missing_fails_naming_it(

@@ -126,13 +126,14 @@ def test_critical_inhibits_warning_of_the_same_deployment(spec: dict[str, Any]) 
 def test_the_prometheus_operator_resolves_secrets_and_scopes_the_route_to_the_namespace(
         generated: dict[str, Any]) -> None:
     """What the Prometheus Operator made of the AlertmanagerConfig: receivers named `<ns>/<name>/<receiver>`
-    with the Secrets' values, the route under kube-prometheus-stack's root with a namespace matcher first
+    with the Secrets' values, the route under kube-prometheus-stack's root with a namespace matcher added
     and `continue: true`, the inhibit rule scoped to the namespace."""
     config, namespace = generated["config"], generated["namespace"]
     assert config["route"]["receiver"] == "null"  # kube-prometheus-stack's root route stays
-    (route,) = [r for r in config["route"]["routes"] if r.get("receiver") == f"{namespace}/phi/webhook"
-                or any(c.get("receiver", "").startswith(f"{namespace}/phi/") for c in r.get("routes", []))]
-    assert route["matchers"][0] == f'namespace="{namespace}"' and route["continue"] is True
+    (route,) = [r for r in config["route"]["routes"]
+                if any(c.get("receiver", "").startswith(f"{namespace}/phi/") for c in r.get("routes", []))]
+    assert route["matchers"][-1] == f'namespace="{namespace}"' and 'job="phi"' in route["matchers"]
+    assert route["continue"] is True
     receivers = {r["name"]: r for r in config["receivers"]}
     assert {f"{namespace}/phi/slack", f"{namespace}/phi/email", f"{namespace}/phi/webhook"} <= set(receivers)
     assert receivers[f"{namespace}/phi/slack"]["slack_configs"][0]["api_url"] == SECRETS["slack"]["url"]
@@ -151,11 +152,14 @@ def test_amtool_check_config_accepts_the_generated_config(generated: dict[str, A
 
 
 ROUTES = [
-    # (labels, receivers expected) — slack takes critical+warning, email critical, webhook all
-    ({"severity": "critical", "alertname": "SLMHighErrorRate"}, ["slack", "email", "webhook"]),
-    ({"severity": "warning", "alertname": "SLMSlowResponseTime"}, ["slack", "webhook"]),
-    ({"severity": "info", "alertname": "SLMGPUMetricsAbsent"}, ["webhook"]),
-    ({"severity": "critical", "alertname": "SLMHighErrorRate", "job": "phi-mini"}, None),
+    # (labels, receivers expected as <deployment>/<receiver>) — slack takes critical+warning, email critical,
+    # webhook all; each deployment's alerts go to its own AlertmanagerConfig's receivers only.
+    ({"severity": "critical", "alertname": "SLMHighErrorRate"}, ["phi/slack", "phi/email", "phi/webhook"]),
+    ({"severity": "warning", "alertname": "SLMSlowResponseTime"}, ["phi/slack", "phi/webhook"]),
+    ({"severity": "info", "alertname": "SLMGPUMetricsAbsent"}, ["phi/webhook"]),
+    ({"severity": "critical", "alertname": "SLMHighErrorRate", "job": "phi-mini"},
+     ["phi-mini/slack", "phi-mini/email", "phi-mini/webhook"]),
+    ({"severity": "critical", "alertname": "SLMHighErrorRate", "job": "other"}, None),
     ({"severity": "critical", "alertname": "SLMHighErrorRate", "namespace": "other"}, None),
     ({"severity": "critical", "alertname": "KubePodCrashLooping"}, None),
 ]
@@ -168,7 +172,7 @@ def test_amtool_routes_alerts_by_severity_to_the_right_receivers(
 ) -> None:
     namespace = generated["namespace"]
     full = {"namespace": namespace, "job": "phi", **labels}
-    expected = ",".join(f"{namespace}/phi/{r}" for r in receivers) if receivers else "null"
+    expected = ",".join(f"{namespace}/{r}" for r in receivers) if receivers else "null"
     result = subprocess.run(
         [tool("amtool"), "config", "routes", "test", f"--config.file={generated['file']}",
          f"--verify.receivers={expected}", *(f"{k}={v}" for k, v in full.items())],
