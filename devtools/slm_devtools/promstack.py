@@ -547,7 +547,9 @@ class PrometheusStack:
                         lambda text, local=local: adapt_alertmanager_config(text, pod=local))
             return chosen
 
-        return self.kubelet.run(pod, adapters=adapters, seed=seed, timeout=timeout)
+        local = self.kubelet.run(pod, adapters=adapters, seed=seed, timeout=timeout)
+        wait_reloader_watching(local, timeout=timeout)
+        return local
 
     # --- what tests use -------------------------------------------------------------------------
     @property
@@ -752,6 +754,26 @@ class PrometheusStack:
             problems += [f"the Prometheus Operator's log: {e}" for e in self.operator.errors_about(namespace, name)]
         return problems or ["nothing wrong found in the objects; see the Prometheus Operator's log: "
                             + (self.operator.log_tail(10) if self.operator else "")]
+
+
+def wait_reloader_watching(pod: LocalPod, *, timeout: float = 60) -> None:
+    """Until the pod's config reloader has reloaded once and watches its files.
+
+    Its first reload may race the server's start (then it retries 5 s later); a file changed before it
+    watches is only seen at its next periodic check, 3 minutes later — in a cluster too. Tests change
+    objects right after start, so start waits for this.
+    """
+    url = pod.url(pod.port("reloader-web", "config-reloader"), "/metrics")
+
+    def watching() -> bool:
+        pod.check()
+        with urllib.request.urlopen(url, timeout=2) as response:  # noqa: S310 - local pod address
+            values = {line.split()[0]: float(line.split()[1]) for line in response.read().decode().splitlines()
+                      if line and not line.startswith("#") and len(line.split()) == 2}
+        return values.get("reloader_last_reload_successful") == 1 and values.get("reloader_watches", 0) >= 1
+
+    wait_for(f"the config reloader of {pod!r} to reload and watch", watching, timeout=timeout,
+             on_timeout=lambda: pod.logs("config-reloader")[-2000:])
 
 
 def running_prometheus(stack: PrometheusStack, name: str, *, namespace: str, retention: str,
