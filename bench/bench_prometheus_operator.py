@@ -15,10 +15,15 @@ one SLMDeployment whose server runs here (slm_devtools.dataplane.MonitoringPlane
    - config reloader + reload: file → Prometheus serves the new rule (the reloader's 1 s delay, then
      Prometheus' reload);
    - evaluation: → Prometheus' first evaluation of the new rule (the evaluation interval).
-2. A ServiceMonitor (a copy of the operator's) created → its target up, `--monitors` times:
+2. A ServiceMonitor (a copy of the operator's) created → its target up, split into
    - Prometheus Operator: created → the generated configuration Secret has the scrape job;
    - volume update, config reloader + reload: as above, up to Prometheus' reload;
-   - discovery + first scrape: → the target is up.
+   - discovery + first scrape: → the target is up;
+   twice: `--monitors` times as the first configuration change after the config reloader started (its
+   container restarted before each), and `--later-monitors` times as any later change. The reloader
+   watches the configuration file itself; the kubelet replaces that file on every update, so its watch
+   sees the first change only and later ones wait for its periodic check, every 3 minutes
+   (prometheus-operator#7366, open for v0.85). Rule files are in a watched directory: edits are not affected.
 Polling runs in parallel threads every 20 ms, so each stage boundary is known to within ~20 ms.
 """
 
@@ -46,7 +51,7 @@ sys.path.insert(0, str(REPO))
 from slm_devtools import dataplane as dp  # noqa: E402
 from slm_devtools.cluster import LocalCluster  # noqa: E402
 from slm_devtools.localpods import LocalPod  # noqa: E402
-from slm_devtools.promstack import PrometheusStack, StackSettings  # noqa: E402
+from slm_devtools.promstack import PrometheusStack, StackSettings, wait_reloader_watching  # noqa: E402
 
 ALERT = "SLMHighErrorRate"
 POLL_S = 0.02
@@ -149,9 +154,14 @@ def edit_cycle(plane: dp.MonitoringPlane, stack: PrometheusStack, value: float, 
     }
 
 
-def monitor_cycle(plane: dp.MonitoringPlane, stack: PrometheusStack, index: int, api: Any) -> dict[str, float]:
+def monitor_cycle(plane: dp.MonitoringPlane, stack: PrometheusStack, index: int, api: Any, *,
+                  fresh_reloader: bool) -> dict[str, float]:
     from kubernetes import client
 
+    if fresh_reloader:
+        assert stack.prometheus_pod is not None
+        stack.prometheus_pod.restart_container("config-reloader")
+        wait_reloader_watching(stack.prometheus_pod)
     custom, core = client.CustomObjectsApi(api), client.CoreV1Api(api)
     namespace = plane.namespace
     original = custom.get_namespaced_custom_object("monitoring.coreos.com", "v1", namespace, "servicemonitors",
@@ -170,16 +180,20 @@ def monitor_cycle(plane: dp.MonitoringPlane, stack: PrometheusStack, index: int,
         return f"job_name: {pool}" in gzip.decompress(base64.b64decode(data["prometheus.yaml.gz"])).decode()
 
     created = time.time()
-    pollers = {"secret": FirstTime(secret_has), "up": FirstTime(lambda: stack.prometheus.targets_up(pool))}
+    pollers = {"secret": FirstTime(secret_has),
+               "up": FirstTime(lambda: stack.prometheus.targets_up(pool), timeout=120 if fresh_reloader else 240)}
     custom.create_namespaced_custom_object("monitoring.coreos.com", "v1", namespace, "servicemonitors", monitor)
     try:
         t_secret = pollers["secret"].wait("the generated configuration")
-        t_up = pollers["up"].wait("the target up")
+        try:
+            t_up = pollers["up"].wait("the target up")
+        except TimeoutError as error:
+            raise TimeoutError(f"{error}: {'; '.join(stack.explain_service_monitor(namespace, name))}") from None
         t_file = projected_after(pod, "config", created) or t_up
         t_reload = reload_time(stack.prometheus.url)
     finally:
+        # Its removal reaches Prometheus with the next reload; each cycle's monitor has a name of its own.
         custom.delete_namespaced_custom_object("monitoring.coreos.com", "v1", namespace, "servicemonitors", name)
-    dp.wait_until(lambda: not stack.prometheus.targets(pool), timeout=60, what="the bench target gone")
     return {
         "prometheus_operator_s": t_secret - created,
         "volume_update_s": max(0.0, t_file - t_secret),
@@ -204,7 +218,9 @@ def print_table(title: str, summary: dict[str, dict[str, float]]) -> None:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--edits", type=int, default=20)
-    parser.add_argument("--monitors", type=int, default=10)
+    parser.add_argument("--monitors", type=int, default=10,
+                        help="ServiceMonitors created as the first change after a reloader start")
+    parser.add_argument("--later-monitors", type=int, default=3, help="ServiceMonitors as later changes (slow: ~3 min)")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
 
@@ -220,17 +236,24 @@ def main() -> int:
             try:
                 api = cluster.api_client()
                 edits = [edit_cycle(plane, stack, round(0.11 + 0.01 * i, 2), api) for i in range(args.edits)]
-                monitors = [monitor_cycle(plane, stack, i, api) for i in range(args.monitors)]
+                monitors = [monitor_cycle(plane, stack, i, api, fresh_reloader=True) for i in range(args.monitors)]
+                later = [monitor_cycle(plane, stack, 100 + i, api, fresh_reloader=False)
+                         for i in range(args.later_monitors)]
             finally:
                 plane.stop()
         setup = {"control_plane_s": round(cluster.boot_seconds, 1),
                  **{f"{k.replace(' ', '_')}_s": round(v, 1) for k, v in stack.timings.items()}}
-    result = {"edits": summarize(edits), "monitors": summarize(monitors), "setup": setup,
+    result = {"edits": summarize(edits), "monitors": summarize(monitors),
+              "later_monitors": summarize(later) if later else {}, "setup": setup,
               "scrape_interval": stack.settings.scrape_interval,
               "evaluation_interval": stack.settings.evaluation_interval,
-              "raw": {"edits": edits, "monitors": monitors}}
+              "raw": {"edits": edits, "monitors": monitors, "later_monitors": later}}
     print_table(f"threshold edit → evaluated by Prometheus ({args.edits} edits)", result["edits"])
-    print_table(f"ServiceMonitor created → target up ({args.monitors} monitors)", result["monitors"])
+    print_table(f"ServiceMonitor created → target up, first change after a reloader start ({args.monitors})",
+                result["monitors"])
+    if later:
+        print_table(f"ServiceMonitor created → target up, a later change ({args.later_monitors})",
+                    result["later_monitors"])
     print(f"\nset-up: {json.dumps(setup)}; scrape and evaluation interval "
           f"{stack.settings.scrape_interval}/{stack.settings.evaluation_interval}")
     if args.json:

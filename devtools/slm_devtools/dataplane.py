@@ -540,7 +540,9 @@ class MonitoringPlane:
             self.timings["server ready"] = time.monotonic() - began
             self.load = self._start(LoadGenerator(self.server.url, rate=self.load_rate, concurrency=2, body={
                 "model": self.model_name, "prompt": "The quick brown fox", "max_tokens": 8}))
-            self.stack.wait_target_up(self.namespace, self.name, timeout=60)
+            # Up to the config reloader's 3-minute check when this is not the first scrape change since
+            # Prometheus started (see PrometheusStack.explain_service_monitor).
+            self.stack.wait_target_up(self.namespace, self.name, timeout=240)
             self.timings["target up"] = time.monotonic() - began
             self.stack.wait_rules_loaded(self.namespace, self.name, timeout=60)
             self.stack.wait_alertmanager_config(self.namespace, self.name, timeout=60)

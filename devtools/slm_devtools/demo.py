@@ -207,7 +207,9 @@ class Demo:
                         "Alertmanager routes by the AlertmanagerConfig — all as the Prometheus Operator generated "
                         "them", fix="the message names the object that did not get through and why"):
                 prometheus, alertmanager = monitoring.prometheus, monitoring.alertmanager
-                targets = monitoring.wait_target_up(NAMESPACE, DEMO, timeout=90)
+                # Up to the config reloader's 3-minute check if tiny-demo's job came in a later change of
+                # Prometheus' configuration than the first (PrometheusStack.explain_service_monitor says why).
+                targets = monitoring.wait_target_up(NAMESPACE, DEMO, timeout=240)
                 groups = monitoring.wait_rules_loaded(NAMESPACE, DEMO, timeout=60)
                 monitoring.wait_alertmanager_config(NAMESPACE, DEMO, timeout=60)
                 rules = sum(len(g["rules"]) for g in groups)

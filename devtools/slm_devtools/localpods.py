@@ -537,6 +537,12 @@ class LocalPod:
             raise
         return self
 
+    def restart_container(self, name: str) -> None:
+        """Stop a container and start it again with the same command, as the kubelet restarts one."""
+        container = next(c for c in self.containers if c.name == name)
+        container.stop()
+        container.start(self.dir)
+
     def check(self) -> None:
         for container in self.containers:
             if not container.running():

@@ -714,8 +714,19 @@ class PrometheusStack:
             if not ready:
                 problems.append(f"Service {ref} has no ready endpoints (no Running pod matches its selector "
                                 f"{json.dumps(service['spec'].get('selector'))})")
+        pool = f"serviceMonitor/{namespace}/{name}/0"
         with contextlib.suppress(Exception):
-            for target in self.prometheus.targets(f"serviceMonitor/{namespace}/{name}/0"):
+            generated = f"job_name: {pool}" in yaml.safe_dump(self.generated_prometheus_config())
+            running = f"job_name: {pool}" in self.prometheus.api("status/config")["yaml"]
+            if generated and not running:
+                problems.append(
+                    f"the Prometheus Operator generated the scrape job {pool}, but Prometheus has not loaded it yet: "
+                    "its config reloader sees only the first change of the configuration file after it starts "
+                    "(the kubelet replaces the file, and the watch on it ends; prometheus-operator#7366), later "
+                    "ones at its 3-minute check")
+            elif not generated and not problems:
+                problems.append(f"the Prometheus Operator generated no scrape job {pool}")
+            for target in self.prometheus.targets(pool):
                 if target["health"] != "up":
                     problems.append(f"target {target['labels'].get('instance')} is {target['health']}: "
                                     f"{target.get('lastError')}")
