@@ -192,8 +192,13 @@ def monitor_cycle(plane: dp.MonitoringPlane, stack: PrometheusStack, index: int,
         t_file = projected_after(pod, "config", created) or t_up
         t_reload = reload_time(stack.prometheus.url)
     finally:
-        # Its removal reaches Prometheus with the next reload; each cycle's monitor has a name of its own.
+        # Its removal reaches Prometheus with the next reload; each cycle's monitor has a name of its own. The
+        # next cycle restarts the reloader only once the removal is in the pod's volume, else that change
+        # would be the one its fresh watch sees.
         custom.delete_namespaced_custom_object("monitoring.coreos.com", "v1", namespace, "servicemonitors", name)
+        dp.wait_until(lambda: f"job_name: {pool}" not in gzip.decompress(
+            (pod.volume_dir("config") / "prometheus.yaml.gz").read_bytes()).decode(), timeout=60,
+            what="the removal in the pod's volume")
     return {
         "prometheus_operator_s": t_secret - created,
         "volume_update_s": max(0.0, t_file - t_secret),
