@@ -163,6 +163,22 @@ build_kubeconform() {
   go build -trimpath -ldflags "-s -w" -o "$DEST/kubeconform" github.com/yannh/kubeconform/cmd/kubeconform
 }
 
+build_prometheus_operator() {
+  # The operator and its config reloader, as kube-prometheus-stack runs them (one module, one build).
+  # The release's go.mod replaces its two API submodules with local folders; outside the repository
+  # they are required at the same version, as published.
+  wrapper "$SRC" github.com/prometheus-operator/prometheus-operator "$VERSION"
+  {
+    echo "require github.com/prometheus-operator/prometheus-operator/pkg/apis/monitoring $VERSION"
+    echo "require github.com/prometheus-operator/prometheus-operator/pkg/client $VERSION"
+  } >>"$SRC/go.mod"
+  cd "$SRC"
+  go build -trimpath -ldflags "$(prom_ldflags "${VERSION#v}")" -o "$DEST/" \
+    github.com/prometheus-operator/prometheus-operator/cmd/operator \
+    github.com/prometheus-operator/prometheus-operator/cmd/prometheus-config-reloader
+  mv "$DEST/operator" "$DEST/prometheus-operator"
+}
+
 fetch_kwok_stages() {
   # KWOK fakes nothing without stages: the upstream "fast" node/pod lifecycle, from the pinned module.
   local dir
@@ -185,6 +201,23 @@ fetch_prometheus_operator_crds() {
   chmod -R u+w "$DEST/crds"
 }
 
+fetch_prometheus_operator_rbac() {
+  # The RBAC the pinned release ships for itself and for Prometheus (example/rbac), applied by the
+  # test harness as kube-prometheus-stack applies its own copy: never written by hand.
+  local dir
+  dir="$(cd /tmp && go mod download -json "github.com/prometheus-operator/prometheus-operator@$VERSION" | sed -n 's/.*"Dir": "\(.*\)".*/\1/p')"
+  mkdir -p "$DEST/rbac"
+  for f in prometheus-operator/prometheus-operator-service-account.yaml \
+           prometheus-operator/prometheus-operator-cluster-role.yaml \
+           prometheus-operator/prometheus-operator-cluster-role-binding.yaml \
+           prometheus/prometheus-service-account.yaml prometheus/prometheus-cluster-role.yaml \
+           prometheus/prometheus-cluster-role-binding.yaml; do
+    [ -f "$dir/example/rbac/$f" ] || { echo "missing example/rbac/$f in $dir"; return 1; }
+    cp "$dir/example/rbac/$f" "$DEST/rbac/"
+  done
+  chmod -R u+w "$DEST/rbac"
+}
+
 only="${1:-all}"
 want() { [ "$only" = all ] || [[ ",$only," == *",$1,"* ]]; }
 
@@ -195,6 +228,8 @@ want kwok && tool kwok-stages "$KWOK_VERSION" fetch_kwok_stages
 export KUBERNETES_VERSION HELM_VERSION
 want helm && tool helm "$HELM_VERSION-k8s$KUBERNETES_VERSION" build_helm
 want prometheus-operator-crds && tool prometheus-operator-crds "$PROMETHEUS_OPERATOR_VERSION" fetch_prometheus_operator_crds
+want prometheus-operator && tool prometheus-operator "$PROMETHEUS_OPERATOR_VERSION" build_prometheus_operator
+want prometheus-operator && tool prometheus-operator-rbac "$PROMETHEUS_OPERATOR_VERSION" fetch_prometheus_operator_rbac
 want alertmanager && tool alertmanager "$ALERTMANAGER_VERSION" build_alertmanager
 want prometheus && tool prometheus "$PROMETHEUS_VERSION" build_prometheus
 want promtool2 && tool promtool2 "$PROMETHEUS2_VERSION" build_promtool2
@@ -212,7 +247,10 @@ link "helm-$HELM_VERSION-k8s$KUBERNETES_VERSION" helm || true
 for b in prometheus promtool; do link "prometheus-$PROMETHEUS_VERSION" "$b" || true; done
 for b in alertmanager amtool; do link "alertmanager-$ALERTMANAGER_VERSION" "$b" || true; done
 link "promtool2-$PROMETHEUS2_VERSION" promtool2 || true
+for b in prometheus-operator prometheus-config-reloader; do link "prometheus-operator-$PROMETHEUS_OPERATOR_VERSION" "$b" || true; done
 link "kubeconform-$KUBECONFORM_VERSION" kubeconform || true
 [ -d "$tools/prometheus-operator-crds-$PROMETHEUS_OPERATOR_VERSION/crds" ] &&
   ln -sfn "$tools/prometheus-operator-crds-$PROMETHEUS_OPERATOR_VERSION/crds" "$links/prometheus-operator-crds"
+[ -d "$tools/prometheus-operator-rbac-$PROMETHEUS_OPERATOR_VERSION/rbac" ] &&
+  ln -sfn "$tools/prometheus-operator-rbac-$PROMETHEUS_OPERATOR_VERSION/rbac" "$links/prometheus-operator-rbac"
 say "tools ready in $links ($(du -sh "$tools" 2>/dev/null | cut -f1) in $tools)"
