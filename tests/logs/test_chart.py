@@ -102,10 +102,13 @@ def test_bring_your_own_store_ships_there_with_its_credentials_and_no_bundled_st
     assert not [d for d in docs if d["metadata"].get("labels", {}).get("app.kubernetes.io/component") == "log-store"]
     exporter = collector_config(docs)["exporters"]["otlp_http"]
     assert exporter["endpoint"] == "https://es.example:9200/_otlp"
-    assert exporter["headers"] == {"Authorization": "${env:OTLP_AUTHORIZATION}"}
-    env = collector_objects(docs)["DaemonSet"]["spec"]["template"]["spec"]["containers"][0]["env"]
-    assert {"name": "OTLP_AUTHORIZATION",
-            "valueFrom": {"secretKeyRef": {"name": "es-api-key", "key": "authorization"}}} in env  # fmt: skip
+    assert exporter["headers"] == {"Authorization": "${file:/secrets/exporter/authorization}"}
+    pod = collector_objects(docs)["DaemonSet"]["spec"]["template"]["spec"]
+    assert {"name": "exporter-secret",
+            "secret": {"secretName": "es-api-key", "items": [{"key": "authorization", "path": "authorization"}]}
+            } in pod["volumes"]  # fmt: skip
+    assert {"name": "exporter-secret", "mountPath": "/secrets/exporter", "readOnly": True} in (
+        pod["containers"][0]["volumeMounts"])
 
 
 # ---- Pod Security admission (the real API server) ------------------------------------------------------
@@ -160,7 +163,8 @@ def test_collector_pod_needs_the_privileged_standard_for_its_host_path_only(clus
 def test_logs_ci_values_render_every_logs_option() -> None:
     docs = documents(render(values=[LOGS_CI_VALUES]))
     exporter = collector_config(docs)["exporters"]["otlp_http"]
-    assert exporter["headers"] == {"X-Scope-OrgID": "ml-platform", "Authorization": "${env:OTLP_AUTHORIZATION}"}
+    assert exporter["headers"] == {"X-Scope-OrgID": "ml-platform",
+                                  "Authorization": "${file:/secrets/exporter/authorization}"}
     statefulset = store_objects(docs)["StatefulSet"]
     assert statefulset["spec"]["template"]["spec"]["containers"][0]["image"] == (
         "victoriametrics/victoria-logs@sha256:fedcba9876543210fedcba9876543210fedcba9876543210fedcba9876543210")

@@ -248,7 +248,8 @@ exporters:
       {{ $name | quote }}: {{ $value | quote }}
       {{- end }}
       {{- if $c.exporter.authorizationSecretRef.name }}
-      Authorization: ${env:OTLP_AUTHORIZATION}
+      # Read from the mounted Secret when the collector starts.
+      Authorization: ${file:/secrets/exporter/authorization}
       {{- end }}
     {{- end }}
     {{- with $c.exporter.tls }}
