@@ -105,7 +105,8 @@ def test_every_request_line_is_in_the_store_with_every_field_and_no_prompt_or_ou
     server.stop()  # SIGTERM, as the kubelet stops the container: the shutdown lines follow
 
     written = [r for r in server.records() if r.get("event") == "request"]
-    assert len(written) == len(PROMPTS) + 2  # the corpus, the one served and the one refused at once
+    # The corpus, the two fault settings, the one served and the one refused at once.
+    assert len(written) == len(PROMPTS) + 2 + 2
     selector = f'k8s.namespace.name:="{pod.namespace}" slm.deployment:="{DEPLOYMENT}"'
     stored = wait_for_entries(plane.store, f"{selector} event:=request", len(written), timeout=120,
                               check=plane.collector.proc.check_running)  # type: ignore[union-attr]
@@ -178,4 +179,4 @@ def test_a_line_that_is_not_json_is_kept_as_plain_text(plane: LogPlane, new_pod:
         assert entry["k8s.namespace.name"] == pod.namespace
     plain = [e for e in entries if e["_msg"] in raw]
     assert all(e["log.iostream"] == "stderr" for e in plain)
-    assert all(e.get("severity_text", "") in ("", "UNSPECIFIED") for e in plain)
+    assert {(e["severity_text"], e["severity_number"]) for e in plain} == {("Unspecified", "0")}
