@@ -169,7 +169,7 @@ def localize_collector_config(config: Mapping[str, Any], daemonset: Mapping[str,
     for reader in local["service"]["telemetry"]["metrics"]["readers"]:
         reader["pull"]["exporter"]["prometheus"]["port"] = ports.metrics
     for name, processor in local["processors"].items():
-        if name.split("/")[0] == "k8sattributes":
+        if name.split("/")[0] in ("k8s_attributes", "k8sattributes"):
             processor["auth_type"] = "kubeConfig"
     assert isinstance(local, dict)
     return local

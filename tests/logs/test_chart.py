@@ -40,15 +40,15 @@ def test_collector_reads_the_serving_and_operator_containers_with_checkpoints_an
         "/var/log/pods/slm-system_slm-slm-monitoring-operator-*_*/operator/*.log",
     ]
     assert filelog["storage"] == "file_storage"
-    assert filelog["operators"][0] == {"type": "container", "id": "container", "add_metadata_from_filepath": True}
+    assert [op["type"] for op in filelog["operators"]][:3] == ["regex_parser", "recombine", "move"]
     exporter = config["exporters"]["otlp_http"]
     assert exporter["sending_queue"]["storage"] == "file_storage"
     assert exporter["sending_queue"]["block_on_overflow"] is True
     assert exporter["retry_on_failure"]["max_elapsed_time"] == "0s"  # never give a batch up
-    labels = config["processors"]["k8sattributes"]["extract"]["labels"]
+    labels = config["processors"]["k8s_attributes"]["extract"]["labels"]
     assert labels == [{"tag_name": "slm.deployment", "key": "slm.dev/deployment", "from": "pod"}]
     assert config["service"]["pipelines"]["logs"] == {
-        "receivers": ["filelog"], "processors": ["memory_limiter", "k8sattributes", "filter/slm-pods"],
+        "receivers": ["filelog"], "processors": ["memory_limiter", "k8s_attributes", "filter/slm-pods"],
         "exporters": ["otlp_http"]}  # fmt: skip
 
 

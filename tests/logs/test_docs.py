@@ -25,6 +25,6 @@ def test_processor_snippet_parses_the_lines_as_the_chart_does() -> None:
     snippet = _snippet()
     assert snippet["receivers"]["filelog"]["operators"] == chart["receivers"]["filelog"]["operators"]
     assert snippet["processors"]["filter/slm-pods"] == chart["processors"]["filter/slm-pods"]
-    for key, value in snippet["processors"]["k8sattributes"].items():
-        assert chart["processors"]["k8sattributes"][key] == value, key
+    for key, value in snippet["processors"]["k8s_attributes"].items():
+        assert chart["processors"]["k8s_attributes"][key] == value, key
     assert set(snippet["receivers"]["filelog"]["include"]) <= set(chart["receivers"]["filelog"]["include"])

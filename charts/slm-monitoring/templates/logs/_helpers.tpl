@@ -132,25 +132,68 @@ receivers:
       max_interval: 30s
       max_elapsed_time: 0s
     operators:
-      # CRI-O/containerd (and Docker) line format; partial lines (P) are joined; the namespace, pod
-      # name, pod uid and container name come from the file's path.
-      - type: container
-        id: container
-        add_metadata_from_filepath: true
-      # Only a line that looks like a JSON object is parsed; anything else is kept as it is, the text
-      # in the body (a traceback, a library's plain print).
-      - type: router
-        id: is-json
-        routes:
-          - expr: 'body matches "^\\s*\\{"'
-            output: json
-        default: end
+      # The CRI line (containerd, CRI-O): `<time> <stdout|stderr> <P|F> <text>`. Parsed with these
+      # operators rather than the `container` operator: in this release that operator hands its lines
+      # on through an internal batching emitter, so a crash could lose the lines of the last 100 ms after
+      # their offset was saved (fixed upstream after this release:
+      # https://github.com/open-telemetry/opentelemetry-collector-contrib/issues/47828).
+      - type: regex_parser
+        id: cri
+        regex: '^(?P<time>[^ ]+) (?P<stream>stdout|stderr) (?P<logtag>[PF]) ?(?P<log>.*)$'
+        timestamp:
+          parse_from: attributes.time
+          layout_type: gotime
+          layout: '2006-01-02T15:04:05.999999999Z07:00'
+      # A line longer than the runtime's buffer (16 KiB) comes in `P` parts ending with an `F` one.
+      - type: recombine
+        id: cri-partial-lines
+        combine_field: attributes.log
+        combine_with: ""
+        is_last_entry: "attributes.logtag == 'F'"
+        source_identifier: attributes["log.file.path"]
+        max_log_size: {{ $c.maxLineSize }}
+      - type: move
+        from: attributes.log
+        to: body
+      - type: move
+        from: attributes.stream
+        to: attributes["log.iostream"]
+      - type: remove
+        field: attributes.time
+      - type: remove
+        field: attributes.logtag
+      # The pod's namespace, name and uid and the container's name, from the file's path
+      # (<namespace>_<pod>_<uid>/<container>/<restarts>.log): the uid is how k8sattributes finds the pod.
+      - type: regex_parser
+        id: pod-from-path
+        parse_from: attributes["log.file.path"]
+        parse_to: resource
+        regex: '^.*/(?P<namespace>[^_/]+)_(?P<pod>[^_/]+)_(?P<uid>[a-f0-9-]+)/(?P<container>[^._/]+)/(?P<restarts>\d+)\.log$'
+        cache:
+          size: 256
+      - type: move
+        from: resource.namespace
+        to: resource["k8s.namespace.name"]
+      - type: move
+        from: resource.pod
+        to: resource["k8s.pod.name"]
+      - type: move
+        from: resource.uid
+        to: resource["k8s.pod.uid"]
+      - type: move
+        from: resource.container
+        to: resource["k8s.container.name"]
+      - type: move
+        from: resource.restarts
+        to: resource["k8s.container.restart_count"]
       # The server's and the sidecar's line: {"timestamp", "level", "logger", "message", "event", and
       # the OpenTelemetry GenAI and HTTP attributes (gen_ai.*, http.*), "trace_id", "span_id", …}.
-      # Every field becomes a log attribute under the name the server wrote; a line that is not valid
-      # JSON after all is sent unparsed (on_error: send_quiet), never dropped.
+      # Every field becomes a log attribute under the name the server wrote. Only a line that looks like
+      # a JSON object is parsed; anything else (a traceback, a library's plain print), or a line that is
+      # not valid JSON after all (on_error: send_quiet), is kept as it is, its text in the body.
       - type: json_parser
         id: json
+        if: 'body matches "^\\s*\\{"'
         on_error: send_quiet
       - type: time_parser
         id: timestamp
@@ -197,8 +240,6 @@ receivers:
         if: 'attributes.message != nil'
         from: attributes.message
         to: body
-      - type: noop
-        id: end
 
 processors:
   memory_limiter:
@@ -206,7 +247,7 @@ processors:
     limit_percentage: 80
     spike_limit_percentage: 20
   # Pod metadata from the API server, for the pods of this node only.
-  k8sattributes:
+  k8s_attributes:
     auth_type: serviceAccount
     filter:
       node_from_env_var: K8S_NODE_NAME
@@ -298,7 +339,7 @@ service:
         - filelog
       processors:
         - memory_limiter
-        - k8sattributes
+        - k8s_attributes
         - filter/slm-pods
       exporters:
         - otlp_http
