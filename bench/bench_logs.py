@@ -1,7 +1,7 @@
 """Log shipping benchmark (issue 27's figures): what the chart's collector ships on one core, its memory,
 and the lag from a line written to it being queryable in the store.
 
-    .venv/bin/python bench/bench_logs.py [--lines 200000] [--lag-seconds 30] [--rate 1000] [--json OUT]
+    .venv/bin/python bench/bench_logs.py [--lines 100000] [--lag-seconds 20] [--rate 1000] [--json OUT]
 
 Runs slm_devtools.logplane: a local control plane (for the collector's k8sattributes), the chart's
 collector (built by `make deps`, configuration from `helm template`) with GOMAXPROCS=1, and the chart's
@@ -186,9 +186,9 @@ def lag(plane: LogPlane, cluster: LocalCluster, namespace: str, corpus: list[dic
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--lines", type=int, default=200_000)
+    parser.add_argument("--lines", type=int, default=100_000)
     parser.add_argument("--rate", type=float, default=1000.0)
-    parser.add_argument("--lag-seconds", type=float, default=30.0)
+    parser.add_argument("--lag-seconds", type=float, default=20.0)
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="bench-logs-") as tmp, LocalCluster.start(Path(tmp) / "cluster") as cluster:

@@ -19,7 +19,15 @@ from typing import Any
 import httpx
 import pytest
 
-from slm_devtools.logplane import LogPlane, ServerPod, server_pod_env, sha256_hex, wait_for_entries
+from slm_devtools.logplane import (
+    LogPlane,
+    ServerPod,
+    deployment_log_query,
+    format_entries,
+    server_pod_env,
+    sha256_hex,
+    wait_for_entries,
+)
 from tests.logs.conftest import Pod
 
 pytestmark = [pytest.mark.e2e, pytest.mark.dataplane, pytest.mark.slow]
@@ -147,6 +155,13 @@ def test_every_request_line_is_in_the_store_with_every_field_and_no_prompt_or_ou
     assert {e["event"] for e in events} == {"startup", "model_loaded", "overloaded", "shutdown"}
     overloaded = next(e for e in events if e["event"] == "overloaded")
     assert (overloaded["severity_text"], overloaded["severity_number"]) == ("warning", "13")  # WARN
+
+    # What the demo prints beside an alert: the query of the deployment's refused or failed requests, and its answer.
+    shown = deployment_log_query(plane.store, pod.namespace, DEPLOYMENT, where="http.response.status_code:>=400")
+    assert shown.query == (f'_time:15m k8s.namespace.name:="{pod.namespace}" slm.deployment:="{DEPLOYMENT}" '
+                           "http.response.status_code:>=400 | sort by (_time desc) | limit 20")
+    assert [e["request_id"] for e in shown.entries] == [refused_entry["request_id"]]
+    assert "error.type=overloaded" in format_entries(shown.entries)
 
     # The default output policy (hash): no prompt and no output text anywhere in the store.
     everything = json.dumps(plane.store.query("*"))
