@@ -1,7 +1,7 @@
 """Log shipping benchmark (issue 27's figures): what the chart's collector ships on one core, its memory,
 and the lag from a line written to it being queryable in the store.
 
-    .venv/bin/python bench/bench_logs.py [--lines 100000] [--lag-seconds 20] [--rate 1000] [--json OUT]
+    .venv/bin/python bench/bench_logs.py [--lines 100000] [--lag-seconds 20] [--rate 1000] [--set VALUE] [--json OUT]
 
 Runs slm_devtools.logplane: a local control plane (for the collector's k8sattributes), the chart's
 collector (built by `make deps`, configuration from `helm template`) with GOMAXPROCS=1, and the chart's
@@ -189,11 +189,13 @@ def main() -> int:
     parser.add_argument("--lines", type=int, default=100_000)
     parser.add_argument("--rate", type=float, default=1000.0)
     parser.add_argument("--lag-seconds", type=float, default=20.0)
+    parser.add_argument("--set", action="append", default=[], metavar="VALUE",
+                        help="a chart value (helm --set), e.g. logs.collector.exporter.compression=zstd")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="bench-logs-") as tmp, LocalCluster.start(Path(tmp) / "cluster") as cluster:
         namespace = cluster.new_namespace("bench")
-        plane = LogPlane(cluster, Path(tmp) / "node", NODE)
+        plane = LogPlane(cluster, Path(tmp) / "node", NODE, set_values=args.set)
         original = Collector.environment
 
         def one_core(self: Collector) -> dict[str, str]:  # GOMAXPROCS=1: the collector's Go runtime on one core
@@ -209,7 +211,7 @@ def main() -> int:
         finally:
             plane.stop()
             Collector.environment = original  # type: ignore[method-assign]
-    result = {"mean_line_bytes": round(mean_bytes), "throughput": shipped, "lag": delays, "goals": {
+    result = {"values": args.set, "mean_line_bytes": round(mean_bytes), "throughput": shipped, "lag": delays, "goals": {
         "lines_per_s": GOAL_LINES_PER_S, "lag_p95_s": GOAL_LAG_P95_S}}  # fmt: skip
     print(json.dumps(result, indent=2))
     print(f"shipped {shipped['lines_per_s']:,} lines/s on one core (GOMAXPROCS=1; {shipped['lines_per_cpu_s']:,} "

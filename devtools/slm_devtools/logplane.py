@@ -153,18 +153,25 @@ class CollectorPorts:
     metrics: int
 
 
-def localize_collector_config(config: Mapping[str, Any], daemonset: Mapping[str, Any], host_root: Path,
-                              ports: CollectorPorts) -> dict[str, Any]:  # fmt: skip
+def localize_collector_config(
+    config: Mapping[str, Any], daemonset: Mapping[str, Any], host_root: Path, ports: CollectorPorts,
+    services: Mapping[str, str] | None = None,
+) -> dict[str, Any]:
     """The chart's collector configuration as it must be outside a pod; nothing else changes:
 
     - every path under a mount of the DaemonSet's container (the node's pod logs, the state
       directory) becomes the same path under `host_root`;
     - the health check and the collector's own metrics listen on free loopback ports (a pod has its
-      own network namespace, processes on one machine do not);
+      own network namespace, processes on one machine do not), and a Service's address in the
+      exporter's endpoint (`services`: {"<name>.<namespace>.svc:<port>": "127.0.0.1:<port>"}) is the
+      loopback address its process listens on (there is no cluster DNS here);
     - k8sattributes reads the API server through `KUBECONFIG` (a kubeconfig of the chart's
       ServiceAccount) instead of the token a pod has mounted.
     """
     local = _replace_prefixes(copy.deepcopy(dict(config)), host_paths(daemonset, host_root))
+    for exporter in local["exporters"].values():
+        for service, address in (services or {}).items():
+            exporter["endpoint"] = exporter["endpoint"].replace(f"//{service}/", f"//{address}/")
     local["extensions"]["health_check"]["endpoint"] = f"{LOOPBACK}:{ports.health}"
     for reader in local["service"]["telemetry"]["metrics"]["readers"]:
         reader["pull"]["exporter"]["prometheus"]["port"] = ports.metrics
@@ -448,6 +455,7 @@ class Collector:
     kubeconfig: Path
     node: str
     env: Mapping[str, str] = field(default_factory=dict)
+    services: Mapping[str, str] = field(default_factory=dict)
     ports: CollectorPorts | None = None
     proc: ManagedProcess | None = None
     config_path: Path | None = None
@@ -476,7 +484,8 @@ class Collector:
         if self.ports is None:
             self.ports = CollectorPorts(health=free_port(), metrics=free_port())
         daemonset = collector_objects(self.docs)["DaemonSet"]
-        config = localize_collector_config(collector_config(self.docs), daemonset, self.host_root, self.ports)
+        config = localize_collector_config(collector_config(self.docs), daemonset, self.host_root, self.ports,
+                                           self.services)
         for directory in host_paths(daemonset, self.host_root).values():
             directory.mkdir(parents=True, exist_ok=True)
         self.config_path = self.host_root / "otelcol-config.yaml"
@@ -545,17 +554,17 @@ class LogPlane:
         return mounts[logs_volume["mountPath"]]
 
     def start(self) -> LogPlane:
-        # The store's port is known before the chart is rendered: the collector's endpoint is a value.
-        store_port = free_port()
-        self.docs = render_chart(
-            release=self.release, namespace=self.namespace,
-            set_values=[f"logs.collector.exporter.endpoint=http://{LOOPBACK}:{store_port}/insert/opentelemetry",
-                        *self.set_values],
-        )  # fmt: skip
+        """The chart as `logs.enabled=true` (and `set_values`) renders it: the collector shipping to the
+        bundled VictoriaLogs' Service, which is the local VictoriaLogs' loopback address here."""
+        self.docs = render_chart(release=self.release, namespace=self.namespace, set_values=self.set_values)
         self.pods_dir.mkdir(parents=True, exist_ok=True)
-        self.store = VictoriaLogs(store_objects(self.docs)["StatefulSet"], self.host_root, port=store_port).start()
+        store = store_objects(self.docs)
+        self.store = VictoriaLogs(store["StatefulSet"], self.host_root).start()
+        service = store["Service"]["metadata"]
+        port = store["Service"]["spec"]["ports"][0]["port"]
+        services = {f"{service['name']}.{service['namespace']}.svc:{port}": f"{LOOPBACK}:{self.store.port}"}
         kubeconfig = install_collector_rbac(self.cluster, self.docs)
-        self.collector = Collector(self.docs, self.host_root, kubeconfig, self.node).start()
+        self.collector = Collector(self.docs, self.host_root, kubeconfig, self.node, services=services).start()
         return self
 
     def stop(self) -> None:

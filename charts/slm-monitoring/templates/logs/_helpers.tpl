@@ -195,51 +195,45 @@ receivers:
         id: json
         if: 'body matches "^\\s*\\{"'
         on_error: send_quiet
-      - type: time_parser
-        id: timestamp
-        if: 'attributes.timestamp != nil'
-        parse_from: attributes.timestamp
-        layout_type: gotime
-        layout: '2006-01-02T15:04:05Z07:00'
-        on_error: send_quiet
-      # The server writes `level`; kopf (the operator) writes `severity`.
+        # The record's time, severity and trace context, from the fields the server writes (a field a line
+        # lacks is left unset, the rest still parsed).
+        timestamp:
+          parse_from: attributes.timestamp
+          layout_type: gotime
+          layout: '2006-01-02T15:04:05Z07:00'
+        severity:
+          parse_from: attributes.level
+          mapping:
+            fatal: critical
+        trace:
+          trace_id:
+            parse_from: attributes.trace_id
+          span_id:
+            parse_from: attributes.span_id
+      # kopf (the operator) writes `severity`, not `level`.
       - type: severity_parser
-        id: level
-        if: 'attributes.level != nil'
-        parse_from: attributes.level
-        on_error: send_quiet
-        mapping:
-          fatal: critical
-      - type: severity_parser
-        id: severity
-        if: 'attributes.level == nil and attributes.severity != nil'
+        id: kopf-severity
+        if: 'attributes.severity != nil and attributes.level == nil'
         parse_from: attributes.severity
         on_error: send_quiet
         mapping:
           fatal: critical
-      - type: trace_parser
-        id: trace
-        if: 'attributes.trace_id != nil'
-        trace_id:
-          parse_from: attributes.trace_id
-        span_id:
-          parse_from: attributes.span_id
-        on_error: send_quiet
-      # The record's own fields now hold them; the attributes would only repeat them.
+      # The record's own fields now hold them; the attributes would only repeat them. (No `if`: a line
+      # without the field goes on unchanged, and skipping the condition is cheaper per line.)
       - type: remove
-        if: 'attributes.timestamp != nil'
         field: attributes.timestamp
+        on_error: send_quiet
       - type: remove
-        if: 'attributes.trace_id != nil'
         field: attributes.trace_id
+        on_error: send_quiet
       - type: remove
-        if: 'attributes.span_id != nil'
         field: attributes.span_id
+        on_error: send_quiet
       - type: move
         id: body
-        if: 'attributes.message != nil'
         from: attributes.message
         to: body
+        on_error: send_quiet
 
 processors:
   memory_limiter:
@@ -281,7 +275,9 @@ processors:
 exporters:
   otlp_http:
     endpoint: {{ include "slm-monitoring.logs.endpoint" . | quote }}
-    compression: {{ $c.exporter.compression }}
+    {{- /* zstd costs the collector ~20 % less CPU than gzip (bench/bench_logs.py); VictoriaLogs takes it,
+    other stores are sent gzip, which every OTLP/HTTP receiver takes, unless told otherwise. */}}
+    compression: {{ $c.exporter.compression | default (ternary "gzip" "zstd" (not (empty $c.exporter.endpoint))) }}
     timeout: {{ $c.exporter.timeout }}
     {{- if or $c.exporter.headers $c.exporter.authorizationSecretRef.name }}
     headers:
