@@ -9,10 +9,11 @@ VictoriaLogs. The lines are real request lines: the real server with the tiny mo
 requests first, and its request lines, each given its own request_id, are replayed into a pod's CRI log
 file.
 
-1. Throughput: `--lines` lines are already in the file when the collector starts; shipped lines/s is
-   the count over the time from the collector's start to the store holding them all. Also printed: the
-   collector's CPU seconds for them (lines per CPU second, what one dedicated core would do on this
-   shared machine) and its peak RSS.
+1. Throughput: `--lines` lines are already in the file when the collector starts, and the store is
+   polled until it holds them all. The figure compared with the goal is lines per CPU second of the
+   collector (GOMAXPROCS=1, so one core at a time): what one dedicated core ships, whatever else the
+   machine runs. Also printed: wall-clock lines/s with the share of a core the collector got, and its
+   peak RSS.
 2. Lag: lines written at `--rate` lines/s for `--lag-seconds`; every 50th is a probe whose arrival in
    the store is polled every 100 ms; p50/p95 of written -> queryable.
 
@@ -214,9 +215,11 @@ def main() -> int:
     result = {"values": args.set, "mean_line_bytes": round(mean_bytes), "throughput": shipped, "lag": delays, "goals": {
         "lines_per_s": GOAL_LINES_PER_S, "lag_p95_s": GOAL_LAG_P95_S}}  # fmt: skip
     print(json.dumps(result, indent=2))
-    print(f"shipped {shipped['lines_per_s']:,} lines/s on one core (GOMAXPROCS=1; {shipped['lines_per_cpu_s']:,} "
-          f"lines per CPU second), peak RSS {shipped['peak_rss_mib']} MiB: goal >= {GOAL_LINES_PER_S:,} "
-          f"{'met' if shipped['lines_per_s'] >= GOAL_LINES_PER_S else 'NOT met'}")
+    share = shipped["collector_cpu_s"] / shipped["seconds"]
+    print(f"shipped {shipped['lines_per_cpu_s']:,} lines per CPU second with GOMAXPROCS=1 (one core's worth): goal >= "
+          f"{GOAL_LINES_PER_S:,} {'met' if shipped['lines_per_cpu_s'] >= GOAL_LINES_PER_S else 'NOT met'}; wall clock "
+          f"{shipped['lines_per_s']:,} lines/s with {share:.0%} of a core (what other processes left); "
+          f"peak RSS {shipped['peak_rss_mib']} MiB")
     print(f"lag at {args.rate:g} lines/s: p50 {delays['lag_p50_s']} s, p95 {delays['lag_p95_s']} s: goal p95 <= "
           f"{GOAL_LAG_P95_S} s {'met' if delays['lag_p95_s'] <= GOAL_LAG_P95_S else 'NOT met'}")
     if args.json:
