@@ -218,6 +218,24 @@ fetch_prometheus_operator_rbac() {
   chmod -R u+w "$DEST/rbac"
 }
 
+# ---- the log plane (issue 27): the OpenTelemetry Collector and VictoriaLogs -------------------------
+
+build_otelcol() {
+  # The OpenTelemetry Collector Builder generates a collector from the manifest (only the components
+  # listed there) and compiles it; both the builder and the components come from the Go module proxy.
+  mkdir -p "$SRC"
+  GOBIN="$SRC/bin" go install "go.opentelemetry.io/collector/cmd/builder@$OTELCOL_BUILDER_VERSION"
+  "$SRC/bin/builder" --config "$OTELCOL_MANIFEST" --output-path "$SRC/dist" --ldflags "-s -w"
+  cp "$SRC/dist/otelcol-slm" "$DEST/otelcol-slm"
+}
+
+build_victorialogs() {
+  wrapper "$SRC" github.com/VictoriaMetrics/VictoriaLogs "$VERSION"
+  cd "$SRC"
+  go build -trimpath -ldflags "-s -w -X github.com/VictoriaMetrics/VictoriaMetrics/lib/buildinfo.Version=victoria-logs-$VERSION" \
+    -o "$DEST/victoria-logs" github.com/VictoriaMetrics/VictoriaLogs/app/victoria-logs
+}
+
 only="${1:-all}"
 want() { [ "$only" = all ] || [[ ",$only," == *",$1,"* ]]; }
 
@@ -235,6 +253,12 @@ want prometheus && tool prometheus "$PROMETHEUS_VERSION" build_prometheus
 want promtool2 && tool promtool2 "$PROMETHEUS2_VERSION" build_promtool2
 want kubeconform && tool kubeconform "$KUBECONFORM_VERSION" build_kubeconform
 want kubernetes && tool kubernetes "$KUBERNETES_VERSION" build_kubernetes
+# The log plane: the collector's key names the builder and a hash of its manifest's lines (comments
+# left out), so a component added or bumped there rebuilds it.
+export OTELCOL_BUILDER_VERSION OTELCOL_MANIFEST="$here/otelcol-builder.yaml"
+otelcol_key="$OTELCOL_BUILDER_VERSION-$(grep -v '^ *#' "$OTELCOL_MANIFEST" | sha256sum | cut -c1-12)"
+want otelcol && tool otelcol "$otelcol_key" build_otelcol
+want victorialogs && tool victorialogs "$VICTORIALOGS_VERSION" build_victorialogs
 
 # Link the pinned versions into the checkout (.bin is git-ignored); other checkouts keep theirs.
 link() { [ -e "$tools/$1/$2" ] && ln -sfn "$tools/$1/$2" "$links/$2"; }
@@ -253,4 +277,6 @@ link "kubeconform-$KUBECONFORM_VERSION" kubeconform || true
   ln -sfn "$tools/prometheus-operator-crds-$PROMETHEUS_OPERATOR_VERSION/crds" "$links/prometheus-operator-crds"
 [ -d "$tools/prometheus-operator-rbac-$PROMETHEUS_OPERATOR_VERSION/rbac" ] &&
   ln -sfn "$tools/prometheus-operator-rbac-$PROMETHEUS_OPERATOR_VERSION/rbac" "$links/prometheus-operator-rbac"
+link "otelcol-$otelcol_key" otelcol-slm || true
+link "victorialogs-$VICTORIALOGS_VERSION" victoria-logs || true
 say "tools ready in $links ($(du -sh "$tools" 2>/dev/null | cut -f1) in $tools)"
