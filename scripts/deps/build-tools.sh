@@ -77,9 +77,19 @@ tool() {
     say "$name $version: cached"
     return
   fi
+  # Several checkouts may run `make deps` at once: one builds, the others wait for it.
+  mkdir -p "$tools"
+  exec {lockfd}>"$tools/.$name-$version.lock"
+  flock "$lockfd"
+  if [ -f "$DEST/.complete" ]; then
+    say "$name $version: built by another checkout meanwhile"
+    exec {lockfd}>&-
+    return
+  fi
   rm -rf "$DEST"; mkdir -p "$DEST"
   run_logged "$name" "$version" "$fn"
   touch "$DEST/.complete"
+  exec {lockfd}>&-
 }
 
 build_etcd() {
