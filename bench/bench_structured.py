@@ -32,7 +32,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "server"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from slm_server.engine import SamplingParams, TransformersEngine  # noqa: E402
+from slm_server.generation.transformers_engine import TransformersEngine  # noqa: E402
+from slm_server.generation.types import SamplingParams  # noqa: E402
 from slm_server.settings import Settings  # noqa: E402
 
 VOCAB = 32_000

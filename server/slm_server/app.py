@@ -20,8 +20,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, GCCollecto
 from prometheus_client.exposition import generate_latest
 
 from slm_server import __version__
-from slm_server.engine import Engine, make_engine
 from slm_server.errors import install_error_handlers
+from slm_server.generation.types import Engine
 from slm_server.logs import flush_lines
 from slm_server.metrics import (
     BatchCollector,
@@ -34,7 +34,7 @@ from slm_server.metrics import (
 )
 from slm_server.middleware import RequestMiddleware
 from slm_server.routers import admin, completions, generate, health, tokens
-from slm_server.service import GenerationService
+from slm_server.service.serving import GenerationService
 from slm_server.settings import Settings
 from slm_server.signals import SignalObserver
 
@@ -104,7 +104,7 @@ def create_app(
             },
         )
         service.start()
-        if getattr(engine, "info", None) is not None:
+        if engine.loaded:
             await _load(service, metrics)  # a ready engine was given: ready at once
         loader = asyncio.create_task(_load(service, metrics))
         app.state.loader = loader
@@ -155,6 +155,17 @@ def create_app(
     return app
 
 
+def make_engine(settings: Settings) -> Engine:
+    """The engine SLM_ENGINE names; the transformers engine's module (torch) is imported only for it."""
+    if settings.engine == "echo":
+        from slm_server.generation.echo_engine import EchoEngine
+
+        return EchoEngine(settings)
+    from slm_server.generation.transformers_engine import TransformersEngine
+
+    return TransformersEngine(settings)
+
+
 def _freeze_startup_objects() -> None:
     """Take what start-up made (the framework, torch, transformers, the model) out of the garbage
     collector's sight: ~470,000 tracked objects in a server with the tiny model, more with a real one.
@@ -175,8 +186,7 @@ def _freeze_startup_objects() -> None:
 
 def _model_dir(engine: Engine) -> list[str]:
     """The filesystem to watch when SLM_DISK_PATHS is not set: the loaded model's own directory."""
-    info = getattr(engine, "info", None)
-    source = getattr(info, "source", "")
+    source = engine.info.source if engine.loaded else ""
     return [source] if source and os.path.isdir(source) else []
 
 
@@ -192,7 +202,7 @@ async def _load(service: GenerationService, metrics: ServerMetrics | NullMetrics
     if service.ready:
         return
     engine = service.engine
-    if getattr(engine, "info", None) is None:
+    if not engine.loaded:
         started = time.perf_counter()
         try:
             await asyncio.to_thread(engine.load)

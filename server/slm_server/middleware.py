@@ -25,7 +25,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from slm_server.errors import error_body
 from slm_server.logs import access_log, parse_traceparent, request_doc, request_lines
 from slm_server.metrics import NullMetrics, ServerMetrics
-from slm_server.service import RequestRecord
+from slm_server.service.jobs import RequestRecord
 from slm_server.settings import Settings
 
 PROBE_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})

@@ -2,7 +2,7 @@
 
 The tools go to the model's chat template (`tools=`, as transformers defines it), so a model trained
 for tool use sees them in its own format. What comes back is made a call by structured output
-(slm_server.structured), the way vLLM serves `required` and named tool choices:
+(slm_server.generation.structured), the way vLLM serves `required` and named tool choices:
 
 - `tool_choice: {"type": "function", "function": {"name": N}}`: the output is the arguments of N,
   held to N's `parameters` schema;
@@ -25,8 +25,8 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
-from slm_server.engine import GenerationResult
 from slm_server.errors import InvalidInput
+from slm_server.generation.types import GenerationResult
 from slm_server.protocol import FunctionCall, ToolCall
 
 FORMAT = "tool_call"  # slm_structured_outputs_total{format}

@@ -31,7 +31,8 @@ from prometheus_client import CollectorRegistry
 
 from slm_devtools.tinymodel import ensure_tiny_model
 from slm_server.app import create_app
-from slm_server.engine import GenerationResult, SamplingParams, TransformersEngine
+from slm_server.generation.transformers_engine import TransformersEngine
+from slm_server.generation.types import GenerationResult, SamplingParams
 from slm_server.logs import configure_logging
 from slm_server.settings import Settings
 
@@ -209,7 +210,7 @@ class HeldRun:
         try:
             self.wait_held(0)
             started = [start_generation(self.engine, prompt, params) for prompt in prompts]
-            wait_for(lambda: len(self.engine._scheduler._inbox) == len(prompts))
+            wait_for(lambda: self.engine.scheduler.waiting == len(prompts))
             self.release(0)
         finally:
             self.release_all()

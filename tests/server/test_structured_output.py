@@ -13,7 +13,8 @@ from hypothesis import HealthCheck, given
 from hypothesis import settings as examples
 from hypothesis import strategies as st
 
-from slm_server.engine import EchoEngine, SamplingParams
+from slm_server.generation.echo_engine import EchoEngine
+from slm_server.generation.types import SamplingParams
 
 from .conftest import MODEL_NAME, REPO_ROOT, assert_same_generation, generate_together, serve, settings_for, sse_events
 

@@ -10,7 +10,8 @@ from typing import Any
 from fastapi import Request
 
 from slm_server.middleware import RECORD_KEY
-from slm_server.service import GenerationService, RequestRecord
+from slm_server.service.jobs import RequestRecord
+from slm_server.service.serving import GenerationService
 
 # Prompts longer than this are tokenized in a thread, so one huge body cannot stall the event loop.
 _INLINE_TOKENIZE_CHARS = 16_384

@@ -11,8 +11,9 @@ from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
 from slm_server import tool_calls
-from slm_server.engine import Engine, GenerationResult, SamplingParams, TokenLogprobs
 from slm_server.errors import InvalidInput, ServerError, error_body
+from slm_server.generation.structured import OutputGrammar
+from slm_server.generation.types import Engine, GenerationResult, PromptToken, SamplingParams, TokenLogprobs
 from slm_server.protocol import (
     ERROR_RESPONSES,
     AssistantMessage,
@@ -31,8 +32,9 @@ from slm_server.protocol import (
     stops,
 )
 from slm_server.routers.common import encode, record_of, service_of, sse
-from slm_server.service import ChoiceEvent, GenerationService, Job
-from slm_server.structured import OutputGrammar
+from slm_server.service.jobs import Job
+from slm_server.service.serving import GenerationService
+from slm_server.service.streaming import ChoiceEvent
 
 router = APIRouter(tags=["openai"])
 
@@ -137,12 +139,8 @@ async def _prepare(
     )
 
 
-def _entries(result: GenerationResult) -> list[TokenLogprobs]:
-    return list(zip(result.token_ids, result.token_logprobs or [], result.top_logprobs or [], strict=True))
-
-
 def _completion_logprobs(
-    engine: Engine, entries: Sequence[tuple[int, float | None, list[tuple[int, float]]]], top: int, offset: int = 0
+    engine: Engine, entries: Sequence[TokenLogprobs | PromptToken], top: int, offset: int = 0
 ) -> CompletionLogprobs:
     """OpenAI's legacy shape; `offset` is where the first token's text starts in the choice's text."""
     tokens = [engine.token_text(token_id) for token_id, _, _ in entries]
@@ -244,7 +242,7 @@ async def completions(body: CompletionRequest, request: Request):
                 text=echoed + result.text,
                 logprobs=None
                 if top is None
-                else _completion_logprobs(service.engine, [*prompt, *_entries(result)], top),
+                else _completion_logprobs(service.engine, [*prompt, *result.logprob_entries()], top),
                 finish_reason=_openai_finish(result.finish_reason),
             )
             for index, result in enumerate(results)
@@ -317,7 +315,9 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
                 delta: dict[str, Any] = {"tool_calls": calls}
             else:
                 delta = {"content": message.content}
-            chosen = _chat_logprobs(service.engine, _entries(result)).model_dump() if logprobs is not None else None
+            chosen = None
+            if logprobs is not None:
+                chosen = _chat_logprobs(service.engine, result.logprob_entries()).model_dump()
             whole = {"index": index, "delta": delta, "logprobs": chosen, "finish_reason": None}
             last = {"index": index, "delta": {}, "logprobs": None, "finish_reason": reason}
             return [{**base, "choices": [whole]}, {**base, "choices": [last]}]
@@ -335,7 +335,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
         made = []
         for index, result in enumerate(results):
             message, reason = reply(result)
-            chosen = _chat_logprobs(service.engine, _entries(result)) if logprobs is not None else None
+            chosen = _chat_logprobs(service.engine, result.logprob_entries()) if logprobs is not None else None
             made.append(ChatChoice(index=index, message=message, logprobs=chosen, finish_reason=reason))
         return made
 

@@ -8,11 +8,12 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
-from slm_server.engine import GenerationResult, SamplingParams
 from slm_server.errors import ServerError, error_body
+from slm_server.generation.types import GenerationResult, SamplingParams
 from slm_server.protocol import ERROR_RESPONSES, GenerateRequest, GenerateResponse, stops
 from slm_server.routers.common import encode, record_of, service_of, sse
-from slm_server.service import RequestRecord, StreamEvent
+from slm_server.service.jobs import RequestRecord
+from slm_server.service.streaming import StreamEvent
 
 router = APIRouter(tags=["generate"])
 ENDPOINT = "/generate"

@@ -34,13 +34,19 @@ from typing import Any
 
 import numpy as np
 
-from slm_server.errors import InvalidInput
-
 log = logging.getLogger("slm_server.engine")
 
 _JSON_OPTIONS: Any = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}  # JsonCompileOptions
 _CACHED_GRAMMARS = 64
 _TEXT_FORMATS = frozenset({"regex", "choice", "grammar"})  # the others are JSON
+
+
+class GrammarError(ValueError):
+    """A grammar that cannot be compiled; `param` names the request field it came from."""
+
+    def __init__(self, message: str, param: str):
+        super().__init__(message)
+        self.param = param
 
 
 class OutputGrammar:
@@ -70,16 +76,15 @@ class GrammarState:
     def __init__(self, matcher: Any):
         self._matcher = matcher  # used by the scheduler's thread only
 
-    def allow(self, torch: Any, logits: Any) -> Any:
-        """`logits` (one position's, on the model's device) with every token the grammar refuses at -inf."""
+    def refused(self, vocab_size: int) -> np.ndarray:
+        """Per token id below `vocab_size` (a position's logits' width), True where the grammar refuses it."""
         # One bit per token, little-endian in bytes; unpacked by numpy, ~2x faster than shifting int32
         # words in torch on a CPU. (llguidance.torch's helpers would import torch.compile's machinery,
         # seconds on the first structured request, for a kernel this does in two calls.)
         bits = np.unpackbits(
-            np.frombuffer(self._matcher.compute_bitmask(), dtype=np.uint8), count=logits.shape[-1], bitorder="little"
+            np.frombuffer(self._matcher.compute_bitmask(), dtype=np.uint8), count=vocab_size, bitorder="little"
         )
-        refused = torch.from_numpy(bits.view(np.bool_)).to(logits.device).logical_not_()
-        return logits.masked_fill(refused, float("-inf"))
+        return np.logical_not(bits.view(np.bool_))
 
     def advance(self, token: int) -> bool:
         """Take the chosen token; True when the document is complete (nothing but the end may follow)."""
@@ -122,7 +127,7 @@ class GrammarCompiler:
     def compile(self, key: str, format: str, spec: Any, param: str) -> OutputGrammar:
         """The grammar of `spec`: a JSON Schema (formats json_schema and tool_call; None for
         json_object, any JSON object), a regular expression (regex), a list of strings (choice) or a
-        Lark grammar (grammar). InvalidInput naming `param` (the request field it came from) when
+        Lark grammar (grammar). GrammarError naming `param` (the request field it came from) when
         llguidance cannot compile it. Slow for a large schema (it releases the GIL): call it off the
         event loop."""
         import llguidance
@@ -138,10 +143,10 @@ class GrammarCompiler:
                 schema = spec if spec is not None else {"type": "object"}
                 text = llguidance.LLMatcher.grammar_from_json_schema(schema, defaults=_JSON_OPTIONS)
         except ValueError as exc:
-            raise InvalidInput(f"{param}: {exc}", param=param) from None
+            raise GrammarError(f"{param}: {exc}", param) from None
         matcher = llguidance.LLMatcher(self._tokenizer, text, log_level=0)
         if matcher.is_error():
-            raise InvalidInput(f"{param}: {matcher.get_error()}", param=param)
+            raise GrammarError(f"{param}: {matcher.get_error()}", param)
         grammar = OutputGrammar(matcher, format)
         with self._lock:
             self._grammars[key] = grammar
