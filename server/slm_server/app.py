@@ -33,7 +33,7 @@ from slm_server.metrics import (
     gpu_collector,
 )
 from slm_server.middleware import RequestMiddleware
-from slm_server.routers import admin, completions, generate, health, tokens
+from slm_server.routers import completions, generate, health, tokens
 from slm_server.service.serving import GenerationService
 from slm_server.settings import Settings
 from slm_server.signals import SignalObserver
@@ -104,6 +104,12 @@ def create_app(
             },
         )
         service.start()
+        listener = None
+        if settings.fault_admin_api:  # its own port, never this one (slm_server.admin)
+            from slm_server.admin import AdminListener, admin_app
+
+            listener = AdminListener(admin_app(service, settings), settings)
+            await listener.start()
         if engine.loaded:
             await _load(service, metrics)  # a ready engine was given: ready at once
         loader = asyncio.create_task(_load(service, metrics))
@@ -118,6 +124,8 @@ def create_app(
             )
             if not loader.done():
                 loader.cancel()
+            if listener is not None:
+                await listener.stop()
             await service.stop()
             gc.unfreeze()  # what start-up froze is collectable again (a process that builds apps, like tests)
             if owns_engine:
@@ -140,8 +148,6 @@ def create_app(
     app.include_router(generate.router)
     app.include_router(completions.router)
     app.include_router(tokens.router)
-    if settings.fault_injection and settings.fault_admin_api:
-        app.include_router(admin.router)
     if isinstance(metrics, ServerMetrics):
         registry_ = metrics.registry
 
@@ -238,6 +244,7 @@ async def _load(service: GenerationService, metrics: ServerMetrics | NullMetrics
             "slm.default_temperature": info.default_temperature,
             "slm.default_top_p": info.default_top_p,
             "slm.default_top_k": info.default_top_k,
+            "slm.output_hash": service.output_policy.key_source,
             "slm.parameters": info.parameters,
             "slm.load_seconds": round(load_seconds, 3),
         },

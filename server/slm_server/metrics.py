@@ -38,7 +38,8 @@ Metrics (labels; `model` is the served model name, one value per process):
   slm_max_queue{model}                             gauge
   slm_model_info{model,source,dtype,device,max_context}  gauge = 1
   slm_model_load_seconds{model}                    gauge
-  slm_fault_injection_enabled{model}               gauge      1 while faults may be injected
+  slm_fault_injection_enabled{model}               gauge      1 while faults can be injected (admin API on,
+                                                              or a fault set)
   slm_batch_size{model}                            gauge      generations sharing each forward pass now
   slm_forward_passes_total{model}                  counter    generation passes (prefills, decode steps)
   slm_forward_pass_generations_total{model}        counter    generations fed in them; the ratio of
@@ -93,7 +94,7 @@ log = logging.getLogger("slm_server.metrics")
 disable_created_metrics()
 
 GENERATION_ENDPOINTS = ("/generate", "/v1/completions", "/v1/chat/completions")
-OTHER_ENDPOINTS = ("/v1/models", "/tokenize", "/detokenize", "/healthz", "/readyz", "/metrics", "/admin/faults")
+OTHER_ENDPOINTS = ("/v1/models", "/tokenize", "/detokenize", "/healthz", "/readyz", "/metrics")
 UNKNOWN_ENDPOINT = "other"
 FINISH_REASONS = ("stop", "length", "abort", "timeout", "error")
 ERROR_KINDS = ("invalid_input", "overloaded", "timeout", "model_error", "not_ready", "internal")
@@ -297,7 +298,10 @@ class ServerMetrics:
             **on,
         )
         self.model_load_seconds = model_gauge("slm_model_load_seconds", "Time taken to load the model")
-        self.fault_injection = model_gauge("slm_fault_injection_enabled", "1 when fault injection is configured on")
+        self.fault_injection = model_gauge(
+            "slm_fault_injection_enabled",
+            "1 while faults can be injected: the admin API is on, or a fault is set",
+        )
         structured = Counter(
             "slm_structured_outputs_total",
             "Generations held to a response_format or to tool calls, by whether their JSON was complete when they "

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -99,12 +100,12 @@ def calls_of(tool_plan: ToolPlan, result: GenerationResult) -> list[ToolCall] | 
     ]
 
 
-def template_tools(tools: list[Any] | None) -> list[dict[str, Any]] | None:
+def template_tools(tools: Sequence[Any] | None) -> list[dict[str, Any]] | None:
     """The request's tools as transformers' chat templates take them (OpenAI's shape); None for none."""
     return [tool.model_dump(exclude_none=True) for tool in tools] if tools else None
 
 
-def template_messages(messages: list[Any]) -> list[dict[str, Any]]:
+def template_messages(messages: Sequence[Any]) -> list[dict[str, Any]]:
     """The request's messages as transformers' chat templates take them: assistant tool calls with
     their arguments as objects, tool results with the id of the call they answer."""
     out = []

@@ -133,7 +133,6 @@ def test_no_request_id_or_raw_path_becomes_a_label(exercised):
         "/healthz",
         "/readyz",
         "/metrics",
-        "/admin/faults",
         "other",
     }
 

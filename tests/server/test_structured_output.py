@@ -41,7 +41,7 @@ def _chat(**fields) -> dict:
 
 def _grammar(engine, schema: dict):
     grammars = engine.grammars
-    return grammars.compile(grammars.key("json_schema", schema), "json_schema", schema, "schema")
+    return grammars.compile(grammars.key("json_schema", schema, "schema"), "json_schema", schema, "schema")
 
 
 def _outputs(server, structured: str, result: str) -> float:

@@ -11,6 +11,7 @@ until the generation ends; the service can stop it between two tokens (`cancel`)
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import logging
 import threading
@@ -18,6 +19,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import jinja2
 import torch
 
 from slm_server.generation.prefix_cache import PrefixCache
@@ -32,6 +34,7 @@ from slm_server.generation.types import (
     ModelInfo,
     OnText,
     PrefixCacheStats,
+    PromptError,
     PromptScores,
     SamplingParams,
 )
@@ -77,11 +80,13 @@ class TransformersEngine(Engine):
 
     def __init__(self, settings: Settings):
         self.settings = settings
-        self._lock = threading.Lock()  # HF tokenizers are not safe to share across threads
+        # Held around the tokenizer's use by a slow (Python) tokenizer only; see `load` for a fast one.
+        self._lock: contextlib.AbstractContextManager[Any] = threading.Lock()
         self._scheduler: Scheduler | None = None
         self._cache_arg = "past_key_values"
         self._logits_to_keep = False
         self._takes_padding = False
+        self._backend: Any = None  # a fast tokenizer's Rust tokenizer
 
     def _resolve_source(self) -> str:
         if not self.settings.model:
@@ -110,6 +115,17 @@ class TransformersEngine(Engine):
             "trust_remote_code": self.settings.trust_remote_code,
         }
         self.tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
+        backend = getattr(self.tokenizer, "backend_tokenizer", None)
+        if backend is not None:
+            # A fast tokenizer is shared by the threads that use it (the event loop, the preparation
+            # threads, the scheduler's detokenizing) without a lock: a long prompt tokenized in one must
+            # not stall the others. Sharing fails only while a call changes the tokenizer ("Already
+            # borrowed", huggingface/tokenizers#537), and transformers changes its truncation and
+            # padding only when they differ from what a call asks: none, as they are set now, once.
+            backend.no_truncation()
+            backend.no_padding()
+            self._lock = contextlib.nullcontext()
+        self._backend = backend
         model: Any = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **kwargs)
         self.model = model.to(device).eval()
         self.device = torch.device(device)
@@ -181,16 +197,30 @@ class TransformersEngine(Engine):
     # --- the service's side (Engine) -----------------------------------------------------------------------
     def encode(self, text: str) -> list[int]:
         with self._lock:
-            return list(self.tokenizer.encode(text, add_special_tokens=True))
+            return self._tokens(text, True, "prompt")
 
     def encode_chat(self, messages: Sequence[dict[str, Any]], tools: list[dict[str, Any]] | None = None) -> list[int]:
         with self._lock:
-            if self.info.has_chat_template:
+            if not self.info.has_chat_template:
+                return self._tokens(_plain_chat_prompt(messages), True, "messages")
+            try:
                 prompt = self.tokenizer.apply_chat_template(
                     list(messages), tools=list(tools) if tools else None, add_generation_prompt=True, tokenize=False
                 )
-                return list(self.tokenizer.encode(prompt, add_special_tokens=False))
-            return list(self.tokenizer.encode(_plain_chat_prompt(messages), add_special_tokens=True))
+            except jinja2.TemplateError as exc:  # the template's own checks (roles that must alternate …)
+                raise PromptError(f"messages: the model's chat template refused them: {exc}", "messages") from None
+            return self._tokens(str(prompt), False, "messages")
+
+    def _tokens(self, text: str, special: bool, param: str) -> list[int]:
+        try:
+            if self._backend is not None:
+                # The Rust tokenizer itself, as transformers' encode calls it, without the lists and
+                # dicts transformers makes of its output (a megabyte prompt: ~500,000 ids each, made
+                # while holding the GIL). The tokenizing itself lets other threads run.
+                return self._backend.encode_batch([text], add_special_tokens=special)[0].ids
+            return list(self.tokenizer.encode(text, add_special_tokens=special))
+        except (UnicodeError, TypeError) as exc:  # text the tokenizer refuses (the API checks for lone surrogates)
+            raise PromptError(f"{param}: the tokenizer refused the text: {exc}", param) from None
 
     def decode(self, ids: list[int]) -> str:
         with self._lock:

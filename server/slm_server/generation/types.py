@@ -17,6 +17,15 @@ if TYPE_CHECKING:
     from slm_server.generation.structured import GrammarCompiler, OutputGrammar
 
 
+class PromptError(ValueError):
+    """A prompt the model cannot take: text its tokenizer refuses, a chat its template refuses.
+    `param` names the request field (a 400 that says what is wrong, not a 500)."""
+
+    def __init__(self, message: str, param: str):
+        super().__init__(message)
+        self.param = param
+
+
 class Alternative(NamedTuple):
     """One of the most likely tokens at a position, with its log-probability."""
 

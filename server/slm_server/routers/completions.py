@@ -31,7 +31,7 @@ from slm_server.protocol import (
     Usage,
     stops,
 )
-from slm_server.routers.common import encode, record_of, service_of, sse
+from slm_server.routers.common import disconnected, record_of, service_of, sse
 from slm_server.service.jobs import Job
 from slm_server.service.serving import GenerationService
 from slm_server.service.streaming import ChoiceEvent
@@ -114,17 +114,22 @@ async def _prepare(
     prompt_ids: list[int],
     max_tokens: int | None,
     logprobs: int | None = None,
-    grammar: OutputGrammar | None = None,
+    tool_plan: tool_calls.ToolPlan | None = None,
 ) -> list[Job]:
-    """The request's jobs; `grammar` (tool calls) holds the output instead of a response_format's."""
+    """The request's jobs; a tool plan's schema holds the output instead of a response_format's. The
+    grammar is compiled last, once the cheaper checks have passed."""
+    record = record_of(request)
     service.check_choices(body.n)
     limit = service.resolve_max_tokens(
         len(prompt_ids),
         max_tokens,
         "max_completion_tokens" if getattr(body, "max_completion_tokens", None) else "max_tokens",
     )
+    grammar: OutputGrammar | None = None
+    if tool_plan is not None:
+        grammar = await service.output_grammar(tool_calls.FORMAT, tool_plan.schema, "tools", record)
     params = SamplingParams(
-        limit, stop=stops(body.stop), seed=body.seed, logprobs=logprobs, **(await service.sampling(body))
+        limit, stop=stops(body.stop), seed=body.seed, logprobs=logprobs, **(await service.sampling(body, record))
     )
     if grammar is not None:
         params.grammar = grammar
@@ -134,7 +139,7 @@ async def _prepare(
         operation=operation,
         prompt_ids=prompt_ids,
         params=params,
-        record=record_of(request),
+        record=record,
         stream=body.stream,
     )
 
@@ -182,11 +187,11 @@ async def completions(body: CompletionRequest, request: Request):
     text, prompt_ids = body.prompt_text, body.prompt_token_ids
     if prompt_ids is None:
         assert text is not None
-        prompt_ids = await encode(service, text)
+        prompt_ids = await service.encode(text, record_of(request))
     else:
         service.check_token_ids(prompt_ids, "prompt")
         if body.echo:
-            text = await asyncio.to_thread(service.engine.decode, prompt_ids)
+            text = await service.prepare(service.deadline(record_of(request)), service.engine.decode, prompt_ids)
     jobs = await _prepare(
         service,
         request,
@@ -233,7 +238,7 @@ async def completions(body: CompletionRequest, request: Request):
         usage = _usage_frame(base) if body.stream_options and body.stream_options.include_usage else None
         frames = _stream(events, frame, first if echoed else None, body.n, usage)
         return StreamingResponse(frames, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-    results = await service.complete_all(jobs)
+    results = await service.complete_all(jobs, disconnected(request))
 
     def choices() -> list[CompletionChoice]:  # with logprobs: one decode per token, so off the event loop
         return [
@@ -266,7 +271,6 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
     service.check_ready()
     service.check_model(body.model)
     tool_plan = tool_calls.plan(body.tools, body.tool_choice, body.parallel_tool_calls)
-    grammar = None
     tools = None
     if tool_plan is not None:
         if body.structured_outputs is not None or (
@@ -276,14 +280,13 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
                 "tool_choice and a response_format or structured_outputs both say what the output must be: give one",
                 param="tool_choice",
             )
-        grammar = await service.output_grammar(tool_calls.FORMAT, tool_plan.schema, "tools")
-        tools = tool_calls.template_tools(body.tools)
-    prompt_ids = service.engine.encode_chat(tool_calls.template_messages(body.messages), tools)
+        tools = body.tools
     if body.top_logprobs is not None and not body.logprobs:
         raise InvalidInput("top_logprobs needs logprobs=true", param="top_logprobs")
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
+    prompt_ids = await service.encode_chat(body.messages, tools, record_of(request))
     jobs = await _prepare(
-        service, request, "/v1/chat/completions", "chat", body, prompt_ids, body.token_limit, logprobs, grammar
+        service, request, "/v1/chat/completions", "chat", body, prompt_ids, body.token_limit, logprobs, tool_plan
     )
 
     def reply(result: GenerationResult) -> tuple[AssistantMessage, str]:
@@ -329,7 +332,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
         usage = _usage_frame(base) if body.stream_options and body.stream_options.include_usage else None
         frames = _stream(events, frame, first, body.n, usage, ended if tool_plan is not None else None)
         return StreamingResponse(frames, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-    results = await service.complete_all(jobs)
+    results = await service.complete_all(jobs, disconnected(request))
 
     def choices() -> list[ChatChoice]:
         made = []

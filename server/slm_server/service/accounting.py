@@ -8,6 +8,7 @@ import logging
 import time
 
 from slm_server.errors import Overloaded, ServerError
+from slm_server.generation.structured import GrammarFailed
 from slm_server.generation.types import GenerationResult
 from slm_server.metrics import GenerationFigures, NullMetrics, ServerMetrics
 from slm_server.service.jobs import Job, Outcome
@@ -44,6 +45,8 @@ class Accounting:
         gm = self.metrics.generation[job.endpoint]
         if isinstance(error, ServerError):
             kind: str | None = error.error_kind
+        elif isinstance(error, GrammarFailed):  # the request's grammar went past the parser's limits
+            kind = "invalid_input"
         elif error is not None:
             kind = "model_error"
         else:

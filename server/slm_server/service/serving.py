@@ -1,6 +1,14 @@
-"""`GenerationService`: what the routers call. Request checks, deadlines (queue + generation; 504
-after), admission, running blocking generation in worker threads that can be stopped between tokens,
-streaming, fault injection; the accounting once per generation."""
+"""`GenerationService`: what the routers call. Request checks, deadlines (from arrival: the body,
+the preparation, the queue and the generation; 504 after), admission, running blocking generation in
+worker threads that can be stopped between tokens, streaming, fault injection; the accounting once
+per generation.
+
+What a request makes before it generates — its prompt or chat tokenized, its grammar compiled —
+runs in preparation threads (`prepare`), admitted like generations: at most max_concurrent_requests
+at once and max_queued_requests waiting, 429 beyond. A hostile request (a huge chat, a grammar that
+compiles for seconds) so takes a bounded share of the machine and never the event loop, and cannot
+take the generation slots of the requests already admitted; a grammar also has its own timeout.
+"""
 
 from __future__ import annotations
 
@@ -9,11 +17,13 @@ import dataclasses
 import logging
 import random
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
+from slm_server import tool_calls
 from slm_server.errors import (
+    ClientDisconnected,
     InvalidInput,
     ModelFailure,
     ModelNotFound,
@@ -22,11 +32,19 @@ from slm_server.errors import (
     RequestTimeout,
     ServerError,
 )
-from slm_server.generation.structured import GrammarError, OutputGrammar
-from slm_server.generation.types import Engine, GenerationResult, OnText, PromptToken, SamplingParams, TokenLogprobs
+from slm_server.generation.structured import GrammarError, GrammarFailed, OutputGrammar
+from slm_server.generation.types import (
+    Engine,
+    GenerationResult,
+    OnText,
+    PromptError,
+    PromptToken,
+    SamplingParams,
+    TokenLogprobs,
+)
 from slm_server.logs import OutputLogPolicy
 from slm_server.metrics import NullMetrics, ServerMetrics
-from slm_server.protocol import ChoiceConstraint, JsonConstraint, RegexConstraint
+from slm_server.protocol import ChatMessage, ChatTool, ChoiceConstraint, JsonConstraint, RegexConstraint
 from slm_server.service.accounting import Accounting
 from slm_server.service.admission import Admission
 from slm_server.service.faults import Faults, InjectedFault
@@ -37,6 +55,9 @@ from slm_server.signals import NoopObserver, SignalObserver
 
 log = logging.getLogger("slm_server.service")
 T = TypeVar("T")
+# Prompts longer than this are tokenized in a preparation thread; shorter ones at once (a thread's
+# hand-off would cost more than the tokenization).
+INLINE_TOKENIZE_CHARS = 16_384
 
 
 def _counted(exc: ServerError) -> ServerError:
@@ -63,8 +84,10 @@ class GenerationService:
         self.ready = False
         self.load_error: str | None = None
         self.admission: Admission | None = None
+        self.preparation: Admission | None = None
         self.accounting = Accounting(metrics, self.signals, self.model_name)
         self._executor: ThreadPoolExecutor | None = None
+        self._preparers: ThreadPoolExecutor | None = None
         self._random = random.Random()
 
     # --- lifecycle ------------------------------------------------------------------------------------
@@ -74,7 +97,10 @@ class GenerationService:
         self.metrics.watch_load(lambda: admission.in_flight, lambda: admission.queued)
         self.metrics.max_concurrent.set(self.settings.max_concurrent_requests)
         self.metrics.max_queued.set(self.settings.max_queued_requests)
-        self.metrics.fault_injection.set(1 if self.faults.enabled else 0)
+        self.metrics.fault_injection.set_function(self.faults_possible)
+        limit = self.settings.max_concurrent_requests
+        self.preparation = Admission(limit, self.settings.max_queued_requests)
+        self._preparers = ThreadPoolExecutor(max_workers=limit, thread_name_prefix="slm-prepare")
         if self.engine.blocking:
             self._executor = ThreadPoolExecutor(
                 max_workers=self.settings.max_concurrent_requests, thread_name_prefix="slm-generate"
@@ -89,8 +115,61 @@ class GenerationService:
                     "shutdown: generations still running after the drain timeout",
                     extra={"fields": {"event": "shutdown", "in_flight": self.admission.in_flight}},
                 )
-        if self._executor is not None:
-            self._executor.shutdown(wait=False, cancel_futures=True)
+        for pool in (self._executor, self._preparers):
+            if pool is not None:
+                pool.shutdown(wait=False, cancel_futures=True)
+
+    def faults_possible(self) -> float:
+        """1 while faults can be injected — the admin API is on (anyone who reaches it may set one), or a
+        fault is set — else 0: the slm_fault_injection_enabled gauge, read when scraped."""
+        f = self.faults
+        on = self.settings.fault_admin_api or (f.enabled and (f.error_rate or f.latency_seconds or f.degraded_rate))
+        return 1.0 if on else 0.0
+
+    # --- preparation: tokenizing, compiling ---------------------------------------------------------------
+    def deadline(self, record: RequestRecord) -> float:
+        """The request's deadline (perf_counter): request_timeout_seconds after its arrival."""
+        return record.start + self.settings.request_timeout_seconds
+
+    async def prepare(self, deadline: float, fn: Callable[..., T], *args: Any) -> T:
+        """`fn(*args)` in a preparation thread, admitted (Overloaded: 429 beyond the queue) and awaited
+        until `deadline` (perf_counter; RequestTimeout after). The thread's slot is taken until `fn`
+        returns, whether the request still waits for it or not. A PromptError becomes a 400."""
+        preparation = self.preparation
+        assert preparation is not None and self._preparers is not None
+        try:
+            await preparation.acquire(deadline - time.perf_counter())
+        except Overloaded as exc:
+            self.accounting.log_overload(exc)
+            raise
+        future = asyncio.get_running_loop().run_in_executor(self._preparers, fn, *args)
+        future.add_done_callback(lambda _: preparation.release())
+        try:
+            return await asyncio.wait_for(asyncio.shield(future), deadline - time.perf_counter())
+        except TimeoutError:
+            raise self._timeout() from None
+        except PromptError as exc:
+            raise InvalidInput(str(exc), param=exc.param) from None
+
+    async def encode(self, text: str, record: RequestRecord, param: str = "prompt") -> list[int]:
+        """The tokens of a prompt: at once when it is short, else in a preparation thread."""
+        if len(text) <= INLINE_TOKENIZE_CHARS:
+            try:
+                return self.engine.encode(text)
+            except PromptError as exc:
+                raise InvalidInput(str(exc), param=param) from None
+        return await self.prepare(self.deadline(record), self.engine.encode, text)
+
+    async def encode_chat(
+        self, messages: Sequence[ChatMessage], tools: Sequence[ChatTool] | None, record: RequestRecord
+    ) -> list[int]:
+        """The tokens of a chat (its messages, and the tools shown to the model) through the model's chat
+        template, in a preparation thread: a template is Python, and a chat may be a megabyte of it."""
+
+        def encode() -> list[int]:
+            return self.engine.encode_chat(tool_calls.template_messages(messages), tool_calls.template_tools(tools))
+
+        return await self.prepare(self.deadline(record), encode)
 
     # --- request checks -------------------------------------------------------------------------------
     def check_ready(self) -> None:
@@ -113,7 +192,7 @@ class GenerationService:
                 param=param,
             )
 
-    async def sampling(self, body: Any) -> dict[str, Any]:
+    async def sampling(self, body: Any, record: RequestRecord) -> dict[str, Any]:
         """A request's sampling settings, as SamplingParams keywords: temperature, top_p and top_k
         from the model's defaults where the request leaves them out (a top_k of -1, vLLM's spelling,
         or 0 samples among all tokens), its penalties, min_p, logit biases (each id checked
@@ -125,7 +204,7 @@ class GenerationService:
             self.check_token_ids([token for token, _ in bias], "logit_bias")
         grammar = None
         if body.response_format is not None or body.structured_outputs is not None:
-            grammar = await self._requested_grammar(body.response_format, body.structured_outputs)
+            grammar = await self._requested_grammar(body.response_format, body.structured_outputs, record)
         return {
             "temperature": info.default_temperature if body.temperature is None else body.temperature,
             "top_p": info.default_top_p if body.top_p is None else body.top_p,
@@ -140,7 +219,9 @@ class GenerationService:
             "ignore_eos": body.ignore_eos,
         }
 
-    async def _requested_grammar(self, response_format: Any, structured: Any) -> OutputGrammar | None:
+    async def _requested_grammar(
+        self, response_format: Any, structured: Any, record: RequestRecord
+    ) -> OutputGrammar | None:
         """The grammar a request's response_format or structured_outputs asks for (at most one)."""
         if structured is not None:
             if response_format is not None and response_format.type != "text":
@@ -149,35 +230,47 @@ class GenerationService:
                     param="structured_outputs",
                 )
             if isinstance(structured, JsonConstraint):
-                return await self.output_grammar("json_schema", structured.json_schema, "structured_outputs.json")
+                schema = structured.json_schema
+                return await self.output_grammar("json_schema", schema, "structured_outputs.json", record)
             if isinstance(structured, RegexConstraint):
-                return await self.output_grammar("regex", structured.regex, "structured_outputs.regex")
+                return await self.output_grammar("regex", structured.regex, "structured_outputs.regex", record)
             if isinstance(structured, ChoiceConstraint):
-                return await self.output_grammar("choice", structured.choice, "structured_outputs.choice")
-            return await self.output_grammar("grammar", structured.grammar, "structured_outputs.grammar")
+                return await self.output_grammar("choice", structured.choice, "structured_outputs.choice", record)
+            return await self.output_grammar("grammar", structured.grammar, "structured_outputs.grammar", record)
         if response_format.type == "json_schema":
             schema = response_format.json_schema.definition
-            return await self.output_grammar("json_schema", schema, "response_format.json_schema.schema")
+            return await self.output_grammar("json_schema", schema, "response_format.json_schema.schema", record)
         if response_format.type == "json_object":
-            return await self.output_grammar("json_object", None, "response_format")
+            return await self.output_grammar("json_object", None, "response_format", record)
         return None
 
-    async def output_grammar(self, format: str, spec: Any, param: str) -> OutputGrammar:
-        """The compiled grammar of `spec` (slm_server.generation.structured.GrammarCompiler.compile; `param`: the
-        request field it came from): from the compiler's cache, or compiled in a worker thread (a large
-        schema takes long; the event loop goes on)."""
+    async def output_grammar(self, format: str, spec: Any, param: str, record: RequestRecord) -> OutputGrammar:
+        """The compiled grammar of `spec` (slm_server.generation.structured.GrammarCompiler.compile; `param`:
+        the request field it came from): from the compiler's cache, or compiled in a preparation thread
+        within grammar_compile_timeout_seconds (400 after) and the request's deadline."""
         grammars = self.engine.grammars
         if grammars is None:
             field = param.split(".")[0]
             raise InvalidInput(f"{field}: this model has no structured output (it needs a fast tokenizer)", param=field)
-        key = grammars.key(format, spec)
-        grammar = grammars.cached(key)
-        if grammar is None:
+        try:
+            key = grammars.key(format, spec, param)
+            grammar = grammars.cached(key)
+            if grammar is not None:
+                return grammar
+            limit = self.settings.grammar_compile_timeout_seconds
+            deadline = self.deadline(record)
+            compile_by = time.perf_counter() + limit
             try:
-                grammar = await asyncio.to_thread(grammars.compile, key, format, spec, param)
-            except GrammarError as exc:
-                raise InvalidInput(str(exc), param=exc.param) from None
-        return grammar
+                return await self.prepare(min(deadline, compile_by), grammars.compile, key, format, spec, param)
+            except RequestTimeout:
+                if compile_by > deadline:
+                    raise  # the request's own deadline came first: 504
+                raise InvalidInput(
+                    f"{param}: the grammar did not compile within {limit:g} s (grammar_compile_timeout_seconds)",
+                    param=param,
+                ) from None
+        except GrammarError as exc:
+            raise InvalidInput(str(exc), param=exc.param) from None
 
     def resolve_max_tokens(self, prompt_tokens: int, requested: int | None, param: str = "max_tokens") -> int:
         """Checks the prompt against the context and `max_tokens` against the cap; returns max_tokens."""
@@ -287,7 +380,7 @@ class GenerationService:
                 result = self._run(job, None)
             except Exception as exc:
                 self.accounting.finish(job, None, exc)
-                raise _counted(ModelFailure(f"generation failed: {exc}")) from exc
+                raise _counted(self._failure(exc)) from exc
             finally:
                 release()
             self.accounting.finish(job, result, None)
@@ -310,7 +403,7 @@ class GenerationService:
             job.cancel.set()  # the client went away
             raise
         except Exception as exc:
-            raise _counted(ModelFailure(f"generation failed: {exc}")) from exc
+            raise _counted(self._failure(exc)) from exc
 
     async def score_prompt(self, job: Job, top: int) -> list[PromptToken]:
         """The job's prompt tokens with their log-probabilities and `top` alternatives each (echo +
@@ -331,8 +424,32 @@ class GenerationService:
             raise _counted(ModelFailure(f"scoring the prompt failed: {exc}")) from exc
         return [PromptToken(*entry) for entry in zip(job.prompt_ids, values, tops, strict=True)]
 
-    async def complete_all(self, jobs: list[Job]) -> list[GenerationResult]:
-        """Run a request's choices at once; the first error ends them all and is raised."""
+    async def complete_all(
+        self, jobs: list[Job], disconnected: Callable[[], Awaitable[None]] | None = None
+    ) -> list[GenerationResult]:
+        """Run a request's choices at once; the first error ends them all and is raised. With
+        `disconnected` (returns once the client has gone), a client that goes away stops them all
+        (ClientDisconnected): nothing would read the response."""
+        if disconnected is None or not self.engine.blocking:  # a non-blocking engine is done already
+            return await self._complete_all(jobs)
+        work = asyncio.ensure_future(self._complete_all(jobs))
+        watcher = asyncio.ensure_future(disconnected())
+        try:
+            await asyncio.wait((work, watcher), return_when=asyncio.FIRST_COMPLETED)
+        except BaseException:
+            work.cancel()
+            raise
+        finally:
+            watcher.cancel()
+        if not work.done():  # the client went away
+            for job in jobs:
+                job.cancel.set()
+            work.cancel()
+            await asyncio.gather(work, return_exceptions=True)
+            raise ClientDisconnected("the client closed the connection before the response")
+        return work.result()
+
+    async def _complete_all(self, jobs: list[Job]) -> list[GenerationResult]:
         if len(jobs) == 1:
             return [await self.complete(jobs[0])]
         tasks = [asyncio.ensure_future(self.complete(job)) for job in jobs]
@@ -371,7 +488,7 @@ class GenerationService:
             queue.put_nowait(None)
 
         future.add_done_callback(on_done)
-        return stream_events(job, queue, future, self._timeout)
+        return stream_events(job, queue, future, self._timeout, self._failure)
 
     async def start_streams(self, jobs: list[Job]) -> AsyncIterator[ChoiceEvent]:
         """`start_stream` for each of a request's choices; yields their events as they come, each
@@ -398,6 +515,13 @@ class GenerationService:
         except Exception as exc:
             future.set_exception(exc)
         return future
+
+    @staticmethod
+    def _failure(exc: BaseException) -> ServerError:
+        """What a generation's failure is to the client: its grammar's fault (400), or the model's (500)."""
+        if isinstance(exc, GrammarFailed):
+            return InvalidInput(str(exc))
+        return ModelFailure(f"generation failed: {exc}")
 
     def _timeout(self) -> RequestTimeout:
         return RequestTimeout(

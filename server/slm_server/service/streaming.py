@@ -7,7 +7,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 from typing import NamedTuple
 
-from slm_server.errors import ModelFailure, RequestTimeout
+from slm_server.errors import RequestTimeout, ServerError
 from slm_server.generation.types import GenerationResult, TokenLogprobs
 from slm_server.service.jobs import Job
 
@@ -42,9 +42,10 @@ async def stream_events(
     queue: asyncio.Queue[TextPiece | None],
     future: asyncio.Future[GenerationResult],
     timed_out: Callable[[], RequestTimeout],
+    failure: Callable[[BaseException], ServerError],
 ) -> AsyncIterator[StreamEvent]:
     """The events of one generation: its pieces of text from `queue` until None (the generation's
-    end), then its result. Raises `timed_out()` past the job's deadline, ModelFailure when it failed."""
+    end), then its result. Raises `timed_out()` past the job's deadline, `failure(exc)` when it failed."""
     try:
         while True:
             try:
@@ -58,7 +59,7 @@ async def stream_events(
             yield StreamEvent(piece.text, piece.tokens, None)
         exc = future.exception()
         if exc is not None:
-            raise ModelFailure(f"generation failed: {exc}") from exc
+            raise failure(exc) from exc
         yield StreamEvent("", [], future.result())
     finally:
         job.cancel.set()  # finished, failed, or the client went away: stop the worker
