@@ -6,8 +6,8 @@ loopback port, as `slm-server` serves."""
 
 from __future__ import annotations
 
-import copy
 import itertools
+import json
 import subprocess
 import sys
 import threading
@@ -180,7 +180,7 @@ def _fresh(body: dict[str, Any], attempt: int) -> dict[str, Any]:
     schema with a description, a regex or grammar with one more alternative, a tool described."""
     if not attempt:
         return body
-    body = copy.deepcopy(body)
+    body = json.loads(json.dumps(body))  # a copy (copy.deepcopy recurses too deep for the nested schema)
     constraint = body.get("structured_outputs") or {}
     if "regex" in constraint:
         constraint["regex"] = f"(?:{constraint['regex']})|attempt{attempt}"
