@@ -36,8 +36,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "server"))
 
 from slm_devtools.tinymodel import ensure_tiny_model  # noqa: E402
-from slm_server import batching  # noqa: E402
-from slm_server.engine import SamplingParams, TransformersEngine  # noqa: E402
+from slm_server.generation import transformers_engine  # noqa: E402
+from slm_server.generation.transformers_engine import TransformersEngine  # noqa: E402
+from slm_server.generation.types import SamplingParams  # noqa: E402
 from slm_server.settings import Settings  # noqa: E402
 
 PROMPTS = [
@@ -57,13 +58,13 @@ def _engine(model_dir: Path, batched: bool, slots: int) -> TransformersEngine:
         engine = TransformersEngine(settings)
         engine.load()
         return engine
-    supports = batching.cache_support
-    batching.cache_support = lambda engine: (False, False)  # type: ignore[assignment]
+    supports = transformers_engine.cache_support
+    transformers_engine.cache_support = lambda model: (False, False)  # type: ignore[assignment]
     try:
         engine = TransformersEngine(settings)
         engine.load()
     finally:
-        batching.cache_support = supports
+        transformers_engine.cache_support = supports
     return engine
 
 
@@ -71,15 +72,13 @@ def _threaded_loop(engine: TransformersEngine, ids: list[int], tokens: int) -> l
     """The baseline's generation: its own greedy decode loop with a KV cache (no text, no sampling)."""
     import torch
 
-    kwargs: dict[str, Any] = {"use_cache": True, engine._cache_arg: None}
-    if engine._logits_to_keep:
-        kwargs["logits_to_keep"] = 1
+    cache: Any = None
     out_ids: list[int] = []
     next_input = torch.tensor([ids])
     with torch.inference_mode():
         for _ in range(tokens):
-            out = engine.model(input_ids=next_input, **kwargs)
-            kwargs[engine._cache_arg] = getattr(out, engine._cache_arg)
+            out = engine.forward(next_input, cache)
+            cache = out.cache
             token = int(out.logits[0, -1].argmax())
             out_ids.append(token)
             if token in engine.eos_ids:

@@ -5,7 +5,7 @@ whole output at every token (what the server did before; simple, and quadratic i
 
 The tokens are the tiny model's tokenizer's encoding of English prose (its training corpus, so
 words are whole tokens as in a real model's output); each length is streamed token by token through
-`slm_server.engine._TextTracker` (the server's, with no stop strings) and through the baseline, in
+`slm_server.engine.TextTracker` (the server's, with no stop strings) and through the baseline, in
 the same process, alternating, `--repeats` times; the figure is the best run's CPU time per token.
 Both produce the same text (checked). Reported: µs per token for each, and baseline / incremental.
 """
@@ -24,7 +24,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "server"))
 
 from slm_devtools.tinymodel import build_corpus, ensure_tiny_model  # noqa: E402
-from slm_server.engine import _TextTracker  # noqa: E402
+from slm_server.generation.detokenize import TextTracker  # noqa: E402
 
 
 def whole_output(decode: Callable[[list[int]], str], ids: list[int]) -> str:
@@ -40,7 +40,7 @@ def whole_output(decode: Callable[[list[int]], str], ids: list[int]) -> str:
 
 
 def incremental(decode: Callable[[list[int]], str], ids: list[int]) -> str:
-    tracker = _TextTracker(decode, ())
+    tracker = TextTracker(decode, ())
     out, seen = [], []
     for token in ids:
         seen.append(token)

@@ -39,7 +39,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "server"))
 
 from slm_devtools.tinymodel import ensure_tiny_model  # noqa: E402
-from slm_server.engine import GenerationResult, SamplingParams, TransformersEngine  # noqa: E402
+from slm_server.generation.transformers_engine import TransformersEngine  # noqa: E402
+from slm_server.generation.types import GenerationResult, SamplingParams  # noqa: E402
 from slm_server.settings import Settings  # noqa: E402
 
 CONTEXT = 2048

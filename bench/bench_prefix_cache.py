@@ -34,7 +34,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_prefill import LONG_TEXT, build_model  # noqa: E402
 
-from slm_server.engine import SamplingParams, TransformersEngine  # noqa: E402
+from slm_server.generation.transformers_engine import TransformersEngine  # noqa: E402
+from slm_server.generation.types import SamplingParams  # noqa: E402
 from slm_server.settings import Settings  # noqa: E402
 
 QUESTIONS = [

@@ -32,7 +32,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "server"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from slm_server.engine import SamplingParams, TransformersEngine  # noqa: E402
+from slm_server.generation.transformers_engine import TransformersEngine  # noqa: E402
+from slm_server.generation.types import SamplingParams  # noqa: E402
 from slm_server.settings import Settings  # noqa: E402
 
 VOCAB = 32_000
@@ -111,7 +112,7 @@ def _compile_ms(engine: TransformersEngine, count: int) -> tuple[float, float]:
             "required": ["kind"],
             "additionalProperties": False,
         }
-        key = grammars.key("json_schema", schema)
+        key = grammars.key("json_schema", schema, "schema")
         began = time.perf_counter()
         grammars.compile(key, "json_schema", schema, "schema")
         cold.append((time.perf_counter() - began) * 1000)
@@ -132,7 +133,7 @@ def run(
             grammars = engine.grammars
             assert grammars is not None
             grammar = grammars.compile(
-                grammars.key("json_schema", LIST_OF_STRINGS), "json_schema", LIST_OF_STRINGS, "schema"
+                grammars.key("json_schema", LIST_OF_STRINGS, "schema"), "json_schema", LIST_OF_STRINGS, "schema"
             )
             gaps: dict[int, dict[str, list[float]]] = {n: {"free": [], "json_schema": []} for n in stream_counts}
             _gaps_ms(engine, 1, SamplingParams(max_tokens=4, temperature=0.8, seed=0))  # warm up

@@ -243,13 +243,60 @@ def server_reference() -> str:
         alias = field.validation_alias
         names = [n for n in getattr(alias, "choices", []) if isinstance(n, str) and n.startswith("SLM_")]
         env = " or ".join(f"`{n}`" for n in names) or f"`SLM_{name.upper()}`"
-        kind = str(field.annotation).replace("typing.", "").replace("<class '", "").replace("'>", "")
+        kind = str(field.annotation).replace("typing.", "").replace("pydantic.types.", "")
+        kind = kind.replace("<class '", "").replace("'>", "")
         if field.default in (None, PydanticUndefined):
             default = ""
         else:
             default = f"`{field.default}`" if field.default != "" else '`""`'
 
         lines.append(f"| {env} | {_cell(kind)} | {default} | {_cell(field.description)} |")
+    lines += [
+        "",
+        "## Bounded work per request",
+        "",
+        "- The body must arrive within `SLM_REQUEST_TIMEOUT_SECONDS` of the request (408 otherwise), and be at "
+        "most `SLM_MAX_BODY_BYTES` (413).",
+        "- What a request makes before it generates (a long prompt or any chat through the chat template, a "
+        "`response_format`, tools' or `structured_outputs` grammar) runs in preparation threads, never on the "
+        "event loop, admitted like generations: at most `SLM_MAX_CONCURRENT_REQUESTS` at once and "
+        "`SLM_MAX_QUEUED_REQUESTS` waiting, 429 with `Retry-After` beyond. A grammar has "
+        "`SLM_GRAMMAR_COMPILE_TIMEOUT_SECONDS` to compile (400 after), and llguidance's limits are set explicitly "
+        "(`slm_server.generation.structured.LIMITS`): a grammar past them is a 400 that says which. While a "
+        "generation runs, its grammar's mask of the next token is computed beside the model's pass; a generation "
+        "whose mask is not ready 50 ms after the pass steps aside and rejoins the batch once it is, so a costly "
+        "grammar slows its own generation only.",
+        "- A string that is not text (a lone surrogate such as `\\ud800`, which JSON can carry and UTF-8 cannot) "
+        "is a 422 naming the field; a body that is not UTF-8 a 400 that says so.",
+        "- A client that closes its connection before a non-streamed response stops its generation (finish "
+        "reason `abort`; the request line says 499). A streamed one stops at the next token it cannot send.",
+        "- `SLM_MAX_CONNECTIONS` bounds the open connections (idle keep-alive ones included) and the requests in "
+        "progress; beyond it, 503.",
+        "",
+        "## Output hashes",
+        "",
+        "With `SLM_LOG_OUTPUTS=hash` (the default) a request line carries `gen_ai.output.hmac_sha256`: "
+        "HMAC-SHA256 of the output under `SLM_OUTPUT_HASH_KEY`, so equal outputs have equal hashes, and nobody "
+        "without the key can tell which short output (\"yes\", a number, a name) a hash stands for by hashing "
+        "guesses. Give every replica the same key, from a Secret, to compare hashes across replicas and restarts. "
+        "Without a key each process draws a random one: its hashes compare only with its own, and its "
+        "`model_loaded` line says so (`slm.output_hash`).",
+        "",
+        "## The admin API (fault injection)",
+        "",
+        "Off by default. With `SLM_FAULT_ADMIN_API=true` (or the operator's `SLM_FAULTS_ADMIN=true`), "
+        "`GET`/`PUT`/`POST /admin/faults` change the injected faults at run time (alert tests, the demo). The route "
+        "is served by a listener of its own, `SLM_ADMIN_HOST:SLM_ADMIN_PORT` (`127.0.0.1:8001`: reachable from "
+        "inside the pod only), never on the serving port; the serving port answers 404. With `SLM_ADMIN_TOKEN` "
+        "set, every admin request needs `Authorization: Bearer <token>` (401 otherwise); a non-loopback "
+        "`SLM_ADMIN_HOST` is refused without one. `slm_fault_injection_enabled{model}` is 1 while the admin API "
+        "or any fault is on, and each change is logged (`faults_changed`).",
+        "",
+        "```sh",
+        "curl -X POST http://127.0.0.1:8001/admin/faults -H \"Authorization: Bearer $SLM_ADMIN_TOKEN\" \\",
+        "     -d '{\"errorRate\": 0.5, \"addedLatencySeconds\": 2, \"degradedOutput\": false}'",
+        "```",
+    ]
     line = _server_request_line()
     undocumented = sorted(set(line) - set(REQUEST_LINE_FIELDS))
     if undocumented:

@@ -20,8 +20,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, GCCollecto
 from prometheus_client.exposition import generate_latest
 
 from slm_server import __version__
-from slm_server.engine import Engine, make_engine
 from slm_server.errors import install_error_handlers
+from slm_server.generation.types import Engine
 from slm_server.logs import flush_lines
 from slm_server.metrics import (
     BatchCollector,
@@ -33,8 +33,8 @@ from slm_server.metrics import (
     gpu_collector,
 )
 from slm_server.middleware import RequestMiddleware
-from slm_server.routers import admin, completions, generate, health, tokens
-from slm_server.service import GenerationService
+from slm_server.routers import completions, generate, health, tokens
+from slm_server.service.serving import GenerationService
 from slm_server.settings import Settings
 from slm_server.signals import SignalObserver
 
@@ -104,7 +104,13 @@ def create_app(
             },
         )
         service.start()
-        if getattr(engine, "info", None) is not None:
+        listener = None
+        if settings.fault_admin_api:  # its own port, never this one (slm_server.admin)
+            from slm_server.admin import AdminListener, admin_app
+
+            listener = AdminListener(admin_app(service, settings), settings)
+            await listener.start()
+        if engine.loaded:
             await _load(service, metrics)  # a ready engine was given: ready at once
         loader = asyncio.create_task(_load(service, metrics))
         app.state.loader = loader
@@ -118,6 +124,8 @@ def create_app(
             )
             if not loader.done():
                 loader.cancel()
+            if listener is not None:
+                await listener.stop()
             await service.stop()
             gc.unfreeze()  # what start-up froze is collectable again (a process that builds apps, like tests)
             if owns_engine:
@@ -140,8 +148,6 @@ def create_app(
     app.include_router(generate.router)
     app.include_router(completions.router)
     app.include_router(tokens.router)
-    if settings.fault_injection and settings.fault_admin_api:
-        app.include_router(admin.router)
     if isinstance(metrics, ServerMetrics):
         registry_ = metrics.registry
 
@@ -153,6 +159,17 @@ def create_app(
     # metrics and request lines off too (the benchmark's uninstrumented baseline).
     app.add_middleware(RequestMiddleware, settings=settings, metrics=metrics)
     return app
+
+
+def make_engine(settings: Settings) -> Engine:
+    """The engine SLM_ENGINE names; the transformers engine's module (torch) is imported only for it."""
+    if settings.engine == "echo":
+        from slm_server.generation.echo_engine import EchoEngine
+
+        return EchoEngine(settings)
+    from slm_server.generation.transformers_engine import TransformersEngine
+
+    return TransformersEngine(settings)
 
 
 def _freeze_startup_objects() -> None:
@@ -175,8 +192,7 @@ def _freeze_startup_objects() -> None:
 
 def _model_dir(engine: Engine) -> list[str]:
     """The filesystem to watch when SLM_DISK_PATHS is not set: the loaded model's own directory."""
-    info = getattr(engine, "info", None)
-    source = getattr(info, "source", "")
+    source = engine.info.source if engine.loaded else ""
     return [source] if source and os.path.isdir(source) else []
 
 
@@ -192,7 +208,7 @@ async def _load(service: GenerationService, metrics: ServerMetrics | NullMetrics
     if service.ready:
         return
     engine = service.engine
-    if getattr(engine, "info", None) is None:
+    if not engine.loaded:
         started = time.perf_counter()
         try:
             await asyncio.to_thread(engine.load)
@@ -228,6 +244,7 @@ async def _load(service: GenerationService, metrics: ServerMetrics | NullMetrics
             "slm.default_temperature": info.default_temperature,
             "slm.default_top_p": info.default_top_p,
             "slm.default_top_k": info.default_top_k,
+            "slm.output_hash": service.output_policy.key_source,
             "slm.parameters": info.parameters,
             "slm.load_seconds": round(load_seconds, 3),
         },

@@ -8,8 +8,12 @@ from __future__ import annotations
 
 import argparse
 import sys
+from typing import TYPE_CHECKING, Any
 
 from slm_server.settings import Settings
+
+if TYPE_CHECKING:
+    import uvicorn
 
 
 def parse_args(argv: list[str] | None) -> dict[str, object]:
@@ -24,6 +28,7 @@ def parse_args(argv: list[str] | None) -> dict[str, object]:
     parser.add_argument("--max-concurrent-requests", type=int)
     parser.add_argument("--max-queued-requests", type=int)
     parser.add_argument("--request-timeout-seconds", type=float)
+    parser.add_argument("--max-connections", type=int)
     parser.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
     parser.add_argument(
         "--no-metrics",
@@ -49,8 +54,16 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     configure_logging(settings)
     flush_before_signals()
-    app = create_app(settings)
-    uvicorn.run(
+    server = uvicorn.Server(uvicorn_config(create_app(settings), settings))
+    server.run()
+    return 0 if server.started else 3  # uvicorn's exit status for a failed start-up (the log line says why)
+
+
+def uvicorn_config(app: Any, settings: Settings) -> uvicorn.Config:
+    """How `slm-server` serves the app (tests serve it the same way)."""
+    import uvicorn
+
+    return uvicorn.Config(
         app,
         host=settings.host,
         port=settings.port,
@@ -58,5 +71,6 @@ def main(argv: list[str] | None = None) -> int:
         access_log=False,  # the request middleware writes one richer line per request
         timeout_graceful_shutdown=int(settings.drain_timeout_seconds) or None,
         server_header=False,
+        # Connections (idle keep-alive ones included) and requests in progress; beyond it, 503.
+        limit_concurrency=settings.max_connections,
     )
-    return 0

@@ -14,6 +14,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from slm_server.protocol import NotText
+
 log = logging.getLogger("slm_server.errors")
 
 
@@ -36,6 +38,22 @@ class InvalidInput(ServerError):
     status = 400
     type = "invalid_request_error"
     error_kind = "invalid_input"
+
+
+class Unauthorized(ServerError):
+    status = 401
+    type = "authentication_error"
+    error_kind = "invalid_input"
+
+
+class ClientDisconnected(ServerError):
+    """The client went away before its response: nothing is sent, and its generation stopped. 499, as
+    nginx logs it; not an error of the server's (its generation ends as `abort`)."""
+
+    status = 499
+    type = "client_closed_request"
+    error_kind = "invalid_input"
+    counted = True  # the generation's accounting records the abort; no error is counted
 
 
 class ModelNotFound(ServerError):
@@ -73,6 +91,10 @@ def error_body(status: int, message: str, type_: str, param: str | None = None) 
 
 
 def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
+    for err in exc.errors():  # a string that is not text says so alone, where it is (slm_server.protocol)
+        cause = (err.get("ctx") or {}).get("error")
+        if isinstance(cause, NotText):
+            return str(cause), cause.path
     parts, first_field = [], None
     for err in exc.errors():
         loc = [str(p) for p in err.get("loc", ()) if p != "body"]
@@ -89,6 +111,16 @@ def _count(request: Request, kind: str) -> None:
     bound = generation.get(request.scope["path"])
     if bound is not None:
         bound.error(kind)
+
+
+def _body_error(exc: StarletteHTTPException) -> str:
+    """The message of an HTTP error; FastAPI's 400 for a body it could not parse says why."""
+    cause = exc.__cause__
+    if isinstance(cause, UnicodeDecodeError):
+        return f"the request body is not valid UTF-8: byte 0x{cause.object[cause.start]:02x} at {cause.start}"
+    if isinstance(cause, RecursionError):
+        return "the request body's JSON nests too deeply"
+    return str(exc.detail)
 
 
 def install_error_handlers(app: FastAPI) -> None:
@@ -113,7 +145,7 @@ def install_error_handlers(app: FastAPI) -> None:
         if 400 <= exc.status_code < 500:
             _count(request, "invalid_input")
         return JSONResponse(
-            error_body(exc.status_code, str(exc.detail), "invalid_request_error"),
+            error_body(exc.status_code, _body_error(exc), "invalid_request_error"),
             status_code=exc.status_code,
             headers=getattr(exc, "headers", None),
         )

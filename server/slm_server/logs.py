@@ -26,8 +26,10 @@ from __future__ import annotations
 
 import atexit
 import hashlib
+import hmac
 import io
 import logging
+import os
 import random
 import signal
 import sys
@@ -145,7 +147,8 @@ REQUEST_LINE_FIELDS: dict[str, str] = {
     "slm.stream": "whether the response was streamed",
     "error.type": "why a generation failed: invalid_input, overloaded, timeout, model_error, not_ready, internal",
     "gen_ai.output.length": "output length in characters (log_outputs hash, truncated, full)",
-    "gen_ai.output.sha256": "sha256 of the output text (log_outputs=hash, the default)",
+    "gen_ai.output.hmac_sha256": "HMAC-SHA256 of the output text, keyed by output_hash_key (log_outputs=hash, the "
+    "default): equal outputs have equal hashes under one key, and no one without the key can test a guess",
     "gen_ai.output.text": "the output text, cut at log_truncate_chars with log_outputs=truncated",
     "gen_ai.output.truncated": "whether the text was cut (log_outputs=truncated)",
     "gen_ai.request.choice.count": "`n`, the choices asked for, when more than 1",
@@ -367,17 +370,29 @@ def configure_logging(settings: Settings, stream: IO[Any] | None = None) -> Json
     return handler
 
 
-_SHA256 = hashlib.sha256()
-
-
 class OutputLogPolicy:
-    """What of a model output goes into the request's log line: none | hash | truncated | full."""
+    """What of a model output goes into the request's log line: none | hash | truncated | full.
+
+    Hashes are HMAC-SHA256 under `output_hash_key`: a plain sha256 of a short output ("yes", a number,
+    a name) is reversed by hashing guesses. Without a key, each process draws its own, and its hashes
+    compare only with its own (`key_source` says which, for the model_loaded line)."""
 
     def __init__(self, settings: Settings):
         self.mode = settings.log_outputs
         self.rate = settings.log_sample_rate
         self.limit = settings.log_truncate_chars
         self._random = random.Random()
+        if settings.output_hash_key is not None:
+            key = settings.output_hash_key.get_secret_value().encode()
+            self.key_source = "hmac-sha256 keyed by SLM_OUTPUT_HASH_KEY"
+        else:
+            key = os.urandom(32)
+            self.key_source = (
+                "hmac-sha256 with a random key of this process (SLM_OUTPUT_HASH_KEY unset): hashes are not "
+                "comparable across restarts or replicas"
+            )
+        # Copied per output: the key's inner and outer pads are hashed once, here.
+        self._hmac = hmac.new(key, digestmod=hashlib.sha256)
 
     def fields(self, text: str | None) -> dict[str, Any] | None:
         """The fields of one output, or None when the policy or the sampling leaves it out."""
@@ -394,9 +409,9 @@ class OutputLogPolicy:
     def describe(self, text: str) -> dict[str, Any]:
         out: dict[str, Any] = {"gen_ai.output.length": len(text)}
         if self.mode == "hash":
-            digest = _SHA256.copy()  # copying a hash object skips OpenSSL 3's per-call algorithm fetch
+            digest = self._hmac.copy()
             digest.update(text.encode())
-            out["gen_ai.output.sha256"] = digest.hexdigest()
+            out["gen_ai.output.hmac_sha256"] = digest.hexdigest()
         elif self.mode == "truncated":
             out["gen_ai.output.text"] = text[: self.limit]
             out["gen_ai.output.truncated"] = len(text) > self.limit

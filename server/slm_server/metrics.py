@@ -1,12 +1,11 @@
-"""Prometheus metrics of the server — the metric contract (docs/reference/metrics.md).
+"""Prometheus metrics of the server — the metric contract of docs/reference/metrics.md.
 
 Every series is registered on a `CollectorRegistry` given to `ServerMetrics` (a fresh one per app,
 so tests inject their own; nothing touches prometheus_client's global registry). Label children
 are bound once, when the app is built (or on the first request of a new status code), never with
-`.labels()` on the request path. The request-path metrics are slm_server.fastmetrics' lock-free
-families, exposed through prometheus_client like any other; the request path only queues its
-observations (`ServerMetrics.observations`), applied in batches and before every collection, so a
-scrape always sees every request that ended before it.
+`.labels()` on the request path. The request path updates prometheus_client's own classes as the
+request ends: the whole monitoring costs 0.1-0.2 % of a request to the tiny test model, and less of
+a real model's (docs/performance.md).
 
 Metrics (labels; `model` is the served model name, one value per process):
 
@@ -39,7 +38,8 @@ Metrics (labels; `model` is the served model name, one value per process):
   slm_max_queue{model}                             gauge
   slm_model_info{model,source,dtype,device,max_context}  gauge = 1
   slm_model_load_seconds{model}                    gauge
-  slm_fault_injection_enabled{model}               gauge      1 while faults may be injected
+  slm_fault_injection_enabled{model}               gauge      1 while faults can be injected (admin API on,
+                                                              or a fault set)
   slm_batch_size{model}                            gauge      generations sharing each forward pass now
   slm_forward_passes_total{model}                  counter    generation passes (prefills, decode steps)
   slm_forward_pass_generations_total{model}        counter    generations fed in them; the ratio of
@@ -78,13 +78,14 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable, Iterable
-from typing import Any
+from itertools import pairwise
+from typing import Any, NamedTuple
 
-from prometheus_client import CollectorRegistry, disable_created_metrics
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from slm_server.fastmetrics import Counter, Gauge, GaugeChild, Histogram, Observations
+from slm_server.generation.types import BatchStats, KVCacheStats, PrefixCacheStats
 
 log = logging.getLogger("slm_server.metrics")
 
@@ -93,11 +94,11 @@ log = logging.getLogger("slm_server.metrics")
 disable_created_metrics()
 
 GENERATION_ENDPOINTS = ("/generate", "/v1/completions", "/v1/chat/completions")
-OTHER_ENDPOINTS = ("/v1/models", "/tokenize", "/detokenize", "/healthz", "/readyz", "/metrics", "/admin/faults")
+OTHER_ENDPOINTS = ("/v1/models", "/tokenize", "/detokenize", "/healthz", "/readyz", "/metrics")
 UNKNOWN_ENDPOINT = "other"
 FINISH_REASONS = ("stop", "length", "abort", "timeout", "error")
 ERROR_KINDS = ("invalid_input", "overloaded", "timeout", "model_error", "not_ready", "internal")
-# What held an output to a grammar (slm_server.structured): a response_format, tool calls, or
+# What held an output to a grammar (slm_server.generation.structured): a response_format, tool calls, or
 # structured_outputs' regex, choice or grammar.
 STRUCTURED_FORMATS = ("json_object", "json_schema", "tool_call", "regex", "choice", "grammar")
 # The drift detector's signals (slm_server.drift): two distributions, four rates.
@@ -115,21 +116,16 @@ PERPLEXITY_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 1000
 class RouteMetrics:
     """The seed's request counter and latency histogram, bound for one endpoint."""
 
-    __slots__ = ("_by_status", "_counter", "_observations", "endpoint", "latency")
+    __slots__ = ("_by_status", "_counter", "endpoint", "latency")
 
-    def __init__(self, counter: Counter, latency: Histogram, endpoint: str, observations: Observations):
+    def __init__(self, counter: Counter, latency: Histogram, endpoint: str):
         self.endpoint = endpoint
         self._counter = counter
-        self._observations = observations
         self.latency = latency.labels(endpoint=endpoint)
-        self._by_status: dict[int, Any] = {}
+        self._by_status: dict[int, Counter] = {}
 
     def observe(self, status: int, seconds: float) -> None:
-        """Count one response once it has gone (queued: applied in a batch, or before the next
-        collection)."""
-        self._observations.add_final(self._apply, status, seconds)
-
-    def _apply(self, status: int, seconds: float) -> None:
+        """Count one response once it has gone."""
         child = self._by_status.get(status)
         if child is None:  # first response with this code: bind once
             child = self._by_status[status] = self._counter.labels(endpoint=self.endpoint, status=str(status))
@@ -137,12 +133,19 @@ class RouteMetrics:
         self.latency.observe(seconds)
 
 
-# What one generation gives its metrics, kept in the queue until applied (nothing in it may
-# change). A plain tuple: built on the request path with no Python-level __init__ to run.
-# (queue seconds or None, perf_counter() at the request's arrival, perf_counter() when each token
-#  was ready, prompt tokens, output tokens, perplexity or None, finish reason, no visible text,
-#  stuck in a loop, held to a grammar)
-Generation = tuple[float | None, float, list[float], int, int, float | None, str, bool, bool, bool]
+class GenerationFigures(NamedTuple):
+    """What one generation gives its metrics."""
+
+    queue_seconds: float | None
+    start: float  # perf_counter() at the request's arrival
+    token_times: list[float]  # perf_counter() when each token was ready
+    prompt_tokens: int
+    output_tokens: int
+    perplexity: float | None
+    finish_reason: str
+    empty: bool  # no visible text
+    repetitive: bool  # stuck in a loop
+    structured: bool  # held to a grammar
 
 
 class GenerationMetrics:
@@ -150,7 +153,6 @@ class GenerationMetrics:
 
     def __init__(self, m: ServerMetrics, endpoint: str):
         labels = {"model": m.model, "endpoint": endpoint}
-        self._observations = m.observations
         self.output_tokens_seed = m.model_output_tokens.labels(endpoint=endpoint)
         self.ttft = m.ttft.labels(**labels)
         self.itl = m.itl.labels(**labels)
@@ -165,44 +167,31 @@ class GenerationMetrics:
         self.repetitive = m.repetitive_outputs.labels(**labels)
         self.errors = {e: m.errors.labels(error=e, **labels) for e in ERROR_KINDS}
 
-    def observe(self, generation: Generation) -> None:
-        """Record one generation (queued: applied in a batch, or before the next collection)."""
-        self._observations.add(self._apply, generation)
-
-    def _apply(self, g: Generation) -> None:
-        (
-            queue_seconds,
-            start,
-            token_times,
-            prompt_tokens,
-            output_tokens,
-            perplexity,
-            finish_reason,
-            empty,
-            repetitive,
-            structured,
-        ) = g
-        if queue_seconds is not None:
-            self.queue.observe(queue_seconds)
-        self.prompt_tokens_total.inc(prompt_tokens)
-        self.generation_tokens_total.inc(output_tokens)
-        self.output_tokens_seed.observe(output_tokens)
-        if not structured:  # the model-behaviour histograms: free text only (slm_server.drift says why)
-            self.output_tokens.observe(output_tokens)
-            if perplexity is not None:
-                self.perplexity.observe(perplexity)
-        self.finish[finish_reason].inc()
-        if empty:
+    def observe(self, g: GenerationFigures) -> None:
+        """Record one generation."""
+        if g.queue_seconds is not None:
+            self.queue.observe(g.queue_seconds)
+        self.prompt_tokens_total.inc(g.prompt_tokens)
+        self.generation_tokens_total.inc(g.output_tokens)
+        self.output_tokens_seed.observe(g.output_tokens)
+        if not g.structured:  # the model-behaviour histograms: free text only (slm_server.drift says why)
+            self.output_tokens.observe(g.output_tokens)
+            if g.perplexity is not None:
+                self.perplexity.observe(g.perplexity)
+        self.finish[g.finish_reason].inc()
+        if g.empty:
             self.empty.inc()
-        if repetitive:
+        if g.repetitive:
             self.repetitive.inc()
-        if token_times:
-            self.ttft.observe(token_times[0] - start)
-            self.itl.observe_gaps(token_times)
-            if len(token_times) > 1:
-                elapsed = token_times[-1] - token_times[0]
+        times = g.token_times
+        if times:
+            self.ttft.observe(times[0] - g.start)
+            for previous, now in pairwise(times):
+                self.itl.observe(now - previous)
+            if len(times) > 1:
+                elapsed = times[-1] - times[0]
                 if elapsed > 0:
-                    self.tps.observe((len(token_times) - 1) / elapsed)
+                    self.tps.observe((len(times) - 1) / elapsed)
 
     def error(self, kind: str) -> None:
         self.errors[kind].inc()
@@ -216,9 +205,7 @@ class ServerMetrics:
     def __init__(self, registry: CollectorRegistry, model: str):
         self.registry = registry
         self.model = model
-        # The request path's updates, applied in batches and before every collection (fastmetrics).
-        self.observations = o = Observations()
-        on: dict[str, Any] = {"registry": registry, "observations": o}  # every family, as keywords
+        on: dict[str, Any] = {"registry": registry}  # every family, as keywords
         self.api_requests = Counter(
             "api_requests_total", "Total count of requests by endpoint and status", ["endpoint", "status"], **on
         )
@@ -294,7 +281,7 @@ class ServerMetrics:
             "slm_request_errors_total", "Failed generation requests by error kind", [*ml, "error"], **on
         )
 
-        def model_gauge(name: str, documentation: str) -> GaugeChild:
+        def model_gauge(name: str, documentation: str) -> Gauge:
             """A gauge with the one `model` label, bound to the served model."""
             return Gauge(name, documentation, ["model"], **on).labels(model=model)
 
@@ -311,7 +298,10 @@ class ServerMetrics:
             **on,
         )
         self.model_load_seconds = model_gauge("slm_model_load_seconds", "Time taken to load the model")
-        self.fault_injection = model_gauge("slm_fault_injection_enabled", "1 when fault injection is configured on")
+        self.fault_injection = model_gauge(
+            "slm_fault_injection_enabled",
+            "1 while faults can be injected: the admin API is on, or a fault is set",
+        )
         structured = Counter(
             "slm_structured_outputs_total",
             "Generations held to a response_format or to tool calls, by whether their JSON was complete when they "
@@ -340,18 +330,17 @@ class ServerMetrics:
         self.drift_detected = {s: drift_detected.labels(model=model, signal=s) for s in DRIFT_SIGNALS}
 
         self.routes = {
-            ep: RouteMetrics(self.api_requests, self.api_latency, ep, o)
-            for ep in GENERATION_ENDPOINTS + OTHER_ENDPOINTS
+            ep: RouteMetrics(self.api_requests, self.api_latency, ep) for ep in GENERATION_ENDPOINTS + OTHER_ENDPOINTS
         }
-        self.unknown_route = RouteMetrics(self.api_requests, self.api_latency, UNKNOWN_ENDPOINT, o)
+        self.unknown_route = RouteMetrics(self.api_requests, self.api_latency, UNKNOWN_ENDPOINT)
         self.generation = {ep: GenerationMetrics(self, ep) for ep in GENERATION_ENDPOINTS}
 
     def route(self, path: str) -> RouteMetrics:
         return self.routes.get(path) or self.unknown_route
 
     def structured_output(self, format: str, complete: bool) -> None:
-        """Count a generation held to a response_format (queued, as the request path's updates are)."""
-        self.observations.add(self.structured_outputs[format, "complete" if complete else "incomplete"].inc)
+        """Count a generation held to a response_format, a tool call or structured_outputs."""
+        self.structured_outputs[format, "complete" if complete else "incomplete"].inc()
 
     def set_model(self, *, source: str, dtype: str, device: str, max_context: int, load_seconds: float) -> None:
         self.model_info.labels(
@@ -404,12 +393,19 @@ class NullMetrics:
         return None
 
 
+class GpuDevice(NamedTuple):
+    number: str  # NVML's index, the `index` label
+    uuid: str
+    name: str
+    handle: Any  # NVML's
+
+
 class GpuCollector(Collector):
     """Reads every GPU through NVML at scrape time (no background thread, always fresh)."""
 
-    def __init__(self, nvml: Any, devices: list[tuple[str, str, str, Any]]):
+    def __init__(self, nvml: Any, devices: list[GpuDevice]):
         self._nvml = nvml
-        self._devices = devices  # (index, uuid, name, handle)
+        self._devices = devices
         self._memory_v2 = True  # until the driver refuses NVML's v2 memory reading
 
     def collect(self) -> Iterable[GaugeMetricFamily]:
@@ -424,8 +420,8 @@ class GpuCollector(Collector):
             "nvidia_gpu_temperature_celsius", "GPU temperature in degrees Celsius (NVML)", labels=labels
         )
         power = GaugeMetricFamily("nvidia_gpu_power_watts", "GPU power draw in watts (NVML)", labels=labels)
-        for index, uuid, name, handle in self._devices:
-            values = [index, uuid, name]
+        for number, uuid, name, handle in self._devices:
+            values = [number, uuid, name]
             for families, read in (
                 ((util,), lambda h: (nvml.nvmlDeviceGetUtilizationRates(h).gpu,)),
                 ((used, total), self._memory),  # one reading for both
@@ -457,50 +453,49 @@ class GpuCollector(Collector):
 
 
 class BatchCollector(Collector):
-    """How generations share the model's forward passes (continuous batching, slm_server.batching),
+    """How generations share the model's forward passes (continuous batching, slm_server.generation.scheduler),
     read from the engine's counters at scrape time; no series before the model is loaded."""
 
-    def __init__(self, model: str, stats: Callable[[], tuple[int, int, int] | None]):
+    def __init__(self, model: str, stats: Callable[[], BatchStats | None]):
         self._model = model
-        self._stats = stats  # (generations in the running batch, passes, generations fed in them)
+        self._stats = stats
 
     def collect(self) -> Iterable[GaugeMetricFamily | CounterMetricFamily]:
         stats = self._stats()
         if stats is None:
             return
-        running, passes, fed = stats
         labels = ["model"]
         size = GaugeMetricFamily("slm_batch_size", "Generations sharing each forward pass now", labels=labels)
-        size.add_metric([self._model], float(running))
+        size.add_metric([self._model], float(stats.running))
         yield size
         passes_total = CounterMetricFamily(
             "slm_forward_passes", "Forward passes of generation (prefills and decode steps)", labels=labels
         )
-        passes_total.add_metric([self._model], float(passes))
+        passes_total.add_metric([self._model], float(stats.forward_passes))
         yield passes_total
         fed_total = CounterMetricFamily(
             "slm_forward_pass_generations",
             "Generations fed in the forward passes (per pass: the batch size)",
             labels=labels,
         )
-        fed_total.add_metric([self._model], float(fed))
+        fed_total.add_metric([self._model], float(stats.generations_fed))
         yield fed_total
 
 
 class KVCacheCollector(Collector):
-    """The KV cache of the generations running now (slm_server.batching), read from the engine at
+    """The KV cache of the generations running now (slm_server.generation.scheduler), read from the engine at
     scrape time: its bytes (on the model's device: GPU memory on a GPU) and the positions its
     left-padded batches span, padding included; no series before the model is loaded."""
 
-    def __init__(self, model: str, stats: Callable[[], tuple[int, int, int] | None]):
+    def __init__(self, model: str, stats: Callable[[], KVCacheStats | None]):
         self._model = model
-        self._stats = stats  # (bytes, positions, of which padding)
+        self._stats = stats
 
     def collect(self) -> Iterable[GaugeMetricFamily]:
         stats = self._stats()
         if stats is None:
             return
-        held, positions, padding = stats
+        held, positions, padding = stats.nbytes, stats.positions, stats.padding
         size = GaugeMetricFamily("slm_kv_cache_bytes", "Bytes of the running generations' KV cache", labels=["model"])
         size.add_metric([self._model], float(held))
         yield size
@@ -515,18 +510,18 @@ class KVCacheCollector(Collector):
 
 
 class PrefixCacheCollector(Collector):
-    """The prompt-prefix KV cache (slm_server.prefix_cache), read from the engine at scrape time:
+    """The prompt-prefix KV cache (slm_server.generation.prefix_cache), read from the engine at scrape time:
     zeros while it is off (`slm_prefix_cache_capacity_bytes` 0), no series before the model is loaded."""
 
-    def __init__(self, model: str, stats: Callable[[], tuple[int, int, int, int] | None]):
+    def __init__(self, model: str, stats: Callable[[], PrefixCacheStats | None]):
         self._model = model
-        self._stats = stats  # (prompt tokens looked up, found, bytes held, capacity)
+        self._stats = stats
 
     def collect(self) -> Iterable[GaugeMetricFamily | CounterMetricFamily]:
         stats = self._stats()
         if stats is None:
             return
-        queried, hits, held, capacity = stats
+        queried, hits, held, capacity = stats.queried_tokens, stats.hit_tokens, stats.nbytes, stats.capacity_bytes
         labels = ["model"]
         for family, name, doc, value in (
             (CounterMetricFamily, "slm_prefix_cache_queries", "Prompt tokens looked up in the prefix cache", queried),
@@ -594,9 +589,9 @@ def gpu_collector() -> GpuCollector | None:
         uuid, name = pynvml.nvmlDeviceGetUUID(handle), pynvml.nvmlDeviceGetName(handle)
         uuid = uuid.decode() if isinstance(uuid, bytes) else uuid
         name = name.decode() if isinstance(name, bytes) else name
-        devices.append((str(i), uuid, name, handle))
+        devices.append(GpuDevice(str(i), uuid, name, handle))
     log.info(
         "NVIDIA GPUs found",
-        extra={"fields": {"event": "gpu_found", "gpu.count": count, "gpu.names": [d[2] for d in devices]}},
+        extra={"fields": {"event": "gpu_found", "gpu.count": count, "gpu.names": [d.name for d in devices]}},
     )
     return GpuCollector(pynvml, devices)

@@ -3,8 +3,10 @@ stream per request).
 
 Per HTTP request, always (serving, with monitoring off too): takes or makes a request id
 (`x-request-id`, echoed in the response and the response's `id`), refuses bodies over the size cap
-(413, from `content-length` or while reading), and puts the request's `RequestRecord` where the
-handlers find it. With monitoring on (`metrics_enabled` or `log_requests`), also: reads the W3C
+(413, from `content-length` or while reading) and bodies that have not arrived by the request's
+deadline (408: a client that trickles its body in cannot hold a connection and a handler for
+longer), and puts the request's `RequestRecord` where the handlers find it. With monitoring on
+(`metrics_enabled` or `log_requests`), also: reads the W3C
 `traceparent`, times the response until its last byte (streams included), counts it in the seed's
 `api_requests_total` / `api_request_duration_seconds` through children bound in advance, and queues
 the request's JSON log line (slm_server.logs.JsonLines; `request_doc` makes it when it is written)
@@ -13,6 +15,7 @@ with what the service put into the record.
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import json
 import logging
@@ -25,7 +28,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from slm_server.errors import error_body
 from slm_server.logs import access_log, parse_traceparent, request_doc, request_lines
 from slm_server.metrics import NullMetrics, ServerMetrics
-from slm_server.service import RequestRecord
+from slm_server.service.jobs import RequestRecord
 from slm_server.settings import Settings
 
 PROBE_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
@@ -68,6 +71,7 @@ class RequestMiddleware:
         self.app = app
         self.metrics = metrics
         self.max_body = settings.max_body_bytes
+        self.timeout = settings.request_timeout_seconds
         self.log_requests = settings.log_requests
         self.log_probes = settings.log_probes
         self.monitor = metrics.enabled or settings.log_requests
@@ -107,9 +111,7 @@ class RequestMiddleware:
             if length > self.max_body:
                 await self._too_large(send_wrapper, length)
             else:
-                # With a content-length the server's HTTP parser delivers exactly that many bytes,
-                # checked above; only a chunked body is counted as it arrives.
-                await self.app(scope, self._limited(receive) if length < 0 else receive, send_wrapper)
+                await self.app(scope, self._body_reader(receive, length), send_wrapper)
         finally:
             if self.monitor:
                 elapsed = time.perf_counter() - start
@@ -123,22 +125,41 @@ class RequestMiddleware:
                         span_id = None
                     self._log(scope, record, status, elapsed, span_id)
 
-    def _limited(self, receive: Receive) -> Receive:
+    def _body_reader(self, receive: Receive, length: int) -> Receive:
+        """`receive`, bounded while the body arrives: by the request's deadline (408), and for a body
+        without a content-length by the size cap as it is counted (413; with one, the server's HTTP
+        parser delivers exactly that many bytes, checked before). Once the body is in, the messages
+        (a disconnect) pass as they come. The errors are HTTPExceptions because FastAPI re-raises only
+        those from body reading (anything else becomes a 400 "error parsing the body")."""
         seen = 0
         limit = self.max_body
+        timeout = self.timeout
+        deadline = asyncio.get_running_loop().time() + timeout
+        reading = True
 
-        async def limited_receive() -> Message:
-            nonlocal seen
-            message = await receive()
-            if message["type"] == "http.request":
+        async def receive_body() -> Message:
+            nonlocal seen, reading
+            if not reading:
+                return await receive()
+            try:
+                async with asyncio.timeout_at(deadline):
+                    message = await receive()
+            except TimeoutError:
+                reading = False
+                raise HTTPException(
+                    408, f"the request body did not arrive within {timeout:g} s (request_timeout_seconds)"
+                ) from None
+            if message["type"] != "http.request":
+                reading = False
+                return message
+            if length < 0:
                 seen += len(message.get("body", b""))
                 if seen > limit:
-                    # An HTTPException, because FastAPI re-raises only those from body reading
-                    # (anything else becomes a 400 "error parsing the body").
                     raise HTTPException(413, f"request body exceeds the limit of {limit} bytes (max_body_bytes)")
+            reading = message.get("more_body", False)
             return message
 
-        return limited_receive
+        return receive_body
 
     async def _too_large(self, send: Send, length: int) -> None:
         message = f"request body is {length} bytes; the limit is {self.max_body} bytes (max_body_bytes)"

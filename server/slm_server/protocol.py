@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Any, Literal
 
-from pydantic import AliasChoices, BaseModel, BeforeValidator, ConfigDict, Field, Strict
+import orjson
+from pydantic import AliasChoices, BaseModel, BeforeValidator, ConfigDict, Field, Strict, model_validator
 
 
 def _json_integer(value: Any) -> Any:
@@ -28,6 +30,56 @@ class _Strict(BaseModel):
     Subclasses' own config adds to this."""
 
     model_config = ConfigDict(strict=True)
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+class NotText(ValueError):
+    r"""A string of a request that is not text: a lone surrogate (JSON lets `\ud800` be written; no
+    tokenizer, and no UTF-8, can carry it). `path` names where, as `messages.1.content`."""
+
+    def __init__(self, path: str, text: str, at: int):
+        self.path = path
+        super().__init__(
+            f"{path}: a lone surrogate (U+{ord(text[at]):04X}) at character {at} is not text; send text as UTF-8 "
+            "(a character beyond U+FFFF as a surrogate pair)"
+        )
+
+
+def check_text(value: Any, path: str = "") -> None:
+    """NotText for the first string of a JSON document (keys included) that holds a lone surrogate.
+    orjson refuses such a string, in C: only then is the document walked (in Python) to say where."""
+    try:
+        orjson.dumps(value)
+        return
+    except orjson.JSONEncodeError:  # a surrogate, or something else orjson refuses (an integer past 64 bits)
+        pass
+    stack = [(value, path)]
+    while stack:
+        item, where = stack.pop()
+        if isinstance(item, str):
+            found = _SURROGATE.search(item)
+            if found is not None:
+                raise NotText(where or "body", item, found.start())
+        elif isinstance(item, dict):
+            for key, child in reversed(item.items()):
+                inner = f"{where}.{key}" if where else str(key)
+                if isinstance(key, str) and (found := _SURROGATE.search(key)) is not None:
+                    raise NotText(inner, key, found.start())
+                stack.append((child, inner))
+        elif isinstance(item, list):
+            stack.extend((child, f"{where}.{i}" if where else str(i)) for i, child in reversed(list(enumerate(item))))
+
+
+class _Body(_Strict):
+    """A request's body: every string in it is text (422 naming the field otherwise)."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _only_text(cls, data: Any) -> Any:
+        check_text(data)
+        return data
 
 
 _DEFAULT = "Left out: the model's generation_config.json value if it sets one, else 1.0."
@@ -180,7 +232,7 @@ def stops(value: str | list[str] | None) -> tuple[str, ...]:
 
 
 # --- POST /generate (the seed's endpoint) ------------------------------------------------------------------
-class GenerateRequest(_Strict):
+class GenerateRequest(_Body):
     model_config = ConfigDict(extra="forbid")
 
     prompt: str = Field(description="Text to continue.")
@@ -245,7 +297,7 @@ class Usage(BaseModel):
     prompt_tokens_details: PromptTokensDetails
 
 
-class _OpenAIRequest(_Strict):
+class _OpenAIRequest(_Body):
     # Unknown fields are ignored, as OpenAI-compatible servers do (clients send vendor extensions).
     model_config = ConfigDict(extra="ignore")
 
@@ -468,14 +520,14 @@ class ModelList(BaseModel):
 
 
 # --- POST /tokenize, POST /detokenize (vLLM's) --------------------------------------------------------------------
-class TokenizeText(_Strict):
+class TokenizeText(_Body):
     model_config = ConfigDict(extra="forbid")
 
     model: str | None = Field(None, description="The served model's name; another name gets 404.")
     prompt: str = Field(description="Text, tokenized as /v1/completions and /generate tokenize a prompt.")
 
 
-class TokenizeChat(_Strict):
+class TokenizeChat(_Body):
     model_config = ConfigDict(extra="forbid")
 
     model: str | None = Field(None, description="The served model's name; another name gets 404.")
@@ -495,7 +547,7 @@ class TokenizeResponse(BaseModel):
     tokens: list[int]
 
 
-class DetokenizeRequest(_Strict):
+class DetokenizeRequest(_Body):
     model_config = ConfigDict(extra="forbid")
 
     model: str | None = Field(None, description="The served model's name; another name gets 404.")
@@ -521,9 +573,16 @@ class ErrorResponse(BaseModel):
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     400: {"model": ErrorResponse, "description": "Prompt longer than the context, or max_tokens over the cap"},
     404: {"model": ErrorResponse, "description": "Unknown model"},
+    408: {"model": ErrorResponse, "description": "Request body not received within request_timeout_seconds"},
     413: {"model": ErrorResponse, "description": "Request body over max_body_bytes"},
-    422: {"model": ErrorResponse, "description": "Schema error; the message names the field"},
-    429: {"model": ErrorResponse, "description": "Queue full; see Retry-After"},
+    422: {
+        "model": ErrorResponse,
+        "description": "Schema error, or a string that is not text; the message names the field",
+    },
+    429: {
+        "model": ErrorResponse,
+        "description": "Generations or preparations running and queued at their limits; see Retry-After",
+    },
     500: {"model": ErrorResponse, "description": "The model failed"},
     503: {"model": ErrorResponse, "description": "Model not loaded yet; see Retry-After"},
     504: {"model": ErrorResponse, "description": "request_timeout_seconds passed"},

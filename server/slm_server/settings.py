@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import ipaddress
 from typing import Any, Literal
 
-from pydantic import AliasChoices, Field, model_validator
+from pydantic import AliasChoices, Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 OutputLogPolicy = Literal["none", "hash", "truncated", "full"]
@@ -74,8 +75,25 @@ class Settings(BaseSettings):
         description="Waiting beyond that; more get 429.",
         validation_alias=AliasChoices("max_queued_requests", "SLM_MAX_QUEUED_REQUESTS", "SLM_MAX_QUEUE"),
     )
-    request_timeout_seconds: float = Field(60.0, gt=0, description="Queue + generation; then 504.")
+    request_timeout_seconds: float = Field(
+        60.0,
+        gt=0,
+        description="From arrival: reading the body (then 408), preparing the prompt, the queue and the generation "
+        "(then 504).",
+    )
     max_body_bytes: int = Field(1 << 20, ge=1024, description="Larger request bodies get 413.")
+    max_connections: int = Field(
+        1024,
+        ge=1,
+        description="Open connections (idle keep-alive ones included) and requests in progress the server takes at "
+        "once; beyond it a request gets 503 (uvicorn's limit_concurrency).",
+    )
+    grammar_compile_timeout_seconds: float = Field(
+        10.0,
+        gt=0,
+        description="A response_format, tool or structured_outputs grammar that takes longer to compile gets 400 "
+        "(llguidance's own limits bound the work too).",
+    )
     drain_timeout_seconds: float = Field(30.0, ge=0, description="Graceful shutdown waits this long.")
 
     # --- observability -------------------------------------------------------------------------------
@@ -93,11 +111,17 @@ class Settings(BaseSettings):
     log_probes: bool = Field(False, description="Also log /healthz, /readyz, /metrics requests.")
     log_outputs: OutputLogPolicy = Field(
         "hash",
-        description="What of each output goes into its request line: none, hash (sha256 + length), "
+        description="What of each output goes into its request line: none, hash (HMAC-SHA256 + length), "
         "truncated (the first log_truncate_chars characters), full. Prompts are never logged.",
     )
     log_sample_rate: float = Field(1.0, ge=0.0, le=1.0, description="Share of requests whose output is logged.")
     log_truncate_chars: int = Field(200, ge=1, description="Characters kept by log_outputs=truncated.")
+    output_hash_key: SecretStr | None = Field(
+        None,
+        description="The key of log_outputs=hash's HMAC-SHA256 (from a Secret): the same key gives the same hash "
+        "on every replica and after restarts. Unset: a random key per process, so hashes are comparable only "
+        "within one process's lifetime (the model_loaded line says which).",
+    )
     log_flush_interval_seconds: float = Field(
         0.1,
         ge=0.0,
@@ -115,8 +139,19 @@ class Settings(BaseSettings):
     )
     fault_admin_api: bool = Field(
         False,
-        description="Mount /admin/faults to change the faults at run time (implies fault_injection).",
+        description="Serve /admin/faults on the admin listener (admin_host:admin_port, never the serving port) to "
+        "change the faults at run time (implies fault_injection).",
         validation_alias=AliasChoices("fault_admin_api", "SLM_FAULT_ADMIN_API", "SLM_FAULTS_ADMIN"),
+    )
+    admin_host: str = Field(
+        "",
+        description="The admin listener's address; empty = loopback (reachable from inside the pod only): "
+        "127.0.0.1, or the serving host when that is a loopback address itself. Any other address needs admin_token.",
+    )
+    admin_port: int = Field(8001, ge=1, le=65535, description="The admin listener's port (fault_admin_api).")
+    admin_token: SecretStr | None = Field(
+        None,
+        description="When set, every admin request needs `Authorization: Bearer <token>` (others get 401).",
     )
 
     @model_validator(mode="before")
@@ -138,6 +173,27 @@ class Settings(BaseSettings):
             raise ValueError("fault_* settings need fault_injection=true (SLM_FAULT_INJECTION=true)")
         return self
 
+    @model_validator(mode="after")
+    def _admin_listener_is_private(self) -> Settings:
+        if not self.fault_admin_api:
+            return self
+        if self.admin_port == self.port:
+            raise ValueError(f"SLM_ADMIN_PORT must differ from the serving port ({self.port})")
+        if self.admin_token is None and not _is_loopback(self.admin_address):
+            raise ValueError(
+                f"SLM_ADMIN_HOST={self.admin_address} is reachable from other hosts: set SLM_ADMIN_TOKEN, or listen on "
+                "127.0.0.1"
+            )
+        return self
+
+    @property
+    def admin_address(self) -> str:
+        """Where the admin listener listens: admin_host, else loopback (the serving host when it is a
+        loopback address: several servers on one machine, each on its own 127.x address, do not collide)."""
+        if self.admin_host:
+            return self.admin_host
+        return self.host if _is_loopback(self.host) else "127.0.0.1"
+
     @property
     def disk_path_list(self) -> list[str]:
         return [p.strip() for p in self.disk_paths.split(",") if p.strip()]
@@ -148,3 +204,12 @@ class Settings(BaseSettings):
         if self.served_model_name:
             return self.served_model_name
         return self.model.rstrip("/").rsplit("/", 1)[-1] or "model"
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name: it may resolve anywhere
+        return False

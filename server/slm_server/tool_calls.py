@@ -2,7 +2,7 @@
 
 The tools go to the model's chat template (`tools=`, as transformers defines it), so a model trained
 for tool use sees them in its own format. What comes back is made a call by structured output
-(slm_server.structured), the way vLLM serves `required` and named tool choices:
+(slm_server.generation.structured), the way vLLM serves `required` and named tool choices:
 
 - `tool_choice: {"type": "function", "function": {"name": N}}`: the output is the arguments of N,
   held to N's `parameters` schema;
@@ -22,11 +22,12 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from slm_server.engine import GenerationResult
 from slm_server.errors import InvalidInput
+from slm_server.generation.types import GenerationResult
 from slm_server.protocol import FunctionCall, ToolCall
 
 FORMAT = "tool_call"  # slm_structured_outputs_total{format}
@@ -99,12 +100,12 @@ def calls_of(tool_plan: ToolPlan, result: GenerationResult) -> list[ToolCall] | 
     ]
 
 
-def template_tools(tools: list[Any] | None) -> list[dict[str, Any]] | None:
+def template_tools(tools: Sequence[Any] | None) -> list[dict[str, Any]] | None:
     """The request's tools as transformers' chat templates take them (OpenAI's shape); None for none."""
     return [tool.model_dump(exclude_none=True) for tool in tools] if tools else None
 
 
-def template_messages(messages: list[Any]) -> list[dict[str, Any]]:
+def template_messages(messages: Sequence[Any]) -> list[dict[str, Any]]:
     """The request's messages as transformers' chat templates take them: assistant tool calls with
     their arguments as objects, tool results with the id of the call they answer."""
     out = []

@@ -31,11 +31,13 @@ from prometheus_client import CollectorRegistry
 
 from slm_devtools.tinymodel import ensure_tiny_model
 from slm_server.app import create_app
-from slm_server.engine import GenerationResult, SamplingParams, TransformersEngine
+from slm_server.generation.transformers_engine import TransformersEngine
+from slm_server.generation.types import GenerationResult, SamplingParams
 from slm_server.logs import configure_logging
 from slm_server.settings import Settings
 
 MODEL_NAME = "tiny"
+OUTPUT_HASH_KEY = "test-output-hash-key"  # the servers' SLM_OUTPUT_HASH_KEY, unless a test leaves it out
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -52,7 +54,9 @@ def tiny_engine(tiny_model_dir: Path) -> TransformersEngine:
 
 
 def settings_for(model_dir: Path, **overrides: Any) -> Settings:
-    return Settings(model=str(model_dir), served_model_name=MODEL_NAME, **overrides)
+    return Settings(
+        model=str(model_dir), served_model_name=MODEL_NAME, **{"output_hash_key": OUTPUT_HASH_KEY, **overrides}
+    )
 
 
 def one_slot_settings(model_dir: Path) -> Settings:
@@ -209,7 +213,7 @@ class HeldRun:
         try:
             self.wait_held(0)
             started = [start_generation(self.engine, prompt, params) for prompt in prompts]
-            wait_for(lambda: len(self.engine._scheduler._inbox) == len(prompts))
+            wait_for(lambda: self.engine.scheduler.waiting == len(prompts))
             self.release(0)
         finally:
             self.release_all()
@@ -323,6 +327,31 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def live_server(engine: Any, settings: Settings) -> Iterator[Server]:
+    """The app served by uvicorn as `slm-server` configures it (slm_server.cli.uvicorn_config), on a free
+    loopback port, in a thread of this process (the loaded engine is reused); `client` talks HTTP to it."""
+    import uvicorn
+
+    from slm_server.cli import uvicorn_config
+
+    port = free_port()
+    settings = Settings(**{**settings.model_dump(), "host": "127.0.0.1", "port": port})
+    registry = CollectorRegistry()
+    server = uvicorn.Server(uvicorn_config(create_app(settings, engine=engine, registry=registry), settings))
+    thread = threading.Thread(target=server.run, name="live-server", daemon=True)
+    thread.start()
+    try:
+        wait_for(lambda: server.started or not thread.is_alive(), 60)
+        assert server.started, "uvicorn did not start"
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60) as client:
+            wait_for(lambda: client.get("/readyz").status_code == 200, 60)
+            yield Server(client, registry, settings)  # type: ignore[arg-type]
+    finally:
+        server.should_exit = True
+        thread.join(timeout=60)
 
 
 class ServerProcess:

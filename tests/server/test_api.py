@@ -11,7 +11,7 @@ import time
 import pytest
 import torch
 
-from slm_server.engine import EchoEngine
+from slm_server.generation.echo_engine import EchoEngine
 from slm_server.middleware import _new_request_id
 
 from .conftest import MODEL_NAME, serve, settings_for, sse_events

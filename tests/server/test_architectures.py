@@ -25,7 +25,8 @@ from typing import Any
 import pytest
 import torch
 
-from slm_server.engine import GenerationResult, SamplingParams, TransformersEngine
+from slm_server.generation.transformers_engine import TransformersEngine
+from slm_server.generation.types import GenerationResult, SamplingParams
 from slm_server.settings import Settings
 
 from .conftest import generate_staggered, generate_together, serve, sse_events
@@ -372,7 +373,7 @@ def test_sampling_a_request_leaves_out_is_the_model_generation_config(family_ser
 def test_a_generation_config_value_the_api_refuses_is_not_a_default():
     from transformers import GenerationConfig
 
-    from slm_server.engine import _sampling_defaults
+    from slm_server.generation.transformers_engine import _sampling_defaults
 
     config = GenerationConfig(do_sample=True, temperature=5.0, top_p=0.5, top_k=-3)
     assert _sampling_defaults(config) == {"default_top_p": 0.5}

@@ -9,14 +9,19 @@ row's cache mixed up with another's when one leaves) changes its tokens.
 
 from __future__ import annotations
 
+import dataclasses
+import itertools
 import random
 import threading
-from typing import Any
+import time
+from typing import Any, cast
 
+import numpy as np
 import pytest
 
-from slm_server.batching import PassFailed
-from slm_server.engine import GenerationResult, SamplingParams, TransformersEngine
+from slm_server.generation.scheduler import PassFailed
+from slm_server.generation.transformers_engine import TransformersEngine
+from slm_server.generation.types import GenerationResult, SamplingParams
 
 from .conftest import (
     MODEL_NAME,
@@ -195,7 +200,7 @@ def test_with_max_batch_size_1_generations_run_one_at_a_time(own_engine):
 
 
 def test_a_model_whose_cache_cannot_be_padded_runs_one_generation_per_pass(own_engine, monkeypatch):
-    monkeypatch.setattr("slm_server.batching.cache_support", lambda engine: (False, False))
+    monkeypatch.setattr("slm_server.generation.transformers_engine.cache_support", lambda model: (False, False))
     engine = own_engine()
     assert engine.info.batching == "one sequence per pass"
     jobs = list(zip(PROMPTS, PARAMS, strict=True))
@@ -237,18 +242,18 @@ def test_the_batch_metrics_show_the_mean_batch_size(tiny_engine, tiny_model_dir)
 def test_a_generation_whose_token_cannot_be_chosen_fails_alone(tiny_engine, monkeypatch):
     """A sampling error (NaN logits from a broken fp16 model make torch.multinomial raise) fails only
     the generation it happened to."""
-    from slm_server import batching
+    from slm_server.generation import scheduler
 
-    choose = batching.choose_token
+    choose = scheduler.choose_token
 
-    def choose_or_fail(torch, logits, params, generator):
+    def choose_or_fail(logits, params, generator):
         if params.seed == 13:
             raise RuntimeError("probability tensor contains either `inf`, `nan` or element < 0")
-        return choose(torch, logits, params, generator)
+        return choose(logits, params, generator)
 
     jobs = [(prompt, LONG) for prompt in LONG_PROMPTS[:3]]
     alone = [_alone(tiny_engine, prompt, params) for prompt, params in jobs]
-    monkeypatch.setattr(batching, "choose_token", choose_or_fail)
+    monkeypatch.setattr(scheduler, "choose_token", choose_or_fail)
     broken = SamplingParams(max_tokens=48, temperature=0.8, seed=13)
 
     *together, failed = generate_together(tiny_engine, [*jobs, (LONG_PROMPTS[3], broken)])
@@ -260,16 +265,16 @@ def test_a_generation_whose_token_cannot_be_chosen_fails_alone(tiny_engine, monk
 
 def test_a_failure_of_the_loop_itself_fails_what_runs_and_the_loop_goes_on(own_engine, monkeypatch, json_records):
     engine = own_engine()
-    merge = batching_scheduler(engine)._merge
+    merge = engine.scheduler._merge
     calls = [0]
 
-    def merge_failing_once(torch, fresh):
+    def merge_failing_once(fresh):
         calls[0] += 1
         if calls[0] == 1:
             raise RuntimeError("out of memory joining the batch")
-        merge(torch, fresh)
+        merge(fresh)
 
-    monkeypatch.setattr(batching_scheduler(engine), "_merge", merge_failing_once)
+    monkeypatch.setattr(engine.scheduler, "_merge", merge_failing_once)
     results = generate_together(engine, [(prompt, LONG) for prompt in LONG_PROMPTS[:3]])
     assert any(isinstance(r, PassFailed) and "out of memory" in str(r) for r in results), results
     assert all(isinstance(r, PassFailed | GenerationResult) for r in results)
@@ -302,7 +307,7 @@ def test_a_generation_cancelled_while_waiting_for_room_returns_at_once(own_engin
     try:
         assert holding.wait(30)  # A runs, and holds the scheduler at its first piece of text
         b.start()
-        wait_for(lambda: len(batching_scheduler(engine)._inbox) == 1)  # B waits for A's place
+        wait_for(lambda: engine.scheduler.waiting == 1)  # B waits for A's place
         cancel.set()
     finally:
         release.set()
@@ -312,10 +317,6 @@ def test_a_generation_cancelled_while_waiting_for_room_returns_at_once(own_engin
     assert waiting["b"].finish_reason == "abort" and waiting["b"].output_tokens == 0
     assert running["a"].output_tokens == 200
     assert pieces_when_b_returned < pieces[0]  # B did not wait for A to end
-
-
-def batching_scheduler(engine: TransformersEngine) -> Any:
-    return engine._scheduler
 
 
 def test_generations_that_arrive_together_are_prefilled_in_one_padded_pass(tiny_engine):
@@ -361,7 +362,7 @@ def test_the_kv_cache_metrics_show_its_bytes_and_the_padding_beside_a_longer_pro
         try:
             running.wait_held(0)
             thread, _ = start_generation(engine, long_prompt, SamplingParams(max_tokens=8, temperature=0))
-            wait_for(lambda: len(batching_scheduler(engine)._inbox) == 1)
+            wait_for(lambda: engine.scheduler.waiting == 1)
             running.release(0)
             running.wait_held(1)  # the two share a decode step now
             held = srv.metric("slm_kv_cache_bytes", labels)
@@ -377,3 +378,67 @@ def test_the_kv_cache_metrics_show_its_bytes_and_the_padding_beside_a_longer_pro
         assert held == per_position * (tokens + padding)
         assert srv.metric("slm_kv_cache_bytes", labels) == 0  # both ended: no cache held
         assert srv.metric("slm_kv_cache_positions", {**labels, "kind": "padding"}) == 0
+
+
+class _CostlyGrammar:
+    """A grammar that allows every token but whose every mask takes `seconds` to compute: what a
+    client's grammar may cost within llguidance's per-token limits (~0.1 s), made longer."""
+
+    format = "regex"
+    output_type = "text"
+
+    def __init__(self, seconds: float):
+        self.seconds = seconds
+        self.masks = 0
+
+    def start(self) -> _CostlyGrammar:
+        return self
+
+    def refused(self, vocab_size: int) -> np.ndarray:
+        time.sleep(self.seconds)  # the cost itself, not a wait for something
+        self.masks += 1
+        return np.zeros(vocab_size, dtype=bool)
+
+    def advance(self, token: int) -> bool:
+        return False
+
+    def complete(self) -> bool:
+        return False
+
+
+def test_a_generation_whose_grammar_masks_are_slow_does_not_hold_back_the_others(tiny_engine):
+    """A generation held to a grammar whose masks take 1 s each runs beside back-to-back greedy streams:
+    the streams' tokens keep coming (no wait of a mask's second between two of them), and each
+    generation, the slow one included, gets the tokens it gets alone."""
+    slow_prompt, stream_prompt = "The file is", "Return a new list of the"
+    slow_params = SamplingParams(max_tokens=3, temperature=0)
+    stream_params = SamplingParams(max_tokens=40, temperature=0, ignore_eos=True)
+    slow_alone = _alone(tiny_engine, slow_prompt, slow_params).token_ids
+    stream_alone = _alone(tiny_engine, stream_prompt, stream_params).token_ids
+    grammar = _CostlyGrammar(1.0)
+    streams: list[GenerationResult] = []
+    done = threading.Event()
+
+    def stream() -> None:
+        while not done.is_set():
+            streams.append(tiny_engine.generate(tiny_engine.encode(stream_prompt), stream_params))
+
+    streamer = threading.Thread(target=stream)
+    streamer.start()
+    try:
+        wait_for(lambda: streams, 60)  # streams are under way
+        started = time.perf_counter()
+        slow = tiny_engine.generate(
+            tiny_engine.encode(slow_prompt), dataclasses.replace(slow_params, grammar=cast(Any, grammar))
+        )
+        ended = time.perf_counter()
+    finally:
+        done.set()
+        streamer.join(timeout=120)
+    assert slow.token_ids == slow_alone
+    assert grammar.masks == 3 and ended - started >= 3.0
+    assert all(r.token_ids == stream_alone for r in streams)
+    during = sorted(t for r in streams for t in r.token_times if started <= t <= ended)
+    assert len(during) >= 30, len(during)  # the streams ran while the slow one did
+    gaps = [b - a for a, b in itertools.pairwise([started, *during, ended])]
+    assert max(gaps) < 0.6, sorted(gaps)[-3:]

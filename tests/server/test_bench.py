@@ -43,6 +43,11 @@ def test_the_server_benchmark_measures_every_variant_and_the_metrics_endpoint(be
     assert result["full_gc_ms"] >= 0 and result["full_gc_unfrozen_ms"] > 0
 
 
+def test_the_server_benchmark_measures_a_tiny_model_request_to_compare_the_monitoring_with(bench_server):
+    """The monitoring's goal is a share of a real request: the tiny model's, 8 tokens, measured in the run."""
+    assert bench_server.tiny_model_request_ms(3) > 1.0  # a forward pass per token: milliseconds, not µs
+
+
 def test_the_baseline_serves_like_the_instrumented_app_without_its_monitoring(bench_server):
     """The ratio is only fair if the two apps differ by their monitoring alone."""
     baseline, no_registry = bench_server.build_variant("uninstrumented")

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-import hashlib
+import hmac
 import math
 import threading
 from typing import Any
 
 import pytest
 
-from .conftest import MODEL_NAME, serve, settings_for, sse_events, wait_for
+from .conftest import MODEL_NAME, OUTPUT_HASH_KEY, serve, settings_for, sse_events, wait_for
 
 CHAT = {"model": MODEL_NAME, "messages": [{"role": "user", "content": "What does open() return?"}]}
 COMPLETION = {"model": MODEL_NAME, "prompt": "Return the number of"}
@@ -117,7 +117,8 @@ def test_a_request_of_n_choices_is_one_request_of_n_generations(server, json_rec
     assert [c["slm.choice.index"] for c in per_choice] == [0, 1, 2]
     for logged, choice in zip(per_choice, doc["choices"], strict=True):
         assert logged["gen_ai.usage.output_tokens"] == len(choice["logprobs"]["tokens"])
-        assert logged["gen_ai.output.sha256"] == hashlib.sha256(choice["text"].encode()).hexdigest()
+        digest = hmac.new(OUTPUT_HASH_KEY.encode(), choice["text"].encode(), "sha256").hexdigest()
+        assert logged["gen_ai.output.hmac_sha256"] == digest
         assert logged["gen_ai.output.length"] == len(choice["text"])
 
 

@@ -15,7 +15,8 @@ import threading
 
 import pytest
 
-from slm_server.engine import GenerationResult, SamplingParams, TransformersEngine
+from slm_server.generation.transformers_engine import TransformersEngine
+from slm_server.generation.types import GenerationResult, SamplingParams
 
 from .conftest import (
     HeldRun,
@@ -102,10 +103,10 @@ def test_a_generation_cancelled_while_its_prompt_is_fed_returns_and_the_others_o
         running.wait_held(0)
         cancelled_thread, cancelled = start_generation(engine, LONG_PROMPT, params, cancel)
         other_thread, other = start_generation(engine, shorter, params)
-        wait_for(lambda: len(engine._scheduler._inbox) == 2)  # the two are prefilled together
+        wait_for(lambda: engine.scheduler.waiting == 2)  # the two are prefilled together
         running.release(0)
         running.wait_held(1)  # a chunk of the two prompts has been fed, and a decode step has run
-        assert engine._scheduler._prefilling  # their prompts are not all in yet
+        assert engine.scheduler.prefilling  # their prompts are not all in yet
         cancel.set()
         running.release(1)
     finally:

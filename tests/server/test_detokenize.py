@@ -1,4 +1,4 @@
-"""Streamed text is the tokens' text: incremental detokenization (slm_server.engine._TextTracker)
+"""Streamed text is the tokens' text: incremental detokenization (slm_server.engine.TextTracker)
 against decoding the whole output, for the two tokenizer designs real models use.
 
 - byte-level BPE (GPT-2, Llama 3, Qwen2): the tiny model's own tokenizer; a character's bytes may
@@ -22,7 +22,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from slm_server.engine import _TextTracker
+from slm_server.generation.detokenize import TextTracker
 
 WORDS = ["the", "list", " of", "items", "é", "ü", "naïve", "漢字", "🙂", "👍🏽", "\n", "  ", ".", ",", "\t", "Return"]
 texts = st.lists(st.sampled_from(WORDS) | st.text(max_size=3), max_size=30).map("".join)
@@ -82,7 +82,7 @@ def _stream(tokenizer, ids: list[int], stops: tuple[str, ...] = ()) -> tuple[lis
     def decode(part: list[int]) -> str:
         return tokenizer.decode(part, skip_special_tokens=True)
 
-    tracker = _TextTracker(decode, stops)
+    tracker = TextTracker(decode, stops)
     deltas, stopped, seen = [], False, []
     for token in ids:
         seen.append(token)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import hmac
 import io
 import json
 import logging
@@ -27,7 +28,7 @@ REQUEST_FIELDS = {
     "gen_ai.usage.input_tokens", "gen_ai.usage.output_tokens", "gen_ai.usage.cache_read.input_tokens",
     "gen_ai.response.finish_reasons",
     "gen_ai.server.time_to_first_token", "gen_ai.server.time_per_output_token", "slm.perplexity", "slm.queue_time_s",
-    "slm.stream", "gen_ai.output.length", "gen_ai.output.sha256",
+    "slm.stream", "gen_ai.output.length", "gen_ai.output.hmac_sha256",
 }  # fmt: skip
 
 
@@ -51,7 +52,8 @@ def test_a_request_line_has_every_field(server, json_records):
     assert line["gen_ai.usage.output_tokens"] == body["output_tokens"]
     assert line["gen_ai.response.finish_reasons"] == [body["finish_reason"]]
     assert line["slm.perplexity"] == pytest.approx(body["perplexity"])
-    assert line["gen_ai.output.sha256"] == hashlib.sha256(body["text"].encode()).hexdigest()
+    assert len(line["gen_ai.output.hmac_sha256"]) == 64
+    assert line["gen_ai.output.hmac_sha256"] != hashlib.sha256(body["text"].encode()).hexdigest()  # keyed
     assert line["gen_ai.output.length"] == len(body["text"])
     assert "gen_ai.output.text" not in line  # the default policy never writes the text
 
@@ -92,10 +94,10 @@ def test_probes_are_not_logged_by_default_and_failures_are_errors(server, json_r
 @pytest.mark.parametrize(
     ("policy", "expected", "absent"),
     [
-        ("none", set(), {"gen_ai.output.length", "gen_ai.output.sha256", "gen_ai.output.text"}),
-        ("hash", {"gen_ai.output.length", "gen_ai.output.sha256"}, {"gen_ai.output.text"}),
-        ("truncated", {"gen_ai.output.text", "gen_ai.output.truncated"}, {"gen_ai.output.sha256"}),
-        ("full", {"gen_ai.output.text"}, {"gen_ai.output.sha256", "gen_ai.output.truncated"}),
+        ("none", set(), {"gen_ai.output.length", "gen_ai.output.hmac_sha256", "gen_ai.output.text"}),
+        ("hash", {"gen_ai.output.length", "gen_ai.output.hmac_sha256"}, {"gen_ai.output.text"}),
+        ("truncated", {"gen_ai.output.text", "gen_ai.output.truncated"}, {"gen_ai.output.hmac_sha256"}),
+        ("full", {"gen_ai.output.text"}, {"gen_ai.output.hmac_sha256", "gen_ai.output.truncated"}),
     ],
 )
 def test_output_log_policy(tiny_engine, tiny_model_dir, json_records, policy, expected, absent):
@@ -109,6 +111,35 @@ def test_output_log_policy(tiny_engine, tiny_model_dir, json_records, policy, ex
         assert line["gen_ai.output.text"] == body["text"][:5]
     if policy == "full":
         assert line["gen_ai.output.text"] == body["text"]
+
+
+def test_output_hashes_are_keyed_with_the_configured_key(tiny_engine, tiny_model_dir, json_records):
+    """A short output ("yes", a number) hashed without a key is reversed by hashing guesses; keyed
+    with HMAC-SHA256, only who holds the key can. The same key gives the same hash (comparable across
+    replicas and restarts)."""
+    key = "k" * 32
+    hashes = []
+    for _ in range(2):
+        with serve(tiny_engine, settings_for(tiny_model_dir, output_hash_key=key)) as srv:
+            body = _generate(srv.client).json()
+        line = next(d for d in json_records("request") if d["request_id"] == body["id"])
+        assert line["gen_ai.output.hmac_sha256"] == hmac.new(key.encode(), body["text"].encode(), "sha256").hexdigest()
+        hashes.append(line["gen_ai.output.hmac_sha256"])
+    assert hashes[0] == hashes[1]
+    loaded = json_records("model_loaded")[-1]
+    assert loaded["slm.output_hash"] == "hmac-sha256 keyed by SLM_OUTPUT_HASH_KEY"
+
+
+def test_without_a_key_each_process_hashes_with_its_own_and_says_so(tiny_engine, tiny_model_dir, json_records):
+    hashes = []
+    for _ in range(2):
+        with serve(tiny_engine, settings_for(tiny_model_dir, output_hash_key=None)) as srv:
+            body = _generate(srv.client).json()  # greedy: the same output both times
+        hashes.append(next(d for d in json_records("request") if d["request_id"] == body["id"]))
+    assert hashes[0]["gen_ai.output.length"] == hashes[1]["gen_ai.output.length"]
+    assert hashes[0]["gen_ai.output.hmac_sha256"] != hashes[1]["gen_ai.output.hmac_sha256"]
+    loaded = json_records("model_loaded")[-1]
+    assert "not comparable across restarts" in loaded["slm.output_hash"]
 
 
 def test_output_sample_rate_zero_logs_no_output(tiny_engine, tiny_model_dir, json_records):

@@ -45,7 +45,7 @@ def test_reported_perplexity_equals_exp_loss_of_a_teacher_forced_pass(server, ti
 
 def test_garbage_output_has_a_much_higher_perplexity_than_the_model_own(tiny_engine):
     """Degraded output (the fault that feeds the perplexity-drift alert) stands out."""
-    from slm_server.engine import SamplingParams
+    from slm_server.generation.types import SamplingParams
 
     prompt = tiny_engine.encode("Return the number of items")
     normal = tiny_engine.generate(prompt, SamplingParams(30, temperature=1.0, seed=1))

@@ -12,8 +12,9 @@ import random
 import pytest
 import torch
 
-from slm_server.engine import SamplingParams, TransformersEngine
-from slm_server.prefix_cache import PrefixCache
+from slm_server.generation.prefix_cache import PrefixCache
+from slm_server.generation.transformers_engine import TransformersEngine
+from slm_server.generation.types import SamplingParams
 
 from .conftest import (
     MODEL_NAME,
@@ -200,10 +201,10 @@ def test_with_the_cache_off_its_series_say_so(uncached_engine, tiny_model_dir):
 
 def test_a_prefix_cache_out_of_memory_costs_its_hits_not_the_generations(own_engine, uncached_engine, monkeypatch):
     """Keeping a prefix, or copying a hit, that fails (a GPU out of memory) is logged and skipped."""
-    from slm_server import batching
+    from slm_server.generation import scheduler
 
     engine = own_engine()
-    cache = engine._scheduler.prefix_cache
+    cache = engine.scheduler.prefix_cache
     prompt = SYSTEM + QUESTIONS[0]
     params = SamplingParams(max_tokens=8, temperature=0, logprobs=0)
     reference = uncached_engine.generate(uncached_engine.encode(prompt), params)
@@ -217,7 +218,7 @@ def test_a_prefix_cache_out_of_memory_costs_its_hits_not_the_generations(own_eng
         assert cache.stats()[2] == 0  # nothing kept
     engine.generate(engine.encode(prompt), params)  # kept this time
     with monkeypatch.context() as patched:
-        patched.setattr(batching, "_cache_of", out_of_memory)
+        patched.setattr(scheduler, "_cache_of", out_of_memory)
         result = engine.generate(engine.encode(prompt), params)
     assert_same_generation(result, reference)
     assert result.cached_tokens == 0  # prefilled whole

@@ -13,7 +13,8 @@ from hypothesis import HealthCheck, given
 from hypothesis import settings as examples
 from hypothesis import strategies as st
 
-from slm_server.engine import EchoEngine, SamplingParams
+from slm_server.generation.echo_engine import EchoEngine
+from slm_server.generation.types import SamplingParams
 
 from .conftest import MODEL_NAME, REPO_ROOT, assert_same_generation, generate_together, serve, settings_for, sse_events
 
@@ -40,7 +41,7 @@ def _chat(**fields) -> dict:
 
 def _grammar(engine, schema: dict):
     grammars = engine.grammars
-    return grammars.compile(grammars.key("json_schema", schema), "json_schema", schema, "schema")
+    return grammars.compile(grammars.key("json_schema", schema, "schema"), "json_schema", schema, "schema")
 
 
 def _outputs(server, structured: str, result: str) -> float:

@@ -1,8 +1,9 @@
 """/admin/faults — change fault injection at run time (alert tests, the demo).
 
-Mounted only when the server was started with fault injection opted in (SLM_FAULTS_ADMIN=true, or
-SLM_FAULT_INJECTION=true with SLM_FAULT_ADMIN_API=true); in the default configuration the route
-does not exist, so no request can turn faults on.
+Served only by the admin listener (slm_server.admin), never on the serving port, and only when the
+server was started with the admin API opted in (SLM_FAULTS_ADMIN=true, or SLM_FAULT_INJECTION=true
+with SLM_FAULT_ADMIN_API=true). With SLM_ADMIN_TOKEN set, every request needs
+`Authorization: Bearer <token>`; others get 401.
 
     POST /admin/faults {"errorRate": 0.5, "addedLatencySeconds": 2, "degradedOutput": true}
     PUT  /admin/faults {"error_rate": 0.5, "latency_seconds": 2, "degraded_rate": 1.0}   (same, finer)
@@ -11,12 +12,32 @@ does not exist, so no request can turn faults on.
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Request
+import hmac
+import logging
+
+from fastapi import APIRouter, Depends, Request
 from pydantic import BaseModel, ConfigDict, Field
 
+from slm_server.errors import Unauthorized
 from slm_server.routers.common import service_of
 
-router = APIRouter(tags=["admin"])
+log = logging.getLogger("slm_server.admin")
+
+
+def require_token(request: Request) -> None:
+    """401 unless the request carries the admin token (when one is set)."""
+    token = request.app.state.settings.admin_token
+    if token is None:
+        return
+    given = request.headers.get("authorization", "")
+    if not hmac.compare_digest(given.encode(), f"Bearer {token.get_secret_value()}".encode()):
+        raise Unauthorized(
+            "the admin API needs `Authorization: Bearer <token>`, the token the server was given in SLM_ADMIN_TOKEN",
+            headers={"WWW-Authenticate": "Bearer"},
+        )
+
+
+router = APIRouter(tags=["admin"], dependencies=[Depends(require_token)])
 
 
 class FaultSettings(BaseModel):
@@ -45,7 +66,12 @@ def _current(request: Request) -> FaultSettings:
 def _apply(request: Request, body: FaultSettings) -> FaultSettings:
     f = service_of(request).faults
     f.error_rate, f.latency_seconds, f.degraded_rate = body.error_rate, body.latency_seconds, body.degraded_rate
-    return _current(request)
+    current = _current(request)
+    log.warning(
+        "fault injection changed",
+        extra={"fields": {"event": "faults_changed", **{f"slm.fault.{k}": v for k, v in current.model_dump().items()}}},
+    )
+    return current
 
 
 @router.get("/admin/faults", response_model=FaultSettings)

@@ -2,18 +2,16 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from fastapi import Request
 
 from slm_server.middleware import RECORD_KEY
-from slm_server.service import GenerationService, RequestRecord
-
-# Prompts longer than this are tokenized in a thread, so one huge body cannot stall the event loop.
-_INLINE_TOKENIZE_CHARS = 16_384
+from slm_server.service.jobs import RequestRecord
+from slm_server.service.serving import GenerationService
 
 
 def service_of(request: Request) -> GenerationService:
@@ -30,10 +28,16 @@ def record_of(request: Request) -> RequestRecord:
     return record
 
 
-async def encode(service: GenerationService, text: str) -> list[int]:
-    if len(text) > _INLINE_TOKENIZE_CHARS:
-        return await asyncio.to_thread(service.engine.encode, text)
-    return service.engine.encode(text)
+def disconnected(request: Request) -> Callable[[], Awaitable[None]]:
+    """A coroutine function that returns once the client has gone (for a non-streamed response: a
+    streamed one learns it from its failing writes). The body is read by then, so the next message the
+    server hands the app is the disconnect (or, once the response is sent, the end of the exchange)."""
+
+    async def wait() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    return wait
 
 
 def sse(doc: dict[str, Any]) -> str:

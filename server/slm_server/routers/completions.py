@@ -11,8 +11,9 @@ from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
 from slm_server import tool_calls
-from slm_server.engine import Engine, GenerationResult, SamplingParams, TokenLogprobs
 from slm_server.errors import InvalidInput, ServerError, error_body
+from slm_server.generation.structured import OutputGrammar
+from slm_server.generation.types import Engine, GenerationResult, PromptToken, SamplingParams, TokenLogprobs
 from slm_server.protocol import (
     ERROR_RESPONSES,
     AssistantMessage,
@@ -30,9 +31,10 @@ from slm_server.protocol import (
     Usage,
     stops,
 )
-from slm_server.routers.common import encode, record_of, service_of, sse
-from slm_server.service import ChoiceEvent, GenerationService, Job
-from slm_server.structured import OutputGrammar
+from slm_server.routers.common import disconnected, record_of, service_of, sse
+from slm_server.service.jobs import Job
+from slm_server.service.serving import GenerationService
+from slm_server.service.streaming import ChoiceEvent
 
 router = APIRouter(tags=["openai"])
 
@@ -112,17 +114,22 @@ async def _prepare(
     prompt_ids: list[int],
     max_tokens: int | None,
     logprobs: int | None = None,
-    grammar: OutputGrammar | None = None,
+    tool_plan: tool_calls.ToolPlan | None = None,
 ) -> list[Job]:
-    """The request's jobs; `grammar` (tool calls) holds the output instead of a response_format's."""
+    """The request's jobs; a tool plan's schema holds the output instead of a response_format's. The
+    grammar is compiled last, once the cheaper checks have passed."""
+    record = record_of(request)
     service.check_choices(body.n)
     limit = service.resolve_max_tokens(
         len(prompt_ids),
         max_tokens,
         "max_completion_tokens" if getattr(body, "max_completion_tokens", None) else "max_tokens",
     )
+    grammar: OutputGrammar | None = None
+    if tool_plan is not None:
+        grammar = await service.output_grammar(tool_calls.FORMAT, tool_plan.schema, "tools", record)
     params = SamplingParams(
-        limit, stop=stops(body.stop), seed=body.seed, logprobs=logprobs, **(await service.sampling(body))
+        limit, stop=stops(body.stop), seed=body.seed, logprobs=logprobs, **(await service.sampling(body, record))
     )
     if grammar is not None:
         params.grammar = grammar
@@ -132,17 +139,13 @@ async def _prepare(
         operation=operation,
         prompt_ids=prompt_ids,
         params=params,
-        record=record_of(request),
+        record=record,
         stream=body.stream,
     )
 
 
-def _entries(result: GenerationResult) -> list[TokenLogprobs]:
-    return list(zip(result.token_ids, result.token_logprobs or [], result.top_logprobs or [], strict=True))
-
-
 def _completion_logprobs(
-    engine: Engine, entries: Sequence[tuple[int, float | None, list[tuple[int, float]]]], top: int, offset: int = 0
+    engine: Engine, entries: Sequence[TokenLogprobs | PromptToken], top: int, offset: int = 0
 ) -> CompletionLogprobs:
     """OpenAI's legacy shape; `offset` is where the first token's text starts in the choice's text."""
     tokens = [engine.token_text(token_id) for token_id, _, _ in entries]
@@ -184,11 +187,11 @@ async def completions(body: CompletionRequest, request: Request):
     text, prompt_ids = body.prompt_text, body.prompt_token_ids
     if prompt_ids is None:
         assert text is not None
-        prompt_ids = await encode(service, text)
+        prompt_ids = await service.encode(text, record_of(request))
     else:
         service.check_token_ids(prompt_ids, "prompt")
         if body.echo:
-            text = await asyncio.to_thread(service.engine.decode, prompt_ids)
+            text = await service.prepare(service.deadline(record_of(request)), service.engine.decode, prompt_ids)
     jobs = await _prepare(
         service,
         request,
@@ -235,7 +238,7 @@ async def completions(body: CompletionRequest, request: Request):
         usage = _usage_frame(base) if body.stream_options and body.stream_options.include_usage else None
         frames = _stream(events, frame, first if echoed else None, body.n, usage)
         return StreamingResponse(frames, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-    results = await service.complete_all(jobs)
+    results = await service.complete_all(jobs, disconnected(request))
 
     def choices() -> list[CompletionChoice]:  # with logprobs: one decode per token, so off the event loop
         return [
@@ -244,7 +247,7 @@ async def completions(body: CompletionRequest, request: Request):
                 text=echoed + result.text,
                 logprobs=None
                 if top is None
-                else _completion_logprobs(service.engine, [*prompt, *_entries(result)], top),
+                else _completion_logprobs(service.engine, [*prompt, *result.logprob_entries()], top),
                 finish_reason=_openai_finish(result.finish_reason),
             )
             for index, result in enumerate(results)
@@ -268,7 +271,6 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
     service.check_ready()
     service.check_model(body.model)
     tool_plan = tool_calls.plan(body.tools, body.tool_choice, body.parallel_tool_calls)
-    grammar = None
     tools = None
     if tool_plan is not None:
         if body.structured_outputs is not None or (
@@ -278,14 +280,13 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
                 "tool_choice and a response_format or structured_outputs both say what the output must be: give one",
                 param="tool_choice",
             )
-        grammar = await service.output_grammar(tool_calls.FORMAT, tool_plan.schema, "tools")
-        tools = tool_calls.template_tools(body.tools)
-    prompt_ids = service.engine.encode_chat(tool_calls.template_messages(body.messages), tools)
+        tools = body.tools
     if body.top_logprobs is not None and not body.logprobs:
         raise InvalidInput("top_logprobs needs logprobs=true", param="top_logprobs")
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
+    prompt_ids = await service.encode_chat(body.messages, tools, record_of(request))
     jobs = await _prepare(
-        service, request, "/v1/chat/completions", "chat", body, prompt_ids, body.token_limit, logprobs, grammar
+        service, request, "/v1/chat/completions", "chat", body, prompt_ids, body.token_limit, logprobs, tool_plan
     )
 
     def reply(result: GenerationResult) -> tuple[AssistantMessage, str]:
@@ -317,7 +318,9 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
                 delta: dict[str, Any] = {"tool_calls": calls}
             else:
                 delta = {"content": message.content}
-            chosen = _chat_logprobs(service.engine, _entries(result)).model_dump() if logprobs is not None else None
+            chosen = None
+            if logprobs is not None:
+                chosen = _chat_logprobs(service.engine, result.logprob_entries()).model_dump()
             whole = {"index": index, "delta": delta, "logprobs": chosen, "finish_reason": None}
             last = {"index": index, "delta": {}, "logprobs": None, "finish_reason": reason}
             return [{**base, "choices": [whole]}, {**base, "choices": [last]}]
@@ -329,13 +332,13 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
         usage = _usage_frame(base) if body.stream_options and body.stream_options.include_usage else None
         frames = _stream(events, frame, first, body.n, usage, ended if tool_plan is not None else None)
         return StreamingResponse(frames, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-    results = await service.complete_all(jobs)
+    results = await service.complete_all(jobs, disconnected(request))
 
     def choices() -> list[ChatChoice]:
         made = []
         for index, result in enumerate(results):
             message, reason = reply(result)
-            chosen = _chat_logprobs(service.engine, _entries(result)) if logprobs is not None else None
+            chosen = _chat_logprobs(service.engine, result.logprob_entries()) if logprobs is not None else None
             made.append(ChatChoice(index=index, message=message, logprobs=chosen, finish_reason=reason))
         return made
 

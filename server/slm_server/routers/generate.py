@@ -8,11 +8,12 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
-from slm_server.engine import GenerationResult, SamplingParams
 from slm_server.errors import ServerError, error_body
+from slm_server.generation.types import GenerationResult, SamplingParams
 from slm_server.protocol import ERROR_RESPONSES, GenerateRequest, GenerateResponse, stops
-from slm_server.routers.common import encode, record_of, service_of, sse
-from slm_server.service import RequestRecord, StreamEvent
+from slm_server.routers.common import disconnected, record_of, service_of, sse
+from slm_server.service.jobs import RequestRecord
+from slm_server.service.streaming import StreamEvent
 
 router = APIRouter(tags=["generate"])
 ENDPOINT = "/generate"
@@ -65,9 +66,9 @@ async def generate(body: GenerateRequest, request: Request):
     service.check_ready()
     service.check_model(body.model)
     record = record_of(request)
-    prompt_ids = await encode(service, body.prompt)
+    prompt_ids = await service.encode(body.prompt, record)
     max_tokens = service.resolve_max_tokens(len(prompt_ids), body.max_tokens)
-    params = SamplingParams(max_tokens, stop=stops(body.stop), seed=body.seed, **(await service.sampling(body)))
+    params = SamplingParams(max_tokens, stop=stops(body.stop), seed=body.seed, **(await service.sampling(body, record)))
     (job,) = service.new_jobs(
         1,
         endpoint=ENDPOINT,
@@ -86,5 +87,5 @@ async def generate(body: GenerateRequest, request: Request):
         return StreamingResponse(
             _frames(events, last), media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
         )
-    result = await service.complete(job)
+    (result,) = await service.complete_all([job], disconnected(request))
     return _response(record, service.model_name, result, body.return_token_ids)

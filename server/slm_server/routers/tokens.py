@@ -3,12 +3,11 @@ them, so a client can check a prompt against the context before it sends it."""
 
 from __future__ import annotations
 
-import asyncio
 from typing import Any
 
-from fastapi import APIRouter, Request
+import orjson
+from fastapi import APIRouter, Request, Response
 
-from slm_server import tool_calls
 from slm_server.protocol import (
     ERROR_RESPONSES,
     DetokenizeRequest,
@@ -17,24 +16,39 @@ from slm_server.protocol import (
     TokenizeResponse,
     TokenizeText,
 )
-from slm_server.routers.common import encode, service_of
+from slm_server.routers.common import record_of, service_of
 
 router = APIRouter(tags=["tokens"])
-_ERRORS: dict[int | str, dict[str, Any]] = {code: ERROR_RESPONSES[code] for code in (400, 404, 413, 422, 503)}
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    code: ERROR_RESPONSES[code] for code in (400, 404, 408, 413, 422, 429, 503, 504)
+}
+# Responses with more token ids than this are made into JSON in a preparation thread (a megabyte
+# prompt is ~500,000 ids: tens of milliseconds the event loop would stall).
+_INLINE_IDS = 4096
+
+
+def _tokenized(ids: list[int], max_context: int) -> bytes:
+    """A TokenizeResponse's JSON (orjson: the ids are the tokenizer's ints, nothing to validate)."""
+    return orjson.dumps({"count": len(ids), "max_model_len": max_context, "tokens": ids})
 
 
 @router.post("/tokenize", response_model=TokenizeResponse, responses=_ERRORS)
-async def tokenize(body: TokenizeText | TokenizeChat, request: Request) -> TokenizeResponse:
+async def tokenize(body: TokenizeText | TokenizeChat, request: Request) -> Response:
     """The token ids of a prompt (`prompt`) or of a chat (`messages`), as the generation routes make them."""
     service = service_of(request)
     service.check_ready()
     service.check_model(body.model)
+    record = record_of(request)
     if isinstance(body, TokenizeText):
-        ids = await encode(service, body.prompt)
+        ids = await service.encode(body.prompt, record)
     else:
-        messages = tool_calls.template_messages(body.messages)
-        ids = await asyncio.to_thread(service.engine.encode_chat, messages, tool_calls.template_tools(body.tools))
-    return TokenizeResponse(count=len(ids), max_model_len=service.engine.info.max_context, tokens=ids)
+        ids = await service.encode_chat(body.messages, body.tools, record)
+    max_context = service.engine.info.max_context
+    if len(ids) <= _INLINE_IDS:
+        content = _tokenized(ids, max_context)
+    else:
+        content = await service.prepare(service.deadline(record), _tokenized, ids, max_context)
+    return Response(content, media_type="application/json")
 
 
 @router.post("/detokenize", response_model=DetokenizeResponse, responses=_ERRORS)
@@ -44,4 +58,5 @@ async def detokenize(body: DetokenizeRequest, request: Request) -> DetokenizeRes
     service.check_ready()
     service.check_model(body.model)
     service.check_token_ids(body.tokens, "tokens")
-    return DetokenizeResponse(prompt=await asyncio.to_thread(service.engine.decode, body.tokens))
+    text = await service.prepare(service.deadline(record_of(request)), service.engine.decode, body.tokens)
+    return DetokenizeResponse(prompt=text)

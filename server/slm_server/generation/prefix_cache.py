@@ -14,7 +14,7 @@ a hash collision cannot give a prompt another prompt's cache.
 
 Only models whose every attention layer keeps its whole past can use it (`DynamicLayer`s): a
 sliding-window layer keeps only the last window of a prompt, which a shorter prefix cannot be cut
-from. `slm_server.batching` asks whether the model qualifies (`prefix_caching_supported`).
+from. `slm_server.generation.scheduler` asks whether the model qualifies (`cache_support`).
 """
 
 from __future__ import annotations
