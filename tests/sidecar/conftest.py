@@ -78,7 +78,12 @@ def runtime_server(engine: Any, model_dir: Path, **overrides: Any) -> Iterator[R
 
 
 @contextlib.contextmanager
-def sidecar_server(upstream: str, drift: DriftSettings | None = None, **overrides: Any) -> Iterator[RunningSidecar]:
+def sidecar_server(
+    upstream: str,
+    drift: DriftSettings | None = None,
+    transport: httpx.AsyncBaseTransport | None = None,
+    **overrides: Any,
+) -> Iterator[RunningSidecar]:
     """The sidecar in front of `upstream`, served by uvicorn in a thread as `slm-sidecar` serves it."""
     import uvicorn
 
@@ -98,7 +103,7 @@ def sidecar_server(upstream: str, drift: DriftSettings | None = None, **override
             **overrides,
         }
     )
-    app = create_app(settings, registry=CollectorRegistry(), drift=drift)
+    app = create_app(settings, registry=CollectorRegistry(), drift=drift, transport=transport)
     server = uvicorn.Server(uvicorn_config(app, settings))
     thread = threading.Thread(target=server.run, name="sidecar", daemon=True)
     thread.start()
