@@ -58,6 +58,7 @@ from slm_server.signals import NoopObserver, SignalObserver
 from slm_sidecar import __version__, generate
 from slm_sidecar.replies import CHAT, COMPLETIONS, GENERATE, Choices, Plan, ProxiedResult, plan_request
 from slm_sidecar.settings import SidecarSettings
+from slm_sidecar.upstream import Reply, Unreachable, Upstream, UpstreamError
 
 log = logging.getLogger("slm_sidecar")
 
@@ -148,6 +149,8 @@ class Sidecar:
         self.logprobs_missing_logged = False
         self._transport = transport
         self._client: httpx.AsyncClient | None = None
+        host, port = settings.upstream_address
+        self.upstream = Upstream(host, port, connect_timeout=settings.upstream_connect_timeout_seconds)
         self._random = random.Random()
         self.metrics.watch_load(lambda: self.in_flight, lambda: 0)
         # The built-in server's own rule for the slm_fault_injection_enabled gauge (settings, faults).
@@ -202,6 +205,7 @@ class Sidecar:
                     await listener.stop()
                 if self._client is not None:
                     await self._client.aclose()
+                self.upstream.close()
                 _event("stopped", "shutdown")
                 flush_lines()
                 await send({"type": "lifespan.shutdown.complete"})
@@ -408,33 +412,35 @@ class Sidecar:
 
     async def _exchange(self, exchange: _Exchange, scope: Scope, record: RequestRecord, sender: _Sender) -> None:
         plan = exchange.plan
-        upstream = COMPLETIONS if plan.route == GENERATE else plan.route
+        upstream = (COMPLETIONS if plan.route == GENERATE else plan.route).encode()
         headers = self._headers(scope, record)
-        request = self.client.build_request("POST", self.base + upstream, content=plan.body, headers=headers)
         try:
-            response = await self.client.send(request, stream=True)
-        except httpx.HTTPError as exc:
+            response = await self.upstream.request(b"POST", upstream, headers, plan.body)
+        except UpstreamError as exc:
             exchange.refused = True
-            exchange.error = ModelNotReady(f"the runtime at {self.base} did not answer: {type(exc).__name__}: {exc}")
-            await self._unreachable(sender.send, exc)
+            if isinstance(exc, Unreachable):
+                exchange.error = ModelNotReady(f"the runtime at {self.base} did not answer: {exc}")
+                await self._unreachable(sender.send, exc)
+            else:
+                exchange.error = ModelFailure(str(exc))
+                await _reply(sender.send, 502, error_body(502, str(exc), "server_error"))
             return
         try:
-            if response.status_code >= 400 and plan.added_logprobs and await self._refuses_logprobs(response):
+            if response.status >= 400 and plan.added_logprobs and await self._refuses_logprobs(response, upstream):
                 # A runtime that refuses the log-probabilities the sidecar asked for: ask again without them.
                 await response.aclose()
                 plan = exchange.plan = _without_logprobs(plan)
                 exchange.choices = Choices(plan)
-                request = self.client.build_request("POST", self.base + upstream, content=plan.body, headers=headers)
-                response = await self.client.send(request, stream=True)
-            streamed = response.status_code == 200 and response.headers.get("content-type", "").startswith(
-                "text/event-stream"
+                response = await self.upstream.request(b"POST", upstream, headers, plan.body)
+            streamed = response.status == 200 and (response.header(b"content-type") or b"").startswith(
+                b"text/event-stream"
             )
             if plan.stream and streamed:
                 await self._relay_stream(exchange, response, record, sender)
             else:
                 await self._relay_whole(exchange, response, record, sender)
-        except httpx.HTTPError as exc:  # the runtime went away mid-reply
-            exchange.error = ModelFailure(f"the runtime closed the connection: {type(exc).__name__}: {exc}")
+        except UpstreamError as exc:  # the runtime went away mid-reply
+            exchange.error = ModelFailure(str(exc))
             if sender.started:
                 await sender.event(error_body(502, exchange.error.message, "server_error"))
                 await sender.end()
@@ -443,13 +449,13 @@ class Sidecar:
         finally:
             await response.aclose()
 
-    async def _refuses_logprobs(self, response: httpx.Response) -> bool:
-        if response.status_code not in (400, 422):
+    async def _refuses_logprobs(self, response: Reply, path: bytes) -> bool:
+        if response.status not in (400, 422):
             return False
-        body = await response.aread()
+        body = await response.read()
         if b"logprob" not in body.lower():
             return False
-        route = str(response.request.url.path)
+        route = path.decode()
         self.logprobs_refused.add(route)
         _event(
             f"the runtime refuses log-probabilities on {route}: no perplexity for its requests",
@@ -459,12 +465,10 @@ class Sidecar:
         )
         return True
 
-    async def _relay_whole(
-        self, exchange: _Exchange, response: httpx.Response, record: RequestRecord, sender: _Sender
-    ) -> None:
+    async def _relay_whole(self, exchange: _Exchange, response: Reply, record: RequestRecord, sender: _Sender) -> None:
         """An unstreamed reply (or an error reply to a stream request): read whole, its added fields taken out."""
-        body = await response.aread()
-        status = response.status_code
+        body = await response.read()
+        status = response.status
         plan = exchange.plan
         if status >= 400:
             exchange.refused = status not in (500, 502, 504)
@@ -488,18 +492,16 @@ class Sidecar:
         self._check_logprobs(exchange)
         await _respond(sender.send, status, _headers_back(response), body)
 
-    async def _relay_stream(
-        self, exchange: _Exchange, response: httpx.Response, record: RequestRecord, sender: _Sender
-    ) -> None:
+    async def _relay_stream(self, exchange: _Exchange, response: Reply, record: RequestRecord, sender: _Sender) -> None:
         """Server-sent events, each passed on as soon as it is whole (its added fields taken out)."""
         plan, choices = exchange.plan, exchange.choices
         translate = plan.route == GENERATE
         if translate:
             await sender.start(200, [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache")])
         else:
-            await sender.start(response.status_code, _headers_back(response))
+            await sender.start(response.status, _headers_back(response))
         buffer = b""
-        async for data in response.aiter_raw():
+        async for data in response.pieces():
             buffer = buffer + data if buffer else data
             while True:
                 end, size = _event_end(buffer)
@@ -575,7 +577,9 @@ class Sidecar:
             await _reply(sender.send, 504, error_body(504, message, "timeout_error"))
 
     async def _unreachable(self, send: Send, exc: BaseException) -> None:
-        if isinstance(exc, TimeoutError | httpx.TimeoutException) and not isinstance(exc, httpx.ConnectTimeout):
+        if isinstance(exc, TimeoutError | httpx.TimeoutException) and not isinstance(
+            exc, httpx.ConnectTimeout | Unreachable
+        ):
             message = f"the runtime did not answer within {self.settings.request_timeout_seconds:g} s"
             await _reply(send, 504, error_body(504, message, "timeout_error"))
             return
@@ -720,8 +724,9 @@ def _sse(doc: Any) -> bytes:
     return b"data: " + orjson.dumps(doc) + b"\n\n"
 
 
-def _headers_back(response: httpx.Response) -> list[tuple[bytes, bytes]]:
-    return [(k, v) for k, v in response.headers.raw if k.lower() not in _HOP_BACK]
+def _headers_back(response: httpx.Response | Reply) -> list[tuple[bytes, bytes]]:
+    raw = response.headers.raw if isinstance(response, httpx.Response) else response.headers
+    return [(k, v) for k, v in raw if k.lower() not in _HOP_BACK]
 
 
 async def _read_body(receive: Receive) -> bytes:

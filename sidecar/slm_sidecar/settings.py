@@ -27,7 +27,8 @@ class SidecarSettings(Settings):
 
     upstream_url: str = Field(
         "http://127.0.0.1:8080",
-        description="The runtime's base URL: in a pod, its port on loopback. Requests go to its OpenAI routes.",
+        description="The runtime's base URL (http, host and port): in a pod, its port on loopback. Requests go to "
+        "its OpenAI routes.",
     )
     upstream_health_path: str = Field(
         "/health",
@@ -53,12 +54,13 @@ class SidecarSettings(Settings):
     @model_validator(mode="after")
     def _upstream_is_a_url(self) -> SidecarSettings:
         parts = urlsplit(self.upstream_url)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
+        if parts.scheme != "http" or not parts.hostname:
             raise ValueError(
-                f"SLM_UPSTREAM_URL={self.upstream_url!r} is not an http(s) URL with a host (e.g. http://127.0.0.1:8080)"
+                f"SLM_UPSTREAM_URL={self.upstream_url!r} is not an http URL with a host (e.g. http://127.0.0.1:8080; "
+                "the runtime is on the pod's loopback, where TLS protects nothing)"
             )
-        if parts.query or parts.fragment:
-            raise ValueError(f"SLM_UPSTREAM_URL={self.upstream_url!r}: no query or fragment, only scheme, host, port")
+        if parts.path not in ("", "/") or parts.query or parts.fragment:
+            raise ValueError(f"SLM_UPSTREAM_URL={self.upstream_url!r}: only scheme, host and port")
         if not self.upstream_health_path.startswith("/"):
             raise ValueError(f"SLM_UPSTREAM_HEALTH_PATH={self.upstream_health_path!r} must start with /")
         return self
@@ -66,3 +68,9 @@ class SidecarSettings(Settings):
     @property
     def upstream_base(self) -> str:
         return self.upstream_url.rstrip("/")
+
+    @property
+    def upstream_address(self) -> tuple[str, int]:
+        parts = urlsplit(self.upstream_url)
+        assert parts.hostname is not None
+        return parts.hostname, parts.port or 80

@@ -118,6 +118,45 @@ def sidecar_server(
         thread.join(timeout=60)
 
 
+@contextlib.contextmanager
+def fake_runtime(app: Any) -> Iterator[str]:
+    """A stand-in runtime over real HTTP (an ASGI callable under uvicorn in a thread): its base URL."""
+    import uvicorn
+
+    port = free_port()
+    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None, access_log=False, lifespan="off")
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, name="fake-runtime", daemon=True)
+    thread.start()
+    try:
+        wait_for(lambda: server.started or not thread.is_alive(), 60, "fake runtime start")
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+
+
+def json_runtime(handler: Callable[[dict[str, Any]], tuple[int, Any]]) -> Any:
+    """An ASGI runtime answering every POST with `handler(request body)`: (status, JSON)."""
+    import json
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        body = b""
+        while True:
+            message = await receive()
+            body += message.get("body", b"")
+            if not message.get("more_body"):
+                break
+        status, doc = handler(json.loads(body) if body else {})
+        data = json.dumps(doc).encode()
+        await send(
+            {"type": "http.response.start", "status": status, "headers": [(b"content-type", b"application/json")]}
+        )
+        await send({"type": "http.response.body", "body": data})
+
+    return app
+
+
 @pytest.fixture(scope="session")
 def runtime_engine(tiny_model_dir: Path) -> Iterator[Any]:
     """The tiny model without the prefix cache: a repeated request reports `cached_tokens` 0, as the

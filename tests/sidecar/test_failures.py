@@ -3,9 +3,7 @@ breaks off a stream, gives no log-probabilities or refuses them; each ends in th
 
 from __future__ import annotations
 
-import asyncio
 import json
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +14,9 @@ from tests.server.conftest import MODEL_NAME
 from tests.sidecar.conftest import (
     RunningSidecar,
     Runtime,
+    fake_runtime,
     free_port,
+    json_runtime,
     runtime_server,
     sidecar_server,
     wait_for,
@@ -97,11 +97,11 @@ def _completion(text: str, logprobs: Any = None, finish: str = "stop") -> dict[s
 def test_a_runtime_without_logprobs_leaves_perplexity_absent_and_says_why_once(json_records: Any):
     seen: list[dict[str, Any]] = []
 
-    def handler(request: httpx.Request) -> httpx.Response:
-        seen.append(json.loads(request.content))
-        return httpx.Response(200, json=_completion("one two three four five"))  # logprobs ignored
+    def handler(body: dict[str, Any]) -> tuple[int, Any]:
+        seen.append(body)
+        return 200, _completion("one two three four five")  # logprobs ignored
 
-    with sidecar_server("http://runtime.invalid", transport=httpx.MockTransport(handler)) as sidecar:
+    with fake_runtime(json_runtime(handler)) as url, sidecar_server(url) as sidecar:
         for _ in range(3):
             reply = sidecar.client.post("/v1/completions", json={"model": MODEL_NAME, "prompt": "x"})
             assert reply.status_code == 200
@@ -122,46 +122,41 @@ def test_a_runtime_without_logprobs_leaves_perplexity_absent_and_says_why_once(j
 def test_a_runtime_that_refuses_logprobs_is_asked_again_without(json_records: Any):
     bodies: list[dict[str, Any]] = []
 
-    def handler(request: httpx.Request) -> httpx.Response:
-        body = json.loads(request.content)
+    def handler(body: dict[str, Any]) -> tuple[int, Any]:
         bodies.append(body)
         if "logprobs" in body:
-            return httpx.Response(400, json={"error": {"message": "logprobs is not supported", "code": 400}})
-        return httpx.Response(200, json=_completion("fine"))
+            return 400, {"error": {"message": "logprobs is not supported", "code": 400}}
+        return 200, _completion("fine")
 
-    with sidecar_server("http://runtime.invalid", transport=httpx.MockTransport(handler)) as sidecar:
+    with fake_runtime(json_runtime(handler)) as url, sidecar_server(url) as sidecar:
         for _ in range(2):
             reply = sidecar.client.post("/v1/completions", json={"model": MODEL_NAME, "prompt": "x"})
             assert reply.status_code == 200, reply.text
             assert reply.json() == _completion("fine")
         # Once refused, not asked again.
         assert ["logprobs" in body for body in bodies] == [True, False, False]
-        assert (
-            sidecar.metric(
-                "slm_request_errors_total", sidecar.labels(endpoint="/v1/completions", error="invalid_input")
-            )
-            == 0
-        )
+        errors = sidecar.labels(endpoint="/v1/completions", error="invalid_input")
+        assert sidecar.metric("slm_request_errors_total", errors) == 0
         events = wait_for(lambda: json_records("perplexity_unavailable"), 10)
     assert "logprobs is not supported" in events[0]["reason"]
 
 
 def test_a_stream_the_runtime_breaks_off_ends_in_an_error_event():
-    async def chunks() -> AsyncIterator[bytes]:
+    async def breaking(scope: Any, receive: Any, send: Any) -> None:
+        while (await receive()).get("more_body"):
+            pass
         doc = {"id": "c", "object": "text_completion", "model": MODEL_NAME,
                "choices": [{"index": 0, "text": "a", "logprobs": {"tokens": ["a"], "token_logprobs": [-1.0]},
                             "finish_reason": None}]}  # fmt: skip
-        yield b"data: " + json.dumps(doc).encode() + b"\n\n"
-        await asyncio.sleep(0)
-        raise httpx.ReadError("connection reset by peer")
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/event-stream")]})
+        await send(
+            {"type": "http.response.body", "body": b"data: " + json.dumps(doc).encode() + b"\n\n", "more_body": True}
+        )
+        raise RuntimeError("the runtime crashed")  # uvicorn drops the connection mid-response
 
-    def handler(request: httpx.Request) -> httpx.Response:
-        return httpx.Response(200, headers={"content-type": "text/event-stream"}, content=chunks())
-
-    with sidecar_server("http://runtime.invalid", transport=httpx.MockTransport(handler)) as sidecar:
-        with sidecar.client.stream(
-            "POST", "/v1/completions", json={"model": MODEL_NAME, "prompt": "x", "stream": True}
-        ) as r:
+    with fake_runtime(breaking) as url, sidecar_server(url) as sidecar:
+        body = {"model": MODEL_NAME, "prompt": "x", "stream": True}
+        with sidecar.client.stream("POST", "/v1/completions", json=body) as r:
             events = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
         assert events[0]["choices"][0]["text"] == "a"
         assert events[0]["choices"][0]["logprobs"] is None  # what the sidecar added, taken out
@@ -169,3 +164,10 @@ def test_a_stream_the_runtime_breaks_off_ends_in_an_error_event():
         labels = sidecar.labels(endpoint="/v1/completions")
         assert sidecar.metric("slm_request_errors_total", {**labels, "error": "model_error"}) == 1
         assert sidecar.metric("slm_request_finish_total", {**labels, "finish_reason": "error"}) == 1
+
+
+def test_idle_connections_to_the_runtime_are_reused(runtime: Runtime, sidecar: RunningSidecar):
+    body = {"model": MODEL_NAME, "prompt": "The module", "max_tokens": 2}
+    for _ in range(5):
+        assert sidecar.client.post("/v1/completions", json=body).status_code == 200
+    assert sidecar.app.upstream.opened == 1
