@@ -28,7 +28,7 @@ import logging
 import random
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import httpx
 import orjson
@@ -37,7 +37,6 @@ from prometheus_client.exposition import generate_latest
 from starlette.exceptions import HTTPException
 from starlette.types import Message, Receive, Scope, Send
 
-from slm_server.drift import DriftSettings, for_server
 from slm_server.errors import (
     InvalidInput,
     ModelFailure,
@@ -59,6 +58,9 @@ from slm_sidecar import __version__, generate
 from slm_sidecar.replies import CHAT, COMPLETIONS, GENERATE, Choices, Plan, ProxiedResult, plan_request
 from slm_sidecar.settings import SidecarSettings
 from slm_sidecar.upstream import Reply, Unreachable, Upstream, UpstreamError
+
+if TYPE_CHECKING:
+    from slm_server.drift import DriftSettings
 
 log = logging.getLogger("slm_sidecar")
 
@@ -137,6 +139,9 @@ class Sidecar:
         else:
             self.metrics = NullMetrics(self.model_name)
         if signals is None and self.metrics.enabled:
+            # Imported only here: scipy.stats, which its KS test needs, is ~80 MiB of a ~140 MiB sidecar.
+            from slm_server.drift import for_server
+
             signals = cast(SignalObserver | None, for_server(self.metrics, drift))
         self.signals = signals or NoopObserver()
         self.accounting = Accounting(self.metrics, self.signals, self.model_name)
