@@ -69,13 +69,19 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "server"))
+# The server measured: this checkout's, or in the workers of the `@before` variants (--before) another
+# checkout's (the parent sets this for them).
+sys.path.insert(0, os.environ.get("SLM_BENCH_SERVER_DIR") or str(REPO / "server"))
 
 from prometheus_client import CollectorRegistry  # noqa: E402
 from prometheus_client.exposition import generate_latest  # noqa: E402
 
 from slm_server.app import create_app  # noqa: E402
-from slm_server.generation.echo_engine import EchoEngine  # noqa: E402
+
+try:
+    from slm_server.generation.echo_engine import EchoEngine
+except ImportError:  # a --before checkout from before slm_server.generation
+    from slm_server.engine import EchoEngine  # type: ignore[no-redef]
 from slm_server.logs import configure_logging, flush_lines  # noqa: E402
 from slm_server.settings import Settings  # noqa: E402
 from slm_server.signals import NoopObserver  # noqa: E402
@@ -96,10 +102,12 @@ def _engine(settings: Settings) -> EchoEngine:
 
 
 VARIANTS = ("uninstrumented", "instrumented", "metrics-only", "instrumented+drift", "instrumentator")
+BEFORE = ("uninstrumented@before", "instrumented@before")  # with --before: another checkout's server
 
 
 def build_variant(name: str) -> tuple[Any, CollectorRegistry | None]:
     """The app of one variant, and its registry when /metrics is measured on it."""
+    name = name.removesuffix("@before")  # the same app, from the server this worker imported
     if name == "uninstrumented":
         s = _settings(metrics_enabled=False, log_requests=False)
         return create_app(s, engine=_engine(s)), None
@@ -238,28 +246,36 @@ def _full_collection_ms() -> dict[str, float]:
     return {"full_gc_ms": frozen, "full_gc_unfrozen_ms": thawed}
 
 
-def run(requests: int, rounds: int, processes: int = 4) -> dict[str, Any]:
+def run(requests: int, rounds: int, processes: int = 4, before: Path | None = None) -> dict[str, Any]:
     """Per variant, `rounds` blocks of `requests` requests on each of its `processes` workers,
-    interleaved across all the workers."""
+    interleaved across all the workers. With `before` (another checkout's root), also the
+    uninstrumented and instrumented apps of its server, in the same rounds."""
     ctx = multiprocessing.get_context("spawn")
     workers: dict[tuple[str, int], tuple[Any, Connection]] = {}
+    variants = VARIANTS + (BEFORE if before else ())
     try:
-        for name in VARIANTS:
+        for name in variants:
             for index in range(processes):
                 parent, child = ctx.Pipe()
                 process = ctx.Process(target=worker, args=(name, child), name=f"bench-{name}-{index}", daemon=True)
-                process.start()
+                if name.endswith("@before"):  # spawned: the worker imports the server from sys.path anew
+                    assert before is not None
+                    os.environ["SLM_BENCH_SERVER_DIR"] = str(before / "server")
+                try:
+                    process.start()
+                finally:
+                    os.environ.pop("SLM_BENCH_SERVER_DIR", None)
                 workers[name, index] = (process, parent)
         for _, conn in workers.values():
             reply = conn.recv()
             if reply[0] != "ready":
                 raise SystemExit(reply[1])
-        per_request_us: dict[str, list[float]] = {name: [] for name in VARIANTS}
+        per_request_us: dict[str, list[float]] = {name: [] for name in variants}
         order = list(workers)
         shuffle = random.Random(4)
         for _ in range(rounds):
             shuffle.shuffle(order)  # no worker always runs first (or right after another) in a round
-            block_us: dict[str, list[float]] = {name: [] for name in VARIANTS}
+            block_us: dict[str, list[float]] = {name: [] for name in variants}
             for key in order:
                 conn = workers[key][1]
                 conn.send(("block", requests))
@@ -298,6 +314,19 @@ def run(requests: int, rounds: int, processes: int = 4) -> dict[str, Any]:
         "drift_us_per_request": cost("instrumented+drift", "instrumented"),
         "per_request_us_by_round": per_request_us,
         **figures,
+        **(
+            {
+                "before": {
+                    "cost_us_per_request": cost("instrumented@before", "uninstrumented@before"),
+                    "ratio_instrumented": ratio("instrumented@before", "uninstrumented@before"),
+                    # This server's instrumented app against the other's, request for request.
+                    "instrumented_minus_before_us": cost("instrumented", "instrumented@before"),
+                    "ratio_instrumented_to_before": ratio("instrumented", "instrumented@before"),
+                }
+            }
+            if before
+            else {}
+        ),
     }
 
 
@@ -480,6 +509,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, help="also write the figures here")
     parser.add_argument("--http-rounds", type=int, default=4, help="blocks per server over HTTP (0: skip)")
     parser.add_argument("--tiny-requests", type=int, default=50, help="requests to the tiny model (0: skip)")
+    parser.add_argument(
+        "--before",
+        type=Path,
+        help="the root of another checkout (e.g. `git archive main | tar -x -C DIR`): its server's uninstrumented "
+        "and instrumented apps run in the same rounds, and the difference is reported",
+    )
     parser.add_argument("--serve", choices=VARIANTS, help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -487,10 +522,15 @@ def main(argv: list[str] | None = None) -> int:
         serve(args.serve, args.port)
         return 0
 
-    result = run(args.requests, args.rounds, args.processes)
+    result = run(args.requests, args.rounds, args.processes, args.before)
     if args.tiny_requests:
         result["tiny_model_request_ms"] = tiny_model_request_ms(args.tiny_requests)
         result["share_of_tiny_request"] = result["cost_us_per_request"] / (result["tiny_model_request_ms"] * 1000)
+        if "before" in result:
+            b = result["before"]
+            b["difference_share_of_tiny_request"] = b["instrumented_minus_before_us"] / (
+                result["tiny_model_request_ms"] * 1000
+            )
     if args.http_rounds:
         result["http"] = run_http(args.requests, args.http_rounds, args.processes)
 
@@ -524,6 +564,14 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  /metrics render                  {r['metrics_render_ms']:.2f} ms for {r['metrics_series']} series, "
           f"{r['metrics_bytes']} bytes (goal <= {GOALS['metrics_ms']:.0f} ms) {'ok' if ok['metrics'] else 'MISSED'}; "
           f"through the route {r['metrics_route_ms']:.2f} ms")  # fmt: skip
+    if "before" in r:
+        b = r["before"]
+        share = b.get("difference_share_of_tiny_request")
+        print(f"  before ({args.before}): metrics + logging {b['cost_us_per_request']:.1f} µs/request "
+              f"(instrumented / uninstrumented {b['ratio_instrumented']:.3f}); this instrumented app against "
+              f"the before's: {b['instrumented_minus_before_us']:+.1f} µs/request (ratio "
+              f"{b['ratio_instrumented_to_before']:.3f})"
+              + (f" = {share:+.2%} of a tiny-model request" if share is not None else ""))  # fmt: skip
     print(f"  full garbage collection          {r['full_gc_ms']:.2f} ms with the start-up objects frozen "
           f"({r['full_gc_unfrozen_ms']:.1f} ms without, in this process with no model)")  # fmt: skip
     if "http" in result:

@@ -100,9 +100,10 @@ FAULT_ADMIN_ENV = {"SLM_FAULTS_ADMIN": "true", "SLM_FAULT_INJECTION": "true", "S
 class FaultAdmin:
     """Where a server takes faults at run time: the one place that knows the admin API's address.
 
-    Today the admin routes are on the server's own port. When the server's environment names an admin
-    port (SLM_ADMIN_PORT, with SLM_ADMIN_HOST and an optional bearer token SLM_ADMIN_TOKEN), they are
-    taken from there instead; a host that means "the pod itself" is the pod's address here.
+    The admin routes are never on the serving port: the server listens for them on SLM_ADMIN_HOST
+    (default: loopback, which is the pod's own address here) and SLM_ADMIN_PORT (default 8001), and
+    wants `Authorization: Bearer $SLM_ADMIN_TOKEN` when the token is set. A host that means "the pod
+    itself" is the pod's address here.
     """
 
     url: str
@@ -110,12 +111,12 @@ class FaultAdmin:
 
     @classmethod
     def of(cls, *, address: str, port: int, env: Mapping[str, str]) -> FaultAdmin:
-        if env.get("SLM_ADMIN_PORT"):
-            host = env.get("SLM_ADMIN_HOST") or address
-            if host in ("0.0.0.0", "127.0.0.1", "localhost", "::"):  # noqa: S104 - the pod's own addresses
-                host = address
-            return cls(f"http://{host}:{env['SLM_ADMIN_PORT']}/admin/faults", env.get("SLM_ADMIN_TOKEN") or None)
-        return cls(f"http://{address}:{port}/admin/faults", env.get("SLM_ADMIN_TOKEN") or None)
+        """`port` (the serving one) is not where the admin routes are; kept for the callers' symmetry."""
+        host = env.get("SLM_ADMIN_HOST") or address
+        if host in ("0.0.0.0", "127.0.0.1", "localhost", "::"):  # noqa: S104 - the pod's own addresses
+            host = address
+        admin_port = env.get("SLM_ADMIN_PORT") or "8001"  # slm_server's default admin_port
+        return cls(f"http://{host}:{admin_port}/admin/faults", env.get("SLM_ADMIN_TOKEN") or None)
 
     def send(self, body: Mapping[str, Any], method: str = "POST") -> None:
         headers = {"Authorization": f"Bearer {self.token}"} if self.token else {}

@@ -42,7 +42,7 @@ class _Server(uvicorn.Server):
 
 class AdminListener:
     def __init__(self, app: FastAPI, settings: Settings):
-        self.host, self.port = settings.admin_host, settings.admin_port
+        self.host, self.port = settings.admin_address, settings.admin_port
         self.token_required = settings.admin_token is not None
         config = uvicorn.Config(
             app,

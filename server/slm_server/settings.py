@@ -144,9 +144,9 @@ class Settings(BaseSettings):
         validation_alias=AliasChoices("fault_admin_api", "SLM_FAULT_ADMIN_API", "SLM_FAULTS_ADMIN"),
     )
     admin_host: str = Field(
-        "127.0.0.1",
-        description="The admin listener's address: loopback by default (reachable from inside the pod only); "
-        "any other address needs admin_token.",
+        "",
+        description="The admin listener's address; empty = loopback (reachable from inside the pod only): "
+        "127.0.0.1, or the serving host when that is a loopback address itself. Any other address needs admin_token.",
     )
     admin_port: int = Field(8001, ge=1, le=65535, description="The admin listener's port (fault_admin_api).")
     admin_token: SecretStr | None = Field(
@@ -179,12 +179,20 @@ class Settings(BaseSettings):
             return self
         if self.admin_port == self.port:
             raise ValueError(f"SLM_ADMIN_PORT must differ from the serving port ({self.port})")
-        if self.admin_token is None and not _is_loopback(self.admin_host):
+        if self.admin_token is None and not _is_loopback(self.admin_address):
             raise ValueError(
-                f"SLM_ADMIN_HOST={self.admin_host} is reachable from other hosts: set SLM_ADMIN_TOKEN, or listen on "
+                f"SLM_ADMIN_HOST={self.admin_address} is reachable from other hosts: set SLM_ADMIN_TOKEN, or listen on "
                 "127.0.0.1"
             )
         return self
+
+    @property
+    def admin_address(self) -> str:
+        """Where the admin listener listens: admin_host, else loopback (the serving host when it is a
+        loopback address: several servers on one machine, each on its own 127.x address, do not collide)."""
+        if self.admin_host:
+            return self.admin_host
+        return self.host if _is_loopback(self.host) else "127.0.0.1"
 
     @property
     def disk_path_list(self) -> list[str]:

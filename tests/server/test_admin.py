@@ -3,12 +3,15 @@ one is set, and visible in `slm_fault_injection_enabled` while it or any fault i
 
 from __future__ import annotations
 
+import urllib.error
+
 import httpx
 import pytest
 
+from slm_devtools.dataplane import FaultAdmin
 from slm_server.settings import Settings
 
-from .conftest import MODEL_NAME, free_port, serve, settings_for
+from .conftest import MODEL_NAME, free_port, serve, server_process, settings_for
 
 TOKEN = "a-long-random-token-from-a-secret"
 
@@ -78,3 +81,29 @@ def test_the_fault_gauge_is_1_exactly_while_the_admin_api_or_a_fault_is_on(tiny_
         httpx.post(_admin(port), json={"errorRate": 0.5})
         httpx.post(_admin(port), json={})
         assert srv.metric("slm_fault_injection_enabled", labels) == 1
+
+
+def test_the_admin_listener_is_on_loopback_by_default_the_servers_own_when_it_serves_on_one():
+    """Several servers on one machine, each on its own loopback address (the local pods of the data
+    plane), each get their admin listener on that address, not all on 127.0.0.1."""
+    assert Settings(fault_admin_api=True).admin_address == "127.0.0.1"  # serving on 0.0.0.0: a pod
+    assert Settings(fault_admin_api=True, host="127.3.4.5").admin_address == "127.3.4.5"
+    assert Settings(fault_admin_api=True, host="10.0.0.7").admin_address == "127.0.0.1"
+
+
+def test_the_devtools_switch_sets_faults_through_the_admin_port_and_token(tiny_model_dir, tmp_path):
+    """slm_devtools' FaultAdmin (what the demo and the alert tests call) reaches a real `slm-server`
+    started as the operator starts it (SLM_FAULTS_ADMIN, a token from a Secret) on its admin port."""
+    port = free_port()
+    env = {"SLM_FAULTS_ADMIN": "true", "SLM_ADMIN_PORT": str(port), "SLM_ADMIN_TOKEN": TOKEN}
+    with server_process(tiny_model_dir, tmp_path, env) as proc:
+        serving = int(proc.base_url.rsplit(":", 1)[1])
+        admin = FaultAdmin.of(address="127.0.0.1", port=serving, env=env)
+        assert admin.url == f"http://127.0.0.1:{port}/admin/faults"
+        admin.send({"errorRate": 1.0, "addedLatencySeconds": 0, "degradedOutput": False})
+        assert httpx.post(f"{proc.base_url}/generate", json={"prompt": "x", "max_tokens": 1}).status_code == 500
+        without_token = FaultAdmin.of(address="127.0.0.1", port=serving, env={**env, "SLM_ADMIN_TOKEN": ""})
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            without_token.send({"errorRate": 0.0})
+        assert refused.value.code == 401
+    assert FaultAdmin.of(address="127.9.0.1", port=8000, env={}).url == "http://127.9.0.1:8001/admin/faults"

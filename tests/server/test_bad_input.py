@@ -257,7 +257,7 @@ def test_the_operators_switch_opts_in_to_the_admin_api(tiny_model_dir, monkeypat
     monkeypatch.setenv("SLM_FAULTS_ADMIN", "true")
     settings = Settings(model=str(tiny_model_dir), served_model_name=MODEL_NAME)
     assert settings.fault_injection and settings.fault_admin_api
-    assert (settings.admin_host, settings.admin_port) == ("127.0.0.1", 8001)
+    assert (settings.admin_address, settings.admin_port) == ("127.0.0.1", 8001)
 
 
 def test_integers_written_as_whole_numbers_are_taken(server):

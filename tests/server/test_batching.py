@@ -9,10 +9,14 @@ row's cache mixed up with another's when one leaves) changes its tokens.
 
 from __future__ import annotations
 
+import dataclasses
+import itertools
 import random
 import threading
-from typing import Any
+import time
+from typing import Any, cast
 
+import numpy as np
 import pytest
 
 from slm_server.generation.scheduler import PassFailed
@@ -374,3 +378,67 @@ def test_the_kv_cache_metrics_show_its_bytes_and_the_padding_beside_a_longer_pro
         assert held == per_position * (tokens + padding)
         assert srv.metric("slm_kv_cache_bytes", labels) == 0  # both ended: no cache held
         assert srv.metric("slm_kv_cache_positions", {**labels, "kind": "padding"}) == 0
+
+
+class _CostlyGrammar:
+    """A grammar that allows every token but whose every mask takes `seconds` to compute: what a
+    client's grammar may cost within llguidance's per-token limits (~0.1 s), made longer."""
+
+    format = "regex"
+    output_type = "text"
+
+    def __init__(self, seconds: float):
+        self.seconds = seconds
+        self.masks = 0
+
+    def start(self) -> _CostlyGrammar:
+        return self
+
+    def refused(self, vocab_size: int) -> np.ndarray:
+        time.sleep(self.seconds)  # the cost itself, not a wait for something
+        self.masks += 1
+        return np.zeros(vocab_size, dtype=bool)
+
+    def advance(self, token: int) -> bool:
+        return False
+
+    def complete(self) -> bool:
+        return False
+
+
+def test_a_generation_whose_grammar_masks_are_slow_does_not_hold_back_the_others(tiny_engine):
+    """A generation held to a grammar whose masks take 1 s each runs beside back-to-back greedy streams:
+    the streams' tokens keep coming (no wait of a mask's second between two of them), and each
+    generation, the slow one included, gets the tokens it gets alone."""
+    slow_prompt, stream_prompt = "The file is", "Return a new list of the"
+    slow_params = SamplingParams(max_tokens=3, temperature=0)
+    stream_params = SamplingParams(max_tokens=40, temperature=0, ignore_eos=True)
+    slow_alone = _alone(tiny_engine, slow_prompt, slow_params).token_ids
+    stream_alone = _alone(tiny_engine, stream_prompt, stream_params).token_ids
+    grammar = _CostlyGrammar(1.0)
+    streams: list[GenerationResult] = []
+    done = threading.Event()
+
+    def stream() -> None:
+        while not done.is_set():
+            streams.append(tiny_engine.generate(tiny_engine.encode(stream_prompt), stream_params))
+
+    streamer = threading.Thread(target=stream)
+    streamer.start()
+    try:
+        wait_for(lambda: streams, 60)  # streams are under way
+        started = time.perf_counter()
+        slow = tiny_engine.generate(
+            tiny_engine.encode(slow_prompt), dataclasses.replace(slow_params, grammar=cast(Any, grammar))
+        )
+        ended = time.perf_counter()
+    finally:
+        done.set()
+        streamer.join(timeout=120)
+    assert slow.token_ids == slow_alone
+    assert grammar.masks == 3 and ended - started >= 3.0
+    assert all(r.token_ids == stream_alone for r in streams)
+    during = sorted(t for r in streams for t in r.token_times if started <= t <= ended)
+    assert len(during) >= 30, len(during)  # the streams ran while the slow one did
+    gaps = [b - a for a, b in itertools.pairwise([started, *during, ended])]
+    assert max(gaps) < 0.6, sorted(gaps)[-3:]

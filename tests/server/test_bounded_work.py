@@ -7,6 +7,8 @@ loopback port, as `slm-server` serves."""
 from __future__ import annotations
 
 import itertools
+import subprocess
+import sys
 import threading
 import time
 from typing import Any
@@ -14,7 +16,7 @@ from typing import Any
 import httpx
 import pytest
 
-from .conftest import MODEL_NAME, server_process
+from .conftest import MODEL_NAME, server_process, wait_for
 
 
 def _nested_schema(depth: int) -> dict[str, Any]:
@@ -114,16 +116,44 @@ def bounded_server(tiny_model_dir, tmp_path_factory):
         yield client
 
 
-def _probe_while(base: str, busy: Any) -> list[float]:
-    """/healthz every 20 ms while `busy()`: each answer's latency."""
-    probes: list[float] = []
-    with httpx.Client(base_url=base, timeout=30) as prober:
-        while busy():
-            asked = time.perf_counter()
-            assert prober.get("/healthz").status_code == 200
-            probes.append(time.perf_counter() - asked)
-            time.sleep(0.02)
-    return probes
+_PROBE = """
+import sys, threading, time, httpx
+closed = threading.Event()
+threading.Thread(target=lambda: (sys.stdin.read(), closed.set()), daemon=True).start()
+with httpx.Client(base_url=sys.argv[1], timeout=30) as client:
+    while not closed.is_set():
+        asked = time.perf_counter()
+        if client.get("/healthz").status_code != 200:
+            sys.exit("/healthz did not answer 200")
+        print(time.perf_counter() - asked, flush=True)
+        closed.wait(0.02)  # the probe's period
+"""
+
+
+class _Prober:
+    """/healthz every 20 ms until stopped, from a process of its own: the test's threads, busy sending
+    megabyte bodies and reading a stream, share one GIL and would delay its timing too."""
+
+    def __init__(self, base: str):
+        self.latencies: list[float] = []
+        self._process = subprocess.Popen(
+            [sys.executable, "-c", _PROBE, base], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+        )
+        self._reader = threading.Thread(target=self._read)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self._process.stdout is not None
+        for line in self._process.stdout:
+            self.latencies.append(float(line))
+
+    def stop(self) -> list[float]:
+        assert self._process.stdin is not None
+        self._process.stdin.close()
+        assert self._process.wait(timeout=60) == 0
+        self._reader.join(timeout=60)
+        assert self.latencies
+        return self.latencies
 
 
 def _stream(base: str, times: list[float], stop: threading.Event) -> None:
@@ -160,7 +190,9 @@ def test_a_hostile_request_gets_a_4xx_or_completes_and_leaves_the_probe_and_a_st
     while not stream_times:  # the stream runs before anything is measured
         time.sleep(0.01)
     control_start = time.perf_counter()
-    control = _probe_while(base, lambda: time.perf_counter() < control_start + 1.0)
+    prober = _Prober(base)
+    wait_for(lambda: len(prober.latencies) >= 40, 60)  # about a second of the stream alone
+    control = prober.stop()
     control_gaps = _gaps(stream_times, control_start, time.perf_counter())
     answers: list[httpx.Response] = []
 
@@ -169,10 +201,14 @@ def test_a_hostile_request_gets_a_4xx_or_completes_and_leaves_the_probe_and_a_st
             answers.append(client.post(path, json=body))
 
     senders = [threading.Thread(target=hostile) for _ in range(2)]
+    prober = _Prober(base)
+    wait_for(lambda: prober.latencies, 60)  # probing
     started = time.perf_counter()
     for sender in senders:
         sender.start()
-    probes = _probe_while(base, lambda: any(sender.is_alive() for sender in senders))
+    for sender in senders:
+        sender.join(timeout=180)
+    probes = prober.stop()
     ended = time.perf_counter()
     stop.set()
     streamer.join(timeout=120)

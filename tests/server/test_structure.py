@@ -75,6 +75,23 @@ def test_the_import_graph_has_no_cycle():
     assert set(order) == set(MODULES)
 
 
+def test_the_server_imports_nothing_of_the_operator_or_the_tooling():
+    """slm-server is a distribution of its own: slm_operator and the unpublished slm_devtools are not
+    installed beside it."""
+    for module in MODULES:
+        path = PACKAGE_DIR.parent.joinpath(*module.split("."))
+        path = path / "__init__.py" if path.is_dir() else path.with_suffix(".py")
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and not node.level:
+                names = [node.module or ""]
+            else:
+                continue
+            foreign = [n for n in names if n.split(".")[0] in ("slm_operator", "slm_devtools")]
+            assert not foreign, f"{module} imports {foreign}"
+
+
 def test_the_generation_layer_imports_nothing_above_it():
     """The engines and the scheduler know nothing of HTTP, metrics or logs: only their own layer and
     the settings."""

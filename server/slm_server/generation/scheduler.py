@@ -33,12 +33,16 @@ which, and the `model_loaded` event logs it).
 
 from __future__ import annotations
 
+import copy
 import logging
+import os
 import threading
 import time
 from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from typing import Any, NamedTuple, Protocol
 
+import numpy as np
 import torch
 
 from slm_server.generation.detokenize import TextTracker, emit
@@ -47,6 +51,10 @@ from slm_server.generation.sampling import choose_token, top_alternatives
 from slm_server.generation.types import Alternative, BatchStats, GenerationResult, KVCacheStats, OnText, SamplingParams
 
 log = logging.getLogger("slm_server.engine")
+
+# How long a pass's generations wait for a grammar's mask that is not ready when the pass ends; a
+# generation whose mask comes later steps aside from its batch and rejoins once the mask is there.
+MASK_WAIT_SECONDS = 0.05
 
 
 class ForwardOutput(NamedTuple):
@@ -87,7 +95,8 @@ class GenerationSequence:
 
     __slots__ = (
         "bias", "cached", "cancel", "context", "counts", "cut", "done", "eos", "error", "generator", "grammar",
-        "greedy", "last", "max_tokens", "on_text", "params", "reported", "result", "seen", "tracker", "whole",
+        "greedy", "held", "last", "mask", "max_tokens", "on_text", "params", "reported", "result", "seen", "tracker",
+        "whole",
     )  # fmt: skip
 
     def __init__(self, model: BatchableModel, prompt_ids: list[int], params: SamplingParams,
@@ -121,6 +130,11 @@ class GenerationSequence:
             tokens, biases = zip(*params.logit_bias, strict=True)
             self.bias[torch.tensor(tokens, device=model.device)] = torch.tensor(biases, device=model.device)
         self.grammar = params.grammar.start() if params.grammar is not None else None  # structured output
+        # The grammar's mask of the next token, computed in the scheduler's grammar threads while the
+        # model's pass runs (`Scheduler._next_mask`); and the logits of a generation that stepped aside
+        # from its batch to wait for it (`Scheduler._step_aside`).
+        self.mask: Future[np.ndarray] | None = None
+        self.held: torch.Tensor | None = None
         self.whole = False  # the grammar's document is complete
         self.cut = False  # a stop string ended the text
         # min_tokens: the end-of-text ids, kept from the choice until the output is that long.
@@ -150,8 +164,9 @@ class GenerationSequence:
             logits = logits.index_fill(0, eos, float("-inf"))
         grammar = self.grammar
         if grammar is not None:
-            refused = torch.from_numpy(grammar.refused(logits.shape[-1])).to(logits.device)
-            logits = logits.masked_fill(refused, float("-inf"))
+            mask, self.mask = self.mask, None
+            refused = grammar.refused(logits.shape[-1]) if mask is None else mask.result()
+            logits = logits.masked_fill(torch.from_numpy(refused).to(logits.device), float("-inf"))
         token = choose_token(logits, params, self.generator)
         if grammar is not None:
             self.whole = grammar.advance(token)
@@ -193,7 +208,10 @@ class GenerationSequence:
                     emit(self.on_text, tail, self.result, self.reported)
                 self.result.text = self.tracker.text.rstrip("\ufffd")
                 if self.grammar is not None:
-                    self.result.structured_complete = self.grammar.complete() and not self.cut
+                    # Cut (cancelled) while its next mask is computed: the matcher is busy, and the
+                    # output counts as incomplete.
+                    busy = self.mask is not None and not self.mask.done()
+                    self.result.structured_complete = not busy and self.grammar.complete() and not self.cut
             except Exception as exc:  # a failing callback fails this generation only
                 error = exc
         self.error = error
@@ -220,7 +238,7 @@ class _Batch:
 
     __slots__ = ("cache", "mask", "prompt", "rows")
 
-    def __init__(self, rows: list[GenerationSequence], prompt: PromptColumns):
+    def __init__(self, rows: list[GenerationSequence], prompt: PromptColumns | None):
         self.rows = rows
         self.cache: Any = None
         # (rows, cached length), 1 where a row has a token; None without padding support
@@ -259,6 +277,11 @@ class Scheduler:
         self._inbox: list[GenerationSequence] = []
         self._batches: list[_Batch] = []  # decoding: one when batching, else one per sequence
         self._prefilling: list[_Batch] = []  # arrived, their prompts fed a chunk per loop, in turn
+        self._aside: list[_Batch] = []  # waiting for their grammar's mask, each in a batch of its own
+        # Grammar masks are computed here, beside the model's passes (llguidance releases the GIL).
+        self._grammars = ThreadPoolExecutor(
+            max_workers=max(1, min(self.max_batch_size, os.cpu_count() or 1)), thread_name_prefix="slm-grammar"
+        )
         self._wake = threading.Condition()
         self._closed = False
         self._thread = threading.Thread(target=self._loop, name="slm-scheduler", daemon=True)
@@ -266,8 +289,8 @@ class Scheduler:
 
     @property
     def running(self) -> int:
-        """Generations in the running batch (being decoded)."""
-        return sum(len(b.rows) for b in list(self._batches))  # a copy: read from other threads too
+        """Generations in the running batch (being decoded), or waiting beside it for their grammar's mask."""
+        return sum(len(b.rows) for b in list(self._batches) + list(self._aside))  # copies: read from other threads
 
     @property
     def waiting(self) -> int:
@@ -288,7 +311,7 @@ class Scheduler:
         size: a cache trimmed a moment ago may hold more until its next step), read from other
         threads: the lists are copied, and a tensor replaced meanwhile is read as it was."""
         held = positions = padding = 0
-        for batch in list(self._batches) + list(self._prefilling):
+        for batch in list(self._batches) + list(self._prefilling) + list(self._aside):
             cache, mask = batch.cache, batch.mask
             if cache is None:
                 continue
@@ -309,6 +332,7 @@ class Scheduler:
         if sequence.max_tokens == 0:  # the prompt fills the context: nothing to generate
             sequence.finish()
         else:
+            self._next_mask(sequence)  # its first token's, while it waits and its prompt is fed
             with self._wake:
                 if self._closed:
                     raise RuntimeError("the model is closed")
@@ -324,13 +348,14 @@ class Scheduler:
             self._closed = True
             self._wake.notify()
         self._thread.join(timeout=30)
+        self._grammars.shutdown(wait=False, cancel_futures=True)
 
     # --- the scheduler thread ------------------------------------------------------------------------
     def _loop(self) -> None:
         while True:
             with self._wake:
-                while not self._inbox and not self._batches and not self._prefilling and not self._closed:
-                    self._wake.wait()
+                while not (self._inbox or self._batches or self._prefilling or self._closed or self._rejoining()):
+                    self._wake.wait()  # a generation aside wakes it once its mask is there (`_step_aside`)
                 if self._closed:
                     closed = RuntimeError("the model was closed during the generation")
                     for sequence in self._inbox + self._all_rows():
@@ -338,6 +363,7 @@ class Scheduler:
                     self._inbox.clear()
                     self._batches.clear()
                     self._prefilling.clear()
+                    self._aside.clear()
                     return
                 waiting = self._drop_cancelled(self._inbox)  # timed out or gone while waiting for room
                 fresh: list[GenerationSequence] = []
@@ -353,6 +379,8 @@ class Scheduler:
                         self._prefill_step(self._prefilling[0])
                     for batch in list(self._batches):
                         self._decode(batch)
+                    if self._aside:
+                        self._rejoin()
             except Exception as exc:  # a bug of this loop: fail what runs (its cache is suspect), go on serving
                 log.exception("generation loop failed", extra={"fields": {"event": "error"}})
                 for sequence in fresh + self._all_rows():
@@ -360,9 +388,90 @@ class Scheduler:
                         sequence.finish(PassFailed(f"{type(exc).__name__}: {exc}"))
                 self._batches.clear()
                 self._prefilling.clear()
+                self._aside.clear()
 
     def _all_rows(self) -> list[GenerationSequence]:
-        return [s for b in self._prefilling + self._batches for s in b.rows]
+        return [s for b in self._prefilling + self._batches + self._aside for s in b.rows]
+
+    # --- grammar masks ------------------------------------------------------------------------------
+    # A generation held to a grammar (structured output) needs the grammar's mask before each token is
+    # chosen. The mask of the next token is computed in a grammar thread as soon as the token before
+    # is taken, so it is ready when the model's pass ends, as a rule. A grammar a client wrote may make
+    # a mask cost far more than a pass (llguidance's per-token limits allow ~0.1 s): a generation whose
+    # mask is not there MASK_WAIT_SECONDS after the pass steps aside, in a batch of its own with the
+    # logits of its pass, and the others go on; once its mask is there, it takes its token and rejoins
+    # the running batch. So one client's grammar never holds back the other generations' tokens.
+    def _next_mask(self, s: GenerationSequence) -> None:
+        if s.grammar is not None:
+            s.mask = self._grammars.submit(s.grammar.refused, self.model.vocab_size)
+
+    def _late(self, rows: list[GenerationSequence]) -> list[GenerationSequence]:
+        """The rows whose mask is still being computed MASK_WAIT_SECONDS from now (or sooner, all ready)."""
+        pending = [s.mask for s in rows if s.mask is not None and not s.mask.done()]
+        if not pending:
+            return []
+        wait(pending, timeout=MASK_WAIT_SECONDS)
+        return [s for s in rows if s.mask is not None and not s.mask.done()]
+
+    def _step_aside(
+        self, batch: _Batch, late: list[GenerationSequence], logits: torch.Tensor
+    ) -> torch.Tensor | None:
+        """Move the `late` rows out of `batch`, each with its row of `logits` and a batch of its own
+        (its cache rows); returns the logits of the rows that stay, None when none does."""
+        staying = [i for i, s in enumerate(batch.rows) if s not in late]
+        for i, s in enumerate(batch.rows):
+            if s in late:
+                s.held = logits[i].clone()
+        if batch.mask is None:  # one sequence per batch (no padding): the batch itself steps aside
+            for batches in (self._batches, self._prefilling):
+                if batch in batches:
+                    batches.remove(batch)
+            self._aside.append(batch)
+        else:
+            for s in late:
+                self._aside.append(self._split(batch, s))
+            self._keep(batch, [batch.rows[i] for i in staying])
+        for s in late:
+            assert s.mask is not None
+            s.mask.add_done_callback(self._poke)
+        if not staying or batch.mask is None:
+            return None
+        return logits[torch.tensor(staying, dtype=torch.long, device=logits.device)]
+
+    def _split(self, batch: _Batch, s: GenerationSequence) -> _Batch:
+        """A batch of `s` alone: its rows of `batch`'s cache (copies), the padding no longer needed dropped."""
+        part = _Batch(list(batch.rows), None)
+        part.mask = batch.mask
+        cache = copy.copy(batch.cache)
+        cache.layers = [copy.copy(layer) for layer in batch.cache.layers]  # `_keep` replaces their tensors
+        part.cache = cache
+        self._keep(part, [s])
+        return part
+
+    def _poke(self, _: object = None) -> None:
+        with self._wake:
+            self._wake.notify()
+
+    def _rejoining(self) -> bool:
+        """Whether a generation aside can go on: its mask is there."""
+        return any(s.mask is None or s.mask.done() for batch in self._aside for s in batch.rows)
+
+    def _rejoin(self) -> None:
+        """The generations aside whose mask is there take their token and rejoin the running batch (or
+        end there, cancelled meanwhile: nobody waits for them, their client has gone or had its 504)."""
+        for batch in list(self._aside):
+            (s,) = batch.rows
+            if s.mask is not None and not s.mask.done():
+                continue
+            self._aside.remove(batch)
+            if s.cancel is not None and s.cancel.is_set():
+                s.result.finish_reason = "abort"
+                s.finish()
+                continue
+            held, s.held = s.held, None
+            assert held is not None
+            if self._take_tokens(batch, held[None]):
+                self._merge(batch)
 
     def _prefill_batches(self, fresh: list[GenerationSequence]) -> list[_Batch]:
         """The arrivals as batches to prefill: one per sequence without batching; with it, one per
@@ -417,7 +526,7 @@ class Scheduler:
             return
         if self.prefix_cache is not None:
             self._remember_prefixes(batch)
-        if self._take_tokens(batch, out):
+        if self._take_tokens(batch, out.logits[:, -1]):
             self._merge(batch)
 
     def _from_cached_prefix(self, s: GenerationSequence) -> _Batch | None:
@@ -493,14 +602,21 @@ class Scheduler:
         """One pass over the batch and a token for each of its rows; the finished rows leave it.
         False when the batch is gone (all its rows ended, or the pass failed them all)."""
         out = self._pass(batch, ids, inputs)
-        return out is not None and self._take_tokens(batch, out)
+        return out is not None and self._take_tokens(batch, out.logits[:, -1])
 
-    def _take_tokens(self, batch: _Batch, out: ForwardOutput) -> bool:
-        """A token for each row of the batch from the pass's output; the finished rows leave it.
-        False when the batch is gone."""
+    def _take_tokens(self, batch: _Batch, last_logits: torch.Tensor) -> bool:
+        """A token for each row of the batch from the logits of its last position, (rows, vocabulary);
+        the finished rows leave it, and so do, for now, those whose grammar's mask is late (they step
+        aside). False when the batch is gone."""
         eos_ids = self.model.eos_ids
+        logits = last_logits.float()
+        late = self._late(batch.rows)
+        if late:
+            staying = self._step_aside(batch, late, logits)
+            if staying is None:
+                return False
+            logits = staying
         rows = batch.rows
-        logits = out.logits[:, -1].float()
         logprobs = torch.log_softmax(logits, dim=-1)
         greedy = logits.argmax(dim=-1).tolist() if any(s.greedy for s in rows) else []
         tokens: list[int] = []
@@ -527,6 +643,7 @@ class Scheduler:
                 s.finish()
             else:
                 going.append(s)
+                self._next_mask(s)
         if len(going) < len(rows):
             self._keep(batch, going)
         return bool(going)

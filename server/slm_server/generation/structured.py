@@ -99,7 +99,7 @@ class GrammarState:
     __slots__ = ("_matcher",)
 
     def __init__(self, matcher: Any):
-        self._matcher = matcher  # used by the scheduler's thread only
+        self._matcher = matcher  # used by one thread at a time: the scheduler's, or a grammar thread it waits for
 
     def refused(self, vocab_size: int) -> np.ndarray:
         """Per token id below `vocab_size` (a position's logits' width), True where the grammar refuses it."""
