@@ -44,6 +44,7 @@ import httpx
 
 REPO = Path(__file__).resolve().parents[1]
 PYTHONPATH = os.pathsep.join(str(REPO / p) for p in ("sidecar", "server", "devtools", "."))
+sys.path[:0] = PYTHONPATH.split(os.pathsep)
 PROMPT = " ".join(f"word{i}" for i in range(16))  # the echo engine answers the prompt's words
 MODEL = "bench"
 
@@ -118,25 +119,43 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
+def _client(base: str) -> Any:
+    """The load generator's connections: the sidecar's own HTTP/1.1 client (one write per request, responses
+    parsed in C), so that the client's CPU, on the same cores, weighs as little as can be."""
+    from slm_sidecar.upstream import Upstream
+
+    host, port = base.removeprefix("http://").split(":")
+    return Upstream(host, int(port), connect_timeout=5)
+
+
+_HEADERS = [(b"content-type", b"application/json")]
+
+
 async def unstreamed(base: str, requests: int, concurrency: int) -> tuple[list[float], float]:
     """Latencies (s) of `requests` POST /v1/completions by `concurrency` clients, and the wall time."""
-    body = {"model": MODEL, "prompt": PROMPT, "max_tokens": 8}
+    body = json.dumps({"model": MODEL, "prompt": PROMPT, "max_tokens": 8}).encode()
     latencies: list[float] = []
-    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-    async with httpx.AsyncClient(base_url=base, timeout=60, limits=limits) as client:
-        await client.post("/v1/completions", json=body)  # the connection, warm
+    client = _client(base)
 
-        async def one_client(count: int) -> None:
-            for _ in range(count):
-                started = time.perf_counter()
-                reply = await client.post("/v1/completions", json=body)
-                latencies.append(time.perf_counter() - started)
-                assert reply.status_code == 200, reply.text
+    async def one() -> None:
+        reply = await client.request(b"POST", b"/v1/completions", _HEADERS, body)
+        await reply.read()
+        await reply.aclose()
+        assert reply.status == 200
 
-        started = time.perf_counter()
-        share = requests // concurrency
-        await asyncio.gather(*(one_client(share) for _ in range(concurrency)))
-        return latencies, time.perf_counter() - started
+    await asyncio.gather(*(one() for _ in range(concurrency)))  # the connections, warm
+
+    async def one_client(count: int) -> None:
+        for _ in range(count):
+            started = time.perf_counter()
+            await one()
+            latencies.append(time.perf_counter() - started)
+
+    started = time.perf_counter()
+    await asyncio.gather(*(one_client(requests // concurrency) for _ in range(concurrency)))
+    elapsed = time.perf_counter() - started
+    client.close()
+    return latencies, elapsed
 
 
 async def streams(base: str, count: int, concurrency: int, tokens: int) -> tuple[list[float], list[float]]:
@@ -144,25 +163,27 @@ async def streams(base: str, count: int, concurrency: int, tokens: int) -> tuple
     their times to the first chunk."""
     body = {"model": MODEL, "prompt": "The module provides", "max_tokens": tokens, "min_tokens": tokens,
             "temperature": 0, "stream": True, "ignore_eos": True}  # fmt: skip
+    data = json.dumps(body).encode()
     gaps: list[float] = []
     firsts: list[float] = []
-    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
     gate = asyncio.Semaphore(concurrency)
-    async with httpx.AsyncClient(base_url=base, timeout=120, limits=limits) as client:
+    client = _client(base)
 
-        async def one() -> None:
-            async with gate:
-                started = time.perf_counter()
-                times = []
-                async with client.stream("POST", "/v1/completions", json=body) as reply:
-                    assert reply.status_code == 200
-                    async for line in reply.aiter_lines():
-                        if line.startswith("data: {"):
-                            times.append(time.perf_counter())
-                firsts.append(times[0] - started)
-                gaps.extend(b - a for a, b in itertools.pairwise(times))
+    async def one() -> None:
+        async with gate:
+            started = time.perf_counter()
+            times = []
+            reply = await client.request(b"POST", b"/v1/completions", _HEADERS, data)
+            assert reply.status == 200
+            async for piece in reply.pieces():
+                now = time.perf_counter()
+                times.extend([now] * piece.count(b"data: {"))
+            await reply.aclose()
+            firsts.append(times[0] - started)
+            gaps.extend(b - a for a, b in itertools.pairwise(times))
 
-        await asyncio.gather(*(one() for _ in range(count)))
+    await asyncio.gather(*(one() for _ in range(count)))
+    client.close()
     return gaps, firsts
 
 
@@ -212,6 +233,7 @@ def measure_streams(direct: str, through: str, streams_at_once: int, tokens: int
             "itl_p50_ms": {k: ms(v) for k, v in itl_p50.items()},
             "itl_mean_ms": {k: ms(v) for k, v in itl_mean.items()},
             "itl_mean_ratio": round(itl_mean["sidecar"] / itl_mean["direct"], 4),
+            "itl_mean_added_ms": ms(itl_mean["sidecar"] - itl_mean["direct"]),
             "ttft_p50_ms": {k: ms(percentile(v, 0.5)) for k, v in firsts.items()},
         }
     return out
@@ -268,7 +290,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     for name in ("tiny", "llama"):
         if isinstance(figures[name], dict):
-            ratios = ", ".join(f"{k}: {v['itl_mean_ratio']}" for k, v in figures[name].items())
+            ratios = ", ".join(
+                f"{k}: {v['itl_mean_ratio']}, +{v['itl_mean_added_ms']} ms" for k, v in figures[name].items()
+            )
             print(f"{name}: streamed inter-token latency through / direct ({ratios}) (goal <= 1.02)")
     print(
         f"sidecar CPU per request: {figures['sidecar_cpu_us_per_request']} µs (the echo runtime's own: "

@@ -614,7 +614,7 @@ class Sidecar:
             results = [None]  # ended before the runtime generated: one failed generation
             if error is None and not exchange.timed_out:
                 error = ModelFailure("the runtime's reply has no choices")
-        params = dataclasses.replace(plan.params, grammar=cast(Any, form))
+        params = plan.params if form is None else dataclasses.replace(plan.params, grammar=cast(Any, form))
         prompt_tokens = exchange.choices.prompt_tokens or 0
         outcomes: list[Outcome | None] = [None] * len(results)
         record.request = RequestParams(plan.operation, params, prompt_tokens, plan.stream)
@@ -730,8 +730,11 @@ def _sse(doc: Any) -> bytes:
 
 
 def _headers_back(response: httpx.Response | Reply) -> list[tuple[bytes, bytes]]:
-    raw = response.headers.raw if isinstance(response, httpx.Response) else response.headers
-    return [(k, v) for k, v in raw if k.lower() not in _HOP_BACK]
+    if isinstance(response, httpx.Response):
+        raw = [(k.lower(), v) for k, v in response.headers.raw]
+    else:
+        raw = response.headers
+    return [(k, v) for k, v in raw if k not in _HOP_BACK]  # (names come lowercase from both clients)
 
 
 async def _read_body(receive: Receive) -> bytes:
