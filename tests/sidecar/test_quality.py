@@ -142,3 +142,28 @@ def test_unknown_routes_and_methods_are_refused(sidecar: RunningSidecar):
     assert (
         f'slm_model_info{{device="builtin",dtype="auto",max_context="256",model="{MODEL_NAME}",source=""}} 1.0' in text
     )
+
+
+# Engine series the runtime's own metrics give for a third-party runtime (issue 24's mapping), not the sidecar.
+ENGINE_ONLY = ("slm_batch_size", "slm_forward_pass", "slm_kv_cache", "slm_prefix_cache", "slm_filesystem", "nvidia_")
+
+
+def test_the_sidecar_exposes_the_servers_slm_contract(runtime: Runtime, sidecar: RunningSidecar):
+    """Every slm_* family of the built-in server (but the engine's own) is the sidecar's too, with the same
+    type and label names: the panels and alerts read the same series from either."""
+    body = {"model": MODEL_NAME, "prompt": PROMPT, "max_tokens": 4}
+    assert sidecar.client.post("/v1/completions", json=body).status_code == 200  # reaches the runtime too
+
+    def families(registry: Any) -> dict[str, tuple[str, frozenset[str]]]:
+        found = {}
+        for family in registry.collect():
+            if family.name.startswith(("slm_", "api_", "model_")):
+                labels = frozenset(k for sample in family.samples for k in sample.labels if k != "le")
+                found[family.name] = (family.type, labels)
+        return found
+
+    server = families(runtime.registry)
+    mine = families(sidecar.app.registry)
+    expected = {name: shape for name, shape in server.items() if not name.startswith(ENGINE_ONLY)}
+    assert len(expected) >= 25
+    assert {name: mine.get(name) for name in expected} == expected
