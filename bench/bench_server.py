@@ -1,7 +1,10 @@
 """Server monitoring overhead benchmark.
 
     .venv/bin/python bench/bench_server.py [--requests 1000] [--rounds 20] [--processes 4] [--http-rounds 4]
-                                           [--tiny-requests 50] [--json OUT]
+                                           [--tiny-requests 50] [--json OUT] [--before DIR]
+
+    # this server against main's, in the same rounds:
+    git archive main | tar -x -C /tmp/main-tree && .venv/bin/python bench/bench_server.py --before /tmp/main-tree
 
 Variants of the same app, all on the no-op `EchoEngine` (so no model time hides the overhead),
 measured in one run (one worker process per variant, see below):

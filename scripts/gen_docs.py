@@ -262,7 +262,10 @@ def server_reference() -> str:
         "event loop, admitted like generations: at most `SLM_MAX_CONCURRENT_REQUESTS` at once and "
         "`SLM_MAX_QUEUED_REQUESTS` waiting, 429 with `Retry-After` beyond. A grammar has "
         "`SLM_GRAMMAR_COMPILE_TIMEOUT_SECONDS` to compile (400 after), and llguidance's limits are set explicitly "
-        "(`slm_server.generation.structured.LIMITS`): a grammar past them is a 400 that says which.",
+        "(`slm_server.generation.structured.LIMITS`): a grammar past them is a 400 that says which. While a "
+        "generation runs, its grammar's mask of the next token is computed beside the model's pass; a generation "
+        "whose mask is not ready 50 ms after the pass steps aside and rejoins the batch once it is, so a costly "
+        "grammar slows its own generation only.",
         "- A string that is not text (a lone surrogate such as `\\ud800`, which JSON can carry and UTF-8 cannot) "
         "is a 422 naming the field; a body that is not UTF-8 a 400 that says so.",
         "- A client that closes its connection before a non-streamed response stops its generation (finish "

@@ -6,12 +6,13 @@ loopback port, as `slm-server` serves."""
 
 from __future__ import annotations
 
+import copy
 import itertools
 import subprocess
 import sys
 import threading
 import time
-from typing import Any
+from typing import Any, NamedTuple
 
 import httpx
 import pytest
@@ -174,54 +175,97 @@ def _gaps(times: list[float], start: float, end: float) -> list[float]:
     return [b - a for a, b in itertools.pairwise([start, *during, end])]
 
 
+def _fresh(body: dict[str, Any], attempt: int) -> dict[str, Any]:
+    """`body` made new for a later attempt, so that no grammar comes from the compiler's cache: a
+    schema with a description, a regex or grammar with one more alternative, a tool described."""
+    if not attempt:
+        return body
+    body = copy.deepcopy(body)
+    constraint = body.get("structured_outputs") or {}
+    if "regex" in constraint:
+        constraint["regex"] = f"(?:{constraint['regex']})|attempt{attempt}"
+    if "grammar" in constraint:
+        constraint["grammar"] += f' | "attempt{attempt}"'
+    if "response_format" in body:
+        schema = body["response_format"]["json_schema"]["schema"]
+        body["response_format"]["json_schema"]["schema"] = {**schema, "description": f"attempt {attempt}"}
+    if "tools" in body:
+        body["tools"][0]["function"]["description"] = f"attempt {attempt}"
+    return body
+
+
+class _Phase(NamedTuple):
+    probes: list[float]  # /healthz latencies
+    gaps: list[float]  # between the stream's events
+
+
+def _measure(base: str, stream_times: list[float], senders: list[threading.Thread] | None, probes: int = 0) -> _Phase:
+    """/healthz latencies and the stream's gaps while `senders` run, or (None) for `probes` probes."""
+    prober = _Prober(base)
+    wait_for(lambda: prober.latencies, 60)  # probing
+    started = time.perf_counter()
+    if senders is None:
+        wait_for(lambda: len(prober.latencies) >= probes, 120)
+    else:
+        for sender in senders:
+            sender.start()
+        for sender in senders:
+            sender.join(timeout=180)
+    latencies = prober.stop()
+    return _Phase(latencies, _gaps(stream_times, started, time.perf_counter()))
+
+
 @pytest.mark.parametrize(("name", "path", "body"), HOSTILE, ids=[h[0] for h in HOSTILE])
 def test_a_hostile_request_gets_a_4xx_or_completes_and_leaves_the_probe_and_a_stream_alone(
     bounded_server, name, path, body
 ):
     """Two of the request at once, beside a running stream: each gets a 4xx or completes, /healthz
-    answers within 100 ms throughout, and the stream's tokens keep coming. On a shared machine the
-    operating system alone now and then holds a probe or a token back: a control phase just before,
-    with the stream alone, measures that, and the bounds are over it."""
+    answers within 100 ms throughout, and the stream's tokens keep coming (no wait of 0.5 s).
+
+    On a shared, loaded machine the operating system alone now and then holds a probe or a token back
+    for a few hundred milliseconds: a control phase right after, with the stream alone and as many
+    probes, measures that, and the bounds are over it. A request that blocks the server does so every
+    time it comes, a machine's hiccup does not: the measurement is made again (the bodies made new, so
+    that nothing comes from a cache) up to three times, and fails when it fails each time."""
     base = str(bounded_server.base_url)
     stream_times: list[float] = []
     stop = threading.Event()
     streamer = threading.Thread(target=_stream, args=(base, stream_times, stop))
     streamer.start()
-    while not stream_times:  # the stream runs before anything is measured
-        time.sleep(0.01)
-    control_start = time.perf_counter()
-    prober = _Prober(base)
-    wait_for(lambda: len(prober.latencies) >= 40, 60)  # about a second of the stream alone
-    control = prober.stop()
-    control_gaps = _gaps(stream_times, control_start, time.perf_counter())
-    answers: list[httpx.Response] = []
+    misses = []
+    try:
+        wait_for(lambda: stream_times, 60)  # the stream runs before anything is measured
+        for attempt in range(3):
+            answers: list[httpx.Response] = []
+            request = _fresh(body, attempt)
 
-    def hostile() -> None:
-        with httpx.Client(base_url=base, timeout=120) as client:
-            answers.append(client.post(path, json=body))
+            def hostile(request: dict[str, Any] = request, answers: list[httpx.Response] = answers) -> None:
+                with httpx.Client(base_url=base, timeout=120) as client:
+                    answers.append(client.post(path, json=request))
 
-    senders = [threading.Thread(target=hostile) for _ in range(2)]
-    prober = _Prober(base)
-    wait_for(lambda: prober.latencies, 60)  # probing
-    started = time.perf_counter()
-    for sender in senders:
-        sender.start()
-    for sender in senders:
-        sender.join(timeout=180)
-    probes = prober.stop()
-    ended = time.perf_counter()
-    stop.set()
-    streamer.join(timeout=120)
+            during = _measure(base, stream_times, [threading.Thread(target=hostile) for _ in range(2)])
+            control = _measure(base, stream_times, None, probes=len(during.probes))
 
-    assert len(answers) == 2
-    for r in answers:
-        assert r.status_code == 200 or 400 <= r.status_code < 500, f"{name}: {r.status_code} {r.text[:300]}"
-        assert r.status_code != 422, r.text[:300]  # valid by the schema: its content is the trouble
-        if r.status_code != 200:
-            assert r.json()["error"]["message"]
-    assert max(probes) < 0.1 + max(control), (sorted(probes)[-3:], sorted(control)[-3:])
-    gaps = _gaps(stream_times, started, ended)
-    assert max(gaps) < 0.5 + max(control_gaps), (sorted(gaps)[-3:], sorted(control_gaps)[-3:])
+            assert len(answers) == 2
+            for r in answers:
+                assert r.status_code == 200 or 400 <= r.status_code < 500, f"{name}: {r.status_code} {r.text[:300]}"
+                assert r.status_code != 422, r.text[:300]  # valid by the schema: its content is the trouble
+                if r.status_code != 200:
+                    assert r.json()["error"]["message"]
+            probe_ok = max(during.probes) < 0.1 + max(control.probes)
+            stream_ok = max(during.gaps) < 0.5 + max(control.gaps)
+            if probe_ok and stream_ok:
+                return
+            misses.append(
+                {
+                    "probes (slowest 3, with the control's)": (sorted(during.probes)[-3:], sorted(control.probes)[-3:]),
+                    "stream gaps": (sorted(during.gaps)[-3:], sorted(control.gaps)[-3:]),
+                }
+            )
+    finally:
+        stop.set()
+        streamer.join(timeout=120)
+    raise AssertionError(f"{name}: the probe or the stream was held back in each of 3 attempts: {misses}")
 
 
 def test_a_flood_of_hostile_requests_is_bounded_by_the_admission_limits(bounded_server):

@@ -413,9 +413,7 @@ class Scheduler:
         wait(pending, timeout=MASK_WAIT_SECONDS)
         return [s for s in rows if s.mask is not None and not s.mask.done()]
 
-    def _step_aside(
-        self, batch: _Batch, late: list[GenerationSequence], logits: torch.Tensor
-    ) -> torch.Tensor | None:
+    def _step_aside(self, batch: _Batch, late: list[GenerationSequence], logits: torch.Tensor) -> torch.Tensor | None:
         """Move the `late` rows out of `batch`, each with its row of `logits` and a batch of its own
         (its cache rows); returns the logits of the rows that stay, None when none does."""
         staying = [i for i, s in enumerate(batch.rows) if s not in late]
