@@ -58,8 +58,8 @@ bench: deps ## benchmarks, printed as ratios against a baseline run side by side
 gpu-bundle: deps ## .gpu/: wheels + tiny model for running scripts/gpu-check.sh on a GPU machine with no network
 	@scripts/gpu-bundle.sh
 
-images: ## build the operator and server images with Docker or Podman (IMAGE_REGISTRY, IMAGE_TAG, CONTAINER_ENGINE)
-	@scripts/images.sh
+images: ## build the operator and server images with Docker or Podman (IMAGES="operator server sidecar" adds the sidecar; IMAGE_REGISTRY, IMAGE_TAG, CONTAINER_ENGINE)
+	@scripts/images.sh $(IMAGES)
 
 image-digests: venv ## check every pinned image digest against its registry (crane or docker buildx; UPDATE=1 bumps)
 	@$(PY) scripts/image_digests.py $(if $(UPDATE),--update)

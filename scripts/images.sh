@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # Builds the project's images with Docker or Podman (whichever is found, Docker first), tagged as the
 # chart references them by default: <imageRegistry>/slm-operator:<appVersion> from operator/, and
-# <imageRegistry>/slm-server:<appVersion> from server/ (both read from charts/slm-monitoring).
+# <imageRegistry>/slm-server:<appVersion> from server/ (both read from charts/slm-monitoring), and on request
+# <imageRegistry>/slm-sidecar:<appVersion> from sidecar/, with server/ as its named build context `server`.
 #
-#   scripts/images.sh                     # both (make images)
+#   scripts/images.sh                     # operator and server, the images the chart deploys (make images)
+#   scripts/images.sh sidecar             # the monitoring sidecar (make images IMAGES="operator server sidecar")
 #   scripts/images.sh operator            # one of them
 #   IMAGE_REGISTRY=registry.example.com/ml IMAGE_TAG=0.1.0-rc.1 CONTAINER_ENGINE=podman scripts/images.sh
 #   IMAGE_PUSH=1 scripts/images.sh        # and push them (a release: docs/release.md)
@@ -37,13 +39,16 @@ tag="${IMAGE_TAG:-$(sed -n 's/^appVersion: *"\{0,1\}\([^"]*\)"\{0,1\} *$/\1/p' "
 components=("$@")
 [ ${#components[@]} -gt 0 ] || components=(operator server)
 for component in "${components[@]}"; do
+  extra=()
   case "$component" in
     operator|server) ;;
-    *) die "unknown image '$component': operator or server." ;;
+    sidecar) extra=(--build-context "server=$repo/server") ;;  # the sidecar runs the server's monitoring code
+    *) die "unknown image '$component': operator, server or sidecar." ;;
   esac
   ref="$registry/slm-$component:$tag"
   say "$engine build $ref from $component/"
-  "$engine" build --platform linux/amd64 --tag "$ref" --file "$repo/$component/Dockerfile" "$repo/$component" >&2
+  "$engine" build --platform linux/amd64 --tag "$ref" "${extra[@]}" --file "$repo/$component/Dockerfile" \
+    "$repo/$component" >&2
   if [ -z "${IMAGE_PUSH:-}" ]; then
     echo "$ref"
     continue

@@ -34,12 +34,15 @@ export UV_CACHE_DIR="${UV_CACHE_DIR:-$cache/uv-cache}"
 # and one per product image, constrained by it so every image runs the versions the tests ran.
 # All with hashes: the image builds install with --require-hashes.
 if [ "${1:-}" = "--lock" ] || [ ! -f "$repo/requirements.lock" ]; then
-  say "resolving requirements.lock, operator/requirements.lock, server/requirements.lock"
+  say "resolving requirements.lock, operator/requirements.lock, server/requirements.lock, sidecar/requirements.lock"
   compile() { (cd "$repo" && "$uv" pip compile -q --generate-hashes --python-version 3.11 \
                  --python-platform x86_64-manylinux_2_28 "$@"); }
   compile pyproject.toml operator/pyproject.toml server/pyproject.toml --all-extras -o requirements.lock
   compile operator/pyproject.toml -c requirements.lock -o operator/requirements.lock
   compile server/pyproject.toml --extra engine -c requirements.lock -o server/requirements.lock
+  # The sidecar needs slm-server's base install (no engine extra); slm-server itself comes from the
+  # checkout (sidecar/pyproject.toml's tool.uv.sources), so the lock leaves it out.
+  compile sidecar/pyproject.toml -c requirements.lock --no-emit-package slm-server -o sidecar/requirements.lock
 fi
 
 key="$("$PYTHON" -c 'import sys;print(f"py{sys.version_info[0]}{sys.version_info[1]}")')-$(sha256sum "$repo/requirements.lock" | cut -c1-16)"
@@ -75,6 +78,6 @@ for tool in "$deps"/bin/*; do
     ln -sfn "$tool" "$venv/bin/$name"   # native binaries (ruff)
   fi
 done
-VIRTUAL_ENV="$venv" "$uv" pip install -q --no-deps -e "$repo/operator" -e "$repo/server" -e "$repo" ||
-  die "installing the project (editable: operator, server, devtools) failed."
+VIRTUAL_ENV="$venv" "$uv" pip install -q --no-deps -e "$repo/operator" -e "$repo/server" -e "$repo/sidecar" -e "$repo" ||
+  die "installing the project (editable: operator, server, sidecar, devtools) failed."
 say "python environment ready: $venv (packages from $deps)"

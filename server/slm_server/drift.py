@@ -65,7 +65,6 @@ from typing import Any, Protocol
 import numpy as np
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
-from scipy import stats
 
 logger = logging.getLogger("slm_server.drift")
 
@@ -155,6 +154,14 @@ def _summary(values: np.ndarray) -> dict[str, float]:
         "p50": round(float(q50), 4),
         "p90": round(float(q90), 4),
     }
+
+
+def _ks_2samp(ref: np.ndarray, current: np.ndarray) -> Any:
+    """scipy's two-sample KS test, imported on the first test: scipy.stats is ~80 MiB resident, which a
+    process that never runs a test (drift detection off, as the sidecar may run) should not carry."""
+    from scipy import stats
+
+    return stats.ks_2samp(ref, current, method="asymp")
 
 
 def _ks_critical(alpha: float, n: int, m: int) -> float:
@@ -259,7 +266,7 @@ class DistributionDetector:
         pvalue: float | None = None
         ks_alarm = False
         if ks_score >= 1:
-            ks = stats.ks_2samp(ref, current, method="asymp")
+            ks = _ks_2samp(ref, current)
             statistic, pvalue = float(ks.statistic), float(ks.pvalue)
             ks_alarm = pvalue < s.ks_pvalue
         # A mean moved by a minority of requests (a share of the traffic gone strange) bends the CDF too
@@ -277,7 +284,7 @@ class DistributionDetector:
         if alarm or was_detected or self.detected:
             # Only a check that can change (or just changed) the state needs the full evidence.
             if pvalue is None:
-                pvalue = float(stats.ks_2samp(ref, current, method="asymp").pvalue)
+                pvalue = float(_ks_2samp(ref, current).pvalue)
             details.update(
                 reference=self._ref_summary,
                 current=_summary(current),

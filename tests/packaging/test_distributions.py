@@ -1,8 +1,10 @@
 """The products stand apart from each other and from the tooling, as a user installing one of them sees.
 
 - `pip install slm-operator` in a clean environment pulls no torch and no server, and the operator starts.
-- No module of the operator imports the server or the tooling; the server imports neither the operator
-  nor the tooling (read from the source with `ast`, so a lazy import inside a function counts too).
+- `pip install slm-sidecar` (slm-server's base install under it) pulls no torch, and the sidecar starts.
+- No module of the operator imports the server, the sidecar or the tooling; the server imports neither the
+  operator, the sidecar nor the tooling; the sidecar imports the server but not the operator nor the tooling
+  (read from the source with `ast`, so a lazy import inside a function counts too).
 - Nothing published finds files by walking up from `__file__` (a wheel has no repository around it).
 """
 
@@ -18,11 +20,17 @@ from pathlib import Path
 from slm_devtools import tools
 
 ROOT = tools.REPO_ROOT
-PRODUCTS = {"slm_operator": ROOT / "operator" / "slm_operator", "slm_server": ROOT / "server" / "slm_server"}
-FOREIGN = {
-    "slm_operator": {"slm_server", "slm_devtools", "tests"},
-    "slm_server": {"slm_operator", "slm_devtools", "tests"},
+PRODUCTS = {
+    "slm_operator": ROOT / "operator" / "slm_operator",
+    "slm_server": ROOT / "server" / "slm_server",
+    "slm_sidecar": ROOT / "sidecar" / "slm_sidecar",
 }
+FOREIGN = {
+    "slm_operator": {"slm_server", "slm_sidecar", "slm_devtools", "tests"},
+    "slm_server": {"slm_operator", "slm_sidecar", "slm_devtools", "tests"},
+    "slm_sidecar": {"slm_operator", "slm_devtools", "tests"},
+}
+HEAVY = {"torch", "transformers", "tokenizers", "safetensors", "llguidance"}
 
 
 def imported_packages(path: Path) -> set[str]:
@@ -107,3 +115,50 @@ def test_the_server_base_install_leaves_torch_to_the_engine_extra() -> None:
     engine = names(project["optional-dependencies"]["engine"])
     assert not base & {"torch", "transformers", "llguidance", "tokenizers", "safetensors"}
     assert {"torch", "transformers"} <= engine
+
+
+def test_sidecar_installs_in_a_clean_environment_without_torch(tmp_path: Path) -> None:
+    """A real install of sidecar/ and the server's base install into an empty virtual environment, resolved
+    from sidecar/requirements.lock (offline, from the cache `make deps` filled), as sidecar/Dockerfile does."""
+    uv = tools.cache_dir() / "uv-0.13.9" / "bin" / "uv"
+    assert uv.exists(), f"{uv} missing: run `make deps`"
+    venv = tmp_path / "venv"
+    env = {**os.environ, "UV_CACHE_DIR": str(tools.cache_dir() / "uv-cache"), "UV_OFFLINE": "1"}
+    env.pop("VIRTUAL_ENV", None)
+    python = f"{sys.version_info[0]}.{sys.version_info[1]}"
+    subprocess.run([str(uv), "venv", "-q", "--python", python, str(venv)], check=True, env=env)
+    target = ["--python", str(venv / "bin" / "python")]
+    for args in (["--require-hashes", "-r", str(ROOT / "sidecar" / "requirements.lock")],
+                 ["--no-deps", str(ROOT / "server"), str(ROOT / "sidecar")]):
+        install = subprocess.run([str(uv), "pip", "install", *target, *args], env=env, capture_output=True,
+                                 text=True, check=False)
+        assert install.returncode == 0, install.stderr
+    listed = subprocess.run([str(uv), "pip", "list", *target], env=env, capture_output=True, text=True,
+                            check=True).stdout
+    names = {line.split()[0].lower() for line in listed.splitlines()[2:] if line.strip()}
+    assert {"slm-sidecar", "slm-server", "httpx"} <= names
+    assert not names & (HEAVY | {"slm-operator", "slm-monitoring-dev", "pytest", "kopf"})
+    started = subprocess.run([str(venv / "bin" / "slm-sidecar"), "--help"], capture_output=True, text=True,
+                             check=False, cwd=tmp_path)
+    assert started.returncode == 0, started.stderr
+    assert "--upstream-url" in started.stdout
+    imported = subprocess.run([str(venv / "bin" / "python"), "-c", "import slm_sidecar.app, slm_server.drift"],
+                              capture_output=True, text=True, check=False, cwd=tmp_path)
+    assert imported.returncode == 0, imported.stderr
+
+
+def test_the_sidecar_image_installs_only_from_its_lock() -> None:
+    """sidecar/Dockerfile: hashes required, the server's code from the named context, a numeric non-root user,
+    the base image pinned by digest (the server image's)."""
+    dockerfile = (ROOT / "sidecar" / "Dockerfile").read_text()
+    assert "--require-hashes -r requirements.lock" in dockerfile
+    assert "COPY --from=server slm_server" in dockerfile
+    assert re.search(r"^USER [1-9][0-9]*:[1-9][0-9]*$", dockerfile, re.MULTILINE)
+    bases = set(re.findall(r"^FROM (\S+)", dockerfile, re.MULTILINE))
+    server_bases = set(re.findall(r"^FROM (\S+)", (ROOT / "server" / "Dockerfile").read_text(), re.MULTILINE))
+    assert bases == server_bases and all("@sha256:" in base for base in bases)
+    assert 'ENTRYPOINT ["slm-sidecar"]' in dockerfile
+    lock = (ROOT / "sidecar" / "requirements.lock").read_text()
+    pinned = {line.split("==")[0] for line in lock.splitlines() if "==" in line and not line.startswith((" ", "#"))}
+    assert {"httpx", "fastapi", "uvicorn", "prometheus-client", "scipy"} <= pinned
+    assert not pinned & HEAVY

@@ -1,0 +1,3 @@
+from slm_sidecar.cli import main
+
+raise SystemExit(main())
