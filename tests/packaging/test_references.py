@@ -25,7 +25,8 @@ def tracked() -> list[str]:
 
 
 def test_no_reference_outside_the_repository() -> None:
-    offenders = [f for f in tracked() if "../shared" in (REPO / f).read_text(errors="replace")]
+    outside = "../" + "shared"  # spelt in two pieces so that this file does not name it
+    offenders = [f for f in tracked() if outside in (REPO / f).read_text(errors="replace")]
     assert offenders == [], f"files citing ../shared (outside the repository): {offenders}"
 
 
