@@ -27,7 +27,7 @@ def tracked() -> list[str]:
 def test_no_reference_outside_the_repository() -> None:
     outside = "../" + "shared"  # spelt in two pieces so that this file does not name it
     offenders = [f for f in tracked() if outside in (REPO / f).read_text(errors="replace")]
-    assert offenders == [], f"files citing ../shared (outside the repository): {offenders}"
+    assert offenders == [], f"files citing {outside} (outside the repository): {offenders}"
 
 
 def test_every_named_repository_path_exists() -> None:
