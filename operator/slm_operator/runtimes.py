@@ -71,7 +71,7 @@ OWNED_FLAGS: dict[str, frozenset[str]] = {
     }),
     "sglang": frozenset({
         "--model-path", "--model", "--host", "--port", "--served-model-name", "--revision", "--dtype",
-        "--context-length", "--tp-size", "--tensor-parallel-size", "--tp", "--enable-metrics", "--config",
+        "--context-length", "--tp-size", "--tensor-parallel-size", "--enable-metrics", "--config",
     }),
     "tgi": frozenset({
         "--model-id", "--revision", "--dtype", "--num-shard", "--sharded", "--hostname", "--port", "-p",

@@ -26,9 +26,9 @@ case "$runtime" in
   vllm)
     version="$VLLM_VERSION" torch="$VLLM_TORCH_VERSION"
     # What `from vllm.entrypoints.common.cli_args import make_arg_parser` and parsing import.
-    needs=(aiohttp blake3 cachetools cbor2 cloudpickle fastapi llguidance msgspec openai oss-harmony
+    needs=(aiohttp blake3 cachetools cbor2 cloudpickle fastapi llguidance msgspec openai orjson oss-harmony
            packaging partial-json-parser pillow prometheus-client psutil py-cpuinfo pybase64 pydantic
-           pyzmq regex requests transformers urllib3 uvloop) ;;
+           pyzmq regex requests transformers urllib3 uvicorn uvloop watchfiles xgrammar) ;;
   sglang)
     version="$SGLANG_VERSION" torch="$SGLANG_TORCH_VERSION"
     # What `from sglang.srt.server_args import prepare_server_args` and parsing import.

@@ -124,3 +124,27 @@ def test_a_renamed_metric_would_fail(runtime: str, request: pytest.FixtureReques
     renamed = defined.copy()
     del renamed[row["name"]]
     assert any(f"{row['name']} is not defined" in p for p in check(runtime, renamed)), signal
+
+
+def test_the_reference_page_names_every_mapped_metric_and_every_gap():
+    page = (REPO_ROOT / "docs/reference/runtimes.md").read_text()
+    for runtime, entry in MAPPING["runtimes"].items():
+        assert f"{entry['version']}" in page, runtime
+        for signal, row in entry["metrics"].items():
+            if "missing" in row:
+                continue
+            # Histogram sums read as counters appear with their _sum suffix.
+            assert row["name"] in page, (runtime, signal, row["name"])
+    table = [line for line in page.splitlines() if line.startswith("| ") and line.count("|") == 6]
+    gaps = {(cells[0], column) for line in table
+            for cells in [[c.strip() for c in line.strip("|").split("|")]]
+            for column, cell in enumerate(cells[1:]) if cell == "—"}
+    runtimes = list(MAPPING["runtimes"])
+    expected = {(signal, runtimes.index(runtime)) for runtime, entry in MAPPING["runtimes"].items()
+                for signal, row in entry["metrics"].items() if "missing" in row}
+    labels = {"requests": "requests", "errors": "errors", "e2e_latency": "end-to-end latency",
+              "ttft": "time to first token", "inter_token_latency": "inter-token latency", "queue_time": "queue time",
+              "running": "running requests", "waiting": "waiting requests", "prompt_tokens": "prompt tokens",
+              "generated_tokens": "generated tokens", "kv_cache_usage": "KV-cache usage (0–1)",
+              "preemptions": "preemptions"}
+    assert gaps == {(labels[signal], column) for signal, column in expected}

@@ -103,7 +103,7 @@ def test_llamacpp_refuses_what_it_cannot_honour(dtype, revision, message):
     ("vllm", ["-tp", "2"], "-tp"),
     ("vllm", ["--config", "/etc/vllm.yaml"], "--config"),
     ("sglang", ["--enable-metrics"], "--enable-metrics"),
-    ("sglang", ["--tp", "2"], "--tp"),
+    ("sglang", ["--tensor-parallel-size", "2"], "--tensor-parallel-size"),
     ("tgi", ["--num-shard=4"], "--num-shard"),
     ("tgi", ["-p", "80"], "-p"),
     ("llamacpp", ["-c", "4096"], "-c"),
@@ -119,6 +119,8 @@ def test_an_abbreviation_of_an_owned_flag_is_refused_for_argparse_runtimes():
         validate_runtime_args("vllm", ["--max-model", "1024"])
     with pytest.raises(RuntimeArgsError, match="--context abbreviates --context-length"):
         validate_runtime_args("sglang", ["--context=1024"])
+    with pytest.raises(RuntimeArgsError, match="--tp abbreviates --tp-size"):
+        validate_runtime_args("sglang", ["--tp", "2"])
 
 
 def test_flags_the_operator_does_not_own_pass_with_their_values():
