@@ -145,6 +145,6 @@ def test_the_reference_page_names_every_mapped_metric_and_every_gap():
     labels = {"requests": "requests", "errors": "errors", "e2e_latency": "end-to-end latency",
               "ttft": "time to first token", "inter_token_latency": "inter-token latency", "queue_time": "queue time",
               "running": "running requests", "waiting": "waiting requests", "prompt_tokens": "prompt tokens",
-              "generated_tokens": "generated tokens", "kv_cache_usage": "KV-cache usage (0–1)",
+              "generated_tokens": "generated tokens", "kv_cache_usage": "KV-cache usage (0\N{EN DASH}1)",
               "preemptions": "preemptions"}
     assert gaps == {(labels[signal], column) for signal, column in expected}

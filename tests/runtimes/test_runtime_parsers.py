@@ -22,6 +22,7 @@ from slm_operator.runtimes import RuntimeArgsError, render_runtime, validate_run
 
 pytestmark = pytest.mark.slow
 DRIVER = Path(__file__).with_name("runtime_parser_driver.py")
+ANY = "0.0.0.0"  # noqa: S104 - the address the runtimes are told to listen on inside the pod
 REVISION = "7ae557604adf67be50417f59c2c2f167def9a775"
 
 CASES = {
@@ -60,7 +61,7 @@ def test_vllm_parser_accepts_every_rendered_command_line(vllm_python: Path, tmp_
     hub, local, cpu, extra = (r["parsed"] for r in results[:-1])
     assert hub == {"model": "Qwen/Qwen2.5-0.5B-Instruct", "revision": REVISION, "dtype": "bfloat16",
                    "max_model_len": 4096, "tensor_parallel_size": 2, "served_model_name": ["qwen"],
-                   "host": "0.0.0.0", "port": 8000}
+                   "host": ANY, "port": 8000}
     assert local["model"] == "/data/phi-3" and local["revision"] is None and local["dtype"] == "auto"
     assert cpu["tensor_parallel_size"] == 1 and cpu["dtype"] == "float32" and cpu["port"] == 9000
     assert extra["served_model_name"] == ["phi"]
@@ -75,7 +76,7 @@ def test_sglang_parser_accepts_every_rendered_command_line(sglang_python: Path, 
     assert [r["ok"] for r in results[:-2]] == [True, True, True, True], results
     hub, local, cpu, _extra = (r["parsed"] for r in results[:-2])
     assert hub == {"model_path": "Qwen/Qwen2.5-0.5B-Instruct", "revision": REVISION, "dtype": "bfloat16",
-                   "context_length": 4096, "tp_size": 2, "served_model_name": "qwen", "host": "0.0.0.0",
+                   "context_length": 4096, "tp_size": 2, "served_model_name": "qwen", "host": ANY,
                    "port": 8000, "enable_metrics": True}
     assert local["model_path"] == "/data/phi-3" and local["revision"] is None and local["enable_metrics"] is True
     assert cpu["tp_size"] == 1 and cpu["dtype"] == "float32" and cpu["port"] == 9000
