@@ -20,7 +20,8 @@ import pytest
 
 from slm_operator.runtimes import RuntimeArgsError, render_runtime, validate_runtime_args
 
-pytestmark = pytest.mark.slow
+# Importing vLLM (torch, transformers) takes minutes on a busy 2-core machine.
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]
 DRIVER = Path(__file__).with_name("runtime_parser_driver.py")
 ANY = "0.0.0.0"  # noqa: S104 - the address the runtimes are told to listen on inside the pod
 REVISION = "7ae557604adf67be50417f59c2c2f167def9a775"
