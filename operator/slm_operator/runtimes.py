@@ -63,15 +63,18 @@ PINS: dict[str, Pin] = {
 }
 
 # Flags the operator renders or must keep control of, per runtime, with every alias the runtime
-# accepts. `spec.runtimeArgs` may not carry them (nor, for argparse-based runtimes, an abbreviation).
+# accepts: those it sets from the spec, a config file that could set them again, and those that would
+# move or encrypt the endpoints the probes and Prometheus read (TLS, an API prefix). `spec.runtimeArgs`
+# may not carry them (nor, for argparse-based runtimes, an abbreviation of one).
 OWNED_FLAGS: dict[str, frozenset[str]] = {
     "vllm": frozenset({
         "--model", "--host", "--port", "--uds", "--served-model-name", "--revision", "--dtype",
-        "--max-model-len", "--tensor-parallel-size", "-tp", "--config",
+        "--max-model-len", "--tensor-parallel-size", "-tp", "--config", "--ssl-keyfile", "--ssl-certfile",
     }),
     "sglang": frozenset({
         "--model-path", "--model", "--host", "--port", "--served-model-name", "--revision", "--dtype",
         "--context-length", "--tp-size", "--tensor-parallel-size", "--enable-metrics", "--config",
+        "--ssl-keyfile", "--ssl-certfile",
     }),
     "tgi": frozenset({
         "--model-id", "--revision", "--dtype", "--num-shard", "--sharded", "--hostname", "--port", "-p",
@@ -79,7 +82,7 @@ OWNED_FLAGS: dict[str, frozenset[str]] = {
     }),
     "llamacpp": frozenset({
         "-m", "--model", "-hf", "-hfr", "--hf-repo", "--host", "--port", "-c", "--ctx-size", "-a", "--alias",
-        "--metrics", "-mu", "--model-url", "-dr", "--docker-repo",
+        "--metrics", "-mu", "--model-url", "-dr", "--docker-repo", "--api-prefix", "--ssl-key-file", "--ssl-cert-file",
     }),
 }
 # Runtimes whose parser accepts any unambiguous prefix of a long flag (Python's argparse default).

@@ -3,7 +3,8 @@ scripts/deps/runtime-venv.sh makes), never imported by the tests' interpreter.
 
     <runtime python> runtime_parser_driver.py vllm|sglang ARGVS.json RESULTS.json
 
-ARGVS.json: a JSON list of argument lists (what follows `vllm serve` / `python -m sglang.launch_server`);
+ARGVS.json: a JSON list of argument lists (what follows `vllm serve` / `python -m sglang.launch_server`),
+or ["--list-options"] for every option string the parser knows (argparse keeps them in `_actions`);
 RESULTS.json: one JSON object per list, {"ok": true, "parsed": {...}} or {"ok": false, "error": [...]}
 (a file, not stdout: the runtimes log to stdout).
 
@@ -35,6 +36,9 @@ def _vllm() -> Any:
     command.subparser_init(subparsers)
 
     def parse(argv: list[str]) -> dict[str, Any]:
+        if argv == ["--list-options"]:
+            serve_parser = subparsers.choices["serve"]
+            return {"options": sorted(o for a in serve_parser._actions for o in a.option_strings)}
         args = parser.parse_args(["serve", *argv])
         command.validate(args)
         if args.model_tag is not None:  # as ServeSubcommand.cmd does before starting
@@ -50,9 +54,15 @@ def _vllm() -> Any:
 
 
 def _sglang() -> Any:
-    from sglang.srt.server_args import prepare_server_args
+    import argparse
+
+    from sglang.srt.server_args import ServerArgs, prepare_server_args
 
     def parse(argv: list[str]) -> dict[str, Any]:
+        if argv == ["--list-options"]:  # the parser prepare_server_args builds
+            parser = argparse.ArgumentParser(prog="sglang serve")
+            ServerArgs.add_cli_args(parser)
+            return {"options": sorted(o for a in parser._actions for o in a.option_strings)}
         server = prepare_server_args(argv)
         return {
             "model_path": server.model_path, "revision": server.revision, "dtype": server.dtype,

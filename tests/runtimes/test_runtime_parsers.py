@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from slm_operator.runtimes import RuntimeArgsError, render_runtime, validate_runtime_args
+from slm_operator.runtimes import OWNED_FLAGS, RuntimeArgsError, render_runtime, validate_runtime_args
 
 # Importing vLLM (torch, transformers) takes minutes on a busy 2-core machine.
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]
@@ -56,8 +56,11 @@ def rendered_argvs(runtime: str) -> list[list[str]]:
 
 
 def test_vllm_parser_accepts_every_rendered_command_line(vllm_python: Path, tmp_path: Path):
-    results = parse(vllm_python, "vllm", [*rendered_argvs("vllm"), ["/data/phi-3", "--max-model-length", "8"]],
-                    tmp_path)
+    results = parse(vllm_python, "vllm", [*rendered_argvs("vllm"), ["--list-options"],
+                                          ["/data/phi-3", "--max-model-length", "8"]], tmp_path)
+    options = results.pop(-2)["parsed"]["options"]
+    # Every flag the operator keeps out of runtimeArgs is one vLLM has (else the guard guards nothing).
+    assert sorted(OWNED_FLAGS["vllm"] - set(options)) == []
     assert [r["ok"] for r in results[:-1]] == [True, True, True, True], results
     hub, local, cpu, extra = (r["parsed"] for r in results[:-1])
     assert hub == {"model": "Qwen/Qwen2.5-0.5B-Instruct", "revision": REVISION, "dtype": "bfloat16",
@@ -72,8 +75,11 @@ def test_vllm_parser_accepts_every_rendered_command_line(vllm_python: Path, tmp_
 
 def test_sglang_parser_accepts_every_rendered_command_line(sglang_python: Path, tmp_path: Path):
     results = parse(sglang_python, "sglang",
-                    [*rendered_argvs("sglang"), ["--model-path", "/data/phi-3", "--context-size", "8"],
+                    [*rendered_argvs("sglang"), ["--list-options"],
+                     ["--model-path", "/data/phi-3", "--context-size", "8"],
                      ["--model-path", "/data/phi-3", "--tensor-parallel", "2"]], tmp_path)
+    options = results.pop(-3)["parsed"]["options"]
+    assert sorted(OWNED_FLAGS["sglang"] - set(options)) == []
     assert [r["ok"] for r in results[:-2]] == [True, True, True, True], results
     hub, local, cpu, _extra = (r["parsed"] for r in results[:-2])
     assert hub == {"model_path": "Qwen/Qwen2.5-0.5B-Instruct", "revision": REVISION, "dtype": "bfloat16",
