@@ -170,7 +170,7 @@ def render_runtime(
     for llama.cpp a path names the .gguf file). `gpus` is the number of GPUs of the pod: the tensor
     parallel size. Returns::
 
-        {"runtime", "version", "image", "gpuImage", "command": [...], "args": [...],
+        {"runtime", "container", "version", "image", "gpuImage", "command": [...], "args": [...],
          "env": [{"name", "value"}], "hfTokenEnv", "port", "ports": {name: port},
          "probes": {"startup"|"liveness"|"readiness": {"httpGet": {"path", "port"}}},
          "metrics": {"path", "port"}, "needsShm", "servedModelName", "ownedFlags": [...]}
@@ -198,6 +198,9 @@ def render_runtime(
     image = pin.gpu_image if (gpus > 0 and pin.gpu_image) else pin.image
     result: dict[str, Any] = {
         "runtime": runtime,
+        # The container's name: Prometheus labels every series it scrapes there `container="<runtime>"`,
+        # which the chart's shared recording rules of that runtime select (data/rules.yaml `target`).
+        "container": runtime,
         "version": pin.version,
         "image": image,
         "gpuImage": pin.gpu_image,

@@ -146,5 +146,6 @@ def test_the_reference_page_names_every_mapped_metric_and_every_gap():
               "ttft": "time to first token", "inter_token_latency": "inter-token latency", "queue_time": "queue time",
               "running": "running requests", "waiting": "waiting requests", "prompt_tokens": "prompt tokens",
               "generated_tokens": "generated tokens", "kv_cache_usage": "KV-cache usage (0\N{EN DASH}1)",
-              "preemptions": "preemptions"}
+              "preemptions": "preemptions", "queue_limit": "queue limit", "filesystem": "filesystem",
+              "device": "device", "fault_injection": "fault injection", "perplexity": "perplexity"}
     assert gaps == {(labels[signal], column) for signal, column in expected}
