@@ -97,7 +97,8 @@ def test_the_reasons_are_the_runtimes_own() -> None:
         "reason": "llama-server has no time-to-first-token metric (its prompt processing time is a total over "
                   "requests)",
     }]  # fmt: skip
-    assert "TGI records no time to first token" in rules.unrendered_alerts("tgi")["SLMHighTimeToFirstToken"][0]["reason"]
+    tgi = rules.unrendered_alerts("tgi")
+    assert "TGI records no time to first token" in tgi["SLMHighTimeToFirstToken"][0]["reason"]
     builtin = rules.unrendered_alerts("builtin")
     assert builtin["SLMRequestsPreempted"][0]["reason"] == "the built-in server never preempts a running request"
 

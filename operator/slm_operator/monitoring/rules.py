@@ -226,7 +226,11 @@ def unrendered_alerts(runtime: str) -> dict[str, list[dict[str, str]]]:
         lacking = sorted(reads - records)
         if lacking:
             result[alert] = [
-                {"series": name, "signal": str(rows[name].get("signal", "")), "reason": _why_missing(runtime, rows[name])}
+                {
+                    "series": name,
+                    "signal": str(rows[name].get("signal", "")),
+                    "reason": _why_missing(runtime, rows[name]),
+                }
                 for name in lacking
             ]
     return result
