@@ -232,10 +232,9 @@ def _per_rank(runtime: str, signal: str, fn: Callable[[float], float | None], co
     """The series of a scheduler-side signal: SGLang has one per tensor-parallel rank, each the pod's own."""
     row = metric(runtime, signal)
     target = {**pc.SCRAPE, "container": runtime}
-    ranks = SGLANG_RANKS if "tp_rank" in row["labels"] else ("",)
+    ranks = SGLANG_RANKS if "tp_rank" in row["labels"] else ("0",)
     return [
-        pc.Metric({**target, "__name__": row["name"], **_native_labels(runtime, signal, tp_rank=rank or "0")}, fn,
-                  counter)  # fmt: skip
+        pc.Metric({**target, "__name__": row["name"], **_native_labels(runtime, signal, tp_rank=rank)}, fn, counter)
         for rank in ranks
     ]
 
@@ -298,12 +297,14 @@ def build_runtime_test_files(
         builders: dict[str, Callable[[], list[dict]]] = {
             "errors": lambda: pc._threshold_family([pc._error_signal(settings)], expect),
             "latency": lambda: pc._threshold_family(latency_signals(runtime, settings), expect),
-            "gpu": lambda: pc._threshold_family(
-                [s for s in pc._gpu_signals(settings) if "pynvml" not in s.variant], expect
-            ) + pc._gpu_extra_cases(expect),
+            "gpu": lambda: (
+                pc._threshold_family([s for s in pc._gpu_signals(settings) if "pynvml" not in s.variant], expect)
+                + pc._gpu_extra_cases(expect)
+            ),
             "capacity": lambda: pc._threshold_family(capacity_signals(runtime, settings), expect),
-            "availability": lambda: pc._threshold_family(pc._availability_signals(settings), expect)
-            + pc._target_missing_cases(expect),
+            "availability": lambda: (
+                pc._threshold_family(pc._availability_signals(settings), expect) + pc._target_missing_cases(expect)
+            ),
             "slo": lambda: pc._burn_cases(expect),
             "drift-output_length": lambda: pc._drift_cases(expect, "output_length"),
         }
