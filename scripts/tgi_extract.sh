@@ -5,19 +5,19 @@
 #
 #   scripts/tgi_extract.sh /path/to/text-generation-inference
 #
-# Writes tests/runtimes/data/tgi-<version>-launcher.md (docs/source/reference/launcher.md at the tag,
+# Writes tests/runtimes/data/tgi-<version>-launcher.md (the launcher reference text-generation-inference/docs/source/reference/launcher.md at the tag,
 # generated upstream from the launcher's --help) and tests/runtimes/data/tgi-<version>-metrics.txt
 # (every metrics::counter!/gauge!/histogram! call in router/ and backends/v3/ at the tag, file:line).
 set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 # shellcheck source=deps/versions.env
 source "$here/deps/versions.env"
-checkout="$1" tag="v$TGI_VERSION" out="$here/../tests/runtimes/data"
+checkout="$1" tag="v$TGI_VERSION" out="$here/../tests/runtimes/data" reference="source/reference/launcher.md"
 commit="$(git -C "$checkout" rev-parse "$tag^{commit}")"
 {
-  echo "<!-- docs/source/reference/launcher.md of text-generation-inference $tag (commit $commit)."
+  echo "<!-- text-generation-inference/docs/$reference at $tag (commit $commit)."
   echo "     Copied by scripts/tgi_extract.sh; do not edit. -->"
-  git -C "$checkout" show "$tag:docs/source/reference/launcher.md"
+  git -C "$checkout" show "$tag:docs/$reference"
 } >"$out/tgi-$TGI_VERSION-launcher.md"
 {
   echo "# metrics::counter!/gauge!/histogram! calls in router/ and backends/v3/ of text-generation-inference $tag"
