@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import re
 import socket
 import subprocess
 import time
@@ -141,3 +142,13 @@ def test_without_the_metrics_flag_there_is_no_metrics_endpoint(gguf: Path, tmp_p
         base = f"http://127.0.0.1:{port}"
         wait_healthy(base, process, log)
         assert httpx.get(f"{base}/metrics", timeout=10).status_code == 501
+
+
+def test_every_flag_the_operator_owns_is_one_llama_server_knows():
+    """The guard on runtimeArgs guards real flags: each owned flag (and alias) is in llama-server's --help."""
+    from slm_operator.runtimes import OWNED_FLAGS
+
+    done = subprocess.run([tool("llama-server"), "--help"], capture_output=True, text=True, timeout=60, check=False)
+    known = set(re.findall(r"(?<![\w-])(--?[a-z][\w-]*)", done.stdout + done.stderr))
+    assert len(known) > 100  # the help text was read
+    assert sorted(OWNED_FLAGS["llamacpp"] - known) == []
