@@ -211,6 +211,32 @@ fetch_prometheus_operator_crds() {
   chmod -R u+w "$DEST/crds"
 }
 
+# --- Third-party runtimes (issue 24) -------------------------------------------------------------------
+# llama-server from the llama.cpp sources vendored in the PyPI sdist of llama-cpp-python (pinned, its
+# sha256 checked): the only copy of llama.cpp's sources a package registry serves. CPU build (AVX2
+# baseline, not -march=native, so the cache serves any x86-64-v3 machine), only the llama-server target,
+# no network features (no OpenSSL, no prebuilt web UI download). The sources stay beside the binary:
+# devtools/slm_devtools/gguf.py converts the tiny model with their convert_hf_to_gguf.py, and
+# tests/runtimes/ read the server's metric names and flags from them.
+build_llamacpp() {
+  local sdist="llama_cpp_python-$LLAMA_CPP_PYTHON_VERSION.tar.gz" work="$SRC/download"
+  rm -rf "$SRC"; mkdir -p "$work"
+  python3 -m pip download -q --no-deps --no-binary :all: \
+    "llama-cpp-python==$LLAMA_CPP_PYTHON_VERSION" -d "$work"
+  echo "$LLAMA_CPP_PYTHON_SHA256  $work/$sdist" | sha256sum -c -
+  tar -xzf "$work/$sdist" -C "$work" "llama_cpp_python-$LLAMA_CPP_PYTHON_VERSION/vendor/llama.cpp"
+  mv "$work/llama_cpp_python-$LLAMA_CPP_PYTHON_VERSION/vendor/llama.cpp" "$DEST/src"
+  rm -rf "$work"
+  cmake -S "$DEST/src" -B "$SRC/build" -G Ninja -DCMAKE_BUILD_TYPE=Release -DBUILD_SHARED_LIBS=OFF \
+    -DGGML_NATIVE=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_APP=OFF \
+    -DLLAMA_BUILD_UI=OFF -DLLAMA_USE_PREBUILT_UI=OFF -DLLAMA_OPENSSL=OFF \
+    -DLLAMA_BUILD_NUMBER="${VERSION#b}" -DLLAMA_BUILD_COMMIT="$LLAMACPP_COMMIT"
+  ninja -C "$SRC/build" -j "$(nproc)" llama-server
+  cp "$SRC/build/bin/llama-server" "$DEST/llama-server"
+  "$DEST/llama-server" --version 2>&1 | grep -q "(build ${VERSION#b}, commit $LLAMACPP_COMMIT)"
+  rm -rf "$SRC"
+}
+
 fetch_prometheus_operator_rbac() {
   # The RBAC the pinned release ships for itself and for Prometheus (example/rbac), applied by the
   # test harness as kube-prometheus-stack applies its own copy: never written by hand.
@@ -263,6 +289,10 @@ want prometheus && tool prometheus "$PROMETHEUS_VERSION" build_prometheus
 want promtool2 && tool promtool2 "$PROMETHEUS2_VERSION" build_promtool2
 want kubeconform && tool kubeconform "$KUBECONFORM_VERSION" build_kubeconform
 want kubernetes && tool kubernetes "$KUBERNETES_VERSION" build_kubernetes
+export LLAMA_CPP_PYTHON_VERSION LLAMA_CPP_PYTHON_SHA256 LLAMACPP_COMMIT
+want llamacpp && tool llama.cpp "$LLAMACPP_VERSION" build_llamacpp
+# vLLM's and SGLang's own argument parsers, each in an environment of its own (needs uv from venv.sh).
+want runtime-venvs && for runtime in vllm sglang; do "$here/runtime-venv.sh" "$runtime" >/dev/null; done
 # The log plane: the collector's key names the builder and a hash of its manifest's lines (comments
 # left out), so a component added or bumped there rebuilds it.
 export OTELCOL_BUILDER_VERSION OTELCOL_MANIFEST="$here/otelcol-builder.yaml"
@@ -285,6 +315,8 @@ for b in prometheus-operator prometheus-config-reloader; do link "prometheus-ope
 link "kubeconform-$KUBECONFORM_VERSION" kubeconform || true
 [ -d "$tools/prometheus-operator-crds-$PROMETHEUS_OPERATOR_VERSION/crds" ] &&
   ln -sfn "$tools/prometheus-operator-crds-$PROMETHEUS_OPERATOR_VERSION/crds" "$links/prometheus-operator-crds"
+link "llama.cpp-$LLAMACPP_VERSION" llama-server || true
+[ -d "$tools/llama.cpp-$LLAMACPP_VERSION/src" ] && ln -sfn "$tools/llama.cpp-$LLAMACPP_VERSION/src" "$links/llama.cpp-src"
 [ -d "$tools/prometheus-operator-rbac-$PROMETHEUS_OPERATOR_VERSION/rbac" ] &&
   ln -sfn "$tools/prometheus-operator-rbac-$PROMETHEUS_OPERATOR_VERSION/rbac" "$links/prometheus-operator-rbac"
 link "otelcol-$otelcol_key" otelcol-slm || true

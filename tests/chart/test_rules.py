@@ -38,7 +38,9 @@ def test_the_recording_rules_are_on_by_default_wherever_prometheus_rules_are_ser
     assert rule["metadata"]["namespace"] == "slm-system"
     assert rule["metadata"]["labels"]["app.kubernetes.io/component"] == "recording-rules"
     groups = rule["spec"]["groups"]
-    assert [group["name"] for group in groups] == ["slm-shared.runtime-builtin"]
+    assert [group["name"] for group in groups] == [
+        f"slm-shared.runtime-{runtime}" for runtime in ("builtin", "vllm", "sglang", "tgi", "llamacpp")
+    ]
     assert groups == yaml.safe_load(RULE_FILE.read_text())["groups"] == shared_rule_groups()
     # Without the Prometheus Operator API the install must not fail on an unknown kind.
     assert not by_kind(documents(render(monitoring=False)), "PrometheusRule")

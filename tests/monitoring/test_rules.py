@@ -135,32 +135,35 @@ def test_shared_rules_name_no_deployment_and_keep_namespace_and_job() -> None:
 
 def test_one_shared_group_per_runtime_with_every_row_the_runtime_has() -> None:
     data = rules.rules_data()
-    assert list(data["runtimes"]) == list(rules.runtime_names()) == ["builtin"]
-    (group,) = shared_rule_groups()
-    assert group["name"] == "slm-shared.runtime-builtin"
-    assert [rule["record"] for rule in group["rules"]] == list(rules.shared_records())
+    assert list(data["runtimes"]) == list(rules.runtime_names()) == ["builtin", "vllm", "sglang", "tgi", "llamacpp"]
+    groups = shared_rule_groups()
+    assert [group["name"] for group in groups] == [f"slm-shared.runtime-{r}" for r in rules.runtime_names()]
+    # The built-in server records every row but the KV cache's and the preemptions' (it has neither).
+    builtin = [rule["record"] for rule in groups[0]["rules"]]
+    assert builtin == [r for r in rules.shared_records() if r not in {"slm:kv_cache_usage:percent",
+                                                                      "slm:preemptions:rate5m"}]
 
 
 def test_a_new_runtime_is_one_more_column_of_data(monkeypatch: pytest.MonkeyPatch) -> None:
     """A runtime added to the table gets its own group: its cells, the `any` cells, nothing of another's."""
     data = rules.rules_data()
-    data["runtimes"]["llamacpp"] = {"title": "llama.cpp", "source": "tools/server/server.cpp",
-                                    "target": 'container="llama"', "traffic": 'container="llama"'}  # fmt: skip
+    data["runtimes"]["mlc"] = {"title": "MLC LLM", "source": "python/mlc_llm/serve/server.py",
+                               "target": 'container="mlc"', "traffic": 'container="mlc"'}  # fmt: skip
     row = next(r for r in data["recording"] if r["record"] == "slm:requests:rate5m")
-    row["llamacpp"] = 'sum by (namespace, job) (rate(llamacpp:requests_processing{${target}}[5m]))'
+    row["mlc"] = 'sum by (namespace, job) (rate(mlc:requests_processing{${target}}[5m]))'
     monkeypatch.setattr(rules, "_load_rules_data", lambda: data)
     groups = {group["name"]: group["rules"] for group in shared_rule_groups()}
-    llama = {rule["record"]: rule["expr"] for rule in groups["slm-shared.runtime-llamacpp"]}
+    llama = {rule["record"]: rule["expr"] for rule in groups["slm-shared.runtime-mlc"]}
     assert llama["slm:requests:rate5m"] == (
-        'sum by (namespace, job) (rate(llamacpp:requests_processing{container="llama"}[5m]))'
+        'sum by (namespace, job) (rate(mlc:requests_processing{container="mlc"}[5m]))'
     )
     anys = {r["record"] for r in data["recording"] if "any" in r}
     assert set(llama) == {"slm:requests:rate5m"} | anys
-    assert 'container="llama"' in llama["slm:gpu_xid_error:max5m"]
+    assert 'container="mlc"' in llama["slm:gpu_xid_error:max5m"]
     assert "nvidia_gpu" not in llama["slm:gpu_utilization:percent"]
-    assert all('container="llama"' not in rule["expr"] for rule in groups["slm-shared.runtime-builtin"])
+    assert all('container="mlc"' not in rule["expr"] for rule in groups["slm-shared.runtime-builtin"])
 
-    row["vllm"] = "vllm:num_requests_running"
+    row["nosuch"] = "nosuch:num_requests_running"
     with pytest.raises(ValueError, match="unknown runtimes"):
         shared_rule_groups()
 

@@ -10,10 +10,13 @@ import pytest
 import yaml
 
 from slm_devtools.tools import tool
-from slm_operator.monitoring.rules import ALERT_NAMES, DEFAULT_RUNBOOK_BASE_URL, render_rule_groups
+from slm_operator.monitoring.rules import ALERT_NAMES as CRD_ALERT_NAMES
+from slm_operator.monitoring.rules import DEFAULT_RUNBOOK_BASE_URL, render_rule_groups, runtime_alert_names
 
 REPO = Path(__file__).resolve().parents[2]
 RUNBOOKS = REPO / "docs" / "runbooks"
+# The deployment alerts, with those only some runtimes feed (KV cache, preemptions).
+ALERT_NAMES = (*CRD_ALERT_NAMES, *runtime_alert_names())
 SECTIONS = ["## Meaning", "## First queries", "## Likely causes", "## Fixes"]
 
 
@@ -35,7 +38,10 @@ def test_every_alert_has_a_runbook_with_meaning_queries_causes_and_fixes(alert: 
 
 def test_runbook_urls_point_at_the_runbooks() -> None:
     assert DEFAULT_RUNBOOK_BASE_URL.endswith("/docs/runbooks")
-    for group in render_rule_groups(name="phi", namespace="llm", alerts=None):
+    for group in [
+        *render_rule_groups(name="phi", namespace="llm", alerts=None),
+        *render_rule_groups(name="phi", namespace="llm", alerts=None, runtime="vllm"),
+    ]:
         for rule in group["rules"]:
             if "alert" in rule:
                 url = rule["annotations"]["runbook_url"]

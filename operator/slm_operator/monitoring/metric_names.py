@@ -53,9 +53,25 @@ def server_metric_names(*, with_gpu: bool = False) -> set[str]:
 
 def external_metric_names() -> dict[str, set[str]]:
     """{source: names} of the documented series that do not come from the server."""
-    return {
+    names = {
         source: set(_as_list(_catalogue()[source])) for source in ("dcgm_exporter", "kube_state_metrics", "prometheus")
     }
+    names["runtimes"] = set().union(*runtime_metric_names().values())
+    return names
+
+
+def runtime_metric_names() -> dict[str, set[str]]:
+    """{runtime: sample names} of the third-party runtimes' series data/runtime_metrics.yaml maps
+    (histograms expanded); tests/runtimes/ check each against the runtime's own code."""
+    result: dict[str, set[str]] = {}
+    for runtime, entry in load_data("runtime_metrics.yaml")["runtimes"].items():
+        names: set[str] = set()
+        for row in entry["metrics"].values():
+            if "name" in row:
+                name = str(row["name"])
+                names |= {name + suffix for suffix in HISTOGRAM_SUFFIXES} if row["type"] == "histogram" else {name}
+        result[runtime] = names
+    return result
 
 
 def _as_list(value: object) -> list[str]:

@@ -114,7 +114,10 @@ def rules_data() -> dict[str, Any]:
 # ---- the shared layer ---------------------------------------------------------------------------------
 
 # Keys of a row of `recording` in rules.yaml that are not a runtime's cell.
-_ROW_KEYS = {"record", "by", "any"}
+_ROW_KEYS = {"record", "by", "any", "signal", "why_not"}
+DEFAULT_RUNTIME = "builtin"
+# A recorded series' name as an expression reads it (the drift rules' own series are `slm:${what}...`).
+_RECORDED_RE = re.compile(r"\bslm:[a-z0-9_]+:[a-z0-9_]+")
 SHARED_GROUP_PREFIX = "slm-shared.runtime-"
 
 
@@ -147,7 +150,7 @@ def shared_rule_groups() -> list[dict[str, Any]]:
     _check_table(data)
     groups = []
     for runtime, settings in data["runtimes"].items():
-        values = {"non_traffic": NON_TRAFFIC_ENDPOINTS}
+        values = {"non_traffic": NON_TRAFFIC_ENDPOINTS, **settings.get("values", {})}
         values["target"] = fill(str(settings["target"]), values)
         values["traffic"] = fill(str(settings["traffic"]), values)
         rules = []
@@ -162,6 +165,80 @@ def shared_rule_groups() -> list[dict[str, Any]]:
 def shared_records() -> tuple[str, ...]:
     """Every series name the shared layer records (for any runtime), in the order of data/rules.yaml."""
     return tuple(row["record"] for row in _load_rules_data()["recording"])
+
+
+def runtime_records(runtime: str) -> frozenset[str]:
+    """The series the shared group of `runtime` records."""
+    _check_runtime(runtime)
+    return frozenset(row["record"] for row in _load_rules_data()["recording"] if shared_cell(row, runtime) is not None)
+
+
+def _check_runtime(runtime: str) -> None:
+    if runtime not in _load_rules_data()["runtimes"]:
+        raise ValueError(f"unknown runtime {runtime!r}: expected one of {', '.join(runtime_names())}")
+
+
+def _alert_reads() -> dict[str, set[str]]:
+    """{alert: the shared layer's series its expression reads}, for every alert rules.yaml can render."""
+    data = _load_rules_data()
+    reads: dict[str, set[str]] = {}
+    error_ratio = set(_RECORDED_RE.findall(data["error_ratio"]))
+    for spec in [*data["alerts"], *data["runtime_alerts"]]:
+        names = set(_RECORDED_RE.findall(spec["expr"]))
+        if "${error_ratio}" in spec["expr"]:
+            names |= error_ratio
+        reads.setdefault(spec["alert"], set()).update(names)
+    for burn in data["burn_rates"]:
+        reads.setdefault(burn["alert"], set()).update(error_ratio)
+    for drift in data["drift"]:
+        reads.setdefault(drift["alert"], set()).update(_RECORDED_RE.findall(drift["mean"]))
+    return reads
+
+
+def _why_missing(runtime: str, row: Mapping[str, Any]) -> str:
+    """Why `runtime` has no cell in `row`: its mapping's reason for the row's signal, else the row's own."""
+    signal = row.get("signal", "")
+    if runtime == DEFAULT_RUNTIME or runtime not in RUNTIME_METRICS_RUNTIMES:
+        reason = _load_rules_data()["runtimes"][runtime].get("missing", {}).get(signal)
+    else:
+        entry = load_data("runtime_metrics.yaml")["runtimes"][runtime]["metrics"].get(signal, {})
+        reason = entry.get("missing")
+    if reason is None:
+        reason = row.get("why_not") or f"no {signal or row['record']} series"
+    return " ".join(str(reason).split())
+
+
+# The runtimes whose native series data/runtime_metrics.yaml maps (the built-in server's are its own contract).
+RUNTIME_METRICS_RUNTIMES = ("vllm", "sglang", "tgi", "llamacpp")
+
+
+def unrendered_alerts(runtime: str) -> dict[str, list[dict[str, str]]]:
+    """{alert: [{series, signal, reason}]}: the alerts not rendered for `runtime`, and why.
+
+    An alert is rendered only when the shared group of the runtime records every series its expression
+    reads; otherwise it could never fire. The reason is the runtime's own (data/runtime_metrics.yaml, or
+    the built-in server's `missing` in rules.yaml), for the operator's status condition and the docs.
+    """
+    records = runtime_records(runtime)
+    rows = {row["record"]: row for row in _load_rules_data()["recording"]}
+    result: dict[str, list[dict[str, str]]] = {}
+    for alert, reads in _alert_reads().items():
+        lacking = sorted(reads - records)
+        if lacking:
+            result[alert] = [
+                {
+                    "series": name,
+                    "signal": str(rows[name].get("signal", "")),
+                    "reason": _why_missing(runtime, rows[name]),
+                }
+                for name in lacking
+            ]
+    return result
+
+
+def runtime_alert_names() -> tuple[str, ...]:
+    """The alerts on signals only some runtimes have (not yet in the CRD's alerts.disabled enum)."""
+    return tuple(dict.fromkeys(spec["alert"] for spec in _load_rules_data()["runtime_alerts"]))
 
 
 def error_ratio_expr(sel: str, window: str) -> str:
@@ -286,25 +363,30 @@ def _threshold_values(config: Mapping[str, Any]) -> dict[str, Any]:
     return values
 
 
-def render_rule_groups(*, name: str, namespace: str, alerts: Mapping[str, Any] | None) -> list[dict[str, Any]]:
+def render_rule_groups(
+    *, name: str, namespace: str, alerts: Mapping[str, Any] | None, runtime: str = DEFAULT_RUNTIME
+) -> list[dict[str, Any]]:
     """The `groups` of the PrometheusRule for SLMDeployment `namespace/name`: its alerts and drift rules.
 
     `alerts` is `spec.monitoring.alerts` as written (may be partial or None); defaults come from
     slm_operator.monitoring.defaults. Series of this deployment carry job=<name>, namespace=<namespace>.
     The groups read the series of `shared_rule_groups()`, which must be loaded by the same Prometheus.
+    An alert reading a series the shared group of `runtime` does not record is left out
+    (`unrendered_alerts(runtime)` says which and why); so is a drift group whose mean it cannot compute.
     """
     merged = merged_alerts(dict(alerts) if alerts is not None else None)
-    disabled = set(merged.get("disabled") or [])
     data = _load_rules_data()
+    skipped = set(unrendered_alerts(runtime))
+    disabled = set(merged.get("disabled") or []) | skipped
     base = selectors(name=name, namespace=namespace)
 
     burns = burn_rate_windows(merged)
 
     alert_rules: list[dict[str, Any]] = []
-    for spec in data["alerts"]:
+    for spec in [*data["alerts"], *data["runtime_alerts"]]:
         if spec["alert"] in disabled:
             continue
-        config = merged[spec["config"]]
+        config = {**spec.get("defaults", {}), **merged.get(spec["config"], {})}
         values = {**base, **_threshold_values(config)}
         if "window" in config:
             values["window"] = format_duration(parse_duration(config["window"]))
@@ -354,6 +436,8 @@ def render_rule_groups(*, name: str, namespace: str, alerts: Mapping[str, Any] |
 
     groups: list[dict[str, Any]] = [{"name": f"slm-{name}.alerts", "rules": alert_rules}]
     for drift in data["drift"]:
+        if drift["alert"] in skipped:
+            continue
         config = merged[drift["config"]]
         settings = drift_settings(config)
         groups.append(
