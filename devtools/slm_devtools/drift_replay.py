@@ -93,7 +93,7 @@ def is_repetitive(tokens: list[int]) -> bool:
     return len(set(grams)) < 0.5 * len(grams)
 
 
-def _prompts(count: int, seed: int) -> tuple[list[str], list[str]]:
+def prompts(count: int, seed: int) -> tuple[list[str], list[str]]:
     """(in-distribution, shifted) prompts: paragraph openings, and the same openings scrambled."""
     from slm_devtools.tinymodel import build_corpus
 
@@ -180,13 +180,13 @@ def load_pools(log: Callable[[str], None]) -> dict[str, list[Answer]]:
     folder = cache_dir() / "bench-drift" / f"pools-{key}"
     pools: dict[str, list[Answer]] = {}
     model = tok = None
-    normal, shifted = _prompts(sum(POOL_SIZES.values()), seed=1)
-    prompts = {
+    normal, shifted = prompts(sum(POOL_SIZES.values()), seed=1)
+    texts_of = {
         "normal": normal[: POOL_SIZES["normal"]],
         "shifted": shifted[POOL_SIZES["normal"] : POOL_SIZES["normal"] + POOL_SIZES["shifted"]],
         "degenerate": normal[POOL_SIZES["normal"] + POOL_SIZES["shifted"] :],
     }
-    for seed, (name, texts) in enumerate(prompts.items(), start=2):
+    for seed, (name, texts) in enumerate(texts_of.items(), start=2):
         path = folder / f"{name}.json"
         if path.exists():
             pools[name] = [Answer(**a) for a in json.loads(path.read_text())]
@@ -321,50 +321,65 @@ def signals_from_scrapes(before: str, after: str, *, model: str | None = None) -
 class MetricsDeltaSource:
     """Pools measured by a running server that speaks the `slm_*` contract (built-in server or sidecar).
 
-    `requests` maps each pool ("normal", "shifted", "degenerate") to the JSON bodies to POST to
-    `base_url + path` (an OpenAI completion request: prompt, max_tokens, temperature, ...). The requests
-    go one at a time, `/metrics` scraped before and after each (`signals_from_scrapes`); `truncated(cap)`
-    sends the normal bodies again with `max_tokens` = cap. Any `SignalPools` consumer (PoolStats, the
-    replay, the PromQL side) then runs on what that server measured.
+    `requests` maps each pool ("normal", "shifted", "degenerate") to the JSON bodies of completion
+    requests (prompt, max_tokens, temperature, ...). `send(body)` makes one request; `scrape()` returns
+    the server's `/metrics` text (`over_http` builds both for a URL; a test may pass an in-process
+    client's). The requests go one at a time, `/metrics` scraped before and after each
+    (`signals_from_scrapes`); `truncated(cap)` sends the normal bodies again with `max_tokens` = cap.
+    Anything that takes a `SignalPools` (PoolStats, the replay, the PromQL side) then runs on what that
+    server measured.
     """
 
     def __init__(
         self,
-        base_url: str,
         requests: Mapping[str, Sequence[Mapping[str, Any]]],
         *,
+        send: Callable[[Mapping[str, Any]], object],
+        scrape: Callable[[], str],
         max_cap: int = MAX_NEW_TOKENS,
-        path: str = "/v1/completions",
         model: str | None = None,
-        timeout_s: float = 120.0,
     ) -> None:
-        self.base_url, self.path, self.model, self.timeout_s = base_url.rstrip("/"), path, model, timeout_s
-        self.requests = requests
+        self.requests, self.send, self.scrape, self.model = requests, send, scrape, model
         self.max_cap = max_cap
         self.normal = self.collect(requests["normal"])
         self.shifted = self.collect(requests["shifted"])
         self.degenerate = self.collect(requests["degenerate"])
         self._truncated: dict[int, list[Signals]] = {max_cap: self.normal}
 
-    def _get(self, url: str) -> str:
-        with urllib.request.urlopen(url, timeout=self.timeout_s) as resp:  # noqa: S310 - the server under test
-            return str(resp.read().decode())
+    @classmethod
+    def over_http(
+        cls,
+        base_url: str,
+        requests: Mapping[str, Sequence[Mapping[str, Any]]],
+        *,
+        path: str = "/v1/completions",
+        timeout_s: float = 120.0,
+        **kwargs: Any,
+    ) -> MetricsDeltaSource:
+        base = base_url.rstrip("/")
+
+        def scrape() -> str:
+            with urllib.request.urlopen(f"{base}/metrics", timeout=timeout_s) as resp:  # noqa: S310 - under test
+                return str(resp.read().decode())
+
+        def send(body: Mapping[str, Any]) -> object:
+            req = urllib.request.Request(  # noqa: S310 - the server under test
+                f"{base}{path}", data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
+            )
+            try:
+                with urllib.request.urlopen(req, timeout=timeout_s) as resp:  # noqa: S310
+                    return resp.read()
+            except urllib.error.HTTPError as exc:  # an error answer is a signal too
+                return exc.read()
+
+        return cls(requests, send=send, scrape=scrape, **kwargs)
 
     def collect(self, bodies: Sequence[Mapping[str, Any]]) -> list[Signals]:
         out = []
         for body in bodies:
-            before = self._get(f"{self.base_url}/metrics")
-            req = urllib.request.Request(  # noqa: S310 - the server under test
-                f"{self.base_url}{self.path}",
-                data=json.dumps(body).encode(),
-                headers={"Content-Type": "application/json"},
-            )
-            try:
-                with urllib.request.urlopen(req, timeout=self.timeout_s) as resp:  # noqa: S310
-                    resp.read()
-            except urllib.error.HTTPError as exc:  # an error answer is a signal too
-                exc.read()
-            out.append(signals_from_scrapes(before, self._get(f"{self.base_url}/metrics"), model=self.model))
+            before = self.scrape()
+            self.send(body)
+            out.append(signals_from_scrapes(before, self.scrape(), model=self.model))
         return out
 
     def truncated(self, cap: int) -> list[Signals]:
@@ -727,11 +742,12 @@ def replay(
     rate: float = RATE_PER_S,
     detectors: Mapping[str, Callable[[], Detector]] | None = None,
     kinds: Sequence[str] = DRIFT_TYPES,
-    sizes: Sequence[float] = SIZES,
+    sizes: Sequence[float] | Mapping[str, Sequence[float]] = SIZES,
 ) -> ReplayResult:
     """Each drift (kind x size) `reps` times, then `stable_weeks` of stable traffic, through every detector.
 
-    `detectors` maps a name to a factory of a fresh detector (default: `default_detectors(st)`).
+    `detectors` maps a name to a factory of a fresh detector (default: `default_detectors(st)`); `sizes`
+    are the drift sizes in σ, for every kind or per kind.
     """
     makers = dict(detectors) if detectors is not None else default_detectors(st)
     names = tuple(makers)
@@ -742,7 +758,7 @@ def replay(
     onset = max(ONSET_S, LEARN_REQUESTS / rate + 40 * 60)
     for kind in kinds:
         k = DRIFT_TYPES.index(kind)
-        for size in sizes:
+        for size in sizes[kind] if isinstance(sizes, Mapping) else sizes:
             j = SIZES.index(size) if size in SIZES else 100 + int(size * 100)
             drift = Drift.make(kind, size, st)
             result.drifts.append(drift)
@@ -1014,7 +1030,7 @@ def promql_detector(
     configs: Sequence[Mapping[str, Any] | None] = (None,),
     rate: float = RATE_PER_S,
     kinds: Sequence[str] = PROMQL_KINDS,
-    sizes: Sequence[float] = SIZES,
+    sizes: Sequence[float] | Mapping[str, Sequence[float]] = SIZES,
 ) -> list[PromqlCell]:
     """Recall/delay/false alarms of the drift alerts as rendered for each of `configs`.
 
@@ -1034,7 +1050,7 @@ def promql_detector(
     drifts: dict[tuple[str, float], Drift] = {}
     for kind in kinds:
         k = DRIFT_TYPES.index(kind)
-        for size in sizes:
+        for size in sizes[kind] if isinstance(sizes, Mapping) else sizes:
             j = SIZES.index(size) if size in SIZES else 100 + int(size * 100)
             drift = Drift.make(kind, size, st)
             drifts[(kind, size)] = drift
