@@ -805,6 +805,7 @@ SCRAPE_S = 15
 PROMQL_ONSET_S = 26 * 3600.0  # a full 1d baseline (and the 12h history guard) before the drift
 PROMQL_GUARD_S = 13 * 3600.0  # stable exposure for false alarms is counted from here
 NAMESPACE = "bench"
+SHARED_EVAL_S = 30  # the shared recording rules' evaluation interval (the Prometheus Operator's default)
 
 
 @dataclass
@@ -962,6 +963,18 @@ class Prometheus:
         return values
 
 
+def _block_hours(level: list[dict[str, Any]], parse_duration: Callable[[str], float]) -> int:
+    shortest = min(parse_duration(g["interval"]) for g in level)
+    return max(1, int(10_000 * shortest // 3600))
+
+
+def _check(proc: subprocess.CompletedProcess[bytes]) -> None:
+    if proc.returncode != 0:
+        raise RuntimeError(
+            f"{' '.join(map(str, proc.args))} exited {proc.returncode}: {proc.stderr.decode(errors='replace')[-2000:]}"
+        )
+
+
 def _firing_times(values: list[list[Any]], for_s: float) -> list[float]:
     """Times an alert with this `for` goes to firing, from its expression's range-query result.
 
@@ -1042,7 +1055,7 @@ def promql_detector(
     import yaml
 
     from slm_devtools.tools import tool
-    from slm_operator.monitoring.rules import parse_duration, render_rule_groups
+    from slm_operator.monitoring.rules import parse_duration, render_rule_groups, shared_rule_groups
 
     promtool, prometheus = str(tool("promtool")), str(tool("prometheus"))
     started = time.monotonic()
@@ -1067,7 +1080,9 @@ def promql_detector(
 
     # Rules as rendered for each series' deployment (job = the SLMDeployment name), per config. Recording
     # rules are the same for configs that share window and baseline: each is backfilled once.
-    levels: list[list[dict[str, Any]]] = [[], [], []]  # mean; avg + stddev; zscore (each reads the one before)
+    # The shared per-target counters the drift means read; then mean; avg + stddev; zscore (each level
+    # reads the one before, so each is backfilled after the one before it).
+    levels: list[list[dict[str, Any]]] = [[], [], [], []]
     seen_records: set[tuple[str, str]] = set()
     # (config index, job, alert name) -> (expr, for seconds, evaluation interval seconds)
     alert_rules: dict[tuple[int, str, str], tuple[str, float, float]] = {}
@@ -1076,7 +1091,7 @@ def promql_detector(
             groups = render_rule_groups(name=s.job, namespace=NAMESPACE, alerts=drift_alerts(config))
             for g in (g for g in groups if ".drift-" in g["name"]):
                 records = [r for r in g["rules"] if "record" in r]
-                for n, part in enumerate((records[:1], records[1:3], records[3:])):
+                for n, part in enumerate((records[:1], records[1:3], records[3:]), start=1):
                     fresh = [r for r in part if (s.job, r["record"]) not in seen_records]
                     seen_records.update((s.job, r["record"]) for r in fresh)
                     if fresh:
@@ -1089,6 +1104,18 @@ def promql_detector(
                             parse_duration(g["interval"]),
                         )
 
+    drift_text = json.dumps(levels[1])
+    levels[0] = [
+        {
+            "name": g["name"],
+            "interval": f"{SHARED_EVAL_S}s",
+            "rules": [r for r in g["rules"] if r["record"] in drift_text],
+        }
+        for g in shared_rule_groups()
+        if g["name"].endswith(".runtime-builtin")
+    ]
+    assert levels[0] and levels[0][0]["rules"], "no shared recording rule feeds the drift rules"
+
     now = time.time()
     t0 = math.floor((now - long_s - 3 * 86400) / 3600) * 3600  # in the past, on whole hours
     end = t0 + max(s.end_s for s in all_series)
@@ -1098,7 +1125,7 @@ def promql_detector(
         om = work / "series.om"
         samples = write_openmetrics(om, all_series, t0)
         (work / "data").mkdir()
-        subprocess.run(
+        proc = subprocess.run(
             # One block for the whole range (the default 2h blocks make hundreds, slowly); a hidden flag.
             [
                 promtool,
@@ -1109,9 +1136,10 @@ def promql_detector(
                 str(om),
                 str(work / "data"),
             ],
-            check=True,
+            check=False,
             capture_output=True,
         )
+        _check(proc)
         om.unlink()
         log(f"[bench-drift] promql: {samples} samples backfilled ({time.monotonic() - started:.0f}s)")
         for n, level in enumerate(levels):
@@ -1119,7 +1147,7 @@ def promql_detector(
             rule_file.write_text(yaml.safe_dump({"groups": level}, sort_keys=False))
             prom.start()
             out = work / f"rules{n}"
-            subprocess.run(
+            proc = subprocess.run(
                 [
                     promtool,
                     "tsdb",
@@ -1130,12 +1158,15 @@ def promql_detector(
                     f"--url={prom.url}",
                     f"--output-dir={out}",
                     "--eval-interval=60s",  # each group's own interval takes precedence
-                    "--max-block-duration=2400h",  # hidden flag: one block per rule, not one per 2h
+                    # Hidden flag: blocks as long as one range query may go (11,000 points a series) at the
+                    # level's shortest interval, not the default 2h (hundreds of blocks, slowly).
+                    f"--max-block-duration={_block_hours(level, parse_duration)}h",
                     str(rule_file),
                 ],
-                check=True,
+                check=False,
                 capture_output=True,
             )
+            _check(proc)
             prom.stop()
             for block in out.iterdir():
                 if block.is_dir():
