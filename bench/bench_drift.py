@@ -64,6 +64,8 @@ from slm_devtools import drift_replay as dr
 from slm_devtools.drift_replay import DEADLINE_MIN, DRIFT_RUN_S, WEEK_S, Outcome, PoolStats, PromqlCell, ReplayResult
 from slm_server.drift import DriftSettings
 
+# The drift alerts' defaults before the sweep (for: 15m could not fire within 15 minutes): compared in every run.
+PREVIOUS_DEFAULTS = {"window": "15m", "baselineWindow": "1d", "zScore": 3.0, "for": "15m"}
 # --sweep: the PromQL candidates (every combination) ...
 SWEEP_WINDOWS = (("5m", "1d"), ("10m", "1d"), ("15m", "1d"), ("10m", "6h"))
 SWEEP_Z = (3.0, 4.0, 5.0)
@@ -221,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
         type=json.loads,
         default=None,
         help="PromQL alert settings to compare, as JSON (repeatable; default: the operator defaults and "
-        '{"for": "15m"}), e.g. \'{"for": "5m", "zScore": 4}\'',
+        'PREVIOUS_DEFAULTS), e.g. \'{"for": "5m", "zScore": 4}\'',
     )
     parser.add_argument("--json", type=Path, help="also write the figures here")
     args = parser.parse_args(argv)
@@ -242,7 +244,7 @@ def main(argv: list[str] | None = None) -> int:
     result = dr.replay(st, reps=args.reps, stable_weeks=args.stable_weeks, seed=args.seed, log=log, rate=args.rate)
     promql = None
     if not args.no_promql:
-        configs = args.promql_config or [None, {"for": "15m"}]
+        configs = args.promql_config or [None, PREVIOUS_DEFAULTS]
         promql = dr.promql_detector(
             st,
             reps=args.promql_reps,
