@@ -67,7 +67,7 @@ from slm_server.drift import DriftSettings
 # The drift alerts' defaults before the sweep (for: 15m could not fire within 15 minutes): compared in every run.
 PREVIOUS_DEFAULTS = {"window": "15m", "baselineWindow": "1d", "zScore": 3.0, "for": "15m"}
 # --sweep: the PromQL candidates (every combination) ...
-SWEEP_WINDOWS = (("5m", "1d"), ("10m", "1d"), ("15m", "1d"), ("10m", "6h"))
+SWEEP_WINDOWS = (("5m", "1d"), ("10m", "1d"), ("15m", "1d"))  # one baseline per run: see promql_detector
 SWEEP_Z = (3.0, 4.0, 5.0)
 SWEEP_FOR = ("15m", "10m", "5m", "3m", "2m")
 # ... and the server's (DriftSettings fields that differ from the defaults).

@@ -1083,7 +1083,7 @@ def promql_detector(
     # The shared per-target counters the drift means read; then mean; avg + stddev; zscore (each level
     # reads the one before, so each is backfilled after the one before it).
     levels: list[list[dict[str, Any]]] = [[], [], [], []]
-    seen_records: set[tuple[str, str]] = set()
+    seen_records: dict[tuple[str, str], str] = {}  # (job, record) -> expression
     # (config index, job, alert name) -> (expr, for seconds, evaluation interval seconds)
     alert_rules: dict[tuple[int, str, str], tuple[str, float, float]] = {}
     for c, config in enumerate(configs):
@@ -1092,8 +1092,14 @@ def promql_detector(
             for g in (g for g in groups if ".drift-" in g["name"]):
                 records = [r for r in g["rules"] if "record" in r]
                 for n, part in enumerate((records[:1], records[1:3], records[3:]), start=1):
-                    fresh = [r for r in part if (s.job, r["record"]) not in seen_records]
-                    seen_records.update((s.job, r["record"]) for r in fresh)
+                    fresh = []
+                    for r in part:
+                        key = (s.job, r["record"])
+                        if key not in seen_records:
+                            seen_records[key] = r["expr"]
+                            fresh.append(r)
+                        elif seen_records[key] != r["expr"]:  # e.g. two baselines of one window: one zscore name
+                            raise ValueError(f"configs {configs} record {r['record']} two ways: replay them apart")
                     if fresh:
                         levels[n].append({"name": f"{g['name']}-c{c}-l{n}", "interval": g["interval"], "rules": fresh})
                 for r in g["rules"]:
