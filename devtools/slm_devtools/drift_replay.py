@@ -295,7 +295,7 @@ def _totals(text: str, model: str | None) -> dict[tuple[str, str], float]:
 def signals_from_scrapes(before: str, after: str, *, model: str | None = None) -> Signals:
     """One request's signals from two scrapes of a server's `/metrics` around it (and nothing else).
 
-    Reads only the `slm_*` contract (docs/metrics.md): `slm_request_perplexity` and `model_output_tokens`
+    Reads only the `slm_*` contract (docs/reference/metrics.md): `slm_request_perplexity` and `model_output_tokens`
     (sum and count), `slm_request_finish_total{finish_reason}`, `slm_empty_outputs_total`,
     `slm_repetitive_outputs_total`. So the signals are what that server measured, whichever runtime
     generated the answer.
