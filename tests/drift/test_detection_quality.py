@@ -124,9 +124,9 @@ def test_pools_from_any_server_speaking_the_slm_contract() -> None:
     settings = Settings.model_validate({"model": str(ensure_tiny_model()), "gpu_metrics": False})
     answers: list[dict[str, Any]] = []
     with TestClient(create_app(settings, registry=CollectorRegistry())) as client:
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + 300  # loading takes seconds, or minutes on a busy shared machine
         while client.get("/readyz").status_code != 200:
-            assert time.monotonic() < deadline, "the tiny model did not load within 60 s"
+            assert time.monotonic() < deadline, "the tiny model did not load within 300 s"
             time.sleep(0.2)
 
         served = client.get("/v1/models").json()["data"][0]["id"]
