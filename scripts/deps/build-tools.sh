@@ -221,7 +221,9 @@ fetch_prometheus_operator_crds() {
 build_llamacpp() {
   local sdist="llama_cpp_python-$LLAMA_CPP_PYTHON_VERSION.tar.gz" work="$SRC/download"
   rm -rf "$SRC"; mkdir -p "$work"
-  python3 -m pip download -q --no-deps --no-binary :all: \
+  # pip from a throwaway venv: the project's environment (first on PATH) is made by uv and has none.
+  python3 -m venv "$SRC/pip"
+  "$SRC/pip/bin/pip" download -q --no-deps --no-binary :all: \
     "llama-cpp-python==$LLAMA_CPP_PYTHON_VERSION" -d "$work"
   echo "$LLAMA_CPP_PYTHON_SHA256  $work/$sdist" | sha256sum -c -
   tar -xzf "$work/$sdist" -C "$work" "llama_cpp_python-$LLAMA_CPP_PYTHON_VERSION/vendor/llama.cpp"
