@@ -10,7 +10,7 @@ export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 # Python prints as it goes (progress of long steps shows up in CI logs).
 export PYTHONUNBUFFERED := 1
 
-.PHONY: help deps venv tools generate demo test unit e2e lint bench gpu-bundle kind-up kind-down clean
+.PHONY: help deps venv tools generate demo test unit e2e lint bench gpu-bundle images image-digests kind-up kind-down clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | expand -t 14
@@ -33,9 +33,14 @@ generate: venv ## rewrite every generated file (chart CRD copy, chart dashboard 
 demo: deps ## the whole product on this machine (local control plane, operator, server, Prometheus, Alertmanager)
 	@$(PY) -m slm_devtools demo $(DEMO_ARGS)
 
-test: deps ## set-up, lint, then every test (unit, data plane, e2e on the local control plane)
+# Coverage of the two products (in-process code; the servers and operators the tests start as processes
+# are not counted). The figure is printed at the end of `make test`.
+COVERAGE := --cov=slm_operator --cov=slm_server --cov-report=term:skip-covered
+
+test: deps ## set-up, lint (ruff, mypy), then every test (unit, data plane, e2e on the local control plane)
 	@$(VENV)/bin/ruff check .
-	@$(PYTEST) $(PYTEST_ARGS)
+	@$(VENV)/bin/mypy
+	@$(PYTEST) $(COVERAGE) $(PYTEST_ARGS)
 
 unit: deps ## tests that need no control plane
 	@$(PYTEST) -m "not e2e" $(PYTEST_ARGS)
@@ -53,7 +58,13 @@ bench: deps ## benchmarks, printed as ratios against a baseline run side by side
 gpu-bundle: deps ## .gpu/: wheels + tiny model for running scripts/gpu-check.sh on a GPU machine with no network
 	@scripts/gpu-bundle.sh
 
-kind-up: ## a kind cluster for running the e2e tests on a laptop with Docker (cannot run in CI here)
+images: ## build the operator and server images with Docker or Podman (IMAGE_REGISTRY, IMAGE_TAG, CONTAINER_ENGINE)
+	@scripts/images.sh
+
+image-digests: venv ## check every pinned image digest against its registry (crane or docker buildx; UPDATE=1 bumps)
+	@$(PY) scripts/image_digests.py $(if $(UPDATE),--update)
+
+kind-up: ## a kind cluster with this checkout's images, for the e2e tests on a laptop (Docker or Podman)
 	@scripts/kind-up.sh
 
 kind-down: ## delete the kind cluster

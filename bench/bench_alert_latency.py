@@ -2,12 +2,13 @@
 
     .venv/bin/python bench/bench_alert_latency.py [--cycles 5] [--interval 1] [--group-wait 1] [--json OUT]
 
-Runs the real data plane (slm_devtools.dataplane.MonitoringPlane): the server with the tiny
-model under bounded load, Prometheus evaluating the rules as the operator renders them (errorRate with
-`for: 0s` and a 15s window), Alertmanager routing as the rendered AlertmanagerConfig, an SMTP sink and a
-Slack-style webhook sink. Each cycle sets errorRate=1 through the fault admin API, waits for
-SLMHighErrorRate on the webhook, Slack and e-mail receivers, clears the fault and waits for all three
-resolved notifications.
+Runs the real data plane (slm_devtools.dataplane.MonitoringPlane) on a local control plane: an
+SLMDeployment (errorRate with `for: 0s` and a 15s window) reconciled by the real operator, its pod's
+server with the tiny model under bounded load, and kube-prometheus-stack's Prometheus and Alertmanager
+running what the Prometheus Operator generated from the ServiceMonitor, PrometheusRule and
+AlertmanagerConfig, delivering to an SMTP sink and a Slack-style webhook sink. Each cycle sets
+errorRate=1 through the fault admin API, waits for SLMHighErrorRate on the webhook, Slack and e-mail
+receivers, clears the fault and waits for all three resolved notifications.
 
 The floor is what the configuration alone costs: scrape interval + evaluation interval + `for` +
 group_wait. Goal (issue 5): the first notification <= floor + 5 s.
@@ -30,6 +31,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from slm_devtools import dataplane as dp  # noqa: E402
+from slm_devtools.cluster import LocalCluster  # noqa: E402
+from slm_devtools.promstack import PrometheusStack, StackSettings  # noqa: E402
 from slm_operator.monitoring.dashboards import render_dashboard, render_fleet_dashboard  # noqa: E402
 from slm_operator.monitoring.rules import ALERT_NAMES, render_rule_groups  # noqa: E402
 
@@ -46,12 +49,12 @@ def _firing(body: Any, status: str) -> bool:
 
 
 def one_cycle(plane: dp.MonitoringPlane, window_s: float) -> dict[str, float]:
-    assert plane.server and plane.hooks and plane.smtp and plane.prometheus
-    hooks, smtp = plane.hooks, plane.smtp
+    assert plane.server and plane.hooks and plane.smtp
+    hooks, smtp, prometheus = plane.hooks, plane.smtp, plane.prometheus
     # Start healthy: errors gone from the window, nothing firing.
     dp.wait_until(
-        lambda: plane.prometheus.query(f'slm:error_ratio:rate{window_s:g}s{{job="{plane.name}"}} == 0')  # type: ignore[union-attr]
-        and not plane.prometheus.query(f'ALERTS{{alertname="{ALERT}"}}'),  # type: ignore[union-attr]
+        lambda: prometheus.query(f'slm:error_ratio:rate{window_s:g}s{{job="{plane.name}"}} == 0')
+        and not prometheus.query(f'ALERTS{{alertname="{ALERT}"}}'),
         timeout=120, interval=0.5, what="healthy start",
     )  # fmt: skip
     injected = time.time()
@@ -86,9 +89,15 @@ def main() -> int:
     window_s = 15.0
     alerts = {"errorRate": {"threshold": 0.1, "for": "0s", "window": f"{window_s:g}s"}}
     floor = args.interval + args.interval + 0 + args.group_wait
-    with tempfile.TemporaryDirectory(prefix="bench-alert-") as tmp:
-        plane = dp.MonitoringPlane(Path(tmp), alerts=alerts, interval_s=args.interval, group_wait_s=args.group_wait)
-        plane.start(str(ensure_tiny_model()))
+    interval, group_wait = f"{args.interval:g}s", f"{args.group_wait:g}s"
+    settings = StackSettings(scrape_interval=interval, evaluation_interval=interval, resend_delay=interval,
+                             group_wait=group_wait)
+    with tempfile.TemporaryDirectory(prefix="bench-alert-") as tmp, \
+            LocalCluster.start(Path(tmp) / "cluster") as cluster, \
+            PrometheusStack(cluster, Path(tmp) / "stack", settings=settings).running() as stack:
+        plane = dp.MonitoringPlane(cluster, stack, Path(tmp) / "plane", alerts=alerts, scrape_interval=interval,
+                                   group_wait=group_wait)
+        plane.start(ensure_tiny_model())
         try:
             cycles = [one_cycle(plane, window_s) for _ in range(args.cycles)]
         finally:

@@ -275,7 +275,7 @@ def server_reference() -> str:
 
 
 def alerts_reference() -> str:
-    from slm_operator.monitoring.rules import render_rule_groups
+    from slm_operator.monitoring.rules import render_rule_groups, rules_data, shared_cell
 
     groups = render_rule_groups(name="<name>", namespace="<namespace>", alerts=None)
     lines = [
@@ -301,7 +301,29 @@ def alerts_reference() -> str:
                 )
             else:
                 recording.append(rule["record"])
-    lines += ["", "Recording rules shared by alerts and panels: " + ", ".join(f"`{r}`" for r in recording), ""]
+    data = rules_data()
+    runtimes = list(data["runtimes"])
+    lines += [
+        "",
+        "## Recording rules",
+        "",
+        "The alerts read series that recording rules shared by the whole cluster compute from each runtime's own "
+        "series (the chart's PrometheusRule `<release>-slm-monitoring-recording-rules`, one group per runtime; "
+        "[architecture](../architecture.md#rules-shared-recording-rules-and-per-deployment-alerts)). Each carries "
+        "`namespace` and `job` and the labels listed; a runtime marked — lacks the signal.",
+        "",
+        "| series | labels | " + " | ".join(f"`{runtime}`" for runtime in runtimes) + " |",
+        "| --- | --- | " + " | ".join("---" for _ in runtimes) + " |",
+    ]
+    for row in data["recording"]:
+        labels = ", ".join(f"`{label}`" for label in row["by"]) or "—"
+        cells = ["yes" if shared_cell(row, runtime) is not None else "—" for runtime in runtimes]
+        lines.append(f"| `{row['record']}` | {labels} | " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        "Recorded per deployment (their windows are the resource's): " + ", ".join(f"`{r}`" for r in recording),
+        "",
+    ]
     return "\n".join(lines)
 
 

@@ -1,7 +1,8 @@
 """`python -m slm_devtools up|demo`: the local control plane for a developer to look at.
 
-`up` starts the control plane with fake GPU nodes, installs the Prometheus Operator CRDs, prints what is
-there and how to reach it, then stops (or, with --keep-running, waits for Ctrl-C).
+`up` starts the control plane with fake GPU nodes, installs the Prometheus Operator CRDs (with
+--monitoring: runs kube-prometheus-stack's monitoring too, slm_devtools.promstack), prints what is there
+and how to reach it, then stops (or, with --keep-running, waits for Ctrl-C).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import threading
 from pathlib import Path
 
 from .cluster import ClusterStartError, LocalCluster
+from .promstack import PrometheusStack
 from .tools import ToolMissing
 
 
@@ -22,7 +24,7 @@ def step(message: str) -> None:
     print(f"==> {message}", flush=True)
 
 
-def up(keep_running: bool) -> int:
+def up(keep_running: bool, monitoring: bool = False) -> int:
     workdir = Path(tempfile.mkdtemp(prefix="slm-demo-"))
     step(f"starting the local control plane (data in {workdir})")
     try:
@@ -35,14 +37,20 @@ def up(keep_running: bool) -> int:
                                   "PRODUCT:.metadata.labels.nvidia\\.com/gpu\\.product").stdout)
             print(f"{len(crds)} Prometheus Operator CRDs established.")
             print(f"kubeconfig: {cluster.kubeconfig}")
-            if keep_running:
-                step("running; press Ctrl-C to stop")
-                stop = threading.Event()
-                signal.signal(signal.SIGTERM, lambda *_: stop.set())
-                with contextlib.suppress(KeyboardInterrupt):
-                    stop.wait()
-            step("stopping")
-    except (ClusterStartError, ToolMissing) as exc:
+            with contextlib.ExitStack() as running:
+                if monitoring:
+                    step("starting the Prometheus Operator, Prometheus and Alertmanager (kube-prometheus-stack's "
+                         "shape)")
+                    stack = running.enter_context(PrometheusStack(cluster, workdir / "stack").running())
+                    print(f"Prometheus: {stack.prometheus.url}\nAlertmanager: {stack.alertmanager.url}")
+                if keep_running:
+                    step("running; press Ctrl-C to stop")
+                    stop = threading.Event()
+                    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+                    with contextlib.suppress(KeyboardInterrupt):
+                        stop.wait()
+                step("stopping")
+    except (ClusterStartError, ToolMissing, RuntimeError, TimeoutError) as exc:
         print(f"FAILED: {exc}", file=sys.stderr)
         return 1
     step("done: no process left behind")
@@ -57,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
         from .demo import main as demo
 
         return demo(rest)
-    return up("--keep-running" in rest)
+    return up("--keep-running" in rest, monitoring="--monitoring" in rest)
 
 
 if __name__ == "__main__":

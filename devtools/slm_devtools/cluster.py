@@ -5,6 +5,14 @@ kube-controller-manager (garbage collector, deployment/replicaset/endpointslice 
 service-account tokens) + kube-scheduler + KWOK, which fakes GPU nodes (`nvidia.com/gpu` capacity and
 the labels NVIDIA's GPU operator sets) so pods schedule and turn Running.
 
+Pod addresses: each cluster claims a /16 of 10.0.0.0/8 (`PodNetwork`) and gives each fake node a
+slice of it as `spec.podCIDR`, from which KWOK hands out pod IPs. A pod IP 10.A.B.C has a local twin
+127.A.B.C (all of 127.0.0.0/8 is this machine's loopback), where slm_devtools.localpods runs the
+pod's real processes. The pod IPs themselves cannot be loopback addresses: the API server refuses
+them in Endpoints and EndpointSlices (`may not be in the loopback range`), so no Service would ever
+list such a pod; Prometheus, which finds targets through those, reaches the twin through one
+address rewrite (slm_devtools.promstack, "running outside a pod").
+
     with LocalCluster.start(workdir) as cluster:
         cluster.kubectl("get", "nodes")
 
@@ -15,9 +23,12 @@ against it to add the same fake GPU nodes, so the same tests run there.
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
+import ipaddress
 import json
 import os
+import random
 import shutil
 import signal
 import socket
@@ -46,6 +57,91 @@ FAKE_NODES: tuple[dict[str, Any], ...] = (
     {"name": "gpu-node-1", "gpus": 4, "product": "NVIDIA-L4"},
     {"name": "cpu-node-0", "gpus": 0, "product": None},
 )
+
+
+@dataclass(frozen=True)
+class PodNetwork:
+    """The pod addresses of one cluster: 10.<octet>.0.0/16, each fake node a /20 of it.
+
+    `local_address(pod_ip)` is the loopback twin 127.<octet>.B.C where a pod's processes listen here.
+    """
+
+    octet: int
+
+    @property
+    def cidr(self) -> str:
+        return f"10.{self.octet}.0.0/16"
+
+    def node_cidr(self, index: int) -> str:
+        return f"10.{self.octet}.{16 * index}.0/20"
+
+    @property
+    def node_ip(self) -> str:
+        """What KWOK reports as the fake nodes' InternalIP (and hostNetwork pods' IP)."""
+        return f"10.{self.octet}.255.254"
+
+    @property
+    def default_cidr(self) -> str:
+        """KWOK's pool for a node without spec.podCIDR (a node made by someone else)."""
+        return f"10.{self.octet}.240.0/21"
+
+    def owns(self, ip: str) -> bool:
+        return ipaddress.ip_address(ip) in ipaddress.ip_network(self.cidr)
+
+    def local_address(self, pod_ip: str) -> str:
+        """Where the pod with `pod_ip` listens on this machine."""
+        if not self.owns(pod_ip):
+            raise ValueError(f"{pod_ip} is not a pod address of this cluster ({self.cidr})")
+        return "127." + pod_ip.split(".", 1)[1]
+
+    @property
+    def address_regex(self) -> str:
+        """An RE2 pattern of `<pod IP>:<port>` whose groups are the last three octets and the port."""
+        return rf"10\.{self.octet}\.(\d+)\.(\d+):(\d+)"
+
+    @property
+    def local_replacement(self) -> str:
+        return f"127.{self.octet}.${{1}}.${{2}}:${{3}}"
+
+
+def claim_pod_network(registry: Path) -> tuple[PodNetwork, Path]:
+    """A /16 no other running cluster on this machine uses (two would bind the same local addresses).
+
+    A claim is a file named after the octet holding the owner's pid, made with O_EXCL; a claim whose
+    owner is gone is taken over. Octets 100-249 keep clear of the service range (10.96.0.0/16).
+    """
+    registry.mkdir(parents=True, exist_ok=True)
+    candidates = list(range(100, 250))
+    random.shuffle(candidates)
+    for octet in candidates:
+        claim = registry / f"podnet-{octet}"
+        for _ in range(2):
+            try:
+                fd = os.open(claim, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                if _claim_alive(claim):
+                    break
+                with contextlib.suppress(FileNotFoundError):
+                    claim.unlink()
+                continue
+            with os.fdopen(fd, "w") as out:
+                out.write(str(os.getpid()))
+            return PodNetwork(octet), claim
+    raise ClusterStartError(f"every pod network in {registry} is claimed by a running process; remove stale claims")
+
+
+def _claim_alive(claim: Path) -> bool:
+    try:
+        pid = int(claim.read_text().strip() or "0")
+    except (OSError, ValueError):
+        return False
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except OSError as error:
+        return error.errno == errno.EPERM
+    return True
 
 
 class KubectlError(subprocess.CalledProcessError):
@@ -187,6 +283,17 @@ class ClusterBase:
     workdir: Path
     components: list[Component] = field(default_factory=list)
     boot_seconds: float = 0.0
+    pod_network: PodNetwork = field(default_factory=lambda: PodNetwork(0))
+    _network_claim: Path | None = None
+
+    def claim_pod_network(self) -> None:
+        self.pod_network, self._network_claim = claim_pod_network(tools.cache_dir() / "run")
+
+    def release_pod_network(self) -> None:
+        if self._network_claim is not None:
+            with contextlib.suppress(FileNotFoundError):
+                self._network_claim.unlink()
+            self._network_claim = None
 
     # --- kubectl and clients -------------------------------------------------------------------
     def kubectl(self, *args: str, check: bool = True, input: str | None = None,
@@ -282,8 +389,9 @@ class ClusterBase:
 
     # --- fake GPU nodes -------------------------------------------------------------------------
     def create_fake_nodes(self, nodes: Sequence[dict[str, Any]] = FAKE_NODES) -> None:
-        for spec in nodes:
-            self.kubectl("apply", "-f", "-", input=json.dumps(fake_node_manifest(**spec)))
+        for index, spec in enumerate(nodes):
+            manifest = fake_node_manifest(**spec, pod_cidr=self.pod_network.node_cidr(index))
+            self.kubectl("apply", "-f", "-", input=json.dumps(manifest))
 
     def wait_nodes_ready(self, names: Sequence[str], timeout: float = 60) -> None:
         def ready() -> bool:
@@ -314,7 +422,7 @@ class ClusterBase:
         self.components.clear()
 
 
-def fake_node_manifest(name: str, gpus: int, product: str | None) -> dict[str, Any]:
+def fake_node_manifest(name: str, gpus: int, product: str | None, pod_cidr: str | None = None) -> dict[str, Any]:
     labels = {
         "kubernetes.io/hostname": name, "kubernetes.io/os": "linux", "kubernetes.io/arch": "amd64",
         "type": "kwok", "node.kubernetes.io/instance-type": "fake-gpu" if gpus else "fake-cpu",
@@ -328,7 +436,8 @@ def fake_node_manifest(name: str, gpus: int, product: str | None) -> dict[str, A
         "apiVersion": "v1", "kind": "Node",
         "metadata": {"name": name, "labels": labels, "annotations": {KWOK_NODE_ANNOTATION: "fake",
                                                                      "node.alpha.kubernetes.io/ttl": "0"}},
-        "spec": {},
+        # KWOK hands out this node's pod IPs from its podCIDR (see PodNetwork).
+        "spec": {"podCIDR": pod_cidr, "podCIDRs": [pod_cidr]} if pod_cidr else {},
         "status": {"capacity": capacity, "allocatable": capacity,
                    "nodeInfo": {"kubeletVersion": "fake", "architecture": "amd64", "operatingSystem": "linux"}},
     }
@@ -339,7 +448,7 @@ def start_kwok(cluster: ClusterBase, logdir: Path) -> Component:
     kwok = spawn("kwok", [
         tools.tool("kwok"), f"--kubeconfig={cluster.kubeconfig}", f"--config={tools.tool('kwok-stages.yaml')}",
         f"--manage-nodes-with-annotation-selector={KWOK_NODE_ANNOTATION}=fake",
-        "--cidr=10.244.0.0/16", "--node-ip=10.244.255.254",
+        f"--cidr={cluster.pod_network.default_cidr}", f"--node-ip={cluster.pod_network.node_ip}",
         f"--server-address=127.0.0.1:{free_port()}",
     ], logdir)
     cluster.components.append(kwok)
@@ -357,11 +466,13 @@ class LocalCluster(ClusterBase):
         owned = workdir is None
         workdir = Path(tempfile.mkdtemp(prefix="slm-cluster-")) if workdir is None else workdir
         cluster = cls(kubeconfig=workdir / "kubeconfig", workdir=workdir)
+        cluster.claim_pod_network()
         try:
             cluster._boot(timeout)
             yield cluster
         finally:
             cluster.stop()
+            cluster.release_pod_network()
             if owned and not keep:
                 shutil.rmtree(workdir, ignore_errors=True)
 
@@ -497,6 +608,7 @@ class ExistingCluster(ClusterBase):
     def attach(cls, kubeconfig: Path, *, timeout: float = 90) -> Iterator[ExistingCluster]:
         workdir = Path(tempfile.mkdtemp(prefix="slm-existing-"))
         cluster = cls(kubeconfig=kubeconfig, workdir=workdir)
+        cluster.claim_pod_network()
         try:
             cluster.kubectl("version")  # fails clearly if unreachable
             start_kwok(cluster, workdir)
@@ -507,6 +619,7 @@ class ExistingCluster(ClusterBase):
             names = [n["name"] for n in FAKE_NODES]
             cluster.kubectl("delete", "node", "--ignore-not-found", *names, check=False)
             cluster.stop()
+            cluster.release_pod_network()
             shutil.rmtree(workdir, ignore_errors=True)
 
 

@@ -1,13 +1,16 @@
-"""The data plane as local processes: the SLM server, Prometheus, Alertmanager and notification sinks.
+"""The data plane: the real servers of an SLMDeployment's pods, scraped and alerted on by the monitoring
+kube-prometheus-stack users have, and the sinks that receive the notifications.
 
-Used by tests/monitoring (marker `dataplane`) and by `make demo`. Everything listens on 127.0.0.1
-on a free port, every start waits for readiness with a deadline, every stop is clean (SIGTERM, then
-SIGKILL after a grace period), and the binaries are the pinned ones from slm_devtools.tools.
+Used by tests/monitoring (marker `dataplane`), bench/ and `make demo`. Every start waits for readiness
+with a deadline, every stop is clean (SIGTERM, then SIGKILL after a grace period), and the binaries are
+the pinned ones from slm_devtools.tools.
 
-- `SlmServer`: `python -m slm_server` with the given env (e.g. the tiny model, faults admin on).
-- `Prometheus`: the pinned prometheus with a generated config, rule files and short intervals;
-  `scrape_config()` gives a server target the labels the operator's ServiceMonitor would.
-- `Alertmanager`: the pinned alertmanager with a given alertmanager.yml, clustering off.
+- `MonitoringPlane`: an SLMDeployment applied to the cluster and reconciled by the real operator; the
+  SLM server of each of its (KWOK-faked) pods runs here at the pod's address (slm_devtools.localpods);
+  the Prometheus Operator (slm_devtools.promstack) turns the ServiceMonitor, PrometheusRule and
+  AlertmanagerConfig the operator wrote into Prometheus' and Alertmanager's configuration; Prometheus
+  discovers the pods through the API server and scrapes them.
+- `SlmServer`: one running server pod: its URL, /metrics, and its fault admin API (`FaultAdmin`).
 - `SmtpSink`: an aiosmtpd SMTP server collecting messages (what Alertmanager's email receiver sends).
 - `WebhookSink`: an HTTP server collecting JSON POSTs; serves as Slack incoming webhook (`/slack`)
   and Alertmanager webhook (`/hook`) at once.
@@ -20,10 +23,6 @@ import contextlib
 import email
 import email.policy
 import json
-import os
-import signal
-import subprocess
-import sys
 import threading
 import time
 import urllib.error
@@ -36,13 +35,16 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, TypeVar
 
-import yaml
-
-from slm_devtools.cluster import free_port
-from slm_devtools.tools import tool
+from slm_devtools.cluster import ClusterBase, free_port
+from slm_devtools.localpods import LocalKubelet, LocalPod
+from slm_devtools.operator_process import OperatorProcess, install_crd
+from slm_devtools.promstack import AlertmanagerAPI, PrometheusAPI, PrometheusStack
 
 T = TypeVar("T")
 LOOPBACK = "127.0.0.1"
+# Kept as names the tests and benchmarks read: the Prometheus and Alertmanager the stack runs.
+Prometheus = PrometheusAPI
+Alertmanager = AlertmanagerAPI
 
 
 class NotReady(TimeoutError):
@@ -68,136 +70,83 @@ def wait_until(
         time.sleep(interval)
 
 
-def http_json(url: str, *, method: str = "GET", body: Any = None, timeout: float = 10) -> Any:
+def http_json(url: str, *, method: str = "GET", body: Any = None, timeout: float = 10,
+              headers: Mapping[str, str] | None = None) -> Any:
     data = None if body is None else json.dumps(body).encode()
-    request = urllib.request.Request(  # noqa: S310 - loopback http URLs only
-        url, data=data, method=method, headers={"Content-Type": "application/json"}
+    request = urllib.request.Request(  # noqa: S310 - local http URLs only
+        url, data=data, method=method, headers={"Content-Type": "application/json", **(headers or {})}
     )
-    with urllib.request.urlopen(request, timeout=timeout) as response:  # noqa: S310 - loopback URLs only
+    with urllib.request.urlopen(request, timeout=timeout) as response:  # noqa: S310 - local URLs only
         text = response.read().decode()
     return json.loads(text) if text else None
 
 
 def http_ok(url: str, timeout: float = 2) -> bool:
     try:
-        with urllib.request.urlopen(url, timeout=timeout) as response:  # noqa: S310 - loopback URLs only
+        with urllib.request.urlopen(url, timeout=timeout) as response:  # noqa: S310 - local URLs only
             return bool(200 <= response.status < 300)
     except (urllib.error.URLError, ConnectionError, TimeoutError):
         return False
 
 
+# ---- the SLM server ---------------------------------------------------------------------------------
+
+# What turns the fault admin API on in the server. `spec.server.faultsAdmin: true` in the resource makes
+# the operator set the first; the two others are what a server in development reads instead.
+FAULT_ADMIN_ENV = {"SLM_FAULTS_ADMIN": "true", "SLM_FAULT_INJECTION": "true", "SLM_FAULT_ADMIN_API": "true"}
+
+
+@dataclass(frozen=True)
+class FaultAdmin:
+    """Where a server takes faults at run time: the one place that knows the admin API's address.
+
+    Today the admin routes are on the server's own port. When the server's environment names an admin
+    port (SLM_ADMIN_PORT, with SLM_ADMIN_HOST and an optional bearer token SLM_ADMIN_TOKEN), they are
+    taken from there instead; a host that means "the pod itself" is the pod's address here.
+    """
+
+    url: str
+    token: str | None = None
+
+    @classmethod
+    def of(cls, *, address: str, port: int, env: Mapping[str, str]) -> FaultAdmin:
+        if env.get("SLM_ADMIN_PORT"):
+            host = env.get("SLM_ADMIN_HOST") or address
+            if host in ("0.0.0.0", "127.0.0.1", "localhost", "::"):  # noqa: S104 - the pod's own addresses
+                host = address
+            return cls(f"http://{host}:{env['SLM_ADMIN_PORT']}/admin/faults", env.get("SLM_ADMIN_TOKEN") or None)
+        return cls(f"http://{address}:{port}/admin/faults", env.get("SLM_ADMIN_TOKEN") or None)
+
+    def send(self, body: Mapping[str, Any], method: str = "POST") -> None:
+        headers = {"Authorization": f"Bearer {self.token}"} if self.token else {}
+        http_json(self.url, method=method, body=dict(body), headers=headers)
+
+
 @dataclass
-class ManagedProcess:
-    """A child process with its output in a log file, stopped for sure on `stop()`."""
+class SlmServer:
+    """The real inference server of one pod, running here at the pod's address."""
 
-    name: str
-    args: list[str]
-    log_path: Path
-    env: Mapping[str, str] | None = None
-    cwd: Path | None = None
-    process: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> ManagedProcess:
-        self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        log = self.log_path.open("ab")
-        self.process = subprocess.Popen(
-            self.args,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env={**os.environ, **(self.env or {})},
-            cwd=self.cwd,
-            start_new_session=True,  # its own process group: stop() reaches its children too
-        )
-        log.close()
-        return self
-
-    def running(self) -> bool:
-        return self.process is not None and self.process.poll() is None
-
-    def check_running(self) -> None:
-        if not self.running():
-            raise RuntimeError(f"{self.name} exited early; its log ({self.log_path}):\n{self.log_tail()}")
-
-    def log_tail(self, chars: int = 4000) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")[-chars:]
-        except FileNotFoundError:
-            return ""
-
-    def stop(self, grace: float = 10) -> None:
-        if self.process is None or self.process.poll() is not None:
-            return
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.process.pid, signal.SIGTERM)
-        try:
-            self.process.wait(timeout=grace)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.process.pid, signal.SIGKILL)
-            self.process.wait(timeout=grace)
-
-    def kill(self) -> None:
-        """SIGKILL (a crash, for tests of what follows one)."""
-        if self.running():
-            assert self.process is not None
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.process.pid, signal.SIGKILL)
-            self.process.wait(timeout=10)
-
-    def wait_ready(self, check: Callable[[], bool], timeout: float) -> None:
-        def ready() -> bool:
-            self.check_running()
-            return check()
-
-        try:
-            wait_until(ready, timeout=timeout, interval=0.2, what=f"{self.name} ready")
-        except NotReady as error:
-            raise NotReady(f"{error}; log tail:\n{self.log_tail()}") from None
-
-
-# ---- the SLM server -------------------------------------------------------------------------------
-
-
-class _OnLoopback:
-    """A server of the data plane listening on 127.0.0.1:`port`."""
-
-    port: int
-
-    @property
-    def url(self) -> str:
-        return f"http://{LOOPBACK}:{self.port}"
+    pod: LocalPod
 
     @property
     def address(self) -> str:
-        return f"{LOOPBACK}:{self.port}"
+        return f"{self.pod.address}:{self.pod.port('http', 'server')}"
 
+    @property
+    def url(self) -> str:
+        return f"http://{self.address}"
 
-@dataclass
-class SlmServer(_OnLoopback):
-    """The real inference server as a process (`python -m slm_server`)."""
+    @property
+    def env(self) -> dict[str, str]:
+        server = next(c for c in self.pod.containers if c.name == "server")
+        return dict(server.env)
 
-    workdir: Path
-    env: Mapping[str, str] = field(default_factory=dict)
-    port: int = 0
-    proc: ManagedProcess | None = None
-
-    def start(self, timeout: float = 180) -> SlmServer:
-        self.port = self.port or free_port()
-        env = {"SLM_HOST": LOOPBACK, "SLM_PORT": str(self.port), "SLM_LOG_LEVEL": "warning", **self.env}
-        if env.get("SLM_FAULTS_ADMIN") == "true":
-            # The contract's switch, plus the two a server in development reads instead.
-            env.setdefault("SLM_FAULT_INJECTION", "true")
-            env.setdefault("SLM_FAULT_ADMIN_API", "true")
-        if "SLM_MODEL_NAME" in env:
-            env.setdefault("SLM_SERVED_MODEL_NAME", env["SLM_MODEL_NAME"])
-        self.proc = ManagedProcess("slm-server", [sys.executable, "-m", "slm_server"], self.workdir / "server.log",
-                                   env=env).start()  # fmt: skip
-        self.proc.wait_ready(lambda: http_ok(f"{self.url}/readyz"), timeout)
-        return self
+    @property
+    def faults(self) -> FaultAdmin:
+        return FaultAdmin.of(address=self.pod.address, port=self.pod.port("http", "server"), env=self.env)
 
     def stop(self) -> None:
-        if self.proc:
-            self.proc.stop()
+        self.pod.stop()
 
     def metrics_text(self) -> str:
         with urllib.request.urlopen(f"{self.url}/metrics", timeout=10) as response:  # noqa: S310
@@ -213,23 +162,16 @@ class SlmServer(_OnLoopback):
         latency_seconds, degraded_rate) is driven that way so the alert tests still run, and the
         returned form lets a contract test flag the difference.
         """
-        contract = {
-            "errorRate": error_rate,
-            "addedLatencySeconds": added_latency_seconds,
-            "degradedOutput": degraded_output,
-        }
+        admin = self.faults
         try:
-            http_json(f"{self.url}/admin/faults", method="POST", body=contract)
+            admin.send({"errorRate": error_rate, "addedLatencySeconds": added_latency_seconds,
+                        "degradedOutput": degraded_output})
             return "contract"
         except urllib.error.HTTPError as error:
             if error.code not in (404, 405, 422):
                 raise
-        legacy = {
-            "error_rate": error_rate,
-            "latency_seconds": added_latency_seconds,
-            "degraded_rate": 1.0 if degraded_output else 0.0,
-        }
-        http_json(f"{self.url}/admin/faults", method="PUT", body=legacy)
+        admin.send({"error_rate": error_rate, "latency_seconds": added_latency_seconds,
+                    "degraded_rate": 1.0 if degraded_output else 0.0}, method="PUT")
         return "PUT snake_case"
 
 
@@ -300,147 +242,6 @@ class LoadGenerator:
         if self._slots:  # let requests in flight finish
             for _ in range(self.concurrency):
                 self._slots.acquire(timeout=60)
-
-
-# ---- Prometheus -----------------------------------------------------------------------------------
-
-
-def scrape_config(*, name: str, namespace: str, targets: list[str], pod: str, interval: str = "1s") -> dict[str, Any]:
-    """A static scrape job labelled as the operator's ServiceMonitor would label the server's series.
-
-    job=<name> (the Service's name), namespace, pod, service, container, and instance (the address).
-    """
-    return {
-        "job_name": name,
-        "scrape_interval": interval,
-        "scrape_timeout": interval,
-        "metrics_path": "/metrics",
-        "static_configs": [
-            {"targets": targets, "labels": {"namespace": namespace, "pod": pod, "service": name, "container": "server"}}
-        ],
-    }
-
-
-@dataclass
-class Prometheus(_OnLoopback):
-    workdir: Path
-    scrape_configs: list[dict[str, Any]] = field(default_factory=list)
-    rule_groups: list[dict[str, Any]] = field(default_factory=list)
-    alertmanagers: list[str] = field(default_factory=list)  # host:port
-    interval: str = "1s"
-    extra_args: list[str] = field(default_factory=list)
-    port: int = 0
-    proc: ManagedProcess | None = None
-
-    def write_config(self) -> Path:
-        rule_dir = self.workdir / "rules"
-        rule_dir.mkdir(parents=True, exist_ok=True)
-        for old in rule_dir.glob("*.yaml"):
-            old.unlink()
-        for index, group in enumerate(self.rule_groups):
-            (rule_dir / f"{index:02d}.yaml").write_text(yaml.safe_dump({"groups": [group]}, sort_keys=False))
-        config: dict[str, Any] = {
-            "global": {"scrape_interval": self.interval, "evaluation_interval": self.interval},
-            "rule_files": [str(rule_dir / "*.yaml")],
-            "scrape_configs": self.scrape_configs,
-        }
-        if self.alertmanagers:
-            config["alerting"] = {"alertmanagers": [{"static_configs": [{"targets": self.alertmanagers}]}]}
-        path = self.workdir / "prometheus.yml"
-        path.write_text(yaml.safe_dump(config, sort_keys=False))
-        return path
-
-    def start(self, timeout: float = 60) -> Prometheus:
-        self.port = self.port or free_port()
-        config = self.write_config()
-        args = [
-            tool("prometheus"),
-            f"--config.file={config}",
-            f"--storage.tsdb.path={self.workdir / 'data'}",
-            f"--web.listen-address={LOOPBACK}:{self.port}",
-            "--web.enable-lifecycle",
-            # Resend firing alerts every interval so Alertmanager learns of them without waiting 1m.
-            f"--rules.alert.resend-delay={self.interval}",
-            *self.extra_args,
-        ]
-        self.proc = ManagedProcess("prometheus", args, self.workdir / "prometheus.log").start()
-        self.proc.wait_ready(lambda: http_ok(f"{self.url}/-/ready"), timeout)
-        return self
-
-    def reload(self) -> None:
-        self.write_config()
-        request = urllib.request.Request(f"{self.url}/-/reload", method="POST")  # noqa: S310 - loopback
-        with urllib.request.urlopen(request, timeout=30):  # noqa: S310 - loopback
-            pass
-
-    def stop(self) -> None:
-        if self.proc:
-            self.proc.stop()
-
-    def api(self, path: str, **params: str) -> Any:
-        query = urllib.parse.urlencode(params)
-        payload = http_json(f"{self.url}/api/v1/{path}?{query}")
-        if payload.get("status") != "success":
-            raise RuntimeError(f"Prometheus {path} failed: {payload}")
-        return payload["data"]
-
-    def query(self, expr: str, at: float | None = None) -> list[dict[str, Any]]:
-        params = {"query": expr}
-        if at is not None:
-            params["time"] = str(at)
-        data = self.api("query", **params)
-        result: list[dict[str, Any]] = data["result"]
-        return result
-
-    def targets_up(self) -> bool:
-        active = self.api("targets")["activeTargets"]
-        return bool(active) and all(target["health"] == "up" for target in active)
-
-    def rule_health(self) -> list[dict[str, Any]]:
-        """Every rule with its health and last error, as Prometheus reports them."""
-        rules: list[dict[str, Any]] = []
-        for group in self.api("rules")["groups"]:
-            rules.extend(group["rules"])
-        return rules
-
-
-# ---- Alertmanager ---------------------------------------------------------------------------------
-
-
-@dataclass
-class Alertmanager(_OnLoopback):
-    workdir: Path
-    config_yaml: str
-    port: int = 0
-    proc: ManagedProcess | None = None
-
-    def start(self, timeout: float = 60) -> Alertmanager:
-        self.port = self.port or free_port()
-        self.workdir.mkdir(parents=True, exist_ok=True)
-        config = self.workdir / "alertmanager.yml"
-        config.write_text(self.config_yaml)
-        args = [
-            tool("alertmanager"),
-            f"--config.file={config}",
-            f"--storage.path={self.workdir / 'data'}",
-            f"--web.listen-address={LOOPBACK}:{self.port}",
-            "--cluster.listen-address=",  # no gossip port: a single local instance
-        ]
-        self.proc = ManagedProcess("alertmanager", args, self.workdir / "alertmanager.log").start()
-        self.proc.wait_ready(lambda: http_ok(f"{self.url}/-/ready"), timeout)
-        return self
-
-    def stop(self) -> None:
-        if self.proc:
-            self.proc.stop()
-
-    def alerts(self, **filters: str) -> list[dict[str, Any]]:
-        query = urllib.parse.urlencode(filters)
-        result: list[dict[str, Any]] = http_json(f"{self.url}/api/v2/alerts?{query}")
-        return result
-
-    def post_alerts(self, alerts: list[dict[str, Any]]) -> None:
-        http_json(f"{self.url}/api/v2/alerts", method="POST", body=alerts)
 
 
 # ---- notification sinks ---------------------------------------------------------------------------
@@ -597,37 +398,87 @@ def running(*things: Any) -> Iterator[None]:
 
 # ---- the whole plane ------------------------------------------------------------------------------
 
+MODEL_CLAIM = "models"
+
+
+def create_model_volume(cluster: ClusterBase, namespace: str, *, claim: str = MODEL_CLAIM) -> str:
+    """A statically bound PersistentVolume and its claim `claim` in `namespace`, as a cluster would have for
+    model weights (the pods' volume here is a local directory: LocalKubelet's `claims`). Returns the PV name."""
+    volume_name = f"slm-models-{namespace}"
+    volume = {
+        "apiVersion": "v1", "kind": "PersistentVolume", "metadata": {"name": volume_name},
+        "spec": {"capacity": {"storage": "10Gi"}, "accessModes": ["ReadOnlyMany"],
+                 "persistentVolumeReclaimPolicy": "Retain", "storageClassName": "",
+                 "hostPath": {"path": "/data/models"}, "claimRef": {"namespace": namespace, "name": claim}},
+    }
+    claim_object = {
+        "apiVersion": "v1", "kind": "PersistentVolumeClaim", "metadata": {"name": claim},
+        "spec": {"accessModes": ["ReadOnlyMany"], "storageClassName": "", "volumeName": volume_name,
+                 "resources": {"requests": {"storage": "10Gi"}}},
+    }
+    cluster.kubectl("apply", "-f", "-", input=json.dumps(volume))
+    cluster.kubectl("apply", "-n", namespace, "-f", "-", input=json.dumps(claim_object))
+    return volume_name
+
+
+def model_claim_dir(workdir: Path, model_dir: Path, sub_path: str) -> Path:
+    """What the `models` claim holds here: a directory whose `sub_path` is the model."""
+    root = workdir / "pv-models"
+    root.mkdir(parents=True, exist_ok=True)
+    link = root / sub_path
+    if not link.exists():
+        link.symlink_to(model_dir)
+    return root
+
+
+def server_pod_selector(cluster: ClusterBase, namespace: str, name: str, *, timeout: float = 60) -> str:
+    """The label selector of the serving pods: the one in the Deployment the operator made for `name`."""
+    def selector() -> str | None:
+        found = cluster.kubectl("get", "deployment", name, "-n", namespace, "-o",
+                                "jsonpath={.spec.selector.matchLabels}", check=False)
+        labels = json.loads(found.stdout) if found.returncode == 0 and found.stdout.strip() else None
+        return ",".join(f"{k}={v}" for k, v in sorted(labels.items())) if labels else None
+
+    return wait_until(selector, timeout=timeout, interval=0.5, what=f"Deployment {namespace}/{name}")
+
 
 @dataclass
 class MonitoringPlane:
-    """Server + Prometheus (rules as the operator renders them) + Alertmanager + sinks, wired up.
+    """One SLMDeployment end to end: the operator writes, the Prometheus Operator consumes, the servers answer.
 
-    Alertmanager routing is the rendered AlertmanagerConfig converted the way the Prometheus Operator
-    does; Slack and webhook receivers point at `hooks` (/slack, /hook), e-mail at `smtp`. Timing knobs
-    (`interval`, `group_wait`) are for tests and demos; production keeps Alertmanager's defaults.
+    In a fresh namespace: the SLMDeployment (`resource()`), reconciled by the real operator (a process
+    watching that namespace); the server of its pod running here at the pod's address; Slack and webhook
+    receivers pointing at `hooks` (/slack, /hook), e-mail at `smtp`; bounded load. Started, it has waited
+    for the ServiceMonitor's target to be up, the PrometheusRule to be loaded and the AlertmanagerConfig
+    to be in Alertmanager's configuration — a failure says which object did not get through and why.
+    Timing knobs (windows, intervals) are for tests and demos; production keeps the CRD's defaults.
     """
 
+    cluster: ClusterBase
+    stack: PrometheusStack
     workdir: Path
     name: str = "phi"
-    namespace: str = "llm"
     model_name: str = "tiny"
-    pod: str = "phi-6d9f8b7c5-x2k4q"
     alerts: Mapping[str, Any] | None = None
-    interval_s: float = 1.0
-    group_wait_s: float = 1.0
-    server_env: Mapping[str, str] = field(default_factory=dict)
+    scrape_interval: str = "1s"
+    group_wait: str = "1s"
+    group_interval: str = "1s"
     load_rate: float = 3.0
+    server_env: Mapping[str, str] = field(default_factory=dict)
+    namespace: str = ""
     smtp: SmtpSink | None = None
     hooks: WebhookSink | None = None
+    operator: OperatorProcess | None = None
+    kubelet: LocalKubelet | None = None
     server: SlmServer | None = None
-    alertmanager: Alertmanager | None = None
-    prometheus: Prometheus | None = None
     load: LoadGenerator | None = None
-    rule_groups: list[dict[str, Any]] = field(default_factory=list)
+    timings: dict[str, float] = field(default_factory=dict)
+    _volume: str = ""
     _started: list[Any] = field(default_factory=list)
 
     def notifications(self, smtp: SmtpSink) -> dict[str, Any]:
         return {
+            "groupWait": self.group_wait, "groupInterval": self.group_interval, "repeatInterval": "1h",
             "slack": {"channel": "#slm-alerts", "apiURLSecretRef": {"name": "slack", "key": "url"},
                       "severities": ["critical", "warning"]},
             "email": {"to": ["sre@example.com"], "from": "slm@example.com", "smarthost": smtp.smarthost,
@@ -635,57 +486,67 @@ class MonitoringPlane:
             "webhook": {"urlSecretRef": {"name": "hook", "key": "url"}},
         }  # fmt: skip
 
-    def start(self, model_dir: str) -> MonitoringPlane:
-        from slm_devtools.alertmanager_yaml import alertmanager_yaml
-        from slm_operator.monitoring.notifications import render_alertmanager_config_spec
-        from slm_operator.monitoring.rules import render_rule_groups
+    def resource(self, smtp: SmtpSink) -> dict[str, Any]:
+        """The SLMDeployment under test (the tiny model from the `models` claim, no GPU)."""
+        monitoring: dict[str, Any] = {"scrapeInterval": self.scrape_interval, "notifications": self.notifications(smtp)}
+        if self.alerts is not None:
+            monitoring["alerts"] = dict(self.alerts)
+        return {
+            "apiVersion": "slm.dev/v1alpha1", "kind": "SLMDeployment", "metadata": {"name": self.name},
+            "spec": {
+                "model": {"name": self.model_name, "source": {"pvc": {"claimName": MODEL_CLAIM, "subPath": "tiny"}}},
+                "replicas": 1,
+                "resources": {"gpus": 0, "requests": {"cpu": "500m", "memory": "1Gi"}},
+                "server": {"maxNewTokens": 16, "faultsAdmin": True},
+                "monitoring": monitoring,
+            },
+        }
 
+    @property
+    def prometheus(self) -> PrometheusAPI:
+        return self.stack.prometheus
+
+    @property
+    def alertmanager(self) -> AlertmanagerAPI:
+        return self.stack.alertmanager
+
+    def rule_groups(self) -> list[dict[str, Any]]:
+        """The rule groups Prometheus loaded from the PrometheusRule the operator wrote."""
+        return self.stack.loaded_rule_groups(self.namespace, self.name)
+
+    def start(self, model_dir: str | Path) -> MonitoringPlane:
+        began = time.monotonic()
         try:
             self.smtp = self._start(SmtpSink())
             self.hooks = self._start(WebhookSink())
-            spec = render_alertmanager_config_spec(
-                name=self.name, namespace=self.namespace, notifications=self.notifications(self.smtp)
-            )
-            assert spec is not None
-            spec["route"].update(
-                {"groupWait": f"{self.group_wait_s:g}s", "groupInterval": "1s", "repeatInterval": "1h"}
-            )
-            secrets = {
-                self.namespace: {"slack": {"url": self.hooks.url("/slack")}, "hook": {"url": self.hooks.url("/hook")}}
-            }
-            config = alertmanager_yaml([(self.namespace, f"slm-{self.name}", spec)], secrets=secrets)
-            self.alertmanager = self._start(Alertmanager(self.workdir / "alertmanager", config))
-            env = {"SLM_MODEL": model_dir, "SLM_MODEL_NAME": self.model_name, "SLM_FAULTS_ADMIN": "true",
-                   "SLM_MAX_NEW_TOKENS": "16", **self.server_env}  # fmt: skip
-            self.server = self._start(SlmServer(self.workdir / "server", env=env))
-            self.rule_groups = render_rule_groups(name=self.name, namespace=self.namespace, alerts=self.alerts)
-            interval = f"{self.interval_s:g}s"
-            self.prometheus = self._start(
-                Prometheus(
-                    self.workdir / "prometheus",
-                    scrape_configs=[
-                        scrape_config(
-                            name=self.name,
-                            namespace=self.namespace,
-                            targets=[self.server.address],
-                            pod=self.pod,
-                            interval=interval,
-                        )
-                    ],
-                    rule_groups=self.rule_groups,
-                    alertmanagers=[self.alertmanager.address],
-                    interval=interval,
-                )
-            )
-            self.load = self._start(
-                LoadGenerator(
-                    self.server.url,
-                    rate=self.load_rate,
-                    concurrency=2,
-                    body={"model": self.model_name, "prompt": "The quick brown fox", "max_tokens": 8},
-                )
-            )
-            wait_until(self.prometheus.targets_up, timeout=30, what="server target up")
+            install_crd(self.cluster)
+            self.namespace = self.namespace or self.cluster.new_namespace(f"dp-{self.name}")
+            self._volume = create_model_volume(self.cluster, self.namespace)
+            for secret, url in (("slack", self.hooks.url("/slack")), ("hook", self.hooks.url("/hook"))):
+                self.cluster.kubectl("create", "secret", "generic", secret, "-n", self.namespace,
+                                     f"--from-literal=url={url}")
+            self.operator = OperatorProcess(self.cluster.kubeconfig, self.workdir / "operator", resync_seconds=3,
+                                            namespaces=[self.namespace])
+            self._started.append(self.operator)
+            self.operator.start()
+            self.cluster.kubectl("apply", "-n", self.namespace, "-f", "-",
+                                 input=json.dumps(self.resource(self.smtp)))
+            self.kubelet = LocalKubelet(self.cluster, self.workdir / "pods",
+                                        claims={MODEL_CLAIM: model_claim_dir(self.workdir, Path(model_dir), "tiny")})
+            self._started.append(self.kubelet)
+            selector = server_pod_selector(self.cluster, self.namespace, self.name)
+            pod = self.kubelet.running_pod(self.namespace, selector, timeout=120)
+            self.server = SlmServer(self.kubelet.run(pod, env={**FAULT_ADMIN_ENV, **self.server_env}, timeout=240))
+            self.timings["server ready"] = time.monotonic() - began
+            self.load = self._start(LoadGenerator(self.server.url, rate=self.load_rate, concurrency=2, body={
+                "model": self.model_name, "prompt": "The quick brown fox", "max_tokens": 8}))
+            # Up to the config reloader's 3-minute check when this is not the first scrape change since
+            # Prometheus started (see PrometheusStack.explain_service_monitor).
+            self.stack.wait_target_up(self.namespace, self.name, timeout=240)
+            self.timings["target up"] = time.monotonic() - began
+            self.stack.wait_rules_loaded(self.namespace, self.name, timeout=60)
+            self.stack.wait_alertmanager_config(self.namespace, self.name, timeout=60)
+            self.timings["monitoring consumed"] = time.monotonic() - began
         except BaseException:
             self.stop()
             raise
@@ -701,3 +562,7 @@ class MonitoringPlane:
             with contextlib.suppress(Exception):
                 thing.stop()
         self._started.clear()
+        if self.namespace:
+            self.cluster.kubectl("delete", "namespace", self.namespace, "--wait=false", check=False)
+        if self._volume:
+            self.cluster.kubectl("delete", "persistentvolume", self._volume, "--wait=false", check=False)

@@ -1,19 +1,19 @@
 """`make demo` (also `slm-demo`): the whole product working on one machine, step by step.
 
-A local control plane with fake GPU nodes → the Helm chart and CRDs → the operator (a local process
-holding only the chart's ServiceAccount token) → the SLMDeployments in examples/ → the real server
-with the tiny model as the data plane → a real Prometheus loading the rules the operator wrote into
-the API server, scraping the server with the ServiceMonitor's labels → a real Alertmanager with the
-routing generated from the AlertmanagerConfig → loopback SMTP and Slack/webhook sinks. Then load, a
-fault, the alert firing and its notifications, recovery, and a threshold edited in the resource
-reaching the rule. Serving pods are faked by KWOK (no GPU here); the one server that really runs is
-the data-plane process, given the environment the operator put in the Deployment.
+A local control plane with fake GPU nodes → kube-prometheus-stack's monitoring (the real Prometheus
+Operator, and the Prometheus and Alertmanager it generates, run here) → the Helm chart → the operator
+(a local process holding only the chart's ServiceAccount token) → the SLMDeployments in examples/ →
+the real server with the tiny model, run at the address of tiny-demo's pod → Prometheus discovering it
+through the ServiceMonitor and loading the PrometheusRule, Alertmanager routing by the
+AlertmanagerConfig, all as the Prometheus Operator generated them → loopback SMTP and Slack/webhook
+sinks. Then load, a fault, the alert firing and its notifications, recovery, and a threshold edited in
+the resource reaching Prometheus' evaluation. Serving pods are faked by KWOK (no GPU here); the one
+that really runs is tiny-demo's, with the environment and volumes the operator put in its Deployment.
 """
 
 from __future__ import annotations
 
 import argparse
-import base64
 import contextlib
 import json
 import signal
@@ -31,10 +31,11 @@ from typing import Any
 import yaml
 
 from . import dataplane
-from .alertmanager_yaml import alertmanager_yaml
 from .cluster import ClusterBase, LocalCluster, wait_for
+from .localpods import LocalKubelet
 from .operator_process import OperatorProcess
-from .tools import REPO_ROOT, tool
+from .promstack import PrometheusStack, StackSettings
+from .tools import REPO_ROOT, tool, versions
 
 NAMESPACE = "llm"
 SYSTEM_NAMESPACE = "slm-system"
@@ -101,7 +102,7 @@ class Demo:
         self.keep_running = keep_running
         self.stop = stop
         self.summary = Summary()
-        self.progress = Progress(total=12)
+        self.progress = Progress(total=13)
 
     # --- helpers ------------------------------------------------------------------------------
     def helm(self, cluster: ClusterBase, *args: str) -> str:
@@ -118,14 +119,6 @@ class Demo:
         status = cluster.kubectl_json("get", "slmdeployment", name, "-n", NAMESPACE).get("status", {})
         return next((c for c in status.get("conditions", []) if c["type"] == kind), {})
 
-    @staticmethod
-    def secret_values(cluster: ClusterBase, names: list[str]) -> dict[str, dict[str, str]]:
-        values: dict[str, dict[str, str]] = {}
-        for name in names:
-            data = cluster.kubectl_json("get", "secret", name, "-n", NAMESPACE).get("data", {})
-            values[name] = {key: base64.b64decode(value).decode() for key, value in data.items()}
-        return values
-
     # --- the demo -----------------------------------------------------------------------------
     def run(self) -> None:
         p = self.progress
@@ -137,11 +130,22 @@ class Demo:
                 say(cluster.kubectl("get", "nodes", "-o", "custom-columns=NODE:.metadata.name,"
                                     "GPUS:.status.allocatable.nvidia\\.com/gpu").stdout)
 
-            with p.step("Install the Prometheus Operator CRDs (as kube-prometheus-stack would) and the Helm chart"):
-                crds = cluster.install_prometheus_operator_crds()
+            with p.step("Install kube-prometheus-stack's monitoring: the Prometheus Operator, and the Prometheus "
+                        "and Alertmanager it generates (run here at their pods' addresses)",
+                        fix="see the logs under the demo's work directory, stack/"):
+                monitoring = PrometheusStack(cluster, self.workdir / "stack", settings=StackSettings())
+                stack.callback(monitoring.stop)
+                monitoring.start()
+                assert monitoring.operator is not None and monitoring.prometheus_pod is not None
+                say(f"Prometheus Operator {versions()['PROMETHEUS_OPERATOR_VERSION']} (log under {self.workdir})")
+                say(f"Prometheus {monitoring.prometheus.url} (pod IP {monitoring.prometheus_pod.ip}), "
+                    f"Alertmanager {monitoring.alertmanager.url}")
+                say(cluster.kubectl("get", "prometheus,alertmanager,statefulset,pods", "-n", "monitoring").stdout)
+
+            with p.step("Install the Helm chart"):
                 self.helm(cluster, "install", RELEASE, str(CHART), "--namespace", SYSTEM_NAMESPACE,
                           "--create-namespace", "--wait", "--timeout", "180s")
-                say(f"{len(crds)} Prometheus Operator CRDs; chart release '{RELEASE}' in {SYSTEM_NAMESPACE}")
+                say(f"chart release '{RELEASE}' in {SYSTEM_NAMESPACE}")
                 say(cluster.kubectl("get", "deploy,sa,svc", "-n", SYSTEM_NAMESPACE).stdout)
 
             with p.step("Run the operator with only the chart's ServiceAccount token (its pod is faked by KWOK)",
@@ -167,7 +171,7 @@ class Demo:
                         fix="`kubectl describe slmd` shows the conditions"):
                 cluster.kubectl("create", "namespace", NAMESPACE)
                 cluster.kubectl("label", "namespace", NAMESPACE, "pod-security.kubernetes.io/enforce=restricted")
-                self.create_model_volume(cluster)
+                dataplane.create_model_volume(cluster, NAMESPACE)
                 for secret, key, value in (("slack", "url", webhook.url("/slack")),
                                            ("hook", "url", webhook.url("/hook")), ("smtp", "password", "unused")):
                     cluster.kubectl("create", "secret", "generic", secret, "-n", NAMESPACE,
@@ -186,58 +190,46 @@ class Demo:
                 self.summary.add(f"objects owned by {DEMO}", ", ".join(
                     c if isinstance(c, str) else f"{c['kind']}/{c['name']}" for c in children))
 
-            with p.step("Start the data plane: the real server with the tiny model, configured as the operator's "
-                        "Deployment says", fix="see the server log in the demo's work directory"):
+            with p.step("Run tiny-demo's pod here: the real server with the tiny model, at the pod's address, "
+                        "with the environment and volumes of the operator's Deployment",
+                        fix="see the server log in the demo's work directory (pods/)"):
                 from slm_devtools.tinymodel import ensure_tiny_model
 
                 model_dir = ensure_tiny_model(log=say)
-                deployment = cluster.kubectl_json("get", "deployment", DEMO, "-n", NAMESPACE)
-                container = deployment["spec"]["template"]["spec"]["containers"][0]
-                env = {e["name"]: e["value"] for e in container.get("env", []) if "value" in e}
-                env = {k: v for k, v in env.items() if k.startswith("SLM_") and k not in ("SLM_HOST", "SLM_PORT")}
-                env.update({"SLM_MODEL": str(model_dir), "SLM_DISK_PATHS": str(model_dir),
-                            "SLM_FAULTS_ADMIN": "true"})
-                server = dataplane.SlmServer(self.workdir / "server", env=env)
-                stack.callback(server.stop)
-                server.start()
-                pod = cluster.kubectl_json("get", "pods", "-n", NAMESPACE, "-l",
-                                           f"app.kubernetes.io/instance={DEMO}")["items"][0]["metadata"]["name"]
-                say(f"server {server.url} (stands for pod {pod}); env from the Deployment: "
-                    + ", ".join(sorted(env)))
+                kubelet = LocalKubelet(cluster, self.workdir / "pods", claims={
+                    "models": dataplane.model_claim_dir(self.workdir, model_dir, "tiny-gpt2")})
+                stack.callback(kubelet.stop)
+                pod = kubelet.running_pod(NAMESPACE, dataplane.server_pod_selector(cluster, NAMESPACE, DEMO))
+                server = dataplane.SlmServer(kubelet.run(pod, env=dataplane.FAULT_ADMIN_ENV, timeout=300))
+                say(f"pod {pod['metadata']['name']} has IP {server.pod.ip}; its server answers here at {server.url}")
 
-            with p.step("Start Prometheus with the rules the operator wrote and Alertmanager with the generated "
-                        "routing"):
-                rule = cluster.kubectl_json("get", "prometheusrule", DEMO, "-n", NAMESPACE)
-                prometheus = dataplane.Prometheus(
-                    self.workdir / "prometheus", rule_groups=rule["spec"]["groups"],
-                    scrape_configs=[dataplane.scrape_config(name=DEMO, namespace=NAMESPACE,
-                                                            targets=[server.address], pod=pod)])
-                config = cluster.kubectl_json("get", "alertmanagerconfig", DEMO, "-n", NAMESPACE)
-                refs = ["slack", "hook", "smtp"]
-                routing = alertmanager_yaml([(NAMESPACE, DEMO, config["spec"])],
-                                            secrets={NAMESPACE: self.secret_values(cluster, refs)})
-                alertmanager = dataplane.Alertmanager(self.workdir / "alertmanager", routing)
-                stack.callback(alertmanager.stop)
-                alertmanager.start()
-                prometheus.alertmanagers = [alertmanager.address]
-                stack.callback(prometheus.stop)
-                prometheus.start()
-                rules = sum(len(g["rules"]) for g in rule["spec"]["groups"])
-                say(f"Prometheus {prometheus.url} ({rules} rules from PrometheusRule {NAMESPACE}/{DEMO}); "
-                    f"Alertmanager {alertmanager.url}")
+            with p.step("Prometheus finds the server through the ServiceMonitor and loads the PrometheusRule; "
+                        "Alertmanager routes by the AlertmanagerConfig — all as the Prometheus Operator generated "
+                        "them", fix="the message names the object that did not get through and why"):
+                prometheus, alertmanager = monitoring.prometheus, monitoring.alertmanager
+                # Up to the config reloader's 3-minute check if tiny-demo's job came in a later change of
+                # Prometheus' configuration than the first (PrometheusStack.explain_service_monitor says why).
+                targets = monitoring.wait_target_up(NAMESPACE, DEMO, timeout=240)
+                groups = monitoring.wait_rules_loaded(NAMESPACE, DEMO, timeout=60)
+                monitoring.wait_alertmanager_config(NAMESPACE, DEMO, timeout=60)
+                rules = sum(len(g["rules"]) for g in groups)
+                say(f"target {targets[0]['scrapeUrl']} (instance {targets[0]['labels']['instance']}) is up; "
+                    f"{rules} rules from PrometheusRule {NAMESPACE}/{DEMO} loaded")
                 self.summary.add("rules loaded (alerts + recording)", rules)
 
-            with p.step("Drive bounded load and wait for the target and the recording rules to have data"):
+            with p.step("Drive bounded load and wait for the recording rules to have data"):
                 load = dataplane.LoadGenerator(server.url, rate=4, concurrency=2, limit=3000,
                                                body={"model": server.env.get("SLM_MODEL_NAME", "tiny-gpt2"),
                                                      "prompt": "The history of the city", "max_tokens": 8})
                 stack.callback(load.stop)
                 load.start()
-                wait_for("the scrape target to be up", prometheus.targets_up, timeout=60)
+                pool = f"serviceMonitor/{NAMESPACE}/{DEMO}/0"
+                wait_for("the scrape target to be up", lambda: prometheus.targets_up(pool), timeout=60)
                 wait_for("successful requests in Prometheus", lambda: bool(prometheus.query(
                     f'sum(rate(api_requests_total{{namespace="{NAMESPACE}",job="{DEMO}",status="200"}}[30s])) > 0')),
                     timeout=90)
-                self.summary.add("scrape targets up", "1/1")
+                up = [t for t in prometheus.targets(pool) if t["health"] == "up"]
+                self.summary.add(f"{DEMO} scrape targets up", f"{len(up)}/{len(prometheus.targets(pool))}")
 
             with p.step(f"Inject a fault (50% errors) and wait for {ALERT} to fire and notify"):
                 fault_at = time.time()
@@ -279,16 +271,17 @@ class Demo:
                 wait_for("the PrometheusRule to carry the new threshold", lambda: "0.2" in rule_expr(), timeout=30)
                 took = time.monotonic() - edited_at
                 say(f"{ALERT}: {' '.join(rule_expr().split())}")
-                say(f"rule updated {took:.1f}s after the edit")
+                say(f"PrometheusRule updated {took:.1f}s after the edit")
                 self.summary.add("threshold edit → PrometheusRule", f"{took:.1f}s")
-                # What the Prometheus Operator's config reloader does in a cluster: load the new rules.
-                prometheus.rule_groups = cluster.kubectl_json(
-                    "get", "prometheusrule", DEMO, "-n", NAMESPACE)["spec"]["groups"]
-                prometheus.reload()
+                # Nothing of ours between here and Prometheus: the Prometheus Operator rewrites the rule
+                # ConfigMap, the kubelet (stand-in) updates the volume, the config reloader reloads Prometheus.
                 wait_for("Prometheus to evaluate the new threshold", lambda: any(
-                    r.get("name") == ALERT and "> 0.2" in r.get("query", "") for r in prometheus.rule_health()),
-                    timeout=30)
-                say("Prometheus reloaded: it now evaluates the new threshold")
+                    r.get("name") == ALERT and "> 0.2" in r.get("query", "")
+                    for g in monitoring.loaded_rule_groups(NAMESPACE, DEMO) for r in g["rules"]), timeout=60)
+                evaluated = time.monotonic() - edited_at
+                say(f"Prometheus evaluates the new threshold {evaluated:.1f}s after the edit "
+                    "(reloaded by the Prometheus Operator's config reloader)")
+                self.summary.add("threshold edit → evaluated by Prometheus", f"{evaluated:.1f}s")
 
             with p.step("Summary"):
                 self.summary.add("Prometheus UI", prometheus.url)
@@ -299,23 +292,6 @@ class Demo:
                     print("Everything stays up; press Ctrl-C to stop.", flush=True)
                     self.stop.wait()
             print("Stopping everything …", flush=True)
-
-    def create_model_volume(self, cluster: ClusterBase) -> None:
-        """A statically bound volume named `models`, as a cluster would have for model weights."""
-        volume = {
-            "apiVersion": "v1", "kind": "PersistentVolume", "metadata": {"name": "slm-demo-models"},
-            "spec": {"capacity": {"storage": "10Gi"}, "accessModes": ["ReadOnlyMany"],
-                     "persistentVolumeReclaimPolicy": "Retain", "storageClassName": "",
-                     "hostPath": {"path": "/data/models"},
-                     "claimRef": {"namespace": NAMESPACE, "name": "models"}},
-        }
-        claim = {
-            "apiVersion": "v1", "kind": "PersistentVolumeClaim", "metadata": {"name": "models"},
-            "spec": {"accessModes": ["ReadOnlyMany"], "storageClassName": "", "volumeName": "slm-demo-models",
-                     "resources": {"requests": {"storage": "10Gi"}}},
-        }
-        cluster.kubectl("apply", "-f", "-", input=json.dumps(volume))
-        cluster.kubectl("apply", "-n", NAMESPACE, "-f", "-", input=json.dumps(claim))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -35,8 +35,9 @@ def parse_metrics(text: str) -> dict[str, float]:
 
 class OperatorProcess:
     def __init__(self, kubeconfig: Path, logdir: Path, *, resync_seconds: float = 3.0,
-                 extra_env: dict[str, str] | None = None) -> None:
+                 extra_env: dict[str, str] | None = None, namespaces: list[str] | None = None) -> None:
         self.kubeconfig = kubeconfig
+        self.namespaces = list(namespaces or [])  # empty: every namespace
         self.logdir = logdir
         self.resync_seconds = resync_seconds
         self.extra_env = extra_env or {}
@@ -65,7 +66,8 @@ class OperatorProcess:
         log = self.log_path.open("wb")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "slm_operator", "--metrics-port", str(self.metrics_port),
-             "--health-port", str(self.health_port), "--log-format", "json"],
+             "--health-port", str(self.health_port), "--log-format", "json",
+             *(f"--namespace={namespace}" for namespace in self.namespaces)],
             stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO,
         )
         log.close()

@@ -77,9 +77,19 @@ tool() {
     say "$name $version: cached"
     return
   fi
+  # Several checkouts may run `make deps` at once: one builds, the others wait for it.
+  mkdir -p "$tools"
+  exec {lockfd}>"$tools/.$name-$version.lock"
+  flock "$lockfd"
+  if [ -f "$DEST/.complete" ]; then
+    say "$name $version: built by another checkout meanwhile"
+    exec {lockfd}>&-
+    return
+  fi
   rm -rf "$DEST"; mkdir -p "$DEST"
   run_logged "$name" "$version" "$fn"
   touch "$DEST/.complete"
+  exec {lockfd}>&-
 }
 
 build_etcd() {
@@ -163,6 +173,22 @@ build_kubeconform() {
   go build -trimpath -ldflags "-s -w" -o "$DEST/kubeconform" github.com/yannh/kubeconform/cmd/kubeconform
 }
 
+build_prometheus_operator() {
+  # The operator and its config reloader, as kube-prometheus-stack runs them (one module, one build).
+  # The release's go.mod replaces its two API submodules with local folders; outside the repository
+  # they are required at the same version, as published.
+  wrapper "$SRC" github.com/prometheus-operator/prometheus-operator "$VERSION"
+  {
+    echo "require github.com/prometheus-operator/prometheus-operator/pkg/apis/monitoring $VERSION"
+    echo "require github.com/prometheus-operator/prometheus-operator/pkg/client $VERSION"
+  } >>"$SRC/go.mod"
+  cd "$SRC"
+  go build -trimpath -ldflags "$(prom_ldflags "${VERSION#v}")" -o "$DEST/" \
+    github.com/prometheus-operator/prometheus-operator/cmd/operator \
+    github.com/prometheus-operator/prometheus-operator/cmd/prometheus-config-reloader
+  mv "$DEST/operator" "$DEST/prometheus-operator"
+}
+
 fetch_kwok_stages() {
   # KWOK fakes nothing without stages: the upstream "fast" node/pod lifecycle, from the pinned module.
   local dir
@@ -185,6 +211,41 @@ fetch_prometheus_operator_crds() {
   chmod -R u+w "$DEST/crds"
 }
 
+fetch_prometheus_operator_rbac() {
+  # The RBAC the pinned release ships for itself and for Prometheus (example/rbac), applied by the
+  # test harness as kube-prometheus-stack applies its own copy: never written by hand.
+  local dir
+  dir="$(cd /tmp && go mod download -json "github.com/prometheus-operator/prometheus-operator@$VERSION" | sed -n 's/.*"Dir": "\(.*\)".*/\1/p')"
+  mkdir -p "$DEST/rbac"
+  for f in prometheus-operator/prometheus-operator-service-account.yaml \
+           prometheus-operator/prometheus-operator-cluster-role.yaml \
+           prometheus-operator/prometheus-operator-cluster-role-binding.yaml \
+           prometheus/prometheus-service-account.yaml prometheus/prometheus-cluster-role.yaml \
+           prometheus/prometheus-cluster-role-binding.yaml; do
+    [ -f "$dir/example/rbac/$f" ] || { echo "missing example/rbac/$f in $dir"; return 1; }
+    cp "$dir/example/rbac/$f" "$DEST/rbac/"
+  done
+  chmod -R u+w "$DEST/rbac"
+}
+
+# ---- the log plane (issue 27): the OpenTelemetry Collector and VictoriaLogs -------------------------
+
+build_otelcol() {
+  # The OpenTelemetry Collector Builder generates a collector from the manifest (only the components
+  # listed there) and compiles it; both the builder and the components come from the Go module proxy.
+  mkdir -p "$SRC"
+  GOBIN="$SRC/bin" go install "go.opentelemetry.io/collector/cmd/builder@$OTELCOL_BUILDER_VERSION"
+  "$SRC/bin/builder" --config "$OTELCOL_MANIFEST" --output-path "$SRC/dist" --ldflags "-s -w"
+  cp "$SRC/dist/otelcol-slm" "$DEST/otelcol-slm"
+}
+
+build_victorialogs() {
+  wrapper "$SRC" github.com/VictoriaMetrics/VictoriaLogs "$VERSION"
+  cd "$SRC"
+  go build -trimpath -ldflags "-s -w -X github.com/VictoriaMetrics/VictoriaMetrics/lib/buildinfo.Version=victoria-logs-$VERSION" \
+    -o "$DEST/victoria-logs" github.com/VictoriaMetrics/VictoriaLogs/app/victoria-logs
+}
+
 only="${1:-all}"
 want() { [ "$only" = all ] || [[ ",$only," == *",$1,"* ]]; }
 
@@ -195,11 +256,19 @@ want kwok && tool kwok-stages "$KWOK_VERSION" fetch_kwok_stages
 export KUBERNETES_VERSION HELM_VERSION
 want helm && tool helm "$HELM_VERSION-k8s$KUBERNETES_VERSION" build_helm
 want prometheus-operator-crds && tool prometheus-operator-crds "$PROMETHEUS_OPERATOR_VERSION" fetch_prometheus_operator_crds
+want prometheus-operator && tool prometheus-operator "$PROMETHEUS_OPERATOR_VERSION" build_prometheus_operator
+want prometheus-operator && tool prometheus-operator-rbac "$PROMETHEUS_OPERATOR_VERSION" fetch_prometheus_operator_rbac
 want alertmanager && tool alertmanager "$ALERTMANAGER_VERSION" build_alertmanager
 want prometheus && tool prometheus "$PROMETHEUS_VERSION" build_prometheus
 want promtool2 && tool promtool2 "$PROMETHEUS2_VERSION" build_promtool2
 want kubeconform && tool kubeconform "$KUBECONFORM_VERSION" build_kubeconform
 want kubernetes && tool kubernetes "$KUBERNETES_VERSION" build_kubernetes
+# The log plane: the collector's key names the builder and a hash of its manifest's lines (comments
+# left out), so a component added or bumped there rebuilds it.
+export OTELCOL_BUILDER_VERSION OTELCOL_MANIFEST="$here/otelcol-builder.yaml"
+otelcol_key="$OTELCOL_BUILDER_VERSION-$(grep -v '^ *#' "$OTELCOL_MANIFEST" | sha256sum | cut -c1-12)"
+want otelcol && tool otelcol "$otelcol_key" build_otelcol
+want victorialogs && tool victorialogs "$VICTORIALOGS_VERSION" build_victorialogs
 
 # Link the pinned versions into the checkout (.bin is git-ignored); other checkouts keep theirs.
 link() { [ -e "$tools/$1/$2" ] && ln -sfn "$tools/$1/$2" "$links/$2"; }
@@ -212,7 +281,12 @@ link "helm-$HELM_VERSION-k8s$KUBERNETES_VERSION" helm || true
 for b in prometheus promtool; do link "prometheus-$PROMETHEUS_VERSION" "$b" || true; done
 for b in alertmanager amtool; do link "alertmanager-$ALERTMANAGER_VERSION" "$b" || true; done
 link "promtool2-$PROMETHEUS2_VERSION" promtool2 || true
+for b in prometheus-operator prometheus-config-reloader; do link "prometheus-operator-$PROMETHEUS_OPERATOR_VERSION" "$b" || true; done
 link "kubeconform-$KUBECONFORM_VERSION" kubeconform || true
 [ -d "$tools/prometheus-operator-crds-$PROMETHEUS_OPERATOR_VERSION/crds" ] &&
   ln -sfn "$tools/prometheus-operator-crds-$PROMETHEUS_OPERATOR_VERSION/crds" "$links/prometheus-operator-crds"
+[ -d "$tools/prometheus-operator-rbac-$PROMETHEUS_OPERATOR_VERSION/rbac" ] &&
+  ln -sfn "$tools/prometheus-operator-rbac-$PROMETHEUS_OPERATOR_VERSION/rbac" "$links/prometheus-operator-rbac"
+link "otelcol-$otelcol_key" otelcol-slm || true
+link "victorialogs-$VICTORIALOGS_VERSION" victoria-logs || true
 say "tools ready in $links ($(du -sh "$tools" 2>/dev/null | cut -f1) in $tools)"

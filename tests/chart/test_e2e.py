@@ -139,7 +139,7 @@ def test_the_documented_crd_upgrade_command_works(release: Release) -> None:
 
 def test_dcgm_exporter_runs_on_every_gpu_node_and_only_there(cluster: ClusterBase) -> None:
     """The DaemonSet lands on the (fake) GPU nodes, not on CPU nodes. It needs a namespace that admits
-    privileged pods (root, SYS_ADMIN, hostPath), so not a restricted one."""
+    privileged pods (root, hostPath), so not a restricted one."""
     cluster.install_prometheus_operator_crds()
     namespace = cluster.new_namespace("slm-gpu", restricted=False)
     gpu = Release(cluster, f"gpu-{uuid.uuid4().hex[:5]}", namespace)

@@ -110,6 +110,9 @@ def test_every_value_has_a_schema_with_a_description_and_objects_are_closed() ->
         ("kubePrometheusStack.retention=30days", "retention"),
         ("operator.watchNamespaces[0]=Not_A_Namespace", "watchNamespaces"),
         ("dcgmExporter.port=70000", "port"),
+        ("dcgmExporter.image.digest=latest", "digest"),
+        ("tests.busyboxImage.digest=sha256:abc", "digest"),
+        ("dcgmExporter.scratchSizeLimit=lots", "scratchSizeLimit"),
     ],
 )
 def test_schema_refuses_invalid_values_naming_the_value(setting: str, complaint: str) -> None:

@@ -1,5 +1,5 @@
-"""`make demo` is part of `make test`: it runs end to end, shows what an SRE would look for, exits by
-itself and leaves no process behind."""
+"""`make demo` is part of `make test`: it runs end to end through the real Prometheus Operator, shows what
+an SRE would look for, exits by itself and leaves no process behind."""
 
 from __future__ import annotations
 
@@ -46,9 +46,12 @@ def test_demo_runs_end_to_end_and_cleans_up(tmp_path: Path) -> None:
                      r"SLMHighErrorRate llm/tiny-demo'", output), output
     assert re.search(r"resolved notification after [\d.]+s", output), output
     assert 'SLMHighErrorRate: slm:error_ratio:rate30s{namespace="llm",job="tiny-demo"} > 0.2' in output
-    assert "Prometheus reloaded: it now evaluates the new threshold" in output
-    assert re.search(r"\| scrape targets up\s+\| 1/1", output), output
-    assert re.search(r"\| Prometheus UI\s+\| http://127\.0\.0\.1:\d+", output), output
+    assert re.search(r"Prometheus evaluates the new threshold [\d.]+s after the edit \(reloaded by the Prometheus "
+                     r"Operator's config reloader\)", output), output
+    assert re.search(r"target http://127\.\d+\.\d+\.\d+:8000/metrics \(instance 10\.\d+\.\d+\.\d+:8000\) is up",
+                     output), output
+    assert re.search(r"\| tiny-demo scrape targets up\s+\| 1/1", output), output
+    assert re.search(r"\| Prometheus UI\s+\| http://127\.\d+\.\d+\.\d+:9090", output), output
     assert "every process stopped" in output
 
     assert processes_mentioning(str(workdir)) == []

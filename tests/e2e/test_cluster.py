@@ -3,6 +3,7 @@ admission, CRD validation and the pinned tool versions. If these fail, no e2e re
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import subprocess
 
@@ -113,6 +114,9 @@ def test_tools_report_the_pinned_versions(cluster: ClusterBase) -> None:
     helm = subprocess.run([tools.tool("helm"), "version", "--template={{.Version}}"],
                           capture_output=True, text=True, check=True)
     assert helm.stdout.strip() == pinned["HELM_VERSION"]
+    for binary in ("prometheus-operator", "prometheus-config-reloader"):
+        version = subprocess.run([tools.tool(binary), "--version"], capture_output=True, text=True, check=True)
+        assert f"{binary}, version {pinned['PROMETHEUS_OPERATOR_VERSION'].lstrip('v')} " in version.stdout
 
 
 def test_a_test_user_is_subject_to_rbac(cluster: ClusterBase, namespace: str) -> None:
@@ -134,3 +138,44 @@ def test_a_test_user_is_subject_to_rbac(cluster: ClusterBase, namespace: str) ->
     may_delete = cluster.kubectl("auth", "can-i", "delete", "pods", "-n", namespace, kubeconfig=kubeconfig,
                                  check=False)
     assert may_delete.stdout.strip() == "no"
+
+
+def test_pods_get_addresses_from_their_node_s_range_and_services_list_them(cluster: ClusterBase,
+                                                                          namespace: str) -> None:
+    """KWOK hands out pod IPs from the node's podCIDR, inside this cluster's pod network, and the
+    EndpointSlice controller lists them for the Service: what Prometheus discovers targets from."""
+    service = {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "addressed"},
+               "spec": {"selector": {"app": "addressed"}, "ports": [{"name": "http", "port": 8000}]}}
+    cluster.kubectl("apply", "-n", namespace, "-f", "-", input=json.dumps(gpu_deployment("addressed")))
+    cluster.kubectl("apply", "-n", namespace, "-f", "-", input=json.dumps(service))
+
+    wait_for("the pod to have an IP", lambda: bool(
+        [p for p in pods(cluster, namespace, "app=addressed") if p["status"].get("podIP")]), timeout=60)
+    (pod,) = pods(cluster, namespace, "app=addressed")
+    ip = pod["status"]["podIP"]
+    node = cluster.kubectl_json("get", "node", pod["spec"]["nodeName"])
+    assert ipaddress.ip_address(ip) in ipaddress.ip_network(node["spec"]["podCIDR"])
+    assert cluster.pod_network.owns(ip)
+    assert cluster.pod_network.local_address(ip) == "127." + ip.split(".", 1)[1]
+
+    def listed() -> bool:
+        slices = cluster.kubectl_json("get", "endpointslices", "-n", namespace, "-l",
+                                      "kubernetes.io/service-name=addressed")["items"]
+        return any(ip in endpoint["addresses"] for s in slices for endpoint in s.get("endpoints") or [])
+
+    wait_for("the EndpointSlice to list the pod", listed, timeout=60)
+
+
+def test_the_api_server_refuses_loopback_addresses_in_endpoint_slices(cluster: ClusterBase, namespace: str) -> None:
+    """Why pod IPs are not loopback addresses themselves (they are 10.x with a 127.x twin here): no
+    Service could ever list such a pod."""
+    endpoint_slice = {
+        "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+        "metadata": {"name": "loopback", "labels": {"kubernetes.io/service-name": "loopback"}},
+        "addressType": "IPv4", "endpoints": [{"addresses": ["127.77.0.5"]}], "ports": [{"name": "http", "port": 8000}],
+    }
+    result = cluster.kubectl("apply", "-n", namespace, "-f", "-", input=json.dumps(endpoint_slice), check=False)
+
+    assert result.returncode != 0
+    assert ('endpoints[0].addresses[0]: Invalid value: "127.77.0.5": may not be in the loopback range '
+            "(127.0.0.0/8, ::1/128)") in result.stderr

@@ -1,27 +1,33 @@
-"""`promtool test rules` files generated from the rules exactly as the operator renders them.
+"""`promtool test rules` files for the rules exactly as a cluster loads them: the shared recording rules
+as the chart ships them, together with one deployment's PrometheusRule as the operator renders it.
 
 One file per alert family (kubernetes-mixin style), one promtool test group per case, case names are
-sentences. Every threshold alert gets the same five checks, derived from the resource's `alerts`:
-fires after `for` at a level just past the threshold with its exact labels and annotations, stays
-silent just before `for` elapses, stays silent just below the threshold, ignores a short spike,
-resolves after recovery. Burn-rate, drift and "metrics absent" alerts get cases of their own.
+sentences. Every threshold alert gets the same checks: fires after `for` at a level just past the
+threshold with its exact labels and annotations, stays silent just before `for` elapses, stays silent
+just below the threshold, ignores a short spike, resolves after recovery. Burn-rate, drift and
+"metrics absent" alerts get cases of their own.
 
-Input series are built from "levels" (the value the alert's expression should see: an error ratio, a
-p95 in seconds, a percentage...) through the metrics the server, DCGM or kube-state-metrics would
-expose, so a wrong metric name, label or formula in rules.yaml makes a case fail.
+Nothing here is read from the rules under test. What each variant of the resource should put in force
+(thresholds, `for`, windows) and every alert the cases expect (labels and annotations, $value
+included) are written out in promtool_expected.yaml; input series are built from "levels" (the value
+the alert's expression should see: an error ratio, a p95 in seconds, a percentage...) through the
+metrics the server, DCGM or kube-state-metrics would expose (the shared rules turn them into the series
+the alerts read), so a wrong metric name, label, formula, threshold or annotation in rules.yaml makes a
+case fail. The burn-rate and drift cases find when an
+alert fires by simulating the PromQL arithmetic of the SRE workbook and of a z-score in plain Python.
 """
 
 from __future__ import annotations
 
+import functools
 import math
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
-from slm_operator.monitoring import rules as rules_mod
-from slm_operator.monitoring.defaults import merged_alerts
-
-from . import gotemplate
+import yaml
 
 NAMESPACE = "llm"
 NAME = "phi"
@@ -53,6 +59,44 @@ REQUESTS_PER_MINUTE = 1000.0
 COUNTER_START = 1e6
 
 Segments = list[tuple[float, int]]  # (level, number of one-minute steps)
+EXPECTED_FILE = Path(__file__).with_name("promtool_expected.yaml")
+DRIFT_FLOOR_RATIO = 0.05  # the stddev floor docs/reference/alerts.md documents: 5 % of the baseline mean
+DRIFT_FLOOR_ABS = 1e-3
+_DURATION_RE = re.compile(r"(\d+)([smhd])")
+_UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+@functools.cache
+def expected_document() -> dict[str, Any]:
+    document: dict[str, Any] = yaml.safe_load(EXPECTED_FILE.read_text())
+    return document
+
+
+def seconds(duration: str) -> int:
+    """Seconds in a duration as written in promtool_expected.yaml ("1h24m", "3m30s")."""
+    parts = _DURATION_RE.findall(duration)
+    assert parts and "".join(n + u for n, u in parts) == duration, duration
+    return sum(int(number) * _UNIT_SECONDS[unit] for number, unit in parts)
+
+
+class Expected:
+    """The literal expectations of one variant of the resource (promtool_expected.yaml)."""
+
+    def __init__(self, variant: str) -> None:
+        document = expected_document()[variant]
+        self.settings: dict[str, Any] = document["settings"]
+        self.burn_rates: list[dict[str, Any]] = document["burn_rates"]
+        self.drift: dict[str, dict[str, Any]] = document["drift"]
+        self._alerts: dict[str, dict[str, Any]] = document.get("alerts", {})
+
+    def __call__(self, alert: str, value: float) -> dict[str, Any]:
+        """The alert as promtool must see it when its expression reads `value`."""
+        key = format(value, ".4g")
+        try:
+            body = self._alerts[alert][key]
+        except KeyError:
+            raise KeyError(f"promtool_expected.yaml has no {alert} at {key}") from None
+        return {"exp_labels": body["labels"], "exp_annotations": body["annotations"]}
 
 
 def _num(value: float) -> str:
@@ -85,11 +129,19 @@ class Metric:
                 parts.append(f"{_num(total + increment)}+{_num(increment)}x{steps - 1}")
                 total += increment * steps
         else:
+            present = False
             for level, steps in segments:
                 value = self.fn(level)
-                text = "_" if value is None else _num(value)
-                # promtool: "_xN" is N missing samples, "a+0xN" is N+1 samples.
-                parts.append(f"_x{steps}" if value is None else f"{text}+0x{steps - 1}")
+                # promtool: "_xN" is N missing samples, "a+0xN" is N+1 samples. A series that goes away
+                # gets a staleness marker first, as Prometheus writes when a target or series vanishes;
+                # without it the last sample would stay visible for the 5m lookback.
+                if value is None and present:
+                    parts.append("stale" if steps == 1 else f"stale _x{steps - 1}")
+                elif value is None:
+                    parts.append(f"_x{steps}")
+                else:
+                    parts.append(f"{_num(value)}+0x{steps - 1}")
+                present = value is not None
         return " ".join(parts)
 
     def input_series(self, segments: Segments) -> dict[str, str]:
@@ -103,7 +155,6 @@ class Signal:
     alert: str
     config: str
     metrics: list[Metric]
-    labels: dict[str, str]  # labels of the expression's result (what $labels sees)
     above: float  # sustained: fires
     normal: float  # healthy
     below: float | None = None  # just short of the threshold: silent (None: no such level)
@@ -111,25 +162,12 @@ class Signal:
     window: int = 5  # minutes of that rate window
     hold: int = 0  # minutes the expression stays true after recovery (max_over_time windows)
     spike_immune: bool = True
-    value: Callable[[float], float] = field(default=lambda level: level)
+    value: Callable[[float], float] = field(default=lambda level: level)  # $value at a level
     variant: str = ""  # words added to case names ("from DCGM")
 
 
 def _minutes(duration: str) -> int:
-    seconds = rules_mod.parse_duration(duration)
-    return math.ceil(seconds / 60)
-
-
-def _alert_rule(groups: list[dict[str, Any]], alert: str) -> list[dict[str, Any]]:
-    return [rule for group in groups for rule in group["rules"] if rule.get("alert") == alert]
-
-
-def _expected(rule: Mapping[str, Any], series_labels: Mapping[str, str], value: float) -> dict[str, Any]:
-    labels = {**series_labels, **rule["labels"]}
-    annotations = {
-        key: gotemplate.render(text, labels=series_labels, value=value) for key, text in rule["annotations"].items()
-    }
-    return {"exp_labels": labels, "exp_annotations": annotations}
+    return math.ceil(seconds(duration) / 60)
 
 
 def _test(name: str, segments: Segments, metrics: list[Metric], checks: list[dict[str, Any]]) -> dict[str, Any]:
@@ -145,14 +183,13 @@ def _check(alert: str, minute: int, expected: list[dict[str, Any]] | None = None
     return {"eval_time": f"{minute}m", "alertname": alert, "exp_alerts": expected or []}
 
 
-def threshold_cases(signal: Signal, groups: list[dict[str, Any]], alerts: Mapping[str, Any]) -> list[dict]:
-    """The five standard cases for one threshold alert."""
-    config = alerts[signal.config]
+def threshold_cases(signal: Signal, expect: Expected) -> list[dict]:
+    """The standard cases for one threshold alert."""
+    config = expect.settings[signal.config]
     for_min = _minutes(str(config["for"]))
     alert = signal.alert
-    (rule,) = _alert_rule(groups, alert)
     onset = 1 if signal.rate else 0  # first evaluation at which the expression has a value
-    expected = [_expected(rule, signal.labels, signal.value(signal.above))]
+    expected = [expect(alert, signal.value(signal.above))]
     variant = f" {signal.variant}" if signal.variant else ""
     cases = []
 
@@ -227,7 +264,6 @@ def _error_signal(alerts: Mapping[str, Any]) -> Signal:
                 counter=True,
             ),
         ],
-        labels={"namespace": NAMESPACE, "job": NAME},
         window=_minutes(str(alerts["errorRate"]["window"])),
         above=min(1.0, threshold * 1.2),
         below=threshold * 0.8,
@@ -270,21 +306,9 @@ def _histogram_metrics(name: str, extra: Mapping[str, str], threshold: float) ->
 
 def _latency_signals(alerts: Mapping[str, Any]) -> list[Signal]:
     signals = []
-    for alert, config, metric, extra, labels in (
-        (
-            "SLMSlowResponseTime",
-            "latencyP95",
-            "api_request_duration_seconds",
-            {"endpoint": "/v1/completions"},
-            {"namespace": NAMESPACE, "job": NAME},
-        ),
-        (
-            "SLMHighTimeToFirstToken",
-            "timeToFirstToken",
-            "slm_time_to_first_token_seconds",
-            {"model": MODEL},
-            {"namespace": NAMESPACE, "job": NAME, "model": MODEL},
-        ),
+    for alert, config, metric, extra in (
+        ("SLMSlowResponseTime", "latencyP95", "api_request_duration_seconds", {"endpoint": "/v1/completions"}),
+        ("SLMHighTimeToFirstToken", "timeToFirstToken", "slm_time_to_first_token_seconds", {"model": MODEL}),
     ):
         threshold = float(alerts[config]["thresholdSeconds"])
         signals.append(
@@ -293,7 +317,6 @@ def _latency_signals(alerts: Mapping[str, Any]) -> list[Signal]:
                 config=config,
                 rate=True,
                 metrics=_histogram_metrics(metric, extra, threshold)(),
-                labels=labels,
                 above=1.25 * threshold,
                 below=0.975 * threshold,
                 normal=0.475 * threshold,
@@ -309,7 +332,6 @@ def _gauge(labels: Mapping[str, str], fn: Callable[[float], float | None]) -> Me
 def _gpu_signals(alerts: Mapping[str, Any]) -> list[Signal]:
     util_t = float(alerts["gpuUtilization"]["thresholdPercent"])
     mem_t = float(alerts["gpuMemory"]["thresholdPercent"])
-    gpu_labels = {"namespace": NAMESPACE, "pod": POD, "gpu": "0", "job": NAME}
     up = _gauge({**SCRAPE, "__name__": "up"}, lambda level: 1)
     pynvml = {**SCRAPE, "index": "0", "uuid": "GPU-5f2a"}
     return [
@@ -318,7 +340,6 @@ def _gpu_signals(alerts: Mapping[str, Any]) -> list[Signal]:
             config="gpuUtilization",
             variant="(from DCGM)",
             metrics=[_gauge({**DCGM, "__name__": "DCGM_FI_DEV_GPU_UTIL"}, lambda level: level), up],
-            labels=gpu_labels,
             above=util_t + 1,
             below=util_t - 1,
             normal=20,
@@ -328,7 +349,6 @@ def _gpu_signals(alerts: Mapping[str, Any]) -> list[Signal]:
             config="gpuUtilization",
             variant="(from pynvml)",
             metrics=[_gauge({**pynvml, "__name__": "nvidia_gpu_utilization"}, lambda level: level), up],
-            labels=gpu_labels,
             above=util_t + 1,
             below=util_t - 1,
             normal=20,
@@ -342,7 +362,6 @@ def _gpu_signals(alerts: Mapping[str, Any]) -> list[Signal]:
                 _gauge({**DCGM, "__name__": "DCGM_FI_DEV_FB_FREE"}, lambda level: (100 - level) * 800),
                 up,
             ],
-            labels=gpu_labels,
             above=mem_t + 1,
             below=mem_t - 1,
             normal=40,
@@ -356,7 +375,6 @@ def _gpu_signals(alerts: Mapping[str, Any]) -> list[Signal]:
                 _gauge({**pynvml, "__name__": "nvidia_gpu_memory_total_bytes"}, lambda level: 100 * 2**28),
                 up,
             ],
-            labels=gpu_labels,
             above=mem_t + 1,
             below=mem_t - 1,
             normal=40,
@@ -365,7 +383,6 @@ def _gpu_signals(alerts: Mapping[str, Any]) -> list[Signal]:
             alert="SLMGPUXidErrors",
             config="gpuXidErrors",
             metrics=[_gauge({**DCGM, "__name__": "DCGM_FI_DEV_XID_ERRORS"}, lambda level: level), up],
-            labels=gpu_labels,
             above=79,  # XID 79: GPU has fallen off the bus
             normal=0,
             hold=5,
@@ -388,7 +405,6 @@ def _capacity_signals(alerts: Mapping[str, Any]) -> list[Signal]:
                 _gauge({**model, "__name__": "slm_requests_queued"}, lambda level: level),
                 _gauge({**model, "__name__": "slm_max_queue"}, lambda level: 100),
             ],
-            labels={"namespace": NAMESPACE, "job": NAME, "model": MODEL},
             above=queue_t + 1,
             below=queue_t - 1,
             normal=0,
@@ -403,7 +419,6 @@ def _capacity_signals(alerts: Mapping[str, Any]) -> list[Signal]:
                 _gauge({**SCRAPE, "mountpoint": "/tmp", "__name__": "slm_filesystem_avail_bytes"}, lambda _: 1),
                 _gauge({**SCRAPE, "mountpoint": "/tmp", "__name__": "slm_filesystem_size_bytes"}, lambda _: 100),
             ],
-            labels={k: v for k, v in mount.items()},
             above=disk_t - 1,
             below=disk_t + 1,
             normal=60,
@@ -412,14 +427,12 @@ def _capacity_signals(alerts: Mapping[str, Any]) -> list[Signal]:
 
 
 def _availability_signals(alerts: Mapping[str, Any]) -> list[Signal]:
-    pod_labels = {"namespace": NAMESPACE, "pod": POD, "job": NAME}
     other = {**KSM, "pod": OTHER_POD}
     return [
         Signal(
             alert="SLMTargetDown",
             config="targetDown",
             metrics=[_gauge({**SCRAPE, "__name__": "up"}, lambda level: level)],
-            labels=dict(SCRAPE),
             above=0,
             normal=1,
         ),
@@ -448,7 +461,6 @@ def _availability_signals(alerts: Mapping[str, Any]) -> list[Signal]:
                     lambda _: 1,
                 ),
             ],
-            labels={**pod_labels, "container": "server"},
             above=1,
             normal=0,
             hold=5,
@@ -466,21 +478,80 @@ def _availability_signals(alerts: Mapping[str, Any]) -> list[Signal]:
                 ),
                 _gauge({**other, "condition": "false", "__name__": "kube_pod_status_ready"}, lambda _: 1),
             ],
-            labels=pod_labels,
             above=1,
             normal=0,
+        ),
+        Signal(
+            alert="SLMScrapeTargetMissing",
+            config="scrapeTargetMissing",
+            metrics=[
+                # kube-state-metrics: the Deployment "phi" has 2 ready pods all along.
+                _gauge({**KSM, "deployment": NAME, "__name__": "kube_deployment_status_replicas_ready"}, lambda _: 2),
+                # Level 1: Prometheus has no target for phi (no up series at all); 0: it scrapes one.
+                _gauge({**SCRAPE, "__name__": "up"}, lambda level: None if level else 1),
+                # Another deployment's target in the same namespace is no target of phi's.
+                _gauge({**SCRAPE, "job": "phi-mini", "pod": OTHER_POD, "__name__": "up"}, lambda _: 1),
+            ],
+            above=1,
+            normal=0,
+            value=lambda _: 2,
         ),
     ]
 
 
-def _gpu_absent_cases(groups: list[dict[str, Any]], alerts: Mapping[str, Any]) -> list[dict]:
+def _target_missing_cases(expect: Expected) -> list[dict]:
+    alert = "SLMScrapeTargetMissing"
+    for_min = _minutes(str(expect.settings["scrapeTargetMissing"]["for"]))
+    steps = for_min + 5
+    ready = {**KSM, "deployment": NAME, "__name__": "kube_deployment_status_replicas_ready"}
+    return [
+        _test(
+            f"{alert} stays silent while the Deployment has no ready pod",
+            [(0, steps)],
+            [_gauge(ready, lambda _: 0)],
+            [_check(alert, for_min + 1)],
+        ),
+        _test(
+            f"{alert} stays silent while the target exists but is down (SLMTargetDown's case)",
+            [(0, steps)],
+            [_gauge(ready, lambda _: 2), _gauge({**SCRAPE, "__name__": "up"}, lambda _: 0)],
+            [_check(alert, for_min + 1)],
+        ),
+    ]
+
+
+def _fault_signals() -> list[Signal]:
+    return [
+        Signal(
+            alert="SLMFaultInjectionEnabled",
+            config="faultInjectionEnabled",
+            metrics=[
+                _gauge({**SCRAPE, "model": MODEL, "__name__": "slm_fault_injection_enabled"}, lambda level: level),
+                # Another deployment with faults on is not this one's.
+                _gauge(
+                    {
+                        **SCRAPE,
+                        "job": "phi-mini",
+                        "pod": OTHER_POD,
+                        "model": MODEL,
+                        "__name__": "slm_fault_injection_enabled",
+                    },
+                    lambda _: 1,
+                ),
+            ],
+            above=1,
+            normal=0,
+        )
+    ]
+
+
+def _gpu_absent_cases(expect: Expected) -> list[dict]:
     alert = "SLMGPUMetricsAbsent"
-    (rule,) = _alert_rule(groups, alert)
-    for_min = _minutes(str(alerts["gpuMetricsAbsent"]["for"]))
+    for_min = _minutes(str(expect.settings["gpuMetricsAbsent"]["for"]))
     info = {**SCRAPE, "__name__": "slm_model_info", "model": MODEL, "revision": "main", "dtype": "float16"}
     cuda = _gauge({**info, "device": "cuda:0"}, lambda _: 1)
     up = _gauge({**SCRAPE, "__name__": "up"}, lambda _: 1)
-    expected = [_expected(rule, {"namespace": NAMESPACE, "job": NAME}, 1)]
+    expected = [expect(alert, 1)]
     steps = for_min + 12
     dcgm_late = _gauge({**DCGM, "__name__": "DCGM_FI_DEV_GPU_UTIL"}, lambda level: None if level else 30)
     checks_before = [_check(alert, for_min - 1)] if for_min else []
@@ -524,14 +595,12 @@ def _gpu_absent_cases(groups: list[dict[str, Any]], alerts: Mapping[str, Any]) -
     ]
 
 
-def _gpu_extra_cases(groups: list[dict[str, Any]], alerts: Mapping[str, Any]) -> list[dict]:
+def _gpu_extra_cases(expect: Expected) -> list[dict]:
     alert = "SLMHighGPUUtilization"
-    (rule,) = _alert_rule(groups, alert)
-    threshold = float(alerts["gpuUtilization"]["thresholdPercent"])
-    for_min = _minutes(str(alerts["gpuUtilization"]["for"]))
+    threshold = float(expect.settings["gpuUtilization"]["thresholdPercent"])
+    for_min = _minutes(str(expect.settings["gpuUtilization"]["for"]))
     up = _gauge({**SCRAPE, "__name__": "up"}, lambda _: 1)
     other_up = _gauge({**SCRAPE, "job": "phi-mini", "pod": OTHER_POD, "__name__": "up"}, lambda _: 1)
-    gpu_labels = {"namespace": NAMESPACE, "pod": POD, "gpu": "0", "job": NAME}
     return [
         _test(
             f"{alert} reads DCGM first: a busy GPU by DCGM fires although pynvml reads it idle",
@@ -541,7 +610,7 @@ def _gpu_extra_cases(groups: list[dict[str, Any]], alerts: Mapping[str, Any]) ->
                 _gauge({**DCGM, "__name__": "DCGM_FI_DEV_GPU_UTIL"}, lambda _: threshold + 5),
                 _gauge({**SCRAPE, "index": "0", "uuid": "GPU-5f2a", "__name__": "nvidia_gpu_utilization"}, lambda _: 0),
             ],
-            [_check(alert, for_min + 1, [_expected(rule, gpu_labels, threshold + 5)])],
+            [_check(alert, for_min + 1, [expect(alert, threshold + 5)])],
         ),
         _test(
             f"{alert} ignores the busy GPU of another deployment's pod",
@@ -549,6 +618,35 @@ def _gpu_extra_cases(groups: list[dict[str, Any]], alerts: Mapping[str, Any]) ->
             [up, other_up, _gauge({**DCGM, "pod": OTHER_POD, "__name__": "DCGM_FI_DEV_GPU_UTIL"}, lambda _: 100)],
             [_check(alert, for_min + 1)],
         ),
+        {
+            **_test(
+                f"{alert} fires once for a GPU that DCGM (host index 3) and pynvml (index 0) both report",
+                [(0, for_min + 3)],
+                [
+                    up,
+                    _gauge({**DCGM, "gpu": "3", "__name__": "DCGM_FI_DEV_GPU_UTIL"}, lambda _: threshold + 5),
+                    _gauge(
+                        {**SCRAPE, "index": "0", "uuid": "GPU-5f2a", "__name__": "nvidia_gpu_utilization"},
+                        lambda _: threshold + 5,
+                    ),
+                ],
+                [_check(alert, for_min + 1, [expect(f"{alert} on GPU 3", threshold + 5)])],
+            ),
+            # The panels read the same recorded series: one sample, DCGM's.
+            "promql_expr_test": [
+                {
+                    "expr": f'slm:gpu_utilization:percent{{namespace="{NAMESPACE}",job="{NAME}"}}',
+                    "eval_time": f"{for_min + 1}m",
+                    "exp_samples": [
+                        {
+                            "labels": f'slm:gpu_utilization:percent{{gpu="3",job="{NAME}",namespace="{NAMESPACE}",'
+                            f'pod="{POD}"}}',
+                            "value": threshold + 5,
+                        }
+                    ],
+                }
+            ],
+        },
     ]
 
 
@@ -566,10 +664,10 @@ def _window_ratio(segments: Segments, minute: int, window_s: float) -> float:
     return sum(used) / len(used)
 
 
-def _burn_cases(groups: list[dict[str, Any]], alerts: Mapping[str, Any]) -> list[dict]:
-    slo = alerts["slo"]
+def _burn_cases(expect: Expected) -> list[dict]:
+    slo = expect.settings["slo"]
     budget = 1 - float(slo["availabilityPercent"]) / 100
-    burns = rules_mod.burn_rate_windows(alerts)
+    burns = expect.burn_rates
     fast = [b for b in burns if b["alert"] == "SLMErrorBudgetBurnFast"]
     slow = [b for b in burns if b["alert"] == "SLMErrorBudgetBurnSlow"]
     base = {**SCRAPE, "__name__": "api_requests_total", "endpoint": "/v1/chat/completions"}
@@ -577,16 +675,10 @@ def _burn_cases(groups: list[dict[str, Any]], alerts: Mapping[str, Any]) -> list
         Metric({**base, "status": "200"}, lambda r: REQUESTS_PER_MINUTE * (1 - r), counter=True),
         Metric({**base, "status": "503"}, lambda r: REQUESTS_PER_MINUTE * r, counter=True),
     ]
-    series_labels = {"namespace": NAMESPACE, "job": NAME}
 
-    def rule_for(burn: Mapping[str, Any]) -> dict[str, Any]:
-        for rule in _alert_rule(groups, burn["alert"]):
-            if rule["labels"]["long_window"] == burn["long"]:
-                return rule
-        raise LookupError(burn)
-
-    def expect(burn: Mapping[str, Any], value: float) -> list[dict[str, Any]]:
-        return [_expected(rule_for(burn), series_labels, value)]
+    def expect_burn(burn: Mapping[str, Any], value: float) -> dict[str, Any]:
+        # One alert name for two rules: the long window tells them apart.
+        return expect(f"{burn['alert']} {burn['long']}", value)
 
     page, page_slow = fast[0], fast[1]
     ticket, ticket_slow = slow[0], slow[1]
@@ -599,17 +691,20 @@ def _burn_cases(groups: list[dict[str, Any]], alerts: Mapping[str, Any]) -> list
     assert any(b is page for b, _ in firing[healthy + 2]), "the page would come later than 2 minutes"
 
     def expected_at(minute: int, alert: str) -> list[dict[str, Any]]:
-        return [_expected(rule_for(b), series_labels, v) for b, v in firing[minute] if b["alert"] == alert]
+        return [expect_burn(b, v) for b, v in firing[minute] if b["alert"] == alert]
 
+    # Silent before, the page 2 minutes in, then the minute each other rule first fires (if it does).
+    first_firing = [next((m for m, now in enumerate(firing) if any(b is burn for b, _ in now)), None) for burn in burns]
+    minutes = sorted({healthy, healthy + 1, healthy + 2, *(m for m in first_firing if m is not None)})
     checks = [
         _check(alert, minute, expected_at(minute, alert))
-        for minute in [healthy, healthy + 1, healthy + 2, *range(healthy + 4, healthy + outage + 60, 3)]
+        for minute in minutes
         for alert in ("SLMErrorBudgetBurnFast", "SLMErrorBudgetBurnSlow")
     ]
     cases.append(
         _test(
-            f"SLMErrorBudgetBurnFast pages within 2 minutes of a {outage}-minute total outage, each burn rule "
-            f"then fires and resolves as its windows see the outage",
+            f"SLMErrorBudgetBurnFast pages within 2 minutes of a {outage}-minute total outage, and each burn rule "
+            f"fires once its windows and `for` see the outage",
             segments,
             metrics,
             checks,
@@ -639,7 +734,7 @@ def _burn_cases(groups: list[dict[str, Any]], alerts: Mapping[str, Any]) -> list
     ):
         for_min = _minutes(burn["for"])
         fires_at = 1 + for_min
-        checks = [_check(burn["alert"], fires_at, expect(burn, level))]
+        checks = [_check(burn["alert"], fires_at, [expect_burn(burn, level)])]
         if for_min:
             checks.insert(0, _check(burn["alert"], fires_at - 1))
         if page_silent:
@@ -695,8 +790,8 @@ def _simulate_burn(
             if minute == 0:
                 active = False
             else:
-                long_ratio = _window_ratio(segments, minute, rules_mod.parse_duration(burn["long"]))
-                short_ratio = _window_ratio(segments, minute, rules_mod.parse_duration(burn["short"]))
+                long_ratio = _window_ratio(segments, minute, seconds(burn["long"]))
+                short_ratio = _window_ratio(segments, minute, seconds(burn["short"]))
                 if pending:  # searching: a ratio on the threshold counts as active
                     active = long_ratio >= limit and short_ratio >= limit
                 else:
@@ -709,7 +804,7 @@ def _simulate_burn(
             since = active_since[index]
             if since is None:
                 since = active_since[index] = minute
-            if pending or (minute - since) * 60 >= rules_mod.parse_duration(burn["for"]):
+            if pending or (minute - since) * 60 >= seconds(burn["for"]):
                 now.append((burn, long_ratio))
         firing.append(now)
     return firing
@@ -725,8 +820,8 @@ def _simulate_zscores(
     levels: list[float] = []
     for level, steps in segments:
         levels.extend([level] * steps)
-    window = round(rules_mod.parse_duration(settings["window"]) / 60)
-    baseline = round(rules_mod.parse_duration(settings["baseline"]) / 60)
+    window = round(seconds(settings["window"]) / 60)
+    baseline = round(seconds(settings["baseline"]) / 60)
     means: list[float | None] = [None]
     for minute in range(1, len(levels) + 1):
         first = max(0, minute - window + 1)
@@ -747,24 +842,20 @@ def _simulate_zscores(
     return z
 
 
-def _drift_cases(groups: list[dict[str, Any]], alerts: Mapping[str, Any], signal: str) -> list[dict]:
-    spec = next(d for d in rules_mod.rules_data()["drift"] if d["signal"] == signal)
-    alert = spec["alert"]
-    config = alerts[spec["config"]]
-    settings = rules_mod.drift_settings(config)
+def _drift_cases(expect: Expected, signal: str) -> list[dict]:
+    settings = expect.drift[signal]
+    alert = settings["alert"]
+    config = expect.settings[settings["config"]]
     assert settings["interval"] == "1m", "drift cases simulate one-minute evaluations"
     threshold = float(config["zScore"])
     for_min = _minutes(str(config["for"]))
-    (rule,) = _alert_rule(groups, alert)
     if signal == "perplexity":
         labels = {**SCRAPE, "model": MODEL}
         name = "slm_request_perplexity"
-        series_labels = {"namespace": NAMESPACE, "job": NAME, "model": MODEL}
         base_level, shifted = 12.0, 24.0
     else:
         labels = {**SCRAPE, "endpoint": "/v1/completions"}
         name = "model_output_tokens"
-        series_labels = {"namespace": NAMESPACE, "job": NAME}
         base_level, shifted = 64.0, 16.0
     # Output length increments come as whole tokens in a real server; per-minute sums here are exact.
     metrics = [
@@ -773,8 +864,8 @@ def _drift_cases(groups: list[dict[str, Any]], alerts: Mapping[str, Any], signal
         # A healthy second signal of another deployment must not leak into this one.
         Metric({**labels, "job": "phi-mini", "__name__": f"{name}_sum"}, lambda _: 1e6, counter=True),
     ]
-    floor_ratio, floor_abs = rules_mod.DRIFT_STDDEV_FLOOR_RATIO, rules_mod.DRIFT_STDDEV_FLOOR_ABS
-    history = settings["min_samples"] + round(rules_mod.parse_duration(settings["window"]) / 60) + 5
+    floor_ratio, floor_abs = DRIFT_FLOOR_RATIO, DRIFT_FLOOR_ABS
+    history = settings["min_samples"] + round(seconds(settings["window"]) / 60) + 5
 
     def simulate(segments: Segments) -> list[float | None]:
         return _simulate_zscores(segments, settings, floor_ratio=floor_ratio, floor_abs=floor_abs)
@@ -788,7 +879,7 @@ def _drift_cases(groups: list[dict[str, Any]], alerts: Mapping[str, Any], signal
         value = z[minute]
         assert value is not None and abs(abs(value) - threshold) > 1e-3, "level too close to threshold"
     value = abs(z[fire] or 0)
-    checks = [_check(alert, fire, [_expected(rule, series_labels, value)])]
+    checks = [_check(alert, fire, [expect(alert, value)])]
     if for_min:
         checks.insert(0, _check(alert, fire - 1))
     cases.append(
@@ -844,7 +935,7 @@ def _drift_cases(groups: list[dict[str, Any]], alerts: Mapping[str, Any], signal
             resolve_segments,
             metrics,
             [
-                _check(alert, fire, [_expected(rule, series_labels, abs(resolve_z[fire] or 0))]),
+                _check(alert, fire, [expect(alert, abs(resolve_z[fire] or 0))]),
                 _check(alert, resolved + 1),
             ],
         )
@@ -855,9 +946,9 @@ def _drift_cases(groups: list[dict[str, Any]], alerts: Mapping[str, Any], signal
 # ---- assembly -------------------------------------------------------------------------------------
 
 
-def _disabled_cases(alerts: Mapping[str, Any]) -> list[dict]:
+def _disabled_cases(expect: Expected) -> list[dict]:
     cases = []
-    for alert in alerts.get("disabled") or []:
+    for alert in expect.settings["disabled"]:
         cases.append(
             _test(
                 f"{alert} never fires because the resource disables it",
@@ -869,48 +960,56 @@ def _disabled_cases(alerts: Mapping[str, Any]) -> list[dict]:
     return cases
 
 
-def _threshold_family(signals: list[Signal], groups: list[dict], alerts: Mapping[str, Any]) -> list[dict]:
-    disabled = set(alerts.get("disabled") or [])
-    return [case for s in signals if s.alert not in disabled for case in threshold_cases(s, groups, alerts)]
+def _threshold_family(signals: list[Signal], expect: Expected) -> list[dict]:
+    disabled = set(expect.settings["disabled"])
+    return [case for s in signals if s.alert not in disabled for case in threshold_cases(s, expect)]
 
 
 def build_test_files(
-    *, groups: list[dict[str, Any]], alerts: Mapping[str, Any] | None, rule_files: Mapping[str, str]
+    *, variant: str, groups: list[dict[str, Any]], rule_files: Mapping[str, str]
 ) -> dict[str, dict[str, Any]]:
-    """{family: promtool test document} for rules rendered from `alerts`.
+    """{family: promtool test document} for the rules rendered from variant `variant` of the resource.
 
-    `rule_files` maps each group name to the file it was written to (one group per file): the drift
-    families load only their own group, which keeps their long histories from re-evaluating the
-    multi-day SLO windows at every step; every other family loads the recording and alert groups.
+    `groups` are the groups to test, read for their names only (which file holds which group, and the
+    order to evaluate them in): the shared recording rules as the chart ships them first, then the
+    deployment's PrometheusRule groups as the operator renders them; `rule_files` maps each group name to
+    the file it was written to (one group per file). The drift families load the shared rules and their
+    own group only, which keeps their long histories from re-evaluating the multi-day SLO windows at
+    every step; every other family loads the shared rules and the alert group.
     """
-    merged = merged_alerts(dict(alerts) if alerts else None)
-    disabled = set(merged.get("disabled") or [])
+    expect = Expected(variant)
+    settings = expect.settings
+    disabled = set(settings["disabled"])
     families: dict[str, list[dict]] = {
-        "errors": _threshold_family([_error_signal(merged)], groups, merged),
-        "latency": _threshold_family(_latency_signals(merged), groups, merged),
-        "gpu": _threshold_family(_gpu_signals(merged), groups, merged),
-        "capacity": _threshold_family(_capacity_signals(merged), groups, merged),
-        "availability": _threshold_family(_availability_signals(merged), groups, merged),
-        "slo": _burn_cases(groups, merged),
-        "disabled": _disabled_cases(merged),
+        "errors": _threshold_family([_error_signal(settings)], expect),
+        "latency": _threshold_family(_latency_signals(settings), expect),
+        "gpu": _threshold_family(_gpu_signals(settings), expect),
+        "capacity": _threshold_family(_capacity_signals(settings), expect),
+        "availability": _threshold_family(_availability_signals(settings), expect),
+        "faults": _threshold_family(_fault_signals(), expect),
+        "slo": _burn_cases(expect),
+        "disabled": _disabled_cases(expect),
     }
     if "SLMGPUMetricsAbsent" not in disabled:
-        families["gpu"] += _gpu_absent_cases(groups, merged)
+        families["gpu"] += _gpu_absent_cases(expect)
     if "SLMHighGPUUtilization" not in disabled:
-        families["gpu"] += _gpu_extra_cases(groups, merged)
-    for signal in ("perplexity", "output_length"):
-        alert = "SLMPerplexityDrift" if signal == "perplexity" else "SLMOutputLengthDrift"
-        if alert not in disabled:
-            families[f"drift-{signal}"] = _drift_cases(groups, merged, signal)
+        families["gpu"] += _gpu_extra_cases(expect)
+    if "SLMScrapeTargetMissing" not in disabled:
+        families["availability"] += _target_missing_cases(expect)
+    for signal, drift in expect.drift.items():
+        if drift["alert"] not in disabled:
+            families[f"drift-{signal}"] = _drift_cases(expect, signal)
     # Recording groups first: promtool otherwise evaluates groups in random order, and an alert
     # evaluated before the recording rule it reads would lag one interval in some runs only.
     order = [group["name"] for group in groups]
-    main = [group["name"] for group in groups if ".drift-" not in group["name"]]
+    deployment = f"slm-{NAME}."
+    shared = [name for name in order if not name.startswith(deployment)]
+    main = [*shared, f"{deployment}alerts"]
     documents = {}
     for family, cases in families.items():
         if not cases:
             continue
-        names = [f"slm-{NAME}.{family}"] if family.startswith("drift-") else main
+        names = [*shared, f"{deployment}{family}"] if family.startswith("drift-") else main
         documents[family] = {
             "rule_files": [rule_files[name] for name in names],
             "evaluation_interval": "1m",

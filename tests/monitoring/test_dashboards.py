@@ -10,10 +10,10 @@ from typing import Any
 import pytest
 import yaml
 
-from slm_devtools.tools import ToolMissing, tool
+from slm_devtools.tools import tool
 from slm_operator.monitoring.dashboards import dashboard_uid, iter_queries, render_dashboard, render_fleet_dashboard
 from slm_operator.monitoring.metric_names import metric_names
-from slm_operator.monitoring.rules import render_rule_groups
+from slm_operator.monitoring.rules import render_rule_groups, shared_rule_groups
 
 DATASOURCE = {"type": "prometheus", "uid": "${datasource}"}
 SEED_PANELS = ["Request rate", "Error rate", "Response time p50 / p95", "GPU utilisation", "GPU memory used",
@@ -142,25 +142,37 @@ def test_layout_has_unique_ids_and_no_overlapping_panels(dashboard: dict[str, An
 
 
 def test_gpu_panels_read_dcgm_first_then_pynvml(dashboard: dict[str, Any]) -> None:
-    groups = render_rule_groups(name="phi", namespace="llm", alerts=None)
-    recorded = {rule["record"]: rule["expr"] for group in groups for rule in group["rules"] if "record" in rule}
+    (builtin,) = [group for group in shared_rule_groups() if group["name"].endswith("-builtin")]
+    recorded = {rule["record"]: rule["expr"] for rule in builtin["rules"]}
     for title in ("GPU utilisation", "GPU memory used", "GPU temperature", "GPU power"):
         (expr,) = [expr for t, expr in iter_queries(dashboard) if t == title]
         (record,) = [name for name in metric_names(expr) if name.startswith("slm:")]
         source = recorded[record]
         dcgm, pynvml = source.index("DCGM_FI_DEV_"), source.index("nvidia_gpu_")
-        assert dcgm < source.index("\nor\n") < pynvml, title
+        assert dcgm < source.index("\nor on (namespace, pod)\n") < pynvml, title
 
 
 @pytest.mark.parametrize("alerts", [None, CUSTOM_ALERTS, {"slo": {"window": "7d"}}], ids=["defaults", "custom", "7d"])
 def test_recording_series_on_panels_are_recorded_by_the_rules(alerts: dict[str, Any] | None) -> None:
-    groups = render_rule_groups(name="phi", namespace="llm", alerts=alerts)
+    """Every slm:* series a panel reads is recorded by the shared layer or the deployment's drift rules."""
+    groups = [*shared_rule_groups(), *render_rule_groups(name="phi", namespace="llm", alerts=alerts)]
     recorded = {rule["record"] for group in groups for rule in group["rules"] if "record" in rule}
     dashboard = render_dashboard(name="phi", namespace="llm", model="m", alerts=alerts)
-    for title, expr in iter_queries(dashboard):
-        for name in metric_names(expr):
-            if ":" in name:
-                assert name in recorded, (title, name)
+    for dash in (dashboard, render_fleet_dashboard()):
+        for title, expr in iter_queries(dash):
+            for name in metric_names(expr):
+                if ":" in name:
+                    assert name in recorded, (title, name)
+
+
+def test_error_panels_draw_the_alerts_own_expression() -> None:
+    """The "Error rate" panel's alert line is SLMHighErrorRate's expression, over the resource's window."""
+    alerts = {"errorRate": {"window": "2m"}}
+    (rule,) = [rule for group in render_rule_groups(name="phi", namespace="llm", alerts=alerts)
+               for rule in group["rules"] if rule.get("alert") == "SLMHighErrorRate"]  # fmt: skip
+    panel = _panels(render_dashboard(name="phi", namespace="llm", model="m", alerts=alerts))["Error rate"]
+    alert_line = next(t["expr"] for t in panel["targets"] if t["legendFormat"] == "all endpoints, 2m (alert)")
+    assert " ".join(rule["expr"].split()) == f"( {alert_line} ) > 0.05"
 
 
 def test_dashboards_are_deterministic_json(dashboard: dict[str, Any]) -> None:
@@ -176,11 +188,8 @@ def grafana_to_promql(expr: str) -> str:
 
 @pytest.mark.parametrize("binary", ["promtool", "promtool2"], ids=["prometheus-3", "prometheus-2"])
 def test_every_panel_query_is_valid_promql(tmp_path: Path, binary: str) -> None:
-    """promtool (3.x, and 2.x when built) parses every panel query (as recording rules, variables substituted)."""
-    try:
-        promtool = tool(binary)
-    except ToolMissing as missing:
-        pytest.skip(str(missing))
+    """promtool of Prometheus 3.x and of 2.x parses every panel query (as recording rules, variables substituted)."""
+    promtool = tool(binary)
     dashboards = [render_dashboard(name="phi", namespace="llm", model="m", alerts=None), render_fleet_dashboard()]
     rules = [
         {"record": f"panel:query_{index}:check", "expr": grafana_to_promql(expr)}

@@ -1,11 +1,13 @@
-"""Live proof on the data plane: the real server, Prometheus and Alertmanager as local processes.
+"""Live proof on the data plane: what the operator writes, consumed by the real Prometheus Operator.
 
-One module-scoped plane: the server (tiny model, faults admin on) scraped every second by a real
-Prometheus with the labels the operator's ServiceMonitor gives its series, loading the rules exactly as
-the operator renders them (for a resource with short windows so the test takes about two minutes),
-sending to a real Alertmanager whose routing is the rendered AlertmanagerConfig converted the way the
-Prometheus Operator converts it, delivering to a loopback SMTP server and a loopback Slack-style
-webhook. A bounded load generator keeps traffic flowing. Nothing is mocked.
+One module-scoped plane (slm_devtools.dataplane.MonitoringPlane) on the session's cluster: an
+SLMDeployment with short windows (so the test takes about two minutes) reconciled by the real operator;
+the real server of its pod (tiny model, faults admin on) running at the pod's address; kube-prometheus-
+stack's Prometheus and Alertmanager (`prometheus_stack`) running what the Prometheus Operator generated
+from the ServiceMonitor, PrometheusRule and AlertmanagerConfig — Prometheus discovers the pod through
+the API server and scrapes it every second; Alertmanager delivers to a loopback SMTP server and a
+loopback Slack-style webhook. A bounded load generator keeps traffic flowing. Nothing is mocked; KWOK
+fakes the pod's scheduling and status, and slm_devtools.localpods runs its process.
 """
 
 from __future__ import annotations
@@ -19,7 +21,8 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from slm_devtools import dataplane as dp
-from slm_devtools.tools import ToolMissing, tool
+from slm_devtools.cluster import ClusterBase
+from slm_devtools.promstack import PrometheusStack
 from slm_operator.monitoring.dashboards import iter_queries, render_dashboard, render_fleet_dashboard
 from slm_operator.monitoring.metric_names import (
     HISTOGRAM_SUFFIXES,
@@ -30,10 +33,10 @@ from slm_operator.monitoring.metric_names import (
 
 from .test_metric_contract import used_metric_names
 
-pytestmark = [pytest.mark.dataplane, pytest.mark.slow]
+pytestmark = [pytest.mark.e2e, pytest.mark.dataplane, pytest.mark.slow]
 
-NAME, NAMESPACE, MODEL, POD = "phi", "llm", "tiny", "phi-6d9f8b7c5-x2k4q"
-INTERVAL_S = 1.0  # scrape and rule evaluation interval
+NAME, MODEL = "phi", "tiny"
+INTERVAL_S = 1.0  # scrape and rule evaluation interval (the ServiceMonitor's, and the stack's)
 GROUP_WAIT_S = 1.0
 # Short windows and `for: 0s` so a fault alerts within seconds and resolves within ~20 s.
 LIVE_ALERTS: dict[str, Any] = {
@@ -52,6 +55,33 @@ def grafana_to_promql(expr: str) -> str:
     return expr.replace("$__rate_interval", "10s").replace('"$model"', f'"{MODEL}"').replace('"$namespace"', '".*"')
 
 
+def test_prometheus_scrapes_the_pod_it_discovered_through_the_service_monitor(plane: dict[str, Any]) -> None:
+    """The target comes from the ServiceMonitor the operator wrote (Endpoints of its Service), carries the
+    pod's own labels, and is the real server: the series have the pod's name and IP."""
+    namespace = plane["namespace"]
+    (target,) = plane["prometheus"].targets(f"serviceMonitor/{namespace}/{NAME}/0")
+    server: dp.SlmServer = plane["server"]
+    assert target["health"] == "up"
+    assert target["labels"]["job"] == NAME and target["labels"]["namespace"] == namespace
+    assert target["labels"]["pod"] == server.pod.name and target["labels"]["container"] == "server"
+    assert target["labels"]["instance"] == f"{server.pod.ip}:8000"
+    assert "endpoint" not in target["labels"]  # dropped by the ServiceMonitor's relabelling
+    up = plane["prometheus"].query(f'up{{namespace="{namespace}",job="{NAME}"}}')
+    assert [(s["metric"]["pod"], s["value"][1]) for s in up] == [(server.pod.name, "1")]
+
+
+def test_alertmanager_routes_by_the_configuration_generated_from_the_alertmanager_config(
+        plane: dict[str, Any]) -> None:
+    """Alertmanager runs the Prometheus Operator's output: the AlertmanagerConfig's receivers under
+    `<namespace>/<name>/<receiver>` and its route scoped to the namespace."""
+    loaded = plane["manager"].loaded_config()
+    namespace = plane["namespace"]
+    for receiver in ("slack", "email", "webhook"):
+        assert f"name: {namespace}/{NAME}/{receiver}" in loaded
+    assert f'namespace="{namespace}"' in loaded
+    assert plane["manager"].url in plane["stack"].prometheus.api("alertmanagers")["activeAlertmanagers"][0]["url"]
+
+
 def exposed_names(text: str) -> set[str]:
     names: set[str] = set()
     for family in text_string_to_metric_families(text):
@@ -65,20 +95,16 @@ def exposed_names(text: str) -> set[str]:
 
 
 @pytest.fixture(scope="module")
-def plane(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
-    try:
-        for binary in ("prometheus", "alertmanager"):
-            tool(binary)
-    except ToolMissing as missing:
-        pytest.skip(str(missing))
+def plane(cluster: ClusterBase, prometheus_stack: PrometheusStack,
+          tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     from slm_devtools.tinymodel import ensure_tiny_model
 
     workdir = tmp_path_factory.mktemp("dataplane")
     monitoring = dp.MonitoringPlane(
-        workdir, name=NAME, namespace=NAMESPACE, model_name=MODEL, pod=POD, alerts=LIVE_ALERTS,
-        interval_s=INTERVAL_S, group_wait_s=GROUP_WAIT_S,
+        cluster, prometheus_stack, workdir, name=NAME, model_name=MODEL, alerts=LIVE_ALERTS,
+        scrape_interval=f"{INTERVAL_S:g}s", group_wait=f"{GROUP_WAIT_S:g}s",
     )  # fmt: skip
-    monitoring.start(str(ensure_tiny_model()))
+    monitoring.start(ensure_tiny_model())
     try:
         yield {
             "server": monitoring.server,
@@ -87,7 +113,9 @@ def plane(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
             "smtp": monitoring.smtp,
             "hooks": monitoring.hooks,
             "load": monitoring.load,
-            "groups": monitoring.rule_groups,
+            "groups": monitoring.rule_groups(),
+            "namespace": monitoring.namespace,
+            "stack": prometheus_stack,
             "workdir": workdir,
         }
     finally:
@@ -143,12 +171,15 @@ def _skippable(expr: str, records: dict[str, str], missing: set[str]) -> bool:
 
 
 def _records(groups: list[dict[str, Any]]) -> dict[str, str]:
-    return {rule["record"]: rule["expr"] for group in groups for rule in group["rules"] if "record" in rule}
+    """{recorded name: expression} of rule groups as Prometheus' /api/v1/rules reports them."""
+    return {rule["name"]: rule["query"] for group in groups for rule in group["rules"] if rule["type"] == "recording"}
 
 
 def test_every_recording_rule_returns_data(plane: dict[str, Any], missing_from_server: set[str]) -> None:
     prometheus: dp.Prometheus = plane["prometheus"]
-    unhealthy = [rule for rule in prometheus.rule_health() if rule["health"] == "err"]
+    stack: PrometheusStack = plane["stack"]
+    loaded = stack.loaded_rule_groups(plane["namespace"], NAME)
+    unhealthy = [rule for group in loaded for rule in group["rules"] if rule["health"] == "err"]
     assert not unhealthy, unhealthy
     records = _records(plane["groups"])
     # The drift z-scores need their history guard filled: 60 evaluations of a 1s-interval group.
@@ -162,7 +193,7 @@ def test_every_recording_rule_returns_data(plane: dict[str, Any], missing_from_s
 def test_every_panel_query_returns_data(plane: dict[str, Any], missing_from_server: set[str]) -> None:
     prometheus: dp.Prometheus = plane["prometheus"]
     dashboards = [
-        render_dashboard(name=NAME, namespace=NAMESPACE, model=MODEL, alerts=LIVE_ALERTS),
+        render_dashboard(name=NAME, namespace=plane["namespace"], model=MODEL, alerts=LIVE_ALERTS),
         render_fleet_dashboard(),
     ]
     records = _records(plane["groups"])
@@ -220,15 +251,16 @@ def test_fault_is_notified_by_email_slack_and_webhook_then_resolved(plane: dict[
 
     # Content a person on call reads.
     (fired,) = [a for a in hook.body["alerts"] if a["labels"]["alertname"] == alert]
-    assert fired["labels"]["namespace"] == NAMESPACE and fired["labels"]["job"] == NAME
+    namespace = plane["namespace"]
+    assert fired["labels"]["namespace"] == namespace and fired["labels"]["job"] == NAME
     assert fired["labels"]["severity"] == "critical"
     assert fired["annotations"]["runbook_url"].endswith(f"/{alert}.md")
-    assert f"{NAMESPACE}/{NAME}" in fired["annotations"]["description"]
+    assert f"{namespace}/{NAME}" in fired["annotations"]["description"]
     attachment = slack.body["attachments"][0]
     assert slack.body["channel"] == "#slm-alerts"
-    assert attachment["title"].startswith("[FIRING:") and f"{alert} {NAMESPACE}/{NAME}" in attachment["title"]
+    assert attachment["title"].startswith("[FIRING:") and f"{alert} {namespace}/{NAME}" in attachment["title"]
     assert "Runbook:" in attachment["text"]
-    assert mail.recipients == ["sre@example.com"] and f"{alert} {NAMESPACE}/{NAME}" in mail.subject
+    assert mail.recipients == ["sre@example.com"] and f"{alert} {namespace}/{NAME}" in mail.subject
     assert fired["annotations"]["summary"] in mail.text()
 
     # Latency against its floor: scrape + evaluation + for (0s) + group_wait.

@@ -7,12 +7,12 @@ from __future__ import annotations
 
 from slm_operator.monitoring.dashboards import iter_queries, render_dashboard, render_fleet_dashboard
 from slm_operator.monitoring.metric_names import external_metric_names, metric_names, server_metric_names
-from slm_operator.monitoring.rules import render_rule_groups
+from slm_operator.monitoring.rules import render_rule_groups, shared_rule_groups
 
 
 def used_metric_names() -> dict[str, set[str]]:
-    """{metric name: where it is used} over the rendered rules and both dashboards (recording names left out)."""
-    groups = render_rule_groups(name="phi", namespace="llm", alerts=None)
+    """{metric name: where it is used} over both rule layers and both dashboards (recording names left out)."""
+    groups = [*shared_rule_groups(), *render_rule_groups(name="phi", namespace="llm", alerts=None)]
     places: dict[str, set[str]] = {}
     sources = [(rule.get("record") or rule["alert"], rule["expr"]) for group in groups for rule in group["rules"]]
     for dashboard in (render_dashboard(name="phi", namespace="llm", model="m", alerts=None), render_fleet_dashboard()):

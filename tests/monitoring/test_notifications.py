@@ -1,14 +1,17 @@
-"""AlertmanagerConfig rendering, its alertmanager.yml equivalent, and routing checked by amtool.
+"""AlertmanagerConfig rendering, what the Prometheus Operator generates from it, and routing checked by amtool.
 
-The routing table is checked by `amtool config routes test` (Alertmanager's own route matcher) and
-inhibition by a real Alertmanager (amtool cannot evaluate inhibit rules).
+The rendered spec is applied as an AlertmanagerConfig to the session's cluster, where the real
+Prometheus Operator merges it into kube-prometheus-stack's Alertmanager configuration (`prometheus_stack`).
+That generated configuration is what amtool checks (`amtool check-config`, and `amtool config routes test`,
+Alertmanager's own route matcher) and what the stack's real Alertmanager runs for the inhibition test
+(amtool cannot evaluate inhibit rules).
 """
 
 from __future__ import annotations
 
 import json
 import subprocess
-from pathlib import Path
+from collections.abc import Iterator
 from typing import Any
 
 import jsonschema
@@ -16,8 +19,9 @@ import pytest
 import yaml
 
 from slm_devtools import dataplane
-from slm_devtools.alertmanager_yaml import MissingSecret, alertmanager_config, alertmanager_yaml
-from slm_devtools.tools import ToolMissing, crd_dir_prometheus_operator, tool
+from slm_devtools.cluster import ClusterBase
+from slm_devtools.promstack import PrometheusStack
+from slm_devtools.tools import crd_dir_prometheus_operator, tool
 from slm_operator.monitoring.notifications import render_alertmanager_config_spec
 
 NOTIFICATIONS: dict[str, Any] = {  # DESIGN.md's example
@@ -29,19 +33,10 @@ NOTIFICATIONS: dict[str, Any] = {  # DESIGN.md's example
     "webhook": {"urlSecretRef": {"name": "hook", "key": "url"}},
 }  # fmt: skip
 SECRETS = {
-    "llm": {
-        "slack": {"url": "https://hooks.slack.example/T000/B000/XXXX"},
-        "smtp": {"password": "s3cret-password"},
-        "hook": {"url": "https://hooks.example.com/slm"},
-    }
+    "slack": {"url": "https://hooks.slack.example/T000/B000/XXXX"},
+    "smtp": {"password": "s3cret-password"},
+    "hook": {"url": "https://hooks.example.com/slm"},
 }
-
-
-def _tool(name: str) -> str:
-    try:
-        return tool(name)
-    except ToolMissing as missing:
-        pytest.skip(str(missing))
 
 
 @pytest.fixture(scope="module")
@@ -51,11 +46,33 @@ def spec() -> dict[str, Any]:
     return rendered
 
 
+def _alertmanager_config(name: str, namespace: str) -> dict[str, Any]:
+    spec = render_alertmanager_config_spec(name=name, namespace=namespace, notifications=NOTIFICATIONS)
+    assert spec is not None
+    return {"apiVersion": "monitoring.coreos.com/v1alpha1", "kind": "AlertmanagerConfig",
+            "metadata": {"name": name, "namespace": namespace}, "spec": spec}
+
+
 @pytest.fixture(scope="module")
-def am_config_file(spec: dict[str, Any], tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("am") / "alertmanager.yml"
-    path.write_text(alertmanager_yaml([("llm", "slm-phi", spec)], secrets=SECRETS))
-    return path
+def generated(cluster: ClusterBase, prometheus_stack: PrometheusStack,
+              tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    """The AlertmanagerConfigs of deployments phi and phi-mini with their Secrets in a fresh namespace, and
+    the configuration the Prometheus Operator generated once Alertmanager runs it."""
+    namespace = cluster.new_namespace("am")
+    try:
+        for secret, values in SECRETS.items():
+            cluster.kubectl("create", "secret", "generic", secret, "-n", namespace,
+                            *(f"--from-literal={k}={v}" for k, v in values.items()))
+        for name in ("phi", "phi-mini"):
+            cluster.kubectl("apply", "-f", "-", input=json.dumps(_alertmanager_config(name, namespace)))
+        for name in ("phi", "phi-mini"):
+            prometheus_stack.wait_alertmanager_config(namespace, name, timeout=90)
+        text = prometheus_stack.generated_alertmanager_config()
+        path = tmp_path_factory.mktemp("am") / "alertmanager.yaml"
+        path.write_text(text)
+        yield {"namespace": namespace, "config": yaml.safe_load(text), "file": path, "stack": prometheus_stack}
+    finally:
+        cluster.kubectl("delete", "namespace", namespace, "--wait=false", check=False)
 
 
 def test_nothing_configured_renders_no_config() -> None:
@@ -64,10 +81,7 @@ def test_nothing_configured_renders_no_config() -> None:
 
 
 def test_spec_is_valid_against_the_pinned_alertmanagerconfig_crd(spec: dict[str, Any]) -> None:
-    try:
-        crd_dir = crd_dir_prometheus_operator()
-    except ToolMissing as missing:
-        pytest.skip(str(missing))
+    crd_dir = crd_dir_prometheus_operator()
 
     class Loader(yaml.SafeLoader):
         pass
@@ -84,7 +98,7 @@ def test_spec_is_valid_against_the_pinned_alertmanagerconfig_crd(spec: dict[str,
 
 def test_secrets_are_referenced_never_copied(spec: dict[str, Any]) -> None:
     text = json.dumps(spec)
-    for values in SECRETS["llm"].values():
+    for values in SECRETS.values():
         for value in values.values():
             assert value not in text
     receivers = {r["name"]: r for r in spec["receivers"]}
@@ -108,90 +122,98 @@ def test_critical_inhibits_warning_of_the_same_deployment(spec: dict[str, Any]) 
     assert rule["equal"] == ["namespace", "job"]
 
 
-def test_converter_resolves_secrets_and_namespaces_like_the_prometheus_operator(spec: dict[str, Any]) -> None:
-    config = alertmanager_config([("llm", "slm-phi", spec)], secrets=SECRETS)
-    (route,) = config["route"]["routes"]
-    assert route["matchers"][0] == 'namespace="llm"' and route["continue"] is True
-    names = [r["name"] for r in config["receivers"]]
-    assert "llm/slm-phi/slack" in names and "null" in names
-    slack = next(r for r in config["receivers"] if r["name"] == "llm/slm-phi/slack")
-    assert slack["slack_configs"][0]["api_url"] == SECRETS["llm"]["slack"]["url"]
-    assert config["inhibit_rules"][0]["source_matchers"][0] == 'namespace="llm"'
-    with pytest.raises(MissingSecret):
-        alertmanager_config([("llm", "slm-phi", spec)], secrets={})
+@pytest.mark.e2e
+def test_the_prometheus_operator_resolves_secrets_and_scopes_the_route_to_the_namespace(
+        generated: dict[str, Any]) -> None:
+    """What the Prometheus Operator made of the AlertmanagerConfig: receivers named `<ns>/<name>/<receiver>`
+    with the Secrets' values, the route under kube-prometheus-stack's root with a namespace matcher added
+    and `continue: true`, the inhibit rule scoped to the namespace."""
+    config, namespace = generated["config"], generated["namespace"]
+    assert config["route"]["receiver"] == "null"  # kube-prometheus-stack's root route stays
+    (route,) = [r for r in config["route"]["routes"]
+                if any(c.get("receiver", "").startswith(f"{namespace}/phi/") for c in r.get("routes", []))]
+    assert route["matchers"][-1] == f'namespace="{namespace}"' and 'job="phi"' in route["matchers"]
+    assert route["continue"] is True
+    receivers = {r["name"]: r for r in config["receivers"]}
+    assert {f"{namespace}/phi/slack", f"{namespace}/phi/email", f"{namespace}/phi/webhook"} <= set(receivers)
+    assert receivers[f"{namespace}/phi/slack"]["slack_configs"][0]["api_url"] == SECRETS["slack"]["url"]
+    assert receivers[f"{namespace}/phi/webhook"]["webhook_configs"][0]["url"] == SECRETS["hook"]["url"]
+    assert receivers[f"{namespace}/phi/email"]["email_configs"][0]["auth_password"] == SECRETS["smtp"]["password"]
+    scoped = [rule for rule in config["inhibit_rules"] if f'namespace="{namespace}"' in rule.get("source_matchers", [])]
+    assert scoped and all(f'namespace="{namespace}"' in rule["target_matchers"] for rule in scoped)
 
 
-def test_amtool_check_config_accepts_the_converted_config(am_config_file: Path) -> None:
+@pytest.mark.e2e
+def test_amtool_check_config_accepts_the_generated_config(generated: dict[str, Any]) -> None:
     result = subprocess.run(
-        [_tool("amtool"), "check-config", str(am_config_file)], capture_output=True, text=True, timeout=60
+        [tool("amtool"), "check-config", str(generated["file"])], capture_output=True, text=True, timeout=60
     )
     assert result.returncode == 0, result.stdout + result.stderr
 
 
 ROUTES = [
-    # (labels, receivers expected) — slack takes critical+warning, email critical, webhook all
-    ({"severity": "critical", "alertname": "SLMHighErrorRate"}, ["slack", "email", "webhook"]),
-    ({"severity": "warning", "alertname": "SLMSlowResponseTime"}, ["slack", "webhook"]),
-    ({"severity": "info", "alertname": "SLMGPUMetricsAbsent"}, ["webhook"]),
-    ({"severity": "critical", "alertname": "SLMHighErrorRate", "job": "phi-mini"}, None),
+    # (labels, receivers expected as <deployment>/<receiver>) — slack takes critical+warning, email critical,
+    # webhook all; each deployment's alerts go to its own AlertmanagerConfig's receivers only.
+    ({"severity": "critical", "alertname": "SLMHighErrorRate"}, ["phi/slack", "phi/email", "phi/webhook"]),
+    ({"severity": "warning", "alertname": "SLMSlowResponseTime"}, ["phi/slack", "phi/webhook"]),
+    ({"severity": "info", "alertname": "SLMGPUMetricsAbsent"}, ["phi/webhook"]),
+    ({"severity": "critical", "alertname": "SLMHighErrorRate", "job": "phi-mini"},
+     ["phi-mini/slack", "phi-mini/email", "phi-mini/webhook"]),
+    ({"severity": "critical", "alertname": "SLMHighErrorRate", "job": "other"}, None),
     ({"severity": "critical", "alertname": "SLMHighErrorRate", "namespace": "other"}, None),
     ({"severity": "critical", "alertname": "KubePodCrashLooping"}, None),
 ]
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize(("labels", "receivers"), ROUTES, ids=[str(i) for i in range(len(ROUTES))])
 def test_amtool_routes_alerts_by_severity_to_the_right_receivers(
-    am_config_file: Path, labels: dict[str, str], receivers: list[str] | None
+    generated: dict[str, Any], labels: dict[str, str], receivers: list[str] | None
 ) -> None:
-    full = {"namespace": "llm", "job": "phi", **labels}
-    expected = ",".join(f"llm/slm-phi/{r}" for r in receivers) if receivers else "null"
+    namespace = generated["namespace"]
+    full = {"namespace": namespace, "job": "phi", **labels}
+    expected = ",".join(f"{namespace}/{r}" for r in receivers) if receivers else "null"
     result = subprocess.run(
-        [_tool("amtool"), "config", "routes", "test", f"--config.file={am_config_file}",
+        [tool("amtool"), "config", "routes", "test", f"--config.file={generated['file']}",
          f"--verify.receivers={expected}", *(f"{k}={v}" for k, v in full.items())],
         capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     assert result.returncode == 0, result.stdout + result.stderr
 
 
+@pytest.mark.e2e
 @pytest.mark.dataplane
-def test_real_alertmanager_inhibits_warnings_while_a_critical_fires(spec: dict[str, Any], tmp_path: Path) -> None:
+def test_real_alertmanager_inhibits_warnings_while_a_critical_fires(generated: dict[str, Any]) -> None:
     """A critical alert of phi mutes phi's warnings, not those of another deployment (phi-mini)."""
+    manager = generated["stack"].alertmanager
+    namespace = generated["namespace"]
+
+    def alert(name: str, severity: str, job: str = "phi") -> dict[str, Any]:
+        return {"labels": {"alertname": name, "severity": severity, "namespace": namespace, "job": job}}
+
+    manager.post_alerts([
+        alert("SLMErrorBudgetBurnFast", "critical"),
+        alert("SLMSlowResponseTime", "warning"),
+        alert("SLMSlowResponseTime", "warning", job="phi-mini"),
+    ])  # fmt: skip
+
+    expected = {
+        ("SLMErrorBudgetBurnFast", "phi"): "active",
+        ("SLMSlowResponseTime", "phi"): "suppressed",
+        ("SLMSlowResponseTime", "phi-mini"): "active",
+    }
+    seen: list[dict[tuple[str, str], str]] = []
+
+    def states() -> dict[tuple[str, str], str] | None:
+        # An alert is "active" until the inhibitor has looked at it, which happens in the
+        # notification pipeline, not when the alert is stored: wait for the settled states.
+        found = {(a["labels"]["alertname"], a["labels"]["job"]): a["status"]["state"]
+                 for a in manager.alerts(filter=f'namespace="{namespace}"')}
+        seen.append(found)
+        return found if found == expected else None
+
     try:
-        tool("alertmanager")
-    except ToolMissing as missing:
-        pytest.skip(str(missing))
-    other = render_alertmanager_config_spec(name="phi-mini", namespace="llm", notifications=NOTIFICATIONS)
-    assert other is not None
-    config = alertmanager_yaml([("llm", "slm-phi", spec), ("llm", "slm-phi-mini", other)], secrets=SECRETS)
-    manager = dataplane.Alertmanager(tmp_path / "am", config)
-    with dataplane.running(manager):
-        manager.start()
-
-        def alert(name: str, severity: str, job: str = "phi") -> dict[str, Any]:
-            return {"labels": {"alertname": name, "severity": severity, "namespace": "llm", "job": job}}
-
-        manager.post_alerts([
-            alert("SLMErrorBudgetBurnFast", "critical"),
-            alert("SLMSlowResponseTime", "warning"),
-            alert("SLMSlowResponseTime", "warning", job="phi-mini"),
-        ])  # fmt: skip
-
-        expected = {
-            ("SLMErrorBudgetBurnFast", "phi"): "active",
-            ("SLMSlowResponseTime", "phi"): "suppressed",
-            ("SLMSlowResponseTime", "phi-mini"): "active",
-        }
-        seen: list[dict[tuple[str, str], str]] = []
-
-        def states() -> dict[tuple[str, str], str] | None:
-            # An alert is "active" until the inhibitor has looked at it, which happens in the
-            # notification pipeline, not when the alert is stored: wait for the settled states.
-            found = {(a["labels"]["alertname"], a["labels"]["job"]): a["status"]["state"] for a in manager.alerts()}
-            seen.append(found)
-            return found if found == expected else None
-
-        try:
-            result = dataplane.wait_until(states, timeout=20, what="the critical alert to inhibit phi's warning")
-        except dataplane.NotReady:
-            result = seen[-1] if seen else None  # the assertion below then shows what was seen last
-        assert result == expected
+        result = dataplane.wait_until(states, timeout=20, what="the critical alert to inhibit phi's warning")
+    except dataplane.NotReady:
+        result = seen[-1] if seen else None  # the assertion below then shows what was seen last
+    assert result == expected

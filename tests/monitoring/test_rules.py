@@ -1,4 +1,5 @@
-"""Unit tests of the rendered PrometheusRule groups (structure; behaviour is in test_rules_promtool.py)."""
+"""Unit tests of the rule layers (structure; behaviour is in test_rules_promtool.py): the shared recording
+rules, a table with one column per runtime, and the per-deployment groups that read only what they record."""
 
 from __future__ import annotations
 
@@ -8,16 +9,19 @@ from typing import Any
 
 import pytest
 
+from slm_operator import render
 from slm_operator.monitoring import rules
 from slm_operator.monitoring.defaults import ALERT_DEFAULTS, SEVERITIES, merged_alerts
-from slm_operator.monitoring.rules import ALERT_NAMES, render_rule_groups
+from slm_operator.monitoring.metric_names import metric_names
+from slm_operator.monitoring.rules import ALERT_NAMES, render_rule_groups, shared_rule_groups
+from slm_operator.spec import Parent
 
 REPO = Path(__file__).resolve().parents[2]
 CONTRACT_ALERTS = {
     "SLMHighErrorRate", "SLMSlowResponseTime", "SLMHighGPUUtilization", "SLMLowDiskSpace", "SLMHighGPUMemory",
     "SLMGPUXidErrors", "SLMGPUMetricsAbsent", "SLMTargetDown", "SLMPodCrashLooping", "SLMPodNotReady",
     "SLMHighTimeToFirstToken", "SLMQueueSaturated", "SLMErrorBudgetBurnFast", "SLMErrorBudgetBurnSlow",
-    "SLMPerplexityDrift", "SLMOutputLengthDrift",
+    "SLMPerplexityDrift", "SLMOutputLengthDrift", "SLMScrapeTargetMissing", "SLMFaultInjectionEnabled",
 }  # fmt: skip
 
 
@@ -59,10 +63,117 @@ def test_every_rule_is_scoped_to_its_deployment(default_groups: list[dict[str, A
 
 
 def test_recording_rules_are_named_slm_what_window(default_groups: list[dict[str, Any]]) -> None:
+    shared = [rule["record"] for group in shared_rule_groups() for rule in group["rules"]]
     records = [rule["record"] for rule in _rules(default_groups) if "record" in rule]
-    assert len(records) == len(set(records))
-    for record in records:
+    for group in shared_rule_groups():
+        names = [rule["record"] for rule in group["rules"]]
+        assert len(names) == len(set(names)), group["name"]
+    assert len(records) == len(set(records)) and not set(records) & set(shared)
+    for record in shared + records:
         assert re.fullmatch(r"slm:[a-z0-9_]+:[a-z0-9_]+", record), record
+
+
+# ---- the two layers ---------------------------------------------------------------------------------------
+
+# The only series a deployment's alerts read that no shared rule records: Prometheus' own `up` of the
+# deployment's targets and kube-state-metrics' series of its Deployment and pods, which the shared layer
+# cannot tell apart from any other workload's (only the deployment knows its names).
+NOT_RECORDED = {
+    "SLMTargetDown": {"up"},
+    "SLMScrapeTargetMissing": {"up", "kube_deployment_status_replicas_ready"},
+    "SLMPodCrashLooping": {"kube_pod_container_status_waiting_reason"},
+    "SLMPodNotReady": {"kube_pod_status_ready"},
+}
+
+
+@pytest.mark.parametrize("alerts", [None, {"slo": {"window": "7d"}, "errorRate": {"window": "2m"}}],
+                         ids=["defaults", "other-windows"])  # fmt: skip
+def test_deployment_rules_read_only_what_the_shared_layer_records(alerts: dict[str, Any] | None) -> None:
+    shared = {rule["record"] for group in shared_rule_groups() for rule in group["rules"]}
+    groups = render_rule_groups(name="phi", namespace="llm", alerts=alerts)
+    own = {rule["record"] for rule in _rules(groups) if "record" in rule}
+    for rule in _rules(groups):
+        name = rule.get("alert") or rule["record"]
+        read = metric_names(rule["expr"])
+        raw = {metric for metric in read if not metric.startswith("slm:")}
+        assert raw == NOT_RECORDED.get(name, set()), name
+        assert read - raw <= shared | own, (name, sorted(read - raw - shared - own))
+
+
+def test_the_only_recording_rules_left_per_deployment_are_the_drift_rules(default_groups: list[dict[str, Any]]) -> None:
+    """Everything else is recorded once for the whole cluster: 8 drift series instead of ~30 per deployment."""
+    assert [group["name"] for group in default_groups] == [
+        "slm-phi.alerts", "slm-phi.drift-perplexity", "slm-phi.drift-output_length",
+    ]  # fmt: skip
+    assert not [rule for rule in default_groups[0]["rules"] if "record" in rule]
+    records = [rule["record"] for rule in _rules(default_groups) if "record" in rule]
+    assert len(records) == 8
+    assert all(".drift-" in g["name"] for g in default_groups for r in g["rules"] if "record" in r)
+
+
+def test_long_slo_windows_are_never_computed_from_raw_series(default_groups: list[dict[str, Any]]) -> None:
+    """No rule of either layer takes a window longer than 5m over a runtime's own series."""
+    exprs = [rule["expr"] for group in [*shared_rule_groups(), *default_groups] for rule in group["rules"]]
+    for expr in exprs:
+        for match in re.finditer(r"([a-zA-Z_:][a-zA-Z0-9_:]*)\{[^{}]*\}\[([0-9a-z]+)\]", expr):
+            series, window = match.groups()
+            if rules.parse_duration(window) > 300:
+                assert series.startswith("slm:"), expr
+    burn = next(r for r in _rules(default_groups) if r.get("labels", {}).get("long_window") == "3d")
+    assert "slm:requests:pod_total" in burn["expr"] and "[3d]" in burn["expr"]
+
+
+def test_shared_rules_name_no_deployment_and_keep_namespace_and_job() -> None:
+    for group in shared_rule_groups():
+        for rule in group["rules"]:
+            assert 'job="' not in rule["expr"] and 'namespace="' not in rule["expr"], rule
+            # Every aggregation keeps the deployment apart: by (namespace, job, ...), or none at all.
+            for grouping in re.findall(r"\b(?:max|sum|min|avg) by \(([^)]*)\)", rule["expr"]):
+                labels = {label.strip() for label in grouping.split(",")}
+                assert {"namespace", "job"} <= labels or labels == {"namespace", "pod", "job"}, rule
+
+
+def test_one_shared_group_per_runtime_with_every_row_the_runtime_has() -> None:
+    data = rules.rules_data()
+    assert list(data["runtimes"]) == list(rules.runtime_names()) == ["builtin"]
+    (group,) = shared_rule_groups()
+    assert group["name"] == "slm-shared.runtime-builtin"
+    assert [rule["record"] for rule in group["rules"]] == list(rules.shared_records())
+
+
+def test_a_new_runtime_is_one_more_column_of_data(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A runtime added to the table gets its own group: its cells, the `any` cells, nothing of another's."""
+    data = rules.rules_data()
+    data["runtimes"]["llamacpp"] = {"title": "llama.cpp", "source": "tools/server/server.cpp",
+                                    "target": 'container="llama"', "traffic": 'container="llama"'}  # fmt: skip
+    row = next(r for r in data["recording"] if r["record"] == "slm:requests:rate5m")
+    row["llamacpp"] = 'sum by (namespace, job) (rate(llamacpp:requests_processing{${target}}[5m]))'
+    monkeypatch.setattr(rules, "_load_rules_data", lambda: data)
+    groups = {group["name"]: group["rules"] for group in shared_rule_groups()}
+    llama = {rule["record"]: rule["expr"] for rule in groups["slm-shared.runtime-llamacpp"]}
+    assert llama["slm:requests:rate5m"] == (
+        'sum by (namespace, job) (rate(llamacpp:requests_processing{container="llama"}[5m]))'
+    )
+    anys = {r["record"] for r in data["recording"] if "any" in r}
+    assert set(llama) == {"slm:requests:rate5m"} | anys
+    assert 'container="llama"' in llama["slm:gpu_xid_error:max5m"]
+    assert "nvidia_gpu" not in llama["slm:gpu_utilization:percent"]
+    assert all('container="llama"' not in rule["expr"] for rule in groups["slm-shared.runtime-builtin"])
+
+    row["vllm"] = "vllm:num_requests_running"
+    with pytest.raises(ValueError, match="unknown runtimes"):
+        shared_rule_groups()
+
+
+def test_the_builtin_column_selects_the_container_the_operator_renders() -> None:
+    """The builtin column's `target` matcher names the serving container of the rendered Deployment."""
+    parent = Parent("phi", "llm", "u-1")
+    spec = {"model": {"name": "sshleifer/tiny-gpt2"}, "runtime": "builtin"}
+    children = render.render_children(parent, spec, server_image="img")
+    deployment = next(child for child in children if child["kind"] == "Deployment")
+    (serving,) = [c for c in deployment["spec"]["template"]["spec"]["containers"]
+                  if any(port.get("name") == "http" for port in c.get("ports", []))]  # fmt: skip
+    assert rules.rules_data()["runtimes"]["builtin"]["target"] == f'container="{serving["name"]}"'
 
 
 def test_seed_thresholds_are_the_defaults(default_groups: list[dict[str, Any]]) -> None:
@@ -141,7 +252,7 @@ PROMETHEUS_3_ONLY = [
 
 def test_rules_avoid_prometheus_3_only_syntax() -> None:
     for alerts in (None, {"slo": {"window": "7d"}}):
-        for rule in _rules(render_rule_groups(name="phi", namespace="llm", alerts=alerts)):
+        for rule in _rules([*shared_rule_groups(), *render_rule_groups(name="phi", namespace="llm", alerts=alerts)]):
             for token in PROMETHEUS_3_ONLY:
                 assert token not in rule["expr"], (token, rule["expr"])
             # Duration arithmetic in range selectors ([5m+1m]) is 3.x experimental.

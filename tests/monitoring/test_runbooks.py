@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from slm_devtools.tools import ToolMissing, tool
+from slm_devtools.tools import tool
 from slm_operator.monitoring.rules import ALERT_NAMES, DEFAULT_RUNBOOK_BASE_URL, render_rule_groups
 
 REPO = Path(__file__).resolve().parents[2]
@@ -48,10 +48,7 @@ def test_no_stray_runbooks() -> None:
 
 
 def test_runbook_queries_are_valid_promql(tmp_path: Path) -> None:
-    try:
-        promtool = tool("promtool")
-    except ToolMissing as missing:
-        pytest.skip(str(missing))
+    promtool = tool("promtool")
     rules = []
     for alert in ALERT_NAMES:
         for index, query in enumerate(_queries((RUNBOOKS / f"{alert}.md").read_text())):

@@ -19,7 +19,7 @@ CONTRACT_ALERT_NAMES = {
     "SLMHighErrorRate", "SLMSlowResponseTime", "SLMHighGPUUtilization", "SLMLowDiskSpace", "SLMHighGPUMemory",
     "SLMGPUXidErrors", "SLMGPUMetricsAbsent", "SLMTargetDown", "SLMPodCrashLooping", "SLMPodNotReady",
     "SLMHighTimeToFirstToken", "SLMQueueSaturated", "SLMErrorBudgetBurnFast", "SLMErrorBudgetBurnSlow",
-    "SLMPerplexityDrift", "SLMOutputLengthDrift",
+    "SLMPerplexityDrift", "SLMOutputLengthDrift", "SLMScrapeTargetMissing", "SLMFaultInjectionEnabled",
 }
 
 

@@ -117,6 +117,18 @@ Usage: include "slm-monitoring.image" (dict "image" .Values.operator.image "root
 {{- end }}
 
 {{/*
+A third-party image reference from {repository, tag, digest}: `repository:tag@digest` when both are set
+(the tag for people reading the manifests, the digest for the kubelet), else whichever is set.
+Usage: include "slm-monitoring.pinnedImage" .Values.dcgmExporter.image
+*/}}
+{{- define "slm-monitoring.pinnedImage" -}}
+{{- $reference := .repository -}}
+{{- with .tag }}{{ $reference = printf "%s:%s" $reference . }}{{ end -}}
+{{- with .digest }}{{ $reference = printf "%s@%s" $reference . }}{{ end -}}
+{{- $reference -}}
+{{- end }}
+
+{{/*
 Labels that make Prometheus select a monitoring object: kube-prometheus-stack's default selectors
 match `release: <its release name>`.
 Usage: include "slm-monitoring.monitorLabels" (dict "extra" .Values.operator.serviceMonitor.labels "root" .)

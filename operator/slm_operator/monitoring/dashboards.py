@@ -1,39 +1,62 @@
 """Grafana dashboards (JSON model) for one SLMDeployment and for the fleet (owned by the monitoring work).
 
-Built as data in Python, not templated JSON: every panel is a dict made by one small helper, queries
-are PromQL strings scoped by the same selectors as the rules (slm_operator.monitoring.rules.selectors),
-and the panels read the rules' recording series (slm:<what>:<window>) wherever an alert reads the same
-thing, so a panel and its alert can never disagree. Conventions:
+Built with grafana-foundation-sdk, Grafana's own builders generated from its dashboard schema (a panel
+option Grafana does not know does not type-check), one function per dashboard row. The PromQL lives in
+slm_operator.monitoring.queries. Conventions:
 
 - the datasource is the dashboard variable `${datasource}` (type prometheus), never a fixed uid;
 - the uid is derived from namespace/name, so re-rendering keeps links and bookmarks stable;
 - the `model` variable filters every series that carries a `model` label;
-- GPU panels read DCGM first and pynvml second (through the rules' slm:gpu_* recording series);
+- GPU panels read DCGM first and pynvml second (through the shared rules' slm:gpu_* recording series);
 - alert thresholds from `alerts` are drawn on the matching panels (fieldConfig thresholds with
   thresholdsStyle), so the dashboard shows where the alert will fire.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
+import json
 from collections.abc import Iterator, Mapping
 from typing import Any
 
+from grafana_foundation_sdk.builders import common as common_builders
+from grafana_foundation_sdk.builders import heatmap, prometheus, stat, table, timeseries
+from grafana_foundation_sdk.builders.dashboard import (
+    AnnotationQuery,
+    Dashboard,
+    DatasourceVariable,
+    FieldColor,
+    QueryVariable,
+    Row,
+    ThresholdsConfig,
+)
+from grafana_foundation_sdk.cog.builder import Builder
+from grafana_foundation_sdk.cog.encoder import JSONEncoder
+from grafana_foundation_sdk.cog.variants import Dataquery
+from grafana_foundation_sdk.models import common
+from grafana_foundation_sdk.models import dashboard as model
+from grafana_foundation_sdk.models.heatmap import HeatmapColorMode
+from grafana_foundation_sdk.models.prometheus import PromQueryFormat
+
+from slm_operator.monitoring import queries
 from slm_operator.monitoring.defaults import merged_alerts
+from slm_operator.monitoring.queries import Scope
 from slm_operator.monitoring.rules import (
     burn_rate_windows,
+    drift_series,
     drift_settings,
     format_duration,
     parse_duration,
-    rules_data,
-    selectors,
 )
 
-SCHEMA_VERSION = 39  # Grafana 10.4/11 dashboard JSON schema
-DATASOURCE = {"type": "prometheus", "uid": "${datasource}"}
-GRID_WIDTH = 24
+DATASOURCE = model.DataSourceRef(type_val="prometheus", uid="${datasource}")
 PANEL_HEIGHT = 8
 TAGS = ["slm", "slm-monitoring"]
+
+Panel = timeseries.Panel | heatmap.Panel | stat.Panel | table.Panel
+Query = tuple[str, str]  # (PromQL, legend)
+Steps = list[tuple[str, float | None]]  # threshold steps (colour, value from which it applies)
 
 
 def dashboard_uid(*, namespace: str, name: str) -> str:
@@ -45,800 +68,649 @@ def dashboard_uid(*, namespace: str, name: str) -> str:
 # ---- panel helpers --------------------------------------------------------------------------------
 
 
-def _target(expr: str, legend: str = "", ref: str = "A", **extra: Any) -> dict[str, Any]:
-    return {"datasource": DATASOURCE, "expr": expr, "legendFormat": legend or "__auto", "refId": ref, **extra}
+def _target(expr: str, legend: str, ref: str) -> prometheus.Dataquery:
+    return prometheus.Dataquery().datasource(DATASOURCE).expr(expr).legend_format(legend or "__auto").ref_id(ref)
 
 
-def _targets(*queries: tuple[str, str]) -> list[dict[str, Any]]:
-    return [_target(expr, legend, chr(ord("A") + index)) for index, (expr, legend) in enumerate(queries)]
+def _targets(*items: Query) -> list[Builder[Dataquery]]:
+    return [_target(expr, legend, chr(ord("A") + index)) for index, (expr, legend) in enumerate(items)]
 
 
-def _quantile(q: float, buckets: str, selector: str, window: str | None = None) -> str:
-    """histogram_quantile over `buckets` (a raw _bucket counter with `window`, or a recorded bucket rate)."""
-    series = f"rate({buckets}{{{selector}}}[{window}])" if window else f"{buckets}{{{selector}}}"
-    return f"histogram_quantile({q:.2f}, sum by (le) ({series}))"
+def _thresholds(steps: Steps) -> ThresholdsConfig:
+    return (
+        ThresholdsConfig()
+        .mode(model.ThresholdsMode.ABSOLUTE)
+        .steps([model.Threshold(value=value, color=color) for color, value in steps])
+    )
 
 
-def _thresholds(*steps: tuple[str, float | None]) -> dict[str, Any]:
-    return {"mode": "absolute", "steps": [{"color": color, "value": value} for color, value in steps]}
-
-
-def _above(threshold: float) -> dict[str, Any]:
+def _above(threshold: float) -> Steps:
     """Green below, red from `threshold` up (the alert fires above it)."""
-    return _thresholds(("green", None), ("red", threshold))
+    return [("green", None), ("red", threshold)]
 
 
 def _timeseries(
     title: str,
-    targets: list[dict[str, Any]],
+    items: list[Query],
     *,
+    width: int,
     unit: str = "short",
     description: str = "",
-    thresholds: dict[str, Any] | None = None,
+    thresholds: Steps | None = None,
     stack: bool = False,
     minimum: float | None = None,
     maximum: float | None = None,
-) -> dict[str, Any]:
-    custom: dict[str, Any] = {
-        "drawStyle": "line",
-        "lineWidth": 1,
-        "fillOpacity": 20 if stack else 10,
-        "showPoints": "never",
-        "spanNulls": False,
-        "stacking": {"mode": "normal" if stack else "none", "group": "A"},
-        "thresholdsStyle": {"mode": "line+area" if thresholds else "off"},
-    }
-    defaults: dict[str, Any] = {
-        "unit": unit,
-        "custom": custom,
-        "color": {"mode": "palette-classic"},
-        "thresholds": thresholds or _thresholds(("green", None)),
-    }
+) -> timeseries.Panel:
+    panel = (
+        timeseries.Panel()
+        .title(title)
+        .description(description)
+        .datasource(DATASOURCE)
+        .targets(_targets(*items))
+        .span(width)
+        .height(PANEL_HEIGHT)
+        .unit(unit)
+        .draw_style(common.GraphDrawStyle.LINE)
+        .line_width(1)
+        .fill_opacity(20 if stack else 10)
+        .show_points(common.VisibilityMode.NEVER)
+        .span_nulls(False)
+        .stacking(
+            common_builders.StackingConfig()
+            .mode(common.StackingMode.NORMAL if stack else common.StackingMode.NONE)
+            .group("A")
+        )
+        .thresholds_style(
+            common_builders.GraphThresholdsStyleConfig().mode(
+                common.GraphThresholdsStyleMode.LINE_AND_AREA if thresholds else common.GraphThresholdsStyleMode.OFF
+            )
+        )
+        .color_scheme(FieldColor().mode(model.FieldColorModeId.PALETTE_CLASSIC))
+        .thresholds(_thresholds(thresholds or [("green", None)]))
+        .legend(
+            common_builders.VizLegendOptions()
+            .display_mode(common.LegendDisplayMode.LIST)
+            .placement(common.LegendPlacement.BOTTOM)
+            .show_legend(True)
+        )
+        .tooltip(
+            common_builders.VizTooltipOptions().mode(common.TooltipDisplayMode.MULTI).sort(common.SortOrder.DESCENDING)
+        )
+    )
     if unit in ("percent", "percentunit"):  # a share's axis starts at 0; a percentage also ends at 100
         minimum = 0 if minimum is None else minimum
         if unit == "percent" and maximum is None:
             maximum = 100
     if minimum is not None:
-        defaults["min"] = minimum
+        panel.min(minimum)
     if maximum is not None:
-        defaults["max"] = maximum
-    return {
-        "type": "timeseries",
-        "title": title,
-        "description": description,
-        "datasource": DATASOURCE,
-        "targets": targets,
-        "fieldConfig": {"defaults": defaults, "overrides": []},
-        "options": {
-            "legend": {"displayMode": "list", "placement": "bottom", "showLegend": True},
-            "tooltip": {"mode": "multi", "sort": "desc"},
-        },
-    }
+        panel.max(maximum)
+    return panel
 
 
-def _heatmap(title: str, expr: str, *, description: str, unit: str = "short") -> dict[str, Any]:
-    return {
-        "type": "heatmap",
-        "title": title,
-        "description": description,
-        "datasource": DATASOURCE,
-        "targets": [_target(expr, "{{le}}", format="heatmap")],
-        "fieldConfig": {
-            "defaults": {"custom": {"hideFrom": {"legend": False, "tooltip": False, "viz": False}}},
-            "overrides": [],
-        },
-        "options": {
-            "calculate": False,
-            "yAxis": {"axisPlacement": "left", "unit": unit},
-            "rowsFrame": {"layout": "le"},
-            "color": {"mode": "scheme", "scheme": "Oranges", "steps": 64},
-            "cellGap": 1,
-            "tooltip": {"mode": "single", "yHistogram": True},
-        },
-    }
+def _heatmap(title: str, expr: str, *, width: int, description: str, unit: str = "short") -> heatmap.Panel:
+    return (
+        heatmap.Panel()
+        .title(title)
+        .description(description)
+        .datasource(DATASOURCE)
+        .with_target(_target(expr, "{{le}}", "A").format(PromQueryFormat.HEATMAP))
+        .span(width)
+        .height(PANEL_HEIGHT)
+        .calculate(False)
+        .y_axis(heatmap.YAxisConfig().axis_placement(common.AxisPlacement.LEFT).unit(unit))
+        .rows_frame(heatmap.RowsHeatmapOptions().layout(common.HeatmapCellLayout.LE))
+        .color(heatmap.HeatmapColorOptions().mode(HeatmapColorMode.SCHEME).scheme("Oranges").steps(64))
+        .cell_gap(1)
+        .mode(common.TooltipDisplayMode.SINGLE)
+        .show_y_histogram()
+        .hide_from(common_builders.HideSeriesConfig().legend(False).tooltip(False).viz(False))
+    )
 
 
-def _stat(
-    title: str,
-    targets: list[dict[str, Any]],
-    *,
-    unit: str = "short",
-    description: str = "",
-    thresholds: dict[str, Any] | None = None,
-) -> dict[str, Any]:
-    return {
-        "type": "stat",
-        "title": title,
-        "description": description,
-        "datasource": DATASOURCE,
-        "targets": targets,
-        "fieldConfig": {
-            "defaults": {
-                "unit": unit,
-                "thresholds": thresholds or _thresholds(("green", None)),
-                "color": {"mode": "thresholds"},
-            },
-            "overrides": [],
-        },
-        "options": {
-            "reduceOptions": {"calcs": ["lastNotNull"], "fields": "", "values": False},
-            "colorMode": "value",
-            "graphMode": "area",
-            "textMode": "auto",
-        },
-    }
+def _stat(title: str, items: list[Query], *, width: int, unit: str = "short", description: str = "") -> stat.Panel:
+    return (
+        stat.Panel()
+        .title(title)
+        .description(description)
+        .datasource(DATASOURCE)
+        .targets(_targets(*items))
+        .span(width)
+        .height(PANEL_HEIGHT)
+        .unit(unit)
+        .thresholds(_thresholds([("green", None)]))
+        .color_scheme(FieldColor().mode(model.FieldColorModeId.THRESHOLDS))
+        .reduce_options(common_builders.ReduceDataOptions().calcs(["lastNotNull"]).fields("").values(False))
+        .color_mode(common.BigValueColorMode.VALUE)
+        .graph_mode(common.BigValueGraphMode.AREA)
+        .text_mode(common.BigValueTextMode.AUTO)
+    )
 
 
-def _table(title: str, expr: str, *, description: str) -> dict[str, Any]:
-    return {
-        "type": "table",
-        "title": title,
-        "description": description,
-        "datasource": DATASOURCE,
-        "targets": [_target(expr, format="table", instant=True)],
-        "fieldConfig": {"defaults": {}, "overrides": []},
-        "options": {"showHeader": True},
-        "transformations": [{"id": "organize", "options": {"excludeByName": {"Time": True, "Value": True}}}],
-    }
+def _table(title: str, expr: str, *, width: int, description: str) -> table.Panel:
+    return (
+        table.Panel()
+        .title(title)
+        .description(description)
+        .datasource(DATASOURCE)
+        .with_target(_target(expr, "", "A").format(PromQueryFormat.TABLE).instant())
+        .span(width)
+        .height(PANEL_HEIGHT)
+        .show_header(True)
+        .with_transformation(
+            model.DataTransformerConfig(id_val="organize", options={"excludeByName": {"Time": True, "Value": True}})
+        )
+    )
 
 
-def _row(title: str) -> dict[str, Any]:
-    return {"type": "row", "title": title, "collapsed": False, "panels": []}
-
-
-def _layout(sections: list[tuple[str, list[tuple[dict[str, Any], int]]]]) -> list[dict[str, Any]]:
-    """Rows of panels, each (panel, width); ids and gridPos assigned in order."""
-    panels: list[dict[str, Any]] = []
-    y = 0
+def _assemble(dashboard: Dashboard, rows: list[tuple[str, list[Panel]]]) -> Dashboard:
+    """Each row title followed by its panels, ids in layout order; the builder lays out the grid."""
     ids = iter(range(1, 1000))
-    for title, row_panels in sections:
-        row = _row(title)
-        row["id"] = next(ids)
-        row["gridPos"] = {"h": 1, "w": GRID_WIDTH, "x": 0, "y": y}
-        panels.append(row)
-        y += 1
-        x = 0
-        for panel, width in row_panels:
-            if x + width > GRID_WIDTH:
-                x, y = 0, y + PANEL_HEIGHT
-            panel["id"] = next(ids)
-            panel["gridPos"] = {"h": PANEL_HEIGHT, "w": width, "x": x, "y": y}
-            panels.append(panel)
-            x += width
-        y += PANEL_HEIGHT
-    return panels
+    for title, panels in rows:
+        dashboard.with_row(Row(title).collapsed(False).id(next(ids)))
+        for panel in panels:
+            dashboard.with_panel(panel.id(next(ids)))
+    return dashboard
 
 
-def _datasource_variable() -> dict[str, Any]:
-    return {
-        "name": "datasource",
-        "label": "Data source",
-        "type": "datasource",
-        "query": "prometheus",
-        "current": {},
-        "hide": 0,
-        "refresh": 1,
-        "regex": "",
-        "includeAll": False,
-        "multi": False,
-    }
+def _datasource_variable() -> DatasourceVariable:
+    return (
+        DatasourceVariable("datasource")
+        .label("Data source")
+        .type("prometheus")
+        .hide(model.VariableHide.DONT_HIDE)
+        .include_all(False)
+        .multi(False)
+        .regex("")
+    )
 
 
-def _query_variable(
-    name: str, label: str, query: str, *, current: str | None = None, include_all: bool = True
-) -> dict[str, Any]:
-    variable: dict[str, Any] = {
-        "name": name,
-        "label": label,
-        "type": "query",
-        "datasource": DATASOURCE,
-        "definition": query,
-        "query": {"query": query, "refId": f"{name}-variable"},
-        "refresh": 2,  # on time range change: a new model shows up without a reload
-        "includeAll": include_all,
-        "allValue": ".*",
-        "multi": False,
-        "sort": 1,
-        "hide": 0,
-        "regex": "",
-        "current": {"text": current, "value": current} if current else {},
-    }
+def _query_variable(name: str, label: str, query: str, *, current: str | None = None) -> QueryVariable:
+    variable = (
+        QueryVariable(name)
+        .label(label)
+        .datasource(DATASOURCE)
+        .query({"query": query, "refId": f"{name}-variable"})
+        .refresh(model.VariableRefresh.ON_TIME_RANGE_CHANGED)  # a new model shows up without a reload
+        .include_all(True)
+        .all_value(".*")
+        .multi(False)
+        .sort(model.VariableSort.ALPHABETICAL_ASC)
+        .hide(model.VariableHide.DONT_HIDE)
+        .regex("")
+    )
+    if current:
+        variable.current(model.VariableOption(text=current, value=current))
     return variable
 
 
-def _dashboard(
-    *,
-    uid: str,
-    title: str,
-    description: str,
-    variables: list[dict[str, Any]],
-    panels: list[dict[str, Any]],
-    tags: list[str],
-) -> dict[str, Any]:
-    return {
-        "uid": uid,
-        "title": title,
-        "description": description,
-        "tags": tags,
-        "timezone": "browser",
-        "editable": True,
-        "graphTooltip": 1,  # shared crosshair
-        "schemaVersion": SCHEMA_VERSION,
-        "version": 1,
-        "refresh": "30s",
-        "time": {"from": "now-6h", "to": "now"},
-        "timepicker": {},
-        "fiscalYearStartMonth": 0,
-        "liveNow": False,
-        "links": [],
-        "annotations": {
-            "list": [
-                {
-                    "builtIn": 1,
-                    "datasource": {"type": "grafana", "uid": "-- Grafana --"},
-                    "enable": True,
-                    "hide": True,
-                    "iconColor": "rgba(0, 211, 255, 1)",
-                    "name": "Annotations & Alerts",
-                    "type": "dashboard",
-                }
-            ]
-        },
-        "templating": {"list": variables},
-        "panels": panels,
-    }
+def _dashboard(*, uid: str, title: str, description: str, tags: list[str]) -> Dashboard:
+    return (
+        Dashboard(title)
+        .uid(uid)
+        .description(description)
+        .tags(tags)
+        .timezone("browser")
+        .editable()
+        .tooltip(model.DashboardCursorSync.CROSSHAIR)
+        .version(1)
+        .refresh("30s")
+        .time("now-6h", "now")
+        .fiscal_year_start_month(0)
+        .live_now(False)
+        .links([])
+        .annotation(
+            AnnotationQuery()
+            .name("Annotations & Alerts")
+            .datasource(model.DataSourceRef(type_val="grafana", uid="-- Grafana --"))
+            .built_in(1)
+            .enable(True)
+            .hide(True)
+            .icon_color("rgba(0, 211, 255, 1)")
+            .type("dashboard")
+        )
+    )
+
+
+def _to_json(dashboard: Dashboard) -> dict[str, Any]:
+    built: dict[str, Any] = json.loads(JSONEncoder().encode(dashboard.build()))
+    return built
 
 
 # ---- the per-deployment dashboard -------------------------------------------------------------
 
 
+@dataclasses.dataclass(frozen=True)
+class _Thresholds:
+    """What the resource's alerts say, as the panels draw it."""
+
+    error_ratio: float
+    error_window: str
+    latency_seconds: float
+    ttft_seconds: float
+    gpu_percent: float
+    gpu_memory_percent: float
+    queue_percent: float
+    disk_free_percent: float
+    disk_mountpoint: str
+    budget: float
+    burn_windows: list[str]
+    page_factor: float
+    slo_window: str
+    availability_percent: float
+    drift_z: float
+    drift: dict[str, dict[str, str]]
+
+    @classmethod
+    def of(cls, alerts: Mapping[str, Any] | None) -> _Thresholds:
+        merged = merged_alerts(dict(alerts) if alerts is not None else None)
+        burns = burn_rate_windows(merged)
+        series = drift_series(merged)
+        windows = {
+            "perplexity": drift_settings(merged["perplexityDrift"])["window"],
+            "output_length": drift_settings(merged["outputLengthDrift"])["window"],
+        }
+        drift = {signal: {**names, "window": windows[signal]} for signal, names in series.items()}
+        return cls(
+            error_ratio=float(merged["errorRate"]["threshold"]),
+            error_window=format_duration(parse_duration(merged["errorRate"]["window"])),
+            latency_seconds=float(merged["latencyP95"]["thresholdSeconds"]),
+            ttft_seconds=float(merged["timeToFirstToken"]["thresholdSeconds"]),
+            gpu_percent=float(merged["gpuUtilization"]["thresholdPercent"]),
+            gpu_memory_percent=float(merged["gpuMemory"]["thresholdPercent"]),
+            queue_percent=float(merged["queueSaturation"]["thresholdPercent"]),
+            disk_free_percent=float(merged["diskSpace"]["minFreePercent"]),
+            disk_mountpoint=str(merged["diskSpace"]["mountpoint"]),
+            budget=1 - float(merged["slo"]["availabilityPercent"]) / 100,
+            burn_windows=[burn["long"] for burn in burns[:3]],
+            page_factor=float(burns[0]["factor"]),
+            slo_window=str(merged["slo"]["window"]),
+            availability_percent=merged["slo"]["availabilityPercent"],
+            drift_z=max(float(merged["perplexityDrift"]["zScore"]), float(merged["outputLengthDrift"]["zScore"])),
+            drift=drift,
+        )
+
+
+def _traffic_row(s: Scope, t: _Thresholds) -> list[Panel]:
+    return [
+        _timeseries(
+            "Request rate",
+            [(queries.request_rate_by_endpoint(s), "{{endpoint}}")],
+            width=8,
+            unit="reqps",
+            description="Requests per second by endpoint (5m rate; probes and scrapes excluded).",
+            stack=True,
+        ),
+        _timeseries(
+            "Error rate",
+            [
+                (queries.error_ratio_by_endpoint(s), "{{endpoint}}"),
+                (queries.error_ratio(s, t.error_window), f"all endpoints, {t.error_window} (alert)"),
+            ],
+            width=8,
+            unit="percentunit",
+            description=f"Share of requests answered with 5xx. SLMHighErrorRate fires above {t.error_ratio:g}.",
+            thresholds=_above(t.error_ratio),
+            minimum=0,
+        ),
+        _timeseries(
+            "Response time p50 / p95",
+            [
+                (queries.response_time_p95(s), "p95 (alert)"),
+                (queries.response_time_p50(s), "p50"),
+                (queries.response_time_by_endpoint(s, 0.95), "p95 {{endpoint}}"),
+                (queries.response_time_by_endpoint(s, 0.50), "p50 {{endpoint}}"),
+            ],
+            width=8,
+            unit="s",
+            description="Request duration quantiles. "
+            f"SLMSlowResponseTime fires when p95 exceeds {t.latency_seconds:g}s.",
+            thresholds=_above(t.latency_seconds),
+            minimum=0,
+        ),
+        _timeseries(
+            "Error budget burn rate",
+            [(queries.budget_burn_rate(s, window, t.budget), f"{window} window") for window in t.burn_windows],
+            width=12,
+            unit="x",
+            description=(
+                f"How fast the {t.slo_window} error budget of the {t.availability_percent}% SLO burns "
+                f"(1 = exactly on budget). SLMErrorBudgetBurnFast pages above {t.page_factor:g}x."
+            ),
+            thresholds=[("green", None), ("orange", 1), ("red", t.page_factor)],
+            minimum=0,
+        ),
+        _table(
+            "Model",
+            queries.model_info(s),
+            width=12,
+            description="The served model as the server reports it (slm_model_info).",
+        ),
+    ]
+
+
+def _generation_row(s: Scope, t: _Thresholds) -> list[Panel]:
+    return [
+        _timeseries(
+            "Time to first token",
+            [(queries.time_to_first_token_p95(s), "p95 (alert)"), (queries.time_to_first_token_p50(s), "p50")],
+            width=8,
+            unit="s",
+            description="Arrival to first token, queue included. "
+            f"SLMHighTimeToFirstToken fires above {t.ttft_seconds:g}s.",
+            thresholds=_above(t.ttft_seconds),
+            minimum=0,
+        ),
+        _timeseries(
+            "Inter-token latency",
+            [(queries.inter_token_latency(s, 0.95), "p95"), (queries.inter_token_latency(s, 0.50), "p50")],
+            width=8,
+            unit="s",
+            description="Time between two generated tokens of a request.",
+            minimum=0,
+        ),
+        _timeseries(
+            "Tokens per second",
+            [
+                (queries.generated_tokens_rate(s), "generated (all requests)"),
+                (queries.prompt_tokens_rate(s), "prompt (all requests)"),
+                (queries.prefix_cache_hits_rate(s), "prompt, from the prefix cache (not fed)"),
+                (queries.request_tokens_per_second(s, 0.50), "per request p50"),
+            ],
+            width=8,
+            unit="short",
+            description="Throughput of the deployment and decoding speed of a single request; of the prompt "
+            "tokens, those found in the prefix cache skip the model (spec.server.prefixCacheMiB).",
+            minimum=0,
+        ),
+        _timeseries(
+            "In-flight and queued requests",
+            [
+                (queries.requests_in_flight(s), "in flight"),
+                (queries.requests_queued(s), "queued"),
+                (queries.concurrency_limit(s), "concurrency limit"),
+                (queries.queue_limit(s), "queue limit"),
+                (queries.mean_batch_size(s), "mean batch (generations per forward pass)"),
+            ],
+            width=8,
+            description="Generations running and waiting, with the limits from spec.server, and how many "
+            "generations share each forward pass (continuous batching; at most spec.server.maxBatchSize).",
+            minimum=0,
+        ),
+        _timeseries(
+            "Queue utilisation",
+            [(queries.queue_utilization(s), "{{model}}")],
+            width=8,
+            unit="percent",
+            description=f"Queued requests over the queue limit. SLMQueueSaturated fires above {t.queue_percent:g}%.",
+            thresholds=_above(t.queue_percent),
+        ),
+        _timeseries(
+            "Finish reasons",
+            [
+                (queries.finish_reasons(s), "{{finish_reason}}"),
+                (queries.empty_outputs_rate(s), "empty outputs"),
+                (queries.repetitive_outputs_rate(s), "repetitive outputs"),
+                (queries.incomplete_structured_outputs_rate(s), "JSON cut short (response_format)"),
+            ],
+            width=8,
+            unit="reqps",
+            description="Why generations ended (stop, length, error, timeout, cancelled), plus degenerate outputs: "
+            "empty, repetitive, and JSON that a response_format asked for but that ended incomplete (max_tokens "
+            "too low for the schema, a stop string, a timeout).",
+            stack=True,
+        ),
+        _timeseries(
+            "KV cache memory",
+            [
+                (queries.kv_cache_bytes(s), "running generations"),
+                (queries.kv_cache_padding_bytes(s), "of which padding"),
+                (queries.prefix_cache_bytes(s), "prefix cache"),
+                (queries.prefix_cache_capacity_bytes(s), "prefix cache budget"),
+            ],
+            width=8,
+            unit="bytes",
+            description="Model-device memory held by the KV cache of the generations running (their batch is "
+            "left-padded to its longest: the padding's share) and by the prefix cache, against its budget "
+            "(spec.server.prefixCacheMiB).",
+            minimum=0,
+        ),
+    ]
+
+
+def _model_behaviour_row(s: Scope, t: _Thresholds) -> list[Panel]:
+    perplexity, output_length = t.drift["perplexity"], t.drift["output_length"]
+    return [
+        _timeseries(
+            "Perplexity",
+            [
+                (queries.drift_series(perplexity["mean"], s, per_model=True), f"mean ({perplexity['window']})"),
+                (queries.perplexity_quantile(s, 0.95), "p95"),
+                (queries.perplexity_quantile(s, 0.50), "p50"),
+            ],
+            width=8,
+            description="Perplexity of the generated tokens under the model; a shift means new inputs or outputs.",
+            minimum=0,
+        ),
+        _timeseries(
+            "Output length",
+            [
+                (queries.drift_series(output_length["mean"], s, per_model=False), f"mean ({output_length['window']})"),
+                (queries.output_tokens_quantile(s, 0.95), "p95"),
+                (queries.output_tokens_quantile(s, 0.50), "p50"),
+            ],
+            width=8,
+            description="Generated tokens per request.",
+            minimum=0,
+        ),
+        _heatmap(
+            "Output token distribution",
+            queries.output_tokens_heatmap(s),
+            width=8,
+            description="Output tokens per request over time (the seed's token count heatmap).",
+        ),
+        _timeseries(
+            "Drift z-scores (PromQL baseline)",
+            [
+                (queries.drift_series(perplexity["zscore"], s, per_model=True), "perplexity"),
+                (queries.drift_series(output_length["zscore"], s, per_model=False), "output length"),
+            ],
+            width=12,
+            description=(
+                "Short-window mean against its own history, in standard deviations; the drift alerts fire "
+                "beyond the configured z-score (either sign)."
+            ),
+            thresholds=[("red", None), ("green", -t.drift_z), ("red", t.drift_z)],
+        ),
+        _timeseries(
+            "Drift scores (server)",
+            [(queries.server_drift_score(s), "{{signal}}"), (queries.server_drift_detected(s), "detected {{signal}}")],
+            width=12,
+            description="Drift scores computed inside the server per signal, and whether its detector flags drift.",
+        ),
+    ]
+
+
+def _gpu_row(s: Scope, t: _Thresholds) -> list[Panel]:
+    legend = "{{pod}} GPU {{gpu}}"
+    return [
+        _timeseries(
+            "GPU utilisation",
+            [(queries.gpu_utilization(s), legend)],
+            width=6,
+            unit="percent",
+            description=f"DCGM_FI_DEV_GPU_UTIL, else pynvml. SLMHighGPUUtilization fires above {t.gpu_percent:g}%.",
+            thresholds=_above(t.gpu_percent),
+        ),
+        _timeseries(
+            "GPU memory used",
+            [(queries.gpu_memory_used(s), legend)],
+            width=6,
+            unit="percent",
+            description="Framebuffer in use (DCGM, else pynvml). "
+            f"SLMHighGPUMemory fires above {t.gpu_memory_percent:g}%.",
+            thresholds=_above(t.gpu_memory_percent),
+        ),
+        _timeseries(
+            "GPU temperature",
+            [(queries.gpu_temperature(s), legend)],
+            width=6,
+            unit="celsius",
+            description="DCGM_FI_DEV_GPU_TEMP, else pynvml.",
+        ),
+        _timeseries(
+            "GPU power",
+            [(queries.gpu_power(s), legend)],
+            width=6,
+            unit="watt",
+            description="DCGM_FI_DEV_POWER_USAGE, else pynvml.",
+        ),
+    ]
+
+
+def _pods_row(s: Scope, t: _Thresholds) -> list[Panel]:
+    return [
+        _stat(
+            "Targets up",
+            [(queries.targets_up(s), "up"), (queries.targets(s), "targets")],
+            width=6,
+            description="Server pods Prometheus can scrape, of those it should. SLMTargetDown fires on any 0.",
+        ),
+        _timeseries(
+            "Pod restarts",
+            [(queries.pod_restarts(s), "{{pod}}")],
+            width=6,
+            description="Container restarts in the last hour (kube-state-metrics).",
+            minimum=0,
+        ),
+        _timeseries(
+            "Free disk space",
+            [(queries.filesystem_free(s), "{{pod}} {{mountpoint}}")],
+            width=6,
+            unit="percent",
+            description=(
+                f"Free space of the server's filesystems. SLMLowDiskSpace fires below "
+                f"{t.disk_free_percent:g}% on {t.disk_mountpoint}."
+            ),
+            thresholds=[("red", None), ("green", t.disk_free_percent)],
+        ),
+        _stat(
+            "Model load time",
+            [(queries.model_load_seconds(s), "load")],
+            width=6,
+            unit="s",
+            description="How long the last model load took.",
+        ),
+    ]
+
+
 def render_dashboard(*, name: str, namespace: str, model: str, alerts: Mapping[str, Any] | None) -> dict[str, Any]:
     """The per-deployment dashboard; alert thresholds from `alerts` drawn on the matching panels."""
-    merged = merged_alerts(dict(alerts) if alerts is not None else None)
-    base = selectors(name=name, namespace=namespace)
-    sel, req, pods = base["sel"], base["req"], base["pods"]
-    msel = f'{sel},model=~"$model"'
-    rate = "$__rate_interval"
-
-    error_t = float(merged["errorRate"]["threshold"])
-    error_window = format_duration(parse_duration(merged["errorRate"]["window"]))
-    latency_t = float(merged["latencyP95"]["thresholdSeconds"])
-    ttft_t = float(merged["timeToFirstToken"]["thresholdSeconds"])
-    gpu_t = float(merged["gpuUtilization"]["thresholdPercent"])
-    gpu_mem_t = float(merged["gpuMemory"]["thresholdPercent"])
-    queue_t = float(merged["queueSaturation"]["thresholdPercent"])
-    disk = merged["diskSpace"]
-    budget = 1 - float(merged["slo"]["availabilityPercent"]) / 100
-    burns = burn_rate_windows(merged)
-    page_factor = float(burns[0]["factor"])
-
-    drift_names = {}
-    for drift in rules_data()["drift"]:
-        settings = drift_settings(merged[drift["config"]])
-        drift_names[drift["signal"]] = {
-            "mean": f"slm:{drift['what']}:mean{settings['window']}",
-            "zscore": f"slm:{drift['what']}:zscore{settings['window']}",
-            "z": float(merged[drift["config"]]["zScore"]),
-            "window": settings["window"],
-        }
-    drift_z = max(entry["z"] for entry in drift_names.values())
-
-    traffic = [
-        (
-            _timeseries(
-                "Request rate",
-                _targets((f"sum by (endpoint) (slm:requests:rate5m{{{sel}}})", "{{endpoint}}")),
-                unit="reqps",
-                description="Requests per second by endpoint (5m rate; probes and scrapes excluded).",
-                stack=True,
-            ),
-            8,
-        ),
-        (
-            _timeseries(
-                "Error rate",
-                _targets(
-                    (
-                        f'(sum by (endpoint) (slm:requests:rate5m{{{sel},status=~"5.."}})'
-                        f" or sum by (endpoint) (slm:requests:rate5m{{{sel}}}) * 0)"
-                        f" / sum by (endpoint) (slm:requests:rate5m{{{sel}}})",
-                        "{{endpoint}}",
-                    ),
-                    (f"slm:error_ratio:rate{error_window}{{{sel}}}", f"all endpoints, {error_window} (alert)"),
-                ),
-                unit="percentunit",
-                description=f"Share of requests answered with 5xx. SLMHighErrorRate fires above {error_t:g}.",
-                thresholds=_above(error_t),
-                minimum=0,
-            ),
-            8,
-        ),
-        (
-            _timeseries(
-                "Response time p50 / p95",
-                _targets(
-                    (f"slm:request_duration_seconds_p95:rate5m{{{sel}}}", "p95 (alert)"),
-                    (f"slm:request_duration_seconds_p50:rate5m{{{sel}}}", "p50"),
-                    (
-                        f"histogram_quantile(0.95, sum by (endpoint, le) "
-                        f"(slm:request_duration_seconds_bucket:rate5m{{{sel}}}))",
-                        "p95 {{endpoint}}",
-                    ),
-                    (
-                        f"histogram_quantile(0.50, sum by (endpoint, le) "
-                        f"(slm:request_duration_seconds_bucket:rate5m{{{sel}}}))",
-                        "p50 {{endpoint}}",
-                    ),
-                ),
-                unit="s",
-                description=f"Request duration quantiles. SLMSlowResponseTime fires when p95 exceeds {latency_t:g}s.",
-                thresholds=_above(latency_t),
-                minimum=0,
-            ),
-            8,
-        ),
-        (
-            _timeseries(
-                "Error budget burn rate",
-                _targets(
-                    (f"slm:error_ratio:rate{burns[0]['long']}{{{sel}}} / {budget:g}", f"{burns[0]['long']} window"),
-                    (f"slm:error_ratio:rate{burns[1]['long']}{{{sel}}} / {budget:g}", f"{burns[1]['long']} window"),
-                    (f"slm:error_ratio:rate{burns[2]['long']}{{{sel}}} / {budget:g}", f"{burns[2]['long']} window"),
-                ),
-                unit="x",
-                description=(
-                    f"How fast the {merged['slo']['window']} error budget of the "
-                    f"{merged['slo']['availabilityPercent']}% SLO burns (1 = exactly on budget). "
-                    f"SLMErrorBudgetBurnFast pages above {page_factor:g}x."
-                ),
-                thresholds=_thresholds(("green", None), ("orange", 1), ("red", page_factor)),
-                minimum=0,
-            ),
-            12,
-        ),
-        (
-            _table(
-                "Model",
-                f"slm_model_info{{{msel}}}",
-                description="The served model as the server reports it (slm_model_info).",
-            ),
-            12,
-        ),
-    ]
-
-    generation = [
-        (
-            _timeseries(
-                "Time to first token",
-                _targets(
-                    (f"slm:time_to_first_token_seconds_p95:rate5m{{{msel}}}", "p95 (alert)"),
-                    (
-                        _quantile(0.5, "slm:time_to_first_token_seconds_bucket:rate5m", msel),
-                        "p50",
-                    ),
-                ),
-                unit="s",
-                description=f"Arrival to first token, queue included. SLMHighTimeToFirstToken fires above {ttft_t:g}s.",
-                thresholds=_above(ttft_t),
-                minimum=0,
-            ),
-            8,
-        ),
-        (
-            _timeseries(
-                "Inter-token latency",
-                _targets(
-                    (
-                        _quantile(0.95, "slm_inter_token_latency_seconds_bucket", msel, rate),
-                        "p95",
-                    ),
-                    (
-                        _quantile(0.50, "slm_inter_token_latency_seconds_bucket", msel, rate),
-                        "p50",
-                    ),
-                ),
-                unit="s",
-                description="Time between two generated tokens of a request.",
-                minimum=0,
-            ),
-            8,
-        ),
-        (
-            _timeseries(
-                "Tokens per second",
-                _targets(
-                    (f"sum(rate(slm_generation_tokens_total{{{msel}}}[{rate}]))", "generated (all requests)"),
-                    (f"sum(rate(slm_prompt_tokens_total{{{msel}}}[{rate}]))", "prompt (all requests)"),
-                    (
-                        f"sum(rate(slm_prefix_cache_hits_total{{{msel}}}[{rate}]))",
-                        "prompt, from the prefix cache (not fed)",
-                    ),
-                    (
-                        _quantile(0.50, "slm_request_tokens_per_second_bucket", msel, rate),
-                        "per request p50",
-                    ),
-                ),
-                unit="short",
-                description="Throughput of the deployment and decoding speed of a single request; of the prompt "
-                "tokens, those found in the prefix cache skip the model (spec.server.prefixCacheMiB).",
-                minimum=0,
-            ),
-            8,
-        ),
-        (
-            _timeseries(
-                "In-flight and queued requests",
-                _targets(
-                    (f"sum(slm_requests_in_flight{{{msel}}})", "in flight"),
-                    (f"sum(slm_requests_queued{{{msel}}})", "queued"),
-                    (f"sum(slm_max_concurrent_requests{{{msel}}})", "concurrency limit"),
-                    (f"sum(slm_max_queue{{{msel}}})", "queue limit"),
-                    (
-                        f"sum(rate(slm_forward_pass_generations_total{{{msel}}}[{rate}]))"
-                        f" / sum(rate(slm_forward_passes_total{{{msel}}}[{rate}]))",
-                        "mean batch (generations per forward pass)",
-                    ),
-                ),
-                description="Generations running and waiting, with the limits from spec.server, and how many "
-                "generations share each forward pass (continuous batching; at most spec.server.maxBatchSize).",
-                minimum=0,
-            ),
-            8,
-        ),
-        (
-            _timeseries(
-                "Queue utilisation",
-                _targets((f"slm:queue_utilization:percent{{{msel}}}", "{{model}}")),
-                unit="percent",
-                description=f"Queued requests over the queue limit. SLMQueueSaturated fires above {queue_t:g}%.",
-                thresholds=_above(queue_t),
-            ),
-            8,
-        ),
-        (
-            _timeseries(
-                "Finish reasons",
-                _targets(
-                    (f"sum by (finish_reason) (rate(slm_request_finish_total{{{msel}}}[{rate}]))", "{{finish_reason}}"),
-                    (f"sum(rate(slm_empty_outputs_total{{{msel}}}[{rate}]))", "empty outputs"),
-                    (f"sum(rate(slm_repetitive_outputs_total{{{msel}}}[{rate}]))", "repetitive outputs"),
-                    (
-                        f'sum(rate(slm_structured_outputs_total{{{msel},result="incomplete"}}[{rate}]))',
-                        "JSON cut short (response_format)",
-                    ),
-                ),
-                unit="reqps",
-                description="Why generations ended (stop, length, error, timeout, cancelled), plus degenerate outputs: "
-                "empty, repetitive, and JSON that a response_format asked for but that ended incomplete (max_tokens "
-                "too low for the schema, a stop string, a timeout).",
-                stack=True,
-            ),
-            8,
-        ),
-        (
-            _timeseries(
-                "KV cache memory",
-                _targets(
-                    (f"sum(slm_kv_cache_bytes{{{msel}}})", "running generations"),
-                    (
-                        f"sum(slm_kv_cache_bytes{{{msel}}})"
-                        f' * sum(slm_kv_cache_positions{{{msel},kind="padding"}})'
-                        f" / clamp_min(sum(slm_kv_cache_positions{{{msel}}}), 1)",
-                        "of which padding",
-                    ),
-                    (f"sum(slm_prefix_cache_bytes{{{msel}}})", "prefix cache"),
-                    (f"sum(slm_prefix_cache_capacity_bytes{{{msel}}})", "prefix cache budget"),
-                ),
-                unit="bytes",
-                description="Model-device memory held by the KV cache of the generations running (their batch is "
-                "left-padded to its longest: the padding's share) and by the prefix cache, against its budget "
-                "(spec.server.prefixCacheMiB).",
-                minimum=0,
-            ),
-            8,
-        ),
-    ]
-
-    quality = [
-        (
-            _timeseries(
-                "Perplexity",
-                _targets(
-                    (f"{drift_names['perplexity']['mean']}{{{msel}}}", f"mean ({drift_names['perplexity']['window']})"),
-                    (
-                        _quantile(0.95, "slm_request_perplexity_bucket", msel, rate),
-                        "p95",
-                    ),
-                    (
-                        _quantile(0.50, "slm_request_perplexity_bucket", msel, rate),
-                        "p50",
-                    ),
-                ),
-                description="Perplexity of the generated tokens under the model; a shift means new inputs or outputs.",
-                minimum=0,
-            ),
-            8,
-        ),
-        (
-            _timeseries(
-                "Output length",
-                _targets(
-                    (
-                        f"{drift_names['output_length']['mean']}{{{sel}}}",
-                        f"mean ({drift_names['output_length']['window']})",
-                    ),
-                    (
-                        _quantile(0.95, "model_output_tokens_bucket", req, rate),
-                        "p95",
-                    ),
-                    (
-                        _quantile(0.50, "model_output_tokens_bucket", req, rate),
-                        "p50",
-                    ),
-                ),
-                description="Generated tokens per request.",
-                minimum=0,
-            ),
-            8,
-        ),
-        (
-            _heatmap(
-                "Output token distribution",
-                f"sum by (le) (rate(model_output_tokens_bucket{{{req}}}[{rate}]))",
-                description="Output tokens per request over time (the seed's token count heatmap).",
-            ),
-            8,
-        ),
-        (
-            _timeseries(
-                "Drift z-scores (PromQL baseline)",
-                _targets(
-                    (f"{drift_names['perplexity']['zscore']}{{{msel}}}", "perplexity"),
-                    (f"{drift_names['output_length']['zscore']}{{{sel}}}", "output length"),
-                ),
-                description=(
-                    "Short-window mean against its own history, in standard deviations; the drift alerts fire "
-                    "beyond the configured z-score (either sign)."
-                ),
-                thresholds=_thresholds(("red", None), ("green", -drift_z), ("red", drift_z)),
-            ),
-            12,
-        ),
-        (
-            _timeseries(
-                "Drift scores (server)",
-                _targets(
-                    (f"slm_drift_score{{{msel}}}", "{{signal}}"),
-                    (f"slm_drift_detected{{{msel}}}", "detected {{signal}}"),
-                ),
-                description="Drift scores computed inside the server per signal, and whether its detector flags drift.",
-            ),
-            12,
-        ),
-    ]
-
-    gpu = [
-        (
-            _timeseries(
-                "GPU utilisation",
-                _targets((f"slm:gpu_utilization:percent{{{sel}}}", "{{pod}} GPU {{gpu}}")),
-                unit="percent",
-                description=f"DCGM_FI_DEV_GPU_UTIL, else pynvml. SLMHighGPUUtilization fires above {gpu_t:g}%.",
-                thresholds=_above(gpu_t),
-            ),
-            6,
-        ),
-        (
-            _timeseries(
-                "GPU memory used",
-                _targets((f"slm:gpu_memory_used:percent{{{sel}}}", "{{pod}} GPU {{gpu}}")),
-                unit="percent",
-                description=f"Framebuffer in use (DCGM, else pynvml). SLMHighGPUMemory fires above {gpu_mem_t:g}%.",
-                thresholds=_above(gpu_mem_t),
-            ),
-            6,
-        ),
-        (
-            _timeseries(
-                "GPU temperature",
-                _targets((f"slm:gpu_temperature:celsius{{{sel}}}", "{{pod}} GPU {{gpu}}")),
-                unit="celsius",
-                description="DCGM_FI_DEV_GPU_TEMP, else pynvml.",
-            ),
-            6,
-        ),
-        (
-            _timeseries(
-                "GPU power",
-                _targets((f"slm:gpu_power:watts{{{sel}}}", "{{pod}} GPU {{gpu}}")),
-                unit="watt",
-                description="DCGM_FI_DEV_POWER_USAGE, else pynvml.",
-            ),
-            6,
-        ),
-    ]
-
-    health = [
-        (
-            _stat(
-                "Targets up",
-                _targets((f"sum(up{{{sel}}})", "up"), (f"count(up{{{sel}}})", "targets")),
-                description="Server pods Prometheus can scrape, of those it should. SLMTargetDown fires on any 0.",
-            ),
-            6,
-        ),
-        (
-            _timeseries(
-                "Pod restarts",
-                _targets(
-                    (f"sum by (pod) (increase(kube_pod_container_status_restarts_total{{{pods}}}[1h]))", "{{pod}}")
-                ),
-                description="Container restarts in the last hour (kube-state-metrics).",
-                minimum=0,
-            ),
-            6,
-        ),
-        (
-            _timeseries(
-                "Free disk space",
-                _targets((f"slm:filesystem_free:percent{{{sel}}}", "{{pod}} {{mountpoint}}")),
-                unit="percent",
-                description=(
-                    f"Free space of the server's filesystems. SLMLowDiskSpace fires below "
-                    f"{float(disk['minFreePercent']):g}% on {disk['mountpoint']}."
-                ),
-                thresholds=_thresholds(("red", None), ("green", float(disk["minFreePercent"]))),
-            ),
-            6,
-        ),
-        (
-            _stat(
-                "Model load time",
-                _targets((f"max(slm_model_load_seconds{{{msel}}})", "load")),
-                unit="s",
-                description="How long the last model load took.",
-            ),
-            6,
-        ),
-    ]
-
-    panels = _layout(
-        [
-            ("Traffic and errors", traffic),
-            ("Generation", generation),
-            ("Model behaviour", quality),
-            ("GPU", gpu),
-            ("Pods and capacity", health),
-        ]
-    )
-    variables = [
-        _datasource_variable(),
-        _query_variable("model", "Model", f"label_values(slm_model_info{{{sel}}}, model)", current=model),
-    ]
-    return _dashboard(
+    s = Scope.of(name=name, namespace=namespace)
+    t = _Thresholds.of(alerts)
+    dashboard = _dashboard(
         uid=dashboard_uid(namespace=namespace, name=name),
         title=f"SLM / {namespace} / {name}",
         description=f"SLMDeployment {namespace}/{name} serving {model} (generated by slm-operator; edits are lost).",
-        variables=variables,
-        panels=panels,
         tags=[*TAGS, f"namespace:{namespace}"],
     )
+    dashboard.with_variable(_datasource_variable())
+    dashboard.with_variable(_query_variable("model", "Model", queries.model_variable(s), current=model))
+    _assemble(
+        dashboard,
+        [
+            ("Traffic and errors", _traffic_row(s, t)),
+            ("Generation", _generation_row(s, t)),
+            ("Model behaviour", _model_behaviour_row(s, t)),
+            ("GPU", _gpu_row(s, t)),
+            ("Pods and capacity", _pods_row(s, t)),
+        ],
+    )
+    return _to_json(dashboard)
 
 
 # ---- the fleet dashboard ----------------------------------------------------------------------
 
 
+def _fleet_row() -> list[Panel]:
+    return [
+        _table(
+            "Deployments",
+            queries.fleet_deployments(),
+            width=12,
+            description="Every SLMDeployment whose server Prometheus scrapes.",
+        ),
+        _table(
+            "Firing SLM alerts",
+            queries.fleet_firing_alerts(),
+            width=12,
+            description="Alerts of the SLM rules now firing, per deployment.",
+        ),
+    ]
+
+
+def _service_level_row() -> list[Panel]:
+    legend = "{{namespace}}/{{job}}"
+    return [
+        _timeseries(
+            "Request rate",
+            [(queries.fleet_request_rate(), legend)],
+            width=8,
+            unit="reqps",
+            description="Requests per second per deployment.",
+        ),
+        _timeseries(
+            "Error ratio",
+            [(queries.fleet_error_ratio(), legend)],
+            width=8,
+            unit="percentunit",
+            description="Share of 5xx answers per deployment (5m).",
+        ),
+        _timeseries(
+            "Response time p95",
+            [(queries.fleet_response_time_p95(), legend)],
+            width=8,
+            unit="s",
+            description="95th percentile request duration per deployment.",
+            minimum=0,
+        ),
+        _timeseries(
+            "Time to first token p95",
+            [(queries.fleet_time_to_first_token_p95(), legend)],
+            width=8,
+            unit="s",
+            description="95th percentile time to first token per deployment.",
+            minimum=0,
+        ),
+        _timeseries(
+            "Queue utilisation",
+            [(queries.fleet_queue_utilization(), legend)],
+            width=8,
+            unit="percent",
+            description="Queued requests as a share of each deployment's queue limit.",
+        ),
+        _timeseries(
+            "GPU utilisation",
+            [(queries.fleet_gpu_utilization(), legend)],
+            width=8,
+            unit="percent",
+            description="Mean GPU utilisation per deployment (DCGM first, pynvml second).",
+        ),
+    ]
+
+
 def render_fleet_dashboard() -> dict[str, Any]:
     """The fleet overview dashboard shipped by the Helm chart."""
-    scope = 'namespace=~"$namespace"'
-    panels = _layout(
-        [
-            (
-                "Fleet",
-                [
-                    (
-                        _table(
-                            "Deployments",
-                            f"max by (namespace, job, model, device, dtype) (slm_model_info{{{scope}}})",
-                            description="Every SLMDeployment whose server Prometheus scrapes.",
-                        ),
-                        12,
-                    ),
-                    (
-                        _table(
-                            "Firing SLM alerts",
-                            "count by (namespace, job, alertname, severity) "
-                            f'(ALERTS{{alertname=~"SLM.*",alertstate="firing",{scope}}})',
-                            description="Alerts of the SLM rules now firing, per deployment.",
-                        ),
-                        12,
-                    ),
-                ],
-            ),
-            (
-                "Service level",
-                [
-                    (
-                        _timeseries(
-                            "Request rate",
-                            _targets(
-                                (f"sum by (namespace, job) (slm:requests:rate5m{{{scope}}})", "{{namespace}}/{{job}}")
-                            ),
-                            unit="reqps",
-                            description="Requests per second per deployment.",
-                        ),
-                        8,
-                    ),
-                    (
-                        _timeseries(
-                            "Error ratio",
-                            _targets((f"slm:error_ratio:rate5m{{{scope}}}", "{{namespace}}/{{job}}")),
-                            unit="percentunit",
-                            description="Share of 5xx answers per deployment (5m).",
-                        ),
-                        8,
-                    ),
-                    (
-                        _timeseries(
-                            "Response time p95",
-                            _targets((f"slm:request_duration_seconds_p95:rate5m{{{scope}}}", "{{namespace}}/{{job}}")),
-                            unit="s",
-                            description="95th percentile request duration per deployment.",
-                            minimum=0,
-                        ),
-                        8,
-                    ),
-                    (
-                        _timeseries(
-                            "Time to first token p95",
-                            _targets(
-                                (f"slm:time_to_first_token_seconds_p95:rate5m{{{scope}}}", "{{namespace}}/{{job}}")
-                            ),
-                            unit="s",
-                            description="95th percentile time to first token per deployment.",
-                            minimum=0,
-                        ),
-                        8,
-                    ),
-                    (
-                        _timeseries(
-                            "Queue utilisation",
-                            _targets((f"slm:queue_utilization:percent{{{scope}}}", "{{namespace}}/{{job}}")),
-                            unit="percent",
-                            description="Queued requests as a share of each deployment's queue limit.",
-                        ),
-                        8,
-                    ),
-                    (
-                        _timeseries(
-                            "GPU utilisation",
-                            _targets(
-                                (
-                                    f"avg by (namespace, job) (slm:gpu_utilization:percent{{{scope}}})",
-                                    "{{namespace}}/{{job}}",
-                                )
-                            ),
-                            unit="percent",
-                            description="Mean GPU utilisation per deployment (DCGM first, pynvml second).",
-                        ),
-                        8,
-                    ),
-                ],
-            ),
-        ]
-    )
-    variables = [
-        _datasource_variable(),
-        _query_variable("namespace", "Namespace", "label_values(slm_model_info, namespace)"),
-    ]
-    return _dashboard(
+    dashboard = _dashboard(
         uid="slm-fleet",
         title="SLM / Fleet overview",
         description="All SLMDeployments at a glance (shipped by the slm-monitoring chart).",
-        variables=variables,
-        panels=panels,
         tags=TAGS,
     )
+    dashboard.with_variable(_datasource_variable())
+    dashboard.with_variable(_query_variable("namespace", "Namespace", queries.FLEET_NAMESPACES))
+    _assemble(dashboard, [("Fleet", _fleet_row()), ("Service level", _service_level_row())])
+    return _to_json(dashboard)
 
 
 def iter_queries(dashboard: Mapping[str, Any]) -> Iterator[tuple[str, str]]:

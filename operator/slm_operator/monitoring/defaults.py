@@ -12,6 +12,8 @@ from typing import Any
 
 ALERT_DEFAULTS: dict[str, Any] = {
     # `window`: the rate window of the error ratio (the seed's 5m); shorter reacts and recovers faster.
+    # The window keeps a burst visible after it ends: the ratio stays above the threshold for about
+    # burst + window - 1m, so with 5m a 2-minute burst already outlasts `for: 5m` (docs/runbooks/SLMHighErrorRate.md).
     "errorRate": {"threshold": 0.05, "for": "5m", "severity": "critical", "window": "5m"},
     "latencyP95": {"thresholdSeconds": 2.0, "for": "5m", "severity": "warning"},
     "gpuUtilization": {"thresholdPercent": 90, "for": "15m", "severity": "warning"},
@@ -40,6 +42,10 @@ ALERT_DEFAULTS: dict[str, Any] = {
     "targetDown": {"for": "5m", "severity": "critical"},
     "podCrashLooping": {"for": "15m", "severity": "warning"},
     "podNotReady": {"for": "15m", "severity": "warning"},
+    # Ready pods but no scrape target: every other alert of the deployment would be silently dead.
+    "scrapeTargetMissing": {"for": "10m", "severity": "warning"},
+    # Fault injection is a deliberate switch, never a transient state: `for` only rides out one scrape.
+    "faultInjectionEnabled": {"for": "1m", "severity": "warning"},
     # Multi-window multi-burn-rate alerts (SRE workbook ch. 5); the burn windows scale with `window`.
     "slo": {
         "availabilityPercent": 99.9,

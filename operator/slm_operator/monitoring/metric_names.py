@@ -7,7 +7,6 @@ nor a documented exporter provides would leave that panel or alert silently empt
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
 
 from slm_operator.monitoring import load_data
 
@@ -62,10 +61,3 @@ def external_metric_names() -> dict[str, set[str]]:
 def _as_list(value: object) -> list[str]:
     assert isinstance(value, list)
     return [str(item) for item in value]
-
-
-def names_in(exprs: Iterable[str]) -> set[str]:
-    names: set[str] = set()
-    for expr in exprs:
-        names |= metric_names(expr)
-    return names

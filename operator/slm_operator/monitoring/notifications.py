@@ -1,9 +1,11 @@
 """AlertmanagerConfig content from `spec.monitoring.notifications` (owned by the monitoring work).
 
-One AlertmanagerConfig per SLMDeployment. The Prometheus Operator merges it into Alertmanager's
-configuration under a route that only matches alerts from the config's own namespace; the route here
-narrows that to this deployment's alerts (job=<name>, alertname=~"SLM.+"), groups them per
-deployment and alert, and fans out by severity to the receivers the resource asks for. Secrets are
+One AlertmanagerConfig per SLMDeployment. The route matches this deployment's alerts only
+(namespace=<namespace>, job=<name>, alertname=~"SLM.+"), groups them per deployment and alert, and fans
+out by severity to the receivers the resource asks for. The namespace matcher is ours, not left to the
+Prometheus Operator: under its `alertmanagerConfigMatcherStrategy: None` (or in the Alertmanager's own
+namespace under `OnNamespaceExceptForAlertmanagerNamespace`) it adds none, and a tenant's receivers
+would then get every namespace's alerts of a deployment with the same name. Secrets are
 referenced by SecretKeySelector and resolved by the Prometheus Operator; nothing secret is copied.
 """
 
@@ -112,9 +114,13 @@ def render_alertmanager_config_spec(
     return {
         "route": {
             "receiver": UNROUTED_RECEIVER,
-            # The Prometheus Operator adds namespace="<namespace>" itself; these keep another
-            # deployment's (or another application's) alerts in the same namespace out.
-            "matchers": [_matcher("job", name), _matcher("alertname", "SLM.+", "=~")],
+            # namespace: whatever the Prometheus Operator's matcher strategy (see the module docstring);
+            # job and alertname keep another deployment's (or application's) alerts in it out.
+            "matchers": [
+                _matcher("namespace", namespace),
+                _matcher("job", name),
+                _matcher("alertname", "SLM.+", "=~"),
+            ],
             "groupBy": list(GROUP_BY),
             # Timing from the resource (the CRD defaults to these constants); a test or demo shortens it.
             "groupWait": str(notifications.get("groupWait") or GROUP_WAIT),
@@ -127,8 +133,16 @@ def render_alertmanager_config_spec(
             {
                 # A critical alert of this deployment mutes its warnings (e.g. the error-budget page
                 # mutes SLMSlowResponseTime) so the on-call reads the cause, not every symptom.
-                "sourceMatch": [_matcher("severity", "critical"), _matcher("job", name)],
-                "targetMatch": [_matcher("severity", "warning"), _matcher("job", name)],
+                "sourceMatch": [
+                    _matcher("severity", "critical"),
+                    _matcher("namespace", namespace),
+                    _matcher("job", name),
+                ],
+                "targetMatch": [
+                    _matcher("severity", "warning"),
+                    _matcher("namespace", namespace),
+                    _matcher("job", name),
+                ],
                 "equal": ["namespace", "job"],
             }
         ],

@@ -1,8 +1,11 @@
-"""Prometheus alerting and recording rules for one SLMDeployment (owned by the monitoring-as-code work).
+"""Prometheus rules of SLM deployments (owned by the monitoring-as-code work), in two layers.
 
-The rules are data (`data/rules.yaml`); this module fills their `${placeholders}` from the merged
-`spec.monitoring.alerts` and returns the PrometheusRule `spec.groups`. Nothing is text-templated as a
-whole document, so Prometheus' own `{{ $labels }}` templates and PromQL braces stay untouched.
+The rules are data (`data/rules.yaml`). `shared_rule_groups()` expands its runtime table into the recording
+rules the chart ships once for the whole cluster (scripts/chart_rules.py writes them into the chart);
+`render_rule_groups()` fills the per-deployment alerts' `${placeholders}` from the merged
+`spec.monitoring.alerts` and returns the `spec.groups` of one SLMDeployment's PrometheusRule, which read
+only what the shared layer records. Nothing is text-templated as a whole document, so Prometheus' own
+`{{ $labels }}` templates and PromQL braces stay untouched.
 """
 
 from __future__ import annotations
@@ -32,25 +35,6 @@ DRIFT_STDDEV_FLOOR_ABS = 1e-3
 SLO_REFERENCE_WINDOW_SECONDS = 30 * 86400
 # Scaled burn-rate windows never go below this: shorter windows hold too few scrapes for rate().
 MIN_BURN_WINDOW_SECONDS = 60
-
-ALERT_NAMES = (
-    "SLMHighErrorRate",
-    "SLMSlowResponseTime",
-    "SLMHighGPUUtilization",
-    "SLMLowDiskSpace",
-    "SLMHighGPUMemory",
-    "SLMGPUXidErrors",
-    "SLMGPUMetricsAbsent",
-    "SLMTargetDown",
-    "SLMPodCrashLooping",
-    "SLMPodNotReady",
-    "SLMHighTimeToFirstToken",
-    "SLMQueueSaturated",
-    "SLMErrorBudgetBurnFast",
-    "SLMErrorBudgetBurnSlow",
-    "SLMPerplexityDrift",
-    "SLMOutputLengthDrift",
-)
 
 _DURATION_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400, "y": 365 * 86400}
 _DURATION_RE = re.compile(r"(\d+)(ms|s|m|h|d|w|y)")
@@ -127,6 +111,81 @@ def rules_data() -> dict[str, Any]:
     return copy.deepcopy(_load_rules_data())
 
 
+# ---- the shared layer ---------------------------------------------------------------------------------
+
+# Keys of a row of `recording` in rules.yaml that are not a runtime's cell.
+_ROW_KEYS = {"record", "by", "any"}
+SHARED_GROUP_PREFIX = "slm-shared.runtime-"
+
+
+def runtime_names() -> tuple[str, ...]:
+    """The runtimes of the recording rules' table, in the order of data/rules.yaml."""
+    return tuple(_load_rules_data()["runtimes"])
+
+
+def shared_cell(row: Mapping[str, Any], runtime: str) -> str | None:
+    """The PromQL of `row` for `runtime` as written (its own cell, else the `any` cell); None: lacks it."""
+    cell = row.get(runtime, row.get("any"))
+    return None if cell is None else str(cell)
+
+
+def _check_table(data: Mapping[str, Any]) -> None:
+    runtimes = set(data["runtimes"])
+    for row in data["recording"]:
+        unknown = set(row) - _ROW_KEYS - runtimes
+        if unknown:
+            raise ValueError(f"rules.yaml: {row['record']} has cells for unknown runtimes {sorted(unknown)}")
+
+
+def shared_rule_groups() -> list[dict[str, Any]]:
+    """The shared recording rules: one group per runtime of data/rules.yaml, for the whole cluster.
+
+    The chart ships them (charts/slm-monitoring/rules/recording-rules.yaml, scripts/chart_rules.py); the
+    per-deployment alerts and the dashboards read what they record.
+    """
+    data = _load_rules_data()
+    _check_table(data)
+    groups = []
+    for runtime, settings in data["runtimes"].items():
+        values = {"non_traffic": NON_TRAFFIC_ENDPOINTS}
+        values["target"] = fill(str(settings["target"]), values)
+        values["traffic"] = fill(str(settings["traffic"]), values)
+        rules = []
+        for row in data["recording"]:
+            cell = shared_cell(row, runtime)
+            if cell is not None:
+                rules.append({"record": row["record"], "expr": fill(cell, values)})
+        groups.append({"name": f"{SHARED_GROUP_PREFIX}{runtime}", "rules": rules})
+    return groups
+
+
+def shared_records() -> tuple[str, ...]:
+    """Every series name the shared layer records (for any runtime), in the order of data/rules.yaml."""
+    return tuple(row["record"] for row in _load_rules_data()["recording"])
+
+
+def error_ratio_expr(sel: str, window: str) -> str:
+    """The share of 5xx answers over `window` among the series matching `sel`, from the shared counters.
+
+    The alerts (SLMHighErrorRate, the burn rates) and the dashboard's error panels use this same text.
+    """
+    return fill(_load_rules_data()["error_ratio"], {"sel": sel, "window": window})
+
+
+def alert_names() -> tuple[str, ...]:
+    """Every alert name the rules can render, in the order of data/rules.yaml (none disabled)."""
+    data = _load_rules_data()
+    names = [spec["alert"] for spec in data["alerts"]]
+    names += [burn["alert"] for burn in data["burn_rates"]]
+    names += [drift["alert"] for drift in data["drift"]]
+    return tuple(dict.fromkeys(names))
+
+
+# Derived, never kept by hand: the CRD's `alerts.disabled` enum and the runbooks must list the same names
+# (tests/operator/test_crd.py and tests/monitoring/test_runbooks.py hold them to it).
+ALERT_NAMES = alert_names()
+
+
 def selectors(*, name: str, namespace: str) -> dict[str, str]:
     """The label matchers that scope every rule and panel to SLMDeployment `namespace/name`."""
     sel = f'namespace="{namespace}",job="{name}"'
@@ -134,6 +193,8 @@ def selectors(*, name: str, namespace: str) -> dict[str, str]:
         "sel": sel,
         "req": f'{sel},endpoint!~"{NON_TRAFFIC_ENDPOINTS}"',
         "ns": f'namespace="{namespace}"',
+        # kube-state-metrics' series of the Deployment the operator names after the SLMDeployment.
+        "deployment": f'namespace="{namespace}",deployment="{name}"',
         # Pods of the Deployment named <name>: <name>-<pod-template-hash>-<random>; the two trailing
         # segments keep a deployment named "phi" from matching the pods of "phi-mini". The name is a
         # DNS-1035 label (CRD rule), so it holds no regex metacharacter; re.escape would write `\-`,
@@ -206,6 +267,11 @@ def _alert_rule(
     }
 
 
+def _indent(expr: str, by: str = "  ") -> str:
+    """`expr`'s continuation lines indented to sit inside the parentheses rules.yaml puts it in."""
+    return expr.replace("\n", "\n" + by)
+
+
 def _threshold_values(config: Mapping[str, Any]) -> dict[str, Any]:
     values: dict[str, Any] = {}
     for key, value in config.items():
@@ -221,31 +287,18 @@ def _threshold_values(config: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def render_rule_groups(*, name: str, namespace: str, alerts: Mapping[str, Any] | None) -> list[dict[str, Any]]:
-    """The `groups` of the PrometheusRule for SLMDeployment `namespace/name`.
+    """The `groups` of the PrometheusRule for SLMDeployment `namespace/name`: its alerts and drift rules.
 
     `alerts` is `spec.monitoring.alerts` as written (may be partial or None); defaults come from
     slm_operator.monitoring.defaults. Series of this deployment carry job=<name>, namespace=<namespace>.
+    The groups read the series of `shared_rule_groups()`, which must be loaded by the same Prometheus.
     """
     merged = merged_alerts(dict(alerts) if alerts is not None else None)
     disabled = set(merged.get("disabled") or [])
     data = _load_rules_data()
     base = selectors(name=name, namespace=namespace)
 
-    recording: list[dict[str, Any]] = [_fill_deep(rule, base) for rule in data["recording"]]
-
-    # Error ratios: 5m for the dashboards, SLMHighErrorRate's window, every burn-rate window.
     burns = burn_rate_windows(merged)
-    windows = ["5m"]
-    error_window = format_duration(parse_duration(merged["errorRate"]["window"]))
-    if error_window not in windows:
-        windows.append(error_window)
-    for burn in burns:
-        for window in (burn["short"], burn["long"]):
-            if window not in windows:
-                windows.append(window)
-    windows.sort(key=parse_duration)
-    for window in windows:
-        recording.append(_fill_deep(data["error_ratio"], {**base, "window": window}))
 
     alert_rules: list[dict[str, Any]] = []
     for spec in data["alerts"]:
@@ -255,6 +308,7 @@ def render_rule_groups(*, name: str, namespace: str, alerts: Mapping[str, Any] |
         values = {**base, **_threshold_values(config)}
         if "window" in config:
             values["window"] = format_duration(parse_duration(config["window"]))
+            values["error_ratio"] = _indent(error_ratio_expr(base["sel"], values["window"]))
         alert_rules.append(
             _alert_rule(
                 alert=spec["alert"],
@@ -278,6 +332,8 @@ def render_rule_groups(*, name: str, namespace: str, alerts: Mapping[str, Any] |
             **base,
             "long": burn["long"],
             "short": burn["short"],
+            "error_ratio_long": _indent(error_ratio_expr(base["sel"], burn["long"])),
+            "error_ratio_short": _indent(error_ratio_expr(base["sel"], burn["short"])),
             "factor": _number(burn["factor"]),
             "budget": _number(budget),
             "slo_window": str(slo["window"]),
@@ -296,10 +352,7 @@ def render_rule_groups(*, name: str, namespace: str, alerts: Mapping[str, Any] |
             )
         )
 
-    groups: list[dict[str, Any]] = [
-        {"name": f"slm-{name}.recording", "rules": recording},
-        {"name": f"slm-{name}.alerts", "rules": alert_rules},
-    ]
+    groups: list[dict[str, Any]] = [{"name": f"slm-{name}.alerts", "rules": alert_rules}]
     for drift in data["drift"]:
         config = merged[drift["config"]]
         settings = drift_settings(config)
@@ -317,6 +370,18 @@ def render_rule_groups(*, name: str, namespace: str, alerts: Mapping[str, Any] |
     return groups
 
 
+def drift_series(alerts: Mapping[str, Any] | None) -> dict[str, dict[str, str]]:
+    """{signal: {mean, avg, stddev, zscore: recorded series name}} of each drift signal under `alerts`."""
+    merged = merged_alerts(dict(alerts) if alerts is not None else None)
+    data = _load_rules_data()
+    series = {}
+    for drift in data["drift"]:
+        settings = drift_settings(merged[drift["config"]])
+        values = {"what": drift["what"], "window": settings["window"], "baseline": settings["baseline"]}
+        series[drift["signal"]] = {key: fill(name, values) for key, name in data["drift_series"].items()}
+    return series
+
+
 def _drift_group(
     *,
     name: str,
@@ -327,46 +392,28 @@ def _drift_group(
     alerts: Mapping[str, Any],
     enabled: bool,
 ) -> dict[str, Any]:
-    window, baseline = settings["window"], settings["baseline"]
-    what = drift["what"]
-    sel = base["sel"]
-    mean = f"slm:{what}:mean{window}"
-    avg = f"slm:{what}:mean{window}_avg{baseline}"
-    stddev = f"slm:{what}:mean{window}_stddev{baseline}"
-    zscore = f"slm:{what}:zscore{window}"
-    floor_ratio = _number(DRIFT_STDDEV_FLOOR_RATIO)
-    floor_abs = _number(DRIFT_STDDEV_FLOOR_ABS)
-    values = {
+    data = _load_rules_data()
+    values: dict[str, Any] = {
         **base,
         **_threshold_values(config),
-        "window": window,
-        "baseline": baseline,
+        "what": drift["what"],
+        "window": settings["window"],
+        "baseline": settings["baseline"],
         "z": _number(config["zScore"]),
         "min_samples": settings["min_samples"],
-        "floor_ratio": floor_ratio,
-        "floor_abs": floor_abs,
+        "floor_ratio": _number(DRIFT_STDDEV_FLOOR_RATIO),
+        "floor_abs": _number(DRIFT_STDDEV_FLOOR_ABS),
     }
+    values.update({key: fill(series, values) for key, series in data["drift_series"].items()})
     rules: list[dict[str, Any]] = [
-        {"record": mean, "expr": fill(drift["mean"], values)},
-        {"record": avg, "expr": f"avg_over_time({mean}{{{sel}}}[{baseline}])"},
-        {"record": stddev, "expr": f"stddev_over_time({mean}{{{sel}}}[{baseline}])"},
-        {
-            "record": zscore,
-            "expr": (
-                f"({mean}{{{sel}}} - {avg}{{{sel}}})\n"
-                f"  / clamp_min(\n"
-                f"      ({stddev}{{{sel}}} > {floor_ratio} * abs({avg}{{{sel}}}))\n"
-                f"      or {floor_ratio} * abs({avg}{{{sel}}}),\n"
-                f"      {floor_abs})\n"
-                f"and count_over_time({mean}{{{sel}}}[{baseline}]) >= {settings['min_samples']}"
-            ),
-        },
+        {"record": values["mean"], "expr": fill(drift["mean"], values)},
+        *(_fill_deep(rule, values) for rule in data["drift_rules"]),
     ]
     if enabled:
         rules.append(
             _alert_rule(
                 alert=drift["alert"],
-                expr=f"abs({zscore}{{{sel}}}) > {values['z']}",
+                expr=fill(data["drift_alert"]["expr"], values),
                 for_=str(config["for"]),
                 severity=str(config["severity"]),
                 summary=fill(drift["summary"], values),
