@@ -182,6 +182,8 @@ class AlertsSpec(_Model):
     target_down: AlertTiming
     pod_crash_looping: AlertTiming
     pod_not_ready: AlertTiming
+    scrape_target_missing: AlertTiming
+    fault_injection_enabled: AlertTiming
     slo: SloSpec
     disabled: list[str]
     runbook_base_url: str = Field(alias="runbookBaseURL")
