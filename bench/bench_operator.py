@@ -24,19 +24,15 @@ import concurrent.futures
 import contextlib
 import json
 import statistics
-import sys
 import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))  # for tests.operator.process when run as a script
-
-from slm_devtools.cluster import ClusterBase, ExistingCluster, LocalCluster, wait_for  # noqa: E402
-from slm_operator.kube import Kube  # noqa: E402
-from tests.operator.process import OperatorProcess, install_crd  # noqa: E402
+from slm_devtools.cluster import ClusterBase, ExistingCluster, LocalCluster, wait_for
+from slm_devtools.operator_process import OperatorProcess, install_crd
+from slm_operator.kube import Kube
 
 CHILDREN = ("Deployment", "Service", "PodDisruptionBudget", "ServiceMonitor", "PrometheusRule", "ConfigMap")
 GOALS = {"apply_to_children_p95_s": 1.0, "threshold_edit_p95_s": 2.0, "n_to_ready_s": 60.0,

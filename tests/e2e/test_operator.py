@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 import yaml
 
-from slm_devtools.cluster import ClusterBase, wait_for
+from slm_devtools.cluster import FAKE_NODE_SELECTOR, FAKE_NODE_TOLERATION, ClusterBase, wait_for
 from tests.operator.process import REPO, OperatorProcess, install_crd
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(300)]
@@ -56,10 +56,17 @@ def wait_condition(cluster: ClusterBase, namespace: str, name: str, type_: str, 
     return slmd(cluster, namespace, name)
 
 
+# Test pods run on the fake nodes only: on kind those are tainted, and kind's own node must get no test pod.
+ON_FAKE_NODES = {"nodeSelector": FAKE_NODE_SELECTOR, "tolerations": [FAKE_NODE_TOLERATION]}
+
+
 def apply_example(cluster: ClusterBase, namespace: str, file: str, patch: dict[str, Any] | None = None) -> str:
     obj = yaml.safe_load((EXAMPLES / file).read_text())
+    spec = obj["spec"]
+    spec["nodeSelector"] = {**spec.get("nodeSelector", {}), **FAKE_NODE_SELECTOR}
+    spec["tolerations"] = [*spec.get("tolerations", []), FAKE_NODE_TOLERATION]
     if patch:
-        obj["spec"].update(patch)
+        spec.update(patch)
     cluster.kubectl("apply", "-n", namespace, "-f", "-", input=json.dumps(obj))
     return str(obj["metadata"]["name"])
 
@@ -69,7 +76,7 @@ def minimal(name: str, **spec: Any) -> str:
     asking for little scratch disk, as a tiny model would (the fake nodes have 500Gi each)."""
     resources = {"gpus": 0, "modelCacheSizeLimit": "1Gi", "tmpSizeLimit": "256Mi"}
     return json.dumps({"apiVersion": "slm.dev/v1alpha1", "kind": "SLMDeployment", "metadata": {"name": name},
-                       "spec": {"model": {"name": "org/model"}, "resources": resources, **spec}})
+                       "spec": {"model": {"name": "org/model"}, "resources": resources, **ON_FAKE_NODES, **spec}})
 
 
 def children(cluster: ClusterBase, namespace: str, parent: str | None = None) -> list[dict[str, Any]]:
