@@ -101,17 +101,20 @@ def assert_converged(plane: LocalCluster, operator: OperatorProcess, namespace: 
     for child in owned_children():
         parent = child["metadata"]["labels"]["slm.dev/deployment"]
         assert [o["uid"] for o in child["metadata"]["ownerReferences"]] == [uids[parent]], child["metadata"]
-    replica_sets = Counter(o["metadata"]["ownerReferences"][0]["name"] for o in plane.kubectl_json(
-        "get", "replicasets", "-n", namespace)["items"])
-    assert replica_sets == dict.fromkeys(names, 1)
 
-    def one_pod_each() -> bool:
-        pods = [p for p in plane.kubectl_json("get", "pods", "-n", namespace, "-l",
-                                              "app.kubernetes.io/name=slm-server")["items"]
-                if not p["metadata"].get("deletionTimestamp")]
-        return sorted(p["metadata"]["labels"]["app.kubernetes.io/instance"] for p in pods) == sorted(names)
+    def replica_sets() -> Counter[str]:
+        return Counter(o["metadata"]["ownerReferences"][0]["name"] for o in plane.kubectl_json(
+            "get", "replicasets", "-n", namespace)["items"] if not o["metadata"].get("deletionTimestamp"))
 
-    wait_for("one pod per SLMDeployment", one_pod_each, timeout=60)
+    def pods() -> list[str]:
+        return sorted(p["metadata"]["labels"]["app.kubernetes.io/instance"] for p in plane.kubectl_json(
+            "get", "pods", "-n", namespace, "-l", "app.kubernetes.io/name=slm-server")["items"]
+            if not p["metadata"].get("deletionTimestamp"))
+
+    # The ReplicaSets and pods of a deleted SLMDeployment go with the garbage collector, a moment later.
+    wait_for("one ReplicaSet and one pod per SLMDeployment", lambda: set(replica_sets()) == set(names)
+             and pods() == sorted(names), timeout=60, on_timeout=lambda: f"{replica_sets()} {pods()}")
+    assert replica_sets() == dict.fromkeys(names, 1), "a second ReplicaSet: the faults caused a rollout"
     assert operator.starts == 1 and operator.proc is not None and operator.proc.poll() is None, "operator restarted"
 
 
