@@ -1,4 +1,4 @@
-"""Prometheus metrics of the server — the metric contract of shared/DESIGN.md.
+"""Prometheus metrics of the server — the metric contract (docs/reference/metrics.md).
 
 Every series is registered on a `CollectorRegistry` given to `ServerMetrics` (a fresh one per app,
 so tests inject their own; nothing touches prometheus_client's global registry). Label children

@@ -43,16 +43,30 @@ def test_runbook_urls_point_at_the_runbooks() -> None:
                 assert (REPO / relative).is_file(), url
 
 
+# The operator's own alerts ship with the chart (templates/operator/prometheusrule.yaml).
+CHART_ALERTS = ["SLMOperatorDown", "SLMOperatorReconcileErrors", "SLMOperatorSlowReconciles"]
+
+
+def test_chart_alerts_are_the_ones_listed_here() -> None:
+    template = (REPO / "charts/slm-monitoring/templates/operator/prometheusrule.yaml").read_text()
+    assert re.findall(r"- alert: (\w+)", template) == CHART_ALERTS
+
+
+@pytest.mark.parametrize("alert", CHART_ALERTS)
+def test_every_chart_alert_has_a_runbook(alert: str) -> None:
+    test_every_alert_has_a_runbook_with_meaning_queries_causes_and_fixes(alert)
+
+
 def test_no_stray_runbooks() -> None:
-    assert {path.stem for path in RUNBOOKS.glob("*.md")} == set(ALERT_NAMES)
+    assert {path.stem for path in RUNBOOKS.glob("*.md")} == set(ALERT_NAMES) | set(CHART_ALERTS)
 
 
 def test_runbook_queries_are_valid_promql(tmp_path: Path) -> None:
     promtool = tool("promtool")
     rules = []
-    for alert in ALERT_NAMES:
+    for alert in [*ALERT_NAMES, *CHART_ALERTS]:
         for index, query in enumerate(_queries((RUNBOOKS / f"{alert}.md").read_text())):
-            expr = re.sub(r"<(ns|name)>", "x", query)
+            expr = re.sub(r"<(ns|name|job)>", "x", query)
             rules.append({"record": f"runbook:{alert.lower()}_{index}:check", "expr": expr})
     path = tmp_path / "runbook-queries.yaml"
     path.write_text(yaml.safe_dump({"groups": [{"name": "runbooks", "rules": rules}]}))

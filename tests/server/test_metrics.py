@@ -12,7 +12,7 @@ from slm_server.engine import EchoEngine
 
 from .conftest import MODEL_NAME, serve, settings_for
 
-# (sample name, labels that must be on it) — the metric contract of shared/DESIGN.md.
+# (sample name, labels that must be on it) — the metric contract (docs/reference/metrics.md).
 GEN = {"model": MODEL_NAME, "endpoint": "/generate"}
 CONTRACT = [
     ("api_requests_total", {"endpoint": "/generate", "status": "200"}),
