@@ -492,7 +492,30 @@ class Kube:
                 raise
             plurals = {r.get("name") for r in found.get("resources", [])}
             served.update(k for k in members if RESOURCES[k].plural in plurals)
+        # Discovery lags the CRDs themselves: right after an API server (re)start it serves a CRD's API only
+        # once its CRD informer has synced. A kind whose CRD exists (and is not being deleted) is counted as
+        # served, so a reconcile in that window retries its writes (404 is transient) instead of reporting
+        # the CRDs missing and skipping the monitors until the next resync.
+        for kind in kinds:
+            if kind not in served and self._crd_exists(kind):
+                served.add(kind)
         return served
+
+    def _crd_exists(self, kind: str) -> bool:
+        """Whether the CRD of `kind` exists and is not being deleted (metadata only; `list`, which kopf
+        needs on CRDs anyway; False when CRDs may not be read)."""
+        resource = RESOURCES[kind]
+        name = f"{resource.plural}.{resource.api_version.split('/')[0]}"
+        try:
+            found = self.request("GET", "/apis/apiextensions.k8s.io/v1/customresourcedefinitions",
+                                 query=[("fieldSelector", f"metadata.name={name}")],
+                                 accept="application/json;as=PartialObjectMetadataList;g=meta.k8s.io;v=v1")
+        except ApiException as exc:
+            if exc.status in (403, 404):
+                return False
+            raise
+        return any((item.get("metadata") or {}).get("name") == name
+                   and not (item.get("metadata") or {}).get("deletionTimestamp") for item in found.get("items", []))
 
 
 class TTLCache:
