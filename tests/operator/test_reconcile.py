@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import copy
 import json
+import time
 from typing import Any
 from urllib.parse import parse_qs, urlparse
 
 import pytest
+import urllib3
 from kubernetes.client.exceptions import ApiException
 
 from slm_operator.config import OperatorConfig
@@ -37,9 +39,12 @@ class InMemoryApi(Kube):
         self.reject: dict[str, str] = {}  # plural -> message of a 422 for every apply of it
         self.before_apply: list[Any] = []  # callbacks run before an apply lands (to race it)
         self._uids = 0
+        self.down = False  # every request fails as with the API server restarting
 
     def _send(self, method: str, path: str, *, query: list[tuple[str, str]], body: Any, content_type: str,
               accept: str, timeout: float) -> dict[str, Any]:
+        if self.down:
+            raise urllib3.exceptions.ProtocolError("Connection aborted.", ConnectionResetError(104, "reset"))
         parts = urlparse(path).path.strip("/").split("/")
         if parts[0] == "apis" and len(parts) == 3:  # discovery of a group-version
             if parts[1] == "monitoring.coreos.com" and not self.monitoring_crds:
@@ -264,6 +269,36 @@ def test_child_events_repair_deletion_and_ignore_their_own_echo(api: InMemoryApi
     api.objects[("prometheusrules", "ns", "m")] = edited
     lifecycle.child_event(state, "MODIFIED", edited)
     assert api.objects[("prometheusrules", "ns", "m")]["spec"]["groups"] != []
+
+
+def test_a_child_event_that_meets_an_api_outage_is_retried_later(api: InMemoryApi) -> None:
+    """kopf does not retry event handlers: a child deleted (or a rollout finished) while the API server
+    restarts would wait for the next resync (found by tests/e2e/test_platform_faults.py)."""
+    state = state_for(api)
+    run(api, state, slmd())
+    rule = api.objects.pop(("prometheusrules", "ns", "m"))
+    api.down = True
+    lifecycle.child_event(state, "DELETED", rule)  # no exception: the work is queued
+    lifecycle.child_event(state, "DELETED", rule)
+    assert state.sizes()["retries"] == 1  # one pending retry per SLMDeployment, not one per event
+    assert ("prometheusrules", "ns", "m") not in api.objects
+    api.down = False
+    deadline = time.monotonic() + 30
+    while ("prometheusrules", "ns", "m") not in api.objects and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert ("prometheusrules", "ns", "m") in api.objects
+    assert state.sizes()["retries"] == 0
+
+
+def test_a_pending_retry_is_dropped_with_its_slmdeployment(api: InMemoryApi) -> None:
+    state = state_for(api)
+    run(api, state, slmd())
+    rule = api.objects.pop(("prometheusrules", "ns", "m"))
+    api.down = True
+    lifecycle.child_event(state, "DELETED", rule)
+    assert state.sizes()["retries"] == 1
+    lifecycle.on_slmdeployment_event(state, "DELETED", api.objects[("slmdeployments", "ns", "m")])
+    assert state.sizes()["retries"] == 0
 
 
 def test_someone_elses_object_of_the_same_name_is_left_alone_and_reported(api: InMemoryApi) -> None:

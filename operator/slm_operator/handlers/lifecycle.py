@@ -161,7 +161,46 @@ def on_slmdeployment_event(state: State, event_type: str | None, body: dict[str,
         state.forget(meta["namespace"], meta["name"])
 
 
+# Answers that say "the API server is not there right now", not "this is wrong".
+TRANSIENT_STATUSES = (0, 429, 500, 502, 503, 504)
+RETRY_DELAYS = (1.0, 2.0, 5.0, 10.0, 30.0)  # then every 30 s until it succeeds or the SLMDeployment is gone
+
+
 def child_event(state: State, event_type: str | None, body: dict[str, Any]) -> None:
+    """A child event; when its reconcile or status refresh meets a transient API error (the API server
+    restarting, etcd stalled), the parent's reconcile is retried later. kopf does not retry event
+    handlers, and the child may send no further event (a finished rollout): without this the work
+    would wait for the next resync."""
+    try:
+        _child_event(state, event_type, body)
+    except ApiException as exc:
+        owner = rc.parent_of(body)
+        if owner is None or (exc.status or 0) not in TRANSIENT_STATUSES:
+            raise
+        log.warning("child event of %s/%s failed (%s %s); retrying its reconcile", owner[0], owner[1],
+                    exc.status, exc.reason)
+        _retry_reconcile(state, owner, attempt=0)
+
+
+def _retry_reconcile(state: State, owner: tuple[str, str], attempt: int) -> None:
+    def work() -> None:
+        try:
+            parent = state.kube.get("SLMDeployment", owner[0], owner[1])
+            if parent is None or parent["metadata"].get("deletionTimestamp"):
+                return
+            rc.reconcile(state, parent, trigger="retry")
+        except ApiException as exc:
+            if (exc.status or 0) in TRANSIENT_STATUSES:
+                _retry_reconcile(state, owner, attempt + 1)
+            else:
+                log.warning("retried reconcile of %s/%s failed: %s %s", owner[0], owner[1], exc.status, exc.reason)
+        except Exception:
+            log.exception("retried reconcile of %s/%s failed", owner[0], owner[1])
+
+    state.retry_later(owner, RETRY_DELAYS[min(attempt, len(RETRY_DELAYS) - 1)], work)
+
+
+def _child_event(state: State, event_type: str | None, body: dict[str, Any]) -> None:
     """Keep the child cache current; reconcile the parent when a child is gone, drifted, or reports status."""
     key = (body.get("kind", ""), body["metadata"]["namespace"], body["metadata"]["name"])
     previous = state.children.get(key)
@@ -202,6 +241,9 @@ async def cleanup(memo: kopf.Memo) -> None:
     task: asyncio.Task[None] | None = getattr(memo, "resync_task", None)
     if stop is not None:
         stop.set()
+    state: State | None = getattr(memo, "state", None)
+    if state is not None:
+        state.cancel_retries()
     if task is not None:
         with contextlib.suppress(asyncio.CancelledError, Exception):
             await asyncio.wait_for(task, timeout=5)

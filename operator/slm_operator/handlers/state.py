@@ -7,7 +7,7 @@ import concurrent.futures
 import dataclasses
 import json
 import threading
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from slm_operator.config import OperatorConfig
@@ -111,6 +111,33 @@ class State:
         self.parents: set[ParentKey] = set()
         # Applies of one reconcile run concurrently; shared by all reconciles, so bounded overall.
         self.apply_pool = concurrent.futures.ThreadPoolExecutor(max_workers=32, thread_name_prefix="apply")
+        # A reconcile to run again later (a child event's work that met a transient API error), at most
+        # one pending per SLMDeployment.
+        self._retries: dict[ParentKey, threading.Timer] = {}
+        self._retries_guard = threading.Lock()
+
+    def retry_later(self, key: ParentKey, delay: float, work: Callable[[], None]) -> bool:
+        """Run `work` after `delay` seconds unless a retry of `key` is already pending (False then)."""
+        with self._retries_guard:
+            if key in self._retries:
+                return False
+
+            def run() -> None:
+                with self._retries_guard:
+                    self._retries.pop(key, None)
+                work()
+
+            timer = threading.Timer(delay, run)
+            timer.daemon = True
+            self._retries[key] = timer
+            timer.start()
+            return True
+
+    def cancel_retries(self, keys: Iterable[ParentKey] | None = None) -> None:
+        """Cancel the pending retries of `keys` (all when None)."""
+        with self._retries_guard:
+            for key in list(self._retries) if keys is None else [k for k in keys if k in self._retries]:
+                self._retries.pop(key).cancel()
 
     def lock(self, namespace: str, name: str) -> threading.Lock:
         with self._locks_guard:
@@ -125,6 +152,7 @@ class State:
                 del self._locks[key]
         self.rendered.pop(key, None)
         self.parents.discard(key)
+        self.cancel_retries([key])
 
     def keep_only(self, parents: set[ParentKey]) -> None:
         """Drop what is kept for every SLMDeployment not in `parents` (the resync's full listing)."""
@@ -134,13 +162,18 @@ class State:
         with self._locks_guard:
             for key in [k for k, lock in self._locks.items() if k not in parents and not lock.locked()]:
                 del self._locks[key]
+        with self._retries_guard:
+            gone = [k for k in self._retries if k not in parents]
+        self.cancel_retries(gone)
 
     def sizes(self) -> dict[str, int]:
         """How many entries each per-SLMDeployment map holds (the churn benchmark and tests read it)."""
         with self._locks_guard:
             locks = len(self._locks)
+        with self._retries_guard:
+            retries = len(self._retries)
         return {"rendered": len(self.rendered), "locks": locks, "parents": len(self.parents),
-                "children": sum(self.children.count_by_kind().values())}
+                "children": sum(self.children.count_by_kind().values()), "retries": retries}
 
     def _gpu_nodes(self) -> list[tuple[dict[str, str], int]] | None:
         """(labels, allocatable nvidia.com/gpu) per schedulable node; None when nodes cannot be listed."""
