@@ -515,7 +515,8 @@ class Kube:
                 return False
             raise
         return any((item.get("metadata") or {}).get("name") == name
-                   and not (item.get("metadata") or {}).get("deletionTimestamp") for item in found.get("items", []))
+                   and not (item.get("metadata") or {}).get("deletionTimestamp")
+                   for item in found.get("items") or [])  # an empty metadata list has "items": null
 
 
 class TTLCache:
