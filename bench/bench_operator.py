@@ -1,6 +1,7 @@
 """Operator benchmark (issue 3's figures) on a local control plane with KWOK GPU nodes.
 
     .venv/bin/python bench/bench_operator.py [--count 200] [--samples 20] [--kubeconfig PATH] [--json OUT]
+    .venv/bin/python bench/bench_operator.py --churn 2000 [--kubeconfig PATH] [--json OUT]
 
 Measures, with the operator running as a real process:
   1. apply -> all children exist (p50/p95), one SLMDeployment at a time;
@@ -9,6 +10,11 @@ Measures, with the operator running as a real process:
   4. API writes per no-op resync of all of them (the operator's own slm_operator_api_writes_total);
   5. operator RSS with `count` resources.
 Goals (issue 3): p95 <= 1 s, p95 <= 2 s, <= 60 s, 0, <= 256 MiB.
+
+With --churn N, only the churn benchmark (issue 23.3): N SLMDeployments created and deleted, in batches
+of --batch at once, each waited for until the operator has reconciled it and then until it is gone;
+the operator's RSS is sampled every 200 cycles. Goal: after the first 200 cycles RSS stays within 10 %
+of its value there (what is kept per SLMDeployment is dropped when it is deleted).
 """
 
 from __future__ import annotations
@@ -18,23 +24,19 @@ import concurrent.futures
 import contextlib
 import json
 import statistics
-import sys
 import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))  # for tests.operator.process when run as a script
-
-from slm_devtools.cluster import ClusterBase, ExistingCluster, LocalCluster, wait_for  # noqa: E402
-from slm_operator.kube import Kube  # noqa: E402
-from tests.operator.process import OperatorProcess, install_crd  # noqa: E402
+from slm_devtools.cluster import ClusterBase, ExistingCluster, LocalCluster, wait_for
+from slm_devtools.operator_process import OperatorProcess, install_crd
+from slm_operator.kube import Kube
 
 CHILDREN = ("Deployment", "Service", "PodDisruptionBudget", "ServiceMonitor", "PrometheusRule", "ConfigMap")
 GOALS = {"apply_to_children_p95_s": 1.0, "threshold_edit_p95_s": 2.0, "n_to_ready_s": 60.0,
-         "writes_per_noop_resync": 0, "operator_rss_mib": 256}
+         "writes_per_noop_resync": 0, "operator_rss_mib": 256, "churn_rss_growth_after_200_pct": 10.0}
 
 
 def quantile(values: list[float], q: float) -> float:
@@ -65,6 +67,57 @@ def cluster_for(kubeconfig: str | None) -> Iterator[ClusterBase]:
     else:
         with LocalCluster.start() as local:
             yield local
+
+
+def churn(args: argparse.Namespace) -> dict[str, Any]:
+    """Create and delete args.churn SLMDeployments and follow the operator's RSS."""
+    results: dict[str, Any] = {}
+    with cluster_for(args.kubeconfig) as cluster, tempfile.TemporaryDirectory() as tmp:
+        install_crd(cluster)
+        cluster.install_prometheus_operator_crds()
+        kube = Kube(cluster.api_client())
+        namespace = cluster.new_namespace("bench-churn")
+        path = f"/apis/slm.dev/v1alpha1/namespaces/{namespace}/slmdeployments"
+        operator = OperatorProcess(cluster.kubeconfig, Path(tmp), resync_seconds=args.resync)
+        operator.start()
+        samples: list[tuple[int, float]] = []
+        started = time.monotonic()
+        try:
+            with concurrent.futures.ThreadPoolExecutor(max_workers=8) as pool:
+                for first in range(0, args.churn, args.batch):
+                    names = [f"churn-{i:05d}" for i in range(first, min(first + args.batch, args.churn))]
+                    bodies = []
+                    for name in names:
+                        body = slmd(name, gpus=0)
+                        body["spec"]["replicas"] = 0  # the operator's work without 2,000 fake pods
+                        bodies.append(body)
+                    list(pool.map(lambda b: kube.request("POST", path, body=b), bodies))
+
+                    wanted = frozenset(names)
+
+                    def reconciled(wanted: frozenset[str] = wanted) -> bool:
+                        return wanted <= {o["metadata"]["name"] for o in kube.list("SLMDeployment", namespace)
+                                          if (o.get("status") or {}).get("observedGeneration")}
+
+                    poll("the batch reconciled", reconciled, timeout=120, interval=0.1)
+                    list(pool.map(lambda n: kube.request("DELETE", f"{path}/{n}"), names))
+                    poll("the batch gone", lambda: not kube.list("SLMDeployment", namespace), timeout=120, interval=0.1)
+                    done = first + len(names)
+                    if done % 200 == 0 or done == args.churn:
+                        samples.append((done, operator.rss_bytes() / 2**20))
+                        print(f"churn: {done} cycles, operator RSS {samples[-1][1]:.1f} MiB", flush=True)
+        finally:
+            operator.stop()
+    at_200 = next(rss for done, rss in samples if done >= min(200, args.churn))
+    after = [rss for done, rss in samples if done > 200] or [at_200]
+    results["churn_cycles"] = args.churn
+    results["churn_seconds"] = round(time.monotonic() - started, 1)
+    results["churn_rss_mib_at_200"] = round(at_200, 1)
+    results["churn_rss_mib_at_end"] = round(samples[-1][1], 1)
+    results["churn_rss_mib_max_after_200"] = round(max(after), 1)
+    results["churn_rss_growth_after_200_pct"] = round((max(after) - at_200) / at_200 * 100, 1)
+    results["churn_rss_samples_mib"] = [round(rss, 1) for _, rss in samples]
+    return results
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -174,12 +227,14 @@ def main() -> int:
     parser.add_argument("--resync", type=float, default=10.0, help="operator resync period (s)")
     parser.add_argument("--kubeconfig", help="an existing cluster (e.g. kind) instead of a local control plane")
     parser.add_argument("--json", help="also write the figures here")
+    parser.add_argument("--churn", type=int, default=0, help="run only the churn benchmark, with this many cycles")
+    parser.add_argument("--batch", type=int, default=20, help="SLMDeployments created and deleted at once (churn)")
     args = parser.parse_args()
-    results = run(args)
+    results = churn(args) if args.churn else run(args)
     for key, value in results.items():
         goal = GOALS.get(key)
         verdict = "" if goal is None else ("  ok" if value <= goal else f"  MISSES goal {goal}")
-        print(f"{key:28} {value}{verdict}")
+        print(f"{key:32} {value}{verdict}")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))
     return 0 if all(results.get(k, 0) <= g for k, g in GOALS.items()) else 1

@@ -22,6 +22,7 @@ against it to add the same fake GPU nodes, so the same tests run there.
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import errno
 import functools
@@ -49,6 +50,14 @@ from . import tools
 
 SERVICE_CIDR = "10.96.0.0/16"
 KWOK_NODE_ANNOTATION = "kwok.x-k8s.io/node"
+# On a cluster with real nodes (kind), the fake nodes are tainted so that only pods that mean to run on a
+# fake node (the tests' own, which carry FAKE_NODE_TOLERATION) land there, and nothing the tests create
+# without it lands there either; on the local control plane every node is fake and none is tainted.
+FAKE_NODE_TAINT: dict[str, str] = {"key": KWOK_NODE_ANNOTATION, "value": "fake", "effect": "NoSchedule"}
+FAKE_NODE_TOLERATION: dict[str, str] = {"key": KWOK_NODE_ANNOTATION, "operator": "Equal", "value": "fake",
+                                        "effect": "NoSchedule"}
+# Every fake node carries this label; a test pod selects it so that it never lands on a real node either.
+FAKE_NODE_SELECTOR: dict[str, str] = {"type": "kwok"}
 
 # Fake nodes: two GPU nodes (labels as NVIDIA's GPU operator / GPU feature discovery sets them) and one
 # CPU-only node, so "no node can satisfy the GPU request" is testable too.
@@ -194,6 +203,8 @@ class Component:
     name: str
     process: subprocess.Popen[bytes]
     log: Path
+    argv: tuple[str, ...] = ()
+    env: dict[str, str] = field(default_factory=dict)
 
     def alive(self) -> bool:
         return self.process.poll() is None
@@ -213,16 +224,33 @@ class Component:
                 os.killpg(self.process.pid, signal.SIGKILL)
             self.process.wait(5)
 
+    def restart(self, grace: float = 10.0) -> None:
+        """Stop the process and start it again with the same command line (same ports, same data)."""
+        self.stop(grace)
+        self.process = _popen(self.argv, self.log, self.env)
+
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        """SIGSTOP the process for the duration of the block, SIGCONT after (a hung, not a dead, process)."""
+        os.kill(self.process.pid, signal.SIGSTOP)
+        try:
+            yield
+        finally:
+            os.kill(self.process.pid, signal.SIGCONT)
+
+
+def _popen(argv: Sequence[str], log: Path, env: dict[str, str]) -> subprocess.Popen[bytes]:
+    with log.open("ab") as out:
+        return subprocess.Popen(
+            list(argv), stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            start_new_session=True, env={**os.environ, **env},
+        )
+
 
 def spawn(name: str, argv: Sequence[str], logdir: Path, env: dict[str, str] | None = None) -> Component:
     """Start a component in its own process group (so stop() also ends anything it forked)."""
     log = logdir / f"{name}.log"
-    with log.open("ab") as out:
-        process = subprocess.Popen(
-            list(argv), stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            start_new_session=True, env={**os.environ, **(env or {})},
-        )
-    return Component(name, process, log)
+    return Component(name, _popen(argv, log, env or {}), log, tuple(argv), dict(env or {}))
 
 
 class Pki:
@@ -388,9 +416,10 @@ class ClusterBase:
                      *[f"crd/{n}" for n in names])
 
     # --- fake GPU nodes -------------------------------------------------------------------------
-    def create_fake_nodes(self, nodes: Sequence[dict[str, Any]] = FAKE_NODES) -> None:
+    def create_fake_nodes(self, nodes: Sequence[dict[str, Any]] = FAKE_NODES, *, tainted: bool = False) -> None:
+        """KWOK nodes; `tainted` adds FAKE_NODE_TAINT (a cluster with real nodes: kind)."""
         for index, spec in enumerate(nodes):
-            manifest = fake_node_manifest(**spec, pod_cidr=self.pod_network.node_cidr(index))
+            manifest = fake_node_manifest(**spec, pod_cidr=self.pod_network.node_cidr(index), tainted=tainted)
             self.kubectl("apply", "-f", "-", input=json.dumps(manifest))
 
     def wait_nodes_ready(self, names: Sequence[str], timeout: float = 60) -> None:
@@ -422,7 +451,8 @@ class ClusterBase:
         self.components.clear()
 
 
-def fake_node_manifest(name: str, gpus: int, product: str | None, pod_cidr: str | None = None) -> dict[str, Any]:
+def fake_node_manifest(name: str, gpus: int, product: str | None, pod_cidr: str | None = None,
+                       tainted: bool = False) -> dict[str, Any]:
     labels = {
         "kubernetes.io/hostname": name, "kubernetes.io/os": "linux", "kubernetes.io/arch": "amd64",
         "type": "kwok", "node.kubernetes.io/instance-type": "fake-gpu" if gpus else "fake-cpu",
@@ -437,7 +467,8 @@ def fake_node_manifest(name: str, gpus: int, product: str | None, pod_cidr: str 
         "metadata": {"name": name, "labels": labels, "annotations": {KWOK_NODE_ANNOTATION: "fake",
                                                                      "node.alpha.kubernetes.io/ttl": "0"}},
         # KWOK hands out this node's pod IPs from its podCIDR (see PodNetwork).
-        "spec": {"podCIDR": pod_cidr, "podCIDRs": [pod_cidr]} if pod_cidr else {},
+        "spec": {**({"podCIDR": pod_cidr, "podCIDRs": [pod_cidr]} if pod_cidr else {}),
+                 **({"taints": [dict(FAKE_NODE_TAINT)]} if tainted else {})},
         "status": {"capacity": capacity, "allocatable": capacity,
                    "nodeInfo": {"kubeletVersion": "fake", "architecture": "amd64", "operatingSystem": "linux"}},
     }
@@ -459,6 +490,7 @@ class LocalCluster(ClusterBase):
     """The control plane from the pinned binaries, all on 127.0.0.1, data in `workdir`."""
 
     pki: Pki
+    etcd_url: str
 
     @classmethod
     @contextlib.contextmanager
@@ -483,7 +515,7 @@ class LocalCluster(ClusterBase):
         pki = self.pki = Pki(self.workdir / "pki")
         # --- etcd ---
         etcd_port, peer_port = free_port(), free_port()
-        etcd_url = f"http://127.0.0.1:{etcd_port}"
+        etcd_url = self.etcd_url = f"http://127.0.0.1:{etcd_port}"
         self.components.append(spawn("etcd", [
             tools.tool("etcd"), f"--data-dir={self.workdir / 'etcd'}", "--name=slm",
             f"--listen-client-urls={etcd_url}", f"--advertise-client-urls={etcd_url}",
@@ -549,6 +581,36 @@ class LocalCluster(ClusterBase):
         return write_kubeconfig(self.workdir / f"kubeconfig-user-{user}", server=self.server, ca=self.pki.ca_crt,
                                 user=user, cert=crt, key=key)
 
+    # --- faults of the platform (tests/e2e/test_platform_faults.py) -------------------------------
+    def component(self, name: str) -> Component:
+        return next(c for c in self.components if c.name == name)
+
+    def restart_apiserver(self, timeout: float = 90) -> None:
+        """Stop kube-apiserver (SIGTERM, as a rolling control-plane upgrade does) and start it again on the
+        same port with the same etcd: every client connection and watch is cut, the watch cache is rebuilt."""
+        apiserver = self.component("kube-apiserver")
+        apiserver.restart()
+        self._wait_healthy(apiserver, lambda: self._api_ok("/readyz"), timeout)
+
+    @contextlib.contextmanager
+    def etcd_paused(self) -> Iterator[None]:
+        """etcd frozen (SIGSTOP) for the block: the API server's storage hangs rather than fails."""
+        with self.component("etcd").paused():
+            yield
+
+    def etcd_revision(self) -> int:
+        """etcd's current revision (the newest resourceVersion), through its JSON gateway."""
+        key = base64.b64encode(b"/registry/").decode()
+        reply = _post_json(f"{self.etcd_url}/v3/kv/range", {"key": key, "limit": 1, "keys_only": True})
+        return int(reply["header"]["revision"])
+
+    def compact_etcd(self) -> int:
+        """Compact etcd's history up to now (as the API server does every 5 minutes): a watch that resumes
+        from an older resourceVersion is answered 410 Gone. Returns the revision compacted at."""
+        revision = self.etcd_revision()
+        _post_json(f"{self.etcd_url}/v3/kv/compaction", {"revision": revision, "physical": True})
+        return revision
+
     def _start_controller(self, pki: Pki, server: str, logs: Path, name: str,
                           extra: list[str]) -> tuple[Component, int]:
         """kube-controller-manager or kube-scheduler, authenticated as system:<name> (bootstrap RBAC)."""
@@ -612,7 +674,7 @@ class ExistingCluster(ClusterBase):
         try:
             cluster.kubectl("version")  # fails clearly if unreachable
             start_kwok(cluster, workdir)
-            cluster.create_fake_nodes()
+            cluster.create_fake_nodes(tainted=True)  # kind's own node is real: keep test pods off it
             cluster.wait_nodes_ready([n["name"] for n in FAKE_NODES], timeout=timeout)
             yield cluster
         finally:
@@ -626,6 +688,13 @@ class ExistingCluster(ClusterBase):
 def _crd_name(path: Path) -> str:
     # BaseLoader: upstream CRDs contain a bare `=` (an enum value) that PyYAML's safe loader rejects.
     return str(yaml.load(path.read_text(), Loader=yaml.BaseLoader)["metadata"]["name"])  # noqa: S506
+
+
+def _post_json(url: str, body: dict[str, Any]) -> dict[str, Any]:
+    request = urllib.request.Request(url, data=json.dumps(body).encode(), method="POST",  # noqa: S310
+                                     headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=10) as response:  # noqa: S310 - loopback URL we built
+        return dict(json.loads(response.read()))
 
 
 def _http_ok(url: str) -> bool:

@@ -6,11 +6,13 @@ Used by the e2e tests, bench/bench_operator.py and `make demo`: start, wait heal
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
 import sys
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 from .cluster import ClusterBase, free_port, wait_for
@@ -35,12 +37,14 @@ def parse_metrics(text: str) -> dict[str, float]:
 
 class OperatorProcess:
     def __init__(self, kubeconfig: Path, logdir: Path, *, resync_seconds: float = 3.0,
-                 extra_env: dict[str, str] | None = None, namespaces: list[str] | None = None) -> None:
+                 extra_env: dict[str, str] | None = None, namespaces: list[str] | None = None,
+                 verbose: bool = False) -> None:
         self.kubeconfig = kubeconfig
         self.namespaces = list(namespaces or [])  # empty: every namespace
         self.logdir = logdir
         self.resync_seconds = resync_seconds
         self.extra_env = extra_env or {}
+        self.verbose = verbose  # kopf's debug lines too (watch restarts, retries)
         self.proc: subprocess.Popen[bytes] | None = None
         self.metrics_port = 0
         self.health_port = 0
@@ -67,7 +71,7 @@ class OperatorProcess:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "slm_operator", "--metrics-port", str(self.metrics_port),
              "--health-port", str(self.health_port), "--log-format", "json",
-             *(f"--namespace={namespace}" for namespace in self.namespaces)],
+             *(f"--namespace={namespace}" for namespace in self.namespaces), *(["--verbose"] if self.verbose else [])],
             stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO,
         )
         log.close()
@@ -109,6 +113,17 @@ class OperatorProcess:
             if line.startswith("VmRSS:"):
                 return int(line.split()[1]) * 1024
         return 0
+
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        """SIGSTOP for the block, SIGCONT after: the process misses what happens meanwhile, its
+        connections stay open on its side (a GC pause, a throttled container)."""
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGSTOP)
+        try:
+            yield
+        finally:
+            self.proc.send_signal(signal.SIGCONT)
 
     def kill(self) -> None:
         """SIGKILL: no cleanup handlers, no graceful shutdown — a crash or an OOM kill."""

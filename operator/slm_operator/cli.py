@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import ctypes
+import dataclasses
 import os
 import sys
 
@@ -41,7 +42,7 @@ def limit_malloc_arenas(arenas: int = 2) -> None:
 def main(argv: list[str] | None = None) -> int:
     limit_malloc_arenas()
     args = parse_args(argv)
-    # The handlers read their settings from the environment (slm_operator.config); flags override it.
+    # Settings come from the environment (slm_operator.config); flags override it.
     if args.metrics_port is not None:
         os.environ["SLM_OPERATOR_METRICS_PORT"] = str(args.metrics_port)
     if args.health_port is not None:
@@ -49,11 +50,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.log_format is not None:
         os.environ["SLM_OPERATOR_LOG_FORMAT"] = args.log_format
 
-    from slm_operator import main as handlers  # registers the kopf handlers
+    from slm_operator import main as _handlers  # noqa: F401 - registers the kopf handlers
     from slm_operator.config import OperatorConfig
 
-    cfg = OperatorConfig.from_env()
-    handlers.NAMESPACES = tuple(args.namespace)
+    try:
+        cfg = dataclasses.replace(OperatorConfig.from_env(), namespaces=tuple(args.namespace))
+    except ValueError as exc:
+        print(f"slm-operator: {exc}", file=sys.stderr)
+        return 2
     log_format = {"json": kopf.LogFormat.JSON, "plain": kopf.LogFormat.PLAIN, "full": kopf.LogFormat.FULL}[
         cfg.log_format if cfg.log_format in ("json", "plain", "full") else "json"
     ]
@@ -64,6 +68,7 @@ def main(argv: list[str] | None = None) -> int:
             namespaces=args.namespace,
             standalone=True,
             liveness_endpoint=f"http://{cfg.bind_host}:{cfg.health_port}/healthz",
+            memo=kopf.Memo(config=cfg),  # the handlers' settings (startup builds memo.state from them)
         )
     except KeyboardInterrupt:
         return 130

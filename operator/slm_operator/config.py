@@ -18,6 +18,16 @@ def _int(name: str, default: int) -> int:
     return int(raw) if raw else default
 
 
+def _bool(name: str) -> bool:
+    """Off unless set to one of the usual words for yes (the gates below default to off)."""
+    raw = os.environ.get(name, "").strip().lower()
+    if raw in ("", "0", "false", "no", "off"):
+        return False
+    if raw in ("1", "true", "yes", "on"):
+        return True
+    raise ValueError(f"{name}={raw!r}: expected true or false")
+
+
 @dataclasses.dataclass(frozen=True)
 class OperatorConfig:
     """Every knob of the operator, with its environment variable.
@@ -34,6 +44,11 @@ class OperatorConfig:
     bind_host: SLM_OPERATOR_BIND_HOST — address both endpoints listen on (tests use 127.0.0.1).
     watch_server_timeout / watch_client_timeout: SLM_OPERATOR_WATCH_{SERVER,CLIENT}_TIMEOUT — see main.startup.
     field_manager: the server-side-apply field manager, also `app.kubernetes.io/managed-by`.
+    allow_fault_injection: SLM_OPERATOR_ALLOW_FAULT_INJECTION — whether spec.server.faultsAdmin may switch
+        the server's fault injection on (chart value operator.allowFaultInjection; default off).
+    allow_full_output_logging: SLM_OPERATOR_ALLOW_FULL_OUTPUT_LOGGING — whether spec.logging.outputs may be
+        `full` (chart value operator.allowFullOutputLogging; default off: `full` is logged as `hash`).
+    namespaces: the namespaces watched (`--namespace`, repeatable); empty: every namespace.
     """
 
     server_image: str = DEFAULT_SERVER_IMAGE
@@ -47,6 +62,9 @@ class OperatorConfig:
     watch_server_timeout: int = 300
     watch_client_timeout: int = 330
     field_manager: str = "slm-operator"
+    allow_fault_injection: bool = False
+    allow_full_output_logging: bool = False
+    namespaces: tuple[str, ...] = ()
 
     @classmethod
     def from_env(cls) -> OperatorConfig:
@@ -61,4 +79,6 @@ class OperatorConfig:
             bind_host=os.environ.get("SLM_OPERATOR_BIND_HOST") or "0.0.0.0",  # noqa: S104
             watch_server_timeout=_int("SLM_OPERATOR_WATCH_SERVER_TIMEOUT", 300),
             watch_client_timeout=_int("SLM_OPERATOR_WATCH_CLIENT_TIMEOUT", 330),
+            allow_fault_injection=_bool("SLM_OPERATOR_ALLOW_FAULT_INJECTION"),
+            allow_full_output_logging=_bool("SLM_OPERATOR_ALLOW_FULL_OUTPUT_LOGGING"),
         )

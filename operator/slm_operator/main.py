@@ -11,13 +11,12 @@ from slm_operator.handlers import lifecycle
 from slm_operator.handlers.lifecycle import CHILD_RESOURCES, CHILD_SELECTOR
 
 CHILD_LABELS = {CHILD_SELECTOR.split("=")[0]: CHILD_SELECTOR.split("=")[1]}
-NAMESPACES: tuple[str, ...] = ()  # set by slm_operator.cli before kopf starts
 
 
 @kopf.on.startup()
 async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
-    """Tune kopf, build the shared state, start the metrics server and the periodic resync."""
-    lifecycle.configure(settings, memo, NAMESPACES)
+    """Tune kopf, build the shared state from memo.config, start the metrics server and the periodic resync."""
+    lifecycle.configure(settings, memo)
     lifecycle.start_resync(memo)
 
 
@@ -39,6 +38,12 @@ def probe_reconciles(**_: Any) -> float:
 def reconcile_slmdeployment(body: kopf.Body, reason: str, memo: kopf.Memo, **_: Any) -> None:
     """Render and apply the children of an SLMDeployment, then write its status."""
     lifecycle.on_slmdeployment_change(memo.state, dict(body), str(reason))
+
+
+@kopf.on.event(GROUP, VERSION, PLURAL)
+def slmdeployment_event(type: str | None, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+    """An SLMDeployment was deleted: drop what the operator kept for it."""
+    lifecycle.on_slmdeployment_event(memo.state, type, dict(body))
 
 
 def child_changed(type: str | None, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:

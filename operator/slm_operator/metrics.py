@@ -6,7 +6,7 @@ from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histo
 
 RECONCILES = Counter(
     "slm_operator_reconciles_total",
-    "Reconciles of SLMDeployments, by trigger (create, update, resume, resync, child) and result (ok, error).",
+    "Reconciles of SLMDeployments, by trigger (create, update, resume, resync, child, retry) and result (ok, error).",
     ["trigger", "result"],
 )
 RECONCILE_ERRORS = Counter(

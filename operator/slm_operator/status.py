@@ -11,7 +11,9 @@ READY = "Ready"
 PROGRESSING = "Progressing"
 MONITORING_READY = "MonitoringReady"
 DEGRADED = "Degraded"
-CONDITION_TYPES = (READY, PROGRESSING, MONITORING_READY, DEGRADED)
+# False when the operator leaves out a setting the spec asks for (an operator-level gate is off).
+SETTINGS_APPLIED = "SettingsApplied"
+CONDITION_TYPES = (READY, PROGRESSING, MONITORING_READY, DEGRADED, SETTINGS_APPLIED)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -20,6 +22,13 @@ class Problem:
 
     reason: str
     message: str
+
+    @classmethod
+    def combined(cls, problems: Sequence[Problem]) -> Problem | None:
+        """One problem for a condition: the first one's reason, every message."""
+        if not problems:
+            return None
+        return cls(problems[0].reason, "; ".join(p.message for p in problems))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,6 +44,7 @@ class Observation:
     monitoring: Problem | None = None  # None: monitoring applied (or disabled)
     monitoring_message: str = "ServiceMonitor, PrometheusRule and dashboard applied"
     serving: Problem | None = None  # e.g. InsufficientGPU: no node can ever run the pods
+    settings: Problem | None = None  # e.g. FaultInjectionNotAllowed: a spec setting left out
 
 
 def now_rfc3339() -> str:
@@ -132,6 +142,12 @@ def build_status(previous: Mapping[str, Any] | None, obs: Observation, now: str 
             prev_conditions, DEGRADED, degraded is not None,
             degraded.reason if degraded else "AsExpected",
             degraded.message if degraded else "no problem detected",
+            gen, now,
+        ),
+        condition(
+            prev_conditions, SETTINGS_APPLIED, obs.settings is None,
+            obs.settings.reason if obs.settings else "AsRequested",
+            obs.settings.message if obs.settings else "every setting of the spec is applied",
             gen, now,
         ),
     ]

@@ -22,7 +22,7 @@ import pytest
 import yaml
 
 from slm_devtools import tools
-from slm_devtools.cluster import ClusterBase, free_port, wait_for
+from slm_devtools.cluster import FAKE_NODE_SELECTOR, FAKE_NODE_TOLERATION, ClusterBase, free_port, wait_for
 from tests.chart.chartlib import CHART, CI_VALUES, REPO_ROOT, render
 
 pytestmark = pytest.mark.e2e
@@ -144,8 +144,11 @@ def test_dcgm_exporter_runs_on_every_gpu_node_and_only_there(cluster: ClusterBas
     namespace = cluster.new_namespace("slm-gpu", restricted=False)
     gpu = Release(cluster, f"gpu-{uuid.uuid4().hex[:5]}", namespace)
     try:
+        # The GPU nodes are KWOK's; where they are tainted as fake (kind), the exporter is let onto them.
+        tolerations = [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}, FAKE_NODE_TOLERATION]
         gpu.helm("install", gpu.name, str(CHART), "--wait", "--timeout", "180s",
-                 "--set", "dcgmExporter.enabled=true", "--set", "tests.enabled=false")
+                 "--set", "dcgmExporter.enabled=true", "--set", "tests.enabled=false",
+                 "--set-json", f"dcgmExporter.tolerations={json.dumps(tolerations)}")
         name = f"{gpu.name}-slm-monitoring-dcgm-exporter"
         gpu_nodes = {n["metadata"]["name"] for n in cluster.kubectl_json(
             "get", "nodes", "-l", "nvidia.com/gpu.present=true")["items"]}
@@ -171,16 +174,14 @@ ALLOWED = [
     {"verb": "watch", "group": "slm.dev", "resource": "slmdeployments"},
     {"verb": "patch", "group": "slm.dev", "resource": "slmdeployments", "namespace": "team-x"},
     {"verb": "patch", "group": "slm.dev", "resource": "slmdeployments", "subresource": "status", "namespace": "a"},
-    {"verb": "update", "group": "slm.dev", "resource": "slmdeployments", "subresource": "finalizers",
-     "namespace": "a"},
     {"verb": "create", "group": "apps", "resource": "deployments", "namespace": "team-x"},
-    {"verb": "delete", "group": "", "resource": "services", "namespace": "team-x"},
-    {"verb": "patch", "group": "", "resource": "configmaps", "namespace": "team-x"},
+    {"verb": "patch", "group": "", "resource": "services", "namespace": "team-x"},
+    {"verb": "delete", "group": "", "resource": "configmaps", "namespace": "team-x"},
     {"verb": "create", "group": "policy", "resource": "poddisruptionbudgets", "namespace": "team-x"},
+    {"verb": "delete", "group": "networking.k8s.io", "resource": "networkpolicies", "namespace": "team-x"},
     {"verb": "create", "group": "monitoring.coreos.com", "resource": "prometheusrules", "namespace": "team-x"},
-    {"verb": "update", "group": "monitoring.coreos.com", "resource": "alertmanagerconfigs", "namespace": "a"},
+    {"verb": "delete", "group": "monitoring.coreos.com", "resource": "alertmanagerconfigs", "namespace": "a"},
     {"verb": "list", "group": "monitoring.coreos.com", "resource": "prometheuses"},
-    {"verb": "watch", "group": "", "resource": "pods"},
     {"verb": "create", "group": "", "resource": "events", "namespace": "team-x"},
     {"verb": "get", "group": "", "resource": "secrets", "namespace": "team-x", "name": "slack"},
     {"verb": "list", "group": "", "resource": "nodes"},
@@ -198,6 +199,15 @@ DENIED = [
     {"verb": "*", "group": "apps", "resource": "deployments", "namespace": "team-x"},
     {"verb": "get", "group": "*", "resource": "*"},
     {"verb": "delete", "group": "slm.dev", "resource": "slmdeployments", "namespace": "team-x"},
+    # Verbs the code never uses (tests/operator/test_rbac.py): no update anywhere, no deleting what the
+    # garbage collector deletes, no pods, no finalizers, no patching Events.
+    {"verb": "update", "group": "slm.dev", "resource": "slmdeployments", "subresource": "finalizers",
+     "namespace": "a"},
+    {"verb": "update", "group": "monitoring.coreos.com", "resource": "alertmanagerconfigs", "namespace": "a"},
+    {"verb": "delete", "group": "", "resource": "services", "namespace": "team-x"},
+    {"verb": "delete", "group": "apps", "resource": "deployments", "namespace": "team-x"},
+    {"verb": "watch", "group": "", "resource": "pods"},
+    {"verb": "patch", "group": "", "resource": "events", "namespace": "team-x"},
     # Other kinds, and escalation paths.
     {"verb": "create", "group": "", "resource": "pods", "namespace": "team-x"},
     {"verb": "delete", "group": "", "resource": "pods", "namespace": "team-x"},
@@ -294,6 +304,16 @@ def _http_ok(url: str) -> bool:
         return False
 
 
+def fake_node_example(file: str) -> dict[str, Any]:
+    """An example SLMDeployment whose pods run on the fake nodes only (tainted on kind, whose own node must
+    get no test pod)."""
+    obj = yaml.safe_load((REPO_ROOT / "examples" / file).read_text())
+    spec = obj["spec"]
+    spec["nodeSelector"] = {**spec.get("nodeSelector", {}), **FAKE_NODE_SELECTOR}
+    spec["tolerations"] = [*spec.get("tolerations", []), FAKE_NODE_TOLERATION]
+    return dict(obj)
+
+
 def _conditions(cluster: ClusterBase, namespace: str, name: str) -> dict[str, dict[str, Any]]:
     status = cluster.kubectl_json("get", "slmdeployment", name, "-n", namespace).get("status") or {}
     return {c["type"]: c for c in status.get("conditions", [])}
@@ -324,7 +344,7 @@ def test_operator_with_the_chart_rbac_reconciles_the_examples(
     }
     cluster.kubectl("apply", "-f", "-", input=json.dumps(prometheus))
     try:
-        tiny = yaml.safe_load((REPO_ROOT / "examples" / "tiny-cpu.yaml").read_text())
+        tiny = fake_node_example("tiny-cpu.yaml")
         cluster.kubectl("apply", "-n", namespace, "-f", "-", input=json.dumps(tiny))
         name = tiny["metadata"]["name"]
 
@@ -339,7 +359,7 @@ def test_operator_with_the_chart_rbac_reconciles_the_examples(
         wait_for("tiny-cpu MonitoringReady=True",
                  lambda: _has_condition(cluster, namespace, name, type="MonitoringReady", status="True"), timeout=60)
 
-        notified = yaml.safe_load((REPO_ROOT / "examples" / "with-notifications.yaml").read_text())
+        notified = fake_node_example("with-notifications.yaml")
         notified["spec"]["resources"]["gpus"] = 16  # more than any (fake) node has
         cluster.kubectl("apply", "-n", namespace, "-f", "-", input=json.dumps(notified))
         other = notified["metadata"]["name"]
@@ -386,7 +406,7 @@ def test_upgrade_to_namespaced_mode_runs_the_operator_on_roles_only_and_back(
                                      namespace="elsewhere")
     assert not subject_access_review(cluster, release.user, verb="watch", group="slm.dev", resource="slmdeployments")
 
-    tiny = yaml.safe_load((REPO_ROOT / "examples" / "tiny-cpu.yaml").read_text())
+    tiny = fake_node_example("tiny-cpu.yaml")
     with running_operator(release, tmp_path, f"--namespace={watched}") as operator:
         cluster.kubectl("apply", "-n", watched, "-f", "-", input=json.dumps(tiny))
         name = tiny["metadata"]["name"]
@@ -415,7 +435,7 @@ def test_without_secret_reference_checks_the_operator_still_routes_notifications
                                      namespace="team-x", name="slack")
     namespace = cluster.new_namespace("slm-nosecrets")
     try:
-        notified = yaml.safe_load((REPO_ROOT / "examples" / "with-notifications.yaml").read_text())
+        notified = fake_node_example("with-notifications.yaml")
         with running_operator(release, tmp_path, "--all-namespaces") as operator:
             cluster.kubectl("apply", "-n", namespace, "-f", "-", input=json.dumps(notified))
             name = notified["metadata"]["name"]

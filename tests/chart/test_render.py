@@ -203,23 +203,24 @@ def test_operator_rbac_grants_exactly_the_documented_permissions(default_docs: l
         for resource in rule["resources"]
         for verb in rule["verbs"]
     }
-    crud = ("get", "list", "watch", "create", "patch", "update", "delete")
-    read = ("get", "list", "watch")
+    # Written out here as documentation; tests/operator/test_rbac.py derives the same set from the code.
+    applied = ("get", "list", "watch", "create", "patch")
+    unwatched = ("get", "list", "create", "patch", "delete")
     wanted = {
-        *{("slm.dev", "slmdeployments", v) for v in ("get", "list", "watch", "patch", "update")},
-        *{("slm.dev", "slmdeployments/status", v) for v in ("get", "patch", "update")},
-        ("slm.dev", "slmdeployments/finalizers", "update"),
-        *{("apps", "deployments", v) for v in crud},
-        *{("", r, v) for r in ("services", "configmaps") for v in crud},
-        *{("policy", "poddisruptionbudgets", v) for v in crud},
+        *{("slm.dev", "slmdeployments", v) for v in ("get", "list", "watch", "patch")},
+        ("slm.dev", "slmdeployments/status", "patch"),
+        *{("apps", "deployments", v) for v in applied},
+        *{("", "services", v) for v in applied},
+        *{("policy", "poddisruptionbudgets", v) for v in applied},
+        *{("", "configmaps", v) for v in (*applied, "delete")},
+        *{("networking.k8s.io", "networkpolicies", v) for v in (*applied, "delete")},
         *{("monitoring.coreos.com", r, v) for r in ("servicemonitors", "prometheusrules", "alertmanagerconfigs")
-          for v in crud},
-        *{("monitoring.coreos.com", "prometheuses", v) for v in read},
-        *{("", "pods", v) for v in read},
-        *{("", "events", v) for v in ("create", "patch")},
+          for v in unwatched},
+        ("monitoring.coreos.com", "prometheuses", "list"),
+        ("", "events", "create"),
         ("", "secrets", "get"),
-        *{("", "nodes", v) for v in read},
-        *{("apiextensions.k8s.io", "customresourcedefinitions", v) for v in read},
+        ("", "nodes", "list"),
+        *{("apiextensions.k8s.io", "customresourcedefinitions", v) for v in ("list", "watch")},
     }
     assert granted == wanted, f"extra: {granted - wanted}, missing: {wanted - granted}"
 

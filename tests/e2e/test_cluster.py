@@ -10,7 +10,14 @@ import subprocess
 import pytest
 
 from slm_devtools import tools
-from slm_devtools.cluster import ClusterBase, wait_for
+from slm_devtools.cluster import (
+    FAKE_NODE_SELECTOR,
+    FAKE_NODE_TOLERATION,
+    FAKE_NODES,
+    ClusterBase,
+    fake_node_manifest,
+    wait_for,
+)
 
 pytestmark = pytest.mark.e2e
 
@@ -28,7 +35,8 @@ def gpu_deployment(name: str, gpus: int = 1) -> dict:
             "selector": {"matchLabels": {"app": name}},
             "template": {
                 "metadata": {"labels": {"app": name}},
-                "spec": {"containers": [{
+                # On the fake nodes only (tainted on kind, whose own node must not get test pods).
+                "spec": {"nodeSelector": FAKE_NODE_SELECTOR, "tolerations": [FAKE_NODE_TOLERATION], "containers": [{
                     "name": "main", "image": "example.invalid/none:1", "securityContext": restricted,
                     "resources": {"limits": {"nvidia.com/gpu": str(gpus)}},
                 }]},
@@ -179,3 +187,40 @@ def test_the_api_server_refuses_loopback_addresses_in_endpoint_slices(cluster: C
     assert result.returncode != 0
     assert ('endpoints[0].addresses[0]: Invalid value: "127.77.0.5": may not be in the loopback range '
             "(127.0.0.0/8, ::1/128)") in result.stderr
+
+
+def test_a_fake_node_tainted_as_on_kind_takes_test_pods_and_nothing_else(cluster: ClusterBase,
+                                                                          namespace: str) -> None:
+    """On kind the fake nodes are tainted (ExistingCluster.attach): a pod without the tests' toleration
+    never lands on one, and the tests' pods (gpu_deployment, the e2e SLMDeployments) still do."""
+    node = "tainted-gpu-node"
+    manifest = fake_node_manifest(node, gpus=2, product="NVIDIA-L4", tainted=True,
+                                  pod_cidr=cluster.pod_network.node_cidr(len(FAKE_NODES)))
+    assert manifest["spec"]["taints"] == [{"key": "kwok.x-k8s.io/node", "value": "fake", "effect": "NoSchedule"}]
+    cluster.kubectl("apply", "-f", "-", input=json.dumps(manifest))
+    try:
+        cluster.wait_nodes_ready([node])
+        pinned = {"kubernetes.io/hostname": node}
+        untolerated = gpu_deployment("untolerated")
+        untolerated["spec"]["template"]["spec"]["nodeSelector"] = pinned
+        del untolerated["spec"]["template"]["spec"]["tolerations"]
+        tolerated = gpu_deployment("tolerated")
+        tolerated["spec"]["template"]["spec"]["nodeSelector"] = {**FAKE_NODE_SELECTOR, **pinned}
+        for deployment in (untolerated, tolerated):
+            cluster.kubectl("apply", "-n", namespace, "-f", "-", input=json.dumps(deployment))
+
+        def placed() -> bool:
+            running = pods(cluster, namespace, "app=tolerated")
+            refused = pods(cluster, namespace, "app=untolerated")
+            return (len(running) == 1 and running[0]["status"].get("phase") == "Running" and len(refused) == 1
+                    and any(c["type"] == "PodScheduled" and c.get("reason") == "Unschedulable"
+                            for c in refused[0]["status"].get("conditions", [])))
+
+        wait_for("the tolerating pod Running there and the other one Unschedulable", placed, timeout=60)
+        (refused,) = pods(cluster, namespace, "app=untolerated")
+        message = next(c["message"] for c in refused["status"]["conditions"] if c["type"] == "PodScheduled")
+        assert "1 node(s) had untolerated taint(s)" in message, message
+    finally:
+        cluster.kubectl("delete", "deployment", "untolerated", "tolerated", "-n", namespace, "--wait=true",
+                        check=False)
+        cluster.kubectl("delete", "node", node, "--ignore-not-found")

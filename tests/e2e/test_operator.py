@@ -14,13 +14,13 @@ from typing import Any
 import pytest
 import yaml
 
-from slm_devtools.cluster import ClusterBase, wait_for
+from slm_devtools.cluster import FAKE_NODE_SELECTOR, FAKE_NODE_TOLERATION, ClusterBase, wait_for
 from tests.operator.process import REPO, OperatorProcess, install_crd
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(300)]
 
 EXAMPLES = REPO / "examples"
-CHILD_KINDS = "deployments,services,poddisruptionbudgets,configmaps,servicemonitors,prometheusrules"
+CHILD_KINDS = "deployments,services,poddisruptionbudgets,networkpolicies,configmaps,servicemonitors,prometheusrules"
 
 
 @pytest.fixture(scope="module")
@@ -56,18 +56,27 @@ def wait_condition(cluster: ClusterBase, namespace: str, name: str, type_: str, 
     return slmd(cluster, namespace, name)
 
 
+# Test pods run on the fake nodes only: on kind those are tainted, and kind's own node must get no test pod.
+ON_FAKE_NODES = {"nodeSelector": FAKE_NODE_SELECTOR, "tolerations": [FAKE_NODE_TOLERATION]}
+
+
 def apply_example(cluster: ClusterBase, namespace: str, file: str, patch: dict[str, Any] | None = None) -> str:
     obj = yaml.safe_load((EXAMPLES / file).read_text())
+    spec = obj["spec"]
+    spec["nodeSelector"] = {**spec.get("nodeSelector", {}), **FAKE_NODE_SELECTOR}
+    spec["tolerations"] = [*spec.get("tolerations", []), FAKE_NODE_TOLERATION]
     if patch:
-        obj["spec"].update(patch)
+        spec.update(patch)
     cluster.kubectl("apply", "-n", namespace, "-f", "-", input=json.dumps(obj))
     return str(obj["metadata"]["name"])
 
 
 def minimal(name: str, **spec: Any) -> str:
-    """A small SLMDeployment; CPU-only unless `resources` says otherwise (the cluster has 8 fake GPUs)."""
+    """A small SLMDeployment; CPU-only unless `resources` says otherwise (the cluster has 8 fake GPUs), and
+    asking for little scratch disk, as a tiny model would (the fake nodes have 500Gi each)."""
+    resources = {"gpus": 0, "modelCacheSizeLimit": "1Gi", "tmpSizeLimit": "256Mi"}
     return json.dumps({"apiVersion": "slm.dev/v1alpha1", "kind": "SLMDeployment", "metadata": {"name": name},
-                       "spec": {"model": {"name": "org/model"}, "resources": {"gpus": 0}, **spec}})
+                       "spec": {"model": {"name": "org/model"}, "resources": resources, **ON_FAKE_NODES, **spec}})
 
 
 def children(cluster: ClusterBase, namespace: str, parent: str | None = None) -> list[dict[str, Any]]:
@@ -84,8 +93,12 @@ def test_example_reaches_ready_with_every_child_owned(cluster: ClusterBase, oper
     assert obj["status"]["phase"] == "Ready" and obj["status"]["readyReplicas"] == 2
     assert obj["status"]["endpoint"] == f"http://{name}.{namespace}.svc:8000"
     kinds = sorted(c["kind"] for c in children(cluster, namespace, name))
-    assert kinds == ["ConfigMap", "Deployment", "PodDisruptionBudget", "PrometheusRule", "Service",
-                     "ServiceMonitor"] or "RenderError" in json.dumps(obj["status"])
+    assert kinds == ["ConfigMap", "Deployment", "NetworkPolicy", "PodDisruptionBudget", "PrometheusRule", "Service",
+                     "ServiceMonitor"]
+    # Every monitor rendered and applied: a renderer's failure (RenderError) would show here.
+    assert (condition(obj, "MonitoringReady")["status"], condition(obj, "MonitoringReady")["reason"]) == (
+        "True", "MonitorsApplied")
+    assert condition(obj, "SettingsApplied")["status"] == "True"
     for child in children(cluster, namespace, name):
         assert [o["uid"] for o in child["metadata"]["ownerReferences"]] == [obj["metadata"]["uid"]]
     # The pods passed the namespace's restricted Pod Security admission and landed on GPU nodes.
@@ -230,6 +243,8 @@ def test_kube_prometheus_stack_selectors_are_honoured(cluster: ClusterBase, oper
     ({"monitoring": {"scrapeInterval": "often"}}, "spec.monitoring.scrapeInterval"),
     ({"resources": {"requests": {"nvidia.com/gpu": 1}}}, "spec.resources"),
     ({"model": {}}, "spec.model.name"),
+    ({"resources": {"gpus": 0, "requests": {"cpu": "abc"}}}, "spec.resources.requests"),
+    ({"resources": {"gpus": 0, "tmpSizeLimit": "lots"}}, "spec.resources.tmpSizeLimit"),
 ])
 def test_invalid_resources_are_refused_with_the_field_named(cluster: ClusterBase, operator_process: OperatorProcess,
                                                            namespace: str, spec: dict[str, Any], field: str) -> None:
@@ -345,11 +360,122 @@ def test_sigkill_while_50_resources_are_created_converges_without_duplicates_or_
 
 def test_an_unmanaged_object_with_a_child_name_is_not_taken_over(
         cluster: ClusterBase, operator_process: OperatorProcess, namespace: str) -> None:
+    """Issue 23.1, on the triggers that once took it over: the first spec edit (an update with a cold
+    cache), and the deletion of the SLMDeployment (garbage collection follows ownerReferences)."""
     cluster.kubectl("create", "service", "clusterip", "taken", "-n", namespace, "--tcp=80:8080")
+    before = cluster.kubectl_json("get", "service", "taken", "-n", namespace)
     cluster.kubectl("apply", "-n", namespace, "-f", "-", input=minimal("taken"))
     obj = wait_condition(cluster, namespace, "taken", "Ready", "False", "NameConflict")
     assert f"Service {namespace}/taken" in condition(obj, "Ready")["message"]
+    assert cluster.kubectl("get", "deployment", "taken", "-n", namespace, check=False).returncode == 0
+
+    generation = obj["metadata"]["generation"]
+    cluster.kubectl("patch", "slmd", "taken", "-n", namespace, "--type=merge", "-p", '{"spec":{"replicas":2}}')
+    wait_for("the edit to be reconciled", lambda: slmd(cluster, namespace, "taken")["status"].get(
+        "observedGeneration") == generation + 1, timeout=30)
+    obj = wait_condition(cluster, namespace, "taken", "Ready", "False", "NameConflict")
     service = cluster.kubectl_json("get", "service", "taken", "-n", namespace)
     assert "ownerReferences" not in service["metadata"]
+    assert service["spec"]["selector"] == before["spec"]["selector"]
     assert [p["port"] for p in service["spec"]["ports"]] == [80]
-    assert cluster.kubectl("get", "deployment", "taken", "-n", namespace, check=False).returncode == 0
+    assert service["metadata"]["resourceVersion"] == before["metadata"]["resourceVersion"]  # not written at all
+
+    cluster.kubectl("delete", "slmd", "taken", "-n", namespace, "--wait=true", "--timeout=30s")
+    wait_for("our Deployment to be collected", lambda: cluster.kubectl(
+        "get", "deployment", "taken", "-n", namespace, check=False).returncode != 0, timeout=60)
+    assert cluster.kubectl_json("get", "service", "taken", "-n", namespace)["metadata"]["uid"] == before[
+        "metadata"]["uid"]
+
+
+def test_a_foreign_config_map_is_not_taken_over_when_dashboards_are_switched_on(
+        cluster: ClusterBase, operator_process: OperatorProcess, namespace: str) -> None:
+    cluster.kubectl("create", "configmap", "dash-dashboard", "-n", namespace, "--from-literal=mine=yes")
+    before = cluster.kubectl_json("get", "configmap", "dash-dashboard", "-n", namespace)
+    cluster.kubectl("apply", "-n", namespace, "-f", "-",
+                    input=minimal("dash", monitoring={"dashboards": {"enabled": False}}))
+    wait_condition(cluster, namespace, "dash", "MonitoringReady", "True")
+    cluster.kubectl("patch", "slmd", "dash", "-n", namespace, "--type=merge",
+                    "-p", '{"spec":{"monitoring":{"dashboards":{"enabled":true}}}}')
+    obj = wait_condition(cluster, namespace, "dash", "MonitoringReady", "False", "NameConflict")
+    assert f"ConfigMap {namespace}/dash-dashboard" in condition(obj, "MonitoringReady")["message"]
+    after = cluster.kubectl_json("get", "configmap", "dash-dashboard", "-n", namespace)
+    assert after["metadata"]["resourceVersion"] == before["metadata"]["resourceVersion"]
+    assert after["data"] == {"mine": "yes"} and "ownerReferences" not in after["metadata"]
+
+
+def test_writes_never_land_on_an_object_that_changed_hands(cluster: ClusterBase, namespace: str) -> None:
+    """The API server itself refuses the operator's write when the object it read was replaced
+    (the apply names the uid) or when the name it meant to create was taken (a create is a POST)."""
+    from slm_operator.kube import Kube, OwnershipChanged
+
+    kube = Kube(cluster.api_client())
+    desired = {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "raced", "namespace": namespace},
+               "data": {"ours": "1"}}
+    outcome, ours = kube.apply_object(desired, live=None)
+    assert outcome == "created" and ours is not None
+    # Recorded as applied by our field manager: a field we stop setting is removed by the next apply.
+    assert [(m["manager"], m["operation"]) for m in ours["metadata"]["managedFields"]] == [("slm-operator", "Apply")]
+    cluster.kubectl("delete", "configmap", "raced", "-n", namespace)
+    cluster.kubectl("create", "configmap", "raced", "-n", namespace, "--from-literal=theirs=1")
+    with pytest.raises(OwnershipChanged):
+        kube.apply_object({**desired, "data": {"ours": "2"}}, live=ours)  # decided on the deleted one
+    with pytest.raises(OwnershipChanged):
+        kube.apply_object(desired, live=None)  # decided when the name was free
+    assert cluster.kubectl_json("get", "configmap", "raced", "-n", namespace)["data"] == {"theirs": "1"}
+
+
+def test_items_another_manager_adds_to_our_service_cause_no_write_loop(
+        cluster: ClusterBase, operator_process: OperatorProcess, namespace: str) -> None:
+    """A mesh or a colleague adds a port to our Service with its own field manager; it is theirs, it stays,
+    and the operator must not rewrite the Service on every resync because the port lists differ in length."""
+    cluster.kubectl("apply", "-n", namespace, "-f", "-", input=minimal("shared"))
+    wait_condition(cluster, namespace, "shared", "Ready", "True")
+    extra = {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "shared", "namespace": namespace},
+             "spec": {"ports": [{"name": "debug", "port": 9000, "protocol": "TCP"}]}}
+    cluster.kubectl("apply", "--server-side", "--field-manager=mesh", "-f", "-", input=json.dumps(extra))
+    service_writes = 'slm_operator_api_writes_total{kind="Service",verb="apply"}'
+    resyncs = operator_process.sum_of("slm_operator_reconciles_total", trigger="resync")
+    wait_for("a resync", lambda: operator_process.sum_of("slm_operator_reconciles_total", trigger="resync")
+             >= resyncs + 1, timeout=20)
+    before = operator_process.metrics().get(service_writes, 0)
+    resyncs = operator_process.sum_of("slm_operator_reconciles_total", trigger="resync")
+    wait_for("three more resyncs", lambda: operator_process.sum_of("slm_operator_reconciles_total",
+                                                                   trigger="resync") >= resyncs + 3, timeout=30)
+    assert operator_process.metrics().get(service_writes, 0) == before
+    ports = {p["name"] for p in cluster.kubectl_json("get", "service", "shared", "-n", namespace)["spec"]["ports"]}
+    assert ports == {"http", "debug"}
+
+
+def test_a_child_the_api_server_refuses_is_reported_as_invalid_spec_without_a_retry_loop(
+        cluster: ClusterBase, operator_process: OperatorProcess, namespace: str) -> None:
+    """Issue 23.2: a request above its limit passes the CRD but the API server refuses the Deployment."""
+    resources = {"gpus": 0, "modelCacheSizeLimit": "1Gi", "tmpSizeLimit": "256Mi",
+                 "requests": {"cpu": "2"}, "limits": {"cpu": "1"}}
+    cluster.kubectl("apply", "-n", namespace, "-f", "-", input=minimal("refused", resources=resources))
+    obj = wait_condition(cluster, namespace, "refused", "Ready", "False", "InvalidSpec")
+    message = condition(obj, "Ready")["message"]
+    assert f"Deployment {namespace}/refused" in message and "must be less than or equal to cpu limit" in message
+    assert obj["status"]["phase"] == "Failed"
+    errors = operator_process.sum_of("slm_operator_reconcile_errors_total")
+    resyncs = operator_process.sum_of("slm_operator_reconciles_total", trigger="resync")
+    wait_for("two more resyncs", lambda: operator_process.sum_of("slm_operator_reconciles_total",
+                                                                 trigger="resync") >= resyncs + 2, timeout=20)
+    assert operator_process.sum_of("slm_operator_reconcile_errors_total") == errors  # no error, no kopf retry
+    cluster.kubectl("patch", "slmd", "refused", "-n", namespace, "--type=json",
+                    "-p", '[{"op":"remove","path":"/spec/resources/limits"}]')
+    wait_condition(cluster, namespace, "refused", "Ready", "True")
+
+
+def test_fault_injection_and_full_outputs_need_the_operators_allow_flags(
+        cluster: ClusterBase, operator_process: OperatorProcess, namespace: str) -> None:
+    """The operator process runs with the chart's defaults: neither flag set."""
+    cluster.kubectl("apply", "-n", namespace, "-f", "-",
+                    input=minimal("gated", server={"faultsAdmin": True}, logging={"outputs": "full"}))
+    obj = wait_condition(cluster, namespace, "gated", "SettingsApplied", "False", "FaultInjectionNotAllowed")
+    assert "spec.logging.outputs" in condition(obj, "SettingsApplied")["message"]
+    container = cluster.kubectl_json("get", "deployment", "gated", "-n", namespace)["spec"]["template"]["spec"][
+        "containers"][0]
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    assert "SLM_FAULTS_ADMIN" not in env and env["SLM_LOG_OUTPUTS"] == "hash"
+    events = cluster.kubectl_json("get", "events", "-n", namespace, "--field-selector", "involvedObject.name=gated")
+    assert any(e["type"] == "Warning" and e["reason"] == "FaultInjectionNotAllowed" for e in events["items"])

@@ -13,7 +13,7 @@ import yaml
 from slm_operator import GROUP, KIND, PLURAL, VERSION
 from slm_operator.monitoring import rules
 from slm_operator.monitoring.defaults import ALERT_DEFAULTS, SEVERITIES
-from tests.operator.conftest import CRD_PATH, EXAMPLES, load_example
+from tests.operator.conftest import CRD_PATH, EXAMPLES, defaulted, load_example
 
 CONTRACT_ALERT_NAMES = {
     "SLMHighErrorRate", "SLMSlowResponseTime", "SLMHighGPUUtilization", "SLMLowDiskSpace", "SLMHighGPUMemory",
@@ -31,21 +31,6 @@ def crd() -> dict[str, Any]:
 @pytest.fixture(scope="module")
 def schema(crd: dict[str, Any]) -> dict[str, Any]:
     return crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
-
-
-def defaulted(schema: dict[str, Any], value: Any) -> Any:
-    """What the API server's structural defaulting makes of `value` (defaults apply top-down)."""
-    if value is None:
-        if "default" not in schema:
-            return None
-        value = schema["default"]
-    if schema.get("type") == "object" and isinstance(value, dict):
-        value = dict(value)
-        for key, sub in (schema.get("properties") or {}).items():
-            filled = defaulted(sub, value.get(key))
-            if filled is not None:
-                value[key] = filled
-    return value
 
 
 def walk(schema: dict[str, Any], path: str = "") -> Iterator[tuple[str, dict[str, Any]]]:

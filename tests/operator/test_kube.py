@@ -57,3 +57,27 @@ def test_resource_paths() -> None:
     assert RESOURCES["Node"].path("ignored") == "/api/v1/nodes"
     status_path = "/apis/slm.dev/v1alpha1/namespaces/ns/slmdeployments/x/status"
     assert RESOURCES["SLMDeployment"].path("ns", "x", "status") == status_path
+
+
+def test_items_another_manager_adds_to_a_merged_list_are_not_drift() -> None:
+    """Issue 23.1: Service ports, env, volumes… are merged item by item under server-side apply: an item
+    someone else added stays after our apply, so counting it as drift would rewrite the object forever."""
+    desired: dict[str, Any] = {"spec": {"ports": [{"name": "http", "port": 8000, "protocol": "TCP"}]}}
+    live = {"spec": {"ports": [{"name": "http", "port": 8000, "protocol": "TCP", "targetPort": "http"},
+                               {"name": "debug", "port": 9000, "protocol": "TCP"}]}}
+    assert is_subset(desired, live)
+    live["spec"]["ports"][0]["port"] = 8001  # our item changed: drift
+    assert not is_subset(desired, live)
+    env = {"spec": {"template": {"spec": {"containers": [{"name": "server", "env": [{"name": "A", "value": "1"}]}]}}}}
+    injected = copy.deepcopy(env)
+    injected["spec"]["template"]["spec"]["containers"][0]["env"].insert(0, {"name": "PROXY", "value": "x"})
+    injected["spec"]["template"]["spec"]["containers"].append({"name": "istio-proxy"})
+    assert is_subset(env, injected)
+    owners = {"metadata": {"ownerReferences": [{"uid": "ours"}]}}
+    assert is_subset(owners, {"metadata": {"ownerReferences": [{"uid": "theirs"}, {"uid": "ours"}]}})
+
+
+def test_atomic_lists_still_compare_whole() -> None:
+    """Lists an apply replaces whole (tolerations, rule groups, NetworkPolicy peers) must equal ours."""
+    desired: dict[str, Any] = {"spec": {"template": {"spec": {"tolerations": [{"key": "a"}]}}}}
+    assert not is_subset(desired, {"spec": {"template": {"spec": {"tolerations": [{"key": "a"}, {"key": "b"}]}}}})

@@ -29,7 +29,8 @@ def test_all_replicas_ready_is_phase_ready() -> None:
     status = build_status(None, observe(deployment(2, 2)), now="t0")
     assert status["phase"] == "Ready" and status["readyReplicas"] == 2 and status["observedGeneration"] == 3
     assert conditions(status) == {"Ready": ("True", "AllReplicasReady"), "Progressing": ("False", "Stable"),
-                                  "MonitoringReady": ("True", "MonitorsApplied"), "Degraded": ("False", "AsExpected")}
+                                  "MonitoringReady": ("True", "MonitorsApplied"), "Degraded": ("False", "AsExpected"),
+                                  "SettingsApplied": ("True", "AsRequested")}
     assert all(c["observedGeneration"] == 3 for c in status["conditions"])
 
 
@@ -73,3 +74,10 @@ def test_transition_time_moves_only_when_status_flips_so_a_resync_writes_nothing
 def test_scaled_to_zero_is_ready() -> None:
     status = build_status(None, observe(deployment(0, 0), desired=0))
     assert status["phase"] == "Ready" and conditions(status)["Ready"] == ("True", "ScaledToZero")
+
+
+def test_a_setting_left_out_is_its_own_condition_and_serving_stays_ready() -> None:
+    problem = Problem("FaultInjectionNotAllowed", "spec.server.faultsAdmin is true but ...")
+    status = build_status(None, observe(deployment(2, 2), settings=problem))
+    assert status["phase"] == "Ready"
+    assert conditions(status)["SettingsApplied"] == ("False", "FaultInjectionNotAllowed")

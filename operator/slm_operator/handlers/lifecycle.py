@@ -14,7 +14,7 @@ from slm_operator import GROUP, PLURAL, VERSION, metrics
 from slm_operator.config import OperatorConfig
 from slm_operator.handlers import reconcile as rc
 from slm_operator.handlers.state import State
-from slm_operator.kube import MONITORING_KINDS, Kube, load_config
+from slm_operator.kube import MONITORING_KINDS, Kube, is_subset, load_config
 from slm_operator.spec import MANAGED_BY
 
 log = logging.getLogger(__name__)
@@ -29,14 +29,18 @@ CHILD_RESOURCES: tuple[tuple[str, str], ...] = (
     ("v1", "services"),
     ("v1", "configmaps"),
     ("policy/v1", "poddisruptionbudgets"),
+    ("networking.k8s.io/v1", "networkpolicies"),
 )
 CHILD_SELECTOR = f"app.kubernetes.io/managed-by={MANAGED_BY}"
-_metrics_started = False
 
 
-def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, namespaces: tuple[str, ...] = ()) -> None:
-    """All kopf tuning in one place, then the shared state."""
-    cfg = OperatorConfig.from_env()
+def configure(settings: kopf.OperatorSettings, memo: kopf.Memo) -> None:
+    """All kopf tuning in one place, then the shared state.
+
+    The settings come in kopf's memo (`memo.config`, put there by slm_operator.cli); run as
+    `kopf run -m slm_operator.main` they are read from the environment instead.
+    """
+    cfg: OperatorConfig = getattr(memo, "config", None) or OperatorConfig.from_env()
 
     # Watch streams: with kopf's defaults (no timeouts) a watch connection silently dropped by a load
     # balancer or an API server restart can hang forever and the operator stops seeing changes (kopf's
@@ -67,11 +71,10 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, namespaces: tupl
     settings.networking.request_timeout = 60
 
     kube = Kube(load_config(), field_manager=cfg.field_manager)
-    memo.state = State(cfg, kube, namespaces=namespaces)
-    global _metrics_started
-    if not _metrics_started:  # kopf may restart startup handlers on failure; the port stays bound
+    memo.state = State(cfg, kube)
+    if not getattr(memo, "metrics_started", False):  # kopf may retry startup handlers; the port stays bound
         metrics.serve(cfg.metrics_port, cfg.bind_host)
-        _metrics_started = True
+        memo.metrics_started = True
     log.info("slm-operator configured: resync every %ss, metrics on :%s", cfg.resync_seconds, cfg.metrics_port)
 
 
@@ -100,7 +103,8 @@ def resync_once(state: State) -> int:
     """Reconcile every SLMDeployment once (drift repair, CRD detection, status); returns how many."""
     parents = _list_parents(state)
     _refresh_monitors(state)
-    state.parents = {(p["metadata"]["namespace"], p["metadata"]["name"]) for p in parents}
+    # Also drops what is kept for SLMDeployments deleted while their deletion event was missed.
+    state.keep_only({(p["metadata"]["namespace"], p["metadata"]["name"]) for p in parents})
     count = 0
     for body in parents:
         if body["metadata"].get("deletionTimestamp"):
@@ -136,16 +140,67 @@ async def resync_forever(state: State, stop: asyncio.Event) -> None:
 
 
 def on_slmdeployment_change(state: State, body: dict[str, Any], reason: str) -> None:
-    """create/update/resume: a full reconcile; API trouble becomes a kopf retry, not a crash loop."""
+    """create/update/resume: a full reconcile; API trouble becomes a kopf retry, not a crash loop.
+
+    A child the API server refuses (4xx) is not trouble of this kind: the reconcile reports it as
+    InvalidSpec and returns, and nothing is retried until the spec changes or the next resync.
+    """
     try:
         rc.reconcile(state, body, trigger=reason)
     except ApiException as exc:
-        if exc.status in (409, 429, 500, 502, 503, 504) or exc.status is None:
+        if exc.status in (0, 404, 409, 429, 500, 502, 503, 504) or exc.status is None:
             raise kopf.TemporaryError(f"API server answered {exc.status}: {exc.reason}", delay=2) from exc
         raise
 
 
+def on_slmdeployment_event(state: State, event_type: str | None, body: dict[str, Any]) -> None:
+    """Forget an SLMDeployment's per-resource state once it is deleted (its children go with the
+    garbage collector)."""
+    if event_type == "DELETED":
+        meta = body["metadata"]
+        state.forget(meta["namespace"], meta["name"])
+
+
+# Answers that say "the API server is not there right now", not "this is wrong".
+TRANSIENT_STATUSES = (0, 429, 500, 502, 503, 504)
+RETRY_DELAYS = (1.0, 2.0, 5.0, 10.0, 30.0)  # then every 30 s until it succeeds or the SLMDeployment is gone
+
+
 def child_event(state: State, event_type: str | None, body: dict[str, Any]) -> None:
+    """A child event; when its reconcile or status refresh meets a transient API error (the API server
+    restarting, etcd stalled), the parent's reconcile is retried later. kopf does not retry event
+    handlers, and the child may send no further event (a finished rollout): without this the work
+    would wait for the next resync."""
+    try:
+        _child_event(state, event_type, body)
+    except ApiException as exc:
+        owner = rc.parent_of(body)
+        if owner is None or (exc.status or 0) not in TRANSIENT_STATUSES:
+            raise
+        log.warning("child event of %s/%s failed (%s %s); retrying its reconcile", owner[0], owner[1],
+                    exc.status, exc.reason)
+        _retry_reconcile(state, owner, attempt=0)
+
+
+def _retry_reconcile(state: State, owner: tuple[str, str], attempt: int) -> None:
+    def work() -> None:
+        try:
+            parent = state.kube.get("SLMDeployment", owner[0], owner[1])
+            if parent is None or parent["metadata"].get("deletionTimestamp"):
+                return
+            rc.reconcile(state, parent, trigger="retry")
+        except ApiException as exc:
+            if (exc.status or 0) in TRANSIENT_STATUSES:
+                _retry_reconcile(state, owner, attempt + 1)
+            else:
+                log.warning("retried reconcile of %s/%s failed: %s %s", owner[0], owner[1], exc.status, exc.reason)
+        except Exception:
+            log.exception("retried reconcile of %s/%s failed", owner[0], owner[1])
+
+    state.retry_later(owner, RETRY_DELAYS[min(attempt, len(RETRY_DELAYS) - 1)], work)
+
+
+def _child_event(state: State, event_type: str | None, body: dict[str, Any]) -> None:
     """Keep the child cache current; reconcile the parent when a child is gone, drifted, or reports status."""
     key = (body.get("kind", ""), body["metadata"]["namespace"], body["metadata"]["name"])
     previous = state.children.get(key)
@@ -158,7 +213,7 @@ def child_event(state: State, event_type: str | None, body: dict[str, Any]) -> N
         # event_type None is kopf's initial listing: the resume handlers and the resync cover those.
         return
     desired = rc.desired_child(state, key)
-    matches = event_type != "DELETED" and desired is not None and rc_is_subset(desired, body)
+    matches = event_type != "DELETED" and desired is not None and is_subset(desired, body)
     if matches and (key[0] != "Deployment" or (
             previous is not None and _rollout_summary(previous) == _rollout_summary(body))):
         return  # our own write echoing back, or a change the status does not show: nothing to do
@@ -181,17 +236,14 @@ def _rollout_summary(deployment: dict[str, Any]) -> tuple[Any, ...]:
     )
 
 
-def rc_is_subset(desired: dict[str, Any], live: dict[str, Any]) -> bool:
-    from slm_operator.kube import is_subset
-
-    return is_subset(desired, live)
-
-
 async def cleanup(memo: kopf.Memo) -> None:
     stop: asyncio.Event | None = getattr(memo, "resync_stop", None)
     task: asyncio.Task[None] | None = getattr(memo, "resync_task", None)
     if stop is not None:
         stop.set()
+    state: State | None = getattr(memo, "state", None)
+    if state is not None:
+        state.cancel_retries()
     if task is not None:
         with contextlib.suppress(asyncio.CancelledError, Exception):
             await asyncio.wait_for(task, timeout=5)
@@ -202,5 +254,5 @@ def start_resync(memo: kopf.Memo) -> None:
     memo.resync_task = asyncio.get_running_loop().create_task(resync_forever(memo.state, memo.resync_stop))
 
 
-__all__ = ["CHILD_RESOURCES", "GROUP", "PLURAL", "VERSION", "child_event", "cleanup", "configure", "resync_once",
-           "start_resync"]
+__all__ = ["CHILD_RESOURCES", "GROUP", "PLURAL", "VERSION", "child_event", "cleanup", "configure",
+           "on_slmdeployment_event", "resync_once", "start_resync"]

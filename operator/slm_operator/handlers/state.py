@@ -7,12 +7,12 @@ import concurrent.futures
 import dataclasses
 import json
 import threading
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from slm_operator.config import OperatorConfig
 from slm_operator.kube import MONITORING_KINDS, Kube, TTLCache
-from slm_operator.spec import get
+from slm_operator.spec import lookup
 
 ChildKey = tuple[str, str, str]  # kind, namespace, name
 
@@ -88,28 +88,92 @@ class ChildCache:
             return dict(collections.Counter(kind for kind, _, _ in self._objects))
 
 
-class State:
-    """Shared by all handlers: the API client, caches, and one lock per SLMDeployment."""
+ParentKey = tuple[str, str]  # namespace, name
 
-    def __init__(self, cfg: OperatorConfig, kube: Kube, namespaces: tuple[str, ...] = ()) -> None:
+
+class State:
+    """Shared by all handlers (it lives in kopf's memo): the API client, caches, and per SLMDeployment a
+    lock and its last render. The per-SLMDeployment entries are dropped when it is deleted (`forget`),
+    so memory follows the number of SLMDeployments that exist, not of those that ever existed."""
+
+    def __init__(self, cfg: OperatorConfig, kube: Kube) -> None:
         self.cfg = cfg
         self.kube = kube
-        self.namespaces = namespaces  # empty: all namespaces
+        self.namespaces = cfg.namespaces  # empty: all namespaces
         self.children = ChildCache()
         self.served_kinds = TTLCache(cfg.discovery_ttl_seconds, lambda: frozenset(kube.served_kinds(MONITORING_KINDS)))
         self.gpu_nodes = TTLCache(cfg.discovery_ttl_seconds, self._gpu_nodes)
         self.prometheus_selectors = TTLCache(cfg.discovery_ttl_seconds, self._prometheus_selectors)
-        self._locks: dict[tuple[str, str], threading.Lock] = collections.defaultdict(threading.Lock)
+        self._locks: dict[ParentKey, threading.Lock] = collections.defaultdict(threading.Lock)
         self._locks_guard = threading.Lock()
-        # Per SLMDeployment (namespace, name): (hash of the render inputs, rendered children as JSON).
-        self.rendered: dict[tuple[str, str], tuple[str, str]] = {}
-        self.parents: set[tuple[str, str]] = set()
+        # Per SLMDeployment (namespace, name): (hash of the render inputs, rendered children and problems as JSON).
+        self.rendered: dict[ParentKey, tuple[str, str]] = {}
+        self.parents: set[ParentKey] = set()
         # Applies of one reconcile run concurrently; shared by all reconciles, so bounded overall.
         self.apply_pool = concurrent.futures.ThreadPoolExecutor(max_workers=32, thread_name_prefix="apply")
+        # A reconcile to run again later (a child event's work that met a transient API error), at most
+        # one pending per SLMDeployment.
+        self._retries: dict[ParentKey, threading.Timer] = {}
+        self._retries_guard = threading.Lock()
+
+    def retry_later(self, key: ParentKey, delay: float, work: Callable[[], None]) -> bool:
+        """Run `work` after `delay` seconds unless a retry of `key` is already pending (False then)."""
+        with self._retries_guard:
+            if key in self._retries:
+                return False
+
+            def run() -> None:
+                with self._retries_guard:
+                    self._retries.pop(key, None)
+                work()
+
+            timer = threading.Timer(delay, run)
+            timer.daemon = True
+            self._retries[key] = timer
+            timer.start()
+            return True
+
+    def cancel_retries(self, keys: Iterable[ParentKey] | None = None) -> None:
+        """Cancel the pending retries of `keys` (all when None)."""
+        with self._retries_guard:
+            for key in list(self._retries) if keys is None else [k for k in keys if k in self._retries]:
+                self._retries.pop(key).cancel()
 
     def lock(self, namespace: str, name: str) -> threading.Lock:
         with self._locks_guard:
             return self._locks[(namespace, name)]
+
+    def forget(self, namespace: str, name: str) -> None:
+        """Drop what is kept for one SLMDeployment (it was deleted)."""
+        key = (namespace, name)
+        with self._locks_guard:
+            lock = self._locks.get(key)
+            if lock is not None and not lock.locked():  # a reconcile still running keeps its lock
+                del self._locks[key]
+        self.rendered.pop(key, None)
+        self.parents.discard(key)
+        self.cancel_retries([key])
+
+    def keep_only(self, parents: set[ParentKey]) -> None:
+        """Drop what is kept for every SLMDeployment not in `parents` (the resync's full listing)."""
+        self.parents = set(parents)
+        for key in [k for k in list(self.rendered) if k not in parents]:
+            self.rendered.pop(key, None)
+        with self._locks_guard:
+            for key in [k for k, lock in self._locks.items() if k not in parents and not lock.locked()]:
+                del self._locks[key]
+        with self._retries_guard:
+            gone = [k for k in self._retries if k not in parents]
+        self.cancel_retries(gone)
+
+    def sizes(self) -> dict[str, int]:
+        """How many entries each per-SLMDeployment map holds (the churn benchmark and tests read it)."""
+        with self._locks_guard:
+            locks = len(self._locks)
+        with self._retries_guard:
+            retries = len(self._retries)
+        return {"rendered": len(self.rendered), "locks": locks, "parents": len(self.parents),
+                "children": sum(self.children.count_by_kind().values()), "retries": retries}
 
     def _gpu_nodes(self) -> list[tuple[dict[str, str], int]] | None:
         """(labels, allocatable nvidia.com/gpu) per schedulable node; None when nodes cannot be listed."""
@@ -123,14 +187,14 @@ class State:
             raise
         result = []
         for node in nodes:
-            if get(node, "spec.unschedulable", False):
+            if lookup(node, "spec.unschedulable", False):
                 continue
-            allocatable = get(node, "status.allocatable", {}) or {}
+            allocatable = lookup(node, "status.allocatable", {}) or {}
             try:
                 gpus = int(str(allocatable.get("nvidia.com/gpu", "0")))
             except ValueError:
                 gpus = 0
-            result.append((dict(get(node, "metadata.labels", {}) or {}), gpus))
+            result.append((dict(lookup(node, "metadata.labels", {}) or {}), gpus))
         return result
 
     def _prometheus_selectors(self) -> PrometheusSelectors | None:
@@ -146,6 +210,6 @@ class State:
         items.sort(key=lambda p: (p["metadata"]["namespace"], p["metadata"]["name"]))
         return PrometheusSelectors(
             prometheuses=tuple(f"{p['metadata']['namespace']}/{p['metadata']['name']}" for p in items),
-            service_monitor=tuple(get(p, "spec.serviceMonitorSelector") for p in items),
-            rule=tuple(get(p, "spec.ruleSelector") for p in items),
+            service_monitor=tuple(lookup(p, "spec.serviceMonitorSelector") for p in items),
+            rule=tuple(lookup(p, "spec.ruleSelector") for p in items),
         )
