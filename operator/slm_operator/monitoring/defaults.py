@@ -22,16 +22,18 @@ ALERT_DEFAULTS: dict[str, Any] = {
     "timeToFirstToken": {"thresholdSeconds": 1.0, "for": "5m", "severity": "warning"},
     "queueSaturation": {"thresholdPercent": 90, "for": "5m", "severity": "warning"},
     # Drift: z-score of the mean over `window` against its own history over `baselineWindow`.
+    # z 4 for 3m: recall >= 0.9 within 15 minutes for drifts of 2 sigma and more, no false alarm in
+    # model-weeks of stable traffic (bench/bench_drift.py, tests/drift; docs/anomaly-detection.md).
     "perplexityDrift": {
-        "zScore": 3.0,
-        "for": "15m",
+        "zScore": 4.0,
+        "for": "3m",
         "severity": "warning",
         "window": "15m",
         "baselineWindow": "1d",
     },
     "outputLengthDrift": {
-        "zScore": 3.0,
-        "for": "15m",
+        "zScore": 4.0,
+        "for": "3m",
         "severity": "warning",
         "window": "15m",
         "baselineWindow": "1d",
