@@ -50,7 +50,7 @@ import yaml
 
 from slm_devtools import tools
 from slm_devtools.cluster import ClusterBase, free_port
-from slm_devtools.dataplane import LOOPBACK, ManagedProcess, NotReady, http_ok, wait_until
+from slm_devtools.dataplane import LOOPBACK, ManagedProcess, NotReady, helm_template, http_ok, wait_until
 
 CHART = tools.REPO_ROOT / "charts" / "slm-monitoring"
 # containerd (and CRI-O) split a line longer than this into partial (`P`) records.
@@ -68,23 +68,8 @@ def render_chart(
     set_values: Sequence[str] = (),
 ) -> list[dict[str, Any]]:
     """`helm template` of the chart with `logs.enabled=true` (and `values`), as a list of objects."""
-    kube_version = tools.versions()["KUBERNETES_VERSION"].lstrip("v")
-    args = [tools.tool("helm"), "template", release, str(CHART), "--namespace", namespace,
-            "--kube-version", kube_version, "--set", "logs.enabled=true"]  # fmt: skip
-    with contextlib.ExitStack() as stack:
-        if values:
-            import tempfile
-
-            handle = stack.enter_context(tempfile.NamedTemporaryFile("w", suffix=".yaml"))
-            yaml.safe_dump(dict(values), handle)
-            handle.flush()
-            args += ["--values", handle.name]
-        for item in set_values:
-            args += ["--set", item]
-        result = subprocess.run(args, capture_output=True, text=True, timeout=120, check=False)
-    if result.returncode != 0:
-        raise RuntimeError(f"helm template failed ({result.returncode}): {result.stderr}")
-    return [doc for doc in yaml.safe_load_all(result.stdout) if doc]
+    return helm_template(release=release, namespace=namespace, values=values,
+                         set_values=["logs.enabled=true", *set_values])
 
 
 def _one(docs: Iterable[dict[str, Any]], kind: str, component: str) -> dict[str, Any]:
