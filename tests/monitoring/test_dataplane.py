@@ -156,20 +156,32 @@ def _wait_all_return_data(prometheus: dp.Prometheus, queries: dict[str, str], ti
     return pending
 
 
+# A selector that only a model on a GPU matches (slm_model_info's `device` is `cpu` here).
+ON_GPU_ONLY = 'device=~"cuda'
+
+
 def _sources(expr: str, records: dict[str, str]) -> set[str]:
-    """Raw metric names behind `expr`, following recording rules to their own expressions."""
+    """Raw metric names behind `expr`, following recording rules to their own expressions; a recording
+    rule that selects only GPU devices stands for itself (it has no data here whatever it reads)."""
     names: set[str] = set()
     for name in metric_names(expr):
-        names |= _sources(records[name], records) if name in records else {name}
+        if name in records and ON_GPU_ONLY not in records[name]:
+            names |= _sources(records[name], records)
+        else:
+            names.add(name)
     return names
 
 
 def _skippable(expr: str, records: dict[str, str], missing: set[str]) -> bool:
     """True when `expr` cannot have data here: all its sources are GPU/DCGM/kube-state-metrics series
-    (`up` only joins DCGM series to the pods), or one is a contract name the server lacks (which
-    test_server_exposes_every_metric_the_rules_and_panels_read reports on its own)."""
+    (`up` only joins DCGM series to the pods) or recording rules of GPU devices only, or one is a contract
+    name the server lacks (which test_server_exposes_every_metric_the_rules_and_panels_read reports on
+    its own)."""
+    gpu_only = {name for name, recorded in records.items() if ON_GPU_ONLY in recorded}
     names = _sources(expr, records) - {"up"}
-    return bool(names & missing) or (bool(names) and names <= UNAVAILABLE)
+    if ON_GPU_ONLY in expr:
+        return True
+    return bool(names & missing) or (bool(names) and names <= UNAVAILABLE | gpu_only)
 
 
 def _records(groups: list[dict[str, Any]]) -> dict[str, str]:
