@@ -15,6 +15,9 @@ the pinned ones from slm_devtools.tools.
 - `WebhookSink`: an HTTP server collecting JSON POSTs; serves as Slack incoming webhook (`/slack`)
   and Alertmanager webhook (`/hook`) at once.
 - `LoadGenerator`: bounded background traffic (a fixed request rate, a cap on requests in flight).
+- `chart_recording_rules` / `install_chart_recording_rules`: the chart's shared recording rules (the
+  PrometheusRule `helm template` renders from templates/rules), which every SLMDeployment's alerts read.
+- `ManagedProcess`: a child process with its log in a file (the log plane's collector and store).
 """
 
 from __future__ import annotations
@@ -23,22 +26,28 @@ import contextlib
 import email
 import email.policy
 import json
+import os
+import signal
+import subprocess
 import threading
 import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from email.message import EmailMessage
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, TypeVar
 
+import yaml
+
+from slm_devtools import tools
 from slm_devtools.cluster import ClusterBase, free_port
 from slm_devtools.localpods import LocalKubelet, LocalPod
 from slm_devtools.operator_process import OperatorProcess, install_crd
-from slm_devtools.promstack import AlertmanagerAPI, PrometheusAPI, PrometheusStack
+from slm_devtools.promstack import AlertmanagerAPI, PrometheusAPI, PrometheusStack, ensure_namespace
 
 T = TypeVar("T")
 LOOPBACK = "127.0.0.1"
@@ -87,6 +96,132 @@ def http_ok(url: str, timeout: float = 2) -> bool:
             return bool(200 <= response.status < 300)
     except (urllib.error.URLError, ConnectionError, TimeoutError):
         return False
+
+
+@dataclass
+class ManagedProcess:
+    """A child process with its output in a log file, stopped for sure on `stop()`."""
+
+    name: str
+    args: list[str]
+    log_path: Path
+    env: Mapping[str, str] | None = None
+    cwd: Path | None = None
+    process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> ManagedProcess:
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        with self.log_path.open("ab") as log:
+            self.process = subprocess.Popen(
+                self.args, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(self.env or {})},
+                cwd=self.cwd, start_new_session=True,  # its own process group: stop() reaches its children too
+            )  # fmt: skip
+        return self
+
+    def running(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def check_running(self) -> None:
+        if not self.running():
+            raise RuntimeError(f"{self.name} exited early; its log ({self.log_path}):\n{self.log_tail()}")
+
+    def log_tail(self, chars: int = 4000) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")[-chars:]
+        except FileNotFoundError:
+            return ""
+
+    def stop(self, grace: float = 10) -> None:
+        if self.process is None or self.process.poll() is not None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.process.pid, signal.SIGTERM)
+        try:
+            self.process.wait(timeout=grace)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait(timeout=grace)
+
+    def kill(self) -> None:
+        """SIGKILL (a crash, for tests of what follows one)."""
+        if self.running():
+            assert self.process is not None
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait(timeout=10)
+
+    def wait_ready(self, check: Callable[[], bool], timeout: float) -> None:
+        def ready() -> bool:
+            self.check_running()
+            return check()
+
+        try:
+            wait_until(ready, timeout=timeout, interval=0.2, what=f"{self.name} ready")
+        except NotReady as error:
+            raise NotReady(f"{error}; log tail:\n{self.log_tail()}") from None
+
+
+# ---- the chart --------------------------------------------------------------------------------------
+
+CHART = tools.REPO_ROOT / "charts" / "slm-monitoring"
+CHART_RELEASE = "slm-monitoring"
+CHART_NAMESPACE = "slm-system"
+RECORDING_RULES_TEMPLATE = "templates/rules/prometheusrule.yaml"
+
+
+def helm_template(*, release: str = CHART_RELEASE, namespace: str = CHART_NAMESPACE, set_values: Sequence[str] = (),
+                  values: Mapping[str, Any] | None = None, show_only: Sequence[str] = (),
+                  api_versions: Sequence[str] = ()) -> list[dict[str, Any]]:
+    """`helm template` of the chart by the pinned Helm, for the pinned Kubernetes version, as objects."""
+    kube_version = tools.versions()["KUBERNETES_VERSION"].lstrip("v")
+    args = [tools.tool("helm"), "template", release, str(CHART), "--namespace", namespace,
+            "--kube-version", kube_version]  # fmt: skip
+    for api in api_versions:
+        args += ["--api-versions", api]
+    for template in show_only:
+        args += ["--show-only", template]
+    for item in set_values:
+        args += ["--set", item]
+    with contextlib.ExitStack() as stack:
+        if values:
+            import tempfile
+
+            handle = stack.enter_context(tempfile.NamedTemporaryFile("w", suffix=".yaml"))
+            yaml.safe_dump(dict(values), handle)
+            handle.flush()
+            args += ["--values", handle.name]
+        result = subprocess.run(args, capture_output=True, text=True, timeout=120, check=False)
+    if result.returncode != 0:
+        raise RuntimeError(f"helm template failed ({result.returncode}): {result.stderr}")
+    return [doc for doc in yaml.safe_load_all(result.stdout) if doc]
+
+
+def chart_recording_rules(stack_release: str, *, release: str = CHART_RELEASE,
+                          namespace: str = CHART_NAMESPACE) -> dict[str, Any]:
+    """The PrometheusRule of the chart's shared recording rules exactly as `helm install <release>
+    --namespace <namespace> --set kubePrometheusStack.release=<stack_release>` creates it on a cluster
+    serving the PrometheusRule API (templates/rules/prometheusrule.yaml; no second copy of the rules)."""
+    docs = helm_template(release=release, namespace=namespace, show_only=[RECORDING_RULES_TEMPLATE],
+                         set_values=[f"kubePrometheusStack.release={stack_release}"],
+                         api_versions=["monitoring.coreos.com/v1/PrometheusRule"])
+    if len(docs) != 1 or docs[0].get("kind") != "PrometheusRule":
+        kinds = [d.get("kind") for d in docs]
+        raise RuntimeError(f"{RECORDING_RULES_TEMPLATE} rendered {kinds}, not one PrometheusRule")
+    return docs[0]
+
+
+def install_chart_recording_rules(cluster: ClusterBase, stack: PrometheusStack, *,
+                                  timeout: float = 60) -> tuple[str, str]:
+    """Apply the chart's shared recording rules (`chart_recording_rules`, labelled for the stack's
+    `release`) and wait until Prometheus evaluates them; their (namespace, name). NotConsumed if not."""
+    rule = chart_recording_rules(stack.settings.release)
+    namespace, name = rule["metadata"]["namespace"], rule["metadata"]["name"]
+    ensure_namespace(cluster, namespace)
+    cluster.kubectl("apply", "--server-side", "--force-conflicts", "--field-manager=helm", "-f", "-",
+                    input=json.dumps(rule))
+    stack.wait_rules_loaded(namespace, name, timeout=timeout)
+    return namespace, name
 
 
 # ---- the SLM server ---------------------------------------------------------------------------------
@@ -447,7 +582,9 @@ def server_pod_selector(cluster: ClusterBase, namespace: str, name: str, *, time
 class MonitoringPlane:
     """One SLMDeployment end to end: the operator writes, the Prometheus Operator consumes, the servers answer.
 
-    In a fresh namespace: the SLMDeployment (`resource()`), reconciled by the real operator (a process
+    The chart's shared recording rules first (`install_chart_recording_rules`: what the chart installs
+    once per cluster, and what every alert of the operator's per-deployment PrometheusRule reads). Then,
+    in a fresh namespace: the SLMDeployment (`resource()`), reconciled by the real operator (a process
     watching that namespace); the server of its pod running here at the pod's address; Slack and webhook
     receivers pointing at `hooks` (/slack, /hook), e-mail at `smtp`; bounded load. Started, it has waited
     for the ServiceMonitor's target to be up, the PrometheusRule to be loaded and the AlertmanagerConfig
@@ -474,6 +611,7 @@ class MonitoringPlane:
     server: SlmServer | None = None
     load: LoadGenerator | None = None
     timings: dict[str, float] = field(default_factory=dict)
+    recording_rules: tuple[str, str] = ("", "")  # (namespace, name) of the chart's shared PrometheusRule
     _volume: str = ""
     _started: list[Any] = field(default_factory=list)
 
@@ -515,11 +653,17 @@ class MonitoringPlane:
         """The rule groups Prometheus loaded from the PrometheusRule the operator wrote."""
         return self.stack.loaded_rule_groups(self.namespace, self.name)
 
+    def shared_rule_groups(self) -> list[dict[str, Any]]:
+        """The rule groups Prometheus loaded from the chart's shared recording rules."""
+        return self.stack.loaded_rule_groups(*self.recording_rules)
+
     def start(self, model_dir: str | Path) -> MonitoringPlane:
         began = time.monotonic()
         try:
             self.smtp = self._start(SmtpSink())
             self.hooks = self._start(WebhookSink())
+            self.recording_rules = install_chart_recording_rules(self.cluster, self.stack)
+            self.timings["chart recording rules loaded"] = time.monotonic() - began
             install_crd(self.cluster)
             self.namespace = self.namespace or self.cluster.new_namespace(f"dp-{self.name}")
             self._volume = create_model_volume(self.cluster, self.namespace)

@@ -6,9 +6,12 @@ Operator, and the Prometheus and Alertmanager it generates, run here) → the He
 the real server with the tiny model, run at the address of tiny-demo's pod → Prometheus discovering it
 through the ServiceMonitor and loading the PrometheusRule, Alertmanager routing by the
 AlertmanagerConfig, all as the Prometheus Operator generated them → loopback SMTP and Slack/webhook
-sinks. Then load, a fault, the alert firing and its notifications, recovery, and a threshold edited in
-the resource reaching Prometheus' evaluation. Serving pods are faked by KWOK (no GPU here); the one
-that really runs is tiny-demo's, with the environment and volumes the operator put in its Deployment.
+sinks; the chart's OpenTelemetry Collector and VictoriaLogs (as `helm template` renders them with
+`logs.enabled=true`) shipping the pod's log lines, written where the container runtime writes them. Then
+load, a fault, the alert firing and its notifications beside a log query of the faulted deployment and
+its answer, recovery, and a threshold edited in the resource reaching Prometheus' evaluation. Serving
+pods are faked by KWOK (no GPU here); the one that really runs is tiny-demo's, with the environment and
+volumes the operator put in its Deployment.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ from typing import Any
 
 import yaml
 
-from . import dataplane
+from . import dataplane, logplane
 from .cluster import ClusterBase, LocalCluster, wait_for
 from .localpods import LocalKubelet
 from .operator_process import OperatorProcess
@@ -102,7 +105,7 @@ class Demo:
         self.keep_running = keep_running
         self.stop = stop
         self.summary = Summary()
-        self.progress = Progress(total=13)
+        self.progress = Progress(total=14)
 
     # --- helpers ------------------------------------------------------------------------------
     def helm(self, cluster: ClusterBase, *args: str) -> str:
@@ -118,6 +121,23 @@ class Demo:
     def condition(cluster: ClusterBase, name: str, kind: str) -> dict[str, Any]:
         status = cluster.kubectl_json("get", "slmdeployment", name, "-n", NAMESPACE).get("status", {})
         return next((c for c in status.get("conditions", []) if c["type"] == kind), {})
+
+    @staticmethod
+    def retention(logs: logplane.LogPlane) -> str:
+        args = logplane.store_objects(logs.docs)["StatefulSet"]["spec"]["template"]["spec"]["containers"][0]["args"]
+        return next((a.split("=", 1)[1] for a in args if a.startswith("-retentionPeriod=")), "VictoriaLogs' default")
+
+    @staticmethod
+    def failed_requests(store: logplane.VictoriaLogs | None, timeout: float = 60) -> logplane.LogQueryResult:
+        """The log query of tiny-demo's failed requests, once the store has at least one."""
+        assert store is not None
+
+        def answered() -> logplane.LogQueryResult | None:
+            result = logplane.deployment_log_query(store, NAMESPACE, DEMO, where="http.response.status_code:>=500")
+            return result if result.entries else None
+
+        return dataplane.wait_until(answered, timeout=timeout, interval=0.5,
+                                    what=f"a failed request of {NAMESPACE}/{DEMO} in VictoriaLogs")
 
     # --- the demo -----------------------------------------------------------------------------
     def run(self) -> None:
@@ -142,11 +162,24 @@ class Demo:
                     f"Alertmanager {monitoring.alertmanager.url}")
                 say(cluster.kubectl("get", "prometheus,alertmanager,statefulset,pods", "-n", "monitoring").stdout)
 
-            with p.step("Install the Helm chart"):
+            with p.step("Install the Helm chart (with its shared recording rules for kube-prometheus-stack's "
+                        "Prometheus)", fix="the message names the object that did not get through and why"):
+                # The release label on the recording rules only: a real install sets kubePrometheusStack.release,
+                # which labels the operator's ServiceMonitor too, and the operator here is a local process, not
+                # a pod Prometheus could scrape.
                 self.helm(cluster, "install", RELEASE, str(CHART), "--namespace", SYSTEM_NAMESPACE,
-                          "--create-namespace", "--wait", "--timeout", "180s")
+                          "--create-namespace", "--wait", "--timeout", "180s",
+                          "--set", f"recordingRules.labels.release={monitoring.settings.release}")
                 say(f"chart release '{RELEASE}' in {SYSTEM_NAMESPACE}")
-                say(cluster.kubectl("get", "deploy,sa,svc", "-n", SYSTEM_NAMESPACE).stdout)
+                say(cluster.kubectl("get", "deploy,sa,svc,prometheusrule", "-n", SYSTEM_NAMESPACE).stdout)
+                (shared_rules,) = cluster.kubectl_json(
+                    "get", "prometheusrule", "-n", SYSTEM_NAMESPACE, "-l",
+                    f"app.kubernetes.io/instance={RELEASE},app.kubernetes.io/component=recording-rules")["items"]
+                shared = monitoring.wait_rules_loaded(SYSTEM_NAMESPACE, shared_rules["metadata"]["name"], timeout=60)
+                recorded = sum(len(g["rules"]) for g in shared)
+                say(f"Prometheus evaluates the chart's {recorded} shared recording rules "
+                    f"(PrometheusRule {SYSTEM_NAMESPACE}/{shared_rules['metadata']['name']})")
+                self.summary.add("shared recording rules loaded (chart)", recorded)
 
             with p.step("Run the operator with only the chart's ServiceAccount token (its pod is faked by KWOK)",
                         fix="see the operator log path printed below"):
@@ -190,6 +223,20 @@ class Demo:
                 self.summary.add(f"objects owned by {DEMO}", ", ".join(
                     c if isinstance(c, str) else f"{c['kind']}/{c['name']}" for c in children))
 
+            with p.step("Ship the pods' logs: the chart's OpenTelemetry Collector and VictoriaLogs (as helm "
+                        "template renders them with logs.enabled=true), run here for tiny-demo's node",
+                        fix="see otelcol.log and victoria-logs.log under the demo's work directory, node/"):
+                pod = LocalKubelet(cluster, self.workdir / "pods").running_pod(
+                    NAMESPACE, dataplane.server_pod_selector(cluster, NAMESPACE, DEMO))
+                node = pod["spec"]["nodeName"]
+                logs = logplane.LogPlane(cluster, self.workdir / "node", node, release=RELEASE,
+                                         namespace=SYSTEM_NAMESPACE)
+                stack.callback(logs.stop)
+                logs.start()
+                assert logs.store is not None
+                say(f"collector for node {node} reading {logs.pods_dir}; VictoriaLogs {logs.store.url} "
+                    f"(retention {self.retention(logs)})")
+
             with p.step("Run tiny-demo's pod here: the real server with the tiny model, at the pod's address, "
                         "with the environment and volumes of the operator's Deployment",
                         fix="see the server log in the demo's work directory (pods/)"):
@@ -197,11 +244,12 @@ class Demo:
 
                 model_dir = ensure_tiny_model(log=say)
                 kubelet = LocalKubelet(cluster, self.workdir / "pods", claims={
-                    "models": dataplane.model_claim_dir(self.workdir, model_dir, "tiny-gpt2")})
+                    "models": dataplane.model_claim_dir(self.workdir, model_dir, "tiny-gpt2")},
+                    pod_logs_dir=logs.pods_dir)
                 stack.callback(kubelet.stop)
-                pod = kubelet.running_pod(NAMESPACE, dataplane.server_pod_selector(cluster, NAMESPACE, DEMO))
                 server = dataplane.SlmServer(kubelet.run(pod, env=dataplane.FAULT_ADMIN_ENV, timeout=300))
                 say(f"pod {pod['metadata']['name']} has IP {server.pod.ip}; its server answers here at {server.url}")
+                say(f"its log lines go where the container runtime writes them: {server.pod.containers[0].cri_log}")
 
             with p.step("Prometheus finds the server through the ServiceMonitor and loads the PrometheusRule; "
                         "Alertmanager routes by the AlertmanagerConfig — all as the Prometheus Operator generated "
@@ -245,6 +293,13 @@ class Demo:
                 mail = smtp.wait_for(lambda m: ALERT in m.subject, 90, "the e-mail")
                 say(f"firing after {fired - fault_at:.1f}s; Slack after {slack.at - fault_at:.1f}s, "
                     f"webhook after {hook.at - fault_at:.1f}s, e-mail '{mail.subject}'")
+                failed = self.failed_requests(logs.store)
+                say(f"the failed requests of {NAMESPACE}/{DEMO} in its logs (LogsQL, on the local VictoriaLogs):")
+                say(f"  {failed.command}")
+                say(f"{len(failed.entries)} lines, the newest:")
+                say(logplane.format_entries(failed.entries[:3]))
+                self.summary.add(f"{DEMO} failed requests in the logs", f"{len(failed.entries)} lines; query: "
+                                 f"{failed.query}")
                 self.summary.add("fault → alert firing", f"{fired - fault_at:.1f}s")
                 self.summary.add("fault → Slack / webhook", f"{slack.at - fault_at:.1f}s / {hook.at - fault_at:.1f}s")
 
@@ -286,6 +341,7 @@ class Demo:
             with p.step("Summary"):
                 self.summary.add("Prometheus UI", prometheus.url)
                 self.summary.add("Alertmanager UI", alertmanager.url)
+                self.summary.add("VictoriaLogs UI", f"{logs.store.url}/select/vmui/")
                 self.summary.add("kubeconfig", str(cluster.kubeconfig))
                 self.summary.print()
                 if self.keep_running:

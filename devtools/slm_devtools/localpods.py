@@ -16,6 +16,10 @@ what a kubelet would, with the pod object from the API server as the only input:
 - **containers**: each container name maps to a local program (`RUNTIMES`); its args and env are
   the pod's, with mount paths replaced by the local directories and `$(VAR)` expanded. Init
   containers run to completion first. Readiness is the container's own readinessProbe (httpGet).
+- **logs**: a container's output goes to `<pod dir>/logs/<container>.log`; given a node's log directory
+  (`LocalKubelet(pod_logs_dir=…)`, the node's `/var/log/pods`), it is also written there as the
+  container runtime writes it for the kubelet: `<namespace>_<pod>_<uid>/<container>/<restarts>.log`
+  in the CRI format (`cri_lines`), which is what a log collector on the node reads.
 
 Nothing here changes what the pod asked for beyond those three translations; where one is needed
 and missing (an unknown volume type or container), the pod fails to start with a message naming it.
@@ -79,6 +83,40 @@ _OWN_HOSTS = ("0.0.0.0", "localhost", "127.0.0.1", "[::]", "::")  # noqa: S104 -
 
 def _own_host(host: str) -> bool:
     return host in _OWN_HOSTS or host == ""
+
+
+# ---- container logs as the runtime writes them ---------------------------------------------------------
+
+# containerd (and CRI-O) split a line longer than this into partial (`P`) records.
+CRI_MAX_LINE = 16 * 1024
+
+
+def cri_time(at: float | None = None) -> str:
+    """RFC 3339 with nanoseconds, UTC: the time field of a CRI log line."""
+    at = time.time() if at is None else at
+    seconds = int(at)
+    nanos = round((at - seconds) * 1e9)
+    if nanos >= 1_000_000_000:
+        seconds, nanos = seconds + 1, nanos - 1_000_000_000
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds)) + f".{nanos:09d}Z"
+
+
+def cri_lines(line: bytes, *, stream: str = "stdout", at: float | None = None) -> bytes:
+    """One line of a container's output as the runtime writes it: split into `P` parts of at most
+    16 KiB and a final `F` part, each `<time> <stream> <tag> <content>\\n`."""
+    stamp = cri_time(at).encode()
+    content = line.rstrip(b"\n")
+    parts = [content[i:i + CRI_MAX_LINE] for i in range(0, len(content), CRI_MAX_LINE)] or [b""]
+    out = bytearray()
+    for index, part in enumerate(parts):
+        tag = b"F" if index == len(parts) - 1 else b"P"
+        out += stamp + b" " + stream.encode() + b" " + tag + b" " + part + b"\n"
+    return bytes(out)
+
+
+def pod_log_path(pod_logs_dir: Path, namespace: str, pod: str, uid: str, container: str, restarts: int = 0) -> Path:
+    """Where the runtime writes a container's log on its node (the kubelet's layout)."""
+    return pod_logs_dir / f"{namespace}_{pod}_{uid}" / container / f"{restarts}.log"
 
 
 # ---- volumes ----------------------------------------------------------------------------------------
@@ -244,19 +282,54 @@ class LocalContainer:
     argv: list[str]
     env: dict[str, str]
     log: Path
+    # The node's log file of this container without its `<restarts>.log` (see `pod_log_path`); None: only `log`.
+    cri_dir: Path | None = None
+    restarts: int = 0
     process: subprocess.Popen[bytes] | None = None
+    _copiers: list[threading.Thread] = field(default_factory=list)
+    _write_lock: threading.Lock = field(default_factory=threading.Lock)
+
+    @property
+    def cri_log(self) -> Path | None:
+        return None if self.cri_dir is None else self.cri_dir / f"{self.restarts}.log"
 
     def start(self, cwd: Path) -> None:
         self.log.parent.mkdir(parents=True, exist_ok=True)
-        with self.log.open("ab") as out:
-            self.process = subprocess.Popen(self.argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                            env={**os.environ, **self.env}, cwd=cwd, start_new_session=True)
+        env = {**os.environ, **self.env}
+        if self.cri_dir is None:
+            with self.log.open("ab") as out:
+                self.process = subprocess.Popen(self.argv, stdout=out, stderr=subprocess.STDOUT,
+                                                stdin=subprocess.DEVNULL, env=env, cwd=cwd, start_new_session=True)
+            return
+        self.cri_dir.mkdir(parents=True, exist_ok=True)
+        self.process = subprocess.Popen(self.argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                        stdin=subprocess.DEVNULL, env=env, cwd=cwd, start_new_session=True)
+        self._copiers = [threading.Thread(target=self._copy, args=(stream, name), daemon=True,
+                                          name=f"log-{self.name}-{name}")
+                         for stream, name in ((self.process.stdout, "stdout"), (self.process.stderr, "stderr"))]
+        for copier in self._copiers:
+            copier.start()
+
+    def _copy(self, stream: Any, stream_name: str) -> None:
+        """Each line as it comes: to `log` as it is, to the node's log file as the runtime writes it."""
+        cri_log = self.cri_log
+        assert cri_log is not None
+        for line in iter(stream.readline, b""):
+            with self._write_lock, self.log.open("ab") as plain, cri_log.open("ab") as cri:
+                plain.write(line)
+                cri.write(cri_lines(line, stream=stream_name))
+
+    def _join_copiers(self) -> None:
+        for copier in self._copiers:
+            copier.join(timeout=10)
+        self._copiers = []
 
     def running(self) -> bool:
         return self.process is not None and self.process.poll() is None
 
     def stop(self, grace: float = 10) -> None:
         if self.process is None or self.process.poll() is not None:
+            self._join_copiers()
             return
         with contextlib.suppress(ProcessLookupError):
             os.killpg(self.process.pid, 15)
@@ -266,6 +339,7 @@ class LocalContainer:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(self.process.pid, 9)
             self.process.wait(5)
+        self._join_copiers()
 
     def kill(self) -> None:
         if self.running():
@@ -273,6 +347,7 @@ class LocalContainer:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(self.process.pid, 9)
             self.process.wait(5)
+        self._join_copiers()
 
 
 class LocalPod:
@@ -507,7 +582,9 @@ class LocalPod:
         for flag, port in runtime.listen_flags.items():
             if flag not in seen_listen:
                 args.append(f"{flag}={self.address}:{port}")
-        return LocalContainer(name, [*runtime.program(), *args], env, self.dir / "logs" / f"{name}.log")
+        logs_dir = self.kubelet.pod_logs_dir
+        cri_dir = None if logs_dir is None else pod_log_path(logs_dir, self.namespace, self.name, self.uid, name).parent
+        return LocalContainer(name, [*runtime.program(), *args], env, self.dir / "logs" / f"{name}.log", cri_dir)
 
     def start(self, *, timeout: float = 120) -> LocalPod:
         deadline = time.monotonic() + timeout
@@ -541,6 +618,7 @@ class LocalPod:
         """Stop a container and start it again with the same command, as the kubelet restarts one."""
         container = next(c for c in self.containers if c.name == name)
         container.stop()
+        container.restarts += 1  # the runtime starts a new log file, <restarts>.log
         container.start(self.dir)
 
     def check(self) -> None:
@@ -587,11 +665,14 @@ class LocalPod:
 class LocalKubelet:
     """Runs chosen pods of a cluster as local processes and keeps their volumes current."""
 
-    def __init__(self, cluster: ClusterBase, workdir: Path, *, claims: Mapping[str, Path] | None = None) -> None:
+    def __init__(self, cluster: ClusterBase, workdir: Path, *, claims: Mapping[str, Path] | None = None,
+                 pod_logs_dir: Path | None = None) -> None:
         self.cluster = cluster
         self.network: PodNetwork = cluster.pod_network
         self.workdir = workdir
         self.claims: dict[str, Path] = dict(claims or {})
+        # The node's /var/log/pods: containers' output is also written there as the runtime does.
+        self.pod_logs_dir = pod_logs_dir
         self.pods: list[LocalPod] = []
         self._objects: dict[str, NamespaceObjects] = {}
         self._lock = threading.Lock()

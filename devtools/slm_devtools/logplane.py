@@ -36,7 +36,6 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -50,11 +49,10 @@ import yaml
 
 from slm_devtools import tools
 from slm_devtools.cluster import ClusterBase, free_port
-from slm_devtools.dataplane import LOOPBACK, ManagedProcess, NotReady, http_ok, wait_until
+from slm_devtools.dataplane import LOOPBACK, ManagedProcess, NotReady, helm_template, http_ok, wait_until
+from slm_devtools.localpods import cri_lines, pod_log_path
 
 CHART = tools.REPO_ROOT / "charts" / "slm-monitoring"
-# containerd (and CRI-O) split a line longer than this into partial (`P`) records.
-CRI_MAX_LINE = 16 * 1024
 
 
 # ---- the chart's rendering -------------------------------------------------------------------------
@@ -68,23 +66,8 @@ def render_chart(
     set_values: Sequence[str] = (),
 ) -> list[dict[str, Any]]:
     """`helm template` of the chart with `logs.enabled=true` (and `values`), as a list of objects."""
-    kube_version = tools.versions()["KUBERNETES_VERSION"].lstrip("v")
-    args = [tools.tool("helm"), "template", release, str(CHART), "--namespace", namespace,
-            "--kube-version", kube_version, "--set", "logs.enabled=true"]  # fmt: skip
-    with contextlib.ExitStack() as stack:
-        if values:
-            import tempfile
-
-            handle = stack.enter_context(tempfile.NamedTemporaryFile("w", suffix=".yaml"))
-            yaml.safe_dump(dict(values), handle)
-            handle.flush()
-            args += ["--values", handle.name]
-        for item in set_values:
-            args += ["--set", item]
-        result = subprocess.run(args, capture_output=True, text=True, timeout=120, check=False)
-    if result.returncode != 0:
-        raise RuntimeError(f"helm template failed ({result.returncode}): {result.stderr}")
-    return [doc for doc in yaml.safe_load_all(result.stdout) if doc]
+    return helm_template(release=release, namespace=namespace, values=values,
+                         set_values=["logs.enabled=true", *set_values])
 
 
 def _one(docs: Iterable[dict[str, Any]], kind: str, component: str) -> dict[str, Any]:
@@ -185,29 +168,6 @@ def localize_collector_config(
 # ---- pods' log files ---------------------------------------------------------------------------------
 
 
-def cri_time(at: float | None = None) -> str:
-    """RFC 3339 with nanoseconds, UTC: the time field of a CRI log line."""
-    at = time.time() if at is None else at
-    seconds = int(at)
-    nanos = round((at - seconds) * 1e9)
-    if nanos >= 1_000_000_000:
-        seconds, nanos = seconds + 1, nanos - 1_000_000_000
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds)) + f".{nanos:09d}Z"
-
-
-def cri_lines(line: bytes, *, stream: str = "stdout", at: float | None = None) -> bytes:
-    """One line of a container's output as the runtime writes it: split into `P` parts of at most
-    16 KiB and a final `F` part, each `<time> <stream> <tag> <content>\\n`."""
-    stamp = cri_time(at).encode()
-    content = line.rstrip(b"\n")
-    parts = [content[i:i + CRI_MAX_LINE] for i in range(0, len(content), CRI_MAX_LINE)] or [b""]
-    out = bytearray()
-    for index, part in enumerate(parts):
-        tag = b"F" if index == len(parts) - 1 else b"P"
-        out += stamp + b" " + stream.encode() + b" " + tag + b" " + part + b"\n"
-    return bytes(out)
-
-
 @dataclass
 class PodLogs:
     """A container's log file under a kubelet-like `/var/log/pods` (the runtime's side of it)."""
@@ -222,7 +182,7 @@ class PodLogs:
 
     @property
     def path(self) -> Path:
-        return self.pods_dir / f"{self.namespace}_{self.pod}_{self.uid}" / self.container / f"{self.restart}.log"
+        return pod_log_path(self.pods_dir, self.namespace, self.pod, self.uid, self.container, self.restart)
 
     def write(self, line: bytes | str, *, stream: str = "stdout", at: float | None = None) -> None:
         """Append one line (no newline needed) as the runtime would, flushed at once."""

@@ -27,7 +27,8 @@ def checkov() -> str:
     return result.stdout.strip().splitlines()[-1]
 
 
-def run_checkov(checkov: str, directory: Path) -> list[dict[str, Any]]:
+def run_checkov(checkov: str, directory: Path) -> tuple[list[dict[str, Any]], list[str]]:
+    """(failed checks, the resource ids in the report) of one checkov run over `directory`."""
     env = {**os.environ, "BC_SKIP_MAPPING": "TRUE", "CHECKOV_RUN_SCA_PACKAGE_SCAN_V2": "false"}
     result = subprocess.run(
         # --skip-download: offline (no Prisma Cloud guideline lookups).
@@ -41,7 +42,10 @@ def run_checkov(checkov: str, directory: Path) -> list[dict[str, Any]]:
     assert all(r.get("check_type") == "kubernetes" for r in reports)
     assert sum(r["summary"]["resource_count"] for r in reports) > 0, "checkov saw no resources"
     assert all(r["summary"]["parsing_errors"] == 0 for r in reports)
-    return [failed for r in reports for failed in r["results"]["failed_checks"]]
+    # `--quiet` leaves the passed checks out of the report: a resource with none failed is not listed.
+    checked = {c["resource"] for r in reports for kind in ("passed_checks", "failed_checks")
+               for c in r["results"].get(kind, [])}
+    return [failed for r in reports for failed in r["results"]["failed_checks"]], sorted(checked)
 
 
 def accepted(finding: dict[str, Any]) -> dict[str, Any] | None:
@@ -57,11 +61,13 @@ BROKEN_RELEASE = "broken"
 
 
 @pytest.fixture(scope="module")
-def all_findings(checkov: str, tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
-    """One checkov run (it takes ~15 s) over the default rendering, every ci/ values file and a
+def checkov_run(checkov: str, tmp_path_factory: pytest.TempPathFactory) -> tuple[list[dict[str, Any]], list[str]]:
+    """One checkov run (it takes ~15 s) over the default rendering, the default with log shipping on (the
+    collector and the bundled VictoriaLogs as a user turning it on gets them), every ci/ values file and a
     deliberately broken copy of the operator Deployment, each under its own release name."""
     directory = tmp_path_factory.mktemp("rendered")
     (directory / "default.yaml").write_text(render(release="default"))
+    (directory / "logs-default.yaml").write_text(render(release="logs-default", set_values=["logs.enabled=true"]))
     for values in CI_VALUES:
         name = values.name.removesuffix("-values.yaml")
         (directory / f"{name}.yaml").write_text(render(release=name, values=[values]))
@@ -69,6 +75,16 @@ def all_findings(checkov: str, tmp_path_factory: pytest.TempPathFactory) -> list
     broken[0]["spec"]["template"]["spec"]["containers"][0]["securityContext"]["privileged"] = True
     (directory / "broken.yaml").write_text(yaml.safe_dump_all(broken))
     return run_checkov(checkov, directory)
+
+
+@pytest.fixture(scope="module")
+def all_findings(checkov_run: tuple[list[dict[str, Any]], list[str]]) -> list[dict[str, Any]]:
+    return checkov_run[0]
+
+
+@pytest.fixture(scope="module")
+def checked(checkov_run: tuple[list[dict[str, Any]], list[str]]) -> list[str]:
+    return checkov_run[1]
 
 
 def _is_broken(finding: dict[str, Any]) -> bool:
@@ -95,6 +111,14 @@ def test_every_documented_exception_is_still_needed(findings: list[dict[str, Any
 def test_every_exception_says_why() -> None:
     for skip in SKIPS:
         assert skip["check"].startswith(("CKV_K8S_", "CKV2_K8S_")) and len(skip["reason"]) > 40, skip
+
+
+def test_checkov_sees_the_log_collector_and_the_bundled_store(checked: list[str]) -> None:
+    """The log plane's workloads of the default logs rendering are in checkov's report (each has a finding
+    accepted in checkov_skips.yaml, so its absence would mean checkov never saw it)."""
+    for kind_and_name in ("DaemonSet.slm-system.logs-default-slm-monitoring-log-collector",
+                          "StatefulSet.slm-system.logs-default-slm-monitoring-victorialogs"):
+        assert any(resource.startswith(kind_and_name) for resource in checked), kind_and_name
 
 
 def test_checkov_reports_a_privileged_container(all_findings: list[dict[str, Any]]) -> None:

@@ -45,7 +45,13 @@ def test_demo_runs_end_to_end_and_cleans_up(tmp_path: Path) -> None:
     assert re.search(r"firing after [\d.]+s; Slack after [\d.]+s, webhook after [\d.]+s, e-mail '\[FIRING:1\] "
                      r"SLMHighErrorRate llm/tiny-demo'", output), output
     assert re.search(r"resolved notification after [\d.]+s", output), output
-    assert 'SLMHighErrorRate: slm:error_ratio:rate30s{namespace="llm",job="tiny-demo"} > 0.2' in output
+    # The alert reads what the chart's shared recording rules record, which Prometheus evaluates.
+    assert re.search(r"Prometheus evaluates the chart's \d+ shared recording rules \(PrometheusRule "
+                     r"slm-system/slm-monitoring-recording-rules\)", output), output
+    window = r'\{namespace="llm",job="tiny-demo"\}\[30s\]\)\)'
+    assert re.search(rf"SLMHighErrorRate: \( sum by \(namespace, job\) \(rate\(slm:request_errors:pod_total{window} "
+                     rf"/ sum by \(namespace, job\) \(rate\(slm:requests:pod_total{window} \) > 0\.2$",
+                     output, flags=re.MULTILINE), output
     assert re.search(r"Prometheus evaluates the new threshold [\d.]+s after the edit \(reloaded by the Prometheus "
                      r"Operator's config reloader\)", output), output
     assert re.search(r"target http://127\.\d+\.\d+\.\d+:8000/metrics \(instance 10\.\d+\.\d+\.\d+:8000\) is up",
@@ -53,5 +59,17 @@ def test_demo_runs_end_to_end_and_cleans_up(tmp_path: Path) -> None:
     assert re.search(r"\| tiny-demo scrape targets up\s+\| 1/1", output), output
     assert re.search(r"\| Prometheus UI\s+\| http://127\.\d+\.\d+\.\d+:9090", output), output
     assert "every process stopped" in output
+
+    # Beside the alert: a log query of the faulted deployment a user can run, and the store's answer.
+    command = re.search(r"^\s+(curl -s http://127\.0\.0\.1:\d+/select/logsql/query --data-urlencode "
+                        r"'query=(.+)')$", output, flags=re.MULTILINE)
+    assert command, output
+    assert command[2] == ('_time:15m k8s.namespace.name:="llm" slm.deployment:="tiny-demo" '
+                          "http.response.status_code:>=500 | sort by (_time desc) | limit 20"), command[2]
+    shown = re.search(r"^\s+(\d+) lines, the newest:\n(\s+_time=.*\n)", output[command.end():], flags=re.MULTILINE)
+    assert shown and int(shown[1]) >= 1, output
+    first = shown[2]
+    assert re.search(r"k8s\.pod\.name=tiny-demo-[a-z0-9]+-[a-z0-9]+ ", first), first
+    assert re.search(r"http\.response\.status_code=5\d\d ", first) and "http.route=/v1/completions" in first, first
 
     assert processes_mentioning(str(workdir)) == []

@@ -179,6 +179,6 @@ def test_logs_ci_values_render_every_logs_option() -> None:
                                   "Authorization": "${file:/secrets/exporter/authorization}"}
     statefulset = store_objects(docs)["StatefulSet"]
     assert statefulset["spec"]["template"]["spec"]["containers"][0]["image"] == (
-        "victoriametrics/victoria-logs@sha256:fedcba9876543210fedcba9876543210fedcba9876543210fedcba9876543210")
+        "victoriametrics/victoria-logs:v1.52.2@sha256:fedcba9876543210fedcba9876543210fedcba9876543210fedcba9876543210")
     assert "-retention.maxDiskSpaceUsageBytes=45GiB" in statefulset["spec"]["template"]["spec"]["containers"][0]["args"]
     assert yaml.safe_dump(docs)  # every object is plain data

@@ -10,7 +10,8 @@ from typing import Any
 import pytest
 
 from slm_devtools.cluster import ClusterBase
-from slm_devtools.logplane import cri_time, log_plane, wait_for_entries
+from slm_devtools.localpods import cri_time
+from slm_devtools.logplane import log_plane, wait_for_entries
 from tests.logs.conftest import REQUEST_LINE, Pod
 
 pytestmark = [pytest.mark.e2e, pytest.mark.dataplane, pytest.mark.slow]

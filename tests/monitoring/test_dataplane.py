@@ -30,6 +30,7 @@ from slm_operator.monitoring.metric_names import (
     metric_names,
     server_metric_names,
 )
+from slm_operator.monitoring.rules import error_ratio_expr
 
 from .test_metric_contract import used_metric_names
 
@@ -114,6 +115,7 @@ def plane(cluster: ClusterBase, prometheus_stack: PrometheusStack,
             "hooks": monitoring.hooks,
             "load": monitoring.load,
             "groups": monitoring.rule_groups(),
+            "shared_groups": monitoring.shared_rule_groups(),
             "namespace": monitoring.namespace,
             "stack": prometheus_stack,
             "workdir": workdir,
@@ -154,20 +156,32 @@ def _wait_all_return_data(prometheus: dp.Prometheus, queries: dict[str, str], ti
     return pending
 
 
+# A selector that only a model on a GPU matches (slm_model_info's `device` is `cpu` here).
+ON_GPU_ONLY = 'device=~"cuda'
+
+
 def _sources(expr: str, records: dict[str, str]) -> set[str]:
-    """Raw metric names behind `expr`, following recording rules to their own expressions."""
+    """Raw metric names behind `expr`, following recording rules to their own expressions; a recording
+    rule that selects only GPU devices stands for itself (it has no data here whatever it reads)."""
     names: set[str] = set()
     for name in metric_names(expr):
-        names |= _sources(records[name], records) if name in records else {name}
+        if name in records and ON_GPU_ONLY not in records[name]:
+            names |= _sources(records[name], records)
+        else:
+            names.add(name)
     return names
 
 
 def _skippable(expr: str, records: dict[str, str], missing: set[str]) -> bool:
     """True when `expr` cannot have data here: all its sources are GPU/DCGM/kube-state-metrics series
-    (`up` only joins DCGM series to the pods), or one is a contract name the server lacks (which
-    test_server_exposes_every_metric_the_rules_and_panels_read reports on its own)."""
+    (`up` only joins DCGM series to the pods) or recording rules of GPU devices only, or one is a contract
+    name the server lacks (which test_server_exposes_every_metric_the_rules_and_panels_read reports on
+    its own)."""
+    gpu_only = {name for name, recorded in records.items() if ON_GPU_ONLY in recorded}
     names = _sources(expr, records) - {"up"}
-    return bool(names & missing) or (bool(names) and names <= UNAVAILABLE)
+    if ON_GPU_ONLY in expr:
+        return True
+    return bool(names & missing) or (bool(names) and names <= UNAVAILABLE | gpu_only)
 
 
 def _records(groups: list[dict[str, Any]]) -> dict[str, str]:
@@ -175,13 +189,38 @@ def _records(groups: list[dict[str, Any]]) -> dict[str, str]:
     return {rule["name"]: rule["query"] for group in groups for rule in group["rules"] if rule["type"] == "recording"}
 
 
+def test_the_chart_recording_rules_are_loaded_as_the_chart_renders_them(plane: dict[str, Any]) -> None:
+    """The shared recording rules come from the PrometheusRule `helm template` renders from the chart
+    (templates/rules), selected by kube-prometheus-stack's Prometheus through its `release` label."""
+    rendered = dp.chart_recording_rules(plane["stack"].settings.release)
+    assert rendered["metadata"]["labels"]["release"] == plane["stack"].settings.release
+    loaded = {group["name"]: [rule["name"] for rule in group["rules"]] for group in plane["shared_groups"]}
+    assert loaded == {group["name"]: [rule["record"] for rule in group["rules"]]
+                      for group in rendered["spec"]["groups"]}
+    assert "slm:requests:pod_total" in loaded["slm-shared.runtime-builtin"]
+
+
+def test_every_rule_of_the_deployment_reads_only_series_a_loaded_rule_records(plane: dict[str, Any]) -> None:
+    """Every slm:* series a rule of the operator's PrometheusRule reads (its alerts, its drift rules) is
+    recorded by a rule Prometheus has loaded: the chart's shared rules or the deployment's own. Without
+    the chart's rules the error-rate, latency, burn-rate and drift alerts could never fire."""
+    recorded = set(_records(plane["shared_groups"])) | set(_records(plane["groups"]))
+    rules = {f"{group['name']}/{rule['name']}": rule["query"] for group in plane["groups"] for rule in group["rules"]}
+    assert any(name.endswith("/SLMHighErrorRate") for name in rules), sorted(rules)
+    unrecorded = {rule: sorted(n for n in metric_names(query) if n.startswith("slm:") and n not in recorded)
+                  for rule, query in rules.items()}
+    assert not {rule: names for rule, names in unrecorded.items() if names}
+    from_shared = [rule for rule, query in rules.items() if metric_names(query) & set(_records(plane["shared_groups"]))]
+    assert len(from_shared) >= len(rules) // 2, from_shared
+
+
 def test_every_recording_rule_returns_data(plane: dict[str, Any], missing_from_server: set[str]) -> None:
     prometheus: dp.Prometheus = plane["prometheus"]
     stack: PrometheusStack = plane["stack"]
-    loaded = stack.loaded_rule_groups(plane["namespace"], NAME)
+    loaded = [*stack.loaded_rule_groups(plane["namespace"], NAME), *plane["shared_groups"]]
     unhealthy = [rule for group in loaded for rule in group["rules"] if rule["health"] == "err"]
     assert not unhealthy, unhealthy
-    records = _records(plane["groups"])
+    records = _records([*plane["shared_groups"], *plane["groups"]])
     # The drift z-scores need their history guard filled: 60 evaluations of a 1s-interval group.
     checked = {record: record for record, expr in records.items() if not _skippable(expr, records, missing_from_server)}
     skipped = sorted(set(records) - set(checked))
@@ -196,7 +235,7 @@ def test_every_panel_query_returns_data(plane: dict[str, Any], missing_from_serv
         render_dashboard(name=NAME, namespace=plane["namespace"], model=MODEL, alerts=LIVE_ALERTS),
         render_fleet_dashboard(),
     ]
-    records = _records(plane["groups"])
+    records = _records([*plane["shared_groups"], *plane["groups"]])
     queries: dict[str, str] = {}
     skipped: list[str] = []
     for dashboard in dashboards:
@@ -229,7 +268,8 @@ def test_fault_is_notified_by_email_slack_and_webhook_then_resolved(plane: dict[
     hooks: dp.WebhookSink = plane["hooks"]
     alert = "SLMHighErrorRate"
     # Healthy first: traffic flowing, the alert not firing.
-    dp.wait_until(lambda: prometheus.query('slm:error_ratio:rate15s{job="phi"} == 0'), timeout=60,
+    error_ratio = error_ratio_expr(f'namespace="{plane["namespace"]}",job="{NAME}"', "15s")
+    dp.wait_until(lambda: prometheus.query(f"({error_ratio}) == 0"), timeout=60,
                   what="error ratio 0 with traffic")  # fmt: skip
 
     injected = time.time()

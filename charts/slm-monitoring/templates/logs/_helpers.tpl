@@ -67,14 +67,11 @@ bundled VictoriaLogs' OpenTelemetry endpoint.
 {{- end }}
 
 {{/*
-An image reference {repository, tag, digest}: the digest wins over the tag.
+An image reference {repository, tag, digest}: `repository:tag@digest`, as the chart's other third-party
+images (slm-monitoring.pinnedImage): the tag for people reading the manifests, the digest for the kubelet.
 */}}
 {{- define "slm-monitoring.logs.image" -}}
-{{- if .digest -}}
-{{- printf "%s@%s" .repository .digest -}}
-{{- else -}}
-{{- printf "%s:%s" .repository .tag -}}
-{{- end -}}
+{{- include "slm-monitoring.pinnedImage" . -}}
 {{- end }}
 
 {{/*
