@@ -2,8 +2,8 @@
 each with a value where it takes one and a value it accepts where it lists them.
 
 No TGI package or binary can be had here (the launcher is a Rust binary shipped only in its image), so the
-judge is the launcher's reference, text-generation-inference/docs/source/reference/launcher.md at tag v<TGI_VERSION> — generated
-upstream from `text-generation-launcher --help` (clap) — recorded in tests/runtimes/data/ by
+judge is the launcher's reference, text-generation-inference/docs/source/reference/launcher.md at tag
+v<TGI_VERSION> — generated upstream from `text-generation-launcher --help` (clap) — recorded in tests/runtimes/data/ by
 scripts/tgi_extract.sh. A flag renamed or removed in a new version fails here once the pin is bumped and the
 file re-extracted; the test refuses a pin without its file.
 """

@@ -434,7 +434,7 @@ def test_tokenize_counts_a_prompt_and_a_chat_as_their_generations_count_them(ser
         ("/tokenize", {}, 422, "prompt"),
         ("/tokenize", {"prompt": "x", "messages": [{"role": "user", "content": "x"}]}, 422, "messages"),
         ("/tokenize", {"model": "gpt-17", "prompt": "x"}, 404, "gpt-17"),
-        # 256 tokens of context × 32 characters: a longer prompt cannot fit, and is not encoded to say so.
+        # 256 tokens of context x 32 characters: a longer prompt cannot fit, and is not encoded to say so.
         ("/tokenize", {"prompt": "ab " * 2731}, 400, "prompt has 8193 characters: more than fits the model's context"),
         (
             "/tokenize",
