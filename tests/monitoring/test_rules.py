@@ -14,7 +14,7 @@ from slm_operator.monitoring import rules
 from slm_operator.monitoring.defaults import ALERT_DEFAULTS, SEVERITIES, merged_alerts
 from slm_operator.monitoring.metric_names import metric_names
 from slm_operator.monitoring.rules import ALERT_NAMES, render_rule_groups, shared_rule_groups
-from slm_operator.spec import Parent
+from slm_operator.spec import Parent, parse_spec
 
 REPO = Path(__file__).resolve().parents[2]
 CONTRACT_ALERTS = {
@@ -172,7 +172,7 @@ def test_the_builtin_column_selects_the_container_the_operator_renders() -> None
     """The builtin column's `target` matcher names the serving container of the rendered Deployment."""
     parent = Parent("phi", "llm", "u-1")
     spec = {"model": {"name": "sshleifer/tiny-gpt2"}, "runtime": "builtin"}
-    children = render.render_children(parent, spec, server_image="img")
+    children = render.desired_children(parent, parse_spec(spec), render.RenderContext(server_image="img"))
     deployment = next(child for child in children if child["kind"] == "Deployment")
     (serving,) = [c for c in deployment["spec"]["template"]["spec"]["containers"]
                   if any(port.get("name") == "http" for port in c.get("ports", []))]  # fmt: skip
