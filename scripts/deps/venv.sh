@@ -80,4 +80,17 @@ for tool in "$deps"/bin/*; do
 done
 VIRTUAL_ENV="$venv" "$uv" pip install -q --no-deps -e "$repo/operator" -e "$repo/server" -e "$repo/sidecar" -e "$repo" ||
   die "installing the project (editable: operator, server, sidecar, devtools) failed."
+# Each product's own lock installs hash-checked from uv's cache (tests/packaging installs them
+# offline, as an air-gapped image build would). A package first cached by an install without hashes
+# (checkov's, say) is not trusted by --require-hashes offline: install each lock once here, online.
+for lock in operator/requirements.lock sidecar/requirements.lock; do
+  [ -f "$repo/$lock" ] || continue
+  mark="$cache/venvs/.hashed-$(sha256sum "$repo/$lock" | cut -c1-16)"
+  [ -f "$mark" ] && continue
+  scratch="$(mktemp -d)"
+  "$uv" venv -q --python "$PYTHON" "$scratch/venv"
+  "$uv" pip install -q --python "$scratch/venv/bin/python" --require-hashes -r "$repo/$lock" ||
+    die "installing $lock with its hashes failed; see the messages above."
+  rm -rf "$scratch"; touch "$mark"
+done
 say "python environment ready: $venv (packages from $deps)"
