@@ -29,7 +29,7 @@ CUSTOM_ALERTS = {
     "gpuMemory": {"thresholdPercent": 85},
     "queueSaturation": {"thresholdPercent": 60},
     "diskSpace": {"minFreePercent": 20},
-    "perplexityDrift": {"zScore": 4},
+    "perplexityDrift": {"zScore": 5},
 }
 
 
@@ -124,7 +124,7 @@ def test_alert_thresholds_are_drawn_on_the_matching_panels(alerts: dict[str, Any
         assert ("red", float(threshold)) in _threshold_steps(panels[title]), title
     disk = custom.get("diskSpace", {}).get("minFreePercent", 10)
     assert _threshold_steps(panels["Free disk space"]) == [("red", None), ("green", float(disk))]
-    z = custom.get("perplexityDrift", {}).get("zScore", 3.0)
+    z = custom.get("perplexityDrift", {}).get("zScore", 4.0)
     assert ("red", float(z)) in _threshold_steps(panels["Drift z-scores (PromQL baseline)"])
 
 
