@@ -50,7 +50,7 @@ from slm_devtools.logplane import (  # noqa: E402
 )
 from slm_devtools.tinymodel import ensure_tiny_model  # noqa: E402
 from slm_operator import render  # noqa: E402
-from slm_operator.spec import Parent  # noqa: E402
+from slm_operator.spec import Parent, parse_spec  # noqa: E402
 
 GOAL_LINES_PER_S = 20_000
 GOAL_LAG_P95_S = 5.0
@@ -71,9 +71,9 @@ def memory_kib(pid: int, key: str) -> int:
 
 
 def new_pod(cluster: LocalCluster, namespace: str, deployment: str) -> tuple[str, str, dict[str, Any]]:
-    rendered = render.render_deployment(Parent(deployment, namespace, str(uuid.uuid4())),
-                                        {"model": {"name": "tiny"}, "resources": {"gpus": 0}},
-                                        server_image="slm-server:bench")  # fmt: skip
+    spec = parse_spec({"model": {"name": "tiny"}, "resources": {"gpus": 0}})
+    rendered = render.render_deployment(Parent(deployment, namespace, str(uuid.uuid4())), spec,
+                                        render.RenderContext(server_image="slm-server:bench"))  # fmt: skip
     name = f"{deployment}-{uuid.uuid4().hex[:10]}-{uuid.uuid4().hex[:5]}"
     manifest = serving_pod(rendered, name=name, node=NODE)
     return name, register_pod(cluster, namespace, manifest), manifest

@@ -23,7 +23,7 @@ from slm_devtools.cluster import ClusterBase
 from slm_devtools.logplane import LogPlane, PodLogs, log_plane, pod_name, register_pod, serving_pod
 from slm_devtools.tinymodel import ensure_tiny_model
 from slm_operator import render
-from slm_operator.spec import Parent
+from slm_operator.spec import Parent, parse_spec
 
 SERVER_IMAGE = "ghcr.io/slm-monitoring/slm-server:0.1.0"
 
@@ -70,7 +70,7 @@ class Pod:
 
 def make_pod(cluster: ClusterBase, namespace: str, node: str, deployment: str, spec: dict[str, Any]) -> Pod:
     parent = Parent(deployment, namespace, str(uuid.uuid4()))
-    rendered = render.render_deployment(parent, spec, server_image=SERVER_IMAGE)
+    rendered = render.render_deployment(parent, parse_spec(spec), render.RenderContext(server_image=SERVER_IMAGE))
     manifest = serving_pod(rendered, name=pod_name(deployment), node=node)
     uid = register_pod(cluster, namespace, manifest)
     return Pod(namespace, deployment, manifest["metadata"]["name"], uid, manifest)
