@@ -49,7 +49,7 @@ import yaml
 
 from slm_devtools import tools
 from slm_devtools.cluster import ClusterBase, free_port
-from slm_devtools.dataplane import LOOPBACK, ManagedProcess, NotReady, helm_template, http_ok, wait_until
+from slm_devtools.dataplane import LOOPBACK, FaultAdmin, ManagedProcess, NotReady, helm_template, http_ok, wait_until
 from slm_devtools.localpods import cri_lines, pod_log_path
 
 CHART = tools.REPO_ROOT / "charts" / "slm-monitoring"
@@ -241,6 +241,7 @@ class ServerPod:
     env: Mapping[str, str]
     workdir: Path
     port: int = 0
+    admin_port: int = 0
     process: subprocess.Popen[bytes] | None = None
     lines: list[bytes] = field(default_factory=list)
     _copiers: list[threading.Thread] = field(default_factory=list)
@@ -249,10 +250,16 @@ class ServerPod:
     def url(self) -> str:
         return f"http://{LOOPBACK}:{self.port}"
 
+    def faults(self) -> FaultAdmin:
+        """The server's fault admin API (its own listener, never the serving port)."""
+        return FaultAdmin.of(address=LOOPBACK, port=self.port, env={**self.env, "SLM_ADMIN_PORT": str(self.admin_port)})
+
     def start(self, timeout: float = 240) -> ServerPod:
         self.port = self.port or free_port()
+        self.admin_port = self.admin_port or free_port()
         self.workdir.mkdir(parents=True, exist_ok=True)
-        env = {**os.environ, **self.env, "SLM_HOST": LOOPBACK, "SLM_PORT": str(self.port)}
+        env = {**os.environ, **self.env, "SLM_HOST": LOOPBACK, "SLM_PORT": str(self.port),
+               "SLM_ADMIN_PORT": str(self.admin_port)}  # fmt: skip
         self.process = subprocess.Popen(
             [sys.executable, "-m", "slm_server"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
             cwd=self.workdir, start_new_session=True,

@@ -70,7 +70,8 @@ class Pod:
 
 def make_pod(cluster: ClusterBase, namespace: str, node: str, deployment: str, spec: dict[str, Any]) -> Pod:
     parent = Parent(deployment, namespace, str(uuid.uuid4()))
-    rendered = render.render_deployment(parent, parse_spec(spec), render.RenderContext(server_image=SERVER_IMAGE))
+    context = render.RenderContext(server_image=SERVER_IMAGE, allow_fault_injection=True)
+    rendered = render.render_deployment(parent, parse_spec(spec), context)
     manifest = serving_pod(rendered, name=pod_name(deployment), node=node)
     uid = register_pod(cluster, namespace, manifest)
     return Pod(namespace, deployment, manifest["metadata"]["name"], uid, manifest)

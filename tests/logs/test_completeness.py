@@ -103,13 +103,13 @@ def test_every_request_line_is_in_the_store_with_every_field_and_no_prompt_or_ou
                 response.raise_for_status()
                 outputs.append(response.json()["choices"][0]["message"]["content"])
         # An overload: two generations at once, each slowed by 3 s, on one slot without a queue.
-        client.post("/admin/faults", json={"addedLatencySeconds": 3}).raise_for_status()
+        server.faults().send({"addedLatencySeconds": 3})
         body = {"model": "tiny", "prompt": "hold", "max_tokens": 2, "temperature": 0}
         with concurrent.futures.ThreadPoolExecutor(2) as pool:
             responses = list(pool.map(lambda _: client.post("/v1/completions", json=body), "ab"))
         statuses = sorted(r.status_code for r in responses)
         assert statuses == [200, 429]
-        client.post("/admin/faults", json={"addedLatencySeconds": 0}).raise_for_status()
+        server.faults().send({"addedLatencySeconds": 0})
     server.stop()  # SIGTERM, as the kubelet stops the container: the shutdown lines follow
 
     written = [r for r in server.records() if r.get("event") == "request"]
