@@ -147,7 +147,8 @@ def test_every_request_line_is_in_the_store_with_every_field_and_no_prompt_or_ou
     assert first["gen_ai.request.model"] == "tiny"
     assert first["gen_ai.usage.output_tokens"] == "12"
     assert first["severity_number"] == "9"  # INFO
-    assert first["gen_ai.output.sha256"] == sha256_hex(outputs[0])
+    keyed = first["gen_ai.output.hmac_sha256"]  # keyed: not the plain sha256 anyone could recompute
+    assert len(keyed) == 64 and set(keyed) <= set("0123456789abcdef") and keyed != sha256_hex(outputs[0])
     refused_entry = next(e for e in stored if e["http.response.status_code"] == "429")
     assert refused_entry["error.type"] == "overloaded"
 
