@@ -1,8 +1,9 @@
 """Defaults of `spec.monitoring.alerts` — the one place they are written.
 
 The CRD's schema defaults (manifests/crds/) must equal these; a unit test checks it. The first three
-and the disk alert carry the seed's thresholds (shared/seed: HighErrorRate 5 % for 5m, SlowResponseTime
-p95 > 2 s for 5m, HighGPUUtilization > 90 % for 15m, LowDiskSpace < 10 % on /data for 5m).
+and the disk alert carry the thresholds the project started from (docs/architecture.md, "Default alert
+thresholds"): HighErrorRate 5 % for 5m, SlowResponseTime p95 > 2 s for 5m, HighGPUUtilization > 90 %
+for 15m, LowDiskSpace < 10 % on /data for 5m.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import copy
 from typing import Any
 
 ALERT_DEFAULTS: dict[str, Any] = {
-    # `window`: the rate window of the error ratio (the seed's 5m); shorter reacts and recovers faster.
+    # `window`: the rate window of the error ratio (5m by default); shorter reacts and recovers faster.
     # The window keeps a burst visible after it ends: the ratio stays above the threshold for about
     # burst + window - 1m, so with 5m a 2-minute burst already outlasts `for: 5m` (docs/runbooks/SLMHighErrorRate.md).
     "errorRate": {"threshold": 0.05, "for": "5m", "severity": "critical", "window": "5m"},
@@ -38,7 +39,7 @@ ALERT_DEFAULTS: dict[str, Any] = {
         "window": "15m",
         "baselineWindow": "1d",
     },
-    # Alerts the seed does not name; every `for` and severity is still the SRE's to edit.
+    # Alerts beyond the original four; every `for` and severity is still the SRE's to edit.
     "gpuXidErrors": {"for": "1m", "severity": "critical"},
     "gpuMetricsAbsent": {"for": "10m", "severity": "warning"},
     "targetDown": {"for": "5m", "severity": "critical"},
