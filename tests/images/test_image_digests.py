@@ -22,11 +22,12 @@ FILES = ("operator/Dockerfile", "server/Dockerfile", "charts/slm-monitoring/valu
 
 
 def pinned_in_repo() -> set[str]:
-    """image:tag@digest of every Dockerfile base and every pinned image the chart renders (DCGM on)."""
+    """image:tag@digest of every Dockerfile base and every pinned image the chart renders (DCGM and logs on)."""
     found = {c.value[0] for f in FILES[:2] for c in dockerfile.parse_file(str(REPO_ROOT / f))
              if c.cmd == "FROM" and "@" in c.value[0]}
-    for doc in documents(render(set_values=["dcgmExporter.enabled=true"])):
-        for container in doc.get("spec", {}).get("template", {}).get("spec", {}).get("containers", []):
+    for doc in documents(render(set_values=["dcgmExporter.enabled=true", "logs.enabled=true"])):
+        pod = doc.get("spec", {}).get("template", {}).get("spec", {})
+        for container in pod.get("containers", []) + pod.get("initContainers", []):
             if "@sha256:" in container["image"]:
                 found.add(container["image"])
     return found
@@ -56,7 +57,7 @@ def current(pins: set[str]) -> dict[str, str]:
 
 def test_every_pin_is_checked_and_current_pins_pass(tmp_path: Path) -> None:
     pins = pinned_in_repo()
-    assert len(current(pins)) >= 4  # python base, DCGM exporter, kubectl, busybox
+    assert len(current(pins)) >= 5  # python base, DCGM exporter, kubectl, busybox, log collector
     result = run(SCRIPT, registry(tmp_path, current(pins)))
     assert result.returncode == 0, result.stdout + result.stderr
     reported = {line.split()[1] for line in result.stdout.splitlines() if line.startswith("ok ")}
