@@ -277,7 +277,7 @@ def server_reference() -> str:
         "",
         "With `SLM_LOG_OUTPUTS=hash` (the default) a request line carries `gen_ai.output.hmac_sha256`: "
         "HMAC-SHA256 of the output under `SLM_OUTPUT_HASH_KEY`, so equal outputs have equal hashes, and nobody "
-        "without the key can tell which short output (\"yes\", a number, a name) a hash stands for by hashing "
+        'without the key can tell which short output ("yes", a number, a name) a hash stands for by hashing '
         "guesses. Give every replica the same key, from a Secret, to compare hashes across replicas and restarts. "
         "Without a key each process draws a random one: its hashes compare only with its own, and its "
         "`model_loaded` line says so (`slm.output_hash`).",
@@ -293,8 +293,8 @@ def server_reference() -> str:
         "or any fault is on, and each change is logged (`faults_changed`).",
         "",
         "```sh",
-        "curl -X POST http://127.0.0.1:8001/admin/faults -H \"Authorization: Bearer $SLM_ADMIN_TOKEN\" \\",
-        "     -d '{\"errorRate\": 0.5, \"addedLatencySeconds\": 2, \"degradedOutput\": false}'",
+        'curl -X POST http://127.0.0.1:8001/admin/faults -H "Authorization: Bearer $SLM_ADMIN_TOKEN" \\',
+        '     -d \'{"errorRate": 0.5, "addedLatencySeconds": 2, "degradedOutput": false}\'',
         "```",
     ]
     line = _server_request_line()
@@ -374,8 +374,30 @@ def alerts_reference() -> str:
     return "\n".join(lines)
 
 
+def _runtime_cells(dashboard: dict[str, Any], suffix: str, gaps: Any) -> list[str]:
+    """One row per panel of `dashboard`: what each runtime's deployment shows on it."""
+    from slm_operator.monitoring.rules import runtime_names
+
+    lines = []
+    for panel in dashboard.get("panels", []):
+        if panel.get("type") == "row":
+            continue
+        cells = []
+        for runtime in runtime_names():
+            targets = panel.get("targets", [])
+            missing = [t.get("legendFormat", "") for t in targets if gaps.reasons(t["expr"], runtime)]
+            if targets and len(missing) == len(targets):
+                cells.append("not exposed")
+            elif missing:
+                cells.append("without " + ", ".join(missing))
+            else:
+                cells.append("yes")
+        lines.append(f"| {_cell(panel.get('title', ''))}{suffix} | " + " | ".join(_cell(c) for c in cells) + " |")
+    return lines
+
+
 def dashboards_reference() -> str:
-    from slm_operator.monitoring.dashboards import render_dashboard
+    from slm_operator.monitoring.dashboards import RuntimeGaps, render_dashboard, render_fleet_dashboard
 
     dashboard = render_dashboard(name="<name>", namespace="<namespace>", model="<model>", alerts=None)
     lines = [
@@ -385,6 +407,14 @@ def dashboards_reference() -> str:
         f"Each SLMDeployment gets the dashboard **{dashboard.get('title', '')}** (a ConfigMap labelled for "
         "Grafana's sidecar); the chart ships a fleet overview. Panels read DCGM series first and the "
         "server's pynvml series second; alert thresholds from the resource are drawn on the matching panels.",
+        "",
+        "The same dashboard serves every runtime (`spec.runtime`: built-in, vLLM, SGLang, TGI, llama.cpp). Its "
+        "engine panels (requests, errors, latency, time to first token, inter-token latency, running and waiting "
+        "requests, tokens, KV-cache usage, preemptions) read the `slm:*` series that the chart's shared recording "
+        "rules compute from each runtime's own series ([runtimes](runtimes.md)); the model-behaviour panels read "
+        "the `slm_*` series that the built-in server, or the monitoring sidecar in front of any other runtime, "
+        "exposes. A panel whose signal the deployment's runtime does not expose shows *Not exposed by …* instead "
+        'of "No data", and its description gives the runtime\'s reason (see [per runtime](#per-runtime)).',
         "",
         "| panel | type | what it answers |",
         "| --- | --- | --- |",
@@ -402,6 +432,26 @@ def dashboards_reference() -> str:
             lines.append(
                 f"| {_cell(panel.get('title', ''))} | {panel.get('type', '')} | {_cell(panel.get('description', ''))} |"
             )
+    from slm_operator.monitoring.dashboards import RUNTIME_TITLES
+    from slm_operator.monitoring.rules import runtime_names
+
+    columns = {"builtin": "built-in"}
+    lines += [
+        "",
+        "## Per runtime",
+        "",
+        "What each panel shows for a deployment of each runtime: **yes**, every line of the panel has data; "
+        "**without** the lines named (the panel shows the others); **not exposed**, the runtime does not "
+        "measure what the panel draws, and the panel says *Not exposed by …* with the runtime's reason in its "
+        "description. Panels marked *(fleet)* are the chart's fleet overview. "
+        "`tests/monitoring/test_dashboards_runtimes.py` checks every panel query on each runtime's own series "
+        "through the shared recording rules.",
+        "",
+        "| panel | " + " | ".join(columns.get(r, RUNTIME_TITLES[r]) for r in runtime_names()) + " |",
+        "| --- | " + " | ".join("---" for _ in runtime_names()) + " |",
+    ]
+    lines += _runtime_cells(dashboard, "", RuntimeGaps.of(None))
+    lines += _runtime_cells(render_fleet_dashboard(), " (fleet)", RuntimeGaps.of(None))
     lines.append("")
     return "\n".join(lines)
 

@@ -9,7 +9,11 @@ slm_operator.monitoring.queries. Conventions:
 - the `model` variable filters every series that carries a `model` label;
 - GPU panels read DCGM first and pynvml second (through the shared rules' slm:gpu_* recording series);
 - alert thresholds from `alerts` are drawn on the matching panels (fieldConfig thresholds with
-  thresholdsStyle), so the dashboard shows where the alert will fire.
+  thresholdsStyle), so the dashboard shows where the alert will fire;
+- one JSON for every runtime (built-in, vLLM, SGLang, TGI, llama.cpp): engine signals come from the shared
+  recording rules' `slm:*` series (slm_operator.monitoring.queries). A panel none of whose queries a runtime
+  can answer says so instead of "No data" (fieldConfig `noValue`), and its description says why, with the
+  runtime's own reason (data/runtime_metrics.yaml); `RuntimeGaps` tells a missing signal from no data yet.
 """
 
 from __future__ import annotations
@@ -37,17 +41,25 @@ from grafana_foundation_sdk.cog.variants import Dataquery
 from grafana_foundation_sdk.models import common
 from grafana_foundation_sdk.models import dashboard as model
 from grafana_foundation_sdk.models.heatmap import HeatmapColorMode
+from grafana_foundation_sdk.models.prometheus import Dataquery as PrometheusQuery
 from grafana_foundation_sdk.models.prometheus import PromQueryFormat
 
 from slm_operator.monitoring import queries
 from slm_operator.monitoring.defaults import merged_alerts
+from slm_operator.monitoring.metric_names import metric_names
 from slm_operator.monitoring.queries import Scope
 from slm_operator.monitoring.rules import (
+    DEFAULT_RUNTIME,
+    _why_missing,
     burn_rate_windows,
     drift_series,
     drift_settings,
     format_duration,
     parse_duration,
+    render_rule_groups,
+    rules_data,
+    runtime_names,
+    runtime_records,
 )
 
 DATASOURCE = model.DataSourceRef(type_val="prometheus", uid="${datasource}")
@@ -57,6 +69,94 @@ TAGS = ["slm", "slm-monitoring"]
 Panel = timeseries.Panel | heatmap.Panel | stat.Panel | table.Panel
 Query = tuple[str, str]  # (PromQL, legend)
 Steps = list[tuple[str, float | None]]  # threshold steps (colour, value from which it applies)
+
+
+# How the panels name each runtime when they say it lacks a signal.
+RUNTIME_TITLES = {"builtin": "the built-in server", "vllm": "vLLM", "sglang": "SGLang", "tgi": "TGI",
+                  "llamacpp": "llama.cpp"}  # fmt: skip
+
+# Series that only the built-in server's engine measures. The sidecar in front of another runtime is the
+# server's own code without its engine (docs/sidecar.md): it exposes none of these, or 0 for the limits and
+# the load time (the queries keep only values above 0).
+BUILTIN_ENGINE_SERIES = frozenset({
+    "slm_forward_passes_total", "slm_forward_pass_generations_total", "slm_batch_size",
+    "slm_kv_cache_bytes", "slm_kv_cache_positions",
+    "slm_prefix_cache_hits_total", "slm_prefix_cache_queries_total", "slm_prefix_cache_bytes",
+    "slm_prefix_cache_capacity_bytes",
+    "slm_max_concurrent_requests", "slm_max_queue", "slm_model_load_seconds",
+})  # fmt: skip
+BUILTIN_ENGINE_REASON = (
+    "only the built-in server's engine measures it; the sidecar in front of another runtime cannot see inside it"
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class RuntimeGaps:
+    """Which runtimes can answer a panel query, to tell a signal a runtime lacks from "no data yet".
+
+    `recorded`: per runtime, the `slm:*` series its deployments get: its shared rule group's and those of
+    the deployment's own groups rendered for it (the drift means). A query can be answered by a runtime when
+    it records every `slm:*` series the query reads and (unless it is the built-in server) the query reads
+    no series of BUILTIN_ENGINE_SERIES; the rest (the `slm_*` contract of the server and the sidecar,
+    Prometheus', kube-state-metrics') every deployment has.
+    """
+
+    recorded: Mapping[str, frozenset[str]]
+    drift_reads: Mapping[str, frozenset[str]]  # a per-deployment drift series: the shared series its mean reads
+
+    @classmethod
+    def of(cls, alerts: Mapping[str, Any] | None) -> RuntimeGaps:
+        recorded = {}
+        for runtime in runtime_names():
+            groups = render_rule_groups(name="gaps", namespace="gaps", alerts=alerts, runtime=runtime)
+            own = {rule["record"] for group in groups for rule in group["rules"] if "record" in rule}
+            recorded[runtime] = runtime_records(runtime) | own
+        drift_reads: dict[str, frozenset[str]] = {}
+        means = {drift["signal"]: frozenset(metric_names(drift["mean"])) for drift in rules_data()["drift"]}
+        for signal, series in drift_series(alerts).items():
+            for name in series.values():
+                drift_reads[name] = means[signal]
+        return cls(recorded=recorded, drift_reads=drift_reads)
+
+    def reasons(self, expr: str, runtime: str) -> list[str]:
+        """Why `runtime` cannot answer `expr` (its own words, one per missing signal); [] when it can."""
+        found: list[str] = []
+        rows = {row["record"]: row for row in rules_data()["recording"]}
+        for name in sorted(metric_names(expr)):
+            if name in BUILTIN_ENGINE_SERIES and runtime != DEFAULT_RUNTIME:
+                found.append(BUILTIN_ENGINE_REASON)
+            elif name.startswith("slm:") and name not in self.recorded[runtime]:
+                # A shared series the runtime's group lacks, or a drift series whose mean it cannot compute.
+                lacking = [name] if name in rows else sorted(self.drift_reads.get(name, set()) - self.recorded[runtime])
+                found += [_why_missing(runtime, rows[series]) for series in lacking if series in rows]
+        return list(dict.fromkeys(found))
+
+    def lacking(self, exprs: list[str]) -> dict[str, list[str]]:
+        """{runtime: reasons} of the runtimes that can answer none of `exprs` (a panel that stays empty)."""
+        result = {}
+        for runtime in runtime_names():
+            reasons = [self.reasons(expr, runtime) for expr in exprs]
+            if exprs and all(reasons):
+                result[runtime] = list(dict.fromkeys(reason for each in reasons for reason in each))
+        return result
+
+
+def _titles(runtimes: list[str]) -> str:
+    names = [RUNTIME_TITLES.get(runtime, runtime) for runtime in runtimes]
+    return names[0] if len(names) == 1 else f"{', '.join(names[:-1])} or {names[-1]}"
+
+
+def no_value_text(runtimes: list[str]) -> str:
+    """What a panel shows instead of "No data" when `runtimes` cannot answer any of its queries."""
+    return f"Not exposed by {_titles(runtimes)} (the panel's description says why); otherwise no data yet"
+
+
+def _gaps_description(lacking: Mapping[str, list[str]]) -> str:
+    """One sentence per reason: the runtimes it applies to, and the reason."""
+    by_reason: dict[str, list[str]] = {}
+    for runtime, reasons in lacking.items():
+        by_reason.setdefault("; ".join(reasons), []).append(runtime)
+    return " ".join(f"Not exposed by {_titles(runtimes)}: {reason}." for reason, runtimes in by_reason.items())
 
 
 def dashboard_uid(*, namespace: str, name: str) -> str:
@@ -203,12 +303,22 @@ def _table(title: str, expr: str, *, width: int, description: str) -> table.Pane
     )
 
 
-def _assemble(dashboard: Dashboard, rows: list[tuple[str, list[Panel]]]) -> Dashboard:
+def _say_gaps(panel: Panel, gaps: RuntimeGaps) -> None:
+    """A panel that some runtime cannot fill says so (noValue) and why (its description)."""
+    built = panel.build()
+    lacking = gaps.lacking([t.expr or "" for t in built.targets or [] if isinstance(t, PrometheusQuery)])
+    if lacking:
+        panel.no_value(no_value_text(list(lacking)))
+        panel.description(f"{built.description} {_gaps_description(lacking)}".strip())
+
+
+def _assemble(dashboard: Dashboard, rows: list[tuple[str, list[Panel]]], gaps: RuntimeGaps) -> Dashboard:
     """Each row title followed by its panels, ids in layout order; the builder lays out the grid."""
     ids = iter(range(1, 1000))
     for title, panels in rows:
         dashboard.with_row(Row(title).collapsed(False).id(next(ids)))
         for panel in panels:
+            _say_gaps(panel, gaps)
             dashboard.with_panel(panel.id(next(ids)))
     return dashboard
 
@@ -291,6 +401,8 @@ class _Thresholds:
     gpu_percent: float
     gpu_memory_percent: float
     queue_percent: float
+    kv_cache_percent: float
+    preemptions_per_second: float
     disk_free_percent: float
     disk_mountpoint: str
     budget: float
@@ -311,6 +423,9 @@ class _Thresholds:
             "output_length": drift_settings(merged["outputLengthDrift"])["window"],
         }
         drift = {signal: {**names, "window": windows[signal]} for signal, names in series.items()}
+        # The runtime-only alerts' settings: their defaults in rules.yaml, under what the resource sets.
+        runtime_alerts = {spec["config"]: {**spec["defaults"], **merged.get(spec["config"], {})}
+                          for spec in rules_data()["runtime_alerts"]}  # fmt: skip
         return cls(
             error_ratio=float(merged["errorRate"]["threshold"]),
             error_window=format_duration(parse_duration(merged["errorRate"]["window"])),
@@ -319,6 +434,8 @@ class _Thresholds:
             gpu_percent=float(merged["gpuUtilization"]["thresholdPercent"]),
             gpu_memory_percent=float(merged["gpuMemory"]["thresholdPercent"]),
             queue_percent=float(merged["queueSaturation"]["thresholdPercent"]),
+            kv_cache_percent=float(runtime_alerts["kvCacheSaturation"]["thresholdPercent"]),
+            preemptions_per_second=float(runtime_alerts["requestPreemptions"]["thresholdPerSecond"]),
             disk_free_percent=float(merged["diskSpace"]["minFreePercent"]),
             disk_mountpoint=str(merged["diskSpace"]["mountpoint"]),
             budget=1 - float(merged["slo"]["availabilityPercent"]) / 100,
@@ -403,10 +520,15 @@ def _generation_row(s: Scope, t: _Thresholds) -> list[Panel]:
         ),
         _timeseries(
             "Inter-token latency",
-            [(queries.inter_token_latency(s, 0.95), "p95"), (queries.inter_token_latency(s, 0.50), "p50")],
+            [
+                (queries.inter_token_latency(s, 0.95), "p95"),
+                (queries.inter_token_latency(s, 0.50), "p50"),
+                (queries.inter_token_latency_mean(s), "mean"),
+            ],
             width=8,
             unit="s",
-            description="Time between two generated tokens of a request.",
+            description="Time between two generated tokens of a request (TGI: quantiles of each request's mean "
+            "time per token; llama.cpp: the mean only, it keeps no histogram).",
             minimum=0,
         ),
         _timeseries(
@@ -426,15 +548,16 @@ def _generation_row(s: Scope, t: _Thresholds) -> list[Panel]:
         _timeseries(
             "In-flight and queued requests",
             [
-                (queries.requests_in_flight(s), "in flight"),
-                (queries.requests_queued(s), "queued"),
+                (queries.requests_running(s), "running"),
+                (queries.requests_waiting(s), "waiting"),
                 (queries.concurrency_limit(s), "concurrency limit"),
                 (queries.queue_limit(s), "queue limit"),
                 (queries.mean_batch_size(s), "mean batch (generations per forward pass)"),
             ],
             width=8,
-            description="Generations running and waiting, with the limits from spec.server, and how many "
-            "generations share each forward pass (continuous batching; at most spec.server.maxBatchSize).",
+            description="Requests being processed and waiting to be, as the runtime counts them; for the built-in "
+            "server also the limits from spec.server and how many generations share each forward pass "
+            "(continuous batching; at most spec.server.maxBatchSize).",
             minimum=0,
         ),
         _timeseries(
@@ -459,6 +582,25 @@ def _generation_row(s: Scope, t: _Thresholds) -> list[Panel]:
             "empty, repetitive, and JSON that a response_format asked for but that ended incomplete (max_tokens "
             "too low for the schema, a stop string, a timeout).",
             stack=True,
+        ),
+        _timeseries(
+            "KV cache usage",
+            [(queries.kv_cache_usage(s), "{{pod}}")],
+            width=8,
+            unit="percent",
+            description="Share of the runtime's KV cache in use, per pod (vLLM: KV blocks, SGLang: the token "
+            f"pool). SLMKVCacheSaturated fires above {t.kv_cache_percent:g}%.",
+            thresholds=_above(t.kv_cache_percent),
+        ),
+        _timeseries(
+            "Preemptions",
+            [(queries.preemptions_rate(s), "preempted")],
+            width=8,
+            unit="reqps",
+            description="Requests evicted from the running batch for want of KV cache, to be computed again "
+            f"(SGLang calls it retraction). SLMRequestsPreempted fires above {t.preemptions_per_second:g}/s.",
+            thresholds=_above(t.preemptions_per_second),
+            minimum=0,
         ),
         _timeseries(
             "KV cache memory",
@@ -625,6 +767,7 @@ def render_dashboard(*, name: str, namespace: str, model: str, alerts: Mapping[s
             ("GPU", _gpu_row(s, t)),
             ("Pods and capacity", _pods_row(s, t)),
         ],
+        RuntimeGaps.of(alerts),
     )
     return _to_json(dashboard)
 
@@ -645,7 +788,7 @@ def _fleet_row() -> list[Panel]:
             queries.fleet_firing_alerts(),
             width=12,
             description="Alerts of the SLM rules now firing, per deployment.",
-        ),
+        ).no_value("No SLM alert is firing"),
     ]
 
 
@@ -709,7 +852,7 @@ def render_fleet_dashboard() -> dict[str, Any]:
     )
     dashboard.with_variable(_datasource_variable())
     dashboard.with_variable(_query_variable("namespace", "Namespace", queries.FLEET_NAMESPACES))
-    _assemble(dashboard, [("Fleet", _fleet_row()), ("Service level", _service_level_row())])
+    _assemble(dashboard, [("Fleet", _fleet_row()), ("Service level", _service_level_row())], RuntimeGaps.of(None))
     return _to_json(dashboard)
 
 

@@ -1,9 +1,18 @@
 """The PromQL of every dashboard panel, one function per query (owned by the monitoring work).
 
-Queries are scoped by the same selectors as the rules (slm_operator.monitoring.rules.selectors) and read
-the shared recording rules' series (slm:<what>:<window>) wherever an alert reads the same thing, or the
-alert's very expression (the error ratio over a resource's window), so a panel and its alert can never
-disagree. Panel layout, legends and units live in slm_operator.monitoring.dashboards.
+Queries are scoped by the same selectors as the rules (slm_operator.monitoring.rules.selectors). Every
+engine signal (requests, errors, latency quantiles, time to first token, inter-token latency, running and
+waiting requests, prompt and generated tokens, KV-cache usage, preemptions) is read from the shared
+recording rules' series (slm:<what>:<window>), which every runtime's rule group records from that runtime's
+own series, never from a runtime's native names: one dashboard serves the built-in server, vLLM, SGLang, TGI
+and llama.cpp alike. Where an alert reads the same thing, the panel reads the alert's very series or
+expression (the error ratio over a resource's window), so a panel and its alert can never disagree.
+
+What the server and the monitoring sidecar both expose (the `slm_*` contract: perplexity, output length,
+finish reasons, drift) is read as exposed; so is what only the built-in engine measures (its batches, KV
+cache bytes, prefix cache, limits). Most recorded series carry no `model` label (one model per deployment):
+those queries are scoped by `Scope.sel`, not by the `model` variable, which would filter them all out.
+Panel layout, legends and units live in slm_operator.monitoring.dashboards.
 Grafana substitutes `$model`, `$namespace` and `$__rate_interval` before the query reaches Prometheus.
 """
 
@@ -44,16 +53,26 @@ def _quantile(q: float, buckets: str, selector: str, window: str) -> str:
 # ---- traffic and errors -----------------------------------------------------------------------------
 
 
+# Runtimes whose request series carry no route (vLLM, TGI) record no `endpoint`: their one series is named so.
+ALL_ROUTES = "all routes"
+
+
+def _named_routes(expr: str) -> str:
+    """`expr` (by endpoint) with a series of no endpoint labelled ALL_ROUTES, so its legend is not empty."""
+    return f'label_replace({expr}, "endpoint", "{ALL_ROUTES}", "endpoint", "")'
+
+
 def request_rate_by_endpoint(s: Scope) -> str:
-    return f"sum by (endpoint) (slm:requests:rate5m{{{s.sel}}})"
+    return _named_routes(f"sum by (endpoint) (slm:requests:rate5m{{{s.sel}}})")
 
 
 def error_ratio_by_endpoint(s: Scope) -> str:
-    # `or ... * 0`: an endpoint without a 5xx yet reads 0, not "No data".
-    return (
-        f'(sum by (endpoint) (slm:requests:rate5m{{{s.sel},status=~"5.."}})'
+    # `or ... * 0`: an endpoint without a 5xx yet reads 0, not "No data". Runtimes without an HTTP status
+    # record "5xx" for the server's failures, which `5..` matches too.
+    return _named_routes(
+        f'((sum by (endpoint) (slm:requests:rate5m{{{s.sel},status=~"5.."}})'
         f" or sum by (endpoint) (slm:requests:rate5m{{{s.sel}}}) * 0)"
-        f" / sum by (endpoint) (slm:requests:rate5m{{{s.sel}}})"
+        f" / sum by (endpoint) (slm:requests:rate5m{{{s.sel}}}))"
     )
 
 
@@ -100,16 +119,28 @@ def time_to_first_token_p50(s: Scope) -> str:
     return f"slm:time_to_first_token_seconds_p50:rate5m{{{s.model}}}"
 
 
+# The quantiles of the time between two tokens the shared rules record (TGI: of each request's mean).
+_INTER_TOKEN = {0.95: "slm:inter_token_latency_seconds_p95:rate5m",
+                0.50: "slm:inter_token_latency_seconds_p50:rate5m"}  # fmt: skip
+
+
 def inter_token_latency(s: Scope, q: float) -> str:
-    return _quantile(q, "slm_inter_token_latency_seconds_bucket", s.model, RATE)
+    if q not in _INTER_TOKEN:
+        raise ValueError(f"the shared rules record the p95 and p50 of inter-token latency, not the {q:g} quantile")
+    return f"{_INTER_TOKEN[q]}{{{s.sel}}}"
+
+
+def inter_token_latency_mean(s: Scope) -> str:
+    """The mean time per generated token: the one decoding figure llama.cpp gives (no histogram)."""
+    return f"slm:inter_token_latency_seconds:mean5m{{{s.sel}}}"
 
 
 def generated_tokens_rate(s: Scope) -> str:
-    return f"sum(rate(slm_generation_tokens_total{{{s.model}}}[{RATE}]))"
+    return f"sum(slm:generated_tokens:rate5m{{{s.sel}}})"
 
 
 def prompt_tokens_rate(s: Scope) -> str:
-    return f"sum(rate(slm_prompt_tokens_total{{{s.model}}}[{RATE}]))"
+    return f"sum(slm:prompt_tokens:rate5m{{{s.sel}}})"
 
 
 def prefix_cache_hits_rate(s: Scope) -> str:
@@ -120,20 +151,22 @@ def request_tokens_per_second(s: Scope, q: float) -> str:
     return _quantile(q, "slm_request_tokens_per_second_bucket", s.model, RATE)
 
 
-def requests_in_flight(s: Scope) -> str:
-    return f"sum(slm_requests_in_flight{{{s.model}}})"
+def requests_running(s: Scope) -> str:
+    return f"sum(slm:requests_running:sum{{{s.sel}}})"
 
 
-def requests_queued(s: Scope) -> str:
-    return f"sum(slm_requests_queued{{{s.model}}})"
+def requests_waiting(s: Scope) -> str:
+    return f"sum(slm:requests_waiting:sum{{{s.sel}}})"
 
 
+# `> 0`: the sidecar in front of another runtime exposes the built-in server's limits as 0 (the runtime's
+# own limits are not the sidecar's); a limit of 0 drawn on the panel would be wrong.
 def concurrency_limit(s: Scope) -> str:
-    return f"sum(slm_max_concurrent_requests{{{s.model}}})"
+    return f"sum(slm_max_concurrent_requests{{{s.model}}}) > 0"
 
 
 def queue_limit(s: Scope) -> str:
-    return f"sum(slm_max_queue{{{s.model}}})"
+    return f"sum(slm_max_queue{{{s.model}}}) > 0"
 
 
 def mean_batch_size(s: Scope) -> str:
@@ -161,6 +194,16 @@ def repetitive_outputs_rate(s: Scope) -> str:
 
 def incomplete_structured_outputs_rate(s: Scope) -> str:
     return f'sum(rate(slm_structured_outputs_total{{{s.model},result="incomplete"}}[{RATE}]))'
+
+
+def kv_cache_usage(s: Scope) -> str:
+    """The share of the KV cache in use per pod, in percent (vLLM, SGLang): SLMKVCacheSaturated's series."""
+    return f"slm:kv_cache_usage:percent{{{s.sel}}}"
+
+
+def preemptions_rate(s: Scope) -> str:
+    """Requests preempted per second (vLLM, SGLang): SLMRequestsPreempted's series."""
+    return f"slm:preemptions:rate5m{{{s.sel}}}"
 
 
 def kv_cache_bytes(s: Scope) -> str:
@@ -251,7 +294,8 @@ def filesystem_free(s: Scope) -> str:
 
 
 def model_load_seconds(s: Scope) -> str:
-    return f"max(slm_model_load_seconds{{{s.model}}})"
+    # `> 0`: the sidecar does not see the runtime load its model and reports 0.
+    return f"max(slm_model_load_seconds{{{s.model}}}) > 0"
 
 
 def model_variable(s: Scope) -> str:
