@@ -44,7 +44,7 @@ from grafana_foundation_sdk.models.heatmap import HeatmapColorMode
 from grafana_foundation_sdk.models.prometheus import Dataquery as PrometheusQuery
 from grafana_foundation_sdk.models.prometheus import PromQueryFormat
 
-from slm_operator.monitoring import queries
+from slm_operator.monitoring import load_data, queries
 from slm_operator.monitoring.defaults import merged_alerts
 from slm_operator.monitoring.metric_names import metric_names
 from slm_operator.monitoring.queries import Scope
@@ -57,7 +57,6 @@ from slm_operator.monitoring.rules import (
     format_duration,
     parse_duration,
     render_rule_groups,
-    rules_data,
     runtime_names,
     runtime_records,
 )
@@ -103,6 +102,7 @@ class RuntimeGaps:
 
     recorded: Mapping[str, frozenset[str]]
     drift_reads: Mapping[str, frozenset[str]]  # a per-deployment drift series: the shared series its mean reads
+    rows: Mapping[str, Mapping[str, Any]]  # the shared recording rules' rows (rules.yaml), by series
 
     @classmethod
     def of(cls, alerts: Mapping[str, Any] | None) -> RuntimeGaps:
@@ -112,16 +112,17 @@ class RuntimeGaps:
             own = {rule["record"] for group in groups for rule in group["rules"] if "record" in rule}
             recorded[runtime] = runtime_records(runtime) | own
         drift_reads: dict[str, frozenset[str]] = {}
-        means = {drift["signal"]: frozenset(metric_names(drift["mean"])) for drift in rules_data()["drift"]}
+        means = {drift["signal"]: frozenset(metric_names(drift["mean"])) for drift in load_data("rules.yaml")["drift"]}
         for signal, series in drift_series(alerts).items():
             for name in series.values():
                 drift_reads[name] = means[signal]
-        return cls(recorded=recorded, drift_reads=drift_reads)
+        rows = {row["record"]: row for row in load_data("rules.yaml")["recording"]}
+        return cls(recorded=recorded, drift_reads=drift_reads, rows=rows)
 
     def reasons(self, expr: str, runtime: str) -> list[str]:
         """Why `runtime` cannot answer `expr` (its own words, one per missing signal); [] when it can."""
         found: list[str] = []
-        rows = {row["record"]: row for row in rules_data()["recording"]}
+        rows = self.rows
         for name in sorted(metric_names(expr)):
             if name in BUILTIN_ENGINE_SERIES and runtime != DEFAULT_RUNTIME:
                 found.append(BUILTIN_ENGINE_REASON)
@@ -425,7 +426,7 @@ class _Thresholds:
         drift = {signal: {**names, "window": windows[signal]} for signal, names in series.items()}
         # The runtime-only alerts' settings: their defaults in rules.yaml, under what the resource sets.
         runtime_alerts = {spec["config"]: {**spec["defaults"], **merged.get(spec["config"], {})}
-                          for spec in rules_data()["runtime_alerts"]}  # fmt: skip
+                          for spec in load_data("rules.yaml")["runtime_alerts"]}  # fmt: skip
         return cls(
             error_ratio=float(merged["errorRate"]["threshold"]),
             error_window=format_duration(parse_duration(merged["errorRate"]["window"])),
