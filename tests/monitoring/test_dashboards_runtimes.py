@@ -325,6 +325,14 @@ def third_party_series(runtime: str) -> list[pc.Metric]:
         gauge({**sidecar, "__name__": name}, 0)
         for name in ("slm_max_concurrent_requests", "slm_max_queue", "slm_model_load_seconds")
     ]
+    # The sidecar's own counts of what passes through it, which no panel may add to the runtime's figures.
+    through = {**pc.SCRAPE, "container": SIDECAR, "endpoint": "/v1/completions"}
+    metrics += [
+        counter({**through, "__name__": "api_requests_total", "status": "200"}, REQUESTS),
+        gauge({**sidecar, "__name__": "slm_requests_in_flight"}, 7),
+        counter({**through, "__name__": "slm_prompt_tokens_total", "model": MODEL}, 500),
+        counter({**through, "__name__": "slm_generation_tokens_total", "model": MODEL}, 700),
+    ]
     if runtime == "vllm":
         metrics += [
             counter(native("vllm", "requests", finished_reason="stop"), REQUESTS - FAILED),
