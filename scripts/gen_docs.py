@@ -277,7 +277,7 @@ def server_reference() -> str:
         "",
         "With `SLM_LOG_OUTPUTS=hash` (the default) a request line carries `gen_ai.output.hmac_sha256`: "
         "HMAC-SHA256 of the output under `SLM_OUTPUT_HASH_KEY`, so equal outputs have equal hashes, and nobody "
-        'without the key can tell which short output ("yes", a number, a name) a hash stands for by hashing '
+        "without the key can tell which short output (\"yes\", a number, a name) a hash stands for by hashing "
         "guesses. Give every replica the same key, from a Secret, to compare hashes across replicas and restarts. "
         "Without a key each process draws a random one: its hashes compare only with its own, and its "
         "`model_loaded` line says so (`slm.output_hash`).",
@@ -293,8 +293,8 @@ def server_reference() -> str:
         "or any fault is on, and each change is logged (`faults_changed`).",
         "",
         "```sh",
-        'curl -X POST http://127.0.0.1:8001/admin/faults -H "Authorization: Bearer $SLM_ADMIN_TOKEN" \\',
-        '     -d \'{"errorRate": 0.5, "addedLatencySeconds": 2, "degradedOutput": false}\'',
+        "curl -X POST http://127.0.0.1:8001/admin/faults -H \"Authorization: Bearer $SLM_ADMIN_TOKEN\" \\",
+        "     -d '{\"errorRate\": 0.5, \"addedLatencySeconds\": 2, \"degradedOutput\": false}'",
         "```",
     ]
     line = _server_request_line()
