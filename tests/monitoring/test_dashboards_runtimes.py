@@ -24,9 +24,11 @@ from typing import Any
 
 import pytest
 import yaml
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.parser import text_string_to_metric_families
 
 from slm_devtools.tools import REPO_ROOT, tool
-from slm_operator.monitoring.dashboards import render_dashboard, render_fleet_dashboard
+from slm_operator.monitoring.dashboards import BUILTIN_ENGINE_SERIES, render_dashboard, render_fleet_dashboard
 from slm_operator.monitoring.metric_names import metric_names, runtime_metric_names
 from slm_operator.monitoring.rules import ALERT_NAMES, render_rule_groups, runtime_alert_names, unrendered_alerts
 from slm_server.metrics import (
@@ -37,6 +39,8 @@ from slm_server.metrics import (
     TOKENS_PER_SECOND_BUCKETS,
     TTFT_BUCKETS,
 )
+from slm_sidecar.app import create_app
+from slm_sidecar.settings import SidecarSettings
 
 from . import promtool_cases as pc
 from . import runtime_promtool_cases as rc
@@ -520,6 +524,20 @@ def test_no_panel_reads_a_runtimes_own_engine_series() -> None:
     natives = set().union(*runtime_metric_names().values()) | builtin_engine
     for (dashboard, title, legend), expr in panel_queries().items():
         assert not metric_names(expr) & natives, (dashboard, title, legend, expr)
+
+
+def test_the_sidecar_has_none_of_the_series_only_the_built_in_engine_measures() -> None:
+    """What the dashboards take for the built-in engine's own (not answerable in front of another runtime) is
+    absent from the real sidecar's /metrics, or 0: its limits and load time, which the queries leave out."""
+    registry = CollectorRegistry()
+    create_app(SidecarSettings(served_model_name=MODEL, runtime="vllm"), registry=registry)
+    exposed = {s.name: s.value for f in text_string_to_metric_families(generate_latest(registry).decode())
+               for s in f.samples}  # fmt: skip
+    assert {name: exposed[name] for name in BUILTIN_ENGINE_SERIES if name in exposed} == {
+        "slm_max_concurrent_requests": 0, "slm_max_queue": 0, "slm_model_load_seconds": 0,
+    }  # fmt: skip
+    # …while the quality series the panels read from it are there.
+    assert {"slm_request_perplexity_bucket", "model_output_tokens_bucket"} <= set(exposed)
 
 
 @pytest.mark.parametrize("runtime", RUNTIMES)
