@@ -490,6 +490,8 @@ def test_every_panel_query_has_data_unless_the_runtime_lacks_the_signal(runtime:
     exactly when the runtime has its signal, the main panels read the same values for every runtime, and
     every series the runtime's alerts read has data."""
     assert set(EMPTY[runtime]) <= set(panel_queries()), sorted(set(EMPTY[runtime]) - set(panel_queries()))
+    targets = sum(len(panel.get("targets", [])) for dashboard in dashboards().values() for panel in dashboard["panels"])
+    assert len(panel_queries()) == targets  # every target checked: no two share a panel and a legend
     result = run_promtool(runtime, tmp_path)
     assert result.returncode == 0, result.stdout[-20000:] + result.stderr[-5000:]
 
