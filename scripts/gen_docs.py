@@ -357,14 +357,17 @@ def alerts_reference() -> str:
         "The alerts read series that recording rules shared by the whole cluster compute from each runtime's own "
         "series (the chart's PrometheusRule `<release>-slm-monitoring-recording-rules`, one group per runtime; "
         "[architecture](../architecture.md#rules-shared-recording-rules-and-per-deployment-alerts)). Each carries "
-        "`namespace` and `job` and the labels listed; a runtime marked — lacks the signal.",
+        "`namespace` and `job` and the labels listed; a runtime marked — lacks the signal; one marked sidecar gets "
+        "it from the monitoring sidecar in its pods (group `slm-shared.sidecar`, [sidecar](../sidecar.md)).",
         "",
         "| series | labels | " + " | ".join(f"`{runtime}`" for runtime in runtimes) + " |",
         "| --- | --- | " + " | ".join("---" for _ in runtimes) + " |",
     ]
     for row in data["recording"]:
         labels = ", ".join(f"`{label}`" for label in row["by"]) or "—"
-        cells = ["yes" if shared_cell(row, runtime) is not None else "—" for runtime in runtimes]
+        cells = ["yes" if shared_cell(row, runtime) is not None
+                 else "sidecar" if "sidecar" in row and runtime in data["sidecar"]["runtimes"] else "—"
+                 for runtime in runtimes]
         lines.append(f"| `{row['record']}` | {labels} | " + " | ".join(cells) + " |")
     lines += [
         "",

@@ -39,7 +39,8 @@ def test_the_recording_rules_are_on_by_default_wherever_prometheus_rules_are_ser
     assert rule["metadata"]["labels"]["app.kubernetes.io/component"] == "recording-rules"
     groups = rule["spec"]["groups"]
     assert [group["name"] for group in groups] == [
-        f"slm-shared.runtime-{runtime}" for runtime in ("builtin", "vllm", "sglang", "tgi", "llamacpp")
+        *(f"slm-shared.runtime-{runtime}" for runtime in ("builtin", "vllm", "sglang", "tgi", "llamacpp")),
+        "slm-shared.sidecar",
     ]
     assert groups == yaml.safe_load(RULE_FILE.read_text())["groups"] == shared_rule_groups()
     # Without the Prometheus Operator API the install must not fail on an unknown kind.

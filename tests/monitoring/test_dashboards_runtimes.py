@@ -86,8 +86,6 @@ BUILTIN_ONLY = NOT_FROM_THE_SIDECAR | {
     (D, "Response time p50 / p95", "p50 {{endpoint}}"),
     (D, "Queue utilisation", "{{model}}"),
     (F, "Queue utilisation", "{{namespace}}/{{job}}"),
-    (D, "Perplexity", "mean (15m)"),
-    (D, "Drift z-scores (PromQL baseline)", "perplexity"),
     (D, "Free disk space", "{{pod}} {{mountpoint}}"),
 }
 NO_KV_CACHE_SHARE = {(D, "KV cache usage", "{{pod}}"), (D, "Preemptions", "preempted")}
@@ -131,7 +129,6 @@ SILENT = {
     (D, "KV cache usage"): {"builtin", "tgi", "llamacpp"},
     (D, "Preemptions"): {"builtin", "tgi", "llamacpp"},
     (D, "KV cache memory"): {"vllm", "sglang", "tgi", "llamacpp"},
-    (D, "Drift z-scores (PromQL baseline)"): {"llamacpp"},
     (D, "Free disk space"): {"vllm", "sglang", "tgi", "llamacpp"},
     (D, "Model load time"): {"vllm", "sglang", "tgi", "llamacpp"},
     (F, "Request rate"): {"llamacpp"},
@@ -258,6 +255,7 @@ def quality_series(container: str, *, device: str) -> list[pc.Metric]:
         ),
         gauge({**target, "__name__": "slm_drift_score", "model": MODEL, "signal": "perplexity"}, 0.1),
         gauge({**target, "__name__": "slm_drift_detected", "model": MODEL, "signal": "perplexity"}, 0),
+        gauge({**target, "__name__": "slm_fault_injection_enabled", "model": MODEL}, 0),
     ]
 
 
@@ -287,7 +285,6 @@ def builtin_series() -> list[pc.Metric]:
         gauge({**model, "__name__": "slm_max_concurrent_requests"}, 8),
         gauge({**model, "__name__": "slm_max_queue"}, 16),
         gauge({**model, "__name__": "slm_model_load_seconds"}, 12),
-        gauge({**model, "__name__": "slm_fault_injection_enabled"}, 0),
         counter({**model, "__name__": "slm_forward_passes_total"}, 600),
         counter({**model, "__name__": "slm_forward_pass_generations_total"}, 1800),
         gauge({**model, "__name__": "slm_kv_cache_bytes"}, 2**20),
@@ -581,9 +578,11 @@ def test_every_alert_reads_what_the_runtime_records_or_is_not_rendered(runtime: 
     unrendered = set(unrendered_alerts(runtime))
     assert set(reads) | unrendered == every and not set(reads) & unrendered
     charted = yaml.safe_load((REPO_ROOT / "charts/slm-monitoring/rules/recording-rules.yaml").read_text())["groups"]
-    (group,) = [g for g in charted if g["name"] == f"slm-shared.runtime-{runtime}"]
+    groups = [g for g in charted if g["name"] == f"slm-shared.runtime-{runtime}"]
+    if runtime != "builtin":  # the monitoring sidecar in the pod (docs/sidecar.md)
+        groups += [g for g in charted if g["name"] == "slm-shared.sidecar"]
     own = recorded_series(render_rule_groups(name=NAME, namespace=NAMESPACE, alerts=ALERTS, runtime=runtime))
-    available = recorded_series([group]) | own
+    available = recorded_series(groups) | own
     outside = {
         "up",
         "kube_pod_container_status_waiting_reason",

@@ -137,11 +137,38 @@ def test_one_shared_group_per_runtime_with_every_row_the_runtime_has() -> None:
     data = rules.rules_data()
     assert list(data["runtimes"]) == list(rules.runtime_names()) == ["builtin", "vllm", "sglang", "tgi", "llamacpp"]
     groups = shared_rule_groups()
-    assert [group["name"] for group in groups] == [f"slm-shared.runtime-{r}" for r in rules.runtime_names()]
+    assert [group["name"] for group in groups] == [f"slm-shared.runtime-{r}" for r in rules.runtime_names()] + [
+        "slm-shared.sidecar"]
     # The built-in server records every row but the KV cache's and the preemptions' (it has neither).
     builtin = [rule["record"] for rule in groups[0]["rules"]]
     assert builtin == [r for r in rules.shared_records() if r not in {"slm:kv_cache_usage:percent",
                                                                       "slm:preemptions:rate5m"}]
+
+
+def test_the_sidecar_group_records_quality_signals_once_for_every_third_party_runtime() -> None:
+    """Perplexity and fault injection come from the monitoring sidecar for vLLM, SGLang, TGI and llama.cpp:
+    recorded once from the sidecar container, and the drift and fault-injection alerts render for them."""
+    groups = {group["name"]: group["rules"] for group in shared_rule_groups()}
+    sidecar = {rule["record"]: rule["expr"] for rule in groups["slm-shared.sidecar"]}
+    assert set(sidecar) == {"slm:fault_injection_enabled:max", "slm:request_perplexity_sum:pod_total",
+                            "slm:request_perplexity_count:pod_total"}
+    assert all('container="slm-sidecar"' in expr for expr in sidecar.values())
+    for runtime in ("vllm", "sglang", "tgi", "llamacpp"):
+        assert set(sidecar) <= rules.runtime_records(runtime)
+        assert not set(sidecar) & {rule["record"] for rule in groups[f"slm-shared.runtime-{runtime}"]}
+        unrendered = rules.unrendered_alerts(runtime)
+        assert "SLMPerplexityDrift" not in unrendered and "SLMFaultInjectionEnabled" not in unrendered
+    # llama.cpp counts no finished requests: its output-length drift still cannot be rendered.
+    assert "SLMOutputLengthDrift" in rules.unrendered_alerts("llamacpp")
+
+
+def test_a_sidecar_cell_beside_a_cell_of_a_runtime_it_serves_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    data = rules.rules_data()
+    row = next(r for r in data["recording"] if r["record"] == "slm:request_perplexity_sum:pod_total")
+    row["vllm"] = "sum by (namespace, job) (vllm:nosuch{${target}})"
+    monkeypatch.setattr(rules, "_load_rules_data", lambda: data)
+    with pytest.raises(ValueError, match="twice"):
+        shared_rule_groups()
 
 
 def test_a_new_runtime_is_one_more_column_of_data(monkeypatch: pytest.MonkeyPatch) -> None:

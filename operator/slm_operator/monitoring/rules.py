@@ -114,11 +114,13 @@ def rules_data() -> dict[str, Any]:
 # ---- the shared layer ---------------------------------------------------------------------------------
 
 # Keys of a row of `recording` in rules.yaml that are not a runtime's cell.
-_ROW_KEYS = {"record", "by", "any", "signal", "why_not"}
 DEFAULT_RUNTIME = "builtin"
+SIDECAR = "sidecar"  # the rules table's key (and row cell) of what the monitoring sidecar records
+_ROW_KEYS = {"record", "by", "any", "signal", "why_not", SIDECAR}
 # A recorded series' name as an expression reads it (the drift rules' own series are `slm:${what}...`).
 _RECORDED_RE = re.compile(r"\bslm:[a-z0-9_]+:[a-z0-9_]+")
 SHARED_GROUP_PREFIX = "slm-shared.runtime-"
+SIDECAR_GROUP = "slm-shared.sidecar"
 
 
 def runtime_names() -> tuple[str, ...]:
@@ -132,12 +134,24 @@ def shared_cell(row: Mapping[str, Any], runtime: str) -> str | None:
     return None if cell is None else str(cell)
 
 
+def sidecar_runtimes() -> frozenset[str]:
+    """The runtimes whose pods run the monitoring sidecar, whose `sidecar` cells count as theirs."""
+    return frozenset(_load_rules_data()[SIDECAR]["runtimes"])
+
+
 def _check_table(data: Mapping[str, Any]) -> None:
     runtimes = set(data["runtimes"])
+    served = set(data[SIDECAR]["runtimes"])
+    if served - runtimes:
+        raise ValueError(f"rules.yaml: the sidecar serves unknown runtimes {sorted(served - runtimes)}")
     for row in data["recording"]:
         unknown = set(row) - _ROW_KEYS - runtimes
         if unknown:
             raise ValueError(f"rules.yaml: {row['record']} has cells for unknown runtimes {sorted(unknown)}")
+        twice = sorted(served & set(row)) + (["any"] if "any" in row else [])
+        if SIDECAR in row and twice:
+            raise ValueError(f"rules.yaml: {row['record']} has a sidecar cell and cells for {twice}, which would "
+                             "record the same series twice")
 
 
 def shared_rule_groups() -> list[dict[str, Any]]:
@@ -159,6 +173,11 @@ def shared_rule_groups() -> list[dict[str, Any]]:
             if cell is not None:
                 rules.append({"record": row["record"], "expr": fill(cell, values)})
         groups.append({"name": f"{SHARED_GROUP_PREFIX}{runtime}", "rules": rules})
+    values = {"target": str(data[SIDECAR]["target"])}
+    groups.append({"name": SIDECAR_GROUP, "rules": [
+        {"record": row["record"], "expr": fill(str(row[SIDECAR]), values)}
+        for row in data["recording"] if SIDECAR in row
+    ]})
     return groups
 
 
@@ -170,7 +189,11 @@ def shared_records() -> tuple[str, ...]:
 def runtime_records(runtime: str) -> frozenset[str]:
     """The series the shared group of `runtime` records."""
     _check_runtime(runtime)
-    return frozenset(row["record"] for row in _load_rules_data()["recording"] if shared_cell(row, runtime) is not None)
+    fed_by_sidecar = runtime in sidecar_runtimes()
+    return frozenset(
+        row["record"] for row in _load_rules_data()["recording"]
+        if shared_cell(row, runtime) is not None or (fed_by_sidecar and SIDECAR in row)
+    )
 
 
 def _check_runtime(runtime: str) -> None:
