@@ -27,6 +27,7 @@ from slm_operator.kube import MONITORING_KINDS, RESOURCES, OwnershipChanged, wit
 from slm_operator.render import SERVING_KINDS, MonitorLabels, RenderContext
 from slm_operator.spec import PARENT_LABEL, Parent, SecretKeyRef, SLMDeploymentSpec, child_names, lookup, parse_spec
 from slm_operator.status import (
+    ALERTS_UNSUPPORTED,
     MONITORING_READY,
     READY,
     SETTINGS_APPLIED,
@@ -170,6 +171,8 @@ def desired(state: State, parent: Parent, spec: SLMDeploymentSpec) -> Desired:
         monitoring_problems += selector_problems
     context = RenderContext(
         server_image=state.cfg.server_image,
+        runtime_images=dict(state.cfg.runtime_images),
+        sidecar_image=state.cfg.sidecar_image,
         monitor_labels=labels,
         prometheus_namespaces=tuple(sorted({p.split("/")[0] for p in selectors.prometheuses})) if selectors else (),
         allow_fault_injection=state.cfg.allow_fault_injection,
@@ -335,6 +338,7 @@ def report(state: State, body: Mapping[str, Any], plan: Desired, applied: Applie
                             else "ServiceMonitor, PrometheusRule and dashboard applied"),
         serving=Problem.combined(serving),
         settings=Problem.combined(plan.settings_problems),
+        unsupported_alerts=render.unsupported_alerts(plan.spec),
     )
     return _write_status(state, body, observation)
 
@@ -356,7 +360,7 @@ def _write_status(state: State, body: Mapping[str, Any], observation: Observatio
 def _invalid_spec(state: State, body: Mapping[str, Any], error: ValidationError) -> dict[str, Any]:
     """A spec the CRD let through but this operator cannot read (the CRD and the operator disagree)."""
     parent = Parent.of(body)
-    fields = "; ".join(f"spec.{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in error.errors())
+    fields = "; ".join(".".join(["spec", *(str(p) for p in e["loc"])]) + f": {e['msg']}" for e in error.errors())
     replicas = (body.get("spec") or {}).get("replicas", 1)
     observation = Observation(
         generation=int(body["metadata"].get("generation", 1)),
@@ -381,7 +385,9 @@ def _post_transition_events(state: State, body: Mapping[str, Any], previous: Map
         bad = (cond["type"] in (READY, MONITORING_READY, SETTINGS_APPLIED) and cond["status"] == "False"
                and cond["reason"] not in ("DeploymentMissing", "ReplicasNotReady")) or (
             cond["type"] == "Degraded" and cond["status"] == "True")
-        if old is None and not bad:
+        # Alerts left out for want of series: said once, also on the first status (the Applied events do not).
+        unsupported = cond["type"] == ALERTS_UNSUPPORTED and cond["status"] == "True"
+        if old is None and not bad and not unsupported:
             continue  # the first status of a new object: the Applied events already tell the story
         message = f"{cond['type']}={cond['status']}: {cond['message']}"
         state.kube.post_event(body, reason=cond["reason"], message=message, warning=bad)
@@ -497,6 +503,7 @@ def refresh_status(state: State, body: Mapping[str, Any], deployment: Mapping[st
             monitoring_message=str(monitoring_before.get("message", "")),
             serving=_kept_serving_problem(previous) or _gpu_problem(state, spec),
             settings=_kept(previous, SETTINGS_APPLIED),
+            unsupported_alerts=render.unsupported_alerts(spec),
         )
         _write_status(state, body, observation)
 
