@@ -32,7 +32,7 @@ EPHEMERAL_STORAGE = "ephemeral-storage"
 # DATA_DIR (spec): the model volume; also the default mountpoint of SLMLowDiskSpace.
 # The key of the llama.cpp image for pods with GPUs in RenderContext.runtime_images (CPU and CUDA builds differ).
 LLAMACPP_GPU = "llamacpp-gpu"
-SHM_DIR = "/dev/shm"
+SHM_DIR = "/dev/shm"  # noqa: S108 - a mount point in the pod, not a file this process writes
 # Labels every Prometheus Operator-managed Prometheus pod carries (prometheus-operator's statefulset.go).
 PROMETHEUS_POD_LABELS = {"app.kubernetes.io/name": "prometheus"}
 NAMESPACE_NAME_LABEL = "kubernetes.io/metadata.name"  # set by the API server on every namespace
