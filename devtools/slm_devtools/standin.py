@@ -50,7 +50,7 @@ STAND_INS: dict[str, Runtime] = {
 def listen_address(runtime: str, args: Sequence[str]) -> tuple[str, int, str]:
     """(host, port, served name) from a runtime's rendered arguments; the rest is ignored."""
     host_flag, port_flag, name_flags = FLAGS[runtime]
-    parser = argparse.ArgumentParser(add_help=False)
+    parser = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     parser.add_argument(host_flag, dest="host", required=True)
     parser.add_argument(port_flag, dest="port", type=int, required=True)
     for flag in name_flags:
