@@ -9,6 +9,7 @@ JSON, routing): that content is data built in Python, never text-templated.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import functools
 import json
@@ -342,7 +343,7 @@ def runtime_container(spec: SLMDeploymentSpec, context: RenderContext) -> dict[s
         "ports": ports,
         "env": env,
         "resources": _resources(spec),
-        "securityContext": dict(_RESTRICTED_CONTAINER),
+        "securityContext": copy.deepcopy(_RESTRICTED_CONTAINER),
         # Model load (minutes for a large model): the health endpoint answers 503 until the weights are in memory.
         "startupProbe": probe("startup", 10, 5, _startup_failure_threshold(spec)),
         "readinessProbe": probe("readiness", 5, 3, 3),
