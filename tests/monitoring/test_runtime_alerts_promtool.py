@@ -7,6 +7,9 @@ the runtime's container). Four cases per alert, as kubernetes-mixin and govuk-he
 just before `for` elapses, firing after it with its exact labels and annotations, a short burst that must
 not fire, and recovery. Every expected value is written out and worked out by hand below, never read from
 the rules; the generated cases with the defaults are in runtime_promtool_cases.py.
+
+Timing: the shared groups are evaluated first at each step (`group_eval_order`; promtool's own order is
+random), so an alert sees what was recorded at the same step.
 """
 
 from __future__ import annotations
@@ -87,12 +90,12 @@ def kv_cases(runtime: str) -> list[dict[str, Any]]:
     return [
         {
             # 50% for minutes 0-9, 80% for 10-19, 50% again from 20: above 75 from 10m, `for: 3m` -> fires at
-            # 13m (not at 12m), with the recorded 80; resolved once the fraction is back at 20m.
+            # 13m (not at 12m) with the recorded 80; resolved once the fraction is back at 20m.
             "name": f"[{runtime}] {alert} fires when the KV cache stays above the resource's 75% for 3m",
             "interval": "1m",
             "input_series": series("0.5x9 0.8x9 0.5x9"),
             "alert_rule_test": [check(alert, 9), check(alert, 12), check(alert, 13, kv_firing("80")),
-                                check(alert, 19, kv_firing("80")), check(alert, 21)],
+                                check(alert, 19, kv_firing("80")), check(alert, 20)],
         },
         {
             # 90% for two minutes (10-11): shorter than `for`, never fires.
@@ -116,8 +119,8 @@ def preemption_cases(runtime: str) -> list[dict[str, Any]]:
     # the samples of minutes t-4..t, extrapolated to 5 minutes (the first sample is one interval in):
     #   t=12: 1000,1000,1000,1120,1240 -> 240 x 5/4 = 300 per 5m = 1.0/s: not above 1;
     #   t=13: +360 x 5/4 = 1.5/s: pending from 13m; `for: 2m` -> silent at 14m, firing at 15m;
-    #   t>=15 while it ramps: 480 x 5/4 = 600 per 5m = 2.00/s.
-    # Flat again from minute 30: the rate is back to 0 by 35m.
+    #   from t=15 while it ramps: 480 x 5/4 = 600 per 5m = 2.00/s.
+    # Flat again from minute 31: the rate is back to 0 at 35m.
     def series(values: str) -> list[dict[str, str]]:
         return [{"series": name, "values": values} for name in PREEMPTIONS[runtime]]
 
@@ -128,7 +131,7 @@ def preemption_cases(runtime: str) -> list[dict[str, Any]]:
             "interval": "1m",
             "input_series": series("1000x10 1120+120x19 3400x20"),
             "alert_rule_test": [check(alert, 12), check(alert, 14), check(alert, 15, preempted_firing("2.00")),
-                                check(alert, 25, preempted_firing("2.00")), check(alert, 36)],
+                                check(alert, 25, preempted_firing("2.00")), check(alert, 35)],
         },
         {
             # Three minutes of preemptions (11-13): the rate is 1.5/s at 13m and 14m, 1.0/s at 15m: above the
@@ -141,28 +144,29 @@ def preemption_cases(runtime: str) -> list[dict[str, Any]]:
     ]
 
 
-def rule_files(directory: Path, runtime: str) -> list[str]:
-    groups = with_shared(render_rule_groups(name=NAME, namespace=NAMESPACE, alerts=ALERTS, runtime=runtime))
-    return list(write_rule_files(directory, [g for g in groups if ".drift-" not in g["name"]]).values())
+def rule_files(directory: Path, alerts: dict[str, Any] | None, runtime: str) -> dict[str, str]:
+    """{group name: file}, the shared groups first."""
+    groups = with_shared(render_rule_groups(name=NAME, namespace=NAMESPACE, alerts=alerts, runtime=runtime))
+    return write_rule_files(directory, [g for g in groups if ".drift-" not in g["name"]])
 
 
-def promtool_test(directory: Path, files: list[str], cases: list[dict[str, Any]]) -> subprocess.CompletedProcess[str]:
+def promtool_test(directory: Path, files: dict[str, str], cases: list[dict[str, Any]],
+                  ) -> subprocess.CompletedProcess[str]:
     path = directory / "test.yaml"
-    path.write_text(yaml.safe_dump({"rule_files": files, "evaluation_interval": "1m", "tests": cases},
-                                   sort_keys=False, width=1000))
+    path.write_text(yaml.safe_dump({"rule_files": list(files.values()), "evaluation_interval": "1m",
+                                    "group_eval_order": list(files), "tests": cases}, sort_keys=False, width=1000))
     return subprocess.run([tool("promtool"), "test", "rules", str(path)], capture_output=True, text=True, timeout=300)
 
 
 @pytest.mark.parametrize("runtime", ["vllm", "sglang"])
 def test_kv_cache_and_preemption_alerts_follow_the_resource(tmp_path: Path, runtime: str) -> None:
-    result = promtool_test(tmp_path, rule_files(tmp_path, runtime), [*kv_cases(runtime), *preemption_cases(runtime)])
+    files = rule_files(tmp_path, ALERTS, runtime)
+    result = promtool_test(tmp_path, files, [*kv_cases(runtime), *preemption_cases(runtime)])
     assert result.returncode == 0, result.stdout[-20000:] + result.stderr[-5000:]
 
 
 def test_the_cases_fail_on_rules_with_the_default_threshold(tmp_path: Path) -> None:
     """Not vacuous: rules rendered with the defaults (90%, 10m) do not pass the resource's cases."""
-    groups = with_shared(render_rule_groups(name=NAME, namespace=NAMESPACE, alerts=None, runtime="vllm"))
-    files = list(write_rule_files(tmp_path, [g for g in groups if ".drift-" not in g["name"]]).values())
-    result = promtool_test(tmp_path, files, kv_cases("vllm")[:1])
+    result = promtool_test(tmp_path, rule_files(tmp_path, None, "vllm"), kv_cases("vllm")[:1])
     assert result.returncode != 0
     assert "SLMKVCacheSaturated fires when the KV cache stays above" in result.stdout + result.stderr
