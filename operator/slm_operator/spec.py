@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping
-from typing import Any, Literal
+from typing import Any, Final, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pydantic.alias_generators import to_camel
@@ -29,7 +29,7 @@ PARENT_LABEL = "slm.dev/deployment"
 SERVER_PORT = 8000
 # Where the model volume is mounted in every serving container (a claim read-only, else the download cache).
 DATA_DIR = "/data"
-BUILTIN = "builtin"
+BUILTIN: Final = "builtin"
 Runtime = Literal["builtin", "vllm", "sglang", "tgi", "llamacpp"]
 
 Severity = Literal["critical", "warning", "info"]
