@@ -185,7 +185,9 @@ def test_example_reaches_ready_with_the_runtimes_flags_and_its_containers_serve(
         served = obj["spec"]["model"].get("servedName", obj["spec"]["model"]["name"])
         for pod in pods:
             models = httpx.get(pod.url("http", "/v1/models"), timeout=10).json()  # through the sidecar
-            assert [m["id"] for m in models["data"]] == [served]
+            # TGI has no served-name flag: it answers its --model-id, /data in the pod (here, the claim's directory).
+            expected = pod.host_path(runtime, "/data") if runtime == "tgi" else served
+            assert [m["id"] for m in models["data"]] == [expected]
             assert httpx.get(pod.url("http", "/readyz"), timeout=10).status_code == 200
         if runtime == "llamacpp":
             pod = pods[0]
