@@ -402,10 +402,11 @@ def test_per_resource_state_is_dropped_when_the_slmdeployment_is_deleted(api: In
     state = state_for(api)
     run(api, state, slmd())
     assert state.sizes()["rendered"] == 1 and state.sizes()["locks"] == 1 and state.sizes()["parents"] == 1
+    assert state.sizes()["alerts_said"] == 1  # the built-in server has no KV-cache or preemption series
     body = api.objects.pop(("slmdeployments", "ns", "m"))
     lifecycle.on_slmdeployment_event(state, "DELETED", body)
     sizes = state.sizes()
-    assert (sizes["rendered"], sizes["locks"], sizes["parents"]) == (0, 0, 0)
+    assert (sizes["rendered"], sizes["alerts_said"], sizes["locks"], sizes["parents"]) == (0, 0, 0, 0)
 
 
 def test_a_resync_drops_state_of_deletions_it_did_not_see(api: InMemoryApi) -> None:
@@ -414,7 +415,7 @@ def test_a_resync_drops_state_of_deletions_it_did_not_see(api: InMemoryApi) -> N
     del api.objects[("slmdeployments", "ns", "m")]  # deleted while the watch was down
     lifecycle.resync_once(state)
     sizes = state.sizes()
-    assert (sizes["rendered"], sizes["locks"], sizes["parents"]) == (0, 0, 0)
+    assert (sizes["rendered"], sizes["alerts_said"], sizes["locks"], sizes["parents"]) == (0, 0, 0, 0)
 
 
 def test_secret_references_are_checked_by_metadata_only(api: InMemoryApi) -> None:
@@ -472,6 +473,11 @@ def test_alerts_the_runtime_cannot_fire_are_a_condition_and_one_event(api: InMem
     assert conditions(api)["Ready"][1] != "InvalidSpec"
     reconcile(state, api.objects[("slmdeployments", "ns", "m")], trigger="resync")
     assert len([e for e in api.events if e["reason"] == "RuntimeLacksSignals"]) == 1  # not once per resync
+    # Nor when a second trigger starts from the same stale copy of the object (no status yet in it).
+    stale = copy.deepcopy(api.objects[("slmdeployments", "ns", "m")])
+    stale.pop("status")
+    reconcile(state, stale, trigger="resync")
+    assert len([e for e in api.events if e["reason"] == "RuntimeLacksSignals"]) == 1
     # Acknowledged in alerts.disabled: the condition clears.
     api.objects[("slmdeployments", "ns", "m")]["spec"]["monitoring"] = {"alerts": {"disabled": [
         "SLMHighTimeToFirstToken", "SLMQueueSaturated", "SLMGPUMetricsAbsent", "SLMLowDiskSpace",

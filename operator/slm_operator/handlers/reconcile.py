@@ -380,17 +380,37 @@ def _post_transition_events(state: State, body: Mapping[str, Any], previous: Map
     before = {c["type"]: c for c in previous.get("conditions", []) or []}
     for cond in status["conditions"]:
         old = before.get(cond["type"])
+        if cond["type"] == ALERTS_UNSUPPORTED:
+            _say_unsupported_alerts(state, body, old, cond)
+            continue
         if old is not None and old.get("status") == cond["status"] and old.get("reason") == cond["reason"]:
             continue
         bad = (cond["type"] in (READY, MONITORING_READY, SETTINGS_APPLIED) and cond["status"] == "False"
                and cond["reason"] not in ("DeploymentMissing", "ReplicasNotReady")) or (
             cond["type"] == "Degraded" and cond["status"] == "True")
-        # Alerts left out for want of series: said once, also on the first status (the Applied events do not).
-        unsupported = cond["type"] == ALERTS_UNSUPPORTED and cond["status"] == "True"
-        if old is None and not bad and not unsupported:
+        if old is None and not bad:
             continue  # the first status of a new object: the Applied events already tell the story
         message = f"{cond['type']}={cond['status']}: {cond['message']}"
         state.kube.post_event(body, reason=cond["reason"], message=message, warning=bad)
+
+
+def _say_unsupported_alerts(state: State, body: Mapping[str, Any], old: Mapping[str, Any] | None,
+                            cond: Mapping[str, Any]) -> None:
+    """One Normal Event when alerts are left out for the runtime (also on the first status), none per resync.
+
+    Two reconciles may start from the same stale copy of the object (a create and a resync, one after the
+    other under the lock): what was said is kept per SLMDeployment, so the second says nothing again.
+    """
+    key = (body["metadata"]["namespace"], body["metadata"]["name"])
+    said = (str(body["metadata"].get("uid", "")), str(cond["message"]))
+    if cond["status"] != "True":
+        state.alerts_said.pop(key, None)
+        return
+    unchanged = old is not None and old.get("status") == "True" and old.get("message") == cond["message"]
+    if unchanged or state.alerts_said.get(key) == said:
+        return
+    state.alerts_said[key] = said
+    state.kube.post_event(body, reason=str(cond["reason"]), message=f"{cond['type']}=True: {cond['message']}")
 
 
 # --- the whole reconcile ------------------------------------------------------------------------------
