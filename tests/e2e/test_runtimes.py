@@ -230,9 +230,11 @@ def test_alerts_a_runtime_cannot_support_are_left_out_and_said_once(
             "--field-selector", f"involvedObject.name={name},involvedObject.kind=SLMDeployment")["items"]
             if e["reason"] == "RuntimeLacksSignals"]
 
-    wait_for("the RuntimeLacksSignals event", lambda: len(events()) == 1, timeout=30,
-             on_timeout=lambda: json.dumps([(e["reason"], e.get("count"), e["message"][:80]) for e in cluster.kubectl_json(
-                 "get", "events", "-n", namespace)["items"]], indent=1))
+    def all_events() -> str:
+        items = cluster.kubectl_json("get", "events", "-n", namespace)["items"]
+        return json.dumps([(e["reason"], e.get("count"), e["message"][:80]) for e in items], indent=1)
+
+    wait_for("the RuntimeLacksSignals event", lambda: len(events()) == 1, timeout=30, on_timeout=all_events)
     # Said once: two more resyncs of every SLMDeployment add no second Event (nor a count on the first).
     resyncs = operator_process.sum_of("slm_operator_reconciles_total", trigger="resync")
     wait_for("two more resyncs", lambda: operator_process.sum_of("slm_operator_reconciles_total",

@@ -108,7 +108,8 @@ class State:
         self._locks_guard = threading.Lock()
         # Per SLMDeployment (namespace, name): (hash of the render inputs, rendered children and problems as JSON).
         self.rendered: dict[ParentKey, tuple[str, str]] = {}
-        # Per SLMDeployment: (uid, message) of the AlertsUnsupported Event last posted (reconcile._say_unsupported_alerts).
+        # Per SLMDeployment: (uid, message) of the AlertsUnsupported Event last posted
+        # (reconcile._say_unsupported_alerts).
         self.alerts_said: dict[ParentKey, tuple[str, str]] = {}
         self.parents: set[ParentKey] = set()
         # Applies of one reconcile run concurrently; shared by all reconciles, so bounded overall.
