@@ -259,3 +259,46 @@ def test_alerts_a_runtime_cannot_support_are_left_out_and_said_once(
         f'slm:preemptions:rate5m{{namespace="{namespace}",job="{vllm_name}"}} > 0.1')
     assert (rules["SLMKVCacheSaturated"]["for"], rules["SLMKVCacheSaturated"]["labels"]["severity"]) == (
         "10m", "warning")
+
+
+def minimal(name: str, **spec: Any) -> str:
+    resources = {"gpus": 0, "modelCacheSizeLimit": "1Gi", "tmpSizeLimit": "256Mi"}
+    return json.dumps({"apiVersion": "slm.dev/v1alpha1", "kind": "SLMDeployment", "metadata": {"name": name},
+                       "spec": {"model": {"name": "org/model"}, "resources": resources,
+                                "nodeSelector": FAKE_NODE_SELECTOR, "tolerations": [FAKE_NODE_TOLERATION], **spec}})
+
+
+@pytest.mark.parametrize(("spec", "message"), [
+    ({"runtimeArgs": ["--threads", "2"]}, "spec.runtimeArgs is for the third-party runtimes"),
+    ({"runtime": "llamacpp", "model": {"name": "m", "source": {"pvc": {"claimName": "models"}}}},
+     "spec.model.file must name the .gguf file inside spec.model.source for runtime llamacpp"),
+    ({"runtime": "tgi", "model": {"name": "m", "dtype": "float32"}},
+     "spec.model.dtype float32 is not supported by runtime tgi"),
+    ({"runtime": "vllm", "model": {"name": "m", "file": "/etc/passwd"}}, "spec.model.file must be a relative path"),
+], ids=["args-for-builtin", "llamacpp-without-file", "tgi-float32", "absolute-file"])
+def test_the_api_server_refuses_a_runtime_spec_it_cannot_run(
+        cluster: ClusterBase, operator_process: OperatorProcess, namespace: str, spec: dict[str, Any],
+        message: str) -> None:
+    refused = cluster.kubectl("apply", "-n", namespace, "-f", "-", input=minimal("bad", **spec), check=False)
+    assert refused.returncode != 0 and message in refused.stderr, refused.stderr
+
+
+def test_a_flag_the_operator_owns_is_reported_as_invalid_spec_without_a_retry_loop(
+        cluster: ClusterBase, operator_process: OperatorProcess, namespace: str) -> None:
+    """The CRD cannot know every runtime's flags; the operator refuses `--port` in runtimeArgs, says why in the
+    Ready condition, creates nothing and keeps reconciling without errors."""
+    cluster.kubectl("apply", "-n", namespace, "-f", "-",
+                    input=minimal("owned", runtime="vllm", runtimeArgs=["--max-num-seqs", "8", "--port", "9000"]))
+
+    def invalid() -> bool:
+        ready = condition(slmd(cluster, namespace, "owned"), "Ready")
+        return ready.get("reason") == "InvalidSpec" and "runtimeArgs may not set --port" in ready.get("message", "")
+
+    wait_for(f"{namespace}/owned InvalidSpec", invalid, timeout=60,
+             on_timeout=lambda: json.dumps(slmd(cluster, namespace, "owned").get("status"), indent=1))
+    errors = operator_process.sum_of("slm_operator_reconcile_errors_total")
+    resyncs = operator_process.sum_of("slm_operator_reconciles_total", trigger="resync")
+    wait_for("two more resyncs", lambda: operator_process.sum_of("slm_operator_reconciles_total",
+                                                                  trigger="resync") >= resyncs + 2, timeout=30)
+    assert operator_process.sum_of("slm_operator_reconcile_errors_total") == errors
+    assert cluster.kubectl("get", "deployment", "owned", "-n", namespace, check=False).returncode != 0
