@@ -5,15 +5,17 @@ SLM server, the Prometheus and Alertmanager the Prometheus Operator generated), 
 what a kubelet would, with the pod object from the API server as the only input:
 
 - **network**: the pod's IP 10.A.B.C has a local twin 127.A.B.C (cluster.PodNetwork). A process that
-  would listen on all addresses of its pod (`0.0.0.0`, `:9090`) listens on the twin; `localhost` in
-  an argument means the pod itself, so it becomes the twin too.
+  would listen on all addresses of its pod (`0.0.0.0`, `:9090`, `--host 0.0.0.0`) listens on the twin;
+  `localhost` in an argument or in a URL of the environment means the pod itself, so it becomes the twin too
+  (the monitoring sidecar reaches its runtime at http://127.0.0.1:<port>, the pod's loopback).
 - **volumes**: emptyDir, Secret, ConfigMap, projected (Secrets, ConfigMaps, the ServiceAccount token,
   downward API) and PersistentVolumeClaim (a local directory per claim) become directories under the
   pod's work directory, written as the kubelet writes them (files are links into a `..data` directory
   swapped atomically, so a watcher sees one consistent change). Secrets and ConfigMaps are watched
   and re-projected when they change, as the kubelet does (it may take up to a minute in a cluster;
   here it takes a watch event).
-- **containers**: each container name maps to a local program (`RUNTIMES`); its args and env are
+- **containers**: each container name maps to a local program (`RUNTIMES`, plus the `programs` a
+  LocalKubelet is given, e.g. the stand-ins of slm_devtools.standin); its args and env are
   the pod's, with mount paths replaced by the local directories and `$(VAR)` expanded. Init
   containers run to completion first. Readiness is the container's own readinessProbe (httpGet).
 - **logs**: a container's output goes to `<pod dir>/logs/<container>.log`; given a node's log directory
@@ -66,6 +68,9 @@ class Runtime:
     program: Callable[[], list[str]]
     # flag -> the port the program listens on when the flag is absent (it would bind all addresses).
     listen_flags: Mapping[str, int] = field(default_factory=dict)
+    # Flags whose next argument is the address to listen on (`--host 0.0.0.0`): a pod's own address there
+    # becomes the pod's twin.
+    host_flags: tuple[str, ...] = ()
 
 
 RUNTIMES: dict[str, Runtime] = {
@@ -76,6 +81,11 @@ RUNTIMES: dict[str, Runtime] = {
     "init-config-reloader": Runtime(lambda: [tool("prometheus-config-reloader")], {"--listen-address": 8081}),
     # The SLM server container the operator renders (`python -m slm_server`, the image's entry point).
     "server": Runtime(lambda: [sys.executable, "-m", "slm_server"]),
+    # The monitoring sidecar in front of a third-party runtime (`python -m slm_sidecar`, its image's entry point).
+    "slm-sidecar": Runtime(lambda: [sys.executable, "-m", "slm_sidecar"]),
+    # llama.cpp's container: the real llama-server, built by `make deps` from the pinned sources (the image's
+    # /app/llama-server; the container's `command` names that path, the args are the pod's).
+    "llamacpp": Runtime(lambda: [tool("llama-server")], host_flags=("--host",)),
 }
 
 _OWN_HOSTS = ("0.0.0.0", "localhost", "127.0.0.1", "[::]", "::")  # noqa: S104 - a pod's own addresses
@@ -532,16 +542,17 @@ class LocalPod:
 
     def _container(self, spec: Mapping[str, Any]) -> LocalContainer:
         name = spec["name"]
-        runtime = RUNTIMES.get(name)
+        programs = {**RUNTIMES, **self.kubelet.programs}
+        runtime = programs.get(name)
         if runtime is None:
             raise PodRunError(f"{self!r}: no local program for container {name!r} (image {spec.get('image')}); "
-                              f"known: {sorted(RUNTIMES)}")
+                              f"known: {sorted(programs)}")
         mounts = self._mounts(spec)
         env: dict[str, str] = {}
         for item in spec.get("env") or []:
             if "value" in item:
                 value = str(item["value"])
-                value = self._map_paths(value, mounts)
+                value = self._rewrite_network(self._map_paths(value, mounts))
                 env[item["name"]] = self.address if _own_host(value) and item["name"].endswith("_HOST") else value
             elif "fieldRef" in (item.get("valueFrom") or {}):
                 env[item["name"]] = self._field(item["valueFrom"]["fieldRef"]["fieldPath"])
@@ -569,7 +580,9 @@ class LocalPod:
         for raw in [*(spec.get("args") or [])]:
             arg = expand(str(raw))
             flag, eq, value = arg.partition("=")
-            if eq and flag in runtime.listen_flags:
+            if args and args[-1] in runtime.host_flags and _own_host(arg):
+                arg = self.address
+            elif eq and flag in runtime.listen_flags:
                 seen_listen.add(flag)
                 host, _, given_port = value.rpartition(":")
                 if value and _own_host(host):
@@ -666,8 +679,10 @@ class LocalKubelet:
     """Runs chosen pods of a cluster as local processes and keeps their volumes current."""
 
     def __init__(self, cluster: ClusterBase, workdir: Path, *, claims: Mapping[str, Path] | None = None,
-                 pod_logs_dir: Path | None = None) -> None:
+                 pod_logs_dir: Path | None = None, programs: Mapping[str, Runtime] | None = None) -> None:
         self.cluster = cluster
+        # Programs for container names beyond RUNTIMES (or instead of them), e.g. slm_devtools.standin.STAND_INS.
+        self.programs: dict[str, Runtime] = dict(programs or {})
         self.network: PodNetwork = cluster.pod_network
         self.workdir = workdir
         self.claims: dict[str, Path] = dict(claims or {})

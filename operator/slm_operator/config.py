@@ -4,8 +4,21 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from collections.abc import Mapping
+
+from slm_operator.render import default_runtime_images
+from slm_operator.sidecar import DEFAULT_SIDECAR_IMAGE
 
 DEFAULT_SERVER_IMAGE = "ghcr.io/slm-monitoring/slm-server:0.1.0"
+# The environment variable that overrides the default image of each third-party runtime (keys of
+# RenderContext.runtime_images; the chart sets them from operator.runtimeImages).
+RUNTIME_IMAGE_ENV = {
+    "vllm": "SLM_OPERATOR_VLLM_IMAGE",
+    "sglang": "SLM_OPERATOR_SGLANG_IMAGE",
+    "tgi": "SLM_OPERATOR_TGI_IMAGE",
+    "llamacpp": "SLM_OPERATOR_LLAMACPP_IMAGE",
+    "llamacpp-gpu": "SLM_OPERATOR_LLAMACPP_GPU_IMAGE",
+}
 
 
 def _float(name: str, default: float) -> float:
@@ -32,7 +45,10 @@ def _bool(name: str) -> bool:
 class OperatorConfig:
     """Every knob of the operator, with its environment variable.
 
-    server_image: SLM_OPERATOR_SERVER_IMAGE — image of the serving pods when spec.image is empty.
+    server_image: SLM_OPERATOR_SERVER_IMAGE — image of the serving pods of runtime builtin when spec.image is empty.
+    runtime_images: SLM_OPERATOR_{VLLM,SGLANG,TGI,LLAMACPP,LLAMACPP_GPU}_IMAGE — image of each third-party runtime
+        when spec.image is empty (llamacpp-gpu: llama.cpp in pods with GPUs); default the pinned upstream images.
+    sidecar_image: SLM_OPERATOR_SIDECAR_IMAGE — the monitoring sidecar's image in third-party runtimes' pods.
     log_format: SLM_OPERATOR_LOG_FORMAT — json (default), plain or full.
     resync_seconds: SLM_OPERATOR_RESYNC_SECONDS — period of the full resync of every SLMDeployment
         (drift repair, Prometheus Operator CRD detection, status refresh).
@@ -52,6 +68,8 @@ class OperatorConfig:
     """
 
     server_image: str = DEFAULT_SERVER_IMAGE
+    runtime_images: Mapping[str, str] = dataclasses.field(default_factory=default_runtime_images)
+    sidecar_image: str = DEFAULT_SIDECAR_IMAGE
     log_format: str = "json"
     resync_seconds: float = 30.0
     discovery_ttl_seconds: float = 10.0
@@ -70,6 +88,9 @@ class OperatorConfig:
     def from_env(cls) -> OperatorConfig:
         return cls(
             server_image=os.environ.get("SLM_OPERATOR_SERVER_IMAGE") or DEFAULT_SERVER_IMAGE,
+            runtime_images={key: os.environ.get(RUNTIME_IMAGE_ENV[key]) or image
+                            for key, image in default_runtime_images().items()},
+            sidecar_image=os.environ.get("SLM_OPERATOR_SIDECAR_IMAGE") or DEFAULT_SIDECAR_IMAGE,
             log_format=os.environ.get("SLM_OPERATOR_LOG_FORMAT") or "json",
             resync_seconds=_float("SLM_OPERATOR_RESYNC_SECONDS", 30.0),
             discovery_ttl_seconds=_float("SLM_OPERATOR_DISCOVERY_TTL_SECONDS", 10.0),

@@ -9,6 +9,7 @@ JSON, routing): that content is data built in Python, never text-templated.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import functools
 import json
@@ -20,15 +21,19 @@ import jinja2
 import yaml
 from kubernetes.utils import parse_quantity
 
+from slm_operator import runtimes, sidecar
 from slm_operator.monitoring import dashboards, notifications, rules
-from slm_operator.spec import SERVER_PORT, Parent, SecretKeyRef, SLMDeploymentSpec, child_names
+from slm_operator.spec import BUILTIN, DATA_DIR, SERVER_PORT, Parent, SecretKeyRef, SLMDeploymentSpec, child_names
 from slm_operator.status import Problem
 
 COMPONENT_SERVER = "inference-server"
 COMPONENT_MONITORING = "monitoring"
 GPU_RESOURCE = "nvidia.com/gpu"
 EPHEMERAL_STORAGE = "ephemeral-storage"
-DATA_DIR = "/data"  # the model volume; also the default mountpoint of SLMLowDiskSpace
+# DATA_DIR (spec): the model volume; also the default mountpoint of SLMLowDiskSpace.
+# The key of the llama.cpp image for pods with GPUs in RenderContext.runtime_images (CPU and CUDA builds differ).
+LLAMACPP_GPU = "llamacpp-gpu"
+SHM_DIR = "/dev/shm"  # noqa: S108 - a mount point in the pod, not a file this process writes
 # Labels every Prometheus Operator-managed Prometheus pod carries (prometheus-operator's statefulset.go).
 PROMETHEUS_POD_LABELS = {"app.kubernetes.io/name": "prometheus"}
 NAMESPACE_NAME_LABEL = "kubernetes.io/metadata.name"  # set by the API server on every namespace
@@ -46,11 +51,21 @@ class MonitorLabels:
     rule: Mapping[str, str] = dataclasses.field(default_factory=dict)
 
 
+def default_runtime_images() -> dict[str, str]:
+    """The pinned upstream image of each third-party runtime (slm_operator.runtimes.PINS), by runtime."""
+    images = {name: pin.image for name, pin in runtimes.PINS.items()}
+    images[LLAMACPP_GPU] = runtimes.PINS["llamacpp"].gpu_image or runtimes.PINS["llamacpp"].image
+    return images
+
+
 @dataclasses.dataclass(frozen=True)
 class RenderContext:
     """What the operator's settings and the cluster add to a spec when rendering it.
 
-    server_image: the serving image when spec.image is empty.
+    server_image: the serving image of runtime builtin when spec.image is empty.
+    runtime_images: the serving image of each third-party runtime when spec.image is empty (keys: the
+        runtimes, and `llamacpp-gpu` for llama.cpp in pods with GPUs); chart values operator.runtimeImages.
+    sidecar_image: the monitoring sidecar's image in the pods of third-party runtimes (operator.sidecarImage).
     monitor_labels: labels for the ServiceMonitor and PrometheusRule; None takes the spec's own.
     prometheus_namespaces: where the cluster's Prometheus resources run (the NetworkPolicy lets them scrape).
     allow_fault_injection / allow_full_output_logging: the operator-level gates (chart values
@@ -58,6 +73,8 @@ class RenderContext:
     """
 
     server_image: str
+    runtime_images: Mapping[str, str] = dataclasses.field(default_factory=default_runtime_images)
+    sidecar_image: str = sidecar.DEFAULT_SIDECAR_IMAGE
     monitor_labels: MonitorLabels | None = None
     prometheus_namespaces: tuple[str, ...] = ()
     allow_fault_injection: bool = False
@@ -155,7 +172,29 @@ def serving_secret_refs(spec: SLMDeploymentSpec, context: RenderContext) -> list
         refs.append(("spec.logging.outputHashKeySecretRef", spec.logging.output_hash_key_secret_ref))
     if faults_enabled(spec, context) and spec.server.admin_token_secret_ref is not None:
         refs.append(("spec.server.adminTokenSecretRef", spec.server.admin_token_secret_ref))
+    if spec.model.hf_token_secret_ref is not None:
+        refs.append(("spec.model.hfTokenSecretRef", spec.model.hf_token_secret_ref))
     return refs
+
+
+def unsupported_alerts(spec: SLMDeploymentSpec) -> Problem | None:
+    """The alerts left out of the PrometheusRule because the runtime lacks the series they read, and why.
+
+    Alerts the spec disables are not counted (listing them in alerts.disabled acknowledges the gap).
+    """
+    if not spec.monitoring.enabled:
+        return None
+    disabled = set(spec.monitoring.alerts.disabled)
+    lacking = {alert: why for alert, why in rules.unrendered_alerts(spec.runtime).items() if alert not in disabled}
+    if not lacking:
+        return None
+    reasons = "; ".join(
+        f"{alert}: {', '.join(dict.fromkeys(item['reason'] for item in why))}" for alert, why in lacking.items())
+    return Problem(
+        "RuntimeLacksSignals",
+        f"{len(lacking)} alert(s) not rendered for runtime {spec.runtime}, which lacks the series they read: {reasons} "
+        "(list them in spec.monitoring.alerts.disabled to acknowledge)",
+    )
 
 
 # --- the serving pods ---------------------------------------------------------------------------------
@@ -191,10 +230,15 @@ def server_env(spec: SLMDeploymentSpec, context: RenderContext) -> list[dict[str
         values.append(("HF_HUB_OFFLINE", "1"))  # weights come from the claim; never reach the hub
     env: list[dict[str, Any]] = [{"name": key, "value": _env_value(value)} for key, value in values]
     secret_env = {"spec.logging.outputHashKeySecretRef": "SLM_OUTPUT_HASH_KEY",
-                  "spec.server.adminTokenSecretRef": "SLM_ADMIN_TOKEN"}
+                  "spec.server.adminTokenSecretRef": "SLM_ADMIN_TOKEN",
+                  "spec.model.hfTokenSecretRef": runtimes.HF_TOKEN_ENV}
     for path, ref in serving_secret_refs(spec, context):
-        env.append({"name": secret_env[path], "valueFrom": {"secretKeyRef": {"name": ref.name, "key": ref.key}}})
+        env.append(_secret_env(secret_env[path], ref))
     return env
+
+
+def _secret_env(name: str, ref: SecretKeyRef) -> dict[str, Any]:
+    return {"name": name, "valueFrom": {"secretKeyRef": {"name": ref.name, "key": ref.key}}}
 
 
 def _bytes(quantity: str | int) -> Decimal:
@@ -234,7 +278,7 @@ def _tolerations(spec: SLMDeploymentSpec) -> list[dict[str, Any]]:
     return tolerations
 
 
-def _volumes(spec: SLMDeploymentSpec) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+def _volumes(spec: SLMDeploymentSpec, *, shm: bool = False) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     # sizeLimit: a pod filling its emptyDir past it is evicted, before it fills the node's disk.
     volumes: list[dict[str, Any]] = [{"name": "tmp", "emptyDir": {"sizeLimit": spec.resources.tmp_size_limit}}]
     mounts: list[dict[str, Any]] = [{"name": "tmp", "mountPath": "/tmp"}]  # noqa: S108
@@ -249,11 +293,98 @@ def _volumes(spec: SLMDeploymentSpec) -> tuple[list[dict[str, Any]], list[dict[s
     else:
         volumes.append({"name": "model", "emptyDir": {"sizeLimit": spec.resources.model_cache_size_limit}})
         mounts.append({"name": "model", "mountPath": DATA_DIR})
+    if shm:
+        # Memory-backed: the workers of vLLM, SGLang and TGI exchange tensors through /dev/shm (NCCL too), and
+        # a container runtime's default /dev/shm is 64 MiB.
+        volumes.append({"name": "shm", "emptyDir": {"medium": "Memory", "sizeLimit": spec.resources.shm_size_limit}})
+        mounts.append({"name": "shm", "mountPath": SHM_DIR})
     return volumes, mounts
 
 
+_RESTRICTED_CONTAINER: dict[str, Any] = {
+    "allowPrivilegeEscalation": False,
+    "readOnlyRootFilesystem": True,
+    "runAsNonRoot": True,
+    "capabilities": {"drop": ["ALL"]},
+    "seccompProfile": {"type": "RuntimeDefault"},
+}
+
+
+def _startup_failure_threshold(spec: SLMDeploymentSpec) -> int:
+    return max(1, -(-spec.server.startup_timeout_seconds // 10))  # probe period is 10 s
+
+
+def runtime_container(spec: SLMDeploymentSpec, context: RenderContext) -> dict[str, Any]:
+    """The serving container of a third-party runtime: slm_operator.runtimes' rendering on the runtime port,
+    with the pod's image, resources, restricted security, probes, volumes and the HF token by reference."""
+    rendered = runtimes.render_runtime(spec.runtime, **spec.runtime_parameters(port=sidecar.RUNTIME_PORT))
+    image_key = LLAMACPP_GPU if spec.runtime == "llamacpp" and spec.resources.gpus > 0 else spec.runtime
+    image = spec.image or context.runtime_images.get(image_key) or rendered["image"]
+    # The runtime's listener is `runtime`, never `http`: `http` is the sidecar's, which the Service targets.
+    ports = [{"name": sidecar.RUNTIME_PORT_NAME if name == "http" else name, "containerPort": port, "protocol": "TCP"}
+             for name, port in rendered["ports"].items()]
+    env: list[dict[str, Any]] = [dict(item) for item in rendered["env"]]
+    if spec.model.source is not None:
+        env.append({"name": "HF_HUB_OFFLINE", "value": "1"})  # weights come from the claim; never reach the hub
+    if spec.model.hf_token_secret_ref is not None:
+        env.append(_secret_env(rendered["hfTokenEnv"], spec.model.hf_token_secret_ref))
+
+    def probe(kind: str, period: int, timeout: int, failures: int) -> dict[str, Any]:
+        path = rendered["probes"][kind]["httpGet"]["path"]
+        return {"httpGet": {"path": path, "port": sidecar.RUNTIME_PORT_NAME}, "periodSeconds": period,
+                "timeoutSeconds": timeout, "failureThreshold": failures}
+
+    _, mounts = _volumes(spec, shm=rendered["needsShm"])
+    container: dict[str, Any] = {
+        "name": rendered["container"],
+        "image": image,
+        "command": rendered["command"],
+        "args": rendered["args"],
+        "ports": ports,
+        "env": env,
+        "resources": _resources(spec),
+        "securityContext": copy.deepcopy(_RESTRICTED_CONTAINER),
+        # Model load (minutes for a large model): the health endpoint answers 503 until the weights are in memory.
+        "startupProbe": probe("startup", 10, 5, _startup_failure_threshold(spec)),
+        "readinessProbe": probe("readiness", 5, 3, 3),
+        "livenessProbe": probe("liveness", 10, 5, 3),
+        "volumeMounts": mounts,
+    }
+    if spec.image_pull_policy:
+        container["imagePullPolicy"] = spec.image_pull_policy
+    return container
+
+
+def sidecar_container(spec: SLMDeploymentSpec, context: RenderContext) -> dict[str, Any]:
+    """The monitoring sidecar in front of a third-party runtime, on the pod's `http` port."""
+    hash_key = spec.logging.output_hash_key_secret_ref if output_policy(spec, context) == "hash" else None
+    token = spec.server.admin_token_secret_ref if faults_enabled(spec, context) else None
+    return sidecar.render_sidecar(
+        runtime=spec.runtime,
+        served_model_name=spec.model.served,
+        model=spec.model.name,
+        image=context.sidecar_image,
+        image_pull_policy=spec.image_pull_policy,
+        runtime_port=sidecar.RUNTIME_PORT,
+        request_timeout_seconds=float(spec.server.request_timeout_seconds),
+        log_level=spec.logging.level,
+        log_outputs=output_policy(spec, context),
+        log_sample_rate=spec.logging.sample_rate,
+        output_hash_key=hash_key.wire() if hash_key is not None else None,
+        faults_admin=faults_enabled(spec, context),
+        admin_token=token.wire() if token is not None else None,
+    )
+
+
 def render_deployment(parent: Parent, spec: SLMDeploymentSpec, context: RenderContext) -> dict[str, Any]:
-    volumes, mounts = _volumes(spec)
+    if spec.runtime != BUILTIN:
+        runtime = runtime_container(spec, context)
+        volumes, _ = _volumes(spec, shm=any(m["mountPath"] == SHM_DIR for m in runtime["volumeMounts"]))
+        containers: list[dict[str, Any]] | None = [runtime, sidecar_container(spec, context)]
+        mounts: list[dict[str, Any]] = []
+    else:
+        volumes, mounts = _volumes(spec)
+        containers = None
     return _from_template(
         "deployment.yaml.j2",
         **_metadata_context(parent, "Deployment", COMPONENT_SERVER),
@@ -266,17 +397,26 @@ def render_deployment(parent: Parent, spec: SLMDeploymentSpec, context: RenderCo
         image_pull_policy=spec.image_pull_policy,
         env=server_env(spec, context),
         resources=_resources(spec),
-        startup_failure_threshold=max(1, -(-spec.server.startup_timeout_seconds // 10)),  # probe period is 10 s
+        startup_failure_threshold=_startup_failure_threshold(spec),
         volumes=volumes,
         volume_mounts=mounts,
+        containers=containers,
     )
 
 
-def render_service(parent: Parent) -> dict[str, Any]:
+def _extra_ports(spec: SLMDeploymentSpec) -> list[dict[str, Any]]:
+    """Ports besides `http` that Prometheus scrapes: a third-party runtime's own /metrics."""
+    if spec.runtime == BUILTIN:
+        return []
+    return [{"name": e["port"], "port": e["targetPort"]} for e in sidecar.scrape_endpoints() if e["port"] != "http"]
+
+
+def render_service(parent: Parent, spec: SLMDeploymentSpec) -> dict[str, Any]:
     return _from_template(
         "service.yaml.j2",
         **_metadata_context(parent, "Service", COMPONENT_SERVER),
         selector_labels=parent.selector_labels(),
+        extra_ports=_extra_ports(spec),
     )
 
 
@@ -304,6 +444,7 @@ def render_network_policy(parent: Parent, spec: SLMDeploymentSpec, context: Rend
         selector_labels=parent.selector_labels(),
         client_namespaces=clients,
         prometheus_peers=prometheus,
+        metrics_ports=["http", *(p["name"] for p in _extra_ports(spec))],
     )
 
 
@@ -320,12 +461,15 @@ def render_service_monitor(parent: Parent, spec: SLMDeploymentSpec, labels: Moni
         **_metadata_context(parent, "ServiceMonitor", COMPONENT_MONITORING, labels.service_monitor),
         service_selector={**parent.selector_labels(), "app.kubernetes.io/component": COMPONENT_SERVER},
         interval=spec.monitoring.scrape_interval,
+        # Builtin: the server on `http`. Others: the sidecar's slm_* series on `http`, the runtime's own on its port.
+        endpoints=[{"port": "http", "path": "/metrics"}] if spec.runtime == BUILTIN else [
+            {"port": e["port"], "path": e["path"]} for e in sidecar.scrape_endpoints()],
     )
 
 
 def render_prometheus_rule(parent: Parent, spec: SLMDeploymentSpec, labels: MonitorLabels) -> dict[str, Any]:
     groups = rules.render_rule_groups(name=parent.name, namespace=parent.namespace,
-                                      alerts=spec.monitoring.alerts.wire())
+                                      alerts=spec.monitoring.alerts.wire(), runtime=spec.runtime)
     return {
         "apiVersion": "monitoring.coreos.com/v1",
         "kind": "PrometheusRule",
@@ -378,7 +522,7 @@ def desired_children(parent: Parent, spec: SLMDeploymentSpec, context: RenderCon
     """
     children = [
         render_deployment(parent, spec, context),
-        render_service(parent),
+        render_service(parent, spec),
         render_pod_disruption_budget(parent),
     ]
     if spec.network_policy.enabled:

@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping
-from typing import Any, Literal
+from typing import Any, Final, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pydantic.alias_generators import to_camel
 
 from slm_operator import GROUP, KIND, VERSION
+from slm_operator import runtimes as runtime_catalog
 from slm_operator.monitoring.defaults import merged_alerts
 
 API_VERSION = f"{GROUP}/{VERSION}"
@@ -26,6 +27,10 @@ MANAGED_BY = "slm-operator"
 # Carried by every child so a child event finds its SLMDeployment without reading ownerReferences.
 PARENT_LABEL = "slm.dev/deployment"
 SERVER_PORT = 8000
+# Where the model volume is mounted in every serving container (a claim read-only, else the download cache).
+DATA_DIR = "/data"
+BUILTIN: Final = "builtin"
+Runtime = Literal["builtin", "vllm", "sglang", "tgi", "llamacpp"]
 
 Severity = Literal["critical", "warning", "info"]
 Quantity = int | str  # int-or-string, checked by the CRD's isQuantity rules
@@ -65,6 +70,11 @@ class ModelSpec(_Model):
     served_name: str | None = None
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
     source: ModelSource | None = None
+    # The file of the source a one-file runtime loads (llama.cpp: a .gguf), relative to the source's directory.
+    file: str | None = None
+    # Tokens of context (prompt and output) a third-party runtime sizes its KV cache for; None: the model's own.
+    context_length: int | None = None
+    hf_token_secret_ref: SecretKeyRef | None = None
 
     @property
     def served(self) -> str:
@@ -80,6 +90,7 @@ class Resources(_Model):
     limits: dict[str, Quantity] | None = None
     model_cache_size_limit: str = "20Gi"
     tmp_size_limit: str = "1Gi"
+    shm_size_limit: str = "1Gi"
 
 
 class Toleration(_Model):
@@ -147,6 +158,10 @@ class ThresholdPercentAlert(AlertTiming):
     threshold_percent: float
 
 
+class ThresholdPerSecondAlert(AlertTiming):
+    threshold_per_second: float
+
+
 class DiskSpaceAlert(AlertTiming):
     min_free_percent: float
     mountpoint: str
@@ -184,6 +199,8 @@ class AlertsSpec(_Model):
     pod_not_ready: AlertTiming
     scrape_target_missing: AlertTiming
     fault_injection_enabled: AlertTiming
+    kv_cache_saturation: ThresholdPercentAlert
+    request_preemptions: ThresholdPerSecondAlert
     slo: SloSpec
     disabled: list[str]
     runbook_base_url: str = Field(alias="runbookBaseURL")
@@ -238,7 +255,8 @@ class SLMDeploymentSpec(_Model):
     """`spec` of an SLMDeployment, defaulted as the CRD defaults it."""
 
     model: ModelSpec
-    runtime: Literal["builtin"] = "builtin"
+    runtime: Runtime = BUILTIN
+    runtime_args: list[str] = Field(default_factory=list)
     image: str | None = None
     image_pull_policy: Literal["Always", "IfNotPresent", "Never"] | None = None
     replicas: int = 1
@@ -249,6 +267,39 @@ class SLMDeploymentSpec(_Model):
     logging: LoggingSpec = Field(default_factory=LoggingSpec)
     network_policy: NetworkPolicySpec = Field(default_factory=NetworkPolicySpec)
     monitoring: MonitoringSpec = Field(default_factory=MonitoringSpec)
+
+    @model_validator(mode="after")
+    def _runtime_can_serve_it(self) -> SLMDeploymentSpec:
+        # The CRD's CEL rules refuse most of this at admission; what they cannot see (a flag in runtimeArgs
+        # the operator owns, among them) is refused here, and the reconcile reports it as InvalidSpec.
+        if self.runtime == BUILTIN:
+            if self.runtime_args:
+                raise ValueError("runtimeArgs: the builtin runtime takes no extra flags (its settings are spec.server)")
+            return self
+        runtime_catalog.render_runtime(self.runtime, **self.runtime_parameters())
+        return self
+
+    def model_path(self) -> str:
+        """What a third-party runtime loads: the hub id, or a path in the mounted source (llama.cpp: its file)."""
+        if self.model.source is None:
+            return self.model.name
+        return f"{DATA_DIR}/{self.model.file}" if self.model.file else DATA_DIR
+
+    def runtime_parameters(self, *, port: int = SERVER_PORT) -> dict[str, Any]:
+        """The keyword arguments of slm_operator.runtimes.render_runtime for this spec."""
+        return {
+            "model": self.model_path(),
+            "served_model_name": self.model.served,
+            "port": port,
+            "revision": self.model.revision,
+            "dtype": self.model.dtype,
+            "max_context": self.model.context_length,
+            "gpus": self.resources.gpus,
+            "extra_args": list(self.runtime_args),
+            # The hub download goes to the model volume (sized by modelCacheSizeLimit); with the weights on a
+            # claim, mounted read-only there, the runtime's small caches go to /tmp.
+            "cache_dir": "/tmp" if self.model.source is not None else DATA_DIR,  # noqa: S108
+        }
 
     def secret_refs(self) -> list[tuple[str, SecretKeyRef]]:
         """(field path, reference) of every Secret the notifications reference."""

@@ -13,7 +13,10 @@ MONITORING_READY = "MonitoringReady"
 DEGRADED = "Degraded"
 # False when the operator leaves out a setting the spec asks for (an operator-level gate is off).
 SETTINGS_APPLIED = "SettingsApplied"
-CONDITION_TYPES = (READY, PROGRESSING, MONITORING_READY, DEGRADED, SETTINGS_APPLIED)
+# True when alerts of the spec are not rendered because the runtime lacks the series they read (the message
+# names each alert and why); False when every alert the spec enables is in the PrometheusRule.
+ALERTS_UNSUPPORTED = "AlertsUnsupported"
+CONDITION_TYPES = (READY, PROGRESSING, MONITORING_READY, DEGRADED, SETTINGS_APPLIED, ALERTS_UNSUPPORTED)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,6 +48,7 @@ class Observation:
     monitoring_message: str = "ServiceMonitor, PrometheusRule and dashboard applied"
     serving: Problem | None = None  # e.g. InsufficientGPU: no node can ever run the pods
     settings: Problem | None = None  # e.g. FaultInjectionNotAllowed: a spec setting left out
+    unsupported_alerts: Problem | None = None  # e.g. RuntimeLacksSignals: alerts left out of the PrometheusRule
 
 
 def now_rfc3339() -> str:
@@ -148,6 +152,12 @@ def build_status(previous: Mapping[str, Any] | None, obs: Observation, now: str 
             prev_conditions, SETTINGS_APPLIED, obs.settings is None,
             obs.settings.reason if obs.settings else "AsRequested",
             obs.settings.message if obs.settings else "every setting of the spec is applied",
+            gen, now,
+        ),
+        condition(
+            prev_conditions, ALERTS_UNSUPPORTED, obs.unsupported_alerts is not None,
+            obs.unsupported_alerts.reason if obs.unsupported_alerts else "AllAlertsRendered",
+            obs.unsupported_alerts.message if obs.unsupported_alerts else "every enabled alert is rendered",
             gen, now,
         ),
     ]

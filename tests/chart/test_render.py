@@ -168,6 +168,36 @@ def test_image_digest_replaces_the_tag(full_docs: list[dict[str, Any]]) -> None:
     )
 
 
+def test_operator_gets_each_runtimes_pinned_image_and_the_sidecars(
+    default_docs: list[dict[str, Any]], full_docs: list[dict[str, Any]],
+) -> None:
+    """The chart's operator.runtimeImages are the images slm_operator.runtimes pins its flags for."""
+    from slm_operator.runtimes import PINS
+
+    def env(docs: list[dict[str, Any]]) -> dict[str, Any]:
+        container = one(docs, "Deployment", "-operator")["spec"]["template"]["spec"]["containers"][0]
+        return {e["name"]: e.get("value") for e in container["env"]}
+
+    defaults = env(default_docs)
+    images = {name: defaults[f"SLM_OPERATOR_{name}_IMAGE"] for name in ("VLLM", "SGLANG", "TGI", "LLAMACPP",
+                                                                         "LLAMACPP_GPU")}
+    assert images == {
+        "VLLM": "docker.io/vllm/vllm-openai:v0.34.0",
+        "SGLANG": "docker.io/lmsysorg/sglang:v0.5.23",
+        "TGI": "ghcr.io/huggingface/text-generation-inference:3.3.7",
+        "LLAMACPP": "ghcr.io/ggml-org/llama.cpp:server-b11312",
+        "LLAMACPP_GPU": "ghcr.io/ggml-org/llama.cpp:server-cuda-b11312",
+    }
+    assert [images["VLLM"], images["SGLANG"], images["TGI"], images["LLAMACPP"], images["LLAMACPP_GPU"]] == [
+        PINS["vllm"].image, PINS["sglang"].image, PINS["tgi"].image, PINS["llamacpp"].image,
+        PINS["llamacpp"].gpu_image]
+    assert defaults["SLM_OPERATOR_SIDECAR_IMAGE"] == f"ghcr.io/slm-monitoring/slm-sidecar:{APP_VERSION}"
+    full = env(full_docs)
+    assert full["SLM_OPERATOR_VLLM_IMAGE"] == ("registry.example.com/mirror/vllm-openai:v0.34.0"
+                                               "@sha256:89abcdef0123456789abcdef0123456789abcdef0123456789abcdef01234567")
+    assert full["SLM_OPERATOR_SIDECAR_IMAGE"] == "ghcr.io/slm-monitoring/slm-sidecar:0.1.0-patched"
+
+
 # --- RBAC ---------------------------------------------------------------------------------------------
 
 def _rules(docs: list[dict[str, Any]]) -> list[dict[str, Any]]:

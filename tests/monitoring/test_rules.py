@@ -292,7 +292,7 @@ def test_rules_avoid_prometheus_3_only_syntax() -> None:
 def test_every_defaults_key_is_used_by_the_rules() -> None:
     used = {spec["config"] for spec in rules.rules_data()["alerts"]} | {
         spec["config"] for spec in rules.rules_data()["drift"]
-    }
+    } | {spec["config"] for spec in rules.rules_data()["runtime_alerts"]}
     assert used | {"slo", "disabled", "runbookBaseURL"} == set(ALERT_DEFAULTS)
 
 

@@ -69,12 +69,34 @@ def test_every_field_is_described_and_spec_is_structural(schema: dict[str, Any])
     assert untyped == []
 
 
+# Alerts on signals only some runtimes have (rendered for vLLM and SGLang); alerts.disabled names them too.
+RUNTIME_ALERT_NAMES = {"SLMKVCacheSaturated", "SLMRequestsPreempted"}
+
+
 def test_disabled_lists_exactly_the_contract_alert_names(schema: dict[str, Any]) -> None:
     disabled = schema["properties"]["spec"]["properties"]["monitoring"]["properties"]["alerts"]["properties"][
         "disabled"]
-    assert set(disabled["items"]["enum"]) == CONTRACT_ALERT_NAMES
-    if hasattr(rules, "ALERT_NAMES"):
-        assert set(rules.ALERT_NAMES) == CONTRACT_ALERT_NAMES
+    assert set(disabled["items"]["enum"]) == CONTRACT_ALERT_NAMES | RUNTIME_ALERT_NAMES
+    assert set(rules.ALERT_NAMES) == CONTRACT_ALERT_NAMES
+    assert set(rules.runtime_alert_names()) == RUNTIME_ALERT_NAMES
+
+
+def test_runtime_alert_settings_default_to_the_rules_defaults(schema: dict[str, Any]) -> None:
+    """One source: data/rules.yaml's runtime_alerts `defaults`, which the CRD's schema defaults equal."""
+    alerts = defaulted(schema["properties"]["spec"]["properties"]["monitoring"]["properties"]["alerts"], {})
+    by_config = {spec["config"]: spec["defaults"] for spec in rules.rules_data()["runtime_alerts"]}
+    assert alerts["kvCacheSaturation"] == by_config["kvCacheSaturation"] == {
+        "thresholdPercent": 90, "for": "10m", "severity": "warning"}
+    assert alerts["requestPreemptions"] == by_config["requestPreemptions"] == {
+        "thresholdPerSecond": 0.1, "for": "10m", "severity": "warning"}
+
+
+def test_runtime_lists_the_builtin_server_and_every_rendered_runtime(schema: dict[str, Any]) -> None:
+    from slm_operator.runtimes import RUNTIMES
+
+    runtime = schema["properties"]["spec"]["properties"]["runtime"]
+    assert runtime["enum"] == ["builtin", "vllm", "sglang", "tgi", "llamacpp"] == ["builtin", *RUNTIMES]
+    assert runtime["default"] == "builtin"
 
 
 def test_severities_are_the_closed_set(schema: dict[str, Any]) -> None:

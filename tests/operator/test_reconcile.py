@@ -35,6 +35,7 @@ class InMemoryApi(Kube):
         self.objects: dict[tuple[str, str | None, str], dict[str, Any]] = {}
         self.writes: list[str] = []
         self.secret_reads: list[str] = []  # the Accept header of every Secret read
+        self.events: list[dict[str, Any]] = []  # every Event posted
         self.monitoring_crds = monitoring_crds
         self.reject: dict[str, str] = {}  # plural -> message of a 422 for every apply of it
         self.before_apply: list[Any] = []  # callbacks run before an apply lands (to race it)
@@ -74,6 +75,7 @@ class InMemoryApi(Kube):
         if method == "POST":
             if plural == "events":
                 self.writes.append("create events")
+                self.events.append(copy.deepcopy(body))
                 return {}
             key = (plural, namespace, body["metadata"]["name"])
             for hook in self.before_apply:
@@ -400,10 +402,11 @@ def test_per_resource_state_is_dropped_when_the_slmdeployment_is_deleted(api: In
     state = state_for(api)
     run(api, state, slmd())
     assert state.sizes()["rendered"] == 1 and state.sizes()["locks"] == 1 and state.sizes()["parents"] == 1
+    assert state.sizes()["alerts_said"] == 1  # the built-in server has no KV-cache or preemption series
     body = api.objects.pop(("slmdeployments", "ns", "m"))
     lifecycle.on_slmdeployment_event(state, "DELETED", body)
     sizes = state.sizes()
-    assert (sizes["rendered"], sizes["locks"], sizes["parents"]) == (0, 0, 0)
+    assert (sizes["rendered"], sizes["alerts_said"], sizes["locks"], sizes["parents"]) == (0, 0, 0, 0)
 
 
 def test_a_resync_drops_state_of_deletions_it_did_not_see(api: InMemoryApi) -> None:
@@ -412,7 +415,7 @@ def test_a_resync_drops_state_of_deletions_it_did_not_see(api: InMemoryApi) -> N
     del api.objects[("slmdeployments", "ns", "m")]  # deleted while the watch was down
     lifecycle.resync_once(state)
     sizes = state.sizes()
-    assert (sizes["rendered"], sizes["locks"], sizes["parents"]) == (0, 0, 0)
+    assert (sizes["rendered"], sizes["alerts_said"], sizes["locks"], sizes["parents"]) == (0, 0, 0, 0)
 
 
 def test_secret_references_are_checked_by_metadata_only(api: InMemoryApi) -> None:
@@ -446,3 +449,38 @@ def test_a_missing_secret_the_pods_need_is_reported(api: InMemoryApi) -> None:
     api.add({"kind": "Secret", "metadata": {"name": "hash-key", "namespace": "ns"}})
     reconcile(state, api.objects[("slmdeployments", "ns", "m")], trigger="resync")
     assert conditions(api)["Ready"][1] != "SecretNotFound"
+
+
+def test_a_flag_the_operator_owns_in_runtime_args_is_invalid_spec_without_a_retry_loop(api: InMemoryApi) -> None:
+    state = state_for(api)
+    run(api, state, slmd(runtime="vllm", runtimeArgs=["--max-num-seqs", "8", "--port", "9000"]))  # no exception
+    assert conditions(api)["Ready"] == ("False", "InvalidSpec")
+    ready = next(c for c in api.objects[("slmdeployments", "ns", "m")]["status"]["conditions"] if c["type"] == "Ready")
+    assert "runtimeArgs may not set --port" in ready["message"]
+    assert ("deployments", "ns", "m") not in api.objects  # nothing rendered from a spec it refused
+    api.writes.clear()
+    reconcile(state, api.objects[("slmdeployments", "ns", "m")], trigger="resync")
+    assert api.writes == []  # the same verdict: no status write, no Event, nothing to retry
+
+
+def test_alerts_the_runtime_cannot_fire_are_a_condition_and_one_event(api: InMemoryApi) -> None:
+    state = state_for(api)
+    run(api, state, slmd(runtime="tgi"))
+    assert conditions(api)["AlertsUnsupported"] == ("True", "RuntimeLacksSignals")
+    said = [e for e in api.events if e["reason"] == "RuntimeLacksSignals"]
+    assert len(said) == 1 and said[0]["type"] == "Normal"
+    assert "SLMKVCacheSaturated: no KV-cache gauge" in said[0]["message"]
+    assert conditions(api)["Ready"][1] != "InvalidSpec"
+    reconcile(state, api.objects[("slmdeployments", "ns", "m")], trigger="resync")
+    assert len([e for e in api.events if e["reason"] == "RuntimeLacksSignals"]) == 1  # not once per resync
+    # Nor when a second trigger starts from the same stale copy of the object (no status yet in it).
+    stale = copy.deepcopy(api.objects[("slmdeployments", "ns", "m")])
+    stale.pop("status")
+    reconcile(state, stale, trigger="resync")
+    assert len([e for e in api.events if e["reason"] == "RuntimeLacksSignals"]) == 1
+    # Acknowledged in alerts.disabled: the condition clears.
+    api.objects[("slmdeployments", "ns", "m")]["spec"]["monitoring"] = {"alerts": {"disabled": [
+        "SLMHighTimeToFirstToken", "SLMQueueSaturated", "SLMGPUMetricsAbsent", "SLMLowDiskSpace",
+        "SLMFaultInjectionEnabled", "SLMKVCacheSaturated", "SLMRequestsPreempted", "SLMPerplexityDrift"]}}
+    reconcile(state, api.objects[("slmdeployments", "ns", "m")], trigger="resync")
+    assert conditions(api)["AlertsUnsupported"] == ("False", "AllAlertsRendered")

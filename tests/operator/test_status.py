@@ -30,7 +30,8 @@ def test_all_replicas_ready_is_phase_ready() -> None:
     assert status["phase"] == "Ready" and status["readyReplicas"] == 2 and status["observedGeneration"] == 3
     assert conditions(status) == {"Ready": ("True", "AllReplicasReady"), "Progressing": ("False", "Stable"),
                                   "MonitoringReady": ("True", "MonitorsApplied"), "Degraded": ("False", "AsExpected"),
-                                  "SettingsApplied": ("True", "AsRequested")}
+                                  "SettingsApplied": ("True", "AsRequested"),
+                                  "AlertsUnsupported": ("False", "AllAlertsRendered")}
     assert all(c["observedGeneration"] == 3 for c in status["conditions"])
 
 
@@ -81,3 +82,11 @@ def test_a_setting_left_out_is_its_own_condition_and_serving_stays_ready() -> No
     status = build_status(None, observe(deployment(2, 2), settings=problem))
     assert status["phase"] == "Ready"
     assert conditions(status)["SettingsApplied"] == ("False", "FaultInjectionNotAllowed")
+
+
+def test_alerts_left_out_for_the_runtime_are_a_condition_that_keeps_serving_ready() -> None:
+    problem = Problem("RuntimeLacksSignals", "1 alert(s) not rendered for runtime tgi, ...")
+    status = build_status(None, observe(deployment(2, 2), unsupported_alerts=problem))
+    assert status["phase"] == "Ready"
+    assert conditions(status)["AlertsUnsupported"] == ("True", "RuntimeLacksSignals")
+    assert conditions(status)["MonitoringReady"] == ("True", "MonitorsApplied")

@@ -41,3 +41,18 @@ def llamacpp_source() -> Path:
     if not (path / "tools" / "server" / "server-task.cpp").is_file():
         pytest.fail(f"llama.cpp sources missing at {path}: run `make deps` (scripts/deps/build-tools.sh).")
     return path.resolve()
+
+
+def example_container(runtime: str) -> dict:
+    """The runtime container the operator renders for examples/<runtime>.yaml (what `kubectl apply` of it runs)."""
+    import yaml
+
+    from slm_operator import render
+    from slm_operator.spec import Parent, parse_spec
+
+    obj = yaml.safe_load((REPO_ROOT / "examples" / f"{runtime}.yaml").read_text())
+    children = render.desired_children(Parent(obj["metadata"]["name"], "llm", "uid"), parse_spec(obj["spec"]),
+                                       render.RenderContext(server_image="unused"))
+    deployment = next(c for c in children if c["kind"] == "Deployment")
+    (container,) = [c for c in deployment["spec"]["template"]["spec"]["containers"] if c["name"] == runtime]
+    return dict(container)

@@ -152,3 +152,27 @@ def test_every_flag_the_operator_owns_is_one_llama_server_knows():
     known = set(re.findall(r"(?<![\w-])(--?[a-z][\w-]*)", done.stdout + done.stderr))
     assert len(known) > 100  # the help text was read
     assert sorted(OWNED_FLAGS["llamacpp"] - known) == []
+
+
+def test_the_example_runs_on_the_real_llama_server(gguf: Path, tmp_path: Path):
+    """examples/llamacpp.yaml's container, as `kubectl apply` of it renders it, run by llama-server itself:
+    only the volume path (/data, the claim) and the pod's address differ, as a kubelet would map them."""
+    from tests.runtimes.conftest import example_container
+
+    args = example_container("llamacpp")["args"]
+    assert args[:2] == ["--model", "/data/qwen2.5-0.5b-instruct-q4_k_m.gguf"]
+    claim = tmp_path / "claim"
+    claim.mkdir()
+    (claim / "qwen2.5-0.5b-instruct-q4_k_m.gguf").symlink_to(gguf)
+    port = free_port()
+    local = [str(claim / a.removeprefix("/data/")) if a.startswith("/data/") else a for a in args]
+    local[local.index("--host") + 1] = "127.0.0.1"
+    local[local.index("--port") + 1] = str(port)
+    log = tmp_path / "llama-server.log"
+    with llama_server(local, log) as process:
+        base = f"http://127.0.0.1:{port}"
+        wait_healthy(base, process, log)
+        assert [m["id"] for m in httpx.get(f"{base}/v1/models", timeout=10).json()["data"]] == ["qwen2.5-0.5b"]
+        props = httpx.get(f"{base}/props", timeout=10).json()
+        assert props["total_slots"] == 2  # the example's --parallel 2 reached the server
+        assert httpx.get(f"{base}/metrics", timeout=10).status_code == 200  # --metrics

@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 
 from slm_operator.runtimes import OWNED_FLAGS, RuntimeArgsError, render_runtime, validate_runtime_args
+from tests.runtimes.conftest import example_container
 
 # Importing vLLM (torch, transformers) takes minutes on a busy 2-core machine.
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]
@@ -56,13 +57,17 @@ def rendered_argvs(runtime: str) -> list[list[str]]:
 
 
 def test_vllm_parser_accepts_every_rendered_command_line(vllm_python: Path, tmp_path: Path):
-    results = parse(vllm_python, "vllm", [*rendered_argvs("vllm"), ["--list-options"],
-                                          ["/data/phi-3", "--max-model-length", "8"]], tmp_path)
+    results = parse(vllm_python, "vllm", [*rendered_argvs("vllm"), example_container("vllm")["args"],
+                                          ["--list-options"], ["/data/phi-3", "--max-model-length", "8"]], tmp_path)
     options = results.pop(-2)["parsed"]["options"]
     # Every flag the operator keeps out of runtimeArgs is one vLLM has (else the guard guards nothing).
     assert sorted(OWNED_FLAGS["vllm"] - set(options)) == []
-    assert [r["ok"] for r in results[:-1]] == [True, True, True, True], results
-    hub, local, cpu, extra = (r["parsed"] for r in results[:-1])
+    assert [r["ok"] for r in results[:-1]] == [True, True, True, True, True], results
+    hub, local, cpu, extra, example = (r["parsed"] for r in results[:-1])
+    # examples/vllm.yaml, as `kubectl apply` of it renders it.
+    assert example == {"model": "meta-llama/Llama-3.2-1B-Instruct", "revision": "main", "dtype": "bfloat16",
+                       "max_model_len": 8192, "tensor_parallel_size": 1,
+                       "served_model_name": ["meta-llama/Llama-3.2-1B-Instruct"], "host": ANY, "port": 8080}
     assert hub == {"model": "Qwen/Qwen2.5-0.5B-Instruct", "revision": REVISION, "dtype": "bfloat16",
                    "max_model_len": 4096, "tensor_parallel_size": 2, "served_model_name": ["qwen"],
                    "host": ANY, "port": 8000}
@@ -75,13 +80,17 @@ def test_vllm_parser_accepts_every_rendered_command_line(vllm_python: Path, tmp_
 
 def test_sglang_parser_accepts_every_rendered_command_line(sglang_python: Path, tmp_path: Path):
     results = parse(sglang_python, "sglang",
-                    [*rendered_argvs("sglang"), ["--list-options"],
+                    [*rendered_argvs("sglang"), example_container("sglang")["args"], ["--list-options"],
                      ["--model-path", "/data/phi-3", "--context-size", "8"],
                      ["--model-path", "/data/phi-3", "--tensor-parallel", "2"]], tmp_path)
     options = results.pop(-3)["parsed"]["options"]
     assert sorted(OWNED_FLAGS["sglang"] - set(options)) == []
-    assert [r["ok"] for r in results[:-2]] == [True, True, True, True], results
-    hub, local, cpu, _extra = (r["parsed"] for r in results[:-2])
+    assert [r["ok"] for r in results[:-2]] == [True, True, True, True, True], results
+    hub, local, cpu, _extra, example = (r["parsed"] for r in results[:-2])
+    # examples/sglang.yaml, as `kubectl apply` of it renders it.
+    assert example == {"model_path": "Qwen/Qwen2.5-3B-Instruct", "revision": "main", "dtype": "bfloat16",
+                       "context_length": 16384, "tp_size": 2, "served_model_name": "Qwen/Qwen2.5-3B-Instruct",
+                       "host": ANY, "port": 8080, "enable_metrics": True}
     assert hub == {"model_path": "Qwen/Qwen2.5-0.5B-Instruct", "revision": REVISION, "dtype": "bfloat16",
                    "context_length": 4096, "tp_size": 2, "served_model_name": "qwen", "host": ANY,
                    "port": 8000, "enable_metrics": True}

@@ -16,6 +16,7 @@ import pytest
 
 from slm_devtools.tools import REPO_ROOT, versions
 from slm_operator.runtimes import OWNED_FLAGS, PINS, render_runtime
+from tests.runtimes.conftest import example_container
 
 FLAG_LINE = re.compile(r"^\s+(?:(-[a-z]), )?(--[a-z0-9-]+)(?: <([A-Z0-9_]+)>)?\s*$")
 POSSIBLE = re.compile(r"\[possible values: ([^\]]+)\]")
@@ -73,10 +74,11 @@ RENDERED = [
     render_runtime("tgi", model="/data/phi-3", served_model_name="phi", port=80, dtype="float16", gpus=1,
                    extra_args=["--max-concurrent-requests", "64", "--quantize", "awq", "--trust-remote-code"])["args"],
     render_runtime("tgi", model="org/m", served_model_name="m", port=3000, gpus=0)["args"],
+    example_container("tgi")["args"],  # examples/tgi.yaml, as `kubectl apply` of it renders it
 ]
 
 
-@pytest.mark.parametrize("argv", RENDERED, ids=["hub-bf16-tp2", "local-fp16-extra", "defaults"])
+@pytest.mark.parametrize("argv", RENDERED, ids=["hub-bf16-tp2", "local-fp16-extra", "defaults", "example"])
 def test_rendered_command_line_uses_only_documented_launcher_flags(argv: list[str]):
     assert check(argv, launcher_flags()) == []
 

@@ -27,6 +27,7 @@ from slm_operator.kube import MONITORING_KINDS, RESOURCES, OwnershipChanged, wit
 from slm_operator.render import SERVING_KINDS, MonitorLabels, RenderContext
 from slm_operator.spec import PARENT_LABEL, Parent, SecretKeyRef, SLMDeploymentSpec, child_names, lookup, parse_spec
 from slm_operator.status import (
+    ALERTS_UNSUPPORTED,
     MONITORING_READY,
     READY,
     SETTINGS_APPLIED,
@@ -170,6 +171,8 @@ def desired(state: State, parent: Parent, spec: SLMDeploymentSpec) -> Desired:
         monitoring_problems += selector_problems
     context = RenderContext(
         server_image=state.cfg.server_image,
+        runtime_images=dict(state.cfg.runtime_images),
+        sidecar_image=state.cfg.sidecar_image,
         monitor_labels=labels,
         prometheus_namespaces=tuple(sorted({p.split("/")[0] for p in selectors.prometheuses})) if selectors else (),
         allow_fault_injection=state.cfg.allow_fault_injection,
@@ -335,6 +338,7 @@ def report(state: State, body: Mapping[str, Any], plan: Desired, applied: Applie
                             else "ServiceMonitor, PrometheusRule and dashboard applied"),
         serving=Problem.combined(serving),
         settings=Problem.combined(plan.settings_problems),
+        unsupported_alerts=render.unsupported_alerts(plan.spec),
     )
     return _write_status(state, body, observation)
 
@@ -356,7 +360,7 @@ def _write_status(state: State, body: Mapping[str, Any], observation: Observatio
 def _invalid_spec(state: State, body: Mapping[str, Any], error: ValidationError) -> dict[str, Any]:
     """A spec the CRD let through but this operator cannot read (the CRD and the operator disagree)."""
     parent = Parent.of(body)
-    fields = "; ".join(f"spec.{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in error.errors())
+    fields = "; ".join(".".join(["spec", *(str(p) for p in e["loc"])]) + f": {e['msg']}" for e in error.errors())
     replicas = (body.get("spec") or {}).get("replicas", 1)
     observation = Observation(
         generation=int(body["metadata"].get("generation", 1)),
@@ -376,6 +380,9 @@ def _post_transition_events(state: State, body: Mapping[str, Any], previous: Map
     before = {c["type"]: c for c in previous.get("conditions", []) or []}
     for cond in status["conditions"]:
         old = before.get(cond["type"])
+        if cond["type"] == ALERTS_UNSUPPORTED:
+            _say_unsupported_alerts(state, body, old, cond)
+            continue
         if old is not None and old.get("status") == cond["status"] and old.get("reason") == cond["reason"]:
             continue
         bad = (cond["type"] in (READY, MONITORING_READY, SETTINGS_APPLIED) and cond["status"] == "False"
@@ -385,6 +392,25 @@ def _post_transition_events(state: State, body: Mapping[str, Any], previous: Map
             continue  # the first status of a new object: the Applied events already tell the story
         message = f"{cond['type']}={cond['status']}: {cond['message']}"
         state.kube.post_event(body, reason=cond["reason"], message=message, warning=bad)
+
+
+def _say_unsupported_alerts(state: State, body: Mapping[str, Any], old: Mapping[str, Any] | None,
+                            cond: Mapping[str, Any]) -> None:
+    """One Normal Event when alerts are left out for the runtime (also on the first status), none per resync.
+
+    Two reconciles may start from the same stale copy of the object (a create and a resync, one after the
+    other under the lock): what was said is kept per SLMDeployment, so the second says nothing again.
+    """
+    key = (body["metadata"]["namespace"], body["metadata"]["name"])
+    said = (str(body["metadata"].get("uid", "")), str(cond["message"]))
+    if cond["status"] != "True":
+        state.alerts_said.pop(key, None)
+        return
+    unchanged = old is not None and old.get("status") == "True" and old.get("message") == cond["message"]
+    if unchanged or state.alerts_said.get(key) == said:
+        return
+    state.alerts_said[key] = said
+    state.kube.post_event(body, reason=str(cond["reason"]), message=f"{cond['type']}=True: {cond['message']}")
 
 
 # --- the whole reconcile ------------------------------------------------------------------------------
@@ -497,6 +523,7 @@ def refresh_status(state: State, body: Mapping[str, Any], deployment: Mapping[st
             monitoring_message=str(monitoring_before.get("message", "")),
             serving=_kept_serving_problem(previous) or _gpu_problem(state, spec),
             settings=_kept(previous, SETTINGS_APPLIED),
+            unsupported_alerts=render.unsupported_alerts(spec),
         )
         _write_status(state, body, observation)
 

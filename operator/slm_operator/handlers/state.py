@@ -108,6 +108,9 @@ class State:
         self._locks_guard = threading.Lock()
         # Per SLMDeployment (namespace, name): (hash of the render inputs, rendered children and problems as JSON).
         self.rendered: dict[ParentKey, tuple[str, str]] = {}
+        # Per SLMDeployment: (uid, message) of the AlertsUnsupported Event last posted
+        # (reconcile._say_unsupported_alerts).
+        self.alerts_said: dict[ParentKey, tuple[str, str]] = {}
         self.parents: set[ParentKey] = set()
         # Applies of one reconcile run concurrently; shared by all reconciles, so bounded overall.
         self.apply_pool = concurrent.futures.ThreadPoolExecutor(max_workers=32, thread_name_prefix="apply")
@@ -151,6 +154,7 @@ class State:
             if lock is not None and not lock.locked():  # a reconcile still running keeps its lock
                 del self._locks[key]
         self.rendered.pop(key, None)
+        self.alerts_said.pop(key, None)
         self.parents.discard(key)
         self.cancel_retries([key])
 
@@ -159,6 +163,8 @@ class State:
         self.parents = set(parents)
         for key in [k for k in list(self.rendered) if k not in parents]:
             self.rendered.pop(key, None)
+        for key in [k for k in list(self.alerts_said) if k not in parents]:
+            self.alerts_said.pop(key, None)
         with self._locks_guard:
             for key in [k for k, lock in self._locks.items() if k not in parents and not lock.locked()]:
                 del self._locks[key]
@@ -172,7 +178,8 @@ class State:
             locks = len(self._locks)
         with self._retries_guard:
             retries = len(self._retries)
-        return {"rendered": len(self.rendered), "locks": locks, "parents": len(self.parents),
+        return {"rendered": len(self.rendered), "alerts_said": len(self.alerts_said), "locks": locks,
+                "parents": len(self.parents),
                 "children": sum(self.children.count_by_kind().values()), "retries": retries}
 
     def _gpu_nodes(self) -> list[tuple[dict[str, str], int]] | None:

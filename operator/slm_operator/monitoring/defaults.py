@@ -4,12 +4,18 @@ The CRD's schema defaults (manifests/crds/) must equal these; a unit test checks
 and the disk alert carry the thresholds the project started from (docs/architecture.md, "Default alert
 thresholds"): HighErrorRate 5 % for 5m, SlowResponseTime p95 > 2 s for 5m, HighGPUUtilization > 90 %
 for 15m, LowDiskSpace < 10 % on /data for 5m.
+
+The alerts on signals only some runtimes have (KV-cache saturation, preemptions) keep their defaults beside
+their rules, in data/rules.yaml `runtime_alerts`; ALERT_DEFAULTS takes them from there, so they are written
+once too.
 """
 
 from __future__ import annotations
 
 import copy
 from typing import Any
+
+from slm_operator.monitoring import load_data
 
 ALERT_DEFAULTS: dict[str, Any] = {
     # `window`: the rate window of the error ratio (5m by default); shorter reacts and recovers faster.
@@ -59,6 +65,11 @@ ALERT_DEFAULTS: dict[str, Any] = {
     "disabled": [],
     "runbookBaseURL": "",
 }
+
+# KV-cache saturation and preemptions (vLLM, SGLang): `spec.monitoring.alerts.<config>` of each runtime alert.
+ALERT_DEFAULTS.update({
+    spec["config"]: dict(spec["defaults"]) for spec in load_data("rules.yaml")["runtime_alerts"]
+})
 
 SEVERITIES = ("critical", "warning", "info")
 

@@ -260,7 +260,7 @@ def unrendered_alerts(runtime: str) -> dict[str, list[dict[str, str]]]:
 
 
 def runtime_alert_names() -> tuple[str, ...]:
-    """The alerts on signals only some runtimes have (not yet in the CRD's alerts.disabled enum)."""
+    """The alerts on signals only some runtimes have (KV cache, preemptions); alerts.disabled may name them too."""
     return tuple(dict.fromkeys(spec["alert"] for spec in _load_rules_data()["runtime_alerts"]))
 
 
