@@ -75,7 +75,8 @@ def test_the_sidecar_stays_under_100_mib_once_it_detected_drift(runtime: Runtime
         "SLM_FAULTS_ADMIN": "true", "SLM_ADMIN_PORT": str(admin_port), "SLM_GPU_METRICS": "false",
         "SLM_DRIFT_WARMUP_REQUESTS": "0", "SLM_DRIFT_REFERENCE_REQUESTS": "30", "SLM_DRIFT_WINDOW_REQUESTS": "20",
         "SLM_DRIFT_MIN_SAMPLES": "15", "SLM_DRIFT_CHECK_EVERY_REQUESTS": "5",
-        "SLM_DRIFT_MIN_CHECK_INTERVAL_SECONDS": "0", "SLM_DRIFT_ENTER_CHECKS": "2", "SLM_LOG_FLUSH_INTERVAL_SECONDS": "0",
+        "SLM_DRIFT_MIN_CHECK_INTERVAL_SECONDS": "0", "SLM_DRIFT_ENTER_CHECKS": "2",
+        "SLM_LOG_FLUSH_INTERVAL_SECONDS": "0",
     }  # fmt: skip
     with log.open("w") as out:
         process = subprocess.Popen([sys.executable, "-m", "slm_sidecar"], env=env, stdout=out, stderr=subprocess.STDOUT)
