@@ -143,9 +143,13 @@ def test_garbage_outputs_fire_the_perplexity_drift_alert_and_alertmanager_notifi
     sel = plane.selector()
     plane.start_load({"model": MODEL, "prompt": PROMPT, "max_tokens": 12, "ignore_eos": True}, rate=4)
     try:
-        wait_until(lambda: prometheus.query(f"slm:request_perplexity_sum:pod_total{{{sel}}}"), timeout=60,
-                   interval=0.5, what="the shared rules recording the sidecar's perplexity "
-                   f"(slm:request_perplexity_sum:pod_total of container {plane.target_labels()['container']!r})")
+        wait_until(
+            lambda: prometheus.query(f"slm:request_perplexity_sum:pod_total{{{sel}}}"),
+            timeout=60,
+            interval=0.5,
+            what="the shared rules recording the sidecar's perplexity "
+            f"(slm:request_perplexity_sum:pod_total of container {plane.target_labels()['container']!r})",
+        )
         zscore = f"abs(slm:request_perplexity:zscore10s{{{sel}}})"
         # A settled baseline first (the history guard met, no drift now).
         wait_until(lambda: prometheus.query(f"{zscore} < 2"), timeout=150, interval=0.5, what="a settled z-score")
