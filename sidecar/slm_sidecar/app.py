@@ -343,7 +343,14 @@ class Sidecar:
                 return
             plan = planned
         else:
-            plan = plan_request(route, raw, quality_logprobs=logprobs, strip_absent=strip_absent, degraded=degraded)
+            plan = plan_request(
+                route,
+                raw,
+                quality_logprobs=logprobs,
+                strip_absent=strip_absent,
+                degraded=degraded,
+                runtime=self.settings.runtime,
+            )
         exchange = _Exchange(plan, Choices(plan))
         self.in_flight += 1
         try:

@@ -137,17 +137,36 @@ def output_format(doc: dict[str, Any]) -> OutputFormat | None:
     return None
 
 
-def degrade(doc: dict[str, Any]) -> None:
+# What turns off each runtime's own narrowing of the sampled tokens, where its defaults narrow it without
+# the request asking (llama.cpp: top_k 40 and min_p 0.05; vLLM and SGLang: the model's generation_config).
+_WHOLE_VOCABULARY: dict[str, dict[str, float]] = {
+    "llamacpp": {"top_k": 0, "min_p": 0.0, "typical_p": 1.0},
+    "vllm": {"top_k": -1, "min_p": 0.0},
+    "sglang": {"top_k": -1, "min_p": 0.0},
+}
+
+
+def degrade(doc: dict[str, Any], runtime: str = "openai") -> None:
     """Fault injection's degraded output: sample far from the model's choices — the highest temperature
-    OpenAI's API allows, over every token. The log-probabilities the runtime reports are the model's own,
-    so perplexity rises as it does for the built-in server's uniform sampling."""
+    OpenAI's API allows, over every token (`runtime`'s own top-k and min-p turned off where it has them).
+    The log-probabilities the runtime reports are the model's own, so perplexity rises as it does for the
+    built-in server's uniform sampling."""
     doc["temperature"] = 2.0
     doc["top_p"] = 1.0
     for key in ("top_k", "min_p", "typical_p"):
         doc.pop(key, None)
+    doc.update(_WHOLE_VOCABULARY.get(runtime, {}))
 
 
-def plan_request(route: str, raw: bytes, *, quality_logprobs: bool, strip_absent: bool, degraded: bool = False) -> Plan:
+def plan_request(
+    route: str,
+    raw: bytes,
+    *,
+    quality_logprobs: bool,
+    strip_absent: bool,
+    degraded: bool = False,
+    runtime: str = "openai",
+) -> Plan:
     """What goes to the runtime for a client's OpenAI request (`route`: COMPLETIONS or CHAT)."""
     operation = "chat" if route == CHAT else "text_completion"
     try:
@@ -161,7 +180,7 @@ def plan_request(route: str, raw: bytes, *, quality_logprobs: bool, strip_absent
     n = n if isinstance(n, int) and not isinstance(n, bool) and n > 0 else 1
     changed = False
     if degraded:
-        degrade(doc)
+        degrade(doc, runtime)
         changed = True
     added = False
     if quality_logprobs:
