@@ -55,18 +55,28 @@ def raw_stream(client: openai.OpenAI, kind: str, **request: Any) -> list[dict[st
     return [json.loads(line.removeprefix("data: ")) for line in lines[:-1]]
 
 
-REQUESTS = {
-    "completions": {"model": MODEL_NAME, "prompt": PROMPT, "max_tokens": 12, "temperature": 0},
+# llama.cpp reuses the KV cache of an earlier request's prompt (`cache_prompt`): the same tokens then get
+# log-probabilities that differ in their last digits, and `cached_tokens` differs. Off, a repeated request
+# is computed as the first one was (the built-in server ignores the field; its prefix cache is off here).
+SAME_EACH_TIME = {"cache_prompt": False}
+REQUESTS: dict[str, dict[str, Any]] = {
+    "completions": {
+        "model": MODEL_NAME,
+        "prompt": PROMPT,
+        "max_tokens": 12,
+        "temperature": 0,
+        "extra_body": SAME_EACH_TIME,
+    },
     "chat": {
         "model": MODEL_NAME,
         "messages": [{"role": "user", "content": "Return a new list of the"}],
         "max_tokens": 12,
         "temperature": 0,
-        "extra_body": {"min_tokens": 8},  # the tiny model's chat answers would often end at once
+        # The tiny model's chat answers would often end at once: the same length whatever it would rather do
+        # (llama.cpp has no min_tokens; both runtimes take ignore_eos).
+        "extra_body": {"ignore_eos": True, **SAME_EACH_TIME},
     },
 }
-# llama.cpp has no min_tokens: the same length by ignoring the end-of-text token (both runtimes take it).
-REQUESTS["chat"]["extra_body"]["ignore_eos"] = True
 ASKED = {"completions": {"logprobs": 2}, "chat": {"logprobs": True, "top_logprobs": 2}}
 
 
