@@ -90,6 +90,9 @@ class Plan:
     added_logprobs: bool = False  # the sidecar asked for them: they are taken out of the reply
     strip_absent: bool = False  # taken out by deleting the key (else set to null, as OpenAI's API answers)
     echo_prompt: str | None = None  # /v1/completions with echo: the prompt that starts each choice's text
+    # A streamed chunk of a token without text (end of text) is sent by the runtime only with the
+    # log-probabilities on (the built-in server), or either way (llama.cpp: False here, the chunk passes).
+    token_chunks_need_logprobs: bool = True
     observed: bool = True  # a JSON object the sidecar could read (else forwarded as it came)
 
 
@@ -210,6 +213,7 @@ def plan_request(
         added_logprobs=added,
         strip_absent=strip_absent,
         echo_prompt=echo_prompt,
+        token_chunks_need_logprobs=runtime != "llamacpp",
     )
 
 
@@ -383,6 +387,7 @@ class Choices:
                 state.finish = reason
         if (
             changed
+            and self.plan.token_chunks_need_logprobs
             and isinstance(choices, list)
             and choices
             and all(_only_logprobs(c, self.plan.route) for c in choices)
