@@ -12,6 +12,7 @@ garbage outputs firing SLMPerplexityDrift, notified by Alertmanager.
 from __future__ import annotations
 
 import hmac
+import json
 import math
 import uuid
 from collections.abc import Iterator
@@ -99,27 +100,44 @@ def runtime_logprobs(choice: dict[str, Any]) -> list[float]:
     return list(logprobs["token_logprobs"])
 
 
-def test_each_request_writes_its_json_line(plane: SidecarPlane) -> None:
+# What the sidecar cannot time in an unstreamed reply (it sees the whole reply at once): left out.
+STREAM_ONLY = {"gen_ai.server.time_to_first_token", "gen_ai.server.time_per_output_token"}
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["unstreamed", "streamed"])
+def test_each_request_writes_its_json_line(plane: SidecarPlane, stream: bool) -> None:
     request_id = f"req-{uuid.uuid4().hex[:12]}"
     headers = {"traceparent": TRACEPARENT, "x-request-id": request_id}
-    reply = httpx.post(f"{sidecar_url(plane)}/v1/completions", json=GREEDY, headers=headers, timeout=60)
-    assert reply.status_code == 200, reply.text
-    assert reply.headers["x-request-id"] == request_id
-    doc = reply.json()
-    text = doc["choices"][0]["text"]
+    body = {**GREEDY, "stream": stream}
+    with httpx.stream("POST", f"{sidecar_url(plane)}/v1/completions", json=body, headers=headers, timeout=60) as reply:
+        assert reply.status_code == 200, reply.read()
+        assert reply.headers["x-request-id"] == request_id
+        raw = reply.read().decode()
+    if stream:
+        chunks = [json.loads(e.removeprefix("data: ")) for e in raw.split("\n\n") if e.startswith("data: {")]
+        text = "".join(c["choices"][0]["text"] for c in chunks if c["choices"])
+        usage = next(c["usage"] for c in chunks if c.get("usage"))
+        finish = [c["choices"][0]["finish_reason"] for c in chunks if c["choices"][0]["finish_reason"]]
+    else:
+        doc = json.loads(raw)
+        text, usage, finish = doc["choices"][0]["text"], doc["usage"], [doc["choices"][0]["finish_reason"]]
     line = request_line(plane, request_id)
-    assert set(line) >= REQUEST_FIELDS, REQUEST_FIELDS - set(line)
+    expected_fields = REQUEST_FIELDS if stream else REQUEST_FIELDS - STREAM_ONLY
+    assert set(line) >= expected_fields, expected_fields - set(line)
     assert line["trace_id"] == TRACE_ID
     assert line["http.route"] == "/v1/completions" and line["http.response.status_code"] == 200
+    assert line["slm.stream"] is stream
     assert line["gen_ai.request.model"] == MODEL and line["gen_ai.request.max_tokens"] == 12
-    assert line["gen_ai.usage.output_tokens"] == doc["usage"]["completion_tokens"] == 12
-    assert line["gen_ai.usage.input_tokens"] == doc["usage"]["prompt_tokens"]
-    assert line["gen_ai.response.finish_reasons"] == [doc["choices"][0]["finish_reason"]] == ["length"]
+    assert line["gen_ai.usage.output_tokens"] == usage["completion_tokens"] == 12
+    assert line["gen_ai.usage.input_tokens"] == usage["prompt_tokens"]
+    assert line["gen_ai.response.finish_reasons"] == finish == ["length"]
     # The output policy the operator renders by default: hashed under the deployment's key, never the text.
     assert line["gen_ai.output.hmac_sha256"] == hmac.new(HASH_KEY.encode(), text.encode(), "sha256").hexdigest()
     assert line["gen_ai.output.length"] == len(text)
     assert "gen_ai.output.text" not in line
     assert line["slm.perplexity"] > 1
+    if stream:
+        assert 0 < line["gen_ai.server.time_to_first_token"] <= line["latency_s"]
 
 
 def test_perplexity_is_the_one_the_runtimes_own_logprobs_give(plane: SidecarPlane) -> None:
