@@ -108,7 +108,7 @@ STREAM_ONLY = {"gen_ai.server.time_to_first_token", "gen_ai.server.time_per_outp
 def test_each_request_writes_its_json_line(plane: SidecarPlane, stream: bool) -> None:
     request_id = f"req-{uuid.uuid4().hex[:12]}"
     headers = {"traceparent": TRACEPARENT, "x-request-id": request_id}
-    body = {**GREEDY, "stream": stream}
+    body = {**GREEDY, "stream": True, "stream_options": {"include_usage": True}} if stream else GREEDY
     with httpx.stream("POST", f"{sidecar_url(plane)}/v1/completions", json=body, headers=headers, timeout=60) as reply:
         assert reply.status_code == 200, reply.read()
         assert reply.headers["x-request-id"] == request_id
@@ -117,7 +117,7 @@ def test_each_request_writes_its_json_line(plane: SidecarPlane, stream: bool) ->
         chunks = [json.loads(e.removeprefix("data: ")) for e in raw.split("\n\n") if e.startswith("data: {")]
         text = "".join(c["choices"][0]["text"] for c in chunks if c["choices"])
         usage = next(c["usage"] for c in chunks if c.get("usage"))
-        finish = [c["choices"][0]["finish_reason"] for c in chunks if c["choices"][0]["finish_reason"]]
+        finish = [c["choices"][0]["finish_reason"] for c in chunks if c["choices"] and c["choices"][0]["finish_reason"]]
     else:
         doc = json.loads(raw)
         text, usage, finish = doc["choices"][0]["text"], doc["usage"], [doc["choices"][0]["finish_reason"]]
