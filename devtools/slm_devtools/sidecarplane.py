@@ -270,7 +270,8 @@ class SidecarPlane:
             self.prometheus = AlertingPrometheus(
                 self.workdir / "prometheus", f"{LOOPBACK}:{sidecar_port}", "/metrics", self.target_labels(),
                 self.rule_files(), interval=self.interval, alertmanager=self.alertmanager.address,
-            ).start()  # fmt: skip
+            )  # fmt: skip
+            self.prometheus.start()
         except BaseException:
             self.stop()
             raise

@@ -92,7 +92,7 @@ def sidecar_server(
     """The sidecar in front of `upstream`, served by uvicorn in a thread as `slm-sidecar` serves it."""
     import uvicorn
 
-    from slm_server.cli import uvicorn_config
+    from slm_sidecar.cli import sidecar_config
 
     port = free_port()
     settings = SidecarSettings(
@@ -109,7 +109,7 @@ def sidecar_server(
         }
     )
     app = create_app(settings, registry=CollectorRegistry(), drift=drift, transport=transport)
-    server = uvicorn.Server(uvicorn_config(app, settings))
+    server = uvicorn.Server(sidecar_config(app, settings))
     thread = threading.Thread(target=server.run, name="sidecar", daemon=True)
     thread.start()
     running = RunningSidecar(app, f"http://127.0.0.1:{port}")
