@@ -1,7 +1,8 @@
 """What the monitoring sidecar costs: the same requests sent to a runtime directly and through the sidecar in
 front of it, interleaved in one run, on loopback.
 
-    .venv/bin/python bench/bench_sidecar.py [--requests 400] [--streams 64] [--tokens 32] [--rounds 3] [--json OUT]
+    .venv/bin/python bench/bench_sidecar.py [--requests 384] [--streams 64] [--tokens 32] [--rounds 3] [--no-pin]
+                                            [--only echo,tiny,llama] [--json OUT]
 
 Runtimes, each its own process, as in a pod (`slm-server`, `slm-sidecar`, `llama-server`):
 
@@ -14,6 +15,16 @@ Runtimes, each its own process, as in a pod (`slm-server`, `slm-sidecar`, `llama
              the chunks of a stream), p50 and mean, through the sidecar over direct (goal: within 2 %).
   llama      the real `llama-server` (built by `make deps` once the runtimes work is in) with the tiny model
              as GGUF, the same streams; left out, and said so, when it is not built.
+
+Streams are also sent directly with the log-probabilities the sidecar asks for on the client's behalf
+(`direct_logprobs`): the runtime's own cost of computing and sending them (large for the tiny model, whose
+tokens cost about what a softmax over its vocabulary costs) is then told apart from the sidecar's
+(`itl_mean_ratio_vs_logprobs`).
+
+Placement: unless `--no-pin`, each process is pinned to its own cores, as in a pod with the runtime's work
+apart from the sidecar's: the runtime to the first CPU, the sidecar to the second, the load generator (this
+process) to the rest, or with the sidecar where there are only two. The direct blocks keep the same
+placement (the sidecar's core then idles).
 
 Blocks of each kind alternate direct / sidecar for `--rounds` rounds; figures are over all the blocks of a
 kind. The sidecar's CPU time per request (user + system of its process, from /proc, over every request it
@@ -55,6 +66,19 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+CPUS = sorted(os.sched_getaffinity(0))
+
+
+def placement(pin: bool) -> dict[str, set[int] | None]:
+    """Cores of the runtime, the sidecar and the load generator (None: wherever the kernel puts them)."""
+    if not pin or len(CPUS) < 2:
+        return {"runtime": None, "sidecar": None, "client": None}
+    return {"runtime": {CPUS[0]}, "sidecar": {CPUS[1]}, "client": set(CPUS[2:]) or {CPUS[1]}}
+
+
+PLACE: dict[str, set[int] | None] = placement(False)
+
+
 def cpu_seconds(pid: int) -> float:
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
@@ -66,10 +90,16 @@ def memory_mib(pid: int) -> dict[str, float]:
 
 
 @contextlib.contextmanager
-def process(command: list[str], env: dict[str, str], ready: str, log: Path) -> Iterator[subprocess.Popen[bytes]]:
+def process(
+    command: list[str], env: dict[str, str], ready: str, log: Path, cpus: set[int] | None = None
+) -> Iterator[subprocess.Popen[bytes]]:
+    def pin() -> None:
+        if cpus:
+            os.sched_setaffinity(0, cpus)
+
     with log.open("wb") as out:
         proc = subprocess.Popen(command, env={**os.environ, "PYTHONPATH": PYTHONPATH, **env}, stdout=out,
-                                stderr=subprocess.STDOUT)  # fmt: skip
+                                stderr=subprocess.STDOUT, preexec_fn=pin)  # fmt: skip
     try:
         deadline = time.monotonic() + 240
         while True:
@@ -97,7 +127,7 @@ def builtin(engine: str, port: int, log: Path, model_dir: str = "") -> contextli
         "SLM_PORT": str(port), "SLM_MAX_CONCURRENT_REQUESTS": "64", "SLM_MAX_QUEUED_REQUESTS": "256",
         "SLM_LOG_REQUESTS": "false", "SLM_GPU_METRICS": "false", "SLM_DRIFT_ENABLED": "false",
     }  # fmt: skip
-    return process([sys.executable, "-m", "slm_server"], env, f"http://127.0.0.1:{port}/readyz", log)
+    return process([sys.executable, "-m", "slm_server"], env, f"http://127.0.0.1:{port}/readyz", log, PLACE["runtime"])
 
 
 def sidecar(
@@ -111,7 +141,13 @@ def sidecar(
     with log.open("w"):
         pass
     # Its JSON lines go to /dev/null: the writing is measured, the disk is not.
-    return process([sys.executable, "-m", "slm_sidecar"], env, f"http://127.0.0.1:{port}/readyz", Path(os.devnull))
+    return process(
+        [sys.executable, "-m", "slm_sidecar"],
+        env,
+        f"http://127.0.0.1:{port}/readyz",
+        Path(os.devnull),
+        PLACE["sidecar"],
+    )
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -158,11 +194,13 @@ async def unstreamed(base: str, requests: int, concurrency: int) -> tuple[list[f
     return latencies, elapsed
 
 
-async def streams(base: str, count: int, concurrency: int, tokens: int) -> tuple[list[float], list[float]]:
+async def streams(
+    base: str, count: int, concurrency: int, tokens: int, extra: dict[str, Any] | None = None
+) -> tuple[list[float], list[float]]:
     """Inter-chunk gaps (s) of `count` streamed completions of `tokens` tokens, `concurrency` at a time, and
     their times to the first chunk."""
     body = {"model": MODEL, "prompt": "The module provides", "max_tokens": tokens, "min_tokens": tokens,
-            "temperature": 0, "stream": True, "ignore_eos": True}  # fmt: skip
+            "temperature": 0, "stream": True, "ignore_eos": True, **(extra or {})}  # fmt: skip
     data = json.dumps(body).encode()
     gaps: list[float] = []
     firsts: list[float] = []
@@ -219,11 +257,12 @@ def measure_streams(direct: str, through: str, streams_at_once: int, tokens: int
     out: dict[str, Any] = {}
     for concurrency in (1, streams_at_once):
         count = 4 if concurrency == 1 else concurrency
-        gaps: dict[str, list[float]] = {"direct": [], "sidecar": []}
-        firsts: dict[str, list[float]] = {"direct": [], "sidecar": []}
+        gaps: dict[str, list[float]] = {"direct": [], "direct_logprobs": [], "sidecar": []}
+        firsts: dict[str, list[float]] = {"direct": [], "direct_logprobs": [], "sidecar": []}
+        blocks = (("direct", direct, None), ("direct_logprobs", direct, {"logprobs": 1}), ("sidecar", through, None))
         for _ in range(rounds):
-            for name, base in (("direct", direct), ("sidecar", through)):
-                g, f = asyncio.run(streams(base, count, concurrency, tokens))
+            for name, base, extra in blocks:
+                g, f = asyncio.run(streams(base, count, concurrency, tokens, extra))
                 gaps[name] += g
                 firsts[name] += f
         itl_p50 = {k: percentile(v, 0.5) for k, v in gaps.items()}
@@ -233,6 +272,7 @@ def measure_streams(direct: str, through: str, streams_at_once: int, tokens: int
             "itl_p50_ms": {k: ms(v) for k, v in itl_p50.items()},
             "itl_mean_ms": {k: ms(v) for k, v in itl_mean.items()},
             "itl_mean_ratio": round(itl_mean["sidecar"] / itl_mean["direct"], 4),
+            "itl_mean_ratio_vs_logprobs": round(itl_mean["sidecar"] / itl_mean["direct_logprobs"], 4),
             "itl_mean_added_ms": ms(itl_mean["sidecar"] - itl_mean["direct"]),
             "ttft_p50_ms": {k: ms(percentile(v, 0.5)) for k, v in firsts.items()},
         }
@@ -240,70 +280,86 @@ def measure_streams(direct: str, through: str, streams_at_once: int, tokens: int
 
 
 def main(argv: list[str] | None = None) -> int:
+    global PLACE
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--requests", type=int, default=384, help="unstreamed requests per block")
     parser.add_argument("--streams", type=int, default=64, help="concurrent streams (the second level)")
     parser.add_argument("--tokens", type=int, default=32, help="tokens per stream")
     parser.add_argument("--rounds", type=int, default=3, help="direct/sidecar block pairs per measurement")
+    parser.add_argument("--no-pin", action="store_true", help="leave every process wherever the kernel puts it")
+    parser.add_argument("--only", default="echo,tiny,llama", help="which runtimes (comma-separated)")
     parser.add_argument("--json", type=Path, help="also write the figures here")
     args = parser.parse_args(argv)
+    only = set(args.only.split(","))
     import tempfile
 
+    PLACE = placement(not args.no_pin)
     work = Path(tempfile.mkdtemp(prefix="bench-sidecar-"))
-    figures: dict[str, Any] = {}
+    figures: dict[str, Any] = {
+        "command": " ".join(["bench/bench_sidecar.py", *(argv if argv is not None else sys.argv[1:])]),
+        "cpus": {k: sorted(v) if v else "any" for k, v in PLACE.items()},
+    }
+    if PLACE["client"]:
+        os.sched_setaffinity(0, PLACE["client"])
 
+    if "echo" in only:
+        figures.update(measure_echo(args, work))
+    if "tiny" in only:
+        from slm_devtools.tinymodel import ensure_tiny_model
+
+        model_dir = str(ensure_tiny_model(log=lambda *_: None))
+        port, front = free_port(), free_port()
+        with builtin("transformers", port, work / "tiny.log", model_dir):
+            upstream = f"http://127.0.0.1:{port}"
+            with sidecar(upstream, "/readyz", "builtin", front, work / "sidecar-tiny.log") as proc:
+                figures["tiny"] = measure_streams(
+                    upstream, f"http://127.0.0.1:{front}", args.streams, args.tokens, args.rounds
+                )
+                figures["sidecar_memory_mib_after_streams"] = {k: round(v, 1) for k, v in memory_mib(proc.pid).items()}
+    if "llama" in only:
+        figures["llama"] = measure_llama(args, work)
+    print(json.dumps(figures, indent=2))
+    if "echo" in figures:
+        echo = figures["echo"]
+        print(
+            f"\nadded p50 latency: {echo['c1']['p50_added_ms']} ms at 1 client, {echo['c64']['p50_added_ms']} ms at "
+            f"64 (goal <= 0.5); throughput ratio at 64: {echo['c64']['throughput_ratio']} (goal >= 0.95)"
+        )
+        print(
+            f"sidecar CPU per request: {figures['sidecar_cpu_us_per_request']} µs (the echo runtime's own: "
+            f"{figures['echo_runtime_cpu_us_per_request']} µs); RSS {figures['sidecar_memory_mib']['VmRSS']} MiB, "
+            f"peak {figures['sidecar_memory_mib']['VmHWM']} MiB (goal <= 100)"
+        )
+    for name in ("tiny", "llama"):
+        if isinstance(figures.get(name), dict):
+            ratios = ", ".join(
+                f"{k}: {v['itl_mean_ratio']} (+{v['itl_mean_added_ms']} ms; against direct with the same "
+                f"log-probabilities {v['itl_mean_ratio_vs_logprobs']})"
+                for k, v in figures[name].items()
+            )
+            print(f"{name}: streamed inter-token latency through / direct: {ratios} (goal <= 1.02)")
+    if args.json:
+        args.json.write_text(json.dumps(figures, indent=2))
+    return 0
+
+
+def measure_echo(args: argparse.Namespace, work: Path) -> dict[str, Any]:
+    """Unstreamed requests on the echo runtime; the sidecar's CPU per request and its memory."""
+    figures: dict[str, Any] = {}
     port, front = free_port(), free_port()
     with builtin("echo", port, work / "echo.log") as runtime_proc:
         upstream = f"http://127.0.0.1:{port}"
         with sidecar(upstream, "/readyz", "builtin", front, work / "sidecar-echo.log") as proc:
             before, runtime_before = cpu_seconds(proc.pid), cpu_seconds(runtime_proc.pid)
             figures["echo"] = measure_unstreamed(upstream, f"http://127.0.0.1:{front}", args.requests, args.rounds)
-            through = sum(v["requests"] for v in figures["echo"].values()) + 4 * args.rounds  # the warm-up ones
+            # Every block starts with one request per client to warm the connections: 1 + 64 a round.
+            through = sum(v["requests"] for v in figures["echo"].values()) + 65 * args.rounds
             figures["sidecar_cpu_us_per_request"] = round((cpu_seconds(proc.pid) - before) / through * 1e6, 1)
             # For scale: the echo runtime's own CPU per request (every request reached it, direct or not).
             runtime_cpu = cpu_seconds(runtime_proc.pid) - runtime_before
             figures["echo_runtime_cpu_us_per_request"] = round(runtime_cpu / (2 * through) * 1e6, 1)
             figures["sidecar_memory_mib"] = {k: round(v, 1) for k, v in memory_mib(proc.pid).items()}
-        # The same sidecar without in-process drift detection (its KS test loads scipy.stats).
-        with sidecar(upstream, "/readyz", "builtin", front, work / "s.log", SLM_DRIFT_ENABLED="false") as proc:
-            asyncio.run(unstreamed(f"http://127.0.0.1:{front}", 64, 4))
-            figures["sidecar_memory_mib_without_drift"] = {k: round(v, 1) for k, v in memory_mib(proc.pid).items()}
-
-    from slm_devtools.tinymodel import ensure_tiny_model
-
-    model_dir = str(ensure_tiny_model(log=lambda *_: None))
-    port, front = free_port(), free_port()
-    with builtin("transformers", port, work / "tiny.log", model_dir):
-        upstream = f"http://127.0.0.1:{port}"
-        with sidecar(upstream, "/readyz", "builtin", front, work / "sidecar-tiny.log") as proc:
-            figures["tiny"] = measure_streams(
-                upstream, f"http://127.0.0.1:{front}", args.streams, args.tokens, args.rounds
-            )
-            figures["sidecar_memory_mib_after_streams"] = {k: round(v, 1) for k, v in memory_mib(proc.pid).items()}
-
-    figures["llama"] = measure_llama(args, work)
-    print(json.dumps(figures, indent=2))
-    echo = figures["echo"]
-    print(
-        f"\nadded p50 latency: {echo['c1']['p50_added_ms']} ms at 1 client, {echo['c64']['p50_added_ms']} ms at 64 "
-        f"(goal <= 0.5); throughput ratio at 64: {echo['c64']['throughput_ratio']} (goal >= 0.95)"
-    )
-    for name in ("tiny", "llama"):
-        if isinstance(figures[name], dict):
-            ratios = ", ".join(
-                f"{k}: {v['itl_mean_ratio']}, +{v['itl_mean_added_ms']} ms" for k, v in figures[name].items()
-            )
-            print(f"{name}: streamed inter-token latency through / direct ({ratios}) (goal <= 1.02)")
-    print(
-        f"sidecar CPU per request: {figures['sidecar_cpu_us_per_request']} µs (the echo runtime's own: "
-        f"{figures['echo_runtime_cpu_us_per_request']} µs); RSS "
-        f"{figures['sidecar_memory_mib_after_streams']['VmRSS']} MiB, peak "
-        f"{figures['sidecar_memory_mib_after_streams']['VmHWM']} MiB (goal <= 100); without in-process drift "
-        f"detection {figures['sidecar_memory_mib_without_drift']['VmRSS']} MiB"
-    )
-    if args.json:
-        args.json.write_text(json.dumps(figures, indent=2))
-    return 0
+    return figures
 
 
 def measure_llama(args: argparse.Namespace, work: Path) -> dict[str, Any] | str:
@@ -322,7 +378,7 @@ def measure_llama(args: argparse.Namespace, work: Path) -> dict[str, Any] | str:
     command = [str(binary), "--model", str(gguf), "--host", "127.0.0.1", "--port", str(port), "--alias", MODEL,
                "--ctx-size", "4096", "--parallel", str(args.streams), "--metrics", "--threads", "1"]  # fmt: skip
     with (
-        process(command, {}, f"http://127.0.0.1:{port}/health", work / "llama.log"),
+        process(command, {}, f"http://127.0.0.1:{port}/health", work / "llama.log", PLACE["runtime"]),
         sidecar(f"http://127.0.0.1:{port}", "/health", "llamacpp", front, work / "sidecar-llama.log"),
     ):
         return measure_streams(

@@ -4,7 +4,7 @@ Six signals come from every request (`slm_server.signals.RequestSignals`):
 
 | signal          | kind         | detector                                                        |
 | --------------- | ------------ | --------------------------------------------------------------- |
-| `perplexity`    | distribution | KS (scipy) + PSI + shift floor, or a z-test of the window mean  |
+| `perplexity`    | distribution | KS + PSI + shift floor, or a z-test of the window mean          |
 | `output_length` | distribution | same                                                            |
 | `finish_length` | rate         | Bernoulli log-likelihood-ratio CUSUM, with a return-to-normal CUSUM |
 | `empty_output`  | rate         | same                                                            |
@@ -18,7 +18,8 @@ from a JSON file) with what the model does **now**:
   `check_every_requests` requests (or `check_interval_seconds`, whichever comes first), but never
   twice within `min_check_interval_seconds`, the window is tested against the reference. Both
   samples must hold at least `min_samples`. The *shape* test
-  alarms when `scipy.stats.ks_2samp` gives a p-value below `ks_pvalue`, the population stability
+  alarms when the two-sample KS test (scipy's `ks_2samp(method="asymp")`, computed here without
+  scipy) gives a p-value below `ks_pvalue`, the population stability
   index is at least `psi_min` (practical size, not only statistical significance), and some quantile
   (p10…p90) moved by more than a floor of `max(floor_ratio·|reference median|, floor_abs)`. The
   *mean* test alarms when the window mean is `mean_z` standard errors from the reference mean and
@@ -60,7 +61,7 @@ from collections import deque
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import numpy as np
 from pydantic import Field
@@ -156,12 +157,104 @@ def _summary(values: np.ndarray) -> dict[str, float]:
     }
 
 
-def _ks_2samp(ref: np.ndarray, current: np.ndarray) -> Any:
-    """scipy's two-sample KS test, imported on the first test: scipy.stats is ~80 MiB resident, which a
-    process that never runs a test (drift detection off, as the sidecar may run) should not carry."""
-    from scipy import stats
+class KSResult(NamedTuple):
+    statistic: float
+    pvalue: float
 
-    return stats.ks_2samp(ref, current, method="asymp")
+
+# Scaling of the Durbin matrix's powers against overflow (as scipy scales them).
+_E128 = 128
+_EP128 = math.ldexp(1.0, _E128)
+_EM128 = math.ldexp(1.0, -_E128)
+
+
+def _smirnov(n: int, x: float) -> float:
+    """P(D+_n >= x): the exact tail of the one-sided one-sample KS statistic (Birnbaum & Tingey 1951), a
+    sum of positive terms, taken in logs."""
+    if x <= 0:
+        return 1.0
+    if x >= 1:
+        return 0.0
+    j = np.arange(0, math.floor(n * (1 - x)) + 1, dtype=float)
+    log_choose = np.concatenate([[0.0], np.cumsum(np.log(n - j[1:] + 1) - np.log(j[1:]))])
+    with np.errstate(divide="ignore"):
+        log_terms = log_choose + (n - j) * np.log(np.maximum(1 - x - j / n, 0.0)) + (j - 1) * np.log(x + j / n)
+    top = float(log_terms.max())
+    return min(1.0, x * math.exp(top) * float(np.exp(log_terms - top).sum()))
+
+
+def _kolmogorov_cdf(n: int, d: float) -> float:
+    """P(D_n <= d) of the two-sided one-sample KS statistic, exactly: Durbin's matrix as Marsaglia, Tsang &
+    Wang (2003) compute it."""
+    k = math.ceil(n * d)
+    h = k - n * d
+    m = 2 * k - 1
+    powers = np.arange(1, m + 1)
+    factorials = np.cumprod(powers.astype(float))  # j!
+    v = (1.0 - h**powers) / factorials
+    v[-1] = (1.0 + max(2 * h - 1.0, 0.0) ** m - 2 * h**m) / factorials[-1]
+    w = np.concatenate([[1.0], 1.0 / factorials[:-1]])  # 1/j!, j = 0..m-1
+    matrix = np.zeros((m, m))
+    for i in range(1, m):
+        matrix[i - 1 :, i] = w[: m - i + 1]
+    matrix[:, 0] = v
+    matrix[-1, :] = v[::-1]
+    power, exponent, matrix_exponent, left = np.eye(m), 0, 0, n
+    while left > 0:
+        if left % 2:
+            power = power @ matrix
+            exponent += matrix_exponent
+        matrix = matrix @ matrix
+        matrix_exponent *= 2
+        if abs(matrix[k - 1, k - 1]) > _EP128:
+            matrix /= _EP128
+            matrix_exponent += _E128
+        left //= 2
+    p = float(power[k - 1, k - 1])
+    for i in range(1, n + 1):  # times n!/n^n
+        p = i * p / n
+        if abs(p) < _EM128:
+            p *= _EP128
+            exponent -= _E128
+    return math.ldexp(p, exponent)
+
+
+def _kolmogorov_sf(n: int, x: float) -> float:
+    """P(D_n >= x) (scipy.stats.kstwo.sf) by scipy's choice of formulas (Simard & L'Ecuyer 2011): exactly
+    2·smirnov in the tail, where alarms are decided; elsewhere Durbin's matrix (exact, where scipy
+    approximates some large n by Pelz-Good: the two agree to ~1e-6 there, at p-values above 0.01)."""
+    if x >= 1.0:
+        return 0.0
+    t = n * x
+    if t <= 0.5:
+        return 1.0
+    if t <= 1.0:  # Ruben & Gambino
+        return min(1.0, max(0.0, 1.0 - math.exp(math.lgamma(n + 1) - n * math.log(n) + n * math.log(2 * t - 1))))
+    if t >= n - 1:
+        return min(1.0, 2 * (1.0 - x) ** n)
+    squared = t * x
+    if n > 140 and squared >= 370.0:
+        return 0.0
+    if x >= 0.5 or (n <= 140 and squared > 4) or (n > 140 and squared >= 2.2):
+        return min(1.0, 2 * _smirnov(n, x))
+    return min(1.0, max(0.0, 1.0 - _kolmogorov_cdf(n, x)))
+
+
+def _ks_2samp(ref: np.ndarray, current: np.ndarray) -> KSResult:
+    """scipy.stats.ks_2samp(ref, current, method="asymp") of two sorted samples, without scipy (whose
+    stats module is ~80 MiB resident: more than the whole sidecar): the KS distance, and its p-value from
+    the two-sided one-sample statistic's distribution at round(n·m/(n+m)) samples, as scipy computes it."""
+    grid = np.concatenate([ref, current])
+    statistic = float(
+        np.max(
+            np.abs(
+                np.searchsorted(ref, grid, side="right") / ref.size
+                - np.searchsorted(current, grid, side="right") / current.size
+            )
+        )
+    )
+    effective = round(ref.size * current.size / (ref.size + current.size))
+    return KSResult(statistic, _kolmogorov_sf(int(effective), statistic))
 
 
 def _ks_critical(alpha: float, n: int, m: int) -> float:
@@ -240,7 +333,7 @@ class DistributionDetector:
             )
             return self._settle(Evidence(self.signal, "ks+psi+mean", 0.0, False, details))
         assert self._edges is not None and self._ref_share is not None and self._ref_quantiles is not None
-        # The KS distance itself is cheap on sorted samples; scipy's test (the judge of significance)
+        # The KS distance itself is cheap on sorted samples; the test's p-value (the judge of significance)
         # runs only when every gate could pass, which keeps a quiet check to a few microseconds.
         grid = np.concatenate([ref, current])
         statistic = float(

@@ -139,7 +139,7 @@ class Sidecar:
         else:
             self.metrics = NullMetrics(self.model_name)
         if signals is None and self.metrics.enabled:
-            # Imported only here: scipy.stats, which its KS test needs, is ~80 MiB of a ~140 MiB sidecar.
+            # Imported only here: a sidecar without metrics carries no drift detector (numpy).
             from slm_server.drift import for_server
 
             signals = cast(SignalObserver | None, for_server(self.metrics, drift))
@@ -343,7 +343,14 @@ class Sidecar:
                 return
             plan = planned
         else:
-            plan = plan_request(route, raw, quality_logprobs=logprobs, strip_absent=strip_absent, degraded=degraded)
+            plan = plan_request(
+                route,
+                raw,
+                quality_logprobs=logprobs,
+                strip_absent=strip_absent,
+                degraded=degraded,
+                runtime=self.settings.runtime,
+            )
         exchange = _Exchange(plan, Choices(plan))
         self.in_flight += 1
         try:

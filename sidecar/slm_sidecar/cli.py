@@ -8,8 +8,12 @@ from __future__ import annotations
 
 import argparse
 import sys
+from typing import TYPE_CHECKING
 
 from slm_sidecar.settings import SidecarSettings
+
+if TYPE_CHECKING:
+    import uvicorn
 
 
 def parse_args(argv: list[str] | None) -> dict[str, object]:
@@ -26,10 +30,20 @@ def parse_args(argv: list[str] | None) -> dict[str, object]:
     return {k: v for k, v in args.items() if v is not None}
 
 
+def sidecar_config(app: object, settings: SidecarSettings) -> uvicorn.Config:
+    """How `slm-sidecar` serves the app: as `slm-server` serves its own (slm_server.cli.uvicorn_config), less
+    uvicorn's X-Forwarded-For handling, a wrapper around every request for a client address the sidecar
+    never reads."""
+    from slm_server.cli import uvicorn_config
+
+    config = uvicorn_config(app, settings)
+    config.proxy_headers = False
+    return config
+
+
 def main(argv: list[str] | None = None) -> int:
     import uvicorn
 
-    from slm_server.cli import uvicorn_config
     from slm_server.logs import configure_logging, flush_before_signals
     from slm_sidecar.app import create_app
 
@@ -40,6 +54,6 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     configure_logging(settings)
     flush_before_signals()
-    server = uvicorn.Server(uvicorn_config(create_app(settings), settings))
+    server = uvicorn.Server(sidecar_config(create_app(settings), settings))
     server.run()
     return 0 if server.started else 3

@@ -59,7 +59,7 @@ def plan(raw: bytes, settings: SidecarSettings, *, degraded: bool = False) -> Pl
         body["logprobs"] = ADDED_COMPLETION_LOGPROBS
     params = sampling_of(body)
     if degraded:
-        degrade(body)
+        degrade(body, settings.runtime)
     return Plan(
         GENERATE,
         "text_completion",

@@ -90,6 +90,9 @@ class Plan:
     added_logprobs: bool = False  # the sidecar asked for them: they are taken out of the reply
     strip_absent: bool = False  # taken out by deleting the key (else set to null, as OpenAI's API answers)
     echo_prompt: str | None = None  # /v1/completions with echo: the prompt that starts each choice's text
+    # A streamed chunk of a token without text (end of text) is sent by the runtime only with the
+    # log-probabilities on (the built-in server), or either way (llama.cpp: False here, the chunk passes).
+    token_chunks_need_logprobs: bool = True
     observed: bool = True  # a JSON object the sidecar could read (else forwarded as it came)
 
 
@@ -137,17 +140,36 @@ def output_format(doc: dict[str, Any]) -> OutputFormat | None:
     return None
 
 
-def degrade(doc: dict[str, Any]) -> None:
+# What turns off each runtime's own narrowing of the sampled tokens, where its defaults narrow it without
+# the request asking (llama.cpp: top_k 40 and min_p 0.05; vLLM and SGLang: the model's generation_config).
+_WHOLE_VOCABULARY: dict[str, dict[str, float]] = {
+    "llamacpp": {"top_k": 0, "min_p": 0.0, "typical_p": 1.0},
+    "vllm": {"top_k": -1, "min_p": 0.0},
+    "sglang": {"top_k": -1, "min_p": 0.0},
+}
+
+
+def degrade(doc: dict[str, Any], runtime: str = "openai") -> None:
     """Fault injection's degraded output: sample far from the model's choices — the highest temperature
-    OpenAI's API allows, over every token. The log-probabilities the runtime reports are the model's own,
-    so perplexity rises as it does for the built-in server's uniform sampling."""
+    OpenAI's API allows, over every token (`runtime`'s own top-k and min-p turned off where it has them).
+    The log-probabilities the runtime reports are the model's own, so perplexity rises as it does for the
+    built-in server's uniform sampling."""
     doc["temperature"] = 2.0
     doc["top_p"] = 1.0
     for key in ("top_k", "min_p", "typical_p"):
         doc.pop(key, None)
+    doc.update(_WHOLE_VOCABULARY.get(runtime, {}))
 
 
-def plan_request(route: str, raw: bytes, *, quality_logprobs: bool, strip_absent: bool, degraded: bool = False) -> Plan:
+def plan_request(
+    route: str,
+    raw: bytes,
+    *,
+    quality_logprobs: bool,
+    strip_absent: bool,
+    degraded: bool = False,
+    runtime: str = "openai",
+) -> Plan:
     """What goes to the runtime for a client's OpenAI request (`route`: COMPLETIONS or CHAT)."""
     operation = "chat" if route == CHAT else "text_completion"
     try:
@@ -161,7 +183,7 @@ def plan_request(route: str, raw: bytes, *, quality_logprobs: bool, strip_absent
     n = n if isinstance(n, int) and not isinstance(n, bool) and n > 0 else 1
     changed = False
     if degraded:
-        degrade(doc)
+        degrade(doc, runtime)
         changed = True
     added = False
     if quality_logprobs:
@@ -191,6 +213,7 @@ def plan_request(route: str, raw: bytes, *, quality_logprobs: bool, strip_absent
         added_logprobs=added,
         strip_absent=strip_absent,
         echo_prompt=echo_prompt,
+        token_chunks_need_logprobs=runtime != "llamacpp",
     )
 
 
@@ -364,6 +387,7 @@ class Choices:
                 state.finish = reason
         if (
             changed
+            and self.plan.token_chunks_need_logprobs
             and isinstance(choices, list)
             and choices
             and all(_only_logprobs(c, self.plan.route) for c in choices)

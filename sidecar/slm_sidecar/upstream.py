@@ -171,8 +171,18 @@ class Reply:
             await connection.wait()
 
     async def read(self) -> bytes:
-        parts = [piece async for piece in self.pieces()]
-        return b"".join(parts)
+        # The loop of `pieces` without an async generator (each one costs its registration with the loop).
+        connection = self._connection
+        parts = []
+        while True:
+            if connection.chunks:
+                parts.append(connection.take())
+            elif connection.error is not None:
+                raise connection.error
+            elif connection.complete:
+                return parts[0] if len(parts) == 1 else b"".join(parts)
+            else:
+                await connection.wait()
 
     async def aclose(self) -> None:
         connection = self._connection

@@ -1,6 +1,8 @@
 """Fixtures of the sidecar tests: the real built-in server with the project's tiny model as the runtime
 (uvicorn in a thread of this process, its own request lines off so that the lines a test reads are the
-sidecar's), and the sidecar in front of it, served by uvicorn as `slm-sidecar` serves it.
+sidecar's), the real `llama-server` (built by `make deps`) with the tiny model as GGUF, started with the
+arguments the operator renders (`llama`), and the sidecar in front of either, served by uvicorn as
+`slm-sidecar` serves it.
 """
 
 from __future__ import annotations
@@ -42,13 +44,16 @@ def wait_for(predicate: Callable[[], Any], seconds: float = 30.0, what: str = "c
 
 
 class Runtime:
-    """The built-in server as the sidecar's runtime."""
+    """A runtime the sidecar fronts: the built-in server (its registry, in this process) or llama-server."""
 
-    def __init__(self, url: str, registry: CollectorRegistry):
+    def __init__(self, url: str, registry: CollectorRegistry | None, name: str = "builtin", health: str = "/readyz"):
         self.url = url
         self.registry = registry
+        self.name = name  # the sidecar's SLM_RUNTIME for it
+        self.health = health  # its readiness endpoint (SLM_UPSTREAM_HEALTH_PATH)
 
     def metric(self, name: str, labels: dict[str, str] | None = None) -> float:
+        assert self.registry is not None, f"{self.name}'s metrics are not in this process"
         return self.registry.get_sample_value(name, labels or {}) or 0.0
 
 
@@ -87,7 +92,7 @@ def sidecar_server(
     """The sidecar in front of `upstream`, served by uvicorn in a thread as `slm-sidecar` serves it."""
     import uvicorn
 
-    from slm_server.cli import uvicorn_config
+    from slm_sidecar.cli import sidecar_config
 
     port = free_port()
     settings = SidecarSettings(
@@ -104,7 +109,7 @@ def sidecar_server(
         }
     )
     app = create_app(settings, registry=CollectorRegistry(), drift=drift, transport=transport)
-    server = uvicorn.Server(uvicorn_config(app, settings))
+    server = uvicorn.Server(sidecar_config(app, settings))
     thread = threading.Thread(target=server.run, name="sidecar", daemon=True)
     thread.start()
     running = RunningSidecar(app, f"http://127.0.0.1:{port}")
@@ -178,5 +183,31 @@ def runtime(runtime_engine: Any, tiny_model_dir: Path) -> Iterator[Runtime]:
 @pytest.fixture
 def sidecar(runtime: Runtime) -> Iterator[RunningSidecar]:
     with sidecar_server(runtime.url) as running:
+        wait_for(lambda: running.client.get("/readyz").status_code == 200, 30, "sidecar ready")
+        yield running
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Runtime]:
+    """The real llama-server serving the tiny model (GGUF) as MODEL_NAME, with the operator's arguments."""
+    from slm_devtools.gguf import ensure_tiny_gguf
+    from slm_devtools.runtimeplane import RuntimeServer
+    from slm_operator.runtimes import render_runtime
+
+    container = render_runtime("llamacpp", model=str(ensure_tiny_gguf(log=lambda *_: None)),
+                               served_model_name=MODEL_NAME, port=free_port(), max_context=512, gpus=0,
+                               host="127.0.0.1", extra_args=["--threads", "1"])  # fmt: skip
+    server = RuntimeServer(container, tmp_path_factory.mktemp("llama") / "llama-server.log").start()
+    try:
+        yield Runtime(server.url, None, "llamacpp", container["probes"]["readiness"]["httpGet"]["path"])
+    finally:
+        server.stop()
+
+
+@contextlib.contextmanager
+def sidecar_for(runtime: Runtime, **overrides: Any) -> Iterator[RunningSidecar]:
+    """The sidecar in front of `runtime`, told which runtime it is, once it says it is ready."""
+    settings = {"runtime": runtime.name, "upstream_health_path": runtime.health, **overrides}
+    with sidecar_server(runtime.url, **settings) as running:
         wait_for(lambda: running.client.get("/readyz").status_code == 200, 30, "sidecar ready")
         yield running
