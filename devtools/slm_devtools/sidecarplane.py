@@ -15,8 +15,8 @@ What runs, each its own process:
 - the pinned Prometheus, which scrapes the sidecar every `interval` with the target labels the Prometheus
   Operator gives the pod's `http` endpoint (namespace, service, job, pod, container = the sidecar's
   container name), and evaluates the chart's shared recording rules as Helm ships them and the
-  deployment's groups rendered by slm_operator.monitoring.rules (`rules_runtime`: the layer whose rules
-  read the series the sidecar serves);
+  deployment's groups rendered by slm_operator.monitoring.rules for the runtime (the chart's
+  `slm-shared.sidecar` group records the sidecar's perplexity for every runtime);
 - the pinned Alertmanager, to which Prometheus sends its alerts, with one webhook receiver
   (slm_devtools.dataplane.WebhookSink) and a 1 s group wait.
 
@@ -224,8 +224,6 @@ class SidecarPlane:
     namespace: str = "llm"
     served_model_name: str = "tiny"
     alerts: Mapping[str, Any] | None = None
-    # The layer whose rules read the series the sidecar serves: the slm_* contract, the built-in server's.
-    rules_runtime: str = "builtin"
     interval: str = "1s"
     secrets: Mapping[str, str] = field(default_factory=dict)
     runtime_server: RuntimeServer | BuiltinRuntime | None = None
@@ -249,7 +247,7 @@ class SidecarPlane:
     def rule_files(self) -> list[Path]:
         """The chart's shared rules as Helm ships them, then the deployment's groups."""
         groups = render_rule_groups(
-            name=self.name, namespace=self.namespace, alerts=self.alerts, runtime=self.rules_runtime
+            name=self.name, namespace=self.namespace, alerts=self.alerts, runtime=self.runtime
         )
         own = self.workdir / "deployment-rules.yaml"
         own.write_text(yaml.safe_dump({"groups": groups}, sort_keys=False))
