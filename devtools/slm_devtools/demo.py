@@ -44,6 +44,7 @@ NAMESPACE = "llm"
 SYSTEM_NAMESPACE = "slm-system"
 RELEASE = "slm-monitoring"
 DEMO = "tiny-demo"
+LLAMA_EXAMPLE = "llamacpp.yaml"  # the second model: llama.cpp's llama-server behind the monitoring sidecar
 ALERT = "SLMHighErrorRate"
 EXAMPLES = REPO_ROOT / "examples"
 CHART = REPO_ROOT / "charts" / "slm-monitoring"
@@ -105,7 +106,8 @@ class Demo:
         self.keep_running = keep_running
         self.stop = stop
         self.summary = Summary()
-        self.progress = Progress(total=14)
+        self.progress = Progress(total=15)
+        self.llama: dict[str, Any] = {}
 
     # --- helpers ------------------------------------------------------------------------------
     def helm(self, cluster: ClusterBase, *args: str) -> str:
@@ -211,6 +213,8 @@ class Demo:
                                     f"--from-literal={key}={value}")
                 for path in sorted(EXAMPLES.glob("*.yaml")):
                     resource = yaml.safe_load(path.read_text())
+                    if path.name == LLAMA_EXAMPLE:
+                        self.llama = resource
                     if resource["metadata"]["name"] == DEMO:
                         resource["spec"]["monitoring"]["notifications"]["email"]["smarthost"] = smtp.smarthost
                     cluster.kubectl("apply", "-n", NAMESPACE, "-f", "-", input=json.dumps(resource))
@@ -243,13 +247,30 @@ class Demo:
                 from slm_devtools.tinymodel import ensure_tiny_model
 
                 model_dir = ensure_tiny_model(log=say)
-                kubelet = LocalKubelet(cluster, self.workdir / "pods", claims={
-                    "models": dataplane.model_claim_dir(self.workdir, model_dir, "tiny-gpt2")},
-                    pod_logs_dir=logs.pods_dir)
+                models = dataplane.model_claim_dir(self.workdir, model_dir, "tiny-gpt2")
+                kubelet = LocalKubelet(cluster, self.workdir / "pods", claims={"models": models},
+                                       pod_logs_dir=logs.pods_dir)
                 stack.callback(kubelet.stop)
                 server = dataplane.SlmServer(kubelet.run(pod, env=dataplane.FAULT_ADMIN_ENV, timeout=300))
                 say(f"pod {pod['metadata']['name']} has IP {server.pod.ip}; its server answers here at {server.url}")
                 say(f"its log lines go where the container runtime writes them: {server.pod.containers[0].cri_log}")
+
+            with p.step(f"Run {self.llama['metadata']['name']}'s pod here: the real llama-server (llama.cpp) with the "
+                        "tiny model in GGUF, and the monitoring sidecar in front of it, as the operator rendered them",
+                        fix="see llamacpp.log and slm-sidecar.log in the demo's work directory (pods/)"):
+                from slm_devtools.gguf import ensure_tiny_gguf
+
+                llama_name = self.llama["metadata"]["name"]
+                source = self.llama["spec"]["model"]
+                # The example's file in the example's claim: here the tiny model in GGUF (no download here).
+                gguf = models / source["source"]["pvc"]["subPath"] / source["file"]
+                gguf.parent.mkdir(parents=True, exist_ok=True)
+                if not gguf.exists():
+                    gguf.symlink_to(ensure_tiny_gguf(log=say))
+                llama_pod = kubelet.run(kubelet.running_pod(
+                    NAMESPACE, dataplane.server_pod_selector(cluster, NAMESPACE, llama_name)), timeout=180)
+                say(f"pod {llama_pod.pod['metadata']['name']}: llama-server at {llama_pod.url('runtime')}, "
+                    f"the sidecar (logs, perplexity, drift) at {llama_pod.url('http')}")
 
             with p.step("Prometheus finds the server through the ServiceMonitor and loads the PrometheusRule; "
                         "Alertmanager routes by the AlertmanagerConfig — all as the Prometheus Operator generated "
@@ -278,6 +299,24 @@ class Demo:
                     timeout=90)
                 up = [t for t in prometheus.targets(pool) if t["health"] == "up"]
                 self.summary.add(f"{DEMO} scrape targets up", f"{len(up)}/{len(prometheus.targets(pool))}")
+                # The second model: the same recorded series and dashboards, from llama.cpp's own metrics.
+                llama_load = dataplane.LoadGenerator(llama_pod.url("http"), rate=1, concurrency=1, limit=600, body={
+                    "model": self.llama["spec"]["model"]["servedName"], "prompt": "The history of the city",
+                    "max_tokens": 8})
+                stack.callback(llama_load.stop)
+                llama_load.start()
+                llama = f'namespace="{NAMESPACE}",job="{llama_name}"'
+                monitoring.wait_target_up(NAMESPACE, llama_name, timeout=240)
+                wait_for(f"{llama_name}'s generated tokens recorded from llama.cpp's metrics", lambda: bool(
+                    prometheus.query(f"slm:generated_tokens:rate5m{{{llama}}} > 0")), timeout=120)
+                wait_for(f"{llama_name}'s perplexity recorded from the sidecar", lambda: bool(
+                    prometheus.query(f"slm:request_perplexity_count:pod_total{{{llama}}} > 0")), timeout=60)
+                fleet = sorted({r["metric"]["job"] for r in prometheus.query(
+                    f'max by (job) (slm_model_info{{namespace="{NAMESPACE}"}})')})
+                say(f"one dashboard, two runtimes: the fleet dashboard lists {', '.join(fleet)} in {NAMESPACE}")
+                tokens = float(prometheus.query(f"sum(slm:generated_tokens:rate5m{{{llama}}})")[0]["value"][1])
+                self.summary.add(f"{llama_name} (llama.cpp) generated tokens/s", f"{tokens:.2f}")
+                self.summary.add("deployments on the fleet dashboard", ", ".join(fleet))
 
             with p.step(f"Inject a fault (50% errors) and wait for {ALERT} to fire and notify"):
                 fault_at = time.time()

@@ -58,6 +58,11 @@ def test_demo_runs_end_to_end_and_cleans_up(tmp_path: Path) -> None:
                      output), output
     assert re.search(r"\| tiny-demo scrape targets up\s+\| 1/1", output), output
     assert re.search(r"\| Prometheus UI\s+\| http://127\.\d+\.\d+\.\d+:9090", output), output
+    # The second model, served by the real llama-server behind the monitoring sidecar: its tokens come from
+    # llama.cpp's own metrics through the shared recording rules, on the same dashboards as the built-in one.
+    tokens = re.search(r"\| qwen-llamacpp \(llama\.cpp\) generated tokens/s\s+\| ([\d.]+)", output)
+    assert tokens and float(tokens[1]) > 0, output
+    assert re.search(r"\| deployments on the fleet dashboard\s+\| qwen-llamacpp, tiny-demo\s", output), output
     assert "every process stopped" in output
 
     # Beside the alert: a log query of the faulted deployment a user can run, and the store's answer.
