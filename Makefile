@@ -36,11 +36,17 @@ demo: deps ## the whole product on this machine (local control plane, operator, 
 # Coverage of the two products (in-process code; the servers and operators the tests start as processes
 # are not counted). The figure is printed at the end of `make test`.
 COVERAGE := --cov=slm_operator --cov=slm_server --cov-report=term:skip-covered
+# The tests spread over worker processes (pytest-xdist), a test file per worker at a time: most of the
+# suite's time is spent waiting on real servers (API server, Prometheus evaluations, Alertmanager
+# notifications, model servers), not computing. Each worker starts its own local control plane on its
+# own pod network (slm_devtools.cluster). TEST_WORKERS=0 runs everything in one process.
+TEST_WORKERS ?= 3
+XDIST := $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile)
 
 test: deps ## set-up, lint (ruff, mypy), then every test (unit, data plane, e2e on the local control plane)
 	@$(VENV)/bin/ruff check .
 	@$(VENV)/bin/mypy
-	@$(PYTEST) $(COVERAGE) $(PYTEST_ARGS)
+	@$(PYTEST) $(XDIST) $(COVERAGE) $(PYTEST_ARGS)
 
 unit: deps ## tests that need no control plane
 	@$(PYTEST) -m "not e2e" $(PYTEST_ARGS)
