@@ -152,8 +152,10 @@ def test_every_request_line_is_in_the_store_with_every_field_and_no_prompt_or_ou
     refused_entry = next(e for e in stored if e["http.response.status_code"] == "429")
     assert refused_entry["error.type"] == "overloaded"
 
-    # System events: start, model loaded, overload, shutdown.
-    events = plane.store.query(f"{selector} event:in(startup, model_loaded, overloaded, shutdown)")
+    # System events: start, model loaded, overload, shutdown (the shutdown line is the pod's last: the
+    # request lines above can be in the store before it is).
+    events = wait_for_entries(plane.store, f"{selector} event:in(startup, model_loaded, overloaded, shutdown)", 4,
+                              timeout=60, check=plane.collector.proc.check_running)  # type: ignore[union-attr]
     assert {e["event"] for e in events} == {"startup", "model_loaded", "overloaded", "shutdown"}
     overloaded = next(e for e in events if e["event"] == "overloaded")
     assert (overloaded["severity_text"], overloaded["severity_number"]) == ("warning", "13")  # WARN

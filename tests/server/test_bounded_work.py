@@ -276,8 +276,10 @@ def test_a_flood_of_hostile_requests_is_bounded_by_the_admission_limits(bounded_
 
     def hostile(path: str, body: dict[str, Any]) -> None:
         with httpx.Client(base_url=base, timeout=120) as client:
+            start.wait(timeout=60)  # all at once, however slowly the threads get going on a busy machine
             answers.append(client.post(path, json=body))
 
+    start = threading.Barrier(2 * len(HOSTILE))
     flood = [threading.Thread(target=hostile, args=(path, body)) for _, path, body in HOSTILE * 2]
     for thread in flood:
         thread.start()

@@ -185,7 +185,15 @@ def test_garbage_outputs_fire_the_perplexity_drift_alert_and_alertmanager_notifi
         firing = f'ALERTS{{alertname="SLMPerplexityDrift",alertstate="firing",{sel}}}'
         (fired,) = wait_until(lambda: prometheus.query(firing), timeout=90, interval=0.5,
                               what="SLMPerplexityDrift firing")  # fmt: skip
-        after = float(prometheus.query(f"slm:request_perplexity:mean10s{{{sel}}}")[0]["value"][1])
+
+        def degraded_mean() -> float | None:
+            # The 10 s mean at the moment the alert fires can still hold outputs from before the fault.
+            result = prometheus.query(f"slm:request_perplexity:mean10s{{{sel}}}")
+            value = float(result[0]["value"][1]) if result else 0.0
+            return value if value > 2 * before else None
+
+        after = wait_until(degraded_mean, timeout=60, interval=0.5,
+                           what="the mean perplexity of the garbage outputs at twice the baseline's")  # fmt: skip
 
         def notified(received: Any) -> bool:
             return received.path == "/hook" and any(

@@ -196,6 +196,11 @@ def runtime_records(runtime: str) -> frozenset[str]:
     )
 
 
+def sidecar_records() -> frozenset[str]:
+    """The series the monitoring sidecar's group (`slm-shared.sidecar`) records, for every runtime it serves."""
+    return frozenset(row["record"] for row in _load_rules_data()["recording"] if SIDECAR in row)
+
+
 def _check_runtime(runtime: str) -> None:
     if runtime not in _load_rules_data()["runtimes"]:
         raise ValueError(f"unknown runtime {runtime!r}: expected one of {', '.join(runtime_names())}")
