@@ -71,7 +71,7 @@ def wait_children_started(plane: LocalCluster, kube: Kube, namespace: str) -> No
 
 
 def assert_converged(plane: LocalCluster, operator: OperatorProcess, namespace: str, names: list[str],
-                     timeout: float = 240) -> None:
+                     timeout: float = 420) -> None:
     """Every SLMDeployment in `names` Ready for its generation; each has each child kind exactly once,
     owned by it alone; nothing is owned by an SLMDeployment that no longer exists; one ReplicaSet per
     Deployment (no rollout the faults caused) and one pod per replica."""
@@ -82,8 +82,16 @@ def assert_converged(plane: LocalCluster, operator: OperatorProcess, namespace: 
             condition(o, "Ready").get("status") == "True"
             and o["status"].get("observedGeneration") == o["metadata"]["generation"] for o in items)
 
+    def not_ready() -> str:
+        items = plane.kubectl_json("get", "slmd", "-n", namespace)["items"]
+        return "\n".join(f"{o['metadata']['name']} generation {o['metadata']['generation']}: "
+                         f"{json.dumps(o.get('status', {}).get('conditions'))}" for o in items
+                         if condition(o, "Ready").get("status") != "True"
+                         or o["status"].get("observedGeneration") != o["metadata"]["generation"])
+
+    # The deadline is generous: with the suite spread over workers, this cluster shares the machine's cores.
     wait_for(f"{len(names)} SLMDeployments Ready", all_ready, timeout=timeout, interval=1,
-             on_timeout=lambda: operator.tail(40))
+             on_timeout=lambda: f"{not_ready()}\n{operator.tail(40)}")
     uids = {o["metadata"]["name"]: o["metadata"]["uid"]
             for o in plane.kubectl_json("get", "slmd", "-n", namespace)["items"]}
 
